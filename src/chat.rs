@@ -1,0 +1,161 @@
+//! The chat application: what each client message does to rooms and who hears about it.
+//!
+//! Handlers run synchronously on the connection's shard. Each reply or broadcast is serialized
+//! and framed once; a broadcast's one `Bytes` is then queued to every recipient.
+
+use std::sync::Arc;
+
+use crate::backplane::Publication;
+use crate::protocol::{ClientMessage, ErrorReply, ServerMessage, encode_echo, now_ms};
+use crate::rooms::{Joined, is_valid_room_name};
+use crate::shard::Shard;
+
+/// Handles one text message from a chat client. Errors are answered, never fatal.
+pub fn on_text(shard: &Shard, key: usize, payload: &mut [u8]) {
+    // The parser is lent out for the duration of the handler; handlers never parse again.
+    let mut parser = shard.json();
+    parser.parse(payload, |message| {
+        if let Err(error) = message.and_then(|m| handle(shard, key, m)) {
+            shard.send_error(key, error);
+        }
+    });
+}
+
+fn handle<'i>(shard: &Shard, key: usize, message: ClientMessage<'_, 'i>) -> Result<(), ErrorReply<'i>> {
+    match message {
+        ClientMessage::JoinRoom { room } => join(shard, key, room),
+        ClientMessage::LeaveRoom { room } => leave(shard, key, room),
+        ClientMessage::Chat { room, message } => chat(shard, key, room, message),
+        ClientMessage::Typing { room, is_typing } => typing(shard, key, room, is_typing),
+        ClientMessage::Echo { payload } => {
+            shard.send(key, encode_echo(payload));
+            Ok(())
+        }
+        ClientMessage::Pong => Ok(()),
+    }
+}
+
+fn join<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<'i>> {
+    if !is_valid_room_name(room) {
+        return Err(ErrorReply::InvalidRoomName);
+    }
+    let config = &shard.node.config;
+    let (name, total, id, username) = {
+        let mut guard = shard.state();
+        let state = &mut *guard;
+        let conn = &mut state.conns[key];
+        let max_rooms = config.max_rooms_per_connection;
+        if conn.rooms.len() >= max_rooms && !conn.rooms.iter().any(|r| &**r == room) {
+            return Err(ErrorReply::TooManyRooms(max_rooms));
+        }
+        let joined = state.rooms.join(&shard.node.rooms, shard.index, room, key);
+        let (name, total) = match joined {
+            Joined::AlreadyMember { total } => {
+                conn.outbound.push(ServerMessage::RoomJoined { room, members: total }.encode());
+                return Ok(());
+            }
+            Joined::Joined { name, total } => (name, total),
+        };
+        conn.rooms.push(name.clone());
+        conn.outbound.push(ServerMessage::RoomJoined { room, members: total }.encode());
+        (name, total, conn.id, conn.username.clone())
+    };
+    if total > 1 && total <= config.presence_max_members {
+        let notice = ServerMessage::UserJoined {
+            room,
+            username: &username,
+            timestamp: now_ms(),
+        };
+        shard.publish(Publication::to_room(name, notice.encode()).excluding(id));
+    }
+    Ok(())
+}
+
+fn leave<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<'i>> {
+    if !is_valid_room_name(room) {
+        return Err(ErrorReply::InvalidRoomName);
+    }
+    let mut state = shard.state();
+    let conn = &mut state.conns[key];
+    let Some(at) = conn.rooms.iter().position(|r| &**r == room) else {
+        return Err(ErrorReply::NotInRoom(room));
+    };
+    let name = conn.rooms.swap_remove(at);
+    let username = conn.username.clone();
+    drop(state);
+    left_room(shard, key, name, &username);
+    Ok(())
+}
+
+/// Takes a connection out of all its rooms, telling the members who stay.
+pub fn leave_all_rooms(shard: &Shard, key: usize) {
+    let (rooms, username) = {
+        let mut state = shard.state();
+        let conn = &mut state.conns[key];
+        (std::mem::take(&mut conn.rooms), conn.username.clone())
+    };
+    for room in rooms {
+        left_room(shard, key, room, &username);
+    }
+}
+
+fn left_room(shard: &Shard, key: usize, room: Arc<str>, username: &str) {
+    let remaining = shard
+        .state()
+        .rooms
+        .leave(&shard.node.rooms, shard.index, &room, key)
+        .expect("the connection's room list and the room index agree");
+    if remaining > 0 && remaining < shard.node.config.presence_max_members {
+        let notice = ServerMessage::UserLeft {
+            room: &room,
+            username,
+            timestamp: now_ms(),
+        };
+        let frame = notice.encode();
+        shard.publish(Publication::to_room(room, frame));
+    }
+}
+
+/// Checks that `key` may speak in `room`; returns the room's shared name and the speaker.
+fn speaker<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(Arc<str>, Arc<str>), ErrorReply<'i>> {
+    if !is_valid_room_name(room) {
+        return Err(ErrorReply::InvalidRoomName);
+    }
+    let state = shard.state();
+    let conn = &state.conns[key];
+    match conn.rooms.iter().find(|r| &***r == room) {
+        Some(name) => Ok((name.clone(), conn.username.clone())),
+        None => Err(ErrorReply::NotInRoom(room)),
+    }
+}
+
+fn chat<'i>(shard: &Shard, key: usize, room: &'i str, message: &str) -> Result<(), ErrorReply<'i>> {
+    let max_chars = shard.node.config.max_chat_message_chars;
+    // Cheap bound first: a string of at most `max_chars` bytes has at most that many chars.
+    if message.len() > max_chars && message.chars().count() > max_chars {
+        return Err(ErrorReply::MessageTooLong(max_chars));
+    }
+    let (name, username) = speaker(shard, key, room)?;
+    let frame = ServerMessage::ChatMessage {
+        room,
+        username: &username,
+        message,
+        timestamp: now_ms(),
+    }
+    .encode();
+    shard.publish(Publication::to_room(name, frame));
+    Ok(())
+}
+
+fn typing<'i>(shard: &Shard, key: usize, room: &'i str, is_typing: bool) -> Result<(), ErrorReply<'i>> {
+    let (name, username) = speaker(shard, key, room)?;
+    let id = shard.state().conns[key].id;
+    let frame = ServerMessage::Typing {
+        room,
+        username: &username,
+        is_typing,
+    }
+    .encode();
+    shard.publish(Publication::to_room(name, frame).excluding(id));
+    Ok(())
+}

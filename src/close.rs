@@ -1,0 +1,66 @@
+//! Close codes: the one table of why wsgate closes a connection (RFC 6455 §7.4 plus our own).
+//!
+//! | code | name              | sent when                                                      |
+//! |------|-------------------|----------------------------------------------------------------|
+//! | 1000 | normal            | answering a client's close without a code                      |
+//! | 1001 | going away        | the server shuts down                                          |
+//! | 1002 | protocol error    | an RFC 6455 violation: unmasked frame, RSV bit, bad opcode, …  |
+//! | 1003 | unsupported data  | (not sent by the chat endpoint: binary gets an error reply)    |
+//! | 1007 | invalid payload   | a text message that is not UTF-8                               |
+//! | 1008 | policy violation  | flooding, slow consumer                                        |
+//! | 1009 | message too big   | a message over `max_message_size`                              |
+//! | 1011 | internal error    | a bug on our side                                              |
+
+use crate::frame::FrameError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseCode(pub u16);
+
+impl CloseCode {
+    pub const NORMAL: CloseCode = CloseCode(1000);
+    pub const GOING_AWAY: CloseCode = CloseCode(1001);
+    pub const PROTOCOL_ERROR: CloseCode = CloseCode(1002);
+    pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
+    pub const POLICY_VIOLATION: CloseCode = CloseCode(1008);
+    pub const MESSAGE_TOO_BIG: CloseCode = CloseCode(1009);
+    pub const INTERNAL_ERROR: CloseCode = CloseCode(1011);
+
+    /// Whether a peer may send this code in a close frame (RFC 6455 §7.4.1–2).
+    fn is_valid_on_wire(self) -> bool {
+        matches!(self.0, 1000..=1003 | 1007..=1014 | 3000..=4999)
+    }
+}
+
+/// A received close frame's status code and reason.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CloseFrame<'a> {
+    pub code: CloseCode,
+    pub reason: &'a str,
+}
+
+impl<'a> CloseFrame<'a> {
+    /// Parses a close frame payload; `None` is a close without a status code.
+    pub fn parse(payload: &'a [u8]) -> Result<Option<Self>, FrameError> {
+        match payload {
+            [] => Ok(None),
+            [_] => Err(FrameError {
+                code: CloseCode::PROTOCOL_ERROR,
+                reason: "close frame with a 1-byte payload",
+            }),
+            [hi, lo, reason @ ..] => {
+                let code = CloseCode(u16::from_be_bytes([*hi, *lo]));
+                if !code.is_valid_on_wire() {
+                    return Err(FrameError {
+                        code: CloseCode::PROTOCOL_ERROR,
+                        reason: "invalid close code",
+                    });
+                }
+                let reason = std::str::from_utf8(reason).map_err(|_| FrameError {
+                    code: CloseCode::INVALID_PAYLOAD,
+                    reason: "close reason is not UTF-8",
+                })?;
+                Ok(Some(CloseFrame { code, reason }))
+            }
+        }
+    }
+}

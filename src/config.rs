@@ -1,0 +1,146 @@
+//! Configuration: built-in defaults, then an optional TOML file, then `WSGATE_*` environment
+//! variables, then command-line flags — each overriding the one before.
+//!
+//! Every key is documented here with its default; `wsgate --print-config` shows the result.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address every shard listens on (SO_REUSEPORT). Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Number of shards: one thread, runtime and listening socket each. Default: number of cores.
+    pub shards: usize,
+    /// Listen backlog per shard socket. Default 1024.
+    pub backlog: u32,
+    /// Largest message (after reassembling fragments) a client may send; bigger closes with
+    /// 1009. Default 64 KiB.
+    pub max_message_size: usize,
+    /// Longest chat message, in characters. Default 1000 (as the seed).
+    pub max_chat_message_chars: usize,
+    /// Rooms one connection may be in at once. Default 100.
+    pub max_rooms_per_connection: usize,
+    /// `user_joined`/`user_left` notices are sent only in rooms of at most this many members:
+    /// each notice costs O(members), so in huge rooms they would turn joins into O(N²) traffic.
+    /// Default 1000.
+    pub presence_max_members: u32,
+    /// How long a server-initiated close waits for the client's close frame. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `wsgate=debug`. Default `info`.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            backlog: 1024,
+            max_message_size: 64 * 1024,
+            max_chat_message_chars: 1000,
+            max_rooms_per_connection: 100,
+            presence_max_members: 1000,
+            close_timeout: Duration::from_secs(5),
+            log: "info".to_owned(),
+        }
+    }
+}
+
+/// Values given as command-line flags; `None` leaves the lower layers' value.
+#[derive(Debug, Default, Serialize)]
+pub struct FlagOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<usize>,
+}
+
+/// A configuration problem, worded to name the key: start-up prints it on one line, exits 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Loads the layered configuration (file, if given, must exist).
+    pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("WSGATE_").ignore(&["config"]))
+            .merge(Serialized::defaults(flags))
+            .extract()
+            .map_err(|e| ConfigError(one_line(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, problem: &str| Err(ConfigError(format!("{key}: {problem}")));
+        if !(1..=1024).contains(&self.shards) {
+            return bad("shards", "must be between 1 and 1024");
+        }
+        if self.max_message_size < 125 {
+            return bad("max_message_size", "must be at least 125 bytes");
+        }
+        if self.max_chat_message_chars == 0 {
+            return bad("max_chat_message_chars", "must be at least 1");
+        }
+        if self.max_rooms_per_connection == 0 {
+            return bad("max_rooms_per_connection", "must be at least 1");
+        }
+        if self.backlog == 0 {
+            return bad("backlog", "must be at least 1");
+        }
+        if let Err(e) = self.log.parse::<tracing_subscriber::EnvFilter>() {
+            return bad("log", &e.to_string());
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, for `--print-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serializes to TOML")
+    }
+}
+
+/// figment's errors can list several problems on several lines; start-up reports the first.
+fn one_line(errors: figment::Error) -> String {
+    let first = errors.into_iter().next().expect("an error has at least one problem");
+    let mut line = first.kind.to_string();
+    if let Some(key) = first.path.last() {
+        line = format!("{key}: {line}");
+    }
+    if let Some(source) = &first.metadata {
+        line.push_str(&format!(" (from {})", source.name));
+    }
+    line.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip_through_toml() {
+        let config = Config::default();
+        config.validate().unwrap();
+        let back: Config = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(back, config);
+    }
+}

@@ -1,0 +1,520 @@
+//! RFC 6455 framing, free of I/O: decode client frames out of a byte buffer, encode server frames
+//! into `Bytes` once so the same buffer can be queued to any number of connections.
+//!
+//! The decoder never copies a single-frame message: the payload is unmasked in place and handed out
+//! as `&mut [u8]` of the caller's buffer (so simd-json can parse it in place too). Only fragmented
+//! messages are collected into a buffer of their own, and only while they are incomplete.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::close::{CloseCode, CloseFrame};
+
+/// The largest server frame header: 2 bytes + 8-byte extended length (server frames are unmasked).
+pub const MAX_HEADER_LEN: usize = 10;
+/// Control frames carry at most 125 payload bytes (RFC 6455 §5.5).
+const MAX_CONTROL_PAYLOAD: usize = 125;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpCode {
+    Continuation = 0x0,
+    Text = 0x1,
+    Binary = 0x2,
+    Close = 0x8,
+    Ping = 0x9,
+    Pong = 0xA,
+}
+
+impl OpCode {
+    fn from_bits(bits: u8) -> Option<OpCode> {
+        Some(match bits {
+            0x0 => OpCode::Continuation,
+            0x1 => OpCode::Text,
+            0x2 => OpCode::Binary,
+            0x8 => OpCode::Close,
+            0x9 => OpCode::Ping,
+            0xA => OpCode::Pong,
+            _ => return None,
+        })
+    }
+
+    fn is_control(self) -> bool {
+        (self as u8) & 0x8 != 0
+    }
+}
+
+/// Why a connection must be failed: the close code and reason to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: CloseCode,
+    pub reason: &'static str,
+}
+
+impl FrameError {
+    const fn protocol(reason: &'static str) -> Self {
+        FrameError {
+            code: CloseCode::PROTOCOL_ERROR,
+            reason,
+        }
+    }
+}
+
+const TOO_BIG: FrameError = FrameError {
+    code: CloseCode::MESSAGE_TOO_BIG,
+    reason: "message too big",
+};
+const BAD_UTF8: FrameError = FrameError {
+    code: CloseCode::INVALID_PAYLOAD,
+    reason: "invalid UTF-8 in text message",
+};
+
+/// A complete message's payload: borrowed from the read buffer when it came in one frame,
+/// owned when it was reassembled from fragments.
+pub enum Payload<'a> {
+    Borrowed(&'a mut [u8]),
+    Owned(Vec<u8>),
+}
+
+impl Payload<'_> {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            Payload::Borrowed(b) => b,
+            Payload::Owned(v) => v,
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Payload::Borrowed(b) => b,
+            Payload::Owned(v) => v,
+        }
+    }
+}
+
+/// What one decoded frame amounts to.
+pub enum Event<'a> {
+    /// A complete data message; text is already checked to be UTF-8.
+    Message { text: bool, payload: Payload<'a> },
+    Ping(&'a [u8]),
+    Pong,
+    /// The peer started (or answered) the close handshake.
+    Close(Option<CloseFrame<'a>>),
+    /// A non-final fragment was absorbed; nothing to hand out yet.
+    Fragment,
+}
+
+/// The result of trying to decode one frame from the front of a buffer.
+pub enum Decoded<'a> {
+    /// The buffer does not hold a whole frame yet; keep its bytes and read more.
+    Incomplete,
+    /// One frame was decoded out of the first `consumed` bytes.
+    Frame { consumed: usize, event: Event<'a> },
+}
+
+/// A fragmented message being collected.
+struct Partial {
+    text: bool,
+    data: Vec<u8>,
+    /// Prefix of `data` known to be valid UTF-8 (text only), so each fragment is checked once
+    /// and invalid text fails as soon as it arrives.
+    utf8_checked: usize,
+}
+
+/// Per-connection decoding state. Small on purpose: an idle connection holds only this.
+pub struct Decoder {
+    max_message_size: usize,
+    partial: Option<Box<Partial>>,
+}
+
+impl Decoder {
+    pub fn new(max_message_size: usize) -> Self {
+        Decoder {
+            max_message_size,
+            partial: None,
+        }
+    }
+
+    /// Decodes the frame at the front of `buf`, unmasking its payload in place.
+    pub fn decode<'a>(&mut self, buf: &'a mut [u8]) -> Result<Decoded<'a>, FrameError> {
+        let Some(header) = parse_header(buf)? else {
+            return Ok(Decoded::Incomplete);
+        };
+        let already = self.partial.as_ref().map_or(0, |p| p.data.len());
+        if !header.opcode.is_control() && already.saturating_add(header.payload_len) > self.max_message_size
+        {
+            return Err(TOO_BIG);
+        }
+        let consumed = header.header_len + header.payload_len;
+        if buf.len() < consumed {
+            return Ok(Decoded::Incomplete);
+        }
+        let payload = &mut buf[header.header_len..consumed];
+        fastwebsockets::unmask(payload, header.mask);
+        let event = self.on_frame(header.fin, header.opcode, payload)?;
+        Ok(Decoded::Frame { consumed, event })
+    }
+
+    fn on_frame<'a>(
+        &mut self,
+        fin: bool,
+        opcode: OpCode,
+        payload: &'a mut [u8],
+    ) -> Result<Event<'a>, FrameError> {
+        match opcode {
+            OpCode::Ping => Ok(Event::Ping(payload)),
+            OpCode::Pong => Ok(Event::Pong),
+            OpCode::Close => CloseFrame::parse(payload).map(Event::Close),
+            OpCode::Text | OpCode::Binary => {
+                if self.partial.is_some() {
+                    return Err(FrameError::protocol("new message inside a fragmented one"));
+                }
+                let text = opcode == OpCode::Text;
+                if fin {
+                    if text && std::str::from_utf8(payload).is_err() {
+                        return Err(BAD_UTF8);
+                    }
+                    return Ok(Event::Message {
+                        text,
+                        payload: Payload::Borrowed(payload),
+                    });
+                }
+                let mut partial = Box::new(Partial {
+                    text,
+                    data: Vec::with_capacity(payload.len() * 2),
+                    utf8_checked: 0,
+                });
+                partial.append(payload)?;
+                self.partial = Some(partial);
+                Ok(Event::Fragment)
+            }
+            OpCode::Continuation => {
+                let Some(partial) = self.partial.as_mut() else {
+                    return Err(FrameError::protocol("continuation frame without a message"));
+                };
+                partial.append(payload)?;
+                if !fin {
+                    return Ok(Event::Fragment);
+                }
+                let partial = self.partial.take().expect("checked above");
+                if partial.text && partial.utf8_checked != partial.data.len() {
+                    // A multi-byte character was cut off at the end of the message.
+                    return Err(BAD_UTF8);
+                }
+                Ok(Event::Message {
+                    text: partial.text,
+                    payload: Payload::Owned(partial.data),
+                })
+            }
+        }
+    }
+}
+
+impl Partial {
+    fn append(&mut self, fragment: &[u8]) -> Result<(), FrameError> {
+        self.data.extend_from_slice(fragment);
+        if self.text {
+            match std::str::from_utf8(&self.data[self.utf8_checked..]) {
+                Ok(_) => self.utf8_checked = self.data.len(),
+                // Incomplete character at the end: valid so far, finish it with the next fragment.
+                Err(e) if e.error_len().is_none() => self.utf8_checked += e.valid_up_to(),
+                Err(_) => return Err(BAD_UTF8),
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Header {
+    fin: bool,
+    opcode: OpCode,
+    mask: [u8; 4],
+    header_len: usize,
+    payload_len: usize,
+}
+
+/// Parses a client frame header. `Ok(None)` means more bytes are needed.
+fn parse_header(buf: &[u8]) -> Result<Option<Header>, FrameError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    if b0 & 0x70 != 0 {
+        // No extension is negotiated, so no RSV bit may be set.
+        return Err(FrameError::protocol("reserved bits set"));
+    }
+    let fin = b0 & 0x80 != 0;
+    let opcode =
+        OpCode::from_bits(b0 & 0x0F).ok_or(FrameError::protocol("reserved opcode"))?;
+    if b1 & 0x80 == 0 {
+        return Err(FrameError::protocol("client frames must be masked"));
+    }
+    let (payload_len, len_bytes) = match b1 & 0x7F {
+        126 => {
+            let Some(b) = buf.get(2..4) else {
+                return Ok(None);
+            };
+            (u16::from_be_bytes([b[0], b[1]]) as u64, 2)
+        }
+        127 => {
+            let Some(b) = buf.get(2..10) else {
+                return Ok(None);
+            };
+            let len = u64::from_be_bytes(b.try_into().expect("8 bytes"));
+            if len >> 63 != 0 {
+                return Err(FrameError::protocol("payload length has its top bit set"));
+            }
+            (len, 8)
+        }
+        n => (n as u64, 0),
+    };
+    if opcode.is_control() {
+        if !fin {
+            return Err(FrameError::protocol("fragmented control frame"));
+        }
+        if payload_len > MAX_CONTROL_PAYLOAD as u64 {
+            return Err(FrameError::protocol("control frame payload over 125 bytes"));
+        }
+    }
+    let mask_at = 2 + len_bytes;
+    let Some(mask) = buf.get(mask_at..mask_at + 4) else {
+        return Ok(None);
+    };
+    Ok(Some(Header {
+        fin,
+        opcode,
+        mask: mask.try_into().expect("4 bytes"),
+        header_len: mask_at + 4,
+        // Saturate on 32-bit targets: anything that large is over the size limit anyway.
+        payload_len: usize::try_from(payload_len).unwrap_or(usize::MAX),
+    }))
+}
+
+/// Writes an unmasked, final frame header for `payload_len` bytes into `out`; returns its length.
+pub fn write_header(out: &mut [u8; MAX_HEADER_LEN], opcode: OpCode, payload_len: usize) -> usize {
+    out[0] = 0x80 | opcode as u8;
+    if payload_len < 126 {
+        out[1] = payload_len as u8;
+        2
+    } else if payload_len <= u16::MAX as usize {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&(payload_len as u16).to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
+        10
+    }
+}
+
+/// Builds one server frame in place: the payload is written after room reserved for the largest
+/// header, then the real header is put right in front of it. No copy of the payload is made.
+pub struct FrameBuilder {
+    buf: BytesMut,
+}
+
+impl FrameBuilder {
+    pub fn with_capacity(payload_capacity: usize) -> Self {
+        let mut buf = BytesMut::with_capacity(MAX_HEADER_LEN + payload_capacity);
+        buf.put_bytes(0, MAX_HEADER_LEN);
+        FrameBuilder { buf }
+    }
+
+    /// Where the payload goes.
+    pub fn payload(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    pub fn finish(self, opcode: OpCode) -> Bytes {
+        let mut buf = self.buf;
+        let payload_len = buf.len() - MAX_HEADER_LEN;
+        let mut head = [0u8; MAX_HEADER_LEN];
+        let head_len = write_header(&mut head, opcode, payload_len);
+        let start = MAX_HEADER_LEN - head_len;
+        buf[start..MAX_HEADER_LEN].copy_from_slice(&head[..head_len]);
+        let mut frame = buf.freeze();
+        bytes::Buf::advance(&mut frame, start);
+        frame
+    }
+}
+
+/// Encodes a whole server frame from a payload slice (one copy of the payload).
+pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let mut builder = FrameBuilder::with_capacity(payload.len());
+    builder.payload().extend_from_slice(payload);
+    builder.finish(opcode)
+}
+
+/// Encodes a close frame with a status code and a reason (truncated to fit a control frame).
+pub fn encode_close(code: CloseCode, reason: &str) -> Bytes {
+    let mut reason = &reason[..reason.len().min(MAX_CONTROL_PAYLOAD - 2)];
+    while !reason.is_empty() && std::str::from_utf8(reason.as_bytes()).is_err() {
+        reason = &reason[..reason.len() - 1];
+    }
+    let mut builder = FrameBuilder::with_capacity(2 + reason.len());
+    builder.payload().put_u16(code.0);
+    builder.payload().extend_from_slice(reason.as_bytes());
+    builder.finish(OpCode::Close)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a masked client frame, as a browser would send it.
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    fn decode_all(decoder: &mut Decoder, mut buf: Vec<u8>) -> Result<Vec<(bool, Vec<u8>)>, FrameError> {
+        let mut messages = Vec::new();
+        let mut pos = 0;
+        while pos < buf.len() {
+            match decoder.decode(&mut buf[pos..])? {
+                Decoded::Incomplete => break,
+                Decoded::Frame { consumed, event } => {
+                    if let Event::Message { text, payload } = event {
+                        messages.push((text, payload.as_slice().to_vec()));
+                    }
+                    pos += consumed;
+                }
+            }
+        }
+        Ok(messages)
+    }
+
+    #[test]
+    fn single_text_frame_is_unmasked_in_place() {
+        let mut d = Decoder::new(1024);
+        let got = decode_all(&mut d, client_frame(true, 1, b"hello")).unwrap();
+        assert_eq!(got, vec![(true, b"hello".to_vec())]);
+    }
+
+    #[test]
+    fn every_length_encoding_round_trips() {
+        for len in [0, 125, 126, 65535, 65536, 70000] {
+            let payload = vec![b'a'; len];
+            let mut d = Decoder::new(1 << 20);
+            let got = decode_all(&mut d, client_frame(true, 2, &payload)).unwrap();
+            assert_eq!(got, vec![(false, payload.clone())], "len {len}");
+            let server = encode(OpCode::Binary, &payload);
+            assert_eq!(&server[server.len() - len..], &payload[..]);
+            let expected_head = if len < 126 { 2 } else if len <= 65535 { 4 } else { 10 };
+            assert_eq!(server.len(), expected_head + len);
+        }
+    }
+
+    #[test]
+    fn partial_input_asks_for_more_at_every_cut() {
+        let frame = client_frame(true, 1, &[b'x'; 300]);
+        for cut in 0..frame.len() {
+            let mut d = Decoder::new(1024);
+            let mut part = frame[..cut].to_vec();
+            assert!(matches!(d.decode(&mut part), Ok(Decoded::Incomplete)), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn fragments_are_reassembled_with_control_frames_between() {
+        let mut input = client_frame(false, 1, "héllo ".as_bytes());
+        input.extend(client_frame(true, 9, b"ping"));
+        input.extend(client_frame(true, 0, "wörld".as_bytes()));
+        let mut d = Decoder::new(1024);
+        let got = decode_all(&mut d, input).unwrap();
+        assert_eq!(got, vec![(true, "héllo wörld".as_bytes().to_vec())]);
+    }
+
+    #[test]
+    fn fragmented_binary_is_not_checked_as_text() {
+        let mut input = client_frame(false, 2, &[0xff, 0xfe]);
+        input.extend(client_frame(true, 0, &[0xc3]));
+        let got = decode_all(&mut Decoder::new(64), input).unwrap();
+        assert_eq!(got, vec![(false, vec![0xff, 0xfe, 0xc3])]);
+    }
+
+    #[test]
+    fn utf8_split_across_fragments_is_accepted() {
+        let bytes = "€".as_bytes();
+        let mut input = client_frame(false, 1, &bytes[..1]);
+        input.extend(client_frame(true, 0, &bytes[1..]));
+        let got = decode_all(&mut Decoder::new(64), input).unwrap();
+        assert_eq!(got[0].1, bytes);
+    }
+
+    #[test]
+    fn invalid_utf8_fails_fast_with_1007() {
+        let mut input = client_frame(false, 1, &[0xce, 0xba, 0xed, 0xa0, 0x80]);
+        input.extend(client_frame(true, 0, b"never reached"));
+        let err = decode_all(&mut Decoder::new(64), input).unwrap_err();
+        assert_eq!(err.code, CloseCode::INVALID_PAYLOAD);
+        let err = decode_all(&mut Decoder::new(64), client_frame(true, 1, &[0xff])).unwrap_err();
+        assert_eq!(err.code, CloseCode::INVALID_PAYLOAD);
+        // A character cut off at the very end of the message.
+        let err = decode_all(&mut Decoder::new(64), {
+            let mut v = client_frame(false, 1, b"a");
+            v.extend(client_frame(true, 0, &"€".as_bytes()[..2]));
+            v
+        })
+        .unwrap_err();
+        assert_eq!(err.code, CloseCode::INVALID_PAYLOAD);
+    }
+
+    #[test]
+    fn protocol_violations_are_1002() {
+        let cases: Vec<Vec<u8>> = vec![
+            {
+                let mut f = client_frame(true, 1, b"x");
+                f[1] &= 0x7F; // unmasked
+                f
+            },
+            client_frame(true, 1 | 0x40, b"x"), // RSV1
+            client_frame(true, 3, b"x"),        // reserved opcode
+            client_frame(false, 9, b"x"),       // fragmented ping
+            client_frame(true, 9, &[0; 126]),   // oversized ping
+            client_frame(true, 0, b"x"),        // continuation without a start
+            {
+                let mut f = client_frame(false, 1, b"a");
+                f.extend(client_frame(true, 1, b"b")); // new message mid-fragment
+                f
+            },
+            client_frame(true, 8, &[0x03]),       // 1-byte close payload
+            client_frame(true, 8, &[0x03, 0xEC]), // close code 1004
+        ];
+        for (i, input) in cases.into_iter().enumerate() {
+            let err = decode_all(&mut Decoder::new(1024), input).err();
+            assert_eq!(err.map(|e| e.code), Some(CloseCode::PROTOCOL_ERROR), "case {i}");
+        }
+    }
+
+    #[test]
+    fn oversized_messages_are_1009_before_buffering() {
+        let mut d = Decoder::new(100);
+        // Only the header has arrived; the declared size alone is enough to refuse it.
+        let mut head = client_frame(true, 2, &[0; 101])[..4].to_vec();
+        assert_eq!(d.decode(&mut head).err(), Some(TOO_BIG));
+        let mut input = client_frame(false, 2, &[0; 60]);
+        input.extend(client_frame(true, 0, &[0; 41]));
+        assert_eq!(decode_all(&mut Decoder::new(100), input).unwrap_err(), TOO_BIG);
+    }
+
+    #[test]
+    fn close_frame_reason_is_truncated_on_a_char_boundary() {
+        let reason = "é".repeat(100);
+        let frame = encode_close(CloseCode::NORMAL, &reason);
+        assert!(frame.len() <= 2 + MAX_CONTROL_PAYLOAD);
+        assert!(std::str::from_utf8(&frame[4..]).is_ok());
+    }
+}

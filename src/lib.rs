@@ -1,0 +1,34 @@
+//! wsgate: a WebSocket gateway built for massive connection counts.
+//!
+//! # Layout
+//!
+//! A connection's life, top to bottom:
+//!
+//! - [`server`] binds one SO_REUSEPORT socket per shard and starts one thread with a
+//!   current-thread tokio runtime per shard ([`server::start`] returns a [`Gateway`]).
+//! - [`http`] serves HTTP/1.1 (hyper): the test page, `/healthz`, and the WebSocket upgrade,
+//!   after which it hands the raw `TcpStream` to [`conn`].
+//! - [`conn`] is one connection's task: reads into its [`shard`]'s shared buffer, decodes frames
+//!   in place ([`frame`]), passes messages to the endpoint, writes queued frames vectored.
+//! - [`chat`] is the application: each [`protocol`] message's effect on [`rooms`].
+//! - [`shard`] owns the connections (a `slab`, ids in [`client_id`]) and delivers publications;
+//!   [`backplane`] carries them to the other shards; [`node`] is what shards share.
+//! - [`close`] is the table of close codes, [`protocol::ErrorReply`] that of error replies;
+//!   [`config`] documents every setting.
+
+pub mod backplane;
+pub mod chat;
+pub mod client_id;
+pub mod close;
+pub mod config;
+pub mod conn;
+pub mod frame;
+pub mod http;
+pub mod node;
+pub mod protocol;
+pub mod rooms;
+pub mod server;
+pub mod shard;
+
+pub use config::Config;
+pub use server::{Gateway, start};

@@ -1,0 +1,95 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+use wsgate::config::{Config, FlagOverrides};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Sockets kept back from the open-files limit for listeners, the runtime and logs.
+const RESERVED_FDS: u64 = 64;
+
+/// wsgate: a sharded WebSocket gateway with rooms.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// TOML configuration file (every key can also be set as WSGATE_<KEY>).
+    #[arg(long, env = "WSGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Number of shards (threads) [default: number of cores].
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let flags = FlagOverrides {
+        listen: cli.listen,
+        shards: cli.shards,
+    };
+    let config = match Config::load(cli.config.as_deref(), &flags) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("wsgate: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(&config.log))
+        .init();
+    raise_open_files_limit();
+
+    let gateway = match wsgate::start(config) {
+        Ok(gateway) => gateway,
+        Err(e) => {
+            eprintln!("wsgate: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("wsgate listening on http://{}/", gateway.local_addr());
+    wait_for_signal();
+    info!("shutting down");
+    gateway.shutdown();
+    gateway.join();
+    ExitCode::SUCCESS
+}
+
+/// Raises the soft open-files limit to the hard limit: each connection is one file descriptor.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => info!(
+            open_files = limit,
+            capacity = limit.saturating_sub(RESERVED_FDS),
+            "connection capacity (open-files limit less a reserve)"
+        ),
+        Err(e) => warn!(error = %e, "cannot raise the open-files limit"),
+    }
+}
+
+fn wait_for_signal() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("signal runtime");
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    });
+}

@@ -1,0 +1,36 @@
+//! What the shards of one gateway process share: configuration, the room directory, the
+//! backplane and a few gauges. Nothing here is touched per message except through atomics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::backplane::Backplane;
+use crate::config::Config;
+use crate::rooms::RoomDirectory;
+
+pub struct Node {
+    pub config: Arc<Config>,
+    pub rooms: RoomDirectory,
+    pub backplane: Arc<dyn Backplane>,
+    /// Open WebSocket connections, one gauge per shard (each written by its shard only).
+    pub connections: Box<[AtomicUsize]>,
+}
+
+impl Node {
+    pub fn new(config: Arc<Config>, backplane: Arc<dyn Backplane>) -> Self {
+        Node {
+            rooms: RoomDirectory::new(config.shards),
+            connections: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
+            config,
+            backplane,
+        }
+    }
+
+    pub fn shards(&self) -> usize {
+        self.connections.len()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}

@@ -1,0 +1,321 @@
+//! The JSON wire protocol, free of I/O (compatible with the seed guide's chat protocol).
+//!
+//! Client → server: `{"type": T, "payload": {...}}`, parsed in place with simd-json into a tape
+//! that the shard reuses, so parsing a message allocates nothing and copies no string.
+//! Server → client: [`ServerMessage`], serialized once straight into a frame buffer.
+//!
+//! Every error string a client can receive is in [`ErrorReply`].
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes};
+use serde::{Serialize, Serializer};
+use simd_json::prelude::*;
+use simd_json::tape::Value;
+use simd_json::{Buffers, Tape};
+
+use crate::client_id::ClientId;
+use crate::frame::{FrameBuilder, OpCode};
+
+/// A parsed client message. Strings borrow from the (unescaped-in-place) input buffer.
+#[derive(Debug)]
+pub enum ClientMessage<'t, 'i> {
+    JoinRoom { room: &'i str },
+    LeaveRoom { room: &'i str },
+    Chat { room: &'i str, message: &'i str },
+    Typing { room: &'i str, is_typing: bool },
+    /// Sends the payload back; `None` when the message had no payload.
+    Echo { payload: Option<Value<'t, 'i>> },
+    /// The seed's JSON heartbeat answer.
+    Pong,
+}
+
+/// Every error a client can be sent, with its exact wording. None of them closes the connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ErrorReply<'a> {
+    /// Not JSON, not an object, or no string `type`.
+    InvalidFormat,
+    UnknownType(&'a str),
+    /// A payload field is missing or has the wrong type.
+    InvalidField {
+        field: &'static str,
+        expected: &'static str,
+    },
+    InvalidRoomName,
+    NotInRoom(&'a str),
+    TooManyRooms(usize),
+    MessageTooLong(usize),
+    BinaryNotSupported,
+}
+
+/// Unknown types are echoed back in the error, cut to this many characters.
+const MAX_ECHOED_TYPE_CHARS: usize = 64;
+
+impl fmt::Display for ErrorReply<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorReply::InvalidFormat => f.write_str("Invalid message format"),
+            ErrorReply::UnknownType(t) => {
+                let cut = t.char_indices().nth(MAX_ECHOED_TYPE_CHARS).map_or(t.len(), |(i, _)| i);
+                write!(f, "Unknown message type: {}", &t[..cut])
+            }
+            ErrorReply::InvalidField { field, expected } => {
+                write!(f, "Invalid payload: '{field}' must be {expected}")
+            }
+            ErrorReply::InvalidRoomName => f.write_str(
+                "Invalid room name (1-64 characters of A-Z, a-z, 0-9, '_', '.', ':', '-')",
+            ),
+            ErrorReply::NotInRoom(room) => write!(f, "Not a member of room: {room}"),
+            ErrorReply::TooManyRooms(max) => {
+                write!(f, "Room limit reached (max {max} rooms per connection)")
+            }
+            ErrorReply::MessageTooLong(max) => {
+                write!(f, "Message too long (max {max} characters)")
+            }
+            ErrorReply::BinaryNotSupported => {
+                f.write_str("Binary messages are not supported: send JSON text")
+            }
+        }
+    }
+}
+
+impl Serialize for ErrorReply<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl Serialize for ClientId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Reads one message out of a parsed tape.
+pub fn read_message<'t, 'i>(tape: &'t Tape<'i>) -> Result<ClientMessage<'t, 'i>, ErrorReply<'i>> {
+    let root = tape.as_value();
+    let Some(kind) = root.get("type").and_then(|t| t.into_string()) else {
+        return Err(ErrorReply::InvalidFormat);
+    };
+    let payload = root.get("payload");
+    let field = |name: &'static str| payload.and_then(|p| p.get(name));
+    let string = |name: &'static str| {
+        field(name).and_then(|v| v.into_string()).ok_or(ErrorReply::InvalidField {
+            field: name,
+            expected: "a string",
+        })
+    };
+    Ok(match kind {
+        "join_room" => ClientMessage::JoinRoom {
+            room: string("room")?,
+        },
+        "leave_room" => ClientMessage::LeaveRoom {
+            room: string("room")?,
+        },
+        "chat_message" => ClientMessage::Chat {
+            room: string("room")?,
+            message: string("message")?,
+        },
+        "typing" => ClientMessage::Typing {
+            room: string("room")?,
+            is_typing: field("isTyping")
+                .and_then(|v| v.as_bool())
+                .ok_or(ErrorReply::InvalidField {
+                    field: "isTyping",
+                    expected: "a boolean",
+                })?,
+        },
+        "echo" => ClientMessage::Echo { payload },
+        "pong" => ClientMessage::Pong,
+        other => return Err(ErrorReply::UnknownType(other)),
+    })
+}
+
+/// A shard's reusable simd-json state: parsing a message allocates only when a message is larger
+/// than any seen before.
+#[derive(Default)]
+pub struct JsonParser {
+    buffers: Buffers,
+    tape: Option<Tape<'static>>,
+}
+
+impl JsonParser {
+    /// Parses `input` in place (simd-json overwrites it) and hands the result to `f`.
+    pub fn parse<R>(
+        &mut self,
+        input: &mut [u8],
+        f: impl for<'t, 'i> FnOnce(Result<ClientMessage<'t, 'i>, ErrorReply<'i>>) -> R,
+    ) -> R {
+        let mut tape = self.tape.take().unwrap_or_else(Tape::null).reset();
+        let result = match simd_json::fill_tape(input, &mut self.buffers, &mut tape) {
+            Ok(()) => f(read_message(&tape)),
+            Err(_) => f(Err(ErrorReply::InvalidFormat)),
+        };
+        self.tape = Some(tape.reset());
+        result
+    }
+}
+
+/// Milliseconds since the Unix epoch, as the seed's `timestamp` fields.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Server → client messages. Field names and order follow the seed protocol exactly.
+#[derive(Serialize, Debug)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage<'a> {
+    Connected {
+        #[serde(rename = "clientId")]
+        client_id: ClientId,
+        timestamp: u64,
+    },
+    RoomJoined {
+        room: &'a str,
+        members: u32,
+    },
+    UserJoined {
+        room: &'a str,
+        username: &'a str,
+        timestamp: u64,
+    },
+    UserLeft {
+        room: &'a str,
+        username: &'a str,
+        timestamp: u64,
+    },
+    ChatMessage {
+        room: &'a str,
+        username: &'a str,
+        message: &'a str,
+        timestamp: u64,
+    },
+    Typing {
+        room: &'a str,
+        username: &'a str,
+        #[serde(rename = "isTyping")]
+        is_typing: bool,
+    },
+    Error {
+        error: ErrorReply<'a>,
+    },
+}
+
+impl ServerMessage<'_> {
+    /// Serializes and frames the message once; the result can be queued to any number of clients.
+    pub fn encode(&self) -> Bytes {
+        let mut frame = FrameBuilder::with_capacity(128);
+        serde_json::to_writer(frame.payload().writer(), self)
+            .expect("serializing to memory cannot fail");
+        frame.finish(OpCode::Text)
+    }
+}
+
+/// Frames `{"type":"echo","payload":…}` with the payload re-serialized from the tape.
+pub fn encode_echo(payload: Option<Value<'_, '_>>) -> Bytes {
+    let mut frame = FrameBuilder::with_capacity(64);
+    let out = frame.payload();
+    out.extend_from_slice(br#"{"type":"echo","payload":"#);
+    match payload {
+        Some(value) => value
+            .write(&mut out.writer())
+            .expect("serializing to memory cannot fail"),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.put_u8(b'}');
+    frame.finish(OpCode::Text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_debug(json: &str) -> String {
+        let mut input = json.as_bytes().to_vec();
+        JsonParser::default().parse(&mut input, |r| match r {
+            Ok(m) => format!("{m:?}"),
+            Err(e) => format!("error: {e}"),
+        })
+    }
+
+    #[test]
+    fn reads_every_client_message() {
+        assert_eq!(
+            parse_debug(r#"{"type":"join_room","payload":{"room":"lobby"}}"#),
+            r#"JoinRoom { room: "lobby" }"#
+        );
+        assert_eq!(
+            parse_debug(r#"{"payload":{"room":"a\"b","message":"hi\n"},"type":"chat_message"}"#),
+            r#"Chat { room: "a\"b", message: "hi\n" }"#
+        );
+        assert_eq!(
+            parse_debug(r#"{"type":"typing","payload":{"room":"r","isTyping":true}}"#),
+            r#"Typing { room: "r", is_typing: true }"#
+        );
+        assert_eq!(parse_debug(r#"{"type":"pong"}"#), "Pong");
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        for bad in ["", "nope", "[1]", r#"{"type":5}"#, r#"{"payload":{}}"#, "{\"type\":\"x\""] {
+            assert_eq!(parse_debug(bad), "error: Invalid message format", "{bad:?}");
+        }
+        assert_eq!(
+            parse_debug(r#"{"type":"dance"}"#),
+            "error: Unknown message type: dance"
+        );
+        assert_eq!(
+            parse_debug(r#"{"type":"join_room","payload":{"room":7}}"#),
+            "error: Invalid payload: 'room' must be a string"
+        );
+        assert_eq!(
+            parse_debug(r#"{"type":"typing","payload":{"room":"r","isTyping":"yes"}}"#),
+            "error: Invalid payload: 'isTyping' must be a boolean"
+        );
+        assert_eq!(
+            parse_debug(r#"{"type":"chat_message"}"#),
+            "error: Invalid payload: 'room' must be a string"
+        );
+    }
+
+    #[test]
+    fn echo_reserializes_the_payload() {
+        let mut input = br#"{"type":"echo","payload":{"a":[1,2.5,"x\u00e9"],"b":null}}"#.to_vec();
+        let frame = JsonParser::default().parse(&mut input, |r| match r {
+            Ok(ClientMessage::Echo { payload }) => encode_echo(payload),
+            other => panic!("{other:?}"),
+        });
+        let json: serde_json::Value = serde_json::from_slice(&frame[2..]).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type":"echo","payload":{"a":[1,2.5,"xé"],"b":null}})
+        );
+    }
+
+    #[test]
+    fn server_messages_match_the_seed_shape() {
+        let frame = ServerMessage::ChatMessage {
+            room: "r",
+            username: "Anonymous",
+            message: "hi \"there\"",
+            timestamp: 5,
+        }
+        .encode();
+        assert_eq!(frame[0], 0x81);
+        assert_eq!(
+            &frame[2..],
+            br#"{"type":"chat_message","room":"r","username":"Anonymous","message":"hi \"there\"","timestamp":5}"#
+        );
+        let err = ServerMessage::Error {
+            error: ErrorReply::MessageTooLong(1000),
+        }
+        .encode();
+        assert_eq!(
+            &err[2..],
+            br#"{"type":"error","error":"Message too long (max 1000 characters)"}"#
+        );
+    }
+}

@@ -1,0 +1,162 @@
+//! Start-up: one listening socket per shard on the same address (SO_REUSEPORT, so the kernel
+//! spreads new connections over the shards), one thread and current-thread runtime per shard.
+
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::task::LocalSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::backplane::memory::{Inbox, MemoryBackplane};
+use crate::backplane::Publication;
+use crate::config::Config;
+use crate::node::Node;
+use crate::shard::Shard;
+use crate::http;
+
+/// A running gateway. Dropping it does not stop it: call [`Gateway::shutdown`] and [`Gateway::join`].
+pub struct Gateway {
+    local_addr: SocketAddr,
+    node: Arc<Node>,
+    shutdown: CancellationToken,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Binds every shard's socket (so address errors surface here) and starts the shard threads.
+pub fn start(config: Config) -> io::Result<Gateway> {
+    let config = Arc::new(config);
+    let first = bind(config.listen, config.backlog)?;
+    // With port 0 the first bind picks the port; the other shards join that one.
+    let local_addr = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..config.shards {
+        listeners.push(bind(local_addr, config.backlog)?);
+    }
+    let (backplane, inboxes) = MemoryBackplane::new(config.shards);
+    let node = Arc::new(Node::new(config.clone(), Arc::new(backplane)));
+    let shutdown = CancellationToken::new();
+    let threads = listeners
+        .into_iter()
+        .zip(inboxes)
+        .enumerate()
+        .map(|(index, (listener, inbox))| {
+            let (node, shutdown) = (node.clone(), shutdown.clone());
+            std::thread::Builder::new()
+                .name(format!("wsgate-shard-{index}"))
+                .spawn(move || run_shard(index, node, listener, inbox, shutdown))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    info!(%local_addr, shards = config.shards, "wsgate listening");
+    Ok(Gateway {
+        local_addr,
+        node,
+        shutdown,
+        threads,
+    })
+}
+
+impl Gateway {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Open WebSocket connections across all shards.
+    pub fn connection_count(&self) -> usize {
+        self.node.connection_count()
+    }
+
+    /// Publishes from outside the shards (embedding applications, admin tools): every shard
+    /// delivers to its own matching clients.
+    pub fn publish(&self, publication: Publication) {
+        let all: Vec<usize> = (0..self.node.shards()).collect();
+        self.node.backplane.publish(&all, Arc::new(publication));
+    }
+
+    /// Asks every shard to stop accepting and close.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until every shard thread has finished.
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+fn run_shard(
+    index: usize,
+    node: Arc<Node>,
+    listener: std::net::TcpListener,
+    inbox: Inbox,
+    shutdown: CancellationToken,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(shard = index, error = %e, "cannot start the shard's runtime");
+            return;
+        }
+    };
+    let local = LocalSet::new();
+    local.block_on(&runtime, async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(shard = index, error = %e, "cannot register the listener");
+                return;
+            }
+        };
+        let shard = Rc::new(Shard::new(index, node));
+        tokio::task::spawn_local(drain_inbox(shard.clone(), inbox));
+        tokio::select! {
+            _ = accept_loop(&shard, &listener) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    });
+}
+
+async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::task::spawn_local(http::serve(shard.clone(), stream));
+            }
+            Err(e) => {
+                // Typically EMFILE at the open-files limit: back off instead of spinning; the
+                // pending connections wait in the backlog.
+                warn!(shard = shard.index, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Delivers what other shards published to this shard's clients.
+async fn drain_inbox(shard: Rc<Shard>, mut inbox: Inbox) {
+    let mut batch = Vec::with_capacity(64);
+    while inbox.recv_many(&mut batch, 64).await > 0 {
+        for publication in batch.drain(..) {
+            shard.deliver(&publication);
+        }
+    }
+}

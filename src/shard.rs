@@ -1,0 +1,269 @@
+//! A shard: one thread's share of the gateway. It owns its connections (in a `slab`), its side of
+//! every room, a read buffer and a JSON parser that all its connections take turns using.
+//!
+//! Everything here is `!Send` and lives in one current-thread runtime, so the per-message path
+//! takes no lock: handlers borrow the shard's state, queue frames and return.
+
+use std::cell::{RefCell, RefMut};
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Waker;
+
+use bytes::{Buf, Bytes};
+use slab::Slab;
+
+use crate::backplane::{Publication, Target};
+use crate::client_id::ClientId;
+use crate::node::Node;
+use crate::protocol::{ErrorReply, JsonParser, ServerMessage, now_ms};
+use crate::rooms::LocalRooms;
+
+/// Bytes read from a socket in one go. Shared by all of a shard's connections: an idle connection
+/// keeps no read buffer of its own.
+const READ_BUF_SIZE: usize = 64 * 1024;
+
+/// Which protocol a connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// The JSON chat protocol (`/ws`, `/`).
+    Chat,
+    /// Raw echo of every message (`/echo`): the RFC 6455 conformance target.
+    Echo,
+}
+
+/// Frames waiting to be written to one connection, and how to wake the task that writes them.
+#[derive(Default)]
+pub struct Outbound {
+    queue: VecDeque<Bytes>,
+    queued_bytes: usize,
+    waker: Option<Waker>,
+}
+
+/// Queues longer than this are given back to the allocator once drained.
+const KEEP_QUEUE_CAPACITY: usize = 16;
+
+impl Outbound {
+    pub fn push(&mut self, frame: Bytes) {
+        self.queued_bytes += frame.len();
+        self.queue.push_back(frame);
+        if self.queue.len() == 1
+            && let Some(waker) = &self.waker
+        {
+            waker.wake_by_ref();
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Fills `slices` with the front of the queue, for one vectored write.
+    pub fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, frame) in slices.iter_mut().zip(&self.queue) {
+            *slot = IoSlice::new(frame);
+            n += 1;
+        }
+        n
+    }
+
+    /// Drops `written` bytes from the front of the queue.
+    pub fn advance(&mut self, mut written: usize) {
+        self.queued_bytes -= written;
+        while written > 0 {
+            let front = self.queue.front_mut().expect("wrote more than was queued");
+            if front.len() > written {
+                front.advance(written);
+                return;
+            }
+            written -= front.len();
+            self.queue.pop_front();
+        }
+        if self.queue.is_empty() && self.queue.capacity() > KEEP_QUEUE_CAPACITY {
+            self.queue = VecDeque::new();
+        }
+    }
+
+    pub fn set_waker(&mut self, waker: &Waker) {
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            self.waker = Some(waker.clone());
+        }
+    }
+}
+
+/// One connection's entry in the shard's slab: what other connections' handlers may touch.
+/// The socket itself and the frame decoder stay in the connection's task.
+pub struct ConnEntry {
+    pub id: ClientId,
+    pub endpoint: Endpoint,
+    pub username: Arc<str>,
+    /// Rooms this connection is in (the other half of the room index).
+    pub rooms: Vec<Arc<str>>,
+    pub outbound: Outbound,
+}
+
+pub struct ShardState {
+    pub conns: Slab<ConnEntry>,
+    pub rooms: LocalRooms,
+    /// Generation of the next connection; makes client ids unique even when slab slots are reused.
+    next_generation: u32,
+}
+
+pub struct Shard {
+    pub index: usize,
+    pub node: Arc<Node>,
+    state: RefCell<ShardState>,
+    read_buf: RefCell<Box<[u8]>>,
+    json: RefCell<JsonParser>,
+    /// Scratch list of other shards a publication goes to, kept to avoid an allocation each time.
+    route: RefCell<Vec<usize>>,
+    anonymous: Arc<str>,
+}
+
+impl Shard {
+    pub fn new(index: usize, node: Arc<Node>) -> Self {
+        Shard {
+            index,
+            node,
+            state: RefCell::new(ShardState {
+                conns: Slab::new(),
+                rooms: LocalRooms::default(),
+                next_generation: 0,
+            }),
+            read_buf: RefCell::new(vec![0; READ_BUF_SIZE].into_boxed_slice()),
+            json: RefCell::new(JsonParser::default()),
+            route: RefCell::new(Vec::new()),
+            anonymous: Arc::from("Anonymous"),
+        }
+    }
+
+    pub fn state(&self) -> RefMut<'_, ShardState> {
+        self.state.borrow_mut()
+    }
+
+    pub fn read_buf(&self) -> RefMut<'_, Box<[u8]>> {
+        self.read_buf.borrow_mut()
+    }
+
+    pub fn json(&self) -> RefMut<'_, JsonParser> {
+        self.json.borrow_mut()
+    }
+
+    /// Adds a connection; chat clients are greeted with their id.
+    pub fn register(&self, endpoint: Endpoint) -> usize {
+        let mut state = self.state();
+        let generation = state.next_generation;
+        state.next_generation = generation.wrapping_add(1);
+        let entry = state.conns.vacant_entry();
+        let id = ClientId {
+            shard: self.index as u16,
+            key: entry.key() as u32,
+            generation,
+        };
+        let mut conn = ConnEntry {
+            id,
+            endpoint,
+            username: self.anonymous.clone(),
+            rooms: Vec::new(),
+            outbound: Outbound::default(),
+        };
+        if endpoint == Endpoint::Chat {
+            conn.outbound.push(
+                ServerMessage::Connected {
+                    client_id: id,
+                    timestamp: now_ms(),
+                }
+                .encode(),
+            );
+        }
+        let key = entry.key();
+        entry.insert(conn);
+        self.node.connections[self.index].fetch_add(1, Ordering::Relaxed);
+        key
+    }
+
+    /// Removes a connection whose task has finished.
+    pub fn unregister(&self, key: usize) {
+        self.state().conns.remove(key);
+        self.node.connections[self.index].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Queues a frame for one connection.
+    pub fn send(&self, key: usize, frame: Bytes) {
+        if let Some(conn) = self.state().conns.get_mut(key) {
+            conn.outbound.push(frame);
+        }
+    }
+
+    pub fn send_error(&self, key: usize, error: ErrorReply<'_>) {
+        self.send(key, ServerMessage::Error { error }.encode());
+    }
+
+    /// Delivers to this shard's recipients, then hands the publication to the backplane for the
+    /// other shards that have recipients.
+    pub fn publish(&self, publication: Publication) {
+        let mut route = self.route.borrow_mut();
+        route.clear();
+        {
+            let state = self.state.borrow();
+            let shards = self.node.shards();
+            match &publication.target {
+                Target::Room(name) => match state.rooms.get(name) {
+                    Some(room) => route.extend(room.presence.other_shards(self.index)),
+                    None => route.extend((0..shards).filter(|&s| s != self.index)),
+                },
+                Target::All => route.extend((0..shards).filter(|&s| s != self.index)),
+            }
+        }
+        if let Some(include) = &publication.include {
+            route.retain(|&s| include.iter().any(|id| id.shard as usize == s));
+        }
+        self.deliver(&publication);
+        if !route.is_empty() {
+            self.node.backplane.publish(&route, Arc::new(publication));
+        }
+    }
+
+    /// Queues the publication's frame to each matching connection of this shard.
+    pub fn deliver(&self, publication: &Publication) {
+        let mut state = self.state();
+        let ShardState { conns, rooms, .. } = &mut *state;
+        let queue_to = |conn: &mut ConnEntry| {
+            if publication.admits(conn.id) {
+                conn.outbound.push(publication.frame.clone());
+            }
+        };
+        match (&publication.target, &publication.include) {
+            (Target::All, Some(include)) => {
+                for id in include.iter().filter(|id| id.shard as usize == self.index) {
+                    if let Some(conn) = conns.get_mut(id.key as usize)
+                        && conn.id == *id
+                        && conn.endpoint == Endpoint::Chat
+                    {
+                        queue_to(conn);
+                    }
+                }
+            }
+            (Target::All, None) => {
+                for (_, conn) in conns.iter_mut() {
+                    if conn.endpoint == Endpoint::Chat {
+                        queue_to(conn);
+                    }
+                }
+            }
+            (Target::Room(name), _) => {
+                if let Some(room) = rooms.get(name) {
+                    for &key in &room.members {
+                        queue_to(&mut conns[key]);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -21,7 +21,11 @@ pub fn on_text(shard: &Shard, key: usize, payload: &mut [u8]) {
     });
 }
 
-fn handle<'i>(shard: &Shard, key: usize, message: ClientMessage<'_, 'i>) -> Result<(), ErrorReply<'i>> {
+fn handle<'i>(
+    shard: &Shard,
+    key: usize,
+    message: ClientMessage<'_, 'i>,
+) -> Result<(), ErrorReply<'i>> {
     match message {
         ClientMessage::JoinRoom { room } => join(shard, key, room),
         ClientMessage::LeaveRoom { room } => leave(shard, key, room),
@@ -51,13 +55,25 @@ fn join<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<'
         let joined = state.rooms.join(&shard.node.rooms, shard.index, room, key);
         let (name, total) = match joined {
             Joined::AlreadyMember { total } => {
-                conn.outbound.push(ServerMessage::RoomJoined { room, members: total }.encode());
+                conn.outbound.push(
+                    ServerMessage::RoomJoined {
+                        room,
+                        members: total,
+                    }
+                    .encode(),
+                );
                 return Ok(());
             }
             Joined::Joined { name, total } => (name, total),
         };
         conn.rooms.push(name.clone());
-        conn.outbound.push(ServerMessage::RoomJoined { room, members: total }.encode());
+        conn.outbound.push(
+            ServerMessage::RoomJoined {
+                room,
+                members: total,
+            }
+            .encode(),
+        );
         (name, total, conn.id, conn.username.clone())
     };
     if total > 1 && total <= config.presence_max_members {
@@ -117,7 +133,11 @@ fn left_room(shard: &Shard, key: usize, room: Arc<str>, username: &str) {
 }
 
 /// Checks that `key` may speak in `room`; returns the room's shared name and the speaker.
-fn speaker<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(Arc<str>, Arc<str>), ErrorReply<'i>> {
+fn speaker<'i>(
+    shard: &Shard,
+    key: usize,
+    room: &'i str,
+) -> Result<(Arc<str>, Arc<str>), ErrorReply<'i>> {
     if !is_valid_room_name(room) {
         return Err(ErrorReply::InvalidRoomName);
     }
@@ -147,7 +167,12 @@ fn chat<'i>(shard: &Shard, key: usize, room: &'i str, message: &str) -> Result<(
     Ok(())
 }
 
-fn typing<'i>(shard: &Shard, key: usize, room: &'i str, is_typing: bool) -> Result<(), ErrorReply<'i>> {
+fn typing<'i>(
+    shard: &Shard,
+    key: usize,
+    room: &'i str,
+    is_typing: bool,
+) -> Result<(), ErrorReply<'i>> {
     let (name, username) = speaker(shard, key, room)?;
     let id = shard.state().conns[key].id;
     let frame = ServerMessage::Typing {

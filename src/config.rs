@@ -121,7 +121,10 @@ impl Config {
 
 /// figment's errors can list several problems on several lines; start-up reports the first.
 fn one_line(errors: figment::Error) -> String {
-    let first = errors.into_iter().next().expect("an error has at least one problem");
+    let first = errors
+        .into_iter()
+        .next()
+        .expect("an error has at least one problem");
     let mut line = first.kind.to_string();
     if let Some(key) = first.path.last() {
         line = format!("{key}: {line}");

@@ -72,7 +72,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, preread: Bytes, endpoint
 
 impl Connection {
     fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<End> {
-        self.shard.state().conns[self.key].outbound.set_waker(cx.waker());
+        self.shard.state().conns[self.key]
+            .outbound
+            .set_waker(cx.waker());
         for _ in 0..READS_PER_POLL {
             if let Poll::Ready(Err(e)) = self.poll_flush(cx) {
                 debug!(error = %e, "write failed");
@@ -160,11 +162,16 @@ impl Connection {
             pos += consumed;
             match event {
                 Event::Message { text, mut payload } => match self.endpoint {
-                    Endpoint::Chat if text => chat::on_text(&self.shard, self.key, payload.as_mut_slice()),
-                    Endpoint::Chat => self.shard.send_error(self.key, ErrorReply::BinaryNotSupported),
+                    Endpoint::Chat if text => {
+                        chat::on_text(&self.shard, self.key, payload.as_mut_slice())
+                    }
+                    Endpoint::Chat => self
+                        .shard
+                        .send_error(self.key, ErrorReply::BinaryNotSupported),
                     Endpoint::Echo => {
                         let opcode = if text { OpCode::Text } else { OpCode::Binary };
-                        self.shard.send(self.key, frame::encode(opcode, payload.as_slice()));
+                        self.shard
+                            .send(self.key, frame::encode(opcode, payload.as_slice()));
                     }
                 },
                 Event::Ping(data) => self.shard.send(self.key, frame::encode(OpCode::Pong, data)),
@@ -180,8 +187,13 @@ impl Connection {
     }
 
     fn fail(&mut self, error: FrameError) -> End {
-        debug!(code = error.code.0, reason = error.reason, "failing connection");
-        self.shard.send(self.key, frame::encode_close(error.code, error.reason));
+        debug!(
+            code = error.code.0,
+            reason = error.reason,
+            "failing connection"
+        );
+        self.shard
+            .send(self.key, frame::encode_close(error.code, error.reason));
         End::Failed
     }
 

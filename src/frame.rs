@@ -93,7 +93,10 @@ impl Payload<'_> {
 /// What one decoded frame amounts to.
 pub enum Event<'a> {
     /// A complete data message; text is already checked to be UTF-8.
-    Message { text: bool, payload: Payload<'a> },
+    Message {
+        text: bool,
+        payload: Payload<'a>,
+    },
     Ping(&'a [u8]),
     Pong,
     /// The peer started (or answered) the close handshake.
@@ -139,7 +142,8 @@ impl Decoder {
             return Ok(Decoded::Incomplete);
         };
         let already = self.partial.as_ref().map_or(0, |p| p.data.len());
-        if !header.opcode.is_control() && already.saturating_add(header.payload_len) > self.max_message_size
+        if !header.opcode.is_control()
+            && already.saturating_add(header.payload_len) > self.max_message_size
         {
             return Err(TOO_BIG);
         }
@@ -242,8 +246,7 @@ fn parse_header(buf: &[u8]) -> Result<Option<Header>, FrameError> {
         return Err(FrameError::protocol("reserved bits set"));
     }
     let fin = b0 & 0x80 != 0;
-    let opcode =
-        OpCode::from_bits(b0 & 0x0F).ok_or(FrameError::protocol("reserved opcode"))?;
+    let opcode = OpCode::from_bits(b0 & 0x0F).ok_or(FrameError::protocol("reserved opcode"))?;
     if b1 & 0x80 == 0 {
         return Err(FrameError::protocol("client frames must be masked"));
     }
@@ -345,10 +348,11 @@ pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
 
 /// Encodes a close frame with a status code and a reason (truncated to fit a control frame).
 pub fn encode_close(code: CloseCode, reason: &str) -> Bytes {
-    let mut reason = &reason[..reason.len().min(MAX_CONTROL_PAYLOAD - 2)];
-    while !reason.is_empty() && std::str::from_utf8(reason.as_bytes()).is_err() {
-        reason = &reason[..reason.len() - 1];
+    let mut cut = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
     }
+    let reason = &reason[..cut];
     let mut builder = FrameBuilder::with_capacity(2 + reason.len());
     builder.payload().put_u16(code.0);
     builder.payload().extend_from_slice(reason.as_bytes());
@@ -379,7 +383,10 @@ mod tests {
         out
     }
 
-    fn decode_all(decoder: &mut Decoder, mut buf: Vec<u8>) -> Result<Vec<(bool, Vec<u8>)>, FrameError> {
+    fn decode_all(
+        decoder: &mut Decoder,
+        mut buf: Vec<u8>,
+    ) -> Result<Vec<(bool, Vec<u8>)>, FrameError> {
         let mut messages = Vec::new();
         let mut pos = 0;
         while pos < buf.len() {
@@ -412,7 +419,13 @@ mod tests {
             assert_eq!(got, vec![(false, payload.clone())], "len {len}");
             let server = encode(OpCode::Binary, &payload);
             assert_eq!(&server[server.len() - len..], &payload[..]);
-            let expected_head = if len < 126 { 2 } else if len <= 65535 { 4 } else { 10 };
+            let expected_head = if len < 126 {
+                2
+            } else if len <= 65535 {
+                4
+            } else {
+                10
+            };
             assert_eq!(server.len(), expected_head + len);
         }
     }
@@ -423,7 +436,10 @@ mod tests {
         for cut in 0..frame.len() {
             let mut d = Decoder::new(1024);
             let mut part = frame[..cut].to_vec();
-            assert!(matches!(d.decode(&mut part), Ok(Decoded::Incomplete)), "cut {cut}");
+            assert!(
+                matches!(d.decode(&mut part), Ok(Decoded::Incomplete)),
+                "cut {cut}"
+            );
         }
     }
 
@@ -490,24 +506,31 @@ mod tests {
                 f.extend(client_frame(true, 1, b"b")); // new message mid-fragment
                 f
             },
-            client_frame(true, 8, &[0x03]),       // 1-byte close payload
+            client_frame(true, 8, &[0x03]), // 1-byte close payload
             client_frame(true, 8, &[0x03, 0xEC]), // close code 1004
         ];
         for (i, input) in cases.into_iter().enumerate() {
             let err = decode_all(&mut Decoder::new(1024), input).err();
-            assert_eq!(err.map(|e| e.code), Some(CloseCode::PROTOCOL_ERROR), "case {i}");
+            assert_eq!(
+                err.map(|e| e.code),
+                Some(CloseCode::PROTOCOL_ERROR),
+                "case {i}"
+            );
         }
     }
 
     #[test]
     fn oversized_messages_are_1009_before_buffering() {
         let mut d = Decoder::new(100);
-        // Only the header has arrived; the declared size alone is enough to refuse it.
-        let mut head = client_frame(true, 2, &[0; 101])[..4].to_vec();
+        // Only the header (with its mask) has arrived; the declared size is enough to refuse it.
+        let mut head = client_frame(true, 2, &[0; 101])[..6].to_vec();
         assert_eq!(d.decode(&mut head).err(), Some(TOO_BIG));
         let mut input = client_frame(false, 2, &[0; 60]);
         input.extend(client_frame(true, 0, &[0; 41]));
-        assert_eq!(decode_all(&mut Decoder::new(100), input).unwrap_err(), TOO_BIG);
+        assert_eq!(
+            decode_all(&mut Decoder::new(100), input).unwrap_err(),
+            TOO_BIG
+        );
     }
 
     #[test]

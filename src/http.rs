@@ -56,8 +56,10 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
         }
         (&Method::GET, "/") => {
             let mut res = Response::new(Full::new(Bytes::from_static(TEST_PAGE.as_bytes())));
-            res.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            res.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
             res
         }
         (&Method::GET, "/ws") => upgrade(shard, req, Endpoint::Chat),
@@ -95,8 +97,10 @@ fn upgrade(shard: &Rc<Shard>, mut req: Request<Incoming>, endpoint: Endpoint) ->
     let (response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(fastwebsockets::WebSocketError::InvalidSecWebsocketVersion) => {
-            let mut res =
-                error_response(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version (need 13)");
+            let mut res = error_response(
+                StatusCode::UPGRADE_REQUIRED,
+                "unsupported WebSocket version (need 13)",
+            );
             res.headers_mut()
                 .insert("sec-websocket-version", HeaderValue::from_static("13"));
             return res;

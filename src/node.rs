@@ -31,6 +31,9 @@ impl Node {
     }
 
     pub fn connection_count(&self) -> usize {
-        self.connections.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.connections
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 }

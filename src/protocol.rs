@@ -21,12 +21,24 @@ use crate::frame::{FrameBuilder, OpCode};
 /// A parsed client message. Strings borrow from the (unescaped-in-place) input buffer.
 #[derive(Debug)]
 pub enum ClientMessage<'t, 'i> {
-    JoinRoom { room: &'i str },
-    LeaveRoom { room: &'i str },
-    Chat { room: &'i str, message: &'i str },
-    Typing { room: &'i str, is_typing: bool },
+    JoinRoom {
+        room: &'i str,
+    },
+    LeaveRoom {
+        room: &'i str,
+    },
+    Chat {
+        room: &'i str,
+        message: &'i str,
+    },
+    Typing {
+        room: &'i str,
+        is_typing: bool,
+    },
     /// Sends the payload back; `None` when the message had no payload.
-    Echo { payload: Option<Value<'t, 'i>> },
+    Echo {
+        payload: Option<Value<'t, 'i>>,
+    },
     /// The seed's JSON heartbeat answer.
     Pong,
 }
@@ -57,7 +69,10 @@ impl fmt::Display for ErrorReply<'_> {
         match self {
             ErrorReply::InvalidFormat => f.write_str("Invalid message format"),
             ErrorReply::UnknownType(t) => {
-                let cut = t.char_indices().nth(MAX_ECHOED_TYPE_CHARS).map_or(t.len(), |(i, _)| i);
+                let cut = t
+                    .char_indices()
+                    .nth(MAX_ECHOED_TYPE_CHARS)
+                    .map_or(t.len(), |(i, _)| i);
                 write!(f, "Unknown message type: {}", &t[..cut])
             }
             ErrorReply::InvalidField { field, expected } => {
@@ -101,10 +116,12 @@ pub fn read_message<'t, 'i>(tape: &'t Tape<'i>) -> Result<ClientMessage<'t, 'i>,
     let payload = root.get("payload");
     let field = |name: &'static str| payload.and_then(|p| p.get(name));
     let string = |name: &'static str| {
-        field(name).and_then(|v| v.into_string()).ok_or(ErrorReply::InvalidField {
-            field: name,
-            expected: "a string",
-        })
+        field(name)
+            .and_then(|v| v.into_string())
+            .ok_or(ErrorReply::InvalidField {
+                field: name,
+                expected: "a string",
+            })
     };
     Ok(match kind {
         "join_room" => ClientMessage::JoinRoom {
@@ -119,12 +136,12 @@ pub fn read_message<'t, 'i>(tape: &'t Tape<'i>) -> Result<ClientMessage<'t, 'i>,
         },
         "typing" => ClientMessage::Typing {
             room: string("room")?,
-            is_typing: field("isTyping")
-                .and_then(|v| v.as_bool())
-                .ok_or(ErrorReply::InvalidField {
+            is_typing: field("isTyping").and_then(|v| v.as_bool()).ok_or(
+                ErrorReply::InvalidField {
                     field: "isTyping",
                     expected: "a boolean",
-                })?,
+                },
+            )?,
         },
         "echo" => ClientMessage::Echo { payload },
         "pong" => ClientMessage::Pong,
@@ -260,7 +277,14 @@ mod tests {
 
     #[test]
     fn errors_name_the_problem() {
-        for bad in ["", "nope", "[1]", r#"{"type":5}"#, r#"{"payload":{}}"#, "{\"type\":\"x\""] {
+        for bad in [
+            "",
+            "nope",
+            "[1]",
+            r#"{"type":5}"#,
+            r#"{"payload":{}}"#,
+            "{\"type\":\"x\"",
+        ] {
             assert_eq!(parse_debug(bad), "error: Invalid message format", "{bad:?}");
         }
         assert_eq!(

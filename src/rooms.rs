@@ -118,8 +118,13 @@ pub struct LocalRoom {
 
 pub enum Joined {
     /// The connection was in the room already; nothing changed.
-    AlreadyMember { total: u32 },
-    Joined { name: Arc<str>, total: u32 },
+    AlreadyMember {
+        total: u32,
+    },
+    Joined {
+        name: Arc<str>,
+        total: u32,
+    },
 }
 
 /// One shard's rooms.
@@ -166,7 +171,13 @@ impl LocalRooms {
 
     /// Removes `key` from `room`; returns the members left across all shards, or `None` when
     /// the connection was not a member.
-    pub fn leave(&mut self, dir: &RoomDirectory, shard: usize, room: &str, key: usize) -> Option<u32> {
+    pub fn leave(
+        &mut self,
+        dir: &RoomDirectory,
+        shard: usize,
+        room: &str,
+        key: usize,
+    ) -> Option<u32> {
         let local = self.rooms.get_mut(room)?;
         if !local.members.swap_remove(&key) {
             return None;
@@ -197,9 +208,18 @@ mod tests {
     fn counts_across_shards_and_deletes_empty_rooms() {
         let dir = RoomDirectory::new(2);
         let (mut s0, mut s1) = (LocalRooms::default(), LocalRooms::default());
-        assert!(matches!(s0.join(&dir, 0, "r", 1), Joined::Joined { total: 1, .. }));
-        assert!(matches!(s0.join(&dir, 0, "r", 1), Joined::AlreadyMember { total: 1 }));
-        assert!(matches!(s1.join(&dir, 1, "r", 7), Joined::Joined { total: 2, .. }));
+        assert!(matches!(
+            s0.join(&dir, 0, "r", 1),
+            Joined::Joined { total: 1, .. }
+        ));
+        assert!(matches!(
+            s0.join(&dir, 0, "r", 1),
+            Joined::AlreadyMember { total: 1 }
+        ));
+        assert!(matches!(
+            s1.join(&dir, 1, "r", 7),
+            Joined::Joined { total: 2, .. }
+        ));
         let presence = s0.get("r").unwrap().presence.clone();
         assert_eq!(presence.other_shards(0).collect::<Vec<_>>(), vec![1]);
         assert_eq!(s0.leave(&dir, 0, "r", 2), None);

@@ -14,12 +14,12 @@ use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::backplane::memory::{Inbox, MemoryBackplane};
 use crate::backplane::Publication;
+use crate::backplane::memory::{Inbox, MemoryBackplane};
 use crate::config::Config;
+use crate::http;
 use crate::node::Node;
 use crate::shard::Shard;
-use crate::http;
 
 /// A running gateway. Dropping it does not stop it: call [`Gateway::shutdown`] and [`Gateway::join`].
 pub struct Gateway {
@@ -109,7 +109,10 @@ fn run_shard(
     inbox: Inbox,
     shutdown: CancellationToken,
 ) {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(shard = index, error = %e, "cannot start the shard's runtime");

@@ -52,7 +52,10 @@ impl Publication {
     /// Whether `client`, matched by the target already, passes the include/exclude lists.
     pub fn admits(&self, client: ClientId) -> bool {
         !self.exclude.contains(&client)
-            && self.include.as_ref().is_none_or(|ids| ids.contains(&client))
+            && self
+                .include
+                .as_ref()
+                .is_none_or(|ids| ids.contains(&client))
     }
 }
 

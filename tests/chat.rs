@@ -1,0 +1,133 @@
+//! The JSON protocol's replies, including every error, and that errors never close the connection.
+
+mod support;
+
+use serde_json::json;
+use support::TestGateway;
+
+#[tokio::test]
+async fn connected_greeting_has_the_seed_shape() {
+    let gw = TestGateway::start(1);
+    let (mut ws, _) = tokio_tungstenite::connect_async(gw.url("/ws"))
+        .await
+        .unwrap();
+    let msg = futures_util::StreamExt::next(&mut ws)
+        .await
+        .unwrap()
+        .unwrap();
+    let hello: serde_json::Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+    let keys: Vec<&str> = hello
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    assert_eq!(keys.len(), 3, "{hello}");
+    assert_eq!(hello["type"], "connected");
+    assert!(hello["clientId"].is_string());
+    assert!(hello["timestamp"].is_u64());
+}
+
+#[tokio::test]
+async fn echo_returns_the_payload() {
+    let gw = TestGateway::start(1);
+    let mut c = gw.client().await;
+    let payload = json!({"text": "hé\"llo", "list": [1, 2.5, null, true], "nested": {"a": {}}});
+    c.send("echo", payload.clone()).await;
+    assert_eq!(c.recv().await, json!({"type": "echo", "payload": payload}));
+    c.send_text(r#"{"type":"echo"}"#).await;
+    assert_eq!(c.recv().await, json!({"type": "echo", "payload": null}));
+}
+
+#[tokio::test]
+async fn malformed_messages_get_error_replies_and_the_connection_stays_open() {
+    let gw = TestGateway::start(1);
+    let mut c = gw.client().await;
+    for bad in [
+        "not json",
+        "",
+        "[]",
+        "42",
+        r#"{"payload":{}}"#,
+        r#"{"type":7}"#,
+        r#"{"type":"x""#,
+    ] {
+        c.send_text(bad).await;
+        c.expect_error("Invalid message format").await;
+    }
+    c.send("dance", json!({})).await;
+    c.expect_error("Unknown message type: dance").await;
+    c.send("join_room", json!({})).await;
+    c.expect_error("Invalid payload: 'room' must be a string")
+        .await;
+    c.send("join_room", json!({"room": 5})).await;
+    c.expect_error("Invalid payload: 'room' must be a string")
+        .await;
+    c.send_text(r#"{"type":"chat_message","payload":"x"}"#)
+        .await;
+    c.expect_error("Invalid payload: 'room' must be a string")
+        .await;
+    c.send("typing", json!({"room": "r", "isTyping": 1})).await;
+    c.expect_error("Invalid payload: 'isTyping' must be a boolean")
+        .await;
+    // Binary frames are not part of the JSON protocol.
+    futures_util::SinkExt::send(
+        &mut c.ws,
+        tokio_tungstenite::tungstenite::Message::binary(vec![1, 2]),
+    )
+    .await
+    .unwrap();
+    c.expect_error("Binary messages are not supported: send JSON text")
+        .await;
+    // Still open and working.
+    assert_eq!(c.join("still-here").await, 1);
+}
+
+#[tokio::test]
+async fn room_rules_are_enforced_with_errors() {
+    let gw = TestGateway::start_with(|c| c.max_rooms_per_connection = 2, 1);
+    let mut c = gw.client().await;
+    let bad_room = "Invalid room name (1-64 characters of A-Z, a-z, 0-9, '_', '.', ':', '-')";
+    for room in ["", "with space", "ünicode", &"x".repeat(65)] {
+        c.send("join_room", json!({"room": room})).await;
+        c.expect_error(bad_room).await;
+    }
+    c.send(
+        "chat_message",
+        json!({"room": "elsewhere", "message": "hi"}),
+    )
+    .await;
+    c.expect_error("Not a member of room: elsewhere").await;
+    c.send("typing", json!({"room": "elsewhere", "isTyping": true}))
+        .await;
+    c.expect_error("Not a member of room: elsewhere").await;
+    c.send("leave_room", json!({"room": "elsewhere"})).await;
+    c.expect_error("Not a member of room: elsewhere").await;
+    c.join("a").await;
+    c.join("b").await;
+    c.send("join_room", json!({"room": "c"})).await;
+    c.expect_error("Room limit reached (max 2 rooms per connection)")
+        .await;
+    // Re-joining a room one is already in is not a new room.
+    assert_eq!(c.join("a").await, 1);
+}
+
+#[tokio::test]
+async fn chat_messages_over_1000_characters_are_refused() {
+    let gw = TestGateway::start(1);
+    let mut c = gw.client().await;
+    c.join("r").await;
+    c.send(
+        "chat_message",
+        json!({"room": "r", "message": "x".repeat(1001)}),
+    )
+    .await;
+    c.expect_error("Message too long (max 1000 characters)")
+        .await;
+    // 1000 characters of 2-byte UTF-8 is 2000 bytes, and allowed: the limit counts characters.
+    let max = "é".repeat(1000);
+    c.send("chat_message", json!({"room": "r", "message": max}))
+        .await;
+    let msg = c.expect("chat_message").await;
+    assert_eq!(msg["message"], max);
+}

@@ -1,0 +1,105 @@
+//! The `wsgate` binary's configuration: file < environment < flags, and clear refusals.
+
+use std::process::Command;
+
+fn wsgate() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+    // Keep the test independent of the developer's environment.
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("WSGATE_")) {
+        cmd.env_remove(key);
+    }
+    cmd
+}
+
+fn print_config(cmd: &mut Command) -> toml::Table {
+    let out = cmd.arg("--print-config").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    toml::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap()
+}
+
+#[test]
+fn defaults_need_no_file() {
+    let config = print_config(&mut wsgate());
+    assert_eq!(config["listen"].as_str(), Some("127.0.0.1:8080"));
+    let cores = std::thread::available_parallelism().unwrap().get() as i64;
+    assert_eq!(config["shards"].as_integer(), Some(cores));
+    assert_eq!(config["max_message_size"].as_integer(), Some(65536));
+    assert_eq!(config["max_rooms_per_connection"].as_integer(), Some(100));
+    assert_eq!(config["presence_max_members"].as_integer(), Some(1000));
+}
+
+#[test]
+fn file_then_environment_then_flags() {
+    let dir = std::env::temp_dir().join(format!("wsgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("wsgate.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:9000\"\nshards = 3\nmax_message_size = 2048\nclose_timeout = \"2s\"\n",
+    )
+    .unwrap();
+    let from_file = print_config(wsgate().arg("--config").arg(&file));
+    assert_eq!(from_file["listen"].as_str(), Some("127.0.0.1:9000"));
+    assert_eq!(from_file["shards"].as_integer(), Some(3));
+    assert_eq!(from_file["close_timeout"].as_str(), Some("2s"));
+
+    let env_over_file = print_config(
+        wsgate()
+            .arg("--config")
+            .arg(&file)
+            .env("WSGATE_SHARDS", "5")
+            .env("WSGATE_MAX_MESSAGE_SIZE", "4096"),
+    );
+    assert_eq!(env_over_file["shards"].as_integer(), Some(5));
+    assert_eq!(env_over_file["max_message_size"].as_integer(), Some(4096));
+
+    let flags_over_env = print_config(
+        wsgate()
+            .env("WSGATE_CONFIG", &file)
+            .env("WSGATE_SHARDS", "5")
+            .args(["--shards", "7", "--listen", "127.0.0.1:9100"]),
+    );
+    assert_eq!(flags_over_env["shards"].as_integer(), Some(7));
+    assert_eq!(flags_over_env["listen"].as_str(), Some("127.0.0.1:9100"));
+    assert_eq!(flags_over_env["max_message_size"].as_integer(), Some(2048));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs with a bad setting; returns stderr, after checking for exit code 2 and a single line.
+fn refused(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+#[test]
+fn bad_values_stop_start_up_naming_the_key() {
+    let err = refused(wsgate().env("WSGATE_SHARDS", "many"));
+    assert!(err.contains("shards"), "{err}");
+    let err = refused(wsgate().env("WSGATE_SHARDS", "0"));
+    assert!(
+        err.contains("shards") && err.contains("between 1 and 1024"),
+        "{err}"
+    );
+    let err = refused(wsgate().env("WSGATE_MAX_MESSAGE_SIZE", "10"));
+    assert!(err.contains("max_message_size"), "{err}");
+    let err = refused(wsgate().env("WSGATE_CLOSE_TIMEOUT", "soon"));
+    assert!(err.contains("close_timeout"), "{err}");
+    let err = refused(wsgate().env("WSGATE_NO_SUCH_KEY", "1"));
+    assert!(err.contains("no_such_key"), "{err}");
+    let err = refused(wsgate().args(["--config", "/nonexistent/wsgate.toml"]));
+    assert!(err.contains("/nonexistent/wsgate.toml"), "{err}");
+    let out = wsgate().args(["--shards", "x"]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap's own usage errors exit 2 as well"
+    );
+}

@@ -1,0 +1,123 @@
+//! The HTTP side: routes, the test page, health, and upgrade refusals.
+
+mod support;
+
+use serde_json::Value;
+use support::{Client, RawClient, TestGateway, http_get};
+
+#[tokio::test]
+async fn test_page_is_served_at_the_root() {
+    let gw = TestGateway::start(1);
+    let (status, head, body) = http_get(gw.addr, "/", "").await;
+    assert_eq!(status, 200);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/html"),
+        "{head}"
+    );
+    assert!(body.contains("<title>wsgate test client</title>"));
+    assert!(body.contains("join_room") && body.contains("chat_message") && body.contains("typing"));
+}
+
+#[tokio::test]
+async fn healthz_reports_gauges() {
+    let gw = TestGateway::start(2);
+    let _client = gw.client().await;
+    let (status, _, body) = http_get(gw.addr, "/healthz", "").await;
+    assert_eq!(status, 200);
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["connections"], 1);
+    assert_eq!(health["shards"], 2);
+}
+
+#[tokio::test]
+async fn unknown_paths_are_404_with_a_json_error() {
+    let gw = TestGateway::start(1);
+    let (status, _, body) = http_get(gw.addr, "/nope", "").await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"],
+        "not found"
+    );
+}
+
+#[tokio::test]
+async fn plain_get_on_a_websocket_endpoint_is_426() {
+    let gw = TestGateway::start(1);
+    for path in ["/ws", "/echo"] {
+        let (status, _, body) = http_get(gw.addr, path, "").await;
+        assert_eq!(status, 426, "{path}");
+        assert!(serde_json::from_str::<Value>(&body).unwrap()["error"].is_string());
+    }
+}
+
+#[tokio::test]
+async fn unsupported_websocket_version_is_426_naming_13() {
+    let gw = TestGateway::start(1);
+    let headers = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n";
+    let (status, head, _) = http_get(gw.addr, "/ws", headers).await;
+    assert_eq!(status, 426);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{head}"
+    );
+}
+
+#[tokio::test]
+async fn missing_key_is_400() {
+    let gw = TestGateway::start(1);
+    let headers = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n";
+    let (status, _, body) = http_get(gw.addr, "/ws", headers).await;
+    assert_eq!(status, 400);
+    assert!(serde_json::from_str::<Value>(&body).unwrap()["error"].is_string());
+}
+
+#[tokio::test]
+async fn chat_protocol_is_served_on_ws_and_on_the_root() {
+    let gw = TestGateway::start(1);
+    for path in ["/ws", "/"] {
+        let mut client = Client::connect(&gw.url(path)).await;
+        client.send("echo", serde_json::json!({"n": 1})).await;
+        assert_eq!(client.expect("echo").await["payload"]["n"], 1);
+    }
+}
+
+#[tokio::test]
+async fn client_ids_are_unique_even_when_slots_are_reused() {
+    let gw = TestGateway::start(1);
+    let first = gw.client().await;
+    let first_id = first.id.clone();
+    drop(first);
+    gw.wait_for_connections(0).await;
+    let second = gw.client().await;
+    // Same shard, same slab slot, different generation.
+    let (a, b): (Vec<&str>, Vec<&str>) = (
+        first_id.split('.').collect(),
+        second.id.split('.').collect(),
+    );
+    assert_eq!(a[..2], b[..2], "{first_id} vs {}", second.id);
+    assert_ne!(a[2], b[2]);
+}
+
+#[tokio::test]
+async fn frames_pipelined_behind_the_handshake_are_not_lost() {
+    // The client's first frame arrives in the same packet as its upgrade request; hyper reads it
+    // and the gateway must replay it.
+    let gw = TestGateway::start(1);
+    let mut request = format!(
+        "GET /echo HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        gw.addr
+    )
+    .into_bytes();
+    request.extend(support::raw_frame(true, 0x1, b"early bird", true));
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, &request)
+        .await
+        .unwrap();
+    let mut raw = RawClient::from_stream_after_handshake(stream).await;
+    assert_eq!(raw.read_frame().await, (true, 0x1, b"early bird".to_vec()));
+}

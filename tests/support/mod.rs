@@ -1,0 +1,354 @@
+//! Shared test harness: a real gateway on an ephemeral port, real sockets, and two independent
+//! clients — tokio-tungstenite for the protocol, and a raw-bytes client for frames that a
+//! well-behaved library refuses to send.
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use wsgate::{Config, Gateway};
+
+/// How long a test waits for something that should happen.
+pub const PATIENCE: Duration = Duration::from_secs(5);
+/// How long a test waits to be sure something does not happen.
+pub const QUIET: Duration = Duration::from_millis(300);
+
+pub struct TestGateway {
+    gateway: Option<Gateway>,
+    pub addr: SocketAddr,
+}
+
+impl TestGateway {
+    pub fn start(shards: usize) -> Self {
+        Self::start_with(|_| {}, shards)
+    }
+
+    /// Starts a gateway on 127.0.0.1:0 with `shards` shards and the given config changes.
+    pub fn start_with(customize: impl FnOnce(&mut Config), shards: usize) -> Self {
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            shards,
+            log: "warn".into(),
+            ..Config::default()
+        };
+        customize(&mut config);
+        let gateway = wsgate::start(config).expect("gateway starts");
+        let addr = gateway.local_addr();
+        TestGateway {
+            gateway: Some(gateway),
+            addr,
+        }
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        self.gateway.as_ref().unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// A chat client, past its `connected` greeting.
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.url("/ws")).await
+    }
+
+    /// A chat client whose connection landed on `shard` (the kernel picks the shard; retry).
+    pub async fn client_on_shard(&self, shard: u16) -> Client {
+        for _ in 0..200 {
+            let client = self.client().await;
+            if client.shard() == shard {
+                return client;
+            }
+        }
+        panic!("no connection landed on shard {shard} in 200 tries");
+    }
+
+    /// Polls until the gateway counts `n` open connections.
+    pub async fn wait_for_connections(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while self.gateway().connection_count() != n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "expected {n} connections, have {}",
+                self.gateway().connection_count()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.shutdown();
+            gateway.join();
+        }
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A chat client over tokio-tungstenite.
+pub struct Client {
+    pub ws: Ws,
+    pub id: String,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connects");
+        let mut client = Client {
+            ws,
+            id: String::new(),
+        };
+        let hello = client.recv().await;
+        assert_eq!(hello["type"], "connected", "{hello}");
+        assert!(hello["timestamp"].as_u64().unwrap() > 1_600_000_000_000);
+        client.id = hello["clientId"]
+            .as_str()
+            .expect("clientId is a string")
+            .to_owned();
+        client
+    }
+
+    /// The shard this client is on, read from its id (`shard.key.generation`).
+    pub fn shard(&self) -> u16 {
+        let shard = self.id.split('.').next().unwrap();
+        u16::from_str_radix(shard, 16).unwrap()
+    }
+
+    pub async fn send(&mut self, kind: &str, payload: Value) {
+        self.send_text(json!({"type": kind, "payload": payload}).to_string())
+            .await;
+    }
+
+    pub async fn send_text(&mut self, text: impl Into<String>) {
+        self.ws
+            .send(Message::text(text.into()))
+            .await
+            .expect("send");
+    }
+
+    /// The next JSON message; fails the test after [`PATIENCE`].
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("a message within the patience window")
+                .expect("stream open")
+                .expect("no error");
+            match msg {
+                Message::Text(text) => return serde_json::from_str(&text).expect("JSON"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next message, which must be of `kind`.
+    pub async fn expect(&mut self, kind: &str) -> Value {
+        let msg = self.recv().await;
+        assert_eq!(msg["type"], kind, "{msg}");
+        msg
+    }
+
+    pub async fn expect_error(&mut self, error: &str) {
+        let msg = self.recv().await;
+        assert_eq!(msg, json!({"type": "error", "error": error}));
+    }
+
+    /// Asserts nothing arrives for a while.
+    pub async fn expect_silence(&mut self) {
+        if let Ok(msg) = tokio::time::timeout(QUIET, self.ws.next()).await {
+            panic!("expected silence, got {msg:?}");
+        }
+    }
+
+    pub async fn join(&mut self, room: &str) -> u64 {
+        self.send("join_room", json!({"room": room})).await;
+        let joined = self.expect("room_joined").await;
+        assert_eq!(joined["room"], room);
+        joined["members"].as_u64().unwrap()
+    }
+
+    /// Reads until the server's close frame; returns it.
+    pub async fn expect_close(&mut self) -> Option<CloseFrame> {
+        loop {
+            let msg = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("close within the patience window");
+            match msg {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// A client that writes raw bytes after a hand-made handshake: it can send what RFC 6455 forbids.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    pub async fn connect(addr: SocketAddr, path: &str) -> RawClient {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        Self::from_stream_after_handshake(stream).await
+    }
+
+    /// Reads the handshake response of a request already written to `stream`.
+    pub async fn from_stream_after_handshake(stream: TcpStream) -> RawClient {
+        let mut raw = RawClient {
+            stream,
+            buf: Vec::new(),
+        };
+        let head = raw.read_until_blank_line().await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        // RFC 6455's own example key and accept value.
+        assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+        raw
+    }
+
+    async fn read_until_blank_line(&mut self) -> String {
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                self.buf.drain(..end + 4);
+                return head;
+            }
+            self.fill().await;
+        }
+    }
+
+    async fn fill(&mut self) {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(PATIENCE, self.stream.read(&mut chunk))
+            .await
+            .expect("data within the patience window")
+            .unwrap();
+        assert!(n > 0, "connection closed while waiting for data");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    /// Sends one frame; `masked: false` breaks the rule that client frames are masked.
+    pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8], masked: bool) {
+        self.stream
+            .write_all(&raw_frame(fin, opcode, payload, masked))
+            .await
+            .unwrap();
+    }
+
+    /// Reads one server frame: (fin, opcode, payload). Server frames must be unmasked.
+    pub async fn read_frame(&mut self) -> (bool, u8, Vec<u8>) {
+        loop {
+            if self.buf.len() >= 2 {
+                assert_eq!(self.buf[1] & 0x80, 0, "server frames are never masked");
+                let (len, start) = match self.buf[1] & 0x7F {
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
+                    127 if self.buf.len() >= 10 => (
+                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    126 | 127 => (usize::MAX, 0),
+                    n => (n as usize, 2),
+                };
+                if len != usize::MAX && self.buf.len() >= start + len {
+                    let fin = self.buf[0] & 0x80 != 0;
+                    let opcode = self.buf[0] & 0x0F;
+                    let payload = self.buf[start..start + len].to_vec();
+                    self.buf.drain(..start + len);
+                    return (fin, opcode, payload);
+                }
+            }
+            self.fill().await;
+        }
+    }
+
+    /// Reads frames until a close frame; returns its code.
+    pub async fn read_close_code(&mut self) -> u16 {
+        loop {
+            let (_, opcode, payload) = self.read_frame().await;
+            if opcode == 0x8 {
+                assert!(payload.len() >= 2, "close frame carries a code");
+                return u16::from_be_bytes([payload[0], payload[1]]);
+            }
+        }
+    }
+
+    /// Waits for the server to close the TCP connection.
+    pub async fn expect_eof(&mut self) {
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = tokio::time::timeout(PATIENCE, self.stream.read(&mut chunk))
+                .await
+                .expect("server closes the connection")
+                .unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+        }
+    }
+}
+
+/// Encodes a client frame (masked unless told otherwise).
+pub fn raw_frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// A plain HTTP/1.1 GET; returns (status, headers, body).
+pub async fn http_get(addr: SocketAddr, path: &str, extra_headers: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra_headers}\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
+        .await
+        .expect("response within the patience window")
+        .unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("a complete response");
+    let status = head[9..12].parse().unwrap();
+    (status, head.to_owned(), body.to_owned())
+}

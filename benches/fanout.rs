@@ -1,1 +1,92 @@
-fn main() {}
+//! Fan-out: one broadcast to a room of N members on one shard. The gateway encodes once and
+//! queues the same `Bytes` (a refcount bump) to each member; `naive-encode-each` is the seed's
+//! design (JSON serialized per recipient), measured on the same queues for comparison.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use wsgate::backplane::Publication;
+use wsgate::backplane::memory::MemoryBackplane;
+use wsgate::node::Node;
+use wsgate::protocol::ServerMessage;
+use wsgate::shard::{Endpoint, Shard};
+use wsgate::{Config, rooms};
+
+/// A one-shard node whose room "r" has `members` chat connections (no sockets: fan-out only
+/// touches the slab and the queues).
+fn shard_with_room(members: usize) -> Shard {
+    let config = Config {
+        shards: 1,
+        ..Config::default()
+    };
+    let (backplane, _inboxes) = MemoryBackplane::new(1);
+    let node = Arc::new(Node::new(Arc::new(config), Arc::new(backplane)));
+    let shard = Shard::new(0, node.clone());
+    for _ in 0..members {
+        let key = shard.register(Endpoint::Chat);
+        let joined = shard.state().rooms.join(&node.rooms, 0, "r", key);
+        assert!(matches!(joined, rooms::Joined::Joined { .. }));
+    }
+    drain(&shard);
+    shard
+}
+
+fn drain(shard: &Shard) {
+    for (_, conn) in shard.state().conns.iter_mut() {
+        let queued = conn.outbound.queued_bytes();
+        conn.outbound.advance(queued);
+    }
+}
+
+fn message() -> ServerMessage<'static> {
+    ServerMessage::ChatMessage {
+        room: "r",
+        username: "Anonymous",
+        message: "Hello everyone, how is the migration going?",
+        timestamp: 1_764_000_000_000,
+    }
+}
+
+/// Times only `deliver`; the queues are emptied between rounds, outside the clock.
+fn timed(shard: &Shard, iters: u64, mut deliver: impl FnMut(&Shard)) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let start = Instant::now();
+        deliver(shard);
+        total += start.elapsed();
+        drain(shard);
+    }
+    total
+}
+
+fn fanout(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fanout");
+    for members in [1, 100, 10_000] {
+        let shard = shard_with_room(members);
+        group.throughput(Throughput::Elements(members as u64));
+        group.bench_function(BenchmarkId::new("encode-once", members), |b| {
+            b.iter_custom(|iters| {
+                timed(&shard, iters, |shard| {
+                    shard.deliver(&Publication::to_room("r".into(), message().encode()))
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new("naive-encode-each", members), |b| {
+            b.iter_custom(|iters| {
+                timed(&shard, iters, |shard| {
+                    let mut state = shard.state();
+                    let state = &mut *state;
+                    let room = state.rooms.get("r").unwrap();
+                    for &key in &room.members {
+                        state.conns[key].outbound.push(message().encode());
+                    }
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, fanout);
+criterion_main!(benches);

@@ -1,1 +1,215 @@
-fn main() {}
+//! wsgate's load generator. Every run is bounded in connections and time, and targets loopback.
+
+mod client;
+mod report;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::client::Failure;
+use crate::report::ConnectReport;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(version, about = "Load generator for wsgate")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Open N connections, hold them idle, report handshake latency and the gateway's memory.
+    Connect(ConnectArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// Gateway address; repeat for several nodes (connections are spread round-robin).
+    #[arg(long = "target", default_value = "127.0.0.1:8080", required = true)]
+    targets: Vec<SocketAddr>,
+    /// WebSocket path.
+    #[arg(long, default_value = "/ws")]
+    path: String,
+    /// Local source addresses, as a range (127.0.0.1-127.0.0.8) or a comma list: each source
+    /// address has its own ~28k ephemeral ports.
+    #[arg(long, default_value = "127.0.0.1", value_parser = parse_sources)]
+    source_ips: Sources,
+    /// Gateway process id, to report its RSS and CPU.
+    #[arg(long)]
+    gateway_pid: Option<u32>,
+    /// Write the report as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Exit non-zero when more connections than this fail.
+    #[arg(long, default_value_t = 0)]
+    max_errors: u64,
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Connections to open.
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    connections: usize,
+    /// New connections per second during the ramp.
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// How long to hold the connections once all are open.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    hold: Duration,
+    /// Give up on one connection attempt after this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+}
+
+#[derive(Clone)]
+struct Sources(Vec<IpAddr>);
+
+fn parse_sources(s: &str) -> Result<Sources, String> {
+    let ips = if let Some((from, to)) = s.split_once('-') {
+        let from: Ipv4Addr = from.trim().parse().map_err(|e| format!("{from}: {e}"))?;
+        let to: Ipv4Addr = to.trim().parse().map_err(|e| format!("{to}: {e}"))?;
+        if u32::from(to) < u32::from(from) || u32::from(to) - u32::from(from) > 1024 {
+            return Err("range must go up, over at most 1024 addresses".into());
+        }
+        (u32::from(from)..=u32::from(to)).map(|n| IpAddr::V4(n.into())).collect()
+    } else {
+        s.split(',')
+            .map(|ip| ip.trim().parse().map_err(|e| format!("{ip}: {e}")))
+            .collect::<Result<Vec<IpAddr>, String>>()?
+    };
+    if let Some(ip) = ips.iter().find(|ip| !ip.is_loopback()) {
+        return Err(format!("{ip} is not a loopback address: loadtest only targets this machine"));
+    }
+    Ok(Sources(ips))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("loadtest: cannot raise the open-files limit: {e}");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match cli.scenario {
+        Scenario::Connect(args) => runtime.block_on(connect(args)),
+    }
+}
+
+fn check_targets(common: &Common) -> Result<(), String> {
+    match common.targets.iter().find(|t| !t.ip().is_loopback()) {
+        Some(t) => Err(format!("{t} is not a loopback address: loadtest only targets this machine")),
+        None => Ok(()),
+    }
+}
+
+async fn connect(args: ConnectArgs) -> ExitCode {
+    let common = &args.common;
+    if let Err(e) = check_targets(common) {
+        eprintln!("loadtest: {e}");
+        return ExitCode::from(2);
+    }
+    let own_pid = std::process::id();
+    let gateway_cpu_before = common.gateway_pid.and_then(report::cpu_time);
+    let own_cpu_before = report::cpu_time(own_pid);
+    let mut report = ConnectReport {
+        target_connections: args.connections,
+        gateway_rss_before_kib: common.gateway_pid.and_then(report::rss_kib),
+        ..ConnectReport::default()
+    };
+
+    let in_flight = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let mut attempts = JoinSet::new();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate.max(0.001)));
+    let started = Instant::now();
+    for i in 0..args.connections {
+        ticker.tick().await;
+        let permit = in_flight.clone().acquire_owned().await.expect("semaphore open");
+        let source = common.source_ips.0[i % common.source_ips.0.len()];
+        let target = common.targets[i % common.targets.len()];
+        let path = common.path.clone();
+        let timeout = args.handshake_timeout;
+        attempts.spawn(async move {
+            let begun = Instant::now();
+            let result = tokio::time::timeout(timeout, async {
+                let mut ws = client::connect(source, target, &path).await?;
+                if path != "/echo" {
+                    client::read_greeting(&mut ws).await?;
+                }
+                Ok(ws)
+            })
+            .await
+            .unwrap_or(Err(Failure::Timeout));
+            drop(permit);
+            (begun.elapsed(), result)
+        });
+    }
+    let mut held = Vec::with_capacity(args.connections);
+    let mut handshakes = report::latency_histogram();
+    let mut failures = BTreeMap::new();
+    while let Some(joined) = attempts.join_next().await {
+        let (took, result) = joined.expect("connection task does not panic");
+        match result {
+            Ok(ws) => {
+                handshakes.saturating_record(took.as_micros() as u64);
+                held.push(ws);
+            }
+            Err(cause) => *failures.entry(cause).or_insert(0) += 1,
+        }
+    }
+    report.ramp_seconds = started.elapsed().as_secs_f64();
+    report.connected = held.len();
+    report.connections_per_second = held.len() as f64 / report.ramp_seconds;
+    report.handshake = report::Percentiles::of(&handshakes);
+    report.failures = failures;
+
+    tokio::time::sleep(args.hold).await;
+    report.gateway_rss_held_kib = common.gateway_pid.and_then(report::rss_kib);
+    if let (Some(before), Some(after)) = (report.gateway_rss_before_kib, report.gateway_rss_held_kib)
+        && !held.is_empty()
+    {
+        report.gateway_rss_per_connection_bytes =
+            Some((after as f64 - before as f64) * 1024.0 / held.len() as f64);
+    }
+    report.gateway_cpu_seconds = common
+        .gateway_pid
+        .and_then(report::cpu_time)
+        .zip(gateway_cpu_before)
+        .map(|(after, before)| (after - before).as_secs_f64());
+    report.loadtest_cpu_seconds = report::cpu_time(own_pid)
+        .zip(own_cpu_before)
+        .map(|(after, before)| (after - before).as_secs_f64());
+    drop(held);
+
+    report.print();
+    if let Some(path) = &common.json {
+        let json = serde_json::to_string_pretty(&report).expect("report serializes");
+        if let Err(e) = std::fs::write(path, json) {
+            eprintln!("loadtest: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    let errors: u64 = report.failures.values().sum();
+    if errors > common.max_errors {
+        eprintln!("loadtest: {errors} connections failed (allowed: {})", common.max_errors);
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}

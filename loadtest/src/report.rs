@@ -1,0 +1,101 @@
+//! Measurements: latency histograms, process CPU and memory, and the printed/JSON report.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::client::Failure;
+
+/// A latency histogram in microseconds, 1 µs to 1 minute, 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+#[derive(Serialize, Debug, Default)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Self {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Percentiles {
+            count: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.50)),
+            p90_ms: ms(h.value_at_quantile(0.90)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            p999_ms: ms(h.value_at_quantile(0.999)),
+            max_ms: ms(h.max()),
+        }
+    }
+}
+
+/// Resident memory of a process, in KiB (from /proc).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// CPU time (user + system) a process has used so far.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_secs_f64(ticks as f64 / per_sec as f64))
+}
+
+#[derive(Serialize, Debug, Default)]
+pub struct ConnectReport {
+    pub target_connections: usize,
+    pub connected: usize,
+    pub failures: BTreeMap<Failure, u64>,
+    pub ramp_seconds: f64,
+    pub connections_per_second: f64,
+    pub handshake: Percentiles,
+    pub gateway_rss_before_kib: Option<u64>,
+    pub gateway_rss_held_kib: Option<u64>,
+    /// (RSS while holding − RSS before) / connections held.
+    pub gateway_rss_per_connection_bytes: Option<f64>,
+    pub gateway_cpu_seconds: Option<f64>,
+    pub loadtest_cpu_seconds: Option<f64>,
+}
+
+impl ConnectReport {
+    pub fn print(&self) {
+        println!("connect: {} of {} connected in {:.2} s ({:.0} connections/s)",
+            self.connected, self.target_connections, self.ramp_seconds, self.connections_per_second);
+        for (cause, n) in &self.failures {
+            println!("  failed ({cause:?}): {n}");
+        }
+        let h = &self.handshake;
+        println!(
+            "handshake latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            h.p50_ms, h.p90_ms, h.p99_ms, h.p999_ms, h.max_ms
+        );
+        if let (Some(before), Some(held)) = (self.gateway_rss_before_kib, self.gateway_rss_held_kib) {
+            println!(
+                "gateway RSS: {before} KiB before, {held} KiB holding → {:.0} bytes per connection",
+                self.gateway_rss_per_connection_bytes.unwrap_or(0.0)
+            );
+        }
+        if let Some(cpu) = self.gateway_cpu_seconds {
+            println!("gateway CPU during the run: {cpu:.2} s");
+        }
+        if let Some(cpu) = self.loadtest_cpu_seconds {
+            println!("loadtest CPU during the run: {cpu:.2} s");
+        }
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: lints, unit and integration tests (real sockets,
+# tokio-tungstenite as the independent client), benches compiled and run once, and the Autobahn
+# RFC 6455 conformance suite against a release build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test (unit, integration, benches in test mode)"
+cargo test --workspace --all-targets
+
+step "Autobahn TestSuite against /echo (release build)"
+scripts/autobahn.sh

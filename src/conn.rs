@@ -48,29 +48,52 @@ struct Connection {
 
 /// Runs a freshly upgraded connection to the end. `preread` is what the HTTP layer read past the
 /// handshake: it belongs to the first frames.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream, preread: Bytes, endpoint: Endpoint) {
+///
+/// Set-up is synchronous so the returned future holds only the `Connection`: its size is part of
+/// every idle connection's memory.
+pub fn serve(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    preread: Bytes,
+    endpoint: Endpoint,
+) -> impl Future<Output = ()> {
     let key = shard.register(endpoint);
-    let mut conn = Connection {
+    Connection {
         decoder: Decoder::new(shard.node.config.max_message_size),
         shard,
         key,
         endpoint,
         stream,
+        // `preread` is a view into hyper's 8 KiB read buffer: copy out the few bytes it holds so
+        // that buffer is freed now, not when the connection ends.
         leftover: preread.to_vec(),
-    };
-    let end = match conn.process_leftover() {
-        Ok(()) => poll_fn(|cx| conn.poll_open(cx)).await,
-        Err(end) => end,
-    };
-    if endpoint == Endpoint::Chat {
-        // Before the close handshake, so no broadcast is queued to a closing connection.
-        chat::leave_all_rooms(&conn.shard, key);
     }
-    conn.close(end).await;
-    conn.shard.unregister(key);
+    .run()
 }
 
 impl Connection {
+    /// A plain `fn` returning an `async move` block, not an `async fn`: an `async fn` taking
+    /// `mut self` stores the connection twice in its future (rustc #62958).
+    #[expect(clippy::manual_async_fn, reason = "see above: halves every connection's task")]
+    fn run(mut self) -> impl Future<Output = ()> {
+        async move {
+            let end = match self.process_leftover() {
+                Ok(()) => poll_fn(|cx| self.poll_open(cx)).await,
+                Err(end) => end,
+            };
+            if self.endpoint == Endpoint::Chat {
+                // Before the close handshake, so no broadcast is queued to a closing connection.
+                chat::leave_all_rooms(&self.shard, self.key);
+            }
+            if !matches!(end, End::Gone) {
+                // Boxed: the close handshake's timers would otherwise double the size of every
+                // idle connection's task, though only closing connections need them.
+                Box::pin(self.close(end)).await;
+            }
+            self.shard.unregister(self.key);
+        }
+    }
+
     fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<End> {
         self.shard.state().conns[self.key]
             .outbound
@@ -200,9 +223,6 @@ impl Connection {
     /// Finishes the close handshake: send what is queued (our close frame last), close our side,
     /// and for a failed connection wait (bounded) for the peer to hang up too.
     async fn close(&mut self, end: End) {
-        if let End::Gone = end {
-            return;
-        }
         let timeout = self.shard.node.config.close_timeout;
         let flushed = tokio::time::timeout(timeout, poll_fn(|cx| self.poll_flush(cx))).await;
         if !matches!(flushed, Ok(Ok(()))) {

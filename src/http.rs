@@ -116,10 +116,16 @@ fn upgrade(shard: &Rc<Shard>, mut req: Request<Incoming>, endpoint: Endpoint) ->
                 return;
             }
         };
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => conn::serve(shard, parts.io.into_inner(), parts.read_buf, endpoint).await,
-            Err(_) => error!("upgraded connection is not a plain TCP stream"),
-        }
+        // Everything but the connection itself is dropped before the long await: whatever is
+        // still in scope there stays in this task, for every connection, for its whole life.
+        let connection = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => conn::serve(shard, parts.io.into_inner(), parts.read_buf, endpoint),
+            Err(_) => {
+                error!("upgraded connection is not a plain TCP stream");
+                return;
+            }
+        };
+        connection.await;
     });
     response.map(|_| Body::default())
 }

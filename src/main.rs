@@ -6,6 +6,7 @@ use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use wsgate::config::{Config, FlagOverrides};
 
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -36,27 +36,30 @@ pub enum Endpoint {
 /// Frames waiting to be written to one connection, and how to wake the task that writes them.
 #[derive(Default)]
 pub struct Outbound {
-    queue: VecDeque<Bytes>,
+    /// The oldest queued frame, kept inline: a connection with at most one frame pending (most
+    /// of them, most of the time) costs no allocation for its queue.
+    head: Option<Bytes>,
+    /// Frames behind `head`; allocated only while two or more are pending.
+    rest: VecDeque<Bytes>,
     queued_bytes: usize,
     waker: Option<Waker>,
 }
 
-/// Queues longer than this are given back to the allocator once drained.
-const KEEP_QUEUE_CAPACITY: usize = 16;
-
 impl Outbound {
     pub fn push(&mut self, frame: Bytes) {
         self.queued_bytes += frame.len();
-        self.queue.push_back(frame);
-        if self.queue.len() == 1
-            && let Some(waker) = &self.waker
-        {
+        if self.head.is_some() {
+            self.rest.push_back(frame);
+            return;
+        }
+        self.head = Some(frame);
+        if let Some(waker) = &self.waker {
             waker.wake_by_ref();
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.head.is_none()
     }
 
     pub fn queued_bytes(&self) -> usize {
@@ -65,8 +68,9 @@ impl Outbound {
 
     /// Fills `slices` with the front of the queue, for one vectored write.
     pub fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+        let frames = self.head.iter().chain(&self.rest);
         let mut n = 0;
-        for (slot, frame) in slices.iter_mut().zip(&self.queue) {
+        for (slot, frame) in slices.iter_mut().zip(frames) {
             *slot = IoSlice::new(frame);
             n += 1;
         }
@@ -76,17 +80,18 @@ impl Outbound {
     /// Drops `written` bytes from the front of the queue.
     pub fn advance(&mut self, mut written: usize) {
         self.queued_bytes -= written;
-        while written > 0 {
-            let front = self.queue.front_mut().expect("wrote more than was queued");
+        while let Some(front) = self.head.as_mut() {
             if front.len() > written {
                 front.advance(written);
                 return;
             }
             written -= front.len();
-            self.queue.pop_front();
+            self.head = self.rest.pop_front();
         }
-        if self.queue.is_empty() && self.queue.capacity() > KEEP_QUEUE_CAPACITY {
-            self.queue = VecDeque::new();
+        debug_assert_eq!(written, 0, "wrote more than was queued");
+        if self.rest.capacity() > 0 {
+            // Give a burst's queue back: an idle connection keeps no allocation.
+            self.rest = VecDeque::new();
         }
     }
 
@@ -265,5 +270,28 @@ impl Shard {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbound_is_fifo_across_partial_writes_and_frees_its_queue_when_drained() {
+        let mut out = Outbound::default();
+        for frame in ["ab", "cde", "f"] {
+            out.push(Bytes::from_static(frame.as_bytes()));
+        }
+        assert_eq!(out.queued_bytes(), 6);
+        out.advance(3); // "ab" and the "c" of "cde"
+        let mut slices = [IoSlice::new(&[]); 4];
+        let n = out.slices(&mut slices);
+        let pending: Vec<&[u8]> = slices[..n].iter().map(|s| &**s).collect();
+        assert_eq!(pending, vec![&b"de"[..], &b"f"[..]]);
+        out.advance(3);
+        assert!(out.is_empty());
+        assert_eq!(out.queued_bytes(), 0);
+        assert_eq!(out.rest.capacity(), 0);
     }
 }

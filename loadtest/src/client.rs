@@ -60,7 +60,10 @@ pub async fn connect(source: IpAddr, target: SocketAddr, path: &str) -> Result<W
         .header(HOST, target.to_string())
         .header(UPGRADE, "websocket")
         .header(CONNECTION, "upgrade")
-        .header("Sec-WebSocket-Key", fastwebsockets::handshake::generate_key())
+        .header(
+            "Sec-WebSocket-Key",
+            fastwebsockets::handshake::generate_key(),
+        )
         .header("Sec-WebSocket-Version", "13")
         .body(Empty::<Bytes>::new())
         .map_err(|_| Failure::Handshake)?;

@@ -87,14 +87,18 @@ fn parse_sources(s: &str) -> Result<Sources, String> {
         if u32::from(to) < u32::from(from) || u32::from(to) - u32::from(from) > 1024 {
             return Err("range must go up, over at most 1024 addresses".into());
         }
-        (u32::from(from)..=u32::from(to)).map(|n| IpAddr::V4(n.into())).collect()
+        (u32::from(from)..=u32::from(to))
+            .map(|n| IpAddr::V4(n.into()))
+            .collect()
     } else {
         s.split(',')
             .map(|ip| ip.trim().parse().map_err(|e| format!("{ip}: {e}")))
             .collect::<Result<Vec<IpAddr>, String>>()?
     };
     if let Some(ip) = ips.iter().find(|ip| !ip.is_loopback()) {
-        return Err(format!("{ip} is not a loopback address: loadtest only targets this machine"));
+        return Err(format!(
+            "{ip} is not a loopback address: loadtest only targets this machine"
+        ));
     }
     Ok(Sources(ips))
 }
@@ -115,7 +119,9 @@ fn main() -> ExitCode {
 
 fn check_targets(common: &Common) -> Result<(), String> {
     match common.targets.iter().find(|t| !t.ip().is_loopback()) {
-        Some(t) => Err(format!("{t} is not a loopback address: loadtest only targets this machine")),
+        Some(t) => Err(format!(
+            "{t} is not a loopback address: loadtest only targets this machine"
+        )),
         None => Ok(()),
     }
 }
@@ -141,7 +147,11 @@ async fn connect(args: ConnectArgs) -> ExitCode {
     let started = Instant::now();
     for i in 0..args.connections {
         ticker.tick().await;
-        let permit = in_flight.clone().acquire_owned().await.expect("semaphore open");
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
         let source = common.source_ips.0[i % common.source_ips.0.len()];
         let target = common.targets[i % common.targets.len()];
         let path = common.path.clone();
@@ -182,7 +192,8 @@ async fn connect(args: ConnectArgs) -> ExitCode {
 
     tokio::time::sleep(args.hold).await;
     report.gateway_rss_held_kib = common.gateway_pid.and_then(report::rss_kib);
-    if let (Some(before), Some(after)) = (report.gateway_rss_before_kib, report.gateway_rss_held_kib)
+    if let (Some(before), Some(after)) =
+        (report.gateway_rss_before_kib, report.gateway_rss_held_kib)
         && !held.is_empty()
     {
         report.gateway_rss_per_connection_bytes =
@@ -208,7 +219,10 @@ async fn connect(args: ConnectArgs) -> ExitCode {
     }
     let errors: u64 = report.failures.values().sum();
     if errors > common.max_errors {
-        eprintln!("loadtest: {errors} connections failed (allowed: {})", common.max_errors);
+        eprintln!(
+            "loadtest: {errors} connections failed (allowed: {})",
+            common.max_errors
+        );
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

@@ -75,8 +75,10 @@ pub struct ConnectReport {
 
 impl ConnectReport {
     pub fn print(&self) {
-        println!("connect: {} of {} connected in {:.2} s ({:.0} connections/s)",
-            self.connected, self.target_connections, self.ramp_seconds, self.connections_per_second);
+        println!(
+            "connect: {} of {} connected in {:.2} s ({:.0} connections/s)",
+            self.connected, self.target_connections, self.ramp_seconds, self.connections_per_second
+        );
         for (cause, n) in &self.failures {
             println!("  failed ({cause:?}): {n}");
         }
@@ -85,7 +87,8 @@ impl ConnectReport {
             "handshake latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
             h.p50_ms, h.p90_ms, h.p99_ms, h.p999_ms, h.max_ms
         );
-        if let (Some(before), Some(held)) = (self.gateway_rss_before_kib, self.gateway_rss_held_kib) {
+        if let (Some(before), Some(held)) = (self.gateway_rss_before_kib, self.gateway_rss_held_kib)
+        {
             println!(
                 "gateway RSS: {before} KiB before, {held} KiB holding → {:.0} bytes per connection",
                 self.gateway_rss_per_connection_bytes.unwrap_or(0.0)

@@ -74,7 +74,10 @@ pub fn serve(
 impl Connection {
     /// A plain `fn` returning an `async move` block, not an `async fn`: an `async fn` taking
     /// `mut self` stores the connection twice in its future (rustc #62958).
-    #[expect(clippy::manual_async_fn, reason = "see above: halves every connection's task")]
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "see above: halves every connection's task"
+    )]
     fn run(mut self) -> impl Future<Output = ()> {
         async move {
             let end = match self.process_leftover() {

@@ -61,7 +61,10 @@ fn frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
 fn message() -> impl Strategy<Value = (bool, Vec<u8>, Vec<usize>)> {
     let text = ".{0,300}".prop_map(|s: String| (true, s.into_bytes()));
     let binary = proptest::collection::vec(any::<u8>(), 0..600).prop_map(|b| (false, b));
-    (prop_oneof![text, binary], proptest::collection::vec(1usize..200, 0..5))
+    (
+        prop_oneof![text, binary],
+        proptest::collection::vec(1usize..200, 0..5),
+    )
         .prop_map(|((text, payload), cuts)| (text, payload, cuts))
 }
 

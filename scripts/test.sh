@@ -16,5 +16,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test (unit, integration, benches in test mode)"
 cargo test --workspace --all-targets
 
+step "Test page in headless Chromium"
+scripts/browser-test.sh
+
 step "Autobahn TestSuite against /echo (release build)"
 scripts/autobahn.sh

@@ -1,0 +1,84 @@
+// The test client page, driven in headless Chromium like a person would: two tabs connect, join a
+// room, see each other typing, chat, and see an error reply rendered.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { chromium } from 'playwright-core';
+
+const BIN = process.env.GATEWAY_BIN ?? new URL('../../target/release/wsgate', import.meta.url).pathname;
+const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+
+let gateway;
+let baseUrl;
+let browser;
+
+before(async () => {
+  gateway = spawn(BIN, ['--listen', '127.0.0.1:0', '--shards', '2'], {
+    env: { ...process.env, WSGATE_LOG: 'warn' },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  baseUrl = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('gateway did not start')), 10_000);
+    gateway.stdout.on('data', (chunk) => {
+      const match = /listening on (http:\/\/\S+)/.exec(chunk.toString());
+      if (match) {
+        clearTimeout(timer);
+        resolve(match[1]);
+      }
+    });
+    gateway.on('exit', (code) => reject(new Error(`gateway exited with ${code}`)));
+  });
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  gateway?.kill();
+});
+
+async function openAndJoin(name) {
+  const page = await browser.newPage();
+  page.on('pageerror', (err) => assert.fail(`${name}: page error ${err}`));
+  await page.goto(baseUrl);
+  assert.equal(await page.title(), 'wsgate test client');
+  await page.click('#connect');
+  await page.locator('#status', { hasText: /^connected$/ }).waitFor();
+  await page.locator('#clientId', { hasText: /^id \w+\.\w+\.\w+$/ }).waitFor();
+  await page.click('#joinForm button');
+  await page.locator('.room.active', { hasText: '#general' }).waitFor();
+  return page;
+}
+
+test('two tabs chat through the test page', async () => {
+  const alice = await openAndJoin('alice');
+  const bob = await openAndJoin('bob');
+  // Alice saw Bob join; the member count is in Bob's room list.
+  await alice.locator('#log', { hasText: 'Anonymous joined #general' }).waitFor();
+  assert.equal(await bob.locator('.room.active small').textContent(), '2');
+  assert.equal(await alice.locator('.room.active small').textContent(), '2');
+
+  await alice.fill('#message', 'hello from alice');
+  await bob.locator('#typing', { hasText: 'typing' }).waitFor();
+  await alice.click('#sendForm button:has-text("Send")');
+  await bob.locator('#log', { hasText: '#general Anonymous: hello from alice' }).waitFor();
+  await alice.locator('#log', { hasText: '#general Anonymous: hello from alice' }).waitFor();
+  await bob.locator('#typing', { hasText: /^$/ }).waitFor();
+
+  // An error reply is shown, and the connection stays usable.
+  await bob.fill('#roomName', 'not a valid room');
+  await bob.click('#joinForm button');
+  await bob.locator('#log .err', { hasText: 'error: Invalid room name' }).waitFor();
+  await bob.fill('#message', 'still here');
+  await bob.click('#sendForm button:has-text("Send")');
+  await alice.locator('#log', { hasText: 'Anonymous: still here' }).waitFor();
+
+  // Leaving tells the other tab.
+  await bob.click('#leave');
+  await alice.locator('#log', { hasText: 'Anonymous left #general' }).waitFor();
+  assert.equal(await alice.locator('.room.active small').textContent(), '1');
+  await alice.screenshot({ path: new URL('../../target/test-page.png', import.meta.url).pathname });
+});

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use crate::backplane::Publication;
+use crate::client_id::ClientId;
 use crate::protocol::{ClientMessage, ErrorReply, ServerMessage, encode_echo, now_ms};
 use crate::rooms::{Joined, is_valid_room_name};
 use crate::shard::Shard;
@@ -53,27 +54,18 @@ fn join<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<'
             return Err(ErrorReply::TooManyRooms(max_rooms));
         }
         let joined = state.rooms.join(&shard.node.rooms, shard.index, room, key);
-        let (name, total) = match joined {
-            Joined::AlreadyMember { total } => {
-                conn.outbound.push(
-                    ServerMessage::RoomJoined {
-                        room,
-                        members: total,
-                    }
-                    .encode(),
-                );
-                return Ok(());
-            }
-            Joined::Joined { name, total } => (name, total),
+        let total = match &joined {
+            Joined::AlreadyMember { total } | Joined::Joined { total, .. } => *total,
+        };
+        let reply = ServerMessage::RoomJoined {
+            room,
+            members: total,
+        };
+        conn.outbound.push(reply.encode());
+        let Joined::Joined { name, .. } = joined else {
+            return Ok(());
         };
         conn.rooms.push(name.clone());
-        conn.outbound.push(
-            ServerMessage::RoomJoined {
-                room,
-                members: total,
-            }
-            .encode(),
-        );
         (name, total, conn.id, conn.username.clone())
     };
     if total > 1 && total <= config.presence_max_members {
@@ -116,11 +108,15 @@ pub fn leave_all_rooms(shard: &Shard, key: usize) {
 }
 
 fn left_room(shard: &Shard, key: usize, room: Arc<str>, username: &str) {
-    let remaining = shard
+    let left = shard
         .state()
         .rooms
-        .leave(&shard.node.rooms, shard.index, &room, key)
-        .expect("the connection's room list and the room index agree");
+        .leave(&shard.node.rooms, shard.index, &room, key);
+    // The connection's room list and the room index agree; should a panic in a handler ever
+    // break that, clean-up goes on with the other rooms rather than panicking again.
+    let Some(remaining) = left else {
+        return;
+    };
     if remaining > 0 && remaining < shard.node.config.presence_max_members {
         let notice = ServerMessage::UserLeft {
             room: &room,
@@ -132,19 +128,26 @@ fn left_room(shard: &Shard, key: usize, room: Arc<str>, username: &str) {
     }
 }
 
-/// Checks that `key` may speak in `room`; returns the room's shared name and the speaker.
-fn speaker<'i>(
-    shard: &Shard,
-    key: usize,
-    room: &'i str,
-) -> Result<(Arc<str>, Arc<str>), ErrorReply<'i>> {
+/// Who speaks in a room: the room's shared name, the speaker's id and name.
+struct Speaker {
+    room: Arc<str>,
+    id: ClientId,
+    username: Arc<str>,
+}
+
+/// Checks that `key` may speak in `room`.
+fn speaker<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<Speaker, ErrorReply<'i>> {
     if !is_valid_room_name(room) {
         return Err(ErrorReply::InvalidRoomName);
     }
     let state = shard.state();
     let conn = &state.conns[key];
     match conn.rooms.iter().find(|r| &***r == room) {
-        Some(name) => Ok((name.clone(), conn.username.clone())),
+        Some(name) => Ok(Speaker {
+            room: name.clone(),
+            id: conn.id,
+            username: conn.username.clone(),
+        }),
         None => Err(ErrorReply::NotInRoom(room)),
     }
 }
@@ -155,15 +158,15 @@ fn chat<'i>(shard: &Shard, key: usize, room: &'i str, message: &str) -> Result<(
     if message.len() > max_chars && message.chars().count() > max_chars {
         return Err(ErrorReply::MessageTooLong(max_chars));
     }
-    let (name, username) = speaker(shard, key, room)?;
+    let speaker = speaker(shard, key, room)?;
     let frame = ServerMessage::ChatMessage {
         room,
-        username: &username,
+        username: &speaker.username,
         message,
         timestamp: now_ms(),
     }
     .encode();
-    shard.publish(Publication::to_room(name, frame));
+    shard.publish(Publication::to_room(speaker.room, frame));
     Ok(())
 }
 
@@ -173,14 +176,13 @@ fn typing<'i>(
     room: &'i str,
     is_typing: bool,
 ) -> Result<(), ErrorReply<'i>> {
-    let (name, username) = speaker(shard, key, room)?;
-    let id = shard.state().conns[key].id;
+    let speaker = speaker(shard, key, room)?;
     let frame = ServerMessage::Typing {
         room,
-        username: &username,
+        username: &speaker.username,
         is_typing,
     }
     .encode();
-    shard.publish(Publication::to_room(name, frame).excluding(id));
+    shard.publish(Publication::to_room(speaker.room, frame).excluding(speaker.id));
     Ok(())
 }

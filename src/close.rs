@@ -2,14 +2,11 @@
 //!
 //! | code | name              | sent when                                                      |
 //! |------|-------------------|----------------------------------------------------------------|
-//! | 1000 | normal            | answering a client's close without a code                      |
-//! | 1001 | going away        | the server shuts down                                          |
+//! | 1000 | normal            | answering a client's close without a code (a code is echoed)   |
 //! | 1002 | protocol error    | an RFC 6455 violation: unmasked frame, RSV bit, bad opcode, …  |
-//! | 1003 | unsupported data  | (not sent by the chat endpoint: binary gets an error reply)    |
-//! | 1007 | invalid payload   | a text message that is not UTF-8                               |
-//! | 1008 | policy violation  | flooding, slow consumer                                        |
+//! | 1007 | invalid payload   | a text message or close reason that is not UTF-8               |
+//! | 1008 | policy violation  | slow consumer: a broadcast would pass `max_queued_bytes`       |
 //! | 1009 | message too big   | a message over `max_message_size`                              |
-//! | 1011 | internal error    | a bug on our side                                              |
 
 use crate::frame::FrameError;
 
@@ -18,12 +15,10 @@ pub struct CloseCode(pub u16);
 
 impl CloseCode {
     pub const NORMAL: CloseCode = CloseCode(1000);
-    pub const GOING_AWAY: CloseCode = CloseCode(1001);
     pub const PROTOCOL_ERROR: CloseCode = CloseCode(1002);
     pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
     pub const POLICY_VIOLATION: CloseCode = CloseCode(1008);
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode(1009);
-    pub const INTERNAL_ERROR: CloseCode = CloseCode(1011);
 
     /// Whether a peer may send this code in a close frame (RFC 6455 §7.4.1–2).
     fn is_valid_on_wire(self) -> bool {

@@ -11,6 +11,9 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+/// The largest `max_message_size` accepted: a message is buffered whole before it is handled.
+const MAX_MESSAGE_SIZE_LIMIT: usize = 1 << 30;
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -23,6 +26,10 @@ pub struct Config {
     /// Largest message (after reassembling fragments) a client may send; bigger closes with
     /// 1009. Default 64 KiB.
     pub max_message_size: usize,
+    /// Bytes queued for one connection before it counts as a slow consumer: reading from it
+    /// pauses (so a client that sends without reading is pushed back by TCP), and a broadcast that
+    /// would pass this closes it with 1008 "slow consumer" after what is queued. Default 1 MiB.
+    pub max_queued_bytes: usize,
     /// Longest chat message, in characters. Default 1000 (as the seed).
     pub max_chat_message_chars: usize,
     /// Rooms one connection may be in at once. Default 100.
@@ -31,7 +38,8 @@ pub struct Config {
     /// each notice costs O(members), so in huge rooms they would turn joins into O(N²) traffic.
     /// Default 1000.
     pub presence_max_members: u32,
-    /// How long a server-initiated close waits for the client's close frame. Default 5 s.
+    /// How long closing a connection may take: sending what is queued and our close frame, then
+    /// waiting for the client to hang up. Default 5 s.
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `wsgate=debug`. Default `info`.
@@ -45,6 +53,7 @@ impl Default for Config {
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             backlog: 1024,
             max_message_size: 64 * 1024,
+            max_queued_bytes: 1024 * 1024,
             max_chat_message_chars: 1000,
             max_rooms_per_connection: 100,
             presence_max_members: 1000,
@@ -95,8 +104,11 @@ impl Config {
         if !(1..=1024).contains(&self.shards) {
             return bad("shards", "must be between 1 and 1024");
         }
-        if self.max_message_size < 125 {
-            return bad("max_message_size", "must be at least 125 bytes");
+        if !(125..=MAX_MESSAGE_SIZE_LIMIT).contains(&self.max_message_size) {
+            return bad("max_message_size", "must be between 125 bytes and 1 GiB");
+        }
+        if self.max_queued_bytes < 64 * 1024 {
+            return bad("max_queued_bytes", "must be at least 64 KiB");
         }
         if self.max_chat_message_chars == 0 {
             return bad("max_chat_message_chars", "must be at least 1");

@@ -28,10 +28,10 @@ const SLICES_PER_WRITE: usize = 64;
 
 /// How the open phase of a connection ended.
 enum End {
-    /// The peer sent a close frame; we queued our answer.
+    /// The peer's close frame arrived and our answer is queued: send it, then hang up.
     PeerClosed,
-    /// We are failing the connection (protocol error, bad data); our close frame is queued.
-    Failed,
+    /// Our close frame went first (bad frames, slow consumer): send it, then wait for the peer's.
+    ServerClosed,
     /// The socket hit EOF or an error: nothing more can be sent.
     Gone,
 }
@@ -84,30 +84,44 @@ impl Connection {
                 Ok(()) => poll_fn(|cx| self.poll_open(cx)).await,
                 Err(end) => end,
             };
-            if self.endpoint == Endpoint::Chat {
-                // Before the close handshake, so no broadcast is queued to a closing connection.
-                chat::leave_all_rooms(&self.shard, self.key);
-            }
+            // Rooms first, so members hear of the departure without waiting for the handshake.
+            self.leave_rooms();
             if !matches!(end, End::Gone) {
                 // Boxed: the close handshake's timers would otherwise double the size of every
                 // idle connection's task, though only closing connections need them.
                 Box::pin(self.close(end)).await;
             }
-            self.shard.unregister(self.key);
+            // `Drop` unregisters the connection.
+        }
+    }
+
+    fn leave_rooms(&self) {
+        if self.endpoint == Endpoint::Chat {
+            chat::leave_all_rooms(&self.shard, self.key);
         }
     }
 
     fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<End> {
-        self.shard.state().conns[self.key]
-            .outbound
-            .set_waker(cx.waker());
+        self.shard.state().conns[self.key].outbound.clear_waker();
         for _ in 0..READS_PER_POLL {
-            if let Poll::Ready(Err(e)) = self.poll_flush(cx) {
-                debug!(error = %e, "write failed");
-                return Poll::Ready(End::Gone);
+            let backlogged = match self.poll_flush(cx) {
+                Poll::Ready(Ok(())) => false,
+                Poll::Ready(Err(e)) => {
+                    debug!(error = %e, "write failed");
+                    return Poll::Ready(End::Gone);
+                }
+                Poll::Pending => self.backlogged(),
+            };
+            if self.shard.state().conns[self.key].outbound.is_closing() {
+                return Poll::Ready(End::ServerClosed);
+            }
+            if backlogged {
+                // The client is not reading what it causes us to send: stop reading from it
+                // until its queue drains, so TCP pushes back on it instead of our memory.
+                return self.park(cx);
             }
             match self.stream.poll_read_ready(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => return self.park(cx),
                 Poll::Ready(Err(_)) => return Poll::Ready(End::Gone),
                 Poll::Ready(Ok(())) => {
                     if let Err(end) = self.read() {
@@ -122,6 +136,19 @@ impl Connection {
         }
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Sleeps until the socket or a frame queued by someone else wakes the task.
+    fn park(&self, cx: &mut Context<'_>) -> Poll<End> {
+        self.shard.state().conns[self.key]
+            .outbound
+            .set_waker(cx.waker());
+        Poll::Pending
+    }
+
+    fn backlogged(&self) -> bool {
+        let queued = self.shard.state().conns[self.key].outbound.queued_bytes();
+        queued > self.shard.node.config.max_queued_bytes
     }
 
     /// Writes queued frames until the queue is empty or the socket is full.
@@ -205,7 +232,7 @@ impl Connection {
                 Event::Close(frame) => {
                     // Answer with the peer's code, as RFC 6455 §5.5.1 suggests.
                     let code = frame.map_or(CloseCode::NORMAL, |CloseFrame { code, .. }| code);
-                    self.shard.send(self.key, frame::encode_close(code, ""));
+                    self.shard.close(self.key, code, "");
                     return Err(End::PeerClosed);
                 }
             }
@@ -218,38 +245,61 @@ impl Connection {
             reason = error.reason,
             "failing connection"
         );
-        self.shard
-            .send(self.key, frame::encode_close(error.code, error.reason));
-        End::Failed
+        self.shard.close(self.key, error.code, error.reason);
+        End::ServerClosed
     }
 
-    /// Finishes the close handshake: send what is queued (our close frame last), close our side,
-    /// and for a failed connection wait (bounded) for the peer to hang up too.
+    /// Finishes the close handshake within `close_timeout`: send what is queued (our close frame
+    /// last) and close our side; if our close went first, wait for the peer's answer (or its
+    /// hang-up) before dropping the socket, since closing a socket with unread input sends a
+    /// reset that can destroy our close frame before the peer reads it.
     async fn close(&mut self, end: End) {
-        let timeout = self.shard.node.config.close_timeout;
-        let flushed = tokio::time::timeout(timeout, poll_fn(|cx| self.poll_flush(cx))).await;
+        let deadline = tokio::time::Instant::now() + self.shard.node.config.close_timeout;
+        let flushed = tokio::time::timeout_at(deadline, poll_fn(|cx| self.poll_flush(cx))).await;
         if !matches!(flushed, Ok(Ok(()))) {
             return;
         }
         let _ = self.stream.shutdown().await;
-        if let End::Failed = end {
-            // Closing a socket with unread input sends a reset, which can destroy our close frame
-            // before the peer reads it: drain until the peer closes.
-            let _ = tokio::time::timeout(timeout, self.drain()).await;
+        if let End::ServerClosed = end {
+            let _ = tokio::time::timeout_at(deadline, self.await_peer_close()).await;
         }
     }
 
-    async fn drain(&mut self) {
+    /// Reads, discarding data frames, until the peer's close frame, a decoding error or EOF.
+    async fn await_peer_close(&mut self) {
         loop {
             if self.stream.readable().await.is_err() {
                 return;
             }
-            match self.stream.try_read(&mut self.shard.read_buf()) {
+            let n = match self.stream.try_read(&mut self.shard.read_buf()) {
                 Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => return,
+            };
+            self.leftover.extend_from_slice(&self.shard.read_buf()[..n]);
+            let mut pos = 0;
+            loop {
+                match self.decoder.decode(&mut self.leftover[pos..]) {
+                    Ok(Decoded::Frame {
+                        event: Event::Close(_),
+                        ..
+                    })
+                    | Err(_) => return,
+                    Ok(Decoded::Frame { consumed, .. }) => pos += consumed,
+                    Ok(Decoded::Incomplete) => break,
+                }
             }
+            self.leftover.drain(..pos);
         }
+    }
+}
+
+/// However the task ends (normally, by a panic in a handler, or dropped at shutdown), the
+/// connection leaves its rooms and its slab slot.
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.leave_rooms();
+        self.shard.unregister(self.key);
     }
 }

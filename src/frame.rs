@@ -183,7 +183,7 @@ impl Decoder {
                 }
                 let mut partial = Box::new(Partial {
                     text,
-                    data: Vec::with_capacity(payload.len() * 2),
+                    data: Vec::with_capacity((payload.len() * 2).min(self.max_message_size)),
                     utf8_checked: 0,
                 });
                 partial.append(payload)?;

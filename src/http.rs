@@ -13,6 +13,7 @@
 
 use std::convert::Infallible;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -73,6 +74,7 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
                     "connections": node.connection_count(),
                     "rooms": node.rooms.room_count(),
                     "shards": node.shards(),
+                    "slow_consumers_closed": node.slow_consumers.load(Ordering::Relaxed),
                 }),
             )
         }

@@ -2,7 +2,7 @@
 //! backplane and a few gauges. Nothing here is touched per message except through atomics.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::backplane::Backplane;
 use crate::config::Config;
@@ -14,6 +14,8 @@ pub struct Node {
     pub backplane: Arc<dyn Backplane>,
     /// Open WebSocket connections, one gauge per shard (each written by its shard only).
     pub connections: Box<[AtomicUsize]>,
+    /// Connections closed with 1008 because their outbound queue passed `max_queued_bytes`.
+    pub slow_consumers: AtomicU64,
 }
 
 impl Node {
@@ -21,6 +23,7 @@ impl Node {
         Node {
             rooms: RoomDirectory::new(config.shards),
             connections: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
+            slow_consumers: AtomicU64::new(0),
             config,
             backplane,
         }

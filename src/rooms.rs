@@ -3,10 +3,12 @@
 //!
 //! The directory is only locked on join and leave. Publishing reads the per-shard counters of a
 //! room the shard already holds an `Arc` to, so the per-message path takes no lock: it learns
-//! which other shards have members and forwards the one encoded frame to those alone.
+//! which other shards have members and forwards the one encoded frame to those alone. (A shard
+//! with no member of the room, e.g. sending a notice after its last member left, looks the room up
+//! in the directory instead.)
 
 use std::collections::HashMap;
-use std::collections::hash_map::{DefaultHasher, Entry};
+use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -93,10 +95,10 @@ impl RoomDirectory {
         total
     }
 
-    /// Members of `room` across all shards (0 when it does not exist).
-    pub fn members(&self, room: &str) -> u32 {
+    /// A room's process-wide presence, if it has members.
+    pub fn presence(&self, room: &str) -> Option<Arc<RoomPresence>> {
         let rooms = self.stripe(room).lock().unwrap_or_else(|e| e.into_inner());
-        rooms.get(room).map_or(0, |p| p.total())
+        rooms.get(room).cloned()
     }
 
     /// Number of rooms with at least one member.
@@ -139,34 +141,31 @@ impl LocalRooms {
     }
 
     pub fn join(&mut self, dir: &RoomDirectory, shard: usize, room: &str, key: usize) -> Joined {
-        let local = match self.rooms.entry(Arc::from(room)) {
-            Entry::Occupied(e) => {
-                let local = e.into_mut();
-                if local.members.contains(&key) {
-                    return Joined::AlreadyMember {
-                        total: local.presence.total(),
-                    };
-                }
-                local
+        if let Some(local) = self.rooms.get_mut(room) {
+            if !local.members.insert(key) {
+                return Joined::AlreadyMember {
+                    total: local.presence.total(),
+                };
             }
-            Entry::Vacant(e) => {
-                let name = e.key().clone();
-                let (presence, total) = dir.join(&name, shard);
-                let local = e.insert(LocalRoom {
-                    name: name.clone(),
-                    members: IndexSet::new(),
-                    presence,
-                });
-                local.members.insert(key);
-                return Joined::Joined { name, total };
-            }
-        };
-        let (_, total) = dir.join(&local.name, shard);
-        local.members.insert(key);
-        Joined::Joined {
-            name: local.name.clone(),
-            total,
+            let (_, total) = dir.join(&local.name, shard);
+            return Joined::Joined {
+                name: local.name.clone(),
+                total,
+            };
         }
+        let name: Arc<str> = Arc::from(room);
+        let (presence, total) = dir.join(&name, shard);
+        let mut members = IndexSet::new();
+        members.insert(key);
+        self.rooms.insert(
+            name.clone(),
+            LocalRoom {
+                name: name.clone(),
+                members,
+                presence,
+            },
+        );
+        Joined::Joined { name, total }
     }
 
     /// Removes `key` from `room`; returns the members left across all shards, or `None` when
@@ -228,6 +227,6 @@ mod tests {
         assert_eq!(presence.other_shards(0).count(), 0);
         assert_eq!(s0.leave(&dir, 0, "r", 1), Some(0));
         assert_eq!(dir.room_count(), 0);
-        assert_eq!(dir.members("r"), 0);
+        assert!(dir.presence("r").is_none());
     }
 }

@@ -5,6 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -29,9 +30,13 @@ pub struct Gateway {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// Binds every shard's socket (so address errors surface here) and starts the shard threads.
+/// Binds every shard's socket and starts the shard threads; returns once every shard is
+/// accepting, or with the first error.
 pub fn start(config: Config) -> io::Result<Gateway> {
     let config = Arc::new(config);
+    if config.listen.port() != 0 {
+        refuse_if_taken(config.listen)?;
+    }
     let first = bind(config.listen, config.backlog)?;
     // With port 0 the first bind picks the port; the other shards join that one.
     let local_addr = first.local_addr()?;
@@ -42,23 +47,52 @@ pub fn start(config: Config) -> io::Result<Gateway> {
     let (backplane, inboxes) = MemoryBackplane::new(config.shards);
     let node = Arc::new(Node::new(config.clone(), Arc::new(backplane)));
     let shutdown = CancellationToken::new();
-    let threads = listeners
-        .into_iter()
-        .zip(inboxes)
-        .enumerate()
-        .map(|(index, (listener, inbox))| {
-            let (node, shutdown) = (node.clone(), shutdown.clone());
-            std::thread::Builder::new()
-                .name(format!("wsgate-shard-{index}"))
-                .spawn(move || run_shard(index, node, listener, inbox, shutdown))
-        })
-        .collect::<io::Result<Vec<_>>>()?;
-    info!(%local_addr, shards = config.shards, "wsgate listening");
-    Ok(Gateway {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let mut gateway = Gateway {
         local_addr,
         node,
         shutdown,
-        threads,
+        threads: Vec::new(),
+    };
+    for (index, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+        let (node, shutdown, ready) = (
+            gateway.node.clone(),
+            gateway.shutdown.clone(),
+            ready_tx.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("wsgate-shard-{index}"))
+            .spawn(move || run_shard(index, node, listener, inbox, shutdown, ready));
+        match spawned {
+            Ok(thread) => gateway.threads.push(thread),
+            Err(e) => return Err(gateway.abort(e)),
+        }
+    }
+    for _ in 0..config.shards {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(gateway.abort(e)),
+            Err(_) => return Err(gateway.abort(io::Error::other("a shard thread died at start"))),
+        }
+    }
+    info!(%local_addr, shards = config.shards, "wsgate listening");
+    Ok(gateway)
+}
+
+/// A second gateway on the same port would bind as well (SO_REUSEPORT) and silently take part of
+/// the connections. A plain bind first fails on a port that is in use.
+fn refuse_if_taken(addr: SocketAddr) -> io::Result<()> {
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into()).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                e.kind(),
+                format!("{addr} is already in use (another wsgate?)"),
+            )
+        } else {
+            e
+        }
     })
 }
 
@@ -90,6 +124,13 @@ impl Gateway {
             let _ = thread.join();
         }
     }
+
+    /// Stops the shards started so far, for a start-up that failed half-way.
+    fn abort(self, error: io::Error) -> io::Error {
+        self.shutdown();
+        self.join();
+        error
+    }
 }
 
 fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
@@ -108,6 +149,7 @@ fn run_shard(
     listener: std::net::TcpListener,
     inbox: Inbox,
     shutdown: CancellationToken,
+    ready: Sender<io::Result<()>>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -115,7 +157,7 @@ fn run_shard(
     {
         Ok(rt) => rt,
         Err(e) => {
-            tracing::error!(shard = index, error = %e, "cannot start the shard's runtime");
+            let _ = ready.send(Err(e));
             return;
         }
     };
@@ -124,10 +166,11 @@ fn run_shard(
         let listener = match TcpListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(shard = index, error = %e, "cannot register the listener");
+                let _ = ready.send(Err(e));
                 return;
             }
         };
+        let _ = ready.send(Ok(()));
         let shard = Rc::new(Shard::new(index, node));
         tokio::task::spawn_local(drain_inbox(shard.clone(), inbox));
         tokio::select! {
@@ -156,10 +199,11 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
 
 /// Delivers what other shards published to this shard's clients.
 async fn drain_inbox(shard: Rc<Shard>, mut inbox: Inbox) {
-    let mut batch = Vec::with_capacity(64);
-    while inbox.recv_many(&mut batch, 64).await > 0 {
-        for publication in batch.drain(..) {
-            shard.deliver(&publication);
-        }
+    while let Some(publication) = inbox.recv().await {
+        shard.deliver(&publication);
+        // Let the connections write this one before the next lands in their queues: a burst
+        // delivered all at once would count against every queue's bound before any reader,
+        // however fast, had a chance to drain it.
+        tokio::task::yield_now().await;
     }
 }

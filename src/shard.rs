@@ -13,9 +13,12 @@ use std::task::Waker;
 
 use bytes::{Buf, Bytes};
 use slab::Slab;
+use tracing::warn;
 
 use crate::backplane::{Publication, Target};
 use crate::client_id::ClientId;
+use crate::close::CloseCode;
+use crate::frame;
 use crate::node::Node;
 use crate::protocol::{ErrorReply, JsonParser, ServerMessage, now_ms};
 use crate::rooms::LocalRooms;
@@ -43,10 +46,17 @@ pub struct Outbound {
     rest: VecDeque<Bytes>,
     queued_bytes: usize,
     waker: Option<Waker>,
+    /// Our close frame is queued: nothing may follow it on the wire.
+    closing: bool,
 }
 
 impl Outbound {
+    /// Queues a frame, unless the connection is closing (then it is dropped: the peer will not
+    /// read past our close frame).
     pub fn push(&mut self, frame: Bytes) {
+        if self.closing {
+            return;
+        }
         self.queued_bytes += frame.len();
         if self.head.is_some() {
             self.rest.push_back(frame);
@@ -56,6 +66,20 @@ impl Outbound {
         if let Some(waker) = &self.waker {
             waker.wake_by_ref();
         }
+    }
+
+    /// Queues our close frame: the last frame this connection will send. Always wakes the task,
+    /// which may be asleep on a full socket, so it starts the (time-bounded) close.
+    pub fn push_close(&mut self, frame: Bytes) {
+        self.push(frame);
+        self.closing = true;
+        if let Some(waker) = &self.waker {
+            waker.wake_by_ref();
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing
     }
 
     pub fn is_empty(&self) -> bool {
@@ -95,10 +119,17 @@ impl Outbound {
         }
     }
 
+    /// Who to wake when a frame arrives in an empty queue.
     pub fn set_waker(&mut self, waker: &Waker) {
         if !self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
             self.waker = Some(waker.clone());
         }
+    }
+
+    /// Forgets the waker while the connection's own task runs: frames it queues for itself are
+    /// flushed before it sleeps, and waking it would only poll it once more for nothing.
+    pub fn clear_waker(&mut self) {
+        self.waker = None;
     }
 }
 
@@ -193,16 +224,24 @@ impl Shard {
         key
     }
 
-    /// Removes a connection whose task has finished.
+    /// Removes a connection whose task has ended.
     pub fn unregister(&self, key: usize) {
-        self.state().conns.remove(key);
-        self.node.connections[self.index].fetch_sub(1, Ordering::Relaxed);
+        if self.state().conns.try_remove(key).is_some() {
+            self.node.connections[self.index].fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Queues a frame for one connection.
     pub fn send(&self, key: usize, frame: Bytes) {
         if let Some(conn) = self.state().conns.get_mut(key) {
             conn.outbound.push(frame);
+        }
+    }
+
+    /// Queues a close frame for one connection, after what it already has queued.
+    pub fn close(&self, key: usize, code: CloseCode, reason: &str) {
+        if let Some(conn) = self.state().conns.get_mut(key) {
+            conn.outbound.push_close(frame::encode_close(code, reason));
         }
     }
 
@@ -221,7 +260,13 @@ impl Shard {
             match &publication.target {
                 Target::Room(name) => match state.rooms.get(name) {
                     Some(room) => route.extend(room.presence.other_shards(self.index)),
-                    None => route.extend((0..shards).filter(|&s| s != self.index)),
+                    // No member here (a notice after the last local member left, or a publish
+                    // from a non-member): ask the directory, under its lock.
+                    None => {
+                        if let Some(presence) = self.node.rooms.presence(name) {
+                            route.extend(presence.other_shards(self.index));
+                        }
+                    }
                 },
                 Target::All => route.extend((0..shards).filter(|&s| s != self.index)),
             }
@@ -239,10 +284,23 @@ impl Shard {
     pub fn deliver(&self, publication: &Publication) {
         let mut state = self.state();
         let ShardState { conns, rooms, .. } = &mut *state;
+        let max_queued = self.node.config.max_queued_bytes;
         let queue_to = |conn: &mut ConnEntry| {
-            if publication.admits(conn.id) {
-                conn.outbound.push(publication.frame.clone());
+            if !publication.admits(conn.id) || conn.outbound.is_closing() {
+                return;
             }
+            if conn.outbound.queued_bytes() + publication.frame.len() > max_queued {
+                // A reader this far behind would make the shard buffer without bound: it gets
+                // what is queued, then a close.
+                warn!(client = %conn.id, queued = conn.outbound.queued_bytes(), "closing slow consumer");
+                self.node.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                conn.outbound.push_close(frame::encode_close(
+                    CloseCode::POLICY_VIOLATION,
+                    "slow consumer",
+                ));
+                return;
+            }
+            conn.outbound.push(publication.frame.clone());
         };
         match (&publication.target, &publication.include) {
             (Target::All, Some(include)) => {

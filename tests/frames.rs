@@ -85,6 +85,8 @@ async fn client_close_is_answered_with_its_code_and_the_server_hangs_up() {
     raw.send_frame(true, CLOSE, &payload, true).await;
     assert_eq!(raw.read_close_code().await, 4321);
     raw.expect_eof().await;
+    // The gateway waits for the client to hang up too, as clients do after the handshake.
+    drop(raw);
     gw.wait_for_connections(0).await;
 }
 

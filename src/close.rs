@@ -3,6 +3,7 @@
 //! | code | name              | sent when                                                      |
 //! |------|-------------------|----------------------------------------------------------------|
 //! | 1000 | normal            | answering a client's close without a code (a code is echoed)   |
+//! | 1001 | going away        | the server shuts down ("server shutting down")                 |
 //! | 1002 | protocol error    | an RFC 6455 violation: unmasked frame, RSV bit, bad opcode, …  |
 //! | 1007 | invalid payload   | a text message or close reason that is not UTF-8               |
 //! | 1008 | policy violation  | slow consumer: a broadcast would pass `max_queued_bytes`       |
@@ -15,6 +16,7 @@ pub struct CloseCode(pub u16);
 
 impl CloseCode {
     pub const NORMAL: CloseCode = CloseCode(1000);
+    pub const GOING_AWAY: CloseCode = CloseCode(1001);
     pub const PROTOCOL_ERROR: CloseCode = CloseCode(1002);
     pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
     pub const POLICY_VIOLATION: CloseCode = CloseCode(1008);

@@ -42,6 +42,10 @@ pub struct Config {
     /// waiting for the client to hang up. Default 5 s.
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long to wait for clients to finish their close handshakes before
+    /// exiting anyway. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `wsgate=debug`. Default `info`.
     pub log: String,
 }
@@ -58,6 +62,7 @@ impl Default for Config {
             max_rooms_per_connection: 100,
             presence_max_members: 1000,
             close_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
             log: "info".to_owned(),
         }
     }

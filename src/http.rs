@@ -6,6 +6,7 @@
 //! | `GET /ws`  | WebSocket upgrade: the JSON chat protocol                    |
 //! | `GET /echo`| WebSocket upgrade: raw echo (RFC 6455 conformance target)    |
 //! | `GET /healthz` | liveness and a few gauges, as JSON                       |
+//! | `GET /readyz`  | readiness: 503 once shutdown has begun                    |
 //!
 //! After the upgrade, hyper's connection is taken apart back into the raw `TcpStream` plus the
 //! bytes hyper had read past the handshake, and the connection task takes over with its own
@@ -27,7 +28,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, error};
 
 use crate::conn;
-use crate::shard::{Endpoint, Shard};
+use crate::shard::{Endpoint, SHUTDOWN_REASON, Shard};
 
 const TEST_PAGE: &str = include_str!("page/index.html");
 
@@ -78,7 +79,12 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
                 }),
             )
         }
-        (_, "/" | "/ws" | "/echo" | "/healthz") => {
+        (&Method::GET, "/readyz") if shard.node.is_draining() => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining: the server is shutting down",
+        ),
+        (&Method::GET, "/readyz") => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
+        (_, "/" | "/ws" | "/echo" | "/healthz" | "/readyz") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => error_response(StatusCode::NOT_FOUND, "not found"),
@@ -87,6 +93,9 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
 
 /// Answers the upgrade and, once hyper lets go of the socket, runs the connection.
 fn upgrade(shard: &Rc<Shard>, mut req: Request<Incoming>, endpoint: Endpoint) -> Response<Body> {
+    if shard.node.is_draining() {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, SHUTDOWN_REASON);
+    }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         let mut res = error_response(
             StatusCode::UPGRADE_REQUIRED,

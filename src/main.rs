@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use wsgate::config::{Config, FlagOverrides};
@@ -53,6 +54,13 @@ fn main() -> ExitCode {
         .init();
     raise_open_files_limit();
 
+    let signals = match Signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("wsgate: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let gateway = match wsgate::start(config) {
         Ok(gateway) => gateway,
         Err(e) => {
@@ -61,10 +69,14 @@ fn main() -> ExitCode {
         }
     };
     println!("wsgate listening on http://{}/", gateway.local_addr());
-    wait_for_signal();
-    info!("shutting down");
+    signals.wait();
+    info!(
+        connections = gateway.connection_count(),
+        "shutting down: closing connections with 1001"
+    );
     gateway.shutdown();
     gateway.join();
+    info!("stopped");
     ExitCode::SUCCESS
 }
 
@@ -80,17 +92,38 @@ fn raise_open_files_limit() {
     }
 }
 
-fn wait_for_signal() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("signal runtime");
-    runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    });
+/// SIGTERM and SIGINT, listened for from before the gateway announces itself: a signal that
+/// arrives early must start a graceful shutdown, not kill the process.
+struct Signals {
+    runtime: tokio::runtime::Runtime,
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (terminate, interrupt) = runtime.block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })?;
+        Ok(Signals {
+            runtime,
+            terminate,
+            interrupt,
+        })
+    }
+
+    fn wait(mut self) {
+        self.runtime.block_on(async {
+            tokio::select! {
+                _ = self.terminate.recv() => {}
+                _ = self.interrupt.recv() => {}
+            }
+        });
+    }
 }

@@ -2,7 +2,7 @@
 //! backplane and a few gauges. Nothing here is touched per message except through atomics.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::backplane::Backplane;
 use crate::config::Config;
@@ -16,6 +16,8 @@ pub struct Node {
     pub connections: Box<[AtomicUsize]>,
     /// Connections closed with 1008 because their outbound queue passed `max_queued_bytes`.
     pub slow_consumers: AtomicU64,
+    /// Set when shutdown begins: upgrades are refused, `/readyz` fails, connections get 1001.
+    pub draining: AtomicBool,
 }
 
 impl Node {
@@ -24,6 +26,7 @@ impl Node {
             rooms: RoomDirectory::new(config.shards),
             connections: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
             slow_consumers: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
             config,
             backplane,
         }
@@ -31,6 +34,10 @@ impl Node {
 
     pub fn shards(&self) -> usize {
         self.connections.len()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     pub fn connection_count(&self) -> usize {

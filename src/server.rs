@@ -5,6 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -113,8 +114,11 @@ impl Gateway {
         self.node.backplane.publish(&all, Arc::new(publication));
     }
 
-    /// Asks every shard to stop accepting and close.
+    /// Starts a graceful shutdown: upgrades are refused and `/readyz` fails; each shard delivers
+    /// what was published before, then closes its connections with 1001 and waits (up to
+    /// `drain_timeout`) for their close handshakes. [`Gateway::join`] waits for the end.
     pub fn shutdown(&self) {
+        self.node.draining.store(true, Ordering::Release);
         self.shutdown.cancel();
     }
 
@@ -147,7 +151,7 @@ fn run_shard(
     index: usize,
     node: Arc<Node>,
     listener: std::net::TcpListener,
-    inbox: Inbox,
+    mut inbox: Inbox,
     shutdown: CancellationToken,
     ready: Sender<io::Result<()>>,
 ) {
@@ -172,15 +176,57 @@ fn run_shard(
         };
         let _ = ready.send(Ok(()));
         let shard = Rc::new(Shard::new(index, node));
-        tokio::task::spawn_local(drain_inbox(shard.clone(), inbox));
-        tokio::select! {
-            _ = accept_loop(&shard, &listener) => {}
-            _ = shutdown.cancelled() => {}
-        }
+        // The listener stays open while draining, so probes still get answers (`/readyz` 503).
+        let accepting = tokio::task::spawn_local(accept_loop(shard.clone(), listener));
+        deliver_until(&shard, &mut inbox, &shutdown).await;
+        drain(&shard, &mut inbox).await;
+        accepting.abort();
     });
 }
 
-async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
+/// Delivers what other shards publish to this shard's clients, until shutdown.
+async fn deliver_until(shard: &Shard, inbox: &mut Inbox, shutdown: &CancellationToken) {
+    loop {
+        let publication = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            publication = inbox.recv() => publication,
+        };
+        let Some(publication) = publication else {
+            return;
+        };
+        shard.deliver(&publication);
+        // Let the connections write this one before the next lands in their queues: a burst
+        // delivered all at once would count against every queue's bound before any reader,
+        // however fast, had a chance to drain it.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Shutdown of one shard: what was published before the signal is delivered, then every
+/// connection gets 1001 after its queue, and the shard waits for the close handshakes.
+async fn drain(shard: &Shard, inbox: &mut Inbox) {
+    while let Ok(publication) = inbox.try_recv() {
+        shard.deliver(&publication);
+    }
+    let open = shard.connection_count();
+    shard.close_all_going_away();
+    let deadline = tokio::time::Instant::now() + shard.node.config.drain_timeout;
+    while shard.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = shard.connection_count();
+    if left > 0 {
+        warn!(
+            shard = shard.index,
+            open, left, "drain timeout: dropping connections"
+        );
+    } else {
+        info!(shard = shard.index, closed = open, "drained");
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, _peer)) => {
@@ -194,16 +240,5 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-    }
-}
-
-/// Delivers what other shards published to this shard's clients.
-async fn drain_inbox(shard: Rc<Shard>, mut inbox: Inbox) {
-    while let Some(publication) = inbox.recv().await {
-        shard.deliver(&publication);
-        // Let the connections write this one before the next lands in their queues: a burst
-        // delivered all at once would count against every queue's bound before any reader,
-        // however fast, had a chance to drain it.
-        tokio::task::yield_now().await;
     }
 }

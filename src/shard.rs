@@ -27,6 +27,9 @@ use crate::rooms::LocalRooms;
 /// keeps no read buffer of its own.
 const READ_BUF_SIZE: usize = 64 * 1024;
 
+/// The close reason sent with 1001 at shutdown.
+pub const SHUTDOWN_REASON: &str = "server shutting down";
+
 /// Which protocol a connection speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -218,6 +221,11 @@ impl Shard {
                 .encode(),
             );
         }
+        if self.node.is_draining() {
+            // Upgraded just as shutdown began: greet, then close at once.
+            conn.outbound
+                .push_close(frame::encode_close(CloseCode::GOING_AWAY, SHUTDOWN_REASON));
+        }
         let key = entry.key();
         entry.insert(conn);
         self.node.connections[self.index].fetch_add(1, Ordering::Relaxed);
@@ -229,6 +237,19 @@ impl Shard {
         if self.state().conns.try_remove(key).is_some() {
             self.node.connections[self.index].fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Starts closing every connection with 1001, after what each has queued.
+    pub fn close_all_going_away(&self) {
+        let close = frame::encode_close(CloseCode::GOING_AWAY, SHUTDOWN_REASON);
+        for (_, conn) in self.state().conns.iter_mut() {
+            conn.outbound.push_close(close.clone());
+        }
+    }
+
+    /// Connections of this shard still open (or closing).
+    pub fn connection_count(&self) -> usize {
+        self.node.connections[self.index].load(Ordering::Relaxed)
     }
 
     /// Queues a frame for one connection.

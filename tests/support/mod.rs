@@ -85,6 +85,18 @@ impl TestGateway {
     }
 }
 
+impl TestGateway {
+    /// Starts a graceful shutdown and waits for it to finish (off the async runtime: joining
+    /// the shard threads blocks).
+    pub async fn stop(&mut self) {
+        let gateway = self.gateway.take().expect("gateway running");
+        gateway.shutdown();
+        tokio::task::spawn_blocking(move || gateway.join())
+            .await
+            .unwrap();
+    }
+}
+
 impl Drop for TestGateway {
     fn drop(&mut self) {
         if let Some(gateway) = self.gateway.take() {

@@ -2,7 +2,8 @@
 //!
 //! | code | name              | sent when                                                      |
 //! |------|-------------------|----------------------------------------------------------------|
-//! | 1000 | normal            | answering a client's close without a code (a code is echoed)   |
+//! | 1000 | normal            | answering a client's close without a code (a code is echoed);  |
+//! |      |                   | "heartbeat timeout" for a peer that did not answer a ping      |
 //! | 1001 | going away        | the server shuts down ("server shutting down")                 |
 //! | 1002 | protocol error    | an RFC 6455 violation: unmasked frame, RSV bit, bad opcode, …  |
 //! | 1007 | invalid payload   | a text message or close reason that is not UTF-8               |

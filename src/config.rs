@@ -11,6 +11,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::heartbeat::HeartbeatMode;
+
 /// The largest `max_message_size` accepted: a message is buffered whole before it is handled.
 const MAX_MESSAGE_SIZE_LIMIT: usize = 1 << 30;
 
@@ -42,6 +44,15 @@ pub struct Config {
     /// waiting for the client to hang up. Default 5 s.
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
+    /// A connection silent this long is pinged. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A pinged connection silent this long (any frame is an answer) is closed. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// `frame` (RFC 6455 pings, answered by browsers themselves) or `json` (the seed's
+    /// `{"type":"ping"}`, answered with `{"type":"pong"}`). Default `frame`.
+    pub heartbeat_mode: HeartbeatMode,
     /// On SIGTERM/SIGINT, how long to wait for clients to finish their close handshakes before
     /// exiting anyway. Default 10 s.
     #[serde(with = "humantime_serde")]
@@ -62,6 +73,9 @@ impl Default for Config {
             max_rooms_per_connection: 100,
             presence_max_members: 1000,
             close_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_timeout: Duration::from_secs(10),
+            heartbeat_mode: HeartbeatMode::Frame,
             drain_timeout: Duration::from_secs(10),
             log: "info".to_owned(),
         }
@@ -120,6 +134,14 @@ impl Config {
         }
         if self.max_rooms_per_connection == 0 {
             return bad("max_rooms_per_connection", "must be at least 1");
+        }
+        for (key, value) in [
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("heartbeat_timeout", self.heartbeat_timeout),
+        ] {
+            if !(Duration::from_millis(10)..=Duration::from_secs(24 * 3600)).contains(&value) {
+                return bad(key, "must be between 10ms and 24h");
+            }
         }
         if self.backlog == 0 {
             return bad("backlog", "must be at least 1");

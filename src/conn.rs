@@ -177,6 +177,7 @@ impl Connection {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(_) => return Err(End::Gone),
         };
+        self.shard.seen(self.key);
         if self.leftover.is_empty() {
             // The common case: frames are decoded straight out of the shared buffer.
             let consumed = self.decode_frames(&mut buf[..n])?;

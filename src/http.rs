@@ -76,6 +76,7 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
                     "rooms": node.rooms.room_count(),
                     "shards": node.shards(),
                     "slow_consumers_closed": node.slow_consumers.load(Ordering::Relaxed),
+                    "heartbeat_timeouts": node.heartbeat_timeouts.load(Ordering::Relaxed),
                 }),
             )
         }

@@ -13,6 +13,7 @@
 //! - [`chat`] is the application: each [`protocol`] message's effect on [`rooms`].
 //! - [`shard`] owns the connections (a `slab`, ids in [`client_id`]) and delivers publications;
 //!   [`backplane`] carries them to the other shards; [`node`] is what shards share.
+//! - [`heartbeat`] finds dead peers with one [`wheel`] per shard.
 //! - [`close`] is the table of close codes, [`protocol::ErrorReply`] that of error replies;
 //!   [`config`] documents every setting.
 
@@ -23,12 +24,14 @@ pub mod close;
 pub mod config;
 pub mod conn;
 pub mod frame;
+pub mod heartbeat;
 pub mod http;
 pub mod node;
 pub mod protocol;
 pub mod rooms;
 pub mod server;
 pub mod shard;
+pub mod wheel;
 
 pub use config::Config;
 pub use server::{Gateway, start};

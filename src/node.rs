@@ -16,6 +16,8 @@ pub struct Node {
     pub connections: Box<[AtomicUsize]>,
     /// Connections closed with 1008 because their outbound queue passed `max_queued_bytes`.
     pub slow_consumers: AtomicU64,
+    /// Connections closed because they did not answer a ping within `heartbeat_timeout`.
+    pub heartbeat_timeouts: AtomicU64,
     /// Set when shutdown begins: upgrades are refused, `/readyz` fails, connections get 1001.
     pub draining: AtomicBool,
 }
@@ -26,6 +28,7 @@ impl Node {
             rooms: RoomDirectory::new(config.shards),
             connections: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
             slow_consumers: AtomicU64::new(0),
+            heartbeat_timeouts: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             config,
             backplane,

@@ -19,9 +19,9 @@ use tracing::{info, warn};
 use crate::backplane::Publication;
 use crate::backplane::memory::{Inbox, MemoryBackplane};
 use crate::config::Config;
-use crate::http;
 use crate::node::Node;
 use crate::shard::Shard;
+use crate::{heartbeat, http};
 
 /// A running gateway. Dropping it does not stop it: call [`Gateway::shutdown`] and [`Gateway::join`].
 pub struct Gateway {
@@ -178,9 +178,11 @@ fn run_shard(
         let shard = Rc::new(Shard::new(index, node));
         // The listener stays open while draining, so probes still get answers (`/readyz` 503).
         let accepting = tokio::task::spawn_local(accept_loop(shard.clone(), listener));
+        let heartbeats = tokio::task::spawn_local(heartbeat::run(shard.clone()));
         deliver_until(&shard, &mut inbox, &shutdown).await;
         drain(&shard, &mut inbox).await;
         accepting.abort();
+        heartbeats.abort();
     });
 }
 

@@ -19,6 +19,7 @@ use crate::backplane::{Publication, Target};
 use crate::client_id::ClientId;
 use crate::close::CloseCode;
 use crate::frame;
+use crate::heartbeat::{Heartbeats, Liveness};
 use crate::node::Node;
 use crate::protocol::{ErrorReply, JsonParser, ServerMessage, now_ms};
 use crate::rooms::LocalRooms;
@@ -145,6 +146,7 @@ pub struct ConnEntry {
     /// Rooms this connection is in (the other half of the room index).
     pub rooms: Vec<Arc<str>>,
     pub outbound: Outbound,
+    pub liveness: Liveness,
 }
 
 pub struct ShardState {
@@ -162,6 +164,7 @@ pub struct Shard {
     json: RefCell<JsonParser>,
     /// Scratch list of other shards a publication goes to, kept to avoid an allocation each time.
     route: RefCell<Vec<usize>>,
+    heartbeats: RefCell<Heartbeats>,
     anonymous: Arc<str>,
 }
 
@@ -169,7 +172,6 @@ impl Shard {
     pub fn new(index: usize, node: Arc<Node>) -> Self {
         Shard {
             index,
-            node,
             state: RefCell::new(ShardState {
                 conns: Slab::new(),
                 rooms: LocalRooms::default(),
@@ -178,12 +180,26 @@ impl Shard {
             read_buf: RefCell::new(vec![0; READ_BUF_SIZE].into_boxed_slice()),
             json: RefCell::new(JsonParser::default()),
             route: RefCell::new(Vec::new()),
+            heartbeats: RefCell::new(Heartbeats::new(&node.config)),
             anonymous: Arc::from("Anonymous"),
+            node,
         }
     }
 
     pub fn state(&self) -> RefMut<'_, ShardState> {
         self.state.borrow_mut()
+    }
+
+    pub fn heartbeats(&self) -> RefMut<'_, Heartbeats> {
+        self.heartbeats.borrow_mut()
+    }
+
+    /// Notes that the peer of `key` was heard from (any frame counts for the heartbeat).
+    pub fn seen(&self, key: usize) {
+        let now = self.heartbeats.borrow().now();
+        if let Some(conn) = self.state().conns.get_mut(key) {
+            conn.liveness.last_seen = now;
+        }
     }
 
     pub fn read_buf(&self) -> RefMut<'_, Box<[u8]>> {
@@ -211,6 +227,7 @@ impl Shard {
             username: self.anonymous.clone(),
             rooms: Vec::new(),
             outbound: Outbound::default(),
+            liveness: self.heartbeats().watch(entry.key(), generation),
         };
         if endpoint == Endpoint::Chat {
             conn.outbound.push(

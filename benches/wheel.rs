@@ -1,0 +1,57 @@
+//! The per-shard timer wheel behind heartbeats: cost per insert, per expired item, per tick.
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use wsgate::wheel::TimerWheel;
+
+/// Heartbeat-like horizon: 40 s of 100 ms ticks.
+const HORIZON: u64 = 400;
+
+fn insert(c: &mut Criterion) {
+    let mut group = c.benchmark_group("wheel/insert");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("one", |b| {
+        let mut wheel = TimerWheel::new(HORIZON);
+        let mut i = 0u64;
+        let mut sink = Vec::new();
+        b.iter(|| {
+            i += 1;
+            wheel.insert(black_box(wheel.now() + 1 + i % HORIZON), (i as u32, 0u32));
+            // Keep the wheel from growing without bound: turn it now and then.
+            if i % 100_000 == 0 {
+                let now = wheel.now();
+                wheel.advance(now + HORIZON, &mut sink);
+                sink.clear();
+            }
+        });
+    });
+    group.finish();
+}
+
+/// One tick of a wheel holding `n` connections spread evenly over its slots, each re-filed as
+/// it comes out (what the heartbeat does): the cost of a tick, and per connection handled.
+fn tick(c: &mut Criterion) {
+    let mut group = c.benchmark_group("wheel/tick");
+    for n in [10_000u64, 100_000] {
+        let mut wheel = TimerWheel::new(HORIZON);
+        for i in 0..n {
+            wheel.insert(1 + i % HORIZON, (i as u32, 0u32));
+        }
+        let mut expired = Vec::new();
+        group.throughput(Throughput::Elements(n / HORIZON));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                let now = wheel.now() + 1;
+                wheel.advance(now, &mut expired);
+                for item in expired.drain(..) {
+                    wheel.insert(now + HORIZON, item);
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, insert, tick);
+criterion_main!(benches);

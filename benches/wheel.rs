@@ -19,7 +19,7 @@ fn insert(c: &mut Criterion) {
             i += 1;
             wheel.insert(black_box(wheel.now() + 1 + i % HORIZON), (i as u32, 0u32));
             // Keep the wheel from growing without bound: turn it now and then.
-            if i % 100_000 == 0 {
+            if i.is_multiple_of(100_000) {
                 let now = wheel.now();
                 wheel.advance(now + HORIZON, &mut sink);
                 sink.clear();

@@ -21,10 +21,10 @@ fn shard_with_room(members: usize) -> Shard {
         ..Config::default()
     };
     let (backplane, _inboxes) = MemoryBackplane::new(1);
-    let node = Arc::new(Node::new(Arc::new(config), Arc::new(backplane)));
+    let node = Arc::new(Node::new(Arc::new(config), Arc::new(backplane)).expect("node"));
     let shard = Shard::new(0, node.clone());
     for _ in 0..members {
-        let key = shard.register(Endpoint::Chat);
+        let key = shard.register(Endpoint::Chat, node.anonymous.clone());
         let joined = shard.state().rooms.join(&node.rooms, 0, "r", key);
         assert!(matches!(joined, rooms::Joined::Joined { .. }));
     }

@@ -37,7 +37,31 @@ fn handle<'i>(
             Ok(())
         }
         ClientMessage::Pong => Ok(()),
+        ClientMessage::Refresh { token } => refresh(shard, key, token),
     }
+}
+
+/// Swaps the connection's identity for the one in a fresh token of the same user.
+fn refresh<'i>(shard: &Shard, key: usize, token: &str) -> Result<(), ErrorReply<'i>> {
+    let fresh = shard
+        .node
+        .auth
+        .verify(token)
+        .map_err(ErrorReply::InvalidToken)?;
+    let mut state = shard.state();
+    let conn = &mut state.conns[key];
+    let anonymous = Arc::ptr_eq(&conn.identity, &shard.node.anonymous);
+    if !anonymous && conn.identity.user_id != fresh.user_id {
+        return Err(ErrorReply::TokenForOtherUser);
+    }
+    let expires_at = fresh.expires_at.unwrap_or(0);
+    conn.identity = Arc::new(fresh);
+    shard
+        .heartbeats()
+        .expire_by(key, conn.id.generation, &mut conn.liveness, expires_at);
+    conn.outbound
+        .push(ServerMessage::TokenRefreshed { expires_at }.encode());
+    Ok(())
 }
 
 fn join<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<'i>> {
@@ -50,6 +74,9 @@ fn join<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<'
         let state = &mut *guard;
         let conn = &mut state.conns[key];
         let max_rooms = config.max_rooms_per_connection;
+        if !conn.identity.may_join(room) {
+            return Err(ErrorReply::RoomNotAllowed(room));
+        }
         if conn.rooms.len() >= max_rooms && !conn.rooms.iter().any(|r| &**r == room) {
             return Err(ErrorReply::TooManyRooms(max_rooms));
         }
@@ -66,7 +93,7 @@ fn join<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<'
             return Ok(());
         };
         conn.rooms.push(name.clone());
-        (name, total, conn.id, conn.username.clone())
+        (name, total, conn.id, conn.identity.username.clone())
     };
     if total > 1 && total <= config.presence_max_members {
         let notice = ServerMessage::UserJoined {
@@ -89,7 +116,7 @@ fn leave<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<
         return Err(ErrorReply::NotInRoom(room));
     };
     let name = conn.rooms.swap_remove(at);
-    let username = conn.username.clone();
+    let username = conn.identity.username.clone();
     drop(state);
     left_room(shard, key, name, &username);
     Ok(())
@@ -100,7 +127,10 @@ pub fn leave_all_rooms(shard: &Shard, key: usize) {
     let (rooms, username) = {
         let mut state = shard.state();
         let conn = &mut state.conns[key];
-        (std::mem::take(&mut conn.rooms), conn.username.clone())
+        (
+            std::mem::take(&mut conn.rooms),
+            conn.identity.username.clone(),
+        )
     };
     for room in rooms {
         left_room(shard, key, room, &username);
@@ -146,7 +176,7 @@ fn speaker<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<Speaker, Erro
         Some(name) => Ok(Speaker {
             room: name.clone(),
             id: conn.id,
-            username: conn.username.clone(),
+            username: conn.identity.username.clone(),
         }),
         None => Err(ErrorReply::NotInRoom(room)),
     }

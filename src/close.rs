@@ -9,6 +9,7 @@
 //! | 1007 | invalid payload   | a text message or close reason that is not UTF-8               |
 //! | 1008 | policy violation  | slow consumer: a broadcast would pass `max_queued_bytes`       |
 //! | 1009 | message too big   | a message over `max_message_size`                              |
+//! | 4001 | token expired     | the connection's JWT expired without a `refresh`               |
 
 use crate::frame::FrameError;
 
@@ -22,6 +23,7 @@ impl CloseCode {
     pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
     pub const POLICY_VIOLATION: CloseCode = CloseCode(1008);
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode(1009);
+    pub const TOKEN_EXPIRED: CloseCode = CloseCode(4001);
 
     /// Whether a peer may send this code in a close frame (RFC 6455 §7.4.1–2).
     fn is_valid_on_wire(self) -> bool {

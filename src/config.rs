@@ -4,13 +4,14 @@
 //! Every key is documented here with its default; `wsgate --print-config` shows the result.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Authenticator;
 use crate::heartbeat::HeartbeatMode;
 
 /// The largest `max_message_size` accepted: a message is buffered whole before it is handled.
@@ -57,6 +58,27 @@ pub struct Config {
     /// exiting anyway. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Shared secret for HS256/384/512 tokens (at least 16 bytes). With neither this nor
+    /// `jwt_public_key_file`, the gateway runs in dev mode: a random key and `GET /dev/token`.
+    pub jwt_secret: Option<String>,
+    /// PEM public key (RSA, EC P-256/P-384, or Ed25519) for RS*/ES*/EdDSA tokens.
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Algorithms accepted, e.g. `["RS256"]`. Default: every algorithm of the key's kind.
+    pub jwt_algorithms: Vec<String>,
+    /// Required `iss` claim, if set.
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, if set.
+    pub jwt_audience: Option<String>,
+    /// Clock skew tolerated on `exp`. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub jwt_leeway: Duration,
+    /// Accept connections without a token (as "Anonymous"); a token given is still verified.
+    /// Default false.
+    pub allow_anonymous: bool,
+    /// Browser origins allowed to open WebSockets (`Origin` header), e.g.
+    /// `["https://app.example.com"]`. Empty (default): any. Requests without `Origin` (non-browser
+    /// clients) are not affected.
+    pub allowed_origins: Vec<String>,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `wsgate=debug`. Default `info`.
     pub log: String,
 }
@@ -77,6 +99,14 @@ impl Default for Config {
             heartbeat_timeout: Duration::from_secs(10),
             heartbeat_mode: HeartbeatMode::Frame,
             drain_timeout: Duration::from_secs(10),
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            jwt_algorithms: Vec::new(),
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway: Duration::from_secs(10),
+            allow_anonymous: false,
+            allowed_origins: Vec::new(),
             log: "info".to_owned(),
         }
     }
@@ -149,12 +179,18 @@ impl Config {
         if let Err(e) = self.log.parse::<tracing_subscriber::EnvFilter>() {
             return bad("log", &e.to_string());
         }
+        // Reads the key file, so a missing or wrong key stops start-up here.
+        Authenticator::from_config(self).map_err(ConfigError)?;
         Ok(())
     }
 
-    /// The configuration as TOML, for `--print-config`.
+    /// The configuration as TOML, for `--print-config`, with the secret redacted.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("config serializes to TOML")
+        let mut shown = self.clone();
+        if shown.jwt_secret.is_some() {
+            shown.jwt_secret = Some("<redacted>".into());
+        }
+        toml::to_string(&shown).expect("config serializes to TOML")
     }
 }
 

@@ -8,6 +8,7 @@ use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::auth::Identity;
 use crate::chat;
 use crate::close::{CloseCode, CloseFrame};
 use crate::frame::{self, Decoded, Decoder, Event, FrameError, OpCode};
@@ -56,8 +58,9 @@ pub fn serve(
     stream: TcpStream,
     preread: Bytes,
     endpoint: Endpoint,
+    identity: Arc<Identity>,
 ) -> impl Future<Output = ()> {
-    let key = shard.register(endpoint);
+    let key = shard.register(endpoint, identity);
     Connection {
         decoder: Decoder::new(shard.node.config.max_message_size),
         shard,

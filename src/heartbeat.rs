@@ -6,6 +6,9 @@
 //! - idle for `heartbeat_interval`: it is pinged and filed for `now + heartbeat_timeout`;
 //! - pinged and silent since: it is closed ("heartbeat timeout") and cleaned up like any other.
 //!
+//! The same pass closes connections whose token expired without a refresh (4001): an entry is
+//! due no later than its token's expiry.
+//!
 //! Pings are RFC 6455 ping frames (browsers answer them by themselves), encoded once, or in `json`
 //! mode the seed's `{"type":"ping","timestamp":…}`, encoded once per tick for all who get one.
 
@@ -17,6 +20,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
+use crate::auth;
 use crate::close::CloseCode;
 use crate::config::Config;
 use crate::frame::{self, OpCode};
@@ -41,10 +45,13 @@ pub struct Liveness {
     pub last_seen: u32,
     /// The tick a ping went out and is still unanswered; 0 when none is.
     pinged_at: u32,
+    /// The tick of the connection's live wheel entry; an entry filed for another tick is stale.
+    due: u32,
 }
 
-/// The wheel's items: a connection, by slab key and generation (a stale one is skipped).
-type Entry = (u32, u32);
+/// The wheel's items: a connection (slab key, generation) and the tick it was filed for. One
+/// whose connection is gone, or that is not the connection's live entry, is skipped.
+type Entry = (u32, u32, u32);
 
 pub struct Heartbeats {
     wheel: TimerWheel<Entry>,
@@ -52,6 +59,8 @@ pub struct Heartbeats {
     interval: u32,
     timeout: u32,
     mode: HeartbeatMode,
+    /// Tokens get this much grace past `exp`, as at the upgrade.
+    leeway_secs: u64,
     ping_frame: Bytes,
     /// Reused between ticks.
     expired: Vec<Entry>,
@@ -73,6 +82,7 @@ impl Heartbeats {
             interval,
             timeout,
             mode: config.heartbeat_mode,
+            leeway_secs: config.jwt_leeway.as_secs(),
             ping_frame: frame::encode(OpCode::Ping, b""),
             expired: Vec::new(),
         }
@@ -82,15 +92,47 @@ impl Heartbeats {
         self.wheel.now() as u32
     }
 
-    /// Starts watching a new connection.
-    pub fn watch(&mut self, key: usize, generation: u32) -> Liveness {
+    /// Starts watching a new connection (whose token, if any, expires at `expires_at`).
+    pub fn watch(&mut self, key: usize, generation: u32, expires_at: Option<u64>) -> Liveness {
         let now = self.wheel.now();
-        self.wheel
-            .insert(now + u64::from(self.interval), (key as u32, generation));
-        Liveness {
+        let mut live = Liveness {
             last_seen: now as u32,
             pinged_at: 0,
+            due: 0,
+        };
+        let due = now + u64::from(self.interval);
+        self.file(
+            key as u32,
+            generation,
+            &mut live,
+            due.min(self.tick_of(expires_at)),
+        );
+        live
+    }
+
+    /// Makes sure the connection is looked at by `expires_at` (after a refresh to a token that
+    /// expires sooner than its entry is due).
+    pub fn expire_by(&mut self, key: usize, generation: u32, live: &mut Liveness, expires_at: u64) {
+        let at = self.tick_of(Some(expires_at));
+        let now = self.wheel.now();
+        let current = now + u64::from(live.due.wrapping_sub(now as u32));
+        if at < current {
+            self.file(key as u32, generation, live, at);
         }
+    }
+
+    fn file(&mut self, key: u32, generation: u32, live: &mut Liveness, due: Tick) {
+        live.due = due as u32;
+        self.wheel.insert(due, (key, generation, due as u32));
+    }
+
+    /// The first tick at or after a token's expiry (plus leeway); far away for no token.
+    fn tick_of(&self, expires_at: Option<u64>) -> Tick {
+        let Some(exp) = expires_at else {
+            return Tick::MAX;
+        };
+        let left = Duration::from_secs((exp + self.leeway_secs).saturating_sub(auth::now_secs()));
+        self.wheel.now() + (left.as_nanos() / self.tick.as_nanos()) as Tick + 1
     }
 }
 
@@ -110,19 +152,38 @@ pub async fn run(shard: Rc<Shard>) {
 fn on_tick(shard: &Shard, now: Tick) {
     let mut guard = shard.heartbeats();
     let heartbeats = &mut *guard;
-    heartbeats.wheel.advance(now, &mut heartbeats.expired);
-    if heartbeats.expired.is_empty() {
+    let mut expired = std::mem::take(&mut heartbeats.expired);
+    heartbeats.wheel.advance(now, &mut expired);
+    if expired.is_empty() {
+        heartbeats.expired = expired;
         return;
     }
     let now32 = now as u32;
+    let now_secs = auth::now_secs();
     let mut json_ping = None;
-    let mut timed_out = 0;
+    let (mut timed_out, mut expired_tokens) = (0, 0);
     let mut state = shard.state();
-    for (key, generation) in heartbeats.expired.drain(..) {
+    for (key, generation, filed_for) in expired.drain(..) {
         let Some(conn) = state.conns.get_mut(key as usize) else {
             continue;
         };
-        if conn.id.generation != generation || conn.outbound.is_closing() {
+        if conn.id.generation != generation
+            || conn.liveness.due != filed_for
+            || conn.outbound.is_closing()
+        {
+            continue;
+        }
+        let expires_at = conn
+            .identity
+            .expires_at
+            .map(|exp| exp + heartbeats.leeway_secs);
+        if expires_at.is_some_and(|exp| now_secs >= exp) {
+            expired_tokens += 1;
+            debug!(client = %conn.id, "token expired");
+            conn.outbound.push_close(frame::encode_close(
+                CloseCode::TOKEN_EXPIRED,
+                "token expired",
+            ));
             continue;
         }
         let live = &mut conn.liveness;
@@ -158,11 +219,24 @@ fn on_tick(shard: &Shard, now: Tick) {
         // Back to a full tick count (`due` is near `now`; overdue means the next tick).
         let ahead = due.wrapping_sub(now32) as i32;
         let due = now + u64::try_from(ahead).unwrap_or(0);
-        heartbeats.wheel.insert(due, (key, generation));
+        let by_expiry = expires_at.map_or(Tick::MAX, |exp| {
+            let left = Duration::from_secs(exp.saturating_sub(now_secs));
+            now + (left.as_nanos() / heartbeats.tick.as_nanos()) as Tick + 1
+        });
+        heartbeats.file(key, generation, &mut conn.liveness, due.min(by_expiry));
+    }
+    heartbeats.expired = expired;
+    if expired_tokens > 0 {
+        shard
+            .node
+            .counters
+            .tokens_expired
+            .fetch_add(expired_tokens, Ordering::Relaxed);
     }
     if timed_out > 0 {
         shard
             .node
+            .counters
             .heartbeat_timeouts
             .fetch_add(timed_out, Ordering::Relaxed);
     }

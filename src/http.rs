@@ -7,6 +7,7 @@
 //! | `GET /echo`| WebSocket upgrade: raw echo (RFC 6455 conformance target)    |
 //! | `GET /healthz` | liveness and a few gauges, as JSON                       |
 //! | `GET /readyz`  | readiness: 503 once shutdown has begun                    |
+//! | `GET /dev/token?user=NAME` | dev mode only (no key configured): a 1-hour token |
 //!
 //! After the upgrade, hyper's connection is taken apart back into the raw `TcpStream` plus the
 //! bytes hyper had read past the handshake, and the connection task takes over with its own
@@ -14,21 +15,23 @@
 
 use std::convert::Infallible;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderValue, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tracing::{debug, error};
+use tracing::{debug, error, info};
 
-use crate::conn;
 use crate::shard::{Endpoint, SHUTDOWN_REASON, Shard};
+use crate::{auth, conn};
 
 const TEST_PAGE: &str = include_str!("page/index.html");
 
@@ -75,11 +78,11 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
                     "connections": node.connection_count(),
                     "rooms": node.rooms.room_count(),
                     "shards": node.shards(),
-                    "slow_consumers_closed": node.slow_consumers.load(Ordering::Relaxed),
-                    "heartbeat_timeouts": node.heartbeat_timeouts.load(Ordering::Relaxed),
+                    "refused": node.counters.snapshot(),
                 }),
             )
         }
+        (&Method::GET, "/dev/token") if shard.node.auth.dev_mode() => dev_token(shard, req.uri()),
         (&Method::GET, "/readyz") if shard.node.is_draining() => error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining: the server is shutting down",
@@ -95,6 +98,11 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
 /// Answers the upgrade and, once hyper lets go of the socket, runs the connection.
 fn upgrade(shard: &Rc<Shard>, mut req: Request<Incoming>, endpoint: Endpoint) -> Response<Body> {
     if shard.node.is_draining() {
+        shard
+            .node
+            .counters
+            .draining_refused
+            .fetch_add(1, Ordering::Relaxed);
         return error_response(StatusCode::SERVICE_UNAVAILABLE, SHUTDOWN_REASON);
     }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
@@ -106,7 +114,37 @@ fn upgrade(shard: &Rc<Shard>, mut req: Request<Incoming>, endpoint: Endpoint) ->
             .insert("upgrade", HeaderValue::from_static("websocket"));
         return res;
     }
-    let (response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    let node = &shard.node;
+    if let Some(origin) = req.headers().get(ORIGIN)
+        && !node.config.allowed_origins.is_empty()
+        && !node
+            .config
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed.as_bytes() == origin.as_bytes())
+    {
+        node.counters.origin_refused.fetch_add(1, Ordering::Relaxed);
+        info!(origin = ?origin, "upgrade refused (403): origin not allowed");
+        return error_response(StatusCode::FORBIDDEN, "origin not allowed");
+    }
+    let presented = auth::presented(&req);
+    let identity = match presented.token {
+        None if node.config.allow_anonymous => node.anonymous.clone(),
+        token => match node.auth.authenticate(token) {
+            Ok(identity) => Arc::new(identity),
+            Err(e) => {
+                node.counters.auth_refused(e);
+                // The reason only: the token itself is never logged.
+                info!(reason = e.code(), "upgrade refused (401)");
+                return json(
+                    StatusCode::UNAUTHORIZED,
+                    &serde_json::json!({ "error": e.message(), "reason": e.code() }),
+                );
+            }
+        },
+    };
+    let protocol = presented.protocol;
+    let (mut response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(fastwebsockets::WebSocketError::InvalidSecWebsocketVersion) => {
             let mut res = error_response(
@@ -119,6 +157,11 @@ fn upgrade(shard: &Rc<Shard>, mut req: Request<Incoming>, endpoint: Endpoint) ->
         }
         Err(e) => return error_response(StatusCode::BAD_REQUEST, &e.to_string()),
     };
+    if let Some(protocol) = protocol {
+        response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
     let shard = shard.clone();
     tokio::task::spawn_local(async move {
         let upgraded = match upgrading.await {
@@ -131,7 +174,13 @@ fn upgrade(shard: &Rc<Shard>, mut req: Request<Incoming>, endpoint: Endpoint) ->
         // Everything but the connection itself is dropped before the long await: whatever is
         // still in scope there stays in this task, for every connection, for its whole life.
         let connection = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => conn::serve(shard, parts.io.into_inner(), parts.read_buf, endpoint),
+            Ok(parts) => conn::serve(
+                shard,
+                parts.io.into_inner(),
+                parts.read_buf,
+                endpoint,
+                identity,
+            ),
             Err(_) => {
                 error!("upgraded connection is not a plain TCP stream");
                 return;
@@ -141,6 +190,34 @@ fn upgrade(shard: &Rc<Shard>, mut req: Request<Incoming>, endpoint: Endpoint) ->
     });
     response.map(|_| Body::default())
 }
+
+/// Dev mode only: a one-hour token for `?user=NAME`, so the test page works without set-up.
+fn dev_token(shard: &Shard, uri: &hyper::Uri) -> Response<Body> {
+    let user = uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("user=")))
+        .filter(|u| {
+            (1..=64).contains(&u.len())
+                && u.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        });
+    let Some(user) = user else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "user: 1-64 characters of A-Z, a-z, 0-9, '_', '-', '.'",
+        );
+    };
+    let claims = auth::claims_for(user, None, DEV_TOKEN_TTL);
+    match shard.node.auth.mint(&claims) {
+        Some(token) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "token": token, "expiresAt": claims.exp }),
+        ),
+        None => error_response(StatusCode::INTERNAL_SERVER_ERROR, "cannot sign a token"),
+    }
+}
+
+const DEV_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
 fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     let mut res = Response::new(Full::new(Bytes::from(body.to_string())));

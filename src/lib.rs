@@ -6,8 +6,8 @@
 //!
 //! - [`server`] binds one SO_REUSEPORT socket per shard and starts one thread with a
 //!   current-thread tokio runtime per shard ([`server::start`] returns a [`Gateway`]).
-//! - [`http`] serves HTTP/1.1 (hyper): the test page, `/healthz`, and the WebSocket upgrade,
-//!   after which it hands the raw `TcpStream` to [`conn`].
+//! - [`http`] serves HTTP/1.1 (hyper): the test page, `/healthz`, and the WebSocket upgrade
+//!   (authenticated by [`auth`]), after which it hands the raw `TcpStream` to [`conn`].
 //! - [`conn`] is one connection's task: reads into its [`shard`]'s shared buffer, decodes frames
 //!   in place ([`frame`]), passes messages to the endpoint, writes queued frames vectored.
 //! - [`chat`] is the application: each [`protocol`] message's effect on [`rooms`].
@@ -17,6 +17,7 @@
 //! - [`close`] is the table of close codes, [`protocol::ErrorReply`] that of error replies;
 //!   [`config`] documents every setting.
 
+pub mod auth;
 pub mod backplane;
 pub mod chat;
 pub mod client_id;

@@ -1,7 +1,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -30,6 +33,83 @@ struct Cli {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mint a token with the configured jwt_secret (or --private-key), for scripts and tests.
+    Token(TokenArgs),
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The user id (`sub`).
+    #[arg(long)]
+    user: String,
+    /// Display name (default: the user id).
+    #[arg(long)]
+    username: Option<String>,
+    /// Lifetime.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// A role claim; repeat for several.
+    #[arg(long = "role")]
+    roles: Vec<String>,
+    /// A room the token may join (`team-*` matches a prefix); repeat for several. Default: any.
+    #[arg(long = "room")]
+    rooms: Vec<String>,
+    /// Sign with this PEM private key (RSA, EC or Ed25519) instead of jwt_secret.
+    #[arg(long)]
+    private_key: Option<PathBuf>,
+    /// Algorithm for --private-key (default RS256, ES256 or EdDSA by key kind).
+    #[arg(long)]
+    alg: Option<String>,
+}
+
+/// Prints a token signed as `args` asks; the configuration supplies the secret, issuer, audience.
+fn mint_token(config: &Config, args: &TokenArgs) -> Result<String, String> {
+    let (key, alg) = match &args.private_key {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("--private-key: cannot read {}: {e}", path.display()))?;
+            let (key, default_alg) = if let Ok(k) = EncodingKey::from_rsa_pem(&pem) {
+                (k, Algorithm::RS256)
+            } else if let Ok(k) = EncodingKey::from_ec_pem(&pem) {
+                (k, Algorithm::ES256)
+            } else if let Ok(k) = EncodingKey::from_ed_pem(&pem) {
+                (k, Algorithm::EdDSA)
+            } else {
+                return Err(format!(
+                    "--private-key: {} is not a PEM private key",
+                    path.display()
+                ));
+            };
+            let alg = match &args.alg {
+                Some(name) => name.parse().map_err(|_| format!("--alg: unknown {name}"))?,
+                None => default_alg,
+            };
+            (key, alg)
+        }
+        None => {
+            let secret = config.jwt_secret.as_ref().ok_or(
+                "no jwt_secret configured (dev-mode keys are random per process: ask the running \
+                 gateway's GET /dev/token instead), or pass --private-key",
+            )?;
+            let alg = match &args.alg {
+                Some(name) => name.parse().map_err(|_| format!("--alg: unknown {name}"))?,
+                None => Algorithm::HS256,
+            };
+            (EncodingKey::from_secret(secret.as_bytes()), alg)
+        }
+    };
+    let mut claims = wsgate::auth::claims_for(&args.user, args.username.as_deref(), args.ttl);
+    claims.roles = args.roles.clone();
+    claims.rooms = (!args.rooms.is_empty()).then(|| args.rooms.clone());
+    claims.iss = config.jwt_issuer.clone();
+    claims.aud = config.jwt_audience.clone();
+    jsonwebtoken::encode(&Header::new(alg), &claims, &key).map_err(|e| format!("signing: {e}"))
 }
 
 fn main() -> ExitCode {
@@ -49,8 +129,22 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
+    if let Some(Command::Token(args)) = &cli.command {
+        return match mint_token(&config, args) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("wsgate token: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    // Logs go to stderr; stdout carries only the "listening on" line (and `token`'s output).
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(&config.log))
+        .with_writer(std::io::stderr)
         .init();
     raise_open_files_limit();
 

@@ -4,6 +4,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
+use serde_json::{Value, json};
+
+use crate::auth::{AuthError, Authenticator, Identity};
 use crate::backplane::Backplane;
 use crate::config::Config;
 use crate::rooms::RoomDirectory;
@@ -14,25 +17,26 @@ pub struct Node {
     pub backplane: Arc<dyn Backplane>,
     /// Open WebSocket connections, one gauge per shard (each written by its shard only).
     pub connections: Box<[AtomicUsize]>,
-    /// Connections closed with 1008 because their outbound queue passed `max_queued_bytes`.
-    pub slow_consumers: AtomicU64,
-    /// Connections closed because they did not answer a ping within `heartbeat_timeout`.
-    pub heartbeat_timeouts: AtomicU64,
+    pub auth: Authenticator,
+    /// The identity of token-less connections when `allow_anonymous` is on (shared by all).
+    pub anonymous: Arc<Identity>,
+    pub counters: Counters,
     /// Set when shutdown begins: upgrades are refused, `/readyz` fails, connections get 1001.
     pub draining: AtomicBool,
 }
 
 impl Node {
-    pub fn new(config: Arc<Config>, backplane: Arc<dyn Backplane>) -> Self {
-        Node {
+    pub fn new(config: Arc<Config>, backplane: Arc<dyn Backplane>) -> Result<Self, String> {
+        Ok(Node {
             rooms: RoomDirectory::new(config.shards),
             connections: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
-            slow_consumers: AtomicU64::new(0),
-            heartbeat_timeouts: AtomicU64::new(0),
+            auth: Authenticator::from_config(&config)?,
+            anonymous: Arc::new(Identity::anonymous()),
+            counters: Counters::default(),
             draining: AtomicBool::new(false),
             config,
             backplane,
-        }
+        })
     }
 
     pub fn shards(&self) -> usize {
@@ -48,5 +52,50 @@ impl Node {
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .sum()
+    }
+}
+
+/// Every refusal and forced close, counted by reason (each is also logged once when it happens).
+#[derive(Default)]
+pub struct Counters {
+    /// Upgrades refused with 401, by [`AuthError`] (in `AuthError::ALL` order).
+    auth_refused: [AtomicU64; AuthError::ALL.len()],
+    /// Upgrades refused with 403: `Origin` not in `allowed_origins`.
+    pub origin_refused: AtomicU64,
+    /// Upgrades refused with 503 while draining.
+    pub draining_refused: AtomicU64,
+    /// Connections closed with 1008 because their outbound queue passed `max_queued_bytes`.
+    pub slow_consumers: AtomicU64,
+    /// Connections closed because they did not answer a ping within `heartbeat_timeout`.
+    pub heartbeat_timeouts: AtomicU64,
+    /// Connections closed with 4001: the token expired without a refresh.
+    pub tokens_expired: AtomicU64,
+}
+
+impl Counters {
+    pub fn auth_refused(&self, error: AuthError) {
+        let at = AuthError::ALL
+            .iter()
+            .position(|e| *e == error)
+            .expect("listed");
+        self.auth_refused[at].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters as JSON, for `/healthz`.
+    pub fn snapshot(&self) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let auth: serde_json::Map<String, Value> = AuthError::ALL
+            .iter()
+            .zip(&self.auth_refused)
+            .map(|(e, c)| (e.code().to_owned(), get(c).into()))
+            .collect();
+        json!({
+            "auth_refused": auth,
+            "origin_refused": get(&self.origin_refused),
+            "draining_refused": get(&self.draining_refused),
+            "slow_consumers_closed": get(&self.slow_consumers),
+            "heartbeat_timeouts": get(&self.heartbeat_timeouts),
+            "tokens_expired": get(&self.tokens_expired),
+        })
     }
 }

@@ -15,6 +15,7 @@ use simd_json::prelude::*;
 use simd_json::tape::Value;
 use simd_json::{Buffers, Tape};
 
+use crate::auth::AuthError;
 use crate::client_id::ClientId;
 use crate::frame::{FrameBuilder, OpCode};
 
@@ -41,6 +42,10 @@ pub enum ClientMessage<'t, 'i> {
     },
     /// The seed's JSON heartbeat answer.
     Pong,
+    /// A fresh token for a long-lived connection.
+    Refresh {
+        token: &'i str,
+    },
 }
 
 /// Every error a client can be sent, with its exact wording. None of them closes the connection.
@@ -59,6 +64,11 @@ pub enum ErrorReply<'a> {
     TooManyRooms(usize),
     MessageTooLong(usize),
     BinaryNotSupported,
+    /// The token's room allow-list does not cover the room.
+    RoomNotAllowed(&'a str),
+    InvalidToken(AuthError),
+    /// A refresh token names another user than the connection's.
+    TokenForOtherUser,
 }
 
 /// Unknown types are echoed back in the error, cut to this many characters.
@@ -90,6 +100,11 @@ impl fmt::Display for ErrorReply<'_> {
             }
             ErrorReply::BinaryNotSupported => {
                 f.write_str("Binary messages are not supported: send JSON text")
+            }
+            ErrorReply::RoomNotAllowed(room) => write!(f, "Not allowed to join room: {room}"),
+            ErrorReply::InvalidToken(e) => write!(f, "Invalid token: {}", e.message()),
+            ErrorReply::TokenForOtherUser => {
+                f.write_str("Invalid token: it is for another user than this connection's")
             }
         }
     }
@@ -145,6 +160,9 @@ pub fn read_message<'t, 'i>(tape: &'t Tape<'i>) -> Result<ClientMessage<'t, 'i>,
         },
         "echo" => ClientMessage::Echo { payload },
         "pong" => ClientMessage::Pong,
+        "refresh" => ClientMessage::Refresh {
+            token: string("token")?,
+        },
         other => return Err(ErrorReply::UnknownType(other)),
     })
 }
@@ -218,6 +236,11 @@ pub enum ServerMessage<'a> {
     },
     Error {
         error: ErrorReply<'a>,
+    },
+    /// Answer to `refresh`: the connection now runs on the new token.
+    TokenRefreshed {
+        #[serde(rename = "expiresAt")]
+        expires_at: u64,
     },
 }
 

@@ -46,7 +46,15 @@ pub fn start(config: Config) -> io::Result<Gateway> {
         listeners.push(bind(local_addr, config.backlog)?);
     }
     let (backplane, inboxes) = MemoryBackplane::new(config.shards);
-    let node = Arc::new(Node::new(config.clone(), Arc::new(backplane)));
+    let node = Node::new(config.clone(), Arc::new(backplane)).map_err(io::Error::other)?;
+    let node = Arc::new(node);
+    if node.auth.dev_mode() {
+        warn!(
+            "DEV MODE: no jwt_secret or jwt_public_key_file configured. Tokens are signed with a \
+             random key, and anyone can get one at GET /dev/token?user=NAME. Configure a key \
+             before exposing this gateway."
+        );
+    }
     let shutdown = CancellationToken::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut gateway = Gateway {

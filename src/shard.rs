@@ -15,6 +15,7 @@ use bytes::{Buf, Bytes};
 use slab::Slab;
 use tracing::warn;
 
+use crate::auth::Identity;
 use crate::backplane::{Publication, Target};
 use crate::client_id::ClientId;
 use crate::close::CloseCode;
@@ -142,7 +143,8 @@ impl Outbound {
 pub struct ConnEntry {
     pub id: ClientId,
     pub endpoint: Endpoint,
-    pub username: Arc<str>,
+    /// Who is connected, from the token (shared: no copy per connection).
+    pub identity: Arc<Identity>,
     /// Rooms this connection is in (the other half of the room index).
     pub rooms: Vec<Arc<str>>,
     pub outbound: Outbound,
@@ -165,7 +167,6 @@ pub struct Shard {
     /// Scratch list of other shards a publication goes to, kept to avoid an allocation each time.
     route: RefCell<Vec<usize>>,
     heartbeats: RefCell<Heartbeats>,
-    anonymous: Arc<str>,
 }
 
 impl Shard {
@@ -181,7 +182,6 @@ impl Shard {
             json: RefCell::new(JsonParser::default()),
             route: RefCell::new(Vec::new()),
             heartbeats: RefCell::new(Heartbeats::new(&node.config)),
-            anonymous: Arc::from("Anonymous"),
             node,
         }
     }
@@ -211,7 +211,7 @@ impl Shard {
     }
 
     /// Adds a connection; chat clients are greeted with their id.
-    pub fn register(&self, endpoint: Endpoint) -> usize {
+    pub fn register(&self, endpoint: Endpoint, identity: Arc<Identity>) -> usize {
         let mut state = self.state();
         let generation = state.next_generation;
         state.next_generation = generation.wrapping_add(1);
@@ -224,10 +224,12 @@ impl Shard {
         let mut conn = ConnEntry {
             id,
             endpoint,
-            username: self.anonymous.clone(),
+            liveness: self
+                .heartbeats()
+                .watch(entry.key(), generation, identity.expires_at),
+            identity,
             rooms: Vec::new(),
             outbound: Outbound::default(),
-            liveness: self.heartbeats().watch(entry.key(), generation),
         };
         if endpoint == Endpoint::Chat {
             conn.outbound.push(
@@ -331,7 +333,10 @@ impl Shard {
                 // A reader this far behind would make the shard buffer without bound: it gets
                 // what is queued, then a close.
                 warn!(client = %conn.id, queued = conn.outbound.queued_bytes(), "closing slow consumer");
-                self.node.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                self.node
+                    .counters
+                    .slow_consumers
+                    .fetch_add(1, Ordering::Relaxed);
                 conn.outbound.push_close(frame::encode_close(
                     CloseCode::POLICY_VIOLATION,
                     "slow consumer",

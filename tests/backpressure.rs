@@ -72,7 +72,7 @@ async fn a_reader_that_never_reads_is_closed_and_the_others_get_everything() {
     slow.expect_eof().await;
     let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
     let health: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(health["slow_consumers_closed"], 1);
+    assert_eq!(health["refused"]["slow_consumers_closed"], 1);
     // The fast reader is unaffected and still in the room.
     fast.send(
         "chat_message",

@@ -30,6 +30,15 @@ fn defaults_need_no_file() {
     assert_eq!(config["max_message_size"].as_integer(), Some(65536));
     assert_eq!(config["max_rooms_per_connection"].as_integer(), Some(100));
     assert_eq!(config["presence_max_members"].as_integer(), Some(1000));
+    assert_eq!(config["heartbeat_interval"].as_str(), Some("30s"));
+    assert_eq!(config["allow_anonymous"].as_bool(), Some(false));
+    assert!(config.get("jwt_secret").is_none(), "no key: dev mode");
+}
+
+#[test]
+fn the_secret_is_never_printed() {
+    let config = print_config(wsgate().env("WSGATE_JWT_SECRET", "a-very-secret-value-123"));
+    assert_eq!(config["jwt_secret"].as_str(), Some("<redacted>"));
 }
 
 #[test]
@@ -94,6 +103,12 @@ fn bad_values_stop_start_up_naming_the_key() {
     assert!(err.contains("close_timeout"), "{err}");
     let err = refused(wsgate().env("WSGATE_NO_SUCH_KEY", "1"));
     assert!(err.contains("no_such_key"), "{err}");
+    let err = refused(wsgate().env("WSGATE_JWT_SECRET", "short"));
+    assert!(err.contains("jwt_secret"), "{err}");
+    let err = refused(wsgate().env("WSGATE_JWT_PUBLIC_KEY_FILE", "/nonexistent.pem"));
+    assert!(err.contains("jwt_public_key_file"), "{err}");
+    let err = refused(wsgate().env("WSGATE_HEARTBEAT_MODE", "smoke-signals"));
+    assert!(err.contains("heartbeat_mode"), "{err}");
     let err = refused(wsgate().args(["--config", "/nonexistent/wsgate.toml"]));
     assert!(err.contains("/nonexistent/wsgate.toml"), "{err}");
     let out = wsgate().args(["--shards", "x"]).output().unwrap();

@@ -44,7 +44,7 @@ async fn a_client_that_answers_pings_stays_connected() {
     );
     client.send("echo", json!(1)).await;
     assert_eq!(client.expect("echo").await["payload"], 1);
-    assert_eq!(health(&gw).await["heartbeat_timeouts"], 0);
+    assert_eq!(health(&gw).await["refused"]["heartbeat_timeouts"], 0);
 }
 
 #[tokio::test]
@@ -66,7 +66,7 @@ async fn any_inbound_frame_counts_as_alive() {
         }
     }
     assert_eq!(echoed, (0..15).collect::<Vec<u8>>());
-    assert_eq!(health(&gw).await["heartbeat_timeouts"], 0);
+    assert_eq!(health(&gw).await["refused"]["heartbeat_timeouts"], 0);
 }
 
 #[tokio::test]
@@ -102,7 +102,7 @@ async fn a_silent_peer_is_closed_and_leaves_its_rooms() {
         .unwrap();
     assert_eq!(left["room"], "room");
     gw.wait_for_connections(1).await;
-    assert_eq!(health(&gw).await["heartbeat_timeouts"], 1);
+    assert_eq!(health(&gw).await["refused"]["heartbeat_timeouts"], 1);
     // What the silent peer would have read: pings, then the close.
     let mut code = None;
     while code.is_none() {

@@ -120,6 +120,7 @@ fn sigterm_closes_clients_with_1001_and_exits_0() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
         .args(["--listen", "127.0.0.1:0", "--shards", "2"])
         .env("WSGATE_LOG", "warn")
+        .env("WSGATE_JWT_SECRET", support::TEST_SECRET)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -139,7 +140,8 @@ fn sigterm_closes_clients_with_1001_and_exits_0() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let mut client = Client::connect(&format!("ws://{addr}/ws")).await;
+        let token = support::token_for("alice");
+        let mut client = Client::connect(&format!("ws://{addr}/ws?token={token}")).await;
         client.join("r").await;
         client
             .send("chat_message", json!({"room": "r", "message": "before"}))

@@ -9,6 +9,9 @@ n="${1:-10000}"
 shift || true
 
 cargo build --release -p wsgate -p loadtest
+# Every connection presents a real token, so each one carries its verified identity.
+export WSGATE_JWT_SECRET="idle-memory-$(date +%s%N)"
+token=$(target/release/wsgate token --user loadtest --ttl 1h)
 log=$(mktemp)
 WSGATE_LOG=warn target/release/wsgate --listen 127.0.0.1:0 --shards 2 >"$log" 2>&1 &
 pid=$!
@@ -20,5 +23,5 @@ done
 addr=$(sed -n 's|.*listening on http://\([^/]*\)/.*|\1|p' "$log")
 [ -n "$addr" ] || { echo "wsgate did not start"; cat "$log"; exit 1; }
 # Four source addresses: 10k+ connections from one address would crowd its ephemeral ports.
-target/release/loadtest connect --target "$addr" -n "$n" --rate 5000 --hold 3s \
+target/release/loadtest connect --target "$addr" --token "$token" -n "$n" --rate 5000 --hold 3s \
   --source-ips 127.0.0.1-127.0.0.4 --gateway-pid "$pid" "$@"

@@ -41,6 +41,9 @@ struct Common {
     /// WebSocket path.
     #[arg(long, default_value = "/ws")]
     path: String,
+    /// A token to present (as `?token=`), e.g. from `wsgate token --user loadtest`.
+    #[arg(long)]
+    token: Option<String>,
     /// Local source addresses, as a range (127.0.0.1-127.0.0.8) or a comma list: each source
     /// address has its own ~28k ephemeral ports.
     #[arg(long, default_value = "127.0.0.1", value_parser = parse_sources)]
@@ -154,13 +157,16 @@ async fn connect(args: ConnectArgs) -> ExitCode {
             .expect("semaphore open");
         let source = common.source_ips.0[i % common.source_ips.0.len()];
         let target = common.targets[i % common.targets.len()];
-        let path = common.path.clone();
+        let path = match &common.token {
+            Some(token) => format!("{}?token={token}", common.path),
+            None => common.path.clone(),
+        };
         let timeout = args.handshake_timeout;
         attempts.spawn(async move {
             let begun = Instant::now();
             let result = tokio::time::timeout(timeout, async {
                 let mut ws = client::connect(source, target, &path).await?;
-                if path != "/echo" {
+                if !path.starts_with("/echo") {
                     client::read_greeting(&mut ws).await?;
                 }
                 Ok(ws)

@@ -45,6 +45,8 @@ async function openAndJoin(name) {
   page.on('pageerror', (err) => assert.fail(`${name}: page error ${err}`));
   await page.goto(baseUrl);
   assert.equal(await page.title(), 'wsgate test client');
+  // Dev mode (no key configured): the page gets a token for this name from /dev/token.
+  await page.fill('#user', name);
   await page.click('#connect');
   await page.locator('#status', { hasText: /^connected$/ }).waitFor();
   await page.locator('#clientId', { hasText: /^id \w+\.\w+\.\w+$/ }).waitFor();
@@ -57,15 +59,15 @@ test('two tabs chat through the test page', async () => {
   const alice = await openAndJoin('alice');
   const bob = await openAndJoin('bob');
   // Alice saw Bob join; the member count is in Bob's room list.
-  await alice.locator('#log', { hasText: 'Anonymous joined #general' }).waitFor();
+  await alice.locator('#log', { hasText: 'bob joined #general' }).waitFor();
   assert.equal(await bob.locator('.room.active small').textContent(), '2');
   assert.equal(await alice.locator('.room.active small').textContent(), '2');
 
   await alice.fill('#message', 'hello from alice');
   await bob.locator('#typing', { hasText: 'typing' }).waitFor();
   await alice.click('#sendForm button:has-text("Send")');
-  await bob.locator('#log', { hasText: '#general Anonymous: hello from alice' }).waitFor();
-  await alice.locator('#log', { hasText: '#general Anonymous: hello from alice' }).waitFor();
+  await bob.locator('#log', { hasText: '#general alice: hello from alice' }).waitFor();
+  await alice.locator('#log', { hasText: '#general alice: hello from alice' }).waitFor();
   await bob.locator('#typing', { hasText: /^$/ }).waitFor();
 
   // An error reply is shown, and the connection stays usable.
@@ -74,11 +76,11 @@ test('two tabs chat through the test page', async () => {
   await bob.locator('#log .err', { hasText: 'error: Invalid room name' }).waitFor();
   await bob.fill('#message', 'still here');
   await bob.click('#sendForm button:has-text("Send")');
-  await alice.locator('#log', { hasText: 'Anonymous: still here' }).waitFor();
+  await alice.locator('#log', { hasText: 'bob: still here' }).waitFor();
 
   // Leaving tells the other tab.
   await bob.click('#leave');
-  await alice.locator('#log', { hasText: 'Anonymous left #general' }).waitFor();
+  await alice.locator('#log', { hasText: 'bob left #general' }).waitFor();
   assert.equal(await alice.locator('.room.active small').textContent(), '1');
   await alice.screenshot({ path: new URL('../../target/test-page.png', import.meta.url).pathname });
 });

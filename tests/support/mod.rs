@@ -15,6 +15,20 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use wsgate::{Config, Gateway};
 
+/// The HS256 secret test gateways verify tokens with.
+pub const TEST_SECRET: &str = "wsgate-test-secret-0123456789";
+
+/// An HS256 token for `user` signed with [`TEST_SECRET`], valid for an hour.
+pub fn token_for(user: &str) -> String {
+    let claims = wsgate::auth::claims_for(user, None, Duration::from_secs(3600));
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(TEST_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
 /// How long a test waits for something that should happen.
 pub const PATIENCE: Duration = Duration::from_secs(5);
 /// How long a test waits to be sure something does not happen.
@@ -36,6 +50,9 @@ impl TestGateway {
             listen: "127.0.0.1:0".parse().unwrap(),
             shards,
             log: "warn".into(),
+            jwt_secret: Some(TEST_SECRET.into()),
+            // Tests of the protocol connect without tokens; tests/auth.rs turns this off.
+            allow_anonymous: true,
             ..Config::default()
         };
         customize(&mut config);
@@ -346,18 +363,29 @@ pub fn raw_frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8>
     out
 }
 
-/// A plain HTTP/1.1 GET; returns (status, headers, body).
+/// A plain HTTP/1.1 GET; returns (status, headers, body). A `101 Switching Protocols` answer
+/// returns at once with an empty body (the connection stays open for WebSocket frames).
 pub async fn http_get(addr: SocketAddr, path: &str, extra_headers: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra_headers}\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
-        .await
-        .expect("response within the patience window")
-        .unwrap();
-    let response = String::from_utf8(response).unwrap();
+    tokio::time::timeout(PATIENCE, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).await.unwrap();
+            response.extend_from_slice(&chunk[..n]);
+            let switching = response.starts_with(b"HTTP/1.1 101")
+                && response.windows(4).any(|w| w == b"\r\n\r\n");
+            if n == 0 || switching {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("response within the patience window");
+    let response = String::from_utf8_lossy(&response).into_owned();
     let (head, body) = response
         .split_once("\r\n\r\n")
         .expect("a complete response");

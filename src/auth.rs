@@ -1,0 +1,420 @@
+//! Authentication at the HTTP upgrade, with JWTs (jsonwebtoken), before any WebSocket state
+//! exists.
+//!
+//! The token comes from `?token=`, from `Authorization: Bearer …`, or — for browsers, which cannot
+//! set headers on a WebSocket — from `Sec-WebSocket-Protocol` as an entry `bearer.<token>`. Only
+//! the configured algorithms verify (so no `alg: none`, and no HS token checked against an RSA
+//! key); `exp` is required; `iss`/`aud` are checked when configured.
+//!
+//! With no key configured the gateway runs in dev mode: a random secret, and `GET /dev/token`
+//! hands out tokens so the test page works at once.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hyper::header::{AUTHORIZATION, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+
+/// The prefix that marks a token among the offered subprotocols.
+const PROTOCOL_TOKEN_PREFIX: &str = "bearer.";
+
+/// Who is on a connection, from its token's claims.
+#[derive(Debug)]
+pub struct Identity {
+    pub user_id: Box<str>,
+    pub username: Arc<str>,
+    pub roles: Box<[Box<str>]>,
+    /// Room patterns this user may join (`None`: any room). A trailing `*` matches a prefix.
+    pub rooms: Option<Box<[Box<str>]>>,
+    /// When the token expires (Unix seconds); `None` for anonymous connections.
+    pub expires_at: Option<u64>,
+}
+
+impl Identity {
+    pub fn anonymous() -> Self {
+        Identity {
+            user_id: "anonymous".into(),
+            username: Arc::from("Anonymous"),
+            roles: Box::new([]),
+            rooms: None,
+            expires_at: None,
+        }
+    }
+
+    pub fn may_join(&self, room: &str) -> bool {
+        self.rooms.as_ref().is_none_or(|patterns| {
+            patterns.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => room.starts_with(prefix),
+                None => **p == *room,
+            })
+        })
+    }
+}
+
+/// The claims wsgate reads. Either `sub` or `userId` names the user.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    #[serde(rename = "userId", skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<Vec<String>>,
+    pub exp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+}
+
+/// Why a token was refused. The wording goes to the client; the token itself never does, nor
+/// into logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthError {
+    Missing,
+    Malformed,
+    Expired,
+    BadSignature,
+    /// Signed with an algorithm that is not configured (including `none`).
+    WrongAlgorithm,
+    WrongIssuer,
+    WrongAudience,
+    /// No `sub`/`userId`, or claims of the wrong type.
+    BadClaims,
+}
+
+impl AuthError {
+    /// A short stable name, for counters and the `reason` field of the 401 body.
+    pub fn code(self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_token",
+            AuthError::Malformed => "malformed_token",
+            AuthError::Expired => "token_expired",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::WrongAlgorithm => "algorithm_not_allowed",
+            AuthError::WrongIssuer => "wrong_issuer",
+            AuthError::WrongAudience => "wrong_audience",
+            AuthError::BadClaims => "bad_claims",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            AuthError::Missing => {
+                "missing token: send ?token=, Authorization: Bearer, or a bearer.<token> subprotocol"
+            }
+            AuthError::Malformed => "malformed token",
+            AuthError::Expired => "token expired",
+            AuthError::BadSignature => "invalid token signature",
+            AuthError::WrongAlgorithm => "token algorithm not allowed",
+            AuthError::WrongIssuer => "wrong token issuer",
+            AuthError::WrongAudience => "wrong token audience",
+            AuthError::BadClaims => "token claims invalid: need exp and sub (or userId)",
+        }
+    }
+
+    pub const ALL: [AuthError; 8] = [
+        AuthError::Missing,
+        AuthError::Malformed,
+        AuthError::Expired,
+        AuthError::BadSignature,
+        AuthError::WrongAlgorithm,
+        AuthError::WrongIssuer,
+        AuthError::WrongAudience,
+        AuthError::BadClaims,
+    ];
+}
+
+/// A token found in an upgrade request, and the subprotocol to answer with.
+pub struct Presented<'a> {
+    pub token: Option<&'a str>,
+    /// RFC 6455: when the client offers subprotocols, the server must answer with one of them.
+    pub protocol: Option<HeaderValue>,
+}
+
+/// Finds the token in `?token=`, `Authorization: Bearer`, or a `bearer.<token>` subprotocol.
+pub fn presented<B>(req: &hyper::Request<B>) -> Presented<'_> {
+    let offered: Vec<&str> = req
+        .headers()
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    let from_protocol = offered
+        .iter()
+        .find_map(|p| p.strip_prefix(PROTOCOL_TOKEN_PREFIX));
+    // Answer with a real protocol when one was offered beside the token, else with the token
+    // entry itself (a browser fails the connection if the answer is not among its offers).
+    let protocol = offered
+        .iter()
+        .find(|p| !p.starts_with(PROTOCOL_TOKEN_PREFIX))
+        .or(offered.first())
+        .and_then(|p| HeaderValue::from_str(p).ok());
+    let from_query = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|pair| pair.strip_prefix("token="))
+            .filter(|t| !t.is_empty())
+    });
+    let from_header = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    Presented {
+        token: from_query.or(from_header).or(from_protocol),
+        protocol,
+    }
+}
+
+pub struct Authenticator {
+    key: DecodingKey,
+    validation: Validation,
+    /// What the gateway can sign with: the shared secret (configured or dev-mode random).
+    signer: Option<(EncodingKey, Algorithm)>,
+    dev_mode: bool,
+    allow_anonymous: bool,
+}
+
+impl Authenticator {
+    /// Builds the verifier the configuration asks for; the error names the key at fault.
+    pub fn from_config(config: &Config) -> Result<Self, String> {
+        let (key, family_algorithms, signer, dev_mode) =
+            match (&config.jwt_secret, &config.jwt_public_key_file) {
+                (Some(_), Some(_)) => {
+                    return Err("jwt_secret and jwt_public_key_file: set only one".into());
+                }
+                (Some(secret), None) => {
+                    if secret.len() < 16 {
+                        return Err("jwt_secret: must be at least 16 bytes".into());
+                    }
+                    let algs = vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
+                    let signer = (
+                        EncodingKey::from_secret(secret.as_bytes()),
+                        Algorithm::HS256,
+                    );
+                    (
+                        DecodingKey::from_secret(secret.as_bytes()),
+                        algs,
+                        Some(signer),
+                        false,
+                    )
+                }
+                (None, Some(path)) => {
+                    let (key, algs) = public_key(path)?;
+                    (key, algs, None, false)
+                }
+                (None, None) => {
+                    let mut secret = [0u8; 32];
+                    getrandom::fill(&mut secret).map_err(|e| format!("random dev key: {e}"))?;
+                    let signer = (EncodingKey::from_secret(&secret), Algorithm::HS256);
+                    let algs = vec![Algorithm::HS256];
+                    (DecodingKey::from_secret(&secret), algs, Some(signer), true)
+                }
+            };
+        let algorithms = if config.jwt_algorithms.is_empty() {
+            family_algorithms
+        } else {
+            let mut chosen = Vec::new();
+            for name in &config.jwt_algorithms {
+                let alg: Algorithm = name
+                    .parse()
+                    .map_err(|_| format!("jwt_algorithms: unknown algorithm {name}"))?;
+                if !family_algorithms.contains(&alg) {
+                    return Err(format!(
+                        "jwt_algorithms: {name} does not fit the configured key"
+                    ));
+                }
+                chosen.push(alg);
+            }
+            chosen
+        };
+        let mut validation = Validation::new(algorithms[0]);
+        validation.algorithms = algorithms;
+        validation.leeway = config.jwt_leeway.as_secs();
+        validation.validate_aud = config.jwt_audience.is_some();
+        if let Some(aud) = &config.jwt_audience {
+            validation.set_audience(&[aud]);
+        }
+        if let Some(iss) = &config.jwt_issuer {
+            validation.set_issuer(&[iss]);
+        }
+        Ok(Authenticator {
+            key,
+            validation,
+            signer,
+            dev_mode,
+            allow_anonymous: config.allow_anonymous,
+        })
+    }
+
+    /// True when no key is configured: tokens are signed with a random key, `/dev/token` serves them.
+    pub fn dev_mode(&self) -> bool {
+        self.dev_mode
+    }
+
+    /// The identity for an upgrade request's token (or anonymous, when allowed and none is given).
+    pub fn authenticate(&self, token: Option<&str>) -> Result<Identity, AuthError> {
+        match token {
+            Some(token) => self.verify(token),
+            None if self.allow_anonymous => Ok(Identity::anonymous()),
+            None => Err(AuthError::Missing),
+        }
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        if jsonwebtoken::decode_header(token).is_err() {
+            // A readable header naming an algorithm jsonwebtoken does not know (`none`, say) is
+            // a refused algorithm; anything else is garbage.
+            return Err(match header_alg(token) {
+                Some(_) => AuthError::WrongAlgorithm,
+                None => AuthError::Malformed,
+            });
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
+            |e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::InvalidAlgorithm
+                | ErrorKind::MissingAlgorithm
+                | ErrorKind::InvalidAlgorithmName
+                | ErrorKind::UnsupportedAlgorithm => AuthError::WrongAlgorithm,
+                ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+                ErrorKind::InvalidAudience => AuthError::WrongAudience,
+                ErrorKind::MissingRequiredClaim(_) | ErrorKind::Json(_) => AuthError::BadClaims,
+                _ => AuthError::Malformed,
+            },
+        )?;
+        let claims = data.claims;
+        let user_id = claims
+            .sub
+            .or(claims.user_id)
+            .filter(|id| !id.is_empty())
+            .ok_or(AuthError::BadClaims)?;
+        let username = claims.username.unwrap_or_else(|| user_id.clone());
+        Ok(Identity {
+            username: Arc::from(username),
+            user_id: user_id.into(),
+            roles: claims.roles.into_iter().map(Into::into).collect(),
+            rooms: claims
+                .rooms
+                .map(|r| r.into_iter().map(Into::into).collect()),
+            expires_at: Some(claims.exp),
+        })
+    }
+
+    /// Signs a token with the gateway's own key (configured secret, or the dev-mode key).
+    pub fn mint(&self, claims: &Claims) -> Option<String> {
+        let (key, alg) = self.signer.as_ref()?;
+        jsonwebtoken::encode(&Header::new(*alg), claims, key).ok()
+    }
+}
+
+/// The `alg` a token's header names, if the header is readable JSON.
+fn header_alg(token: &str) -> Option<String> {
+    use base64::Engine;
+    let header = token.split('.').next()?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()?;
+    let header: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    header.get("alg")?.as_str().map(str::to_owned)
+}
+
+/// Reads a PEM public key, and the algorithms its kind may verify.
+fn public_key(path: &Path) -> Result<(DecodingKey, Vec<Algorithm>), String> {
+    let pem = std::fs::read(path)
+        .map_err(|e| format!("jwt_public_key_file: cannot read {}: {e}", path.display()))?;
+    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+        return Ok((
+            key,
+            vec![Algorithm::RS256, Algorithm::RS384, Algorithm::RS512],
+        ));
+    }
+    if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+        return Ok((key, vec![Algorithm::ES256, Algorithm::ES384]));
+    }
+    if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
+        return Ok((key, vec![Algorithm::EdDSA]));
+    }
+    Err(format!(
+        "jwt_public_key_file: {} is not an RSA, EC or Ed25519 public key in PEM",
+        path.display()
+    ))
+}
+
+/// Unix time in seconds.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Claims for a token for `user`, valid for `ttl`.
+pub fn claims_for(user: &str, username: Option<&str>, ttl: Duration) -> Claims {
+    Claims {
+        sub: Some(user.to_owned()),
+        user_id: None,
+        username: username.map(str::to_owned),
+        roles: Vec::new(),
+        rooms: None,
+        exp: now_secs() + ttl.as_secs(),
+        iss: None,
+        aud: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_patterns() {
+        let mut id = Identity::anonymous();
+        assert!(id.may_join("anything"));
+        id.rooms = Some(vec!["general".into(), "team-*".into()].into_boxed_slice());
+        assert!(id.may_join("general"));
+        assert!(id.may_join("team-a"));
+        assert!(id.may_join("team-"));
+        assert!(!id.may_join("generalx"));
+        assert!(!id.may_join("team"));
+    }
+
+    #[test]
+    fn token_sources_and_the_answered_subprotocol() {
+        let req = |uri: &str, headers: &[(&str, &str)]| {
+            let mut b = hyper::Request::builder().uri(uri);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap()
+        };
+        let r = req("/ws?a=1&token=abc", &[]);
+        assert_eq!(presented(&r).token, Some("abc"));
+        let r = req("/ws", &[("authorization", "Bearer xyz")]);
+        assert_eq!(presented(&r).token, Some("xyz"));
+        let r = req("/ws", &[("sec-websocket-protocol", "wsgate, bearer.t.o.k")]);
+        let p = presented(&r);
+        assert_eq!(p.token, Some("t.o.k"));
+        assert_eq!(p.protocol.unwrap(), "wsgate");
+        let r = req("/ws", &[("sec-websocket-protocol", "bearer.t.o.k")]);
+        assert_eq!(presented(&r).protocol.unwrap(), "bearer.t.o.k");
+        let r = req("/ws", &[]);
+        assert!(presented(&r).token.is_none() && presented(&r).protocol.is_none());
+    }
+}

@@ -24,7 +24,8 @@ fn shard_with_room(members: usize) -> Shard {
     let node = Arc::new(Node::new(Arc::new(config), Arc::new(backplane)).expect("node"));
     let shard = Shard::new(0, node.clone());
     for _ in 0..members {
-        let key = shard.register(Endpoint::Chat, node.anonymous.clone());
+        let peer = std::net::IpAddr::from([127, 0, 0, 1]);
+        let key = shard.register(Endpoint::Chat, node.anonymous.clone(), peer);
         let joined = shard.state().rooms.join(&node.rooms, 0, "r", key);
         assert!(matches!(joined, rooms::Joined::Joined { .. }));
     }

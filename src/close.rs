@@ -7,7 +7,8 @@
 //! | 1001 | going away        | the server shuts down ("server shutting down")                 |
 //! | 1002 | protocol error    | an RFC 6455 violation: unmasked frame, RSV bit, bad opcode, …  |
 //! | 1007 | invalid payload   | a text message or close reason that is not UTF-8               |
-//! | 1008 | policy violation  | slow consumer: a broadcast would pass `max_queued_bytes`       |
+//! | 1008 | policy violation  | slow consumer: a broadcast would pass `max_queued_bytes`;      |
+//! |      |                   | "rate limit exceeded": flooding past the rate limit's strikes  |
 //! | 1009 | message too big   | a message over `max_message_size`                              |
 //! | 4001 | token expired     | the connection's JWT expired without a `refresh`               |
 

@@ -58,6 +58,30 @@ pub struct Config {
     /// exiting anyway. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// WebSocket connections this process accepts; more get 503. 0 (default): the open-files
+    /// limit less a small reserve (each connection is one file descriptor).
+    pub max_connections: usize,
+    /// WebSocket connections from one IP address; more get 429. Default 1000.
+    pub max_connections_per_ip: u32,
+    /// Upgrade attempts per second from one IP address (the burst is the same number); more get
+    /// 429. Default 50.
+    pub max_handshakes_per_ip: f32,
+    /// How long a client may take to send its HTTP request headers (slow-loris). Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Largest HTTP request head (at least 8192); bigger gets 431. Default 16 KiB.
+    pub max_header_bytes: usize,
+    /// Chat messages per second one connection may send, sustained. Default 20.
+    pub rate_limit_messages: f32,
+    /// Chat messages one connection may send in a burst. Default 40.
+    pub rate_limit_burst: u32,
+    /// Chat bytes per second one connection may send, sustained. Default 64 KiB.
+    pub rate_limit_bytes: u64,
+    /// Chat bytes one connection may send in a burst (at least `max_message_size`). Default 256 KiB.
+    pub rate_limit_burst_bytes: u64,
+    /// Messages over the limit a connection may send (refilled at one per second) before it is
+    /// closed with 1008. Default 20.
+    pub rate_limit_strikes: u32,
     /// Shared secret for HS256/384/512 tokens (at least 16 bytes). With neither this nor
     /// `jwt_public_key_file`, the gateway runs in dev mode: a random key and `GET /dev/token`.
     pub jwt_secret: Option<String>,
@@ -99,6 +123,16 @@ impl Default for Config {
             heartbeat_timeout: Duration::from_secs(10),
             heartbeat_mode: HeartbeatMode::Frame,
             drain_timeout: Duration::from_secs(10),
+            max_connections: 0,
+            max_connections_per_ip: 1000,
+            max_handshakes_per_ip: 50.0,
+            handshake_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            rate_limit_messages: 20.0,
+            rate_limit_burst: 40,
+            rate_limit_bytes: 64 * 1024,
+            rate_limit_burst_bytes: 256 * 1024,
+            rate_limit_strikes: 20,
             jwt_secret: None,
             jwt_public_key_file: None,
             jwt_algorithms: Vec::new(),
@@ -165,9 +199,31 @@ impl Config {
         if self.max_rooms_per_connection == 0 {
             return bad("max_rooms_per_connection", "must be at least 1");
         }
+        if self.max_header_bytes < 8192 {
+            return bad("max_header_bytes", "must be at least 8192");
+        }
+        // Written to also refuse NaN.
+        if self.max_handshakes_per_ip.partial_cmp(&1.0) == Some(std::cmp::Ordering::Less)
+            || self.max_handshakes_per_ip.is_nan()
+        {
+            return bad("max_handshakes_per_ip", "must be at least 1");
+        }
+        if self.rate_limit_messages.is_nan()
+            || self.rate_limit_messages <= 0.0
+            || self.rate_limit_burst == 0
+        {
+            return bad("rate_limit_messages", "rate and burst must be positive");
+        }
+        if self.rate_limit_burst_bytes < self.max_message_size as u64 {
+            return bad(
+                "rate_limit_burst_bytes",
+                "must be at least max_message_size, or the largest messages never pass",
+            );
+        }
         for (key, value) in [
             ("heartbeat_interval", self.heartbeat_interval),
             ("heartbeat_timeout", self.heartbeat_timeout),
+            ("handshake_timeout", self.handshake_timeout),
         ] {
             if !(Duration::from_millis(10)..=Duration::from_secs(24 * 3600)).contains(&value) {
                 return bad(key, "must be between 10ms and 24h");

@@ -6,9 +6,11 @@
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -20,6 +22,7 @@ use crate::auth::Identity;
 use crate::chat;
 use crate::close::{CloseCode, CloseFrame};
 use crate::frame::{self, Decoded, Decoder, Event, FrameError, OpCode};
+use crate::limits::Verdict;
 use crate::protocol::ErrorReply;
 use crate::shard::{Endpoint, Shard};
 
@@ -59,8 +62,9 @@ pub fn serve(
     preread: Bytes,
     endpoint: Endpoint,
     identity: Arc<Identity>,
+    peer: IpAddr,
 ) -> impl Future<Output = ()> {
-    let key = shard.register(endpoint, identity);
+    let key = shard.register(endpoint, identity, peer);
     Connection {
         decoder: Decoder::new(shard.node.config.max_message_size),
         shard,
@@ -219,12 +223,32 @@ impl Connection {
             pos += consumed;
             match event {
                 Event::Message { text, mut payload } => match self.endpoint {
-                    Endpoint::Chat if text => {
-                        chat::on_text(&self.shard, self.key, payload.as_mut_slice())
-                    }
-                    Endpoint::Chat => self
+                    Endpoint::Chat => match self
                         .shard
-                        .send_error(self.key, ErrorReply::BinaryNotSupported),
+                        .rate_check(self.key, payload.as_slice().len())
+                    {
+                        Verdict::Allow if text => {
+                            chat::on_text(&self.shard, self.key, payload.as_mut_slice())
+                        }
+                        Verdict::Allow => self
+                            .shard
+                            .send_error(self.key, ErrorReply::BinaryNotSupported),
+                        Verdict::Refuse => self.shard.send_error(self.key, ErrorReply::RateLimited),
+                        Verdict::Close => {
+                            debug!("closing a flooding client");
+                            self.shard
+                                .node
+                                .counters
+                                .flood_closed
+                                .fetch_add(1, Ordering::Relaxed);
+                            self.shard.close(
+                                self.key,
+                                CloseCode::POLICY_VIOLATION,
+                                "rate limit exceeded",
+                            );
+                            return Err(End::ServerClosed);
+                        }
+                    },
                     Endpoint::Echo => {
                         let opcode = if text { OpCode::Text } else { OpCode::Binary };
                         self.shard

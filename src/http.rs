@@ -14,6 +14,7 @@
 //! framing: no per-connection read buffer survives the handshake.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -30,6 +31,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, error, info};
 
+use crate::limits::Refusal;
 use crate::shard::{Endpoint, SHUTDOWN_REASON, Shard};
 use crate::{auth, conn};
 
@@ -38,13 +40,16 @@ const TEST_PAGE: &str = include_str!("page/index.html");
 type Body = Full<Bytes>;
 
 /// Serves one accepted TCP connection until it closes or is upgraded.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: IpAddr) {
+    let config = shard.node.config.clone();
     let service = service_fn(move |req| {
         let shard = shard.clone();
-        async move { Ok::<_, Infallible>(route(&shard, req)) }
+        async move { Ok::<_, Infallible>(route(&shard, req, peer)) }
     });
     let result = http1::Builder::new()
         .timer(TokioTimer::new())
+        .header_read_timeout(config.handshake_timeout)
+        .max_buf_size(config.max_header_bytes)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await;
@@ -53,11 +58,11 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     }
 }
 
-fn route(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
+fn route(shard: &Rc<Shard>, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/") if fastwebsockets::upgrade::is_upgrade_request(&req) => {
-            upgrade(shard, req, Endpoint::Chat)
+            upgrade(shard, req, Endpoint::Chat, peer)
         }
         (&Method::GET, "/") => {
             let mut res = Response::new(Full::new(Bytes::from_static(TEST_PAGE.as_bytes())));
@@ -67,8 +72,8 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
             );
             res
         }
-        (&Method::GET, "/ws") => upgrade(shard, req, Endpoint::Chat),
-        (&Method::GET, "/echo") => upgrade(shard, req, Endpoint::Echo),
+        (&Method::GET, "/ws") => upgrade(shard, req, Endpoint::Chat, peer),
+        (&Method::GET, "/echo") => upgrade(shard, req, Endpoint::Echo, peer),
         (&Method::GET, "/healthz") => {
             let node = &shard.node;
             json(
@@ -96,7 +101,12 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
 }
 
 /// Answers the upgrade and, once hyper lets go of the socket, runs the connection.
-fn upgrade(shard: &Rc<Shard>, mut req: Request<Incoming>, endpoint: Endpoint) -> Response<Body> {
+fn upgrade(
+    shard: &Rc<Shard>,
+    req: Request<Incoming>,
+    endpoint: Endpoint,
+    peer: IpAddr,
+) -> Response<Body> {
     if shard.node.is_draining() {
         shard
             .node
@@ -114,6 +124,34 @@ fn upgrade(shard: &Rc<Shard>, mut req: Request<Incoming>, endpoint: Endpoint) ->
             .insert("upgrade", HeaderValue::from_static("websocket"));
         return res;
     }
+    let node = &shard.node;
+    // Before the (costlier) token check: the per-IP handshake rate protects it too.
+    if let Err(refusal) = node.admission.admit(peer) {
+        node.counters.admission_refused(refusal);
+        info!(%peer, reason = refusal.message(), "upgrade refused");
+        let status = match refusal {
+            Refusal::ServerFull => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::TooManyConnections | Refusal::TooManyHandshakes => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+        };
+        return error_response(status, refusal.message());
+    }
+    let response = upgrade_admitted(shard, req, endpoint, peer);
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        node.admission.release(peer);
+    }
+    response
+}
+
+/// The upgrade of an admitted connection: the place is the connection's from here on, given back
+/// when it ends (or here, when the upgrade does not happen).
+fn upgrade_admitted(
+    shard: &Rc<Shard>,
+    mut req: Request<Incoming>,
+    endpoint: Endpoint,
+    peer: IpAddr,
+) -> Response<Body> {
     let node = &shard.node;
     if let Some(origin) = req.headers().get(ORIGIN)
         && !node.config.allowed_origins.is_empty()
@@ -168,6 +206,7 @@ fn upgrade(shard: &Rc<Shard>, mut req: Request<Incoming>, endpoint: Endpoint) ->
             Ok(ws) => ws.into_inner().into_inner(),
             Err(e) => {
                 debug!(error = %e, "upgrade did not complete");
+                shard.node.admission.release(peer);
                 return;
             }
         };
@@ -180,9 +219,11 @@ fn upgrade(shard: &Rc<Shard>, mut req: Request<Incoming>, endpoint: Endpoint) ->
                 parts.read_buf,
                 endpoint,
                 identity,
+                peer,
             ),
             Err(_) => {
                 error!("upgraded connection is not a plain TCP stream");
+                shard.node.admission.release(peer);
                 return;
             }
         };

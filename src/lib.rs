@@ -27,6 +27,7 @@ pub mod conn;
 pub mod frame;
 pub mod heartbeat;
 pub mod http;
+pub mod limits;
 pub mod node;
 pub mod protocol;
 pub mod rooms;

@@ -14,9 +14,6 @@ use wsgate::config::{Config, FlagOverrides};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Sockets kept back from the open-files limit for listeners, the runtime and logs.
-const RESERVED_FDS: u64 = 64;
-
 /// wsgate: a sharded WebSocket gateway with rooms.
 #[derive(Parser)]
 #[command(version)]
@@ -179,7 +176,7 @@ fn raise_open_files_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => info!(
             open_files = limit,
-            capacity = limit.saturating_sub(RESERVED_FDS),
+            capacity = wsgate::server::connection_capacity(),
             "connection capacity (open-files limit less a reserve)"
         ),
         Err(e) => warn!(error = %e, "cannot raise the open-files limit"),

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::backplane::Backplane;
 use crate::config::Config;
+use crate::limits::{Admission, Refusal};
 use crate::rooms::RoomDirectory;
 
 pub struct Node {
@@ -21,6 +22,7 @@ pub struct Node {
     /// The identity of token-less connections when `allow_anonymous` is on (shared by all).
     pub anonymous: Arc<Identity>,
     pub counters: Counters,
+    pub admission: Admission,
     /// Set when shutdown begins: upgrades are refused, `/readyz` fails, connections get 1001.
     pub draining: AtomicBool,
 }
@@ -33,6 +35,7 @@ impl Node {
             auth: Authenticator::from_config(&config)?,
             anonymous: Arc::new(Identity::anonymous()),
             counters: Counters::default(),
+            admission: Admission::new(&config),
             draining: AtomicBool::new(false),
             config,
             backplane,
@@ -64,6 +67,14 @@ pub struct Counters {
     pub origin_refused: AtomicU64,
     /// Upgrades refused with 503 while draining.
     pub draining_refused: AtomicU64,
+    /// Upgrades refused by admission: server full (503), per-IP connections or handshakes (429).
+    pub server_full: AtomicU64,
+    pub ip_connections_refused: AtomicU64,
+    pub ip_handshakes_refused: AtomicU64,
+    /// Chat messages refused by the per-connection rate limit.
+    pub rate_limited: AtomicU64,
+    /// Connections closed with 1008 for flooding past their strikes.
+    pub flood_closed: AtomicU64,
     /// Connections closed with 1008 because their outbound queue passed `max_queued_bytes`.
     pub slow_consumers: AtomicU64,
     /// Connections closed because they did not answer a ping within `heartbeat_timeout`.
@@ -73,6 +84,15 @@ pub struct Counters {
 }
 
 impl Counters {
+    pub fn admission_refused(&self, refusal: Refusal) {
+        let counter = match refusal {
+            Refusal::ServerFull => &self.server_full,
+            Refusal::TooManyConnections => &self.ip_connections_refused,
+            Refusal::TooManyHandshakes => &self.ip_handshakes_refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn auth_refused(&self, error: AuthError) {
         let at = AuthError::ALL
             .iter()
@@ -93,6 +113,11 @@ impl Counters {
             "auth_refused": auth,
             "origin_refused": get(&self.origin_refused),
             "draining_refused": get(&self.draining_refused),
+            "server_full": get(&self.server_full),
+            "ip_connections_refused": get(&self.ip_connections_refused),
+            "ip_handshakes_refused": get(&self.ip_handshakes_refused),
+            "rate_limited_messages": get(&self.rate_limited),
+            "flood_closed": get(&self.flood_closed),
             "slow_consumers_closed": get(&self.slow_consumers),
             "heartbeat_timeouts": get(&self.heartbeat_timeouts),
             "tokens_expired": get(&self.tokens_expired),

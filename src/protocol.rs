@@ -69,6 +69,8 @@ pub enum ErrorReply<'a> {
     InvalidToken(AuthError),
     /// A refresh token names another user than the connection's.
     TokenForOtherUser,
+    /// Over the connection's message or byte rate.
+    RateLimited,
 }
 
 /// Unknown types are echoed back in the error, cut to this many characters.
@@ -103,6 +105,7 @@ impl fmt::Display for ErrorReply<'_> {
             }
             ErrorReply::RoomNotAllowed(room) => write!(f, "Not allowed to join room: {room}"),
             ErrorReply::InvalidToken(e) => write!(f, "Invalid token: {}", e.message()),
+            ErrorReply::RateLimited => f.write_str("Rate limit exceeded: slow down"),
             ErrorReply::TokenForOtherUser => {
                 f.write_str("Invalid token: it is for another user than this connection's")
             }

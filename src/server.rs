@@ -23,6 +23,16 @@ use crate::node::Node;
 use crate::shard::Shard;
 use crate::{heartbeat, http};
 
+/// File descriptors kept back from the open-files limit for listeners, the runtime and logs.
+const RESERVED_FDS: u64 = 64;
+
+/// How many connections this process can hold: one file descriptor each, within the soft
+/// open-files limit (which `wsgate` raises to the hard limit at start).
+pub fn connection_capacity() -> usize {
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
+    soft.saturating_sub(RESERVED_FDS) as usize
+}
+
 /// A running gateway. Dropping it does not stop it: call [`Gateway::shutdown`] and [`Gateway::join`].
 pub struct Gateway {
     local_addr: SocketAddr,
@@ -33,7 +43,10 @@ pub struct Gateway {
 
 /// Binds every shard's socket and starts the shard threads; returns once every shard is
 /// accepting, or with the first error.
-pub fn start(config: Config) -> io::Result<Gateway> {
+pub fn start(mut config: Config) -> io::Result<Gateway> {
+    if config.max_connections == 0 {
+        config.max_connections = connection_capacity();
+    }
     let config = Arc::new(config);
     if config.listen.port() != 0 {
         refuse_if_taken(config.listen)?;
@@ -239,9 +252,9 @@ async fn drain(shard: &Shard, inbox: &mut Inbox) {
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
         match listener.accept().await {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::task::spawn_local(http::serve(shard.clone(), stream));
+                tokio::task::spawn_local(http::serve(shard.clone(), stream, peer.ip()));
             }
             Err(e) => {
                 // Typically EMFILE at the open-files limit: back off instead of spinning; the

@@ -7,6 +7,7 @@
 use std::cell::{RefCell, RefMut};
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Waker;
@@ -21,6 +22,7 @@ use crate::client_id::ClientId;
 use crate::close::CloseCode;
 use crate::frame;
 use crate::heartbeat::{Heartbeats, Liveness};
+use crate::limits::{RateLimiter, Verdict};
 use crate::node::Node;
 use crate::protocol::{ErrorReply, JsonParser, ServerMessage, now_ms};
 use crate::rooms::LocalRooms;
@@ -145,6 +147,9 @@ pub struct ConnEntry {
     pub endpoint: Endpoint,
     /// Who is connected, from the token (shared: no copy per connection).
     pub identity: Arc<Identity>,
+    /// The address admitted (per-IP limits), given back when the connection ends.
+    pub peer: IpAddr,
+    pub limiter: RateLimiter,
     /// Rooms this connection is in (the other half of the room index).
     pub rooms: Vec<Arc<str>>,
     pub outbound: Outbound,
@@ -167,6 +172,7 @@ pub struct Shard {
     /// Scratch list of other shards a publication goes to, kept to avoid an allocation each time.
     route: RefCell<Vec<usize>>,
     heartbeats: RefCell<Heartbeats>,
+    started: std::time::Instant,
 }
 
 impl Shard {
@@ -182,6 +188,7 @@ impl Shard {
             json: RefCell::new(JsonParser::default()),
             route: RefCell::new(Vec::new()),
             heartbeats: RefCell::new(Heartbeats::new(&node.config)),
+            started: std::time::Instant::now(),
             node,
         }
     }
@@ -210,8 +217,8 @@ impl Shard {
         self.json.borrow_mut()
     }
 
-    /// Adds a connection; chat clients are greeted with their id.
-    pub fn register(&self, endpoint: Endpoint, identity: Arc<Identity>) -> usize {
+    /// Adds a connection admitted for `peer`; chat clients are greeted with their id.
+    pub fn register(&self, endpoint: Endpoint, identity: Arc<Identity>, peer: IpAddr) -> usize {
         let mut state = self.state();
         let generation = state.next_generation;
         state.next_generation = generation.wrapping_add(1);
@@ -228,6 +235,8 @@ impl Shard {
                 .heartbeats()
                 .watch(entry.key(), generation, identity.expires_at),
             identity,
+            peer,
+            limiter: RateLimiter::new(&self.node.config, self.clock_ms()),
             rooms: Vec::new(),
             outbound: Outbound::default(),
         };
@@ -251,11 +260,33 @@ impl Shard {
         key
     }
 
-    /// Removes a connection whose task has ended.
+    /// Removes a connection whose task has ended, and gives back its admission.
     pub fn unregister(&self, key: usize) {
-        if self.state().conns.try_remove(key).is_some() {
+        let removed = self.state().conns.try_remove(key);
+        if let Some(conn) = removed {
             self.node.connections[self.index].fetch_sub(1, Ordering::Relaxed);
+            self.node.admission.release(conn.peer);
         }
+    }
+
+    /// Runs an inbound message of `len` bytes past the connection's rate limit.
+    pub fn rate_check(&self, key: usize, len: usize) -> Verdict {
+        let now = self.clock_ms();
+        let verdict = self.state().conns[key]
+            .limiter
+            .check(&self.node.config, len, now);
+        if !matches!(verdict, Verdict::Allow) {
+            self.node
+                .counters
+                .rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        verdict
+    }
+
+    /// Milliseconds since the shard started: the clock of the rate limiters.
+    pub fn clock_ms(&self) -> u32 {
+        self.started.elapsed().as_millis() as u32
     }
 
     /// Starts closing every connection with 1001, after what each has queued.

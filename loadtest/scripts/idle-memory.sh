@@ -11,6 +11,8 @@ shift || true
 cargo build --release -p wsgate -p loadtest
 # Every connection presents a real token, so each one carries its verified identity.
 export WSGATE_JWT_SECRET="idle-memory-$(date +%s%N)"
+# One load generator is many clients behind few addresses: lift the per-address limits.
+export WSGATE_MAX_CONNECTIONS_PER_IP=1000000 WSGATE_MAX_HANDSHAKES_PER_IP=1000000
 token=$(target/release/wsgate token --user loadtest --ttl 1h)
 log=$(mktemp)
 WSGATE_LOG=warn target/release/wsgate --listen 127.0.0.1:0 --shards 2 >"$log" 2>&1 &

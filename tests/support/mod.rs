@@ -53,6 +53,13 @@ impl TestGateway {
             jwt_secret: Some(TEST_SECRET.into()),
             // Tests of the protocol connect without tokens; tests/auth.rs turns this off.
             allow_anonymous: true,
+            // Tests open connections and send messages as fast as they can; tests/limits.rs
+            // sets real limits.
+            max_handshakes_per_ip: 1e6,
+            rate_limit_messages: 1e6,
+            rate_limit_burst: 1_000_000,
+            rate_limit_bytes: 1 << 40,
+            rate_limit_burst_bytes: 1 << 40,
             ..Config::default()
         };
         customize(&mut config);

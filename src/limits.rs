@@ -1,0 +1,260 @@
+//! Limits that keep one client (or one address) from starving the others: admission at the
+//! upgrade (global and per-IP connection caps, per-IP handshake rate) and a per-connection token
+//! bucket on messages and bytes.
+
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use crate::config::Config;
+
+/// A token bucket: `rate` tokens per second, holding at most `burst`.
+#[derive(Clone, Copy, Debug)]
+pub struct Bucket {
+    tokens: f32,
+    /// Milliseconds (on the owner's clock) of the last refill.
+    at_ms: u32,
+}
+
+impl Bucket {
+    pub fn full(burst: f32, now_ms: u32) -> Self {
+        Bucket {
+            tokens: burst,
+            at_ms: now_ms,
+        }
+    }
+
+    /// Takes `cost` tokens if there are enough.
+    pub fn take(&mut self, cost: f32, rate: f32, burst: f32, now_ms: u32) -> bool {
+        let elapsed = now_ms.wrapping_sub(self.at_ms) as f32 / 1000.0;
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.at_ms = now_ms;
+        if self.tokens >= cost {
+            self.tokens -= cost;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Per-connection rate limiting of inbound messages (chat endpoint), in 16 bytes: three buckets
+/// sharing one refill time. Over the limit a message is refused with an error reply and costs a
+/// strike; strikes refill at one per second, and a client out of strikes is closed with 1008.
+pub struct RateLimiter {
+    messages: f32,
+    bytes: f32,
+    strikes: f32,
+    /// Milliseconds (on the shard's clock) of the last refill.
+    at_ms: u32,
+}
+
+pub enum Verdict {
+    Allow,
+    /// Refused: answer with an error.
+    Refuse,
+    /// Refused, and the client has flooded long enough: close it.
+    Close,
+}
+
+impl RateLimiter {
+    pub fn new(config: &Config, now_ms: u32) -> Self {
+        RateLimiter {
+            messages: config.rate_limit_burst as f32,
+            bytes: config.rate_limit_burst_bytes as f32,
+            strikes: config.rate_limit_strikes as f32,
+            at_ms: now_ms,
+        }
+    }
+
+    pub fn check(&mut self, config: &Config, len: usize, now_ms: u32) -> Verdict {
+        let elapsed = now_ms.wrapping_sub(self.at_ms) as f32 / 1000.0;
+        self.at_ms = now_ms;
+        let refill = |tokens: f32, rate: f32, burst: f32| (tokens + elapsed * rate).min(burst);
+        self.messages = refill(
+            self.messages,
+            config.rate_limit_messages,
+            config.rate_limit_burst as f32,
+        );
+        self.bytes = refill(
+            self.bytes,
+            config.rate_limit_bytes as f32,
+            config.rate_limit_burst_bytes as f32,
+        );
+        self.strikes = refill(self.strikes, 1.0, config.rate_limit_strikes as f32);
+        let len = len as f32;
+        if self.messages >= 1.0 && self.bytes >= len {
+            self.messages -= 1.0;
+            self.bytes -= len;
+            return Verdict::Allow;
+        }
+        if self.strikes >= 1.0 {
+            self.strikes -= 1.0;
+            Verdict::Refuse
+        } else {
+            Verdict::Close
+        }
+    }
+}
+
+/// Why an upgrade was refused before authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_connections` reached: 503.
+    ServerFull,
+    /// `max_connections_per_ip` reached: 429.
+    TooManyConnections,
+    /// `max_handshakes_per_ip` per second exceeded: 429.
+    TooManyHandshakes,
+}
+
+impl Refusal {
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::ServerFull => "server full: too many connections",
+            Refusal::TooManyConnections => "too many connections from this address",
+            Refusal::TooManyHandshakes => "too many handshakes from this address: slow down",
+        }
+    }
+}
+
+struct PerIp {
+    connections: u32,
+    handshakes: Bucket,
+}
+
+const STRIPES: usize = 64;
+/// A stripe this big is swept of idle addresses.
+const SWEEP_AT: usize = 4096;
+
+/// Connection admission, shared by all shards. Touched at upgrades and closes only.
+pub struct Admission {
+    max_total: usize,
+    max_per_ip: u32,
+    handshake_rate: f32,
+    total: AtomicUsize,
+    stripes: Box<[Mutex<HashMap<IpAddr, PerIp>>]>,
+    epoch: Instant,
+}
+
+impl Admission {
+    pub fn new(config: &Config) -> Self {
+        Admission {
+            max_total: config.max_connections,
+            max_per_ip: config.max_connections_per_ip,
+            handshake_rate: config.max_handshakes_per_ip,
+            total: AtomicUsize::new(0),
+            stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn stripe(&self, ip: &IpAddr) -> &Mutex<HashMap<IpAddr, PerIp>> {
+        let mut h = DefaultHasher::new();
+        ip.hash(&mut h);
+        &self.stripes[h.finish() as usize % STRIPES]
+    }
+
+    fn now_ms(&self) -> u32 {
+        self.epoch.elapsed().as_millis() as u32
+    }
+
+    /// Admits one more connection from `ip`, or says why not. The caller must [`release`] an
+    /// admitted connection when it ends.
+    ///
+    /// [`release`]: Admission::release
+    pub fn admit(&self, ip: IpAddr) -> Result<(), Refusal> {
+        let now_ms = self.now_ms();
+        let burst = self.handshake_rate.max(1.0);
+        let mut stripe = self.stripe(&ip).lock().unwrap_or_else(|e| e.into_inner());
+        if stripe.len() > SWEEP_AT {
+            // Addresses with no connection whose handshake budget is back to full are forgotten.
+            stripe.retain(|_, e| {
+                let mut probe = e.handshakes;
+                e.connections > 0 || !probe.take(burst, self.handshake_rate, burst, now_ms)
+            });
+        }
+        let entry = stripe.entry(ip).or_insert_with(|| PerIp {
+            connections: 0,
+            handshakes: Bucket::full(burst, now_ms),
+        });
+        if !entry
+            .handshakes
+            .take(1.0, self.handshake_rate, burst, now_ms)
+        {
+            return Err(Refusal::TooManyHandshakes);
+        }
+        if entry.connections >= self.max_per_ip {
+            return Err(Refusal::TooManyConnections);
+        }
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::ServerFull);
+        }
+        entry.connections += 1;
+        Ok(())
+    }
+
+    /// Gives back an admitted connection's place.
+    pub fn release(&self, ip: IpAddr) {
+        self.total.fetch_sub(1, Ordering::AcqRel);
+        let mut stripe = self.stripe(&ip).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = stripe.get_mut(&ip) {
+            entry.connections = entry.connections.saturating_sub(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_refills_at_its_rate_up_to_its_burst() {
+        let mut b = Bucket::full(2.0, 0);
+        assert!(b.take(1.0, 10.0, 2.0, 0));
+        assert!(b.take(1.0, 10.0, 2.0, 0));
+        assert!(!b.take(1.0, 10.0, 2.0, 50)); // 0.5 token after 50 ms
+        assert!(b.take(1.0, 10.0, 2.0, 100));
+        assert!(b.take(2.0, 10.0, 2.0, 10_000)); // capped at the burst
+        assert!(!b.take(0.5, 10.0, 2.0, 10_000));
+    }
+
+    #[test]
+    fn admission_caps_per_address_and_overall() {
+        let config = Config {
+            max_connections: 3,
+            max_connections_per_ip: 2,
+            max_handshakes_per_ip: 1000.0,
+            ..Config::default()
+        };
+        let admission = Admission::new(&config);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        admission.admit(a).unwrap();
+        admission.admit(a).unwrap();
+        assert_eq!(admission.admit(a).err(), Some(Refusal::TooManyConnections));
+        admission.admit(b).unwrap();
+        assert_eq!(admission.admit(b).err(), Some(Refusal::ServerFull));
+        admission.release(a);
+        assert!(admission.admit(b).is_ok());
+    }
+
+    #[test]
+    fn handshake_rate_is_per_address() {
+        let config = Config {
+            max_connections: 10,
+            max_handshakes_per_ip: 2.0,
+            ..Config::default()
+        };
+        let admission = Admission::new(&config);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        admission.admit(a).unwrap();
+        admission.admit(a).unwrap();
+        assert_eq!(admission.admit(a).err(), Some(Refusal::TooManyHandshakes));
+        assert!(admission.admit("10.0.0.9".parse().unwrap()).is_ok());
+    }
+}

@@ -1,0 +1,144 @@
+//! Limits: per-connection message and byte rates, per-IP connection and handshake caps, the
+//! global connection cap, the handshake timeout and the header size limit.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{Client, TestGateway, http_get};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+                       Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+
+async fn refused(gw: &TestGateway) -> Value {
+    let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
+    serde_json::from_str::<Value>(&body).unwrap()["refused"].clone()
+}
+
+#[tokio::test]
+async fn a_burst_over_the_message_rate_gets_errors_and_a_flood_gets_1008() {
+    let gw = TestGateway::start_with(
+        |c| {
+            c.rate_limit_messages = 5.0;
+            c.rate_limit_burst = 10;
+            c.rate_limit_strikes = 5;
+        },
+        1,
+    );
+    let mut c = gw.client().await;
+    for i in 0..13 {
+        c.send("echo", json!(i)).await;
+    }
+    // The burst passes; past it, messages are refused with an error, not processed.
+    for i in 0..10 {
+        assert_eq!(c.expect("echo").await["payload"], i);
+    }
+    for _ in 0..3 {
+        c.expect_error("Rate limit exceeded: slow down").await;
+    }
+    // After a pause the bucket has refilled (5/s).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.send("echo", json!("again")).await;
+    assert_eq!(c.expect("echo").await["payload"], "again");
+    // Keep flooding: out of strikes, the connection is closed with 1008.
+    for i in 0..40 {
+        c.send("echo", json!(i)).await;
+    }
+    let close = c.expect_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1008);
+    assert_eq!(close.reason.as_str(), "rate limit exceeded");
+    let counters = refused(&gw).await;
+    assert_eq!(counters["flood_closed"], 1);
+    // 3 refused in the burst, then the flood: the strikes left, and the one that closed it.
+    assert!(counters["rate_limited_messages"].as_u64().unwrap() >= 6);
+}
+
+#[tokio::test]
+async fn the_byte_rate_limits_big_messages() {
+    let gw = TestGateway::start_with(
+        |c| {
+            c.max_message_size = 4096;
+            c.rate_limit_bytes = 1000;
+            c.rate_limit_burst_bytes = 8192;
+        },
+        1,
+    );
+    let mut c = gw.client().await;
+    let big = "x".repeat(3000);
+    c.send("echo", json!(big)).await;
+    c.send("echo", json!(big)).await;
+    c.send("echo", json!(big)).await; // 9 KB in all: over the 8 KiB burst
+    c.expect("echo").await;
+    c.expect("echo").await;
+    c.expect_error("Rate limit exceeded: slow down").await;
+}
+
+#[tokio::test]
+async fn per_ip_connection_and_handshake_caps_answer_429() {
+    let gw = TestGateway::start_with(|c| c.max_connections_per_ip = 2, 1);
+    let _a = gw.client().await;
+    let _b = gw.client().await;
+    let (status, _, body) = http_get(gw.addr, "/ws", UPGRADE).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("too many connections"), "{body}");
+    assert_eq!(refused(&gw).await["ip_connections_refused"], 1);
+
+    let gw = TestGateway::start_with(|c| c.max_handshakes_per_ip = 3.0, 1);
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(http_get(gw.addr, "/ws", UPGRADE).await.0);
+    }
+    assert_eq!(statuses, vec![101, 101, 101, 429, 429]);
+    assert_eq!(refused(&gw).await["ip_handshakes_refused"], 2);
+}
+
+#[tokio::test]
+async fn a_full_server_answers_503_and_frees_places_as_clients_leave() {
+    let gw = TestGateway::start_with(|c| c.max_connections = 2, 2);
+    let a = gw.client().await;
+    let _b = gw.client().await;
+    let (status, _, body) = http_get(gw.addr, "/ws", UPGRADE).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("server full"), "{body}");
+    drop(a);
+    gw.wait_for_connections(1).await;
+    let _c = Client::connect(&gw.url("/ws")).await;
+    assert_eq!(refused(&gw).await["server_full"], 1);
+}
+
+#[tokio::test]
+async fn refused_upgrades_give_their_place_back() {
+    // Failed authentication must not leak the per-IP count.
+    let gw = TestGateway::start_with(
+        |c| {
+            c.allow_anonymous = false;
+            c.max_connections_per_ip = 1;
+        },
+        1,
+    );
+    for _ in 0..3 {
+        assert_eq!(http_get(gw.addr, "/ws", UPGRADE).await.0, 401);
+    }
+    let token = support::token_for("zoe");
+    let _zoe = Client::connect(&gw.url(&format!("/ws?token={token}"))).await;
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_huge_headers_refused() {
+    let gw = TestGateway::start_with(|c| c.handshake_timeout = Duration::from_millis(300), 1);
+    // Slow-loris: a request head that never ends.
+    let mut slow = TcpStream::connect(gw.addr).await.unwrap();
+    slow.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(3), slow.read_to_end(&mut buf)).await;
+    assert!(ended.is_ok(), "the gateway hangs up on a slow request head");
+
+    let huge = format!("X-Filler: {}\r\n", "a".repeat(40_000));
+    let (status, _, _) = http_get(gw.addr, "/healthz", &huge).await;
+    assert_eq!(status, 431);
+}

@@ -12,7 +12,7 @@ SHARED_DIR="${SHARED_DIR:-../shared}"
 
 cargo build --release --bin wsgate
 log=$(mktemp)
-WSGATE_MAX_MESSAGE_SIZE=16777216 WSGATE_ALLOW_ANONYMOUS=true WSGATE_MAX_HANDSHAKES_PER_IP=100000 \
+WSGATE_MAX_MESSAGE_SIZE=16777216 WSGATE_RATE_LIMIT_BURST_BYTES=16777216 WSGATE_ALLOW_ANONYMOUS=true WSGATE_MAX_HANDSHAKES_PER_IP=100000 \
   WSGATE_LOG=warn target/release/wsgate --listen 127.0.0.1:0 >"$log" 2>&1 &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true; rm -f "$log"' EXIT

@@ -26,7 +26,8 @@ const PROTOCOL_TOKEN_PREFIX: &str = "bearer.";
 /// Who is on a connection, from its token's claims.
 #[derive(Debug)]
 pub struct Identity {
-    pub user_id: Box<str>,
+    pub user_id: Arc<str>,
+    /// The display name; the same allocation as `user_id` when the token has no `username`.
     pub username: Arc<str>,
     pub roles: Box<[Box<str>]>,
     /// Room patterns this user may join (`None`: any room). A trailing `*` matches a prefix.
@@ -306,10 +307,11 @@ impl Authenticator {
             .or(claims.user_id)
             .filter(|id| !id.is_empty())
             .ok_or(AuthError::BadClaims)?;
-        let username = claims.username.unwrap_or_else(|| user_id.clone());
+        let user_id: Arc<str> = Arc::from(user_id);
+        let username = claims.username.map_or_else(|| user_id.clone(), Arc::from);
         Ok(Identity {
-            username: Arc::from(username),
-            user_id: user_id.into(),
+            username,
+            user_id,
             roles: claims.roles.into_iter().map(Into::into).collect(),
             rooms: claims
                 .rooms

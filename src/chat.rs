@@ -92,7 +92,9 @@ fn join<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<'
         let Joined::Joined { name, .. } = joined else {
             return Ok(());
         };
-        conn.rooms.push(name.clone());
+        let mut rooms = std::mem::take(&mut conn.rooms).into_vec();
+        rooms.push(name.clone());
+        conn.rooms = rooms.into_boxed_slice();
         (name, total, conn.id, conn.identity.username.clone())
     };
     if total > 1 && total <= config.presence_max_members {
@@ -115,7 +117,9 @@ fn leave<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<
     let Some(at) = conn.rooms.iter().position(|r| &**r == room) else {
         return Err(ErrorReply::NotInRoom(room));
     };
-    let name = conn.rooms.swap_remove(at);
+    let mut rooms = std::mem::take(&mut conn.rooms).into_vec();
+    let name = rooms.swap_remove(at);
+    conn.rooms = rooms.into_boxed_slice();
     let username = conn.identity.username.clone();
     drop(state);
     left_room(shard, key, name, &username);
@@ -128,7 +132,7 @@ pub fn leave_all_rooms(shard: &Shard, key: usize) {
         let mut state = shard.state();
         let conn = &mut state.conns[key];
         (
-            std::mem::take(&mut conn.rooms),
+            std::mem::take(&mut conn.rooms).into_vec(),
             conn.identity.username.clone(),
         )
     };

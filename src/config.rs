@@ -190,8 +190,8 @@ impl Config {
         if !(125..=MAX_MESSAGE_SIZE_LIMIT).contains(&self.max_message_size) {
             return bad("max_message_size", "must be between 125 bytes and 1 GiB");
         }
-        if self.max_queued_bytes < 64 * 1024 {
-            return bad("max_queued_bytes", "must be at least 64 KiB");
+        if !(64 * 1024..=1 << 30).contains(&self.max_queued_bytes) {
+            return bad("max_queued_bytes", "must be between 64 KiB and 1 GiB");
         }
         if self.max_chat_message_chars == 0 {
             return bad("max_chat_message_chars", "must be at least 1");

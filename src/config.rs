@@ -33,6 +33,11 @@ pub struct Config {
     /// pauses (so a client that sends without reading is pushed back by TCP), and a broadcast that
     /// would pass this closes it with 1008 "slow consumer" after what is queued. Default 1 MiB.
     pub max_queued_bytes: usize,
+    /// What happens to a reader whose queue a broadcast would push past `max_queued_bytes`:
+    /// `close` (default; 1008 "slow consumer" after what is queued) or `drop` (its oldest queued
+    /// broadcasts are dropped and counted; it gets `{"type":"dropped","count":N}` once it catches
+    /// up).
+    pub slow_consumer_policy: SlowConsumerPolicy,
     /// Longest chat message, in characters. Default 1000 (as the seed).
     pub max_chat_message_chars: usize,
     /// Rooms one connection may be in at once. Default 100.
@@ -115,6 +120,7 @@ impl Default for Config {
             backlog: 1024,
             max_message_size: 64 * 1024,
             max_queued_bytes: 1024 * 1024,
+            slow_consumer_policy: SlowConsumerPolicy::Close,
             max_chat_message_chars: 1000,
             max_rooms_per_connection: 100,
             presence_max_members: 1000,
@@ -144,6 +150,13 @@ impl Default for Config {
             log: "info".to_owned(),
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumerPolicy {
+    Close,
+    Drop,
 }
 
 /// Values given as command-line flags; `None` leaves the lower layers' value.

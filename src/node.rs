@@ -77,6 +77,8 @@ pub struct Counters {
     pub flood_closed: AtomicU64,
     /// Connections closed with 1008 because their outbound queue passed `max_queued_bytes`.
     pub slow_consumers: AtomicU64,
+    /// Broadcasts dropped for slow readers (`slow_consumer_policy = "drop"`).
+    pub dropped_messages: AtomicU64,
     /// Connections closed because they did not answer a ping within `heartbeat_timeout`.
     pub heartbeat_timeouts: AtomicU64,
     /// Connections closed with 4001: the token expired without a refresh.
@@ -119,6 +121,7 @@ impl Counters {
             "rate_limited_messages": get(&self.rate_limited),
             "flood_closed": get(&self.flood_closed),
             "slow_consumers_closed": get(&self.slow_consumers),
+            "dropped_messages": get(&self.dropped_messages),
             "heartbeat_timeouts": get(&self.heartbeat_timeouts),
             "tokens_expired": get(&self.tokens_expired),
         })

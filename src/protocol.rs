@@ -240,6 +240,10 @@ pub enum ServerMessage<'a> {
     Error {
         error: ErrorReply<'a>,
     },
+    /// Broadcasts this reader missed while it was too slow (`drop` policy).
+    Dropped {
+        count: u16,
+    },
     /// Answer to `refresh`: the connection now runs on the new token.
     TokenRefreshed {
         #[serde(rename = "expiresAt")]

@@ -20,6 +20,7 @@ use crate::auth::Identity;
 use crate::backplane::{Publication, Target};
 use crate::client_id::ClientId;
 use crate::close::CloseCode;
+use crate::config::SlowConsumerPolicy;
 use crate::frame;
 use crate::heartbeat::{Heartbeats, Liveness};
 use crate::limits::{RateLimiter, Verdict};
@@ -43,11 +44,20 @@ pub enum Endpoint {
     Echo,
 }
 
+/// A frame waiting behind the head of a queue.
+struct Queued {
+    frame: Bytes,
+    /// A broadcast may be dropped for a slow reader under the `drop` policy; a direct reply
+    /// (an error, `room_joined`, …) never is.
+    broadcast: bool,
+}
+
 /// Frames waiting to be written to one connection, and how to wake the task that writes them.
 #[derive(Default)]
 pub struct Outbound {
     /// The oldest queued frame, kept inline: a connection with at most one frame pending (most
-    /// of them, most of the time) costs no allocation for its queue.
+    /// of them, most of the time) costs no allocation for its queue. Possibly half written, so
+    /// never dropped.
     head: Option<Bytes>,
     /// Frames behind `head`; allocated only while two or more are pending (boxed: an idle
     /// connection pays one pointer for it, in every slab slot).
@@ -55,30 +65,67 @@ pub struct Outbound {
         clippy::box_collection,
         reason = "8 bytes per idle connection instead of 32"
     )]
-    rest: Option<Box<VecDeque<Bytes>>>,
+    rest: Option<Box<VecDeque<Queued>>>,
     /// u32 (bounded by `max_queued_bytes`, at most 1 GiB): this struct is in every slab slot.
     queued_bytes: u32,
+    /// Broadcasts dropped since the reader last caught up (saturating), for its `dropped` notice.
+    dropped: u16,
     waker: Option<Waker>,
     /// Our close frame is queued: nothing may follow it on the wire.
     closing: bool,
 }
 
 impl Outbound {
-    /// Queues a frame, unless the connection is closing (then it is dropped: the peer will not
-    /// read past our close frame).
+    /// Queues a direct frame (a reply), unless the connection is closing (then it is dropped:
+    /// the peer will not read past our close frame).
     pub fn push(&mut self, frame: Bytes) {
+        self.enqueue(frame, false);
+    }
+
+    /// Queues a broadcast frame.
+    pub fn push_broadcast(&mut self, frame: Bytes) {
+        self.enqueue(frame, true);
+    }
+
+    fn enqueue(&mut self, frame: Bytes, broadcast: bool) {
         if self.closing {
             return;
         }
         self.queued_bytes = self.queued_bytes.saturating_add(frame.len() as u32);
         if self.head.is_some() {
-            self.rest.get_or_insert_default().push_back(frame);
+            let rest = self.rest.get_or_insert_default();
+            rest.push_back(Queued { frame, broadcast });
             return;
         }
         self.head = Some(frame);
         if let Some(waker) = &self.waker {
             waker.wake_by_ref();
         }
+    }
+
+    /// Drops the oldest queued broadcasts until `needed` more bytes fit under `bound`; returns
+    /// how many were dropped and whether the room was made.
+    pub fn make_room(&mut self, needed: usize, bound: usize) -> (usize, bool) {
+        let mut dropped = 0;
+        if let Some(rest) = self.rest.as_mut() {
+            let mut i = 0;
+            while self.queued_bytes as usize + needed > bound && i < rest.len() {
+                if rest[i].broadcast {
+                    let gone = rest.remove(i).expect("index in range");
+                    self.queued_bytes -= gone.frame.len() as u32;
+                    dropped += 1;
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        self.note_dropped(dropped);
+        (dropped, self.queued_bytes as usize + needed <= bound)
+    }
+
+    /// Counts broadcasts the reader will not get.
+    pub fn note_dropped(&mut self, n: usize) {
+        self.dropped = self.dropped.saturating_add(n.min(u16::MAX as usize) as u16);
     }
 
     /// Queues our close frame: the last frame this connection will send. Always wakes the task,
@@ -105,12 +152,12 @@ impl Outbound {
 
     /// Fills `slices` with the front of the queue, for one vectored write.
     pub fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
-        let frames = self
-            .head
+        let rest = self
+            .rest
             .iter()
-            .chain(self.rest.iter().flat_map(|rest| rest.iter()));
+            .flat_map(|rest| rest.iter().map(|q| &q.frame));
         let mut n = 0;
-        for (slot, frame) in slices.iter_mut().zip(frames) {
+        for (slot, frame) in slices.iter_mut().zip(self.head.iter().chain(rest)) {
             *slot = IoSlice::new(frame);
             n += 1;
         }
@@ -126,11 +173,23 @@ impl Outbound {
                 return;
             }
             written -= front.len();
-            self.head = self.rest.as_mut().and_then(|rest| rest.pop_front());
+            self.head = self
+                .rest
+                .as_mut()
+                .and_then(|rest| rest.pop_front())
+                .map(|q| q.frame);
         }
         debug_assert_eq!(written, 0, "wrote more than was queued");
         // Give a burst's queue back: an idle connection keeps no allocation.
         self.rest = None;
+        if self.dropped > 0 {
+            // Caught up: tell the reader what it missed.
+            let notice = ServerMessage::Dropped {
+                count: self.dropped,
+            };
+            self.dropped = 0;
+            self.push(notice.encode());
+        }
     }
 
     /// Who to wake when a frame arrives in an empty queue.
@@ -368,21 +427,39 @@ impl Shard {
             if !publication.admits(conn.id) || conn.outbound.is_closing() {
                 return;
             }
-            if conn.outbound.queued_bytes() + publication.frame.len() > max_queued {
-                // A reader this far behind would make the shard buffer without bound: it gets
-                // what is queued, then a close.
-                warn!(client = %conn.id, queued = conn.outbound.queued_bytes(), "closing slow consumer");
-                self.node
-                    .counters
-                    .slow_consumers
-                    .fetch_add(1, Ordering::Relaxed);
-                conn.outbound.push_close(frame::encode_close(
-                    CloseCode::POLICY_VIOLATION,
-                    "slow consumer",
-                ));
+            let frame = &publication.frame;
+            if conn.outbound.queued_bytes() + frame.len() <= max_queued {
+                conn.outbound.push_broadcast(frame.clone());
                 return;
             }
-            conn.outbound.push(publication.frame.clone());
+            // A reader this far behind would make the shard buffer without bound.
+            match self.node.config.slow_consumer_policy {
+                SlowConsumerPolicy::Close => {
+                    warn!(client = %conn.id, queued = conn.outbound.queued_bytes(), "closing slow consumer");
+                    self.node
+                        .counters
+                        .slow_consumers
+                        .fetch_add(1, Ordering::Relaxed);
+                    conn.outbound.push_close(frame::encode_close(
+                        CloseCode::POLICY_VIOLATION,
+                        "slow consumer",
+                    ));
+                }
+                SlowConsumerPolicy::Drop => {
+                    let (dropped, fits) = conn.outbound.make_room(frame.len(), max_queued);
+                    let dropped = if fits {
+                        conn.outbound.push_broadcast(frame.clone());
+                        dropped
+                    } else {
+                        conn.outbound.note_dropped(1);
+                        dropped + 1
+                    };
+                    self.node
+                        .counters
+                        .dropped_messages
+                        .fetch_add(dropped as u64, Ordering::Relaxed);
+                }
+            }
         };
         match (&publication.target, &publication.include) {
             (Target::All, Some(include)) => {

@@ -114,3 +114,92 @@ async fn a_client_that_sends_without_reading_is_pushed_back_not_buffered() {
         echoed += 1;
     }
 }
+
+#[tokio::test]
+async fn with_the_drop_policy_a_slow_reader_loses_old_broadcasts_and_is_told_how_many() {
+    let gw = TestGateway::start_with(
+        |c| {
+            c.max_queued_bytes = QUEUE_LIMIT;
+            c.slow_consumer_policy = wsgate::config::SlowConsumerPolicy::Drop;
+        },
+        1,
+    );
+    let mut fast = gw.client().await;
+    fast.join("room").await;
+    let mut slow = RawClient::connect(gw.addr, "/ws").await;
+    slow.send_frame(
+        true,
+        0x1,
+        br#"{"type":"join_room","payload":{"room":"room"}}"#,
+        true,
+    )
+    .await;
+    fast.expect("user_joined").await;
+
+    const MESSAGES: usize = 400;
+    let filler = "x".repeat(60 * 1024);
+    let reader = tokio::spawn(async move {
+        for i in 0..MESSAGES {
+            assert_eq!(
+                fast.expect("bulk").await["n"],
+                i,
+                "the fast reader loses nothing"
+            );
+        }
+        fast
+    });
+    for n in 0..MESSAGES {
+        let text = format!(r#"{{"type":"bulk","n":{n},"filler":"{filler}"}}"#);
+        gw.gateway().publish(Publication {
+            target: Target::Room("room".into()),
+            frame: wsgate::frame::encode(wsgate::frame::OpCode::Text, text.as_bytes()),
+            include: None,
+            exclude: vec![],
+        });
+        if n % 20 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // Kept connected: its leaving would be news to the slow reader.
+    let _fast = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the fast reader gets all messages in time")
+        .unwrap();
+
+    // The slow reader catches up: the messages it got, in order, and a count of the rest.
+    let (mut received, mut last, mut dropped) = (0, None, 0);
+    while received + dropped < MESSAGES {
+        let (_, opcode, payload) = slow.read_frame().await;
+        assert_eq!(opcode, 0x1);
+        let msg: Value = serde_json::from_slice(&payload).unwrap();
+        match msg["type"].as_str() {
+            Some("connected" | "room_joined") => {}
+            Some("bulk") => {
+                let n = msg["n"].as_u64().unwrap();
+                assert!(last.is_none_or(|l| n > l), "in order");
+                last = Some(n);
+                received += 1;
+            }
+            Some("dropped") => dropped += msg["count"].as_u64().unwrap() as usize,
+            _ => panic!("unexpected {msg}"),
+        }
+    }
+    assert_eq!(
+        received + dropped,
+        MESSAGES,
+        "every message delivered or counted"
+    );
+    assert!(dropped > 0, "this reader was too slow for all of them");
+    let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["refused"]["dropped_messages"], dropped);
+    assert_eq!(health["refused"]["slow_consumers_closed"], 0);
+    // Still connected.
+    slow.send_frame(true, 0x1, br#"{"type":"echo","payload":7}"#, true)
+        .await;
+    let (_, _, payload) = slow.read_frame().await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&payload).unwrap()["payload"],
+        7
+    );
+}

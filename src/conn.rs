@@ -16,7 +16,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::auth::Identity;
 use crate::chat;
@@ -268,11 +268,12 @@ impl Connection {
     }
 
     fn fail(&mut self, error: FrameError) -> End {
-        debug!(
+        info!(
             code = error.code.0,
             reason = error.reason,
-            "failing connection"
+            "closing a connection for bad frames"
         );
+        self.shard.node.counters.frame_error(error.code);
         self.shard.close(self.key, error.code, error.reason);
         End::ServerClosed
     }

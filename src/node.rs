@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::backplane::Backplane;
+use crate::close::CloseCode;
 use crate::config::Config;
 use crate::limits::{Admission, Refusal};
 use crate::rooms::RoomDirectory;
@@ -81,6 +82,10 @@ pub struct Counters {
     pub dropped_messages: AtomicU64,
     /// Connections closed because they did not answer a ping within `heartbeat_timeout`.
     pub heartbeat_timeouts: AtomicU64,
+    /// Connections closed for bad frames: 1002 (protocol), 1007 (not UTF-8), 1009 (too big).
+    pub protocol_errors: AtomicU64,
+    pub invalid_utf8: AtomicU64,
+    pub messages_too_big: AtomicU64,
     /// Connections closed with 4001: the token expired without a refresh.
     pub tokens_expired: AtomicU64,
 }
@@ -91,6 +96,15 @@ impl Counters {
             Refusal::ServerFull => &self.server_full,
             Refusal::TooManyConnections => &self.ip_connections_refused,
             Refusal::TooManyHandshakes => &self.ip_handshakes_refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn frame_error(&self, code: CloseCode) {
+        let counter = match code {
+            CloseCode::INVALID_PAYLOAD => &self.invalid_utf8,
+            CloseCode::MESSAGE_TOO_BIG => &self.messages_too_big,
+            _ => &self.protocol_errors,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -124,6 +138,9 @@ impl Counters {
             "dropped_messages": get(&self.dropped_messages),
             "heartbeat_timeouts": get(&self.heartbeat_timeouts),
             "tokens_expired": get(&self.tokens_expired),
+            "protocol_errors": get(&self.protocol_errors),
+            "invalid_utf8": get(&self.invalid_utf8),
+            "messages_too_big": get(&self.messages_too_big),
         })
     }
 }

@@ -175,6 +175,9 @@ async fn invalid_utf8_closes_with_1007() {
         assert_eq!(close_code_for(&gw, path, &single).await, 1007, "{path}");
         assert_eq!(close_code_for(&gw, path, &fragmented).await, 1007, "{path}");
     }
+    let (_, _, body) = support::http_get(gw.addr, "/healthz", "").await;
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["refused"]["invalid_utf8"], 4);
 }
 
 #[tokio::test]
@@ -190,6 +193,12 @@ async fn messages_over_the_size_limit_close_with_1009() {
         assert_eq!(close_code_for(&gw, path, &one_frame).await, 1009, "{path}");
         assert_eq!(close_code_for(&gw, path, &fragments).await, 1009, "{path}");
     }
+    let (_, _, body) = support::http_get(gw.addr, "/healthz", "").await;
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        health["refused"]["messages_too_big"], 4,
+        "each close is counted"
+    );
     // Exactly at the limit is fine.
     let (mut ws, _) = tokio_tungstenite::connect_async(gw.url("/echo"))
         .await

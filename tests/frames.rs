@@ -159,6 +159,9 @@ async fn protocol_violations_close_with_1002() {
             );
         }
     }
+    let (_, _, body) = support::http_get(gw.addr, "/healthz", "").await;
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["refused"]["protocol_errors"], 2 * cases.len());
     gw.wait_for_connections(0).await;
 }
 

@@ -235,7 +235,7 @@ impl Connection {
                             .send_error(self.key, ErrorReply::BinaryNotSupported),
                         Verdict::Refuse => self.shard.send_error(self.key, ErrorReply::RateLimited),
                         Verdict::Close => {
-                            debug!("closing a flooding client");
+                            info!("closing (1008): rate limit exceeded");
                             self.shard
                                 .node
                                 .counters

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tracing::debug;
+use tracing::info;
 
 use crate::auth;
 use crate::close::CloseCode;
@@ -179,7 +179,7 @@ fn on_tick(shard: &Shard, now: Tick) {
             .map(|exp| exp + heartbeats.leeway_secs);
         if expires_at.is_some_and(|exp| now_secs >= exp) {
             expired_tokens += 1;
-            debug!(client = %conn.id, "token expired");
+            info!(client = %conn.id, "closing (4001): token expired");
             conn.outbound.push_close(frame::encode_close(
                 CloseCode::TOKEN_EXPIRED,
                 "token expired",
@@ -194,7 +194,7 @@ fn on_tick(shard: &Shard, now: Tick) {
                 live.last_seen.wrapping_add(heartbeats.interval)
             } else {
                 timed_out += 1;
-                debug!(client = %conn.id, "heartbeat timeout");
+                info!(client = %conn.id, "closing: heartbeat timeout");
                 conn.outbound
                     .push_close(frame::encode_close(CloseCode::NORMAL, HEARTBEAT_TIMEOUT));
                 continue;

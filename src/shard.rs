@@ -14,7 +14,7 @@ use std::task::Waker;
 
 use bytes::{Buf, Bytes};
 use slab::Slab;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::auth::Identity;
 use crate::backplane::{Publication, Target};
@@ -121,6 +121,11 @@ impl Outbound {
         }
         self.note_dropped(dropped);
         (dropped, self.queued_bytes as usize + needed <= bound)
+    }
+
+    /// Broadcasts dropped since the reader last caught up.
+    pub fn dropped_before(&self) -> usize {
+        self.dropped as usize
     }
 
     /// Counts broadcasts the reader will not get.
@@ -454,6 +459,10 @@ impl Shard {
                         conn.outbound.note_dropped(1);
                         dropped + 1
                     };
+                    if conn.outbound.dropped_before() == dropped {
+                        // Logged when a reader starts dropping, not per message.
+                        info!(client = %conn.id, "slow consumer: dropping broadcasts");
+                    }
                     self.node
                         .counters
                         .dropped_messages

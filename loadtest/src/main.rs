@@ -196,14 +196,41 @@ async fn connect(args: ConnectArgs) -> ExitCode {
     report.handshake = report::Percentiles::of(&handshakes);
     report.failures = failures;
 
+    // Hold: every connection keeps reading, so it answers the gateway's pings (fastwebsockets
+    // pongs by itself) and the gateway's CPU over the hold is its idle cost, heartbeats included.
+    let mut readers = JoinSet::new();
+    for mut ws in held.drain(..) {
+        readers.spawn(async move {
+            let mut frames = 0u64;
+            while let Ok(frame) = ws.read_frame().await {
+                if frame.opcode == fastwebsockets::OpCode::Close {
+                    break;
+                }
+                frames += 1;
+            }
+            frames
+        });
+    }
+    let gateway_cpu_hold_start = common.gateway_pid.and_then(report::cpu_time);
     tokio::time::sleep(args.hold).await;
     report.gateway_rss_held_kib = common.gateway_pid.and_then(report::rss_kib);
+    if let (Some(start), Some(end)) = (
+        gateway_cpu_hold_start,
+        common.gateway_pid.and_then(report::cpu_time),
+    ) {
+        let cpu = (end - start).as_secs_f64();
+        report.gateway_cpu_hold_seconds = Some(cpu);
+        report.gateway_cpu_hold_percent = Some(100.0 * cpu / args.hold.as_secs_f64());
+    }
+    // Connections that ended during the hold (closed by the gateway, e.g. missed heartbeats).
+    while readers.try_join_next().is_some() {}
+    report.held_to_the_end = readers.len();
     if let (Some(before), Some(after)) =
         (report.gateway_rss_before_kib, report.gateway_rss_held_kib)
-        && !held.is_empty()
+        && report.connected > 0
     {
         report.gateway_rss_per_connection_bytes =
-            Some((after as f64 - before as f64) * 1024.0 / held.len() as f64);
+            Some((after as f64 - before as f64) * 1024.0 / report.connected as f64);
     }
     report.gateway_cpu_seconds = common
         .gateway_pid
@@ -213,7 +240,7 @@ async fn connect(args: ConnectArgs) -> ExitCode {
     report.loadtest_cpu_seconds = report::cpu_time(own_pid)
         .zip(own_cpu_before)
         .map(|(after, before)| (after - before).as_secs_f64());
-    drop(held);
+    readers.abort_all();
 
     report.print();
     if let Some(path) = &common.json {

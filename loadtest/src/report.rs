@@ -70,6 +70,12 @@ pub struct ConnectReport {
     /// (RSS while holding − RSS before) / connections held.
     pub gateway_rss_per_connection_bytes: Option<f64>,
     pub gateway_cpu_seconds: Option<f64>,
+    /// Gateway CPU while the connections were held open and idle (heartbeats included).
+    pub gateway_cpu_hold_seconds: Option<f64>,
+    /// The same, as a percentage of one core.
+    pub gateway_cpu_hold_percent: Option<f64>,
+    /// Connections still open when the hold ended.
+    pub held_to_the_end: usize,
     pub loadtest_cpu_seconds: Option<f64>,
 }
 
@@ -96,6 +102,14 @@ impl ConnectReport {
         }
         if let Some(cpu) = self.gateway_cpu_seconds {
             println!("gateway CPU during the run: {cpu:.2} s");
+        }
+        if let (Some(cpu), Some(pct)) =
+            (self.gateway_cpu_hold_seconds, self.gateway_cpu_hold_percent)
+        {
+            println!(
+                "gateway CPU while holding {} idle connections: {cpu:.2} s ({pct:.2}% of a core)",
+                self.held_to_the_end
+            );
         }
         if let Some(cpu) = self.loadtest_cpu_seconds {
             println!("loadtest CPU during the run: {cpu:.2} s");

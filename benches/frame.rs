@@ -1,27 +1,15 @@
 //! Frame codec: decoding masked client frames in place, encoding server frames once.
 
+#[path = "../tests/support/client_frame.rs"]
+mod client_frame;
+
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use wsgate::frame::{Decoded, Decoder, OpCode, encode};
 
 fn masked_frame(payload: &[u8]) -> Vec<u8> {
-    let mask = [1, 2, 3, 4];
-    let mut out = vec![0x81];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
+    client_frame::client_frame(true, 0x1, payload, Some([1, 2, 3, 4]))
 }
 
 fn decode(c: &mut Criterion) {

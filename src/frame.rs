@@ -360,27 +360,16 @@ pub fn encode_close(code: CloseCode, reason: &str) -> Bytes {
 }
 
 #[cfg(test)]
+#[path = "../tests/support/client_frame.rs"]
+mod client_frame;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Builds a masked client frame, as a browser would send it.
+    /// A masked client frame, as a browser would send it.
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 0xFFFF => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
+        super::client_frame::client_frame(fin, opcode, payload, Some([0x37, 0xfa, 0x21, 0x3d]))
     }
 
     fn decode_all(

@@ -13,25 +13,44 @@ use wsgate::backplane::{Publication, Target};
 
 const QUEUE_LIMIT: usize = 64 * 1024;
 
-#[tokio::test]
-async fn a_reader_that_never_reads_is_closed_and_the_others_get_everything() {
-    let gw = TestGateway::start_with(|c| c.max_queued_bytes = QUEUE_LIMIT, 2);
+/// 400 × 60 KiB = 24 MB: far more than a reader's socket buffers plus the queue bound.
+const MESSAGES: usize = 400;
+
+/// A fast reader (tokio-tungstenite) and a slow one (raw, which never reads until told) in
+/// room "room".
+async fn fast_and_slow(gw: &TestGateway) -> (support::Client, RawClient) {
     let mut fast = gw.client().await;
     fast.join("room").await;
     let mut slow = RawClient::connect(gw.addr, "/ws").await;
     // Join, then stop reading.
-    slow.send_frame(
-        true,
-        0x1,
-        br#"{"type":"join_room","payload":{"room":"room"}}"#,
-        true,
-    )
-    .await;
+    let join = br#"{"type":"join_room","payload":{"room":"room"}}"#;
+    slow.send_frame(true, 0x1, join, true).await;
     fast.expect("user_joined").await;
+    (fast, slow)
+}
 
-    // 400 × 60 KiB = 24 MB: far more than the slow client's socket buffers plus the queue bound.
-    const MESSAGES: usize = 400;
+/// Publishes MESSAGES numbered `bulk` messages to "room" from the library API.
+async fn publish_bulk(gw: &TestGateway) {
     let filler = "x".repeat(60 * 1024);
+    for n in 0..MESSAGES {
+        let text = format!(r#"{{"type":"bulk","n":{n},"filler":"{filler}"}}"#);
+        gw.gateway().publish(Publication {
+            target: Target::Room("room".into()),
+            frame: wsgate::frame::encode(wsgate::frame::OpCode::Text, text.as_bytes()),
+            include: None,
+            exclude: vec![],
+        });
+        // Pace the producer a little so the fast reader is never the one behind.
+        if n % 20 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reader_that_never_reads_is_closed_and_the_others_get_everything() {
+    let gw = TestGateway::start_with(|c| c.max_queued_bytes = QUEUE_LIMIT, 2);
+    let (mut fast, mut slow) = fast_and_slow(&gw).await;
     let reader = tokio::spawn(async move {
         let (mut next, mut departures) = (0, 0);
         while next < MESSAGES {
@@ -49,19 +68,7 @@ async fn a_reader_that_never_reads_is_closed_and_the_others_get_everything() {
         assert!(departures <= 1);
         fast
     });
-    for n in 0..MESSAGES {
-        let text = format!(r#"{{"type":"bulk","n":{n},"filler":"{filler}"}}"#);
-        gw.gateway().publish(Publication {
-            target: Target::Room("room".into()),
-            frame: wsgate::frame::encode(wsgate::frame::OpCode::Text, text.as_bytes()),
-            include: None,
-            exclude: vec![],
-        });
-        // Pace the producer a little so the fast reader is never the one behind.
-        if n % 20 == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
+    publish_bulk(&gw).await;
     let mut fast = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
         .expect("the fast reader gets all messages in time")
@@ -124,20 +131,7 @@ async fn with_the_drop_policy_a_slow_reader_loses_old_broadcasts_and_is_told_how
         },
         1,
     );
-    let mut fast = gw.client().await;
-    fast.join("room").await;
-    let mut slow = RawClient::connect(gw.addr, "/ws").await;
-    slow.send_frame(
-        true,
-        0x1,
-        br#"{"type":"join_room","payload":{"room":"room"}}"#,
-        true,
-    )
-    .await;
-    fast.expect("user_joined").await;
-
-    const MESSAGES: usize = 400;
-    let filler = "x".repeat(60 * 1024);
+    let (mut fast, mut slow) = fast_and_slow(&gw).await;
     let reader = tokio::spawn(async move {
         for i in 0..MESSAGES {
             assert_eq!(
@@ -148,18 +142,7 @@ async fn with_the_drop_policy_a_slow_reader_loses_old_broadcasts_and_is_told_how
         }
         fast
     });
-    for n in 0..MESSAGES {
-        let text = format!(r#"{{"type":"bulk","n":{n},"filler":"{filler}"}}"#);
-        gw.gateway().publish(Publication {
-            target: Target::Room("room".into()),
-            frame: wsgate::frame::encode(wsgate::frame::OpCode::Text, text.as_bytes()),
-            include: None,
-            exclude: vec![],
-        });
-        if n % 20 == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
+    publish_bulk(&gw).await;
     // Kept connected: its leaving would be news to the slow reader.
     let _fast = tokio::time::timeout(Duration::from_secs(30), reader)
         .await

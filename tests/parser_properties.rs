@@ -2,6 +2,9 @@
 //! the JSON protocol reader. Arbitrary input must never panic, and valid input must survive any
 //! fragmentation and any split into reads. (`fuzz/` has libFuzzer targets for longer runs.)
 
+#[path = "support/client_frame.rs"]
+mod client_frame;
+
 use proptest::prelude::*;
 use wsgate::frame::{Decoded, Decoder, Event};
 use wsgate::protocol::{ErrorReply, JsonParser};
@@ -44,17 +47,7 @@ fn decode_in_reads(stream: &[u8], reads: &[usize]) -> Result<Vec<(bool, Vec<u8>)
 
 /// A masked client frame.
 fn frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
+    client_frame::client_frame(fin, opcode, payload, Some(mask))
 }
 
 /// A message: text or binary, and the fragment sizes to send it in.

@@ -7,6 +7,7 @@
 #   loadtest/scripts/heartbeat-cost.sh 10000 30s 20s   # the default interval
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source scripts/lib/gateway.sh
 n="${1:-10000}"
 interval="${2:-1s}"
 hold="${3:-20s}"
@@ -14,18 +15,8 @@ hold="${3:-20s}"
 cargo build --release -p wsgate -p loadtest
 export WSGATE_JWT_SECRET="heartbeat-cost-$(date +%s%N)"
 export WSGATE_MAX_CONNECTIONS_PER_IP=1000000 WSGATE_MAX_HANDSHAKES_PER_IP=1000000
-export WSGATE_HEARTBEAT_INTERVAL="$interval"
 token=$(target/release/wsgate token --user loadtest --ttl 1h)
-log=$(mktemp)
-WSGATE_LOG=warn target/release/wsgate --listen 127.0.0.1:0 --shards 2 >"$log" 2>&1 &
-pid=$!
-trap 'kill "$pid" 2>/dev/null || true; rm -f "$log"' EXIT
-for _ in $(seq 100); do
-  grep -q "listening on" "$log" && break
-  sleep 0.1
-done
-addr=$(sed -n 's|.*listening on http://\([^/]*\)/.*|\1|p' "$log")
-[ -n "$addr" ] || { echo "wsgate did not start"; cat "$log"; exit 1; }
+WSGATE_HEARTBEAT_INTERVAL="$interval" WSGATE_LOG=warn start_gateway --shards 2
 echo "heartbeat_interval=$interval, $n connections, hold $hold"
-target/release/loadtest connect --target "$addr" --token "$token" -n "$n" --rate 5000 \
-  --hold "$hold" --source-ips 127.0.0.1-127.0.0.4 --gateway-pid "$pid"
+target/release/loadtest connect --target "$GATEWAY_ADDR" --token "$token" -n "$n" --rate 5000 \
+  --hold "$hold" --source-ips 127.0.0.1-127.0.0.4 --gateway-pid "$GATEWAY_PID"

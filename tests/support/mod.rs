@@ -3,6 +3,9 @@
 //! well-behaved library refuses to send.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+mod client_frame;
+pub use client_frame::client_frame;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -347,27 +350,12 @@ impl RawClient {
 
 /// Encodes a client frame (masked unless told otherwise).
 pub fn raw_frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    let mask = [0x12, 0x34, 0x56, 0x78];
-    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    let mask_bit = if masked { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => out.push(mask_bit | n as u8),
-        n if n <= 0xFFFF => {
-            out.push(mask_bit | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(mask_bit | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    if masked {
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    } else {
-        out.extend_from_slice(payload);
-    }
-    out
+    client_frame(
+        fin,
+        opcode,
+        payload,
+        masked.then_some([0x12, 0x34, 0x56, 0x78]),
+    )
 }
 
 /// A plain HTTP/1.1 GET; returns (status, headers, body). A `101 Switching Protocols` answer

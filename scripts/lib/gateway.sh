@@ -1,0 +1,20 @@
+# Sourced by the scripts that run a release gateway: `start_gateway [wsgate args...]` starts
+# target/release/wsgate on 127.0.0.1:0 (environment WSGATE_* applies), waits until it listens,
+# sets GATEWAY_ADDR (host:port) and GATEWAY_PID, and stops it when the script exits.
+start_gateway() {
+  GATEWAY_LOG=$(mktemp)
+  target/release/wsgate --listen 127.0.0.1:0 "$@" >"$GATEWAY_LOG" 2>&1 &
+  GATEWAY_PID=$!
+  trap 'kill "$GATEWAY_PID" 2>/dev/null || true; rm -f "$GATEWAY_LOG"' EXIT
+  for _ in $(seq 100); do
+    grep -q "listening on" "$GATEWAY_LOG" && break
+    kill -0 "$GATEWAY_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  GATEWAY_ADDR=$(sed -n 's|.*listening on http://\([^/]*\)/.*|\1|p' "$GATEWAY_LOG")
+  if [ -z "$GATEWAY_ADDR" ]; then
+    echo "wsgate did not start:" >&2
+    cat "$GATEWAY_LOG" >&2
+    exit 1
+  fi
+}

@@ -304,26 +304,23 @@ async fn dev_mode_serves_tokens_and_a_configured_key_turns_it_off() {
 
 #[tokio::test]
 async fn the_token_command_mints_what_the_gateway_accepts() {
+    /// Runs `wsgate token ARGS` with `secret` as WSGATE_JWT_SECRET; the token, or the exit code.
+    fn mint(args: &[&str], secret: Option<&str>) -> Result<String, Option<i32>> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+        cmd.arg("token").args(args).env_remove("WSGATE_JWT_SECRET");
+        if let Some(secret) = secret {
+            cmd.env("WSGATE_JWT_SECRET", secret);
+        }
+        let out = cmd.output().unwrap();
+        if !out.status.success() {
+            return Err(out.status.code());
+        }
+        Ok(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+    }
+
     let gw = gateway(|_| {});
-    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args([
-            "token",
-            "--user",
-            "ivan",
-            "--username",
-            "Ivan",
-            "--ttl",
-            "10m",
-        ])
-        .env("WSGATE_JWT_SECRET", TEST_SECRET)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let args = ["--user", "ivan", "--username", "Ivan", "--ttl", "10m"];
+    let token = mint(&args, Some(TEST_SECRET)).unwrap();
     let mut ivan = Client::connect(&gw.url(&format!("/ws?token={token}"))).await;
     ivan.join("r").await;
 
@@ -332,26 +329,16 @@ async fn the_token_command_mints_what_the_gateway_accepts() {
         c.jwt_secret = None;
         c.jwt_public_key_file = Some(fixture("rsa-public.pem"));
     });
-    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["token", "--user", "ivan", "--private-key"])
-        .arg(fixture("rsa-private.pem"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let key = fixture("rsa-private.pem");
+    let token = mint(
+        &["--user", "ivan", "--private-key", key.to_str().unwrap()],
+        None,
+    )
+    .unwrap();
     assert_eq!(try_upgrade(&rsa, Some(&token)).await.0, 101);
 
     // No key at all: nothing to sign with.
-    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["token", "--user", "ivan"])
-        .env_remove("WSGATE_JWT_SECRET")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(mint(&["--user", "ivan"], None), Err(Some(2)));
 }
 
 #[tokio::test]

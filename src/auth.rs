@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 
+/// The subprotocol wsgate speaks (its JSON protocol), for clients that name one.
+const OUR_PROTOCOL: &str = "wsgate";
+
 /// The prefix that marks a token among the offered subprotocols.
 const PROTOCOL_TOKEN_PREFIX: &str = "bearer.";
 
@@ -73,8 +76,9 @@ pub struct Claims {
     pub exp: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+    /// A string or an array of strings (RFC 7519); checked by jsonwebtoken against `jwt_audience`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<serde_json::Value>,
 }
 
 /// Why a token was refused. The wording goes to the client; the token itself never does, nor
@@ -156,12 +160,17 @@ pub fn presented<B>(req: &hyper::Request<B>) -> Presented<'_> {
     let from_protocol = offered
         .iter()
         .find_map(|p| p.strip_prefix(PROTOCOL_TOKEN_PREFIX));
-    // Answer with a real protocol when one was offered beside the token, else with the token
-    // entry itself (a browser fails the connection if the answer is not among its offers).
+    // RFC 6455 §4.2.2: answer with a protocol we speak, `wsgate`, when offered. A browser that
+    // offered only a token entry must still hear one of its offers back, so that entry is echoed;
+    // anything else offered (a protocol we do not speak) gets no answer.
     let protocol = offered
         .iter()
-        .find(|p| !p.starts_with(PROTOCOL_TOKEN_PREFIX))
-        .or(offered.first())
+        .find(|p| **p == OUR_PROTOCOL)
+        .or_else(|| {
+            offered
+                .iter()
+                .find(|p| p.starts_with(PROTOCOL_TOKEN_PREFIX))
+        })
         .and_then(|p| HeaderValue::from_str(p).ok());
     let from_query = req.uri().query().and_then(|q| {
         q.split('&')
@@ -173,10 +182,10 @@ pub fn presented<B>(req: &hyper::Request<B>) -> Presented<'_> {
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+            // The scheme is case-insensitive (RFC 7235).
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
     Presented {
         token: from_query.or(from_header).or(from_protocol),
         protocol,
@@ -248,13 +257,19 @@ impl Authenticator {
         let mut validation = Validation::new(algorithms[0]);
         validation.algorithms = algorithms;
         validation.leeway = config.jwt_leeway.as_secs();
+        validation.validate_nbf = true;
         validation.validate_aud = config.jwt_audience.is_some();
+        // A configured issuer or audience is required, not just checked when present.
+        let mut required = vec!["exp"];
         if let Some(aud) = &config.jwt_audience {
             validation.set_audience(&[aud]);
+            required.push("aud");
         }
         if let Some(iss) = &config.jwt_issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         Ok(Authenticator {
             key,
             validation,
@@ -416,6 +431,15 @@ mod tests {
         assert_eq!(p.protocol.unwrap(), "wsgate");
         let r = req("/ws", &[("sec-websocket-protocol", "bearer.t.o.k")]);
         assert_eq!(presented(&r).protocol.unwrap(), "bearer.t.o.k");
+        let r = req("/ws", &[("sec-websocket-protocol", "mqtt, bearer.t.o.k")]);
+        assert_eq!(presented(&r).protocol.unwrap(), "bearer.t.o.k");
+        let r = req("/ws?token=abc", &[("sec-websocket-protocol", "mqtt")]);
+        assert!(
+            presented(&r).protocol.is_none(),
+            "a protocol we do not speak is not answered"
+        );
+        let r = req("/ws", &[("authorization", "BEARER xyz")]);
+        assert_eq!(presented(&r).token, Some("xyz"));
         let r = req("/ws", &[]);
         assert!(presented(&r).token.is_none() && presented(&r).protocol.is_none());
     }

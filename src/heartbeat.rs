@@ -131,7 +131,8 @@ impl Heartbeats {
         let Some(exp) = expires_at else {
             return Tick::MAX;
         };
-        let left = Duration::from_secs((exp + self.leeway_secs).saturating_sub(auth::now_secs()));
+        let until = exp.saturating_add(self.leeway_secs);
+        let left = Duration::from_secs(until.saturating_sub(auth::now_secs()));
         self.wheel.now() + (left.as_nanos() / self.tick.as_nanos()) as Tick + 1
     }
 }
@@ -176,7 +177,7 @@ fn on_tick(shard: &Shard, now: Tick) {
         let expires_at = conn
             .identity
             .expires_at
-            .map(|exp| exp + heartbeats.leeway_secs);
+            .map(|exp| exp.saturating_add(heartbeats.leeway_secs));
         if expires_at.is_some_and(|exp| now_secs >= exp) {
             expired_tokens += 1;
             info!(client = %conn.id, "closing (4001): token expired");

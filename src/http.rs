@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
+use hyper::header::{CONTENT_TYPE, HeaderValue, ORIGIN, SEC_WEBSOCKET_PROTOCOL, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -174,10 +174,13 @@ fn upgrade_admitted(
                 node.counters.auth_refused(e);
                 // The reason only: the token itself is never logged.
                 info!(reason = e.code(), "upgrade refused (401)");
-                return json(
+                let mut res = json(
                     StatusCode::UNAUTHORIZED,
                     &serde_json::json!({ "error": e.message(), "reason": e.code() }),
                 );
+                res.headers_mut()
+                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return res;
             }
         },
     };

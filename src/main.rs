@@ -105,7 +105,7 @@ fn mint_token(config: &Config, args: &TokenArgs) -> Result<String, String> {
     claims.roles = args.roles.clone();
     claims.rooms = (!args.rooms.is_empty()).then(|| args.rooms.clone());
     claims.iss = config.jwt_issuer.clone();
-    claims.aud = config.jwt_audience.clone();
+    claims.aud = config.jwt_audience.clone().map(serde_json::Value::String);
     jsonwebtoken::encode(&Header::new(alg), &claims, &key).map_err(|e| format!("signing: {e}"))
 }
 

@@ -229,12 +229,17 @@ async fn deliver_until(shard: &Shard, inbox: &mut Inbox, shutdown: &Cancellation
 /// Shutdown of one shard: what was published before the signal is delivered, then every
 /// connection gets 1001 after its queue, and the shard waits for the close handshakes.
 async fn drain(shard: &Shard, inbox: &mut Inbox) {
+    let deadline = tokio::time::Instant::now() + shard.node.config.drain_timeout;
     while let Ok(publication) = inbox.try_recv() {
         shard.deliver(&publication);
+        // As in normal delivery: let connections write between publications.
+        tokio::task::yield_now().await;
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
     }
     let open = shard.connection_count();
     shard.close_all_going_away();
-    let deadline = tokio::time::Instant::now() + shard.node.config.drain_timeout;
     while shard.connection_count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -106,6 +106,17 @@ impl Outbound {
     /// Drops the oldest queued broadcasts until `needed` more bytes fit under `bound`; returns
     /// how many were dropped and whether the room was made.
     pub fn make_room(&mut self, needed: usize, bound: usize) -> (usize, bool) {
+        let droppable: usize = self
+            .rest
+            .iter()
+            .flat_map(|rest| rest.iter())
+            .filter(|q| q.broadcast)
+            .map(|q| q.frame.len())
+            .sum();
+        if self.queued_bytes as usize - droppable + needed > bound {
+            // Even dropping every queued broadcast would not make room: keep them.
+            return (0, false);
+        }
         let mut dropped = 0;
         if let Some(rest) = self.rest.as_mut() {
             let mut i = 0;
@@ -433,7 +444,10 @@ impl Shard {
                 return;
             }
             let frame = &publication.frame;
-            if conn.outbound.queued_bytes() + frame.len() <= max_queued {
+            let queued = conn.outbound.queued_bytes();
+            // A frame bigger than the bound still goes to a reader that has caught up: the bound
+            // is on backlog.
+            if queued == 0 || queued + frame.len() <= max_queued {
                 conn.outbound.push_broadcast(frame.clone());
                 return;
             }
@@ -519,5 +533,23 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(out.queued_bytes(), 0);
         assert!(out.rest.is_none());
+    }
+
+    #[test]
+    fn make_room_drops_only_broadcasts_and_only_when_that_is_enough() {
+        let frame = |n: usize| Bytes::from(vec![0u8; n]);
+        let mut out = Outbound::default();
+        out.push(frame(10)); // head: never dropped
+        out.push_broadcast(frame(30));
+        out.push(frame(20)); // a direct reply: never dropped
+        out.push_broadcast(frame(30));
+        assert_eq!(out.queued_bytes(), 90);
+        // Needing 90 more under a bound of 100: even dropping both broadcasts leaves 30 + 90.
+        assert_eq!(out.make_room(90, 100), (0, false));
+        assert_eq!(out.queued_bytes(), 90, "nothing dropped for nothing");
+        // Needing 40: dropping the oldest broadcast (30) is enough.
+        assert_eq!(out.make_room(40, 100), (1, true));
+        assert_eq!(out.queued_bytes(), 60);
+        assert_eq!(out.dropped_before(), 1);
     }
 }

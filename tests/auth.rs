@@ -16,6 +16,9 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use wsgate::auth::{Claims, claims_for, now_secs};
 use wsgate::heartbeat::HeartbeatMode;
 
+const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+                       Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -48,15 +51,14 @@ async fn try_upgrade(gw: &TestGateway, token: Option<&str>) -> (u16, Value) {
         Some(t) => format!("/ws?token={t}"),
         None => "/ws".into(),
     };
-    let headers = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
-                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
-    let (status, _, body) = http_get(gw.addr, &path, headers).await;
+    let (status, _, body) = http_get(gw.addr, &path, UPGRADE).await;
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 async fn refused_because(gw: &TestGateway, token: Option<&str>) -> String {
     let (status, body) = try_upgrade(gw, token).await;
     assert_eq!(status, 401, "{body}");
+    // (The WWW-Authenticate: Bearer header is checked in `refusals_name_the_bearer_scheme`.)
     assert!(body["error"].is_string(), "{body}");
     body["reason"].as_str().unwrap().to_owned()
 }
@@ -115,6 +117,18 @@ async fn bad_tokens_are_refused_with_401_naming_the_reason() {
 }
 
 #[tokio::test]
+async fn refusals_name_the_bearer_scheme() {
+    let gw = gateway(|_| {});
+    let (status, head, _) = http_get(gw.addr, "/ws", UPGRADE).await;
+    assert_eq!(status, 401);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{head}"
+    );
+}
+
+#[tokio::test]
 async fn issuer_and_audience_are_checked_when_configured() {
     let gw = gateway(|c| {
         c.jwt_issuer = Some("https://issuer.example".into());
@@ -137,6 +151,22 @@ async fn issuer_and_audience_are_checked_when_configured() {
     claims.aud = Some("other".into());
     let token = sign(&claims, Algorithm::HS256, &key);
     assert_eq!(refused_because(&gw, Some(&token)).await, "wrong_audience");
+    // An audience list that names us is fine.
+    claims.aud = Some(json!(["other", "wsgate"]));
+    assert_eq!(
+        try_upgrade(&gw, Some(&sign(&claims, Algorithm::HS256, &key)))
+            .await
+            .0,
+        101
+    );
+    // Configured claims are required, not only checked when present.
+    claims.aud = None;
+    let token = sign(&claims, Algorithm::HS256, &key);
+    assert_eq!(refused_because(&gw, Some(&token)).await, "bad_claims");
+    claims.aud = Some("wsgate".into());
+    claims.iss = None;
+    let token = sign(&claims, Algorithm::HS256, &key);
+    assert_eq!(refused_because(&gw, Some(&token)).await, "bad_claims");
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::client::Failure;
-use crate::report::ConnectReport;
+use crate::report::{ConnectReport, EchoReport};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -31,6 +31,9 @@ struct Cli {
 enum Scenario {
     /// Open N connections, hold them idle, report handshake latency and the gateway's memory.
     Connect(ConnectArgs),
+    /// Closed-loop echo: each connection sends a message and waits for it to come back, for a
+    /// duration; reports round-trip latency and messages per second (and per gateway CPU-second).
+    Echo(EchoArgs),
 }
 
 #[derive(Args)]
@@ -59,10 +62,9 @@ struct Common {
     max_errors: u64,
 }
 
+/// How connections are opened.
 #[derive(Args)]
-struct ConnectArgs {
-    #[command(flatten)]
-    common: Common,
+struct Ramp {
     /// Connections to open.
     #[arg(short = 'n', long, default_value_t = 1000)]
     connections: usize,
@@ -72,12 +74,34 @@ struct ConnectArgs {
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
-    /// How long to hold the connections once all are open.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    hold: Duration,
     /// Give up on one connection attempt after this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     handshake_timeout: Duration,
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    ramp: Ramp,
+    /// How long to hold the connections once all are open.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    hold: Duration,
+}
+
+#[derive(Args)]
+struct EchoArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    ramp: Ramp,
+    /// Message size in bytes (binary frames).
+    #[arg(long, default_value_t = 20)]
+    payload: usize,
+    /// How long to send for, once every connection is open.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
 }
 
 #[derive(Clone)]
@@ -117,6 +141,7 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     match cli.scenario {
         Scenario::Connect(args) => runtime.block_on(connect(args)),
+        Scenario::Echo(args) => runtime.block_on(echo(args)),
     }
 }
 
@@ -139,63 +164,18 @@ async fn connect(args: ConnectArgs) -> ExitCode {
     let gateway_cpu_before = common.gateway_pid.and_then(report::cpu_time);
     let own_cpu_before = report::cpu_time(own_pid);
     let mut report = ConnectReport {
-        target_connections: args.connections,
+        target_connections: args.ramp.connections,
         gateway_rss_before_kib: common.gateway_pid.and_then(report::rss_kib),
         ..ConnectReport::default()
     };
 
-    let in_flight = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let mut attempts = JoinSet::new();
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate.max(0.001)));
-    let started = Instant::now();
-    for i in 0..args.connections {
-        ticker.tick().await;
-        let permit = in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore open");
-        let source = common.source_ips.0[i % common.source_ips.0.len()];
-        let target = common.targets[i % common.targets.len()];
-        let path = match &common.token {
-            Some(token) => format!("{}?token={token}", common.path),
-            None => common.path.clone(),
-        };
-        let timeout = args.handshake_timeout;
-        attempts.spawn(async move {
-            let begun = Instant::now();
-            let result = tokio::time::timeout(timeout, async {
-                let mut ws = client::connect(source, target, &path).await?;
-                if !path.starts_with("/echo") {
-                    client::read_greeting(&mut ws).await?;
-                }
-                Ok(ws)
-            })
-            .await
-            .unwrap_or(Err(Failure::Timeout));
-            drop(permit);
-            (begun.elapsed(), result)
-        });
-    }
-    let mut held = Vec::with_capacity(args.connections);
-    let mut handshakes = report::latency_histogram();
-    let mut failures = BTreeMap::new();
-    while let Some(joined) = attempts.join_next().await {
-        let (took, result) = joined.expect("connection task does not panic");
-        match result {
-            Ok(ws) => {
-                handshakes.saturating_record(took.as_micros() as u64);
-                held.push(ws);
-            }
-            Err(cause) => *failures.entry(cause).or_insert(0) += 1,
-        }
-    }
-    report.ramp_seconds = started.elapsed().as_secs_f64();
+    let opened = open_all(common, &args.ramp).await;
+    let mut held = opened.held;
+    report.ramp_seconds = opened.seconds;
     report.connected = held.len();
     report.connections_per_second = held.len() as f64 / report.ramp_seconds;
-    report.handshake = report::Percentiles::of(&handshakes);
-    report.failures = failures;
-
+    report.handshake = report::Percentiles::of(&opened.handshakes);
+    report.failures = opened.failures;
     // Hold: every connection keeps reading, so it answers the gateway's pings (fastwebsockets
     // pongs by itself) and the gateway's CPU over the hold is its idle cost, heartbeats included.
     let mut readers = JoinSet::new();
@@ -243,19 +223,162 @@ async fn connect(args: ConnectArgs) -> ExitCode {
     readers.abort_all();
 
     report.print();
+    let errors = report.failures.values().sum();
+    finish(common, &report, errors)
+}
+
+/// Connections opened by a ramp, and what opening them measured.
+struct Opened {
+    held: Vec<client::Ws>,
+    handshakes: hdrhistogram::Histogram<u64>,
+    failures: BTreeMap<Failure, u64>,
+    seconds: f64,
+}
+
+/// Opens `ramp.connections` connections at `ramp.rate`, spread over the targets and sources.
+async fn open_all(common: &Common, ramp: &Ramp) -> Opened {
+    let in_flight = Arc::new(Semaphore::new(ramp.concurrency.max(1)));
+    let mut attempts = JoinSet::new();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / ramp.rate.max(0.001)));
+    let started = Instant::now();
+    for i in 0..ramp.connections {
+        ticker.tick().await;
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
+        let source = common.source_ips.0[i % common.source_ips.0.len()];
+        let target = common.targets[i % common.targets.len()];
+        let path = match &common.token {
+            Some(token) => format!("{}?token={token}", common.path),
+            None => common.path.clone(),
+        };
+        let timeout = ramp.handshake_timeout;
+        attempts.spawn(async move {
+            let begun = Instant::now();
+            let result = tokio::time::timeout(timeout, async {
+                let mut ws = client::connect(source, target, &path).await?;
+                if !path.starts_with("/echo") {
+                    client::read_greeting(&mut ws).await?;
+                }
+                Ok(ws)
+            })
+            .await
+            .unwrap_or(Err(Failure::Timeout));
+            drop(permit);
+            (begun.elapsed(), result)
+        });
+    }
+    let mut held = Vec::with_capacity(ramp.connections);
+    let mut handshakes = report::latency_histogram();
+    let mut failures = BTreeMap::new();
+    while let Some(joined) = attempts.join_next().await {
+        let (took, result) = joined.expect("connection task does not panic");
+        match result {
+            Ok(ws) => {
+                handshakes.saturating_record(took.as_micros() as u64);
+                held.push(ws);
+            }
+            Err(cause) => *failures.entry(cause).or_insert(0) += 1,
+        }
+    }
+    Opened {
+        held,
+        handshakes,
+        failures,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+async fn echo(args: EchoArgs) -> ExitCode {
+    let common = &args.common;
+    if let Err(e) = check_targets(common) {
+        eprintln!("loadtest: {e}");
+        return ExitCode::from(2);
+    }
+    let opened = open_all(common, &args.ramp).await;
+    let connected = opened.held.len();
+    let mut report = EchoReport {
+        connections: connected,
+        payload_bytes: args.payload,
+        failures: opened.failures,
+        ..EchoReport::default()
+    };
+    let own_pid = std::process::id();
+    let gateway_cpu_before = common.gateway_pid.and_then(report::cpu_time);
+    let own_cpu_before = report::cpu_time(own_pid);
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + args.duration;
+    let mut loops = JoinSet::new();
+    for mut ws in opened.held {
+        let payload = vec![0x5a_u8; args.payload];
+        loops.spawn(async move {
+            let mut latencies = report::latency_histogram();
+            let mut errors = 0u64;
+            while tokio::time::Instant::now() < deadline {
+                let sent = Instant::now();
+                let frame =
+                    fastwebsockets::Frame::binary(fastwebsockets::Payload::Borrowed(&payload));
+                if ws.write_frame(frame).await.is_err() {
+                    errors += 1;
+                    break;
+                }
+                match ws.read_frame().await {
+                    Ok(frame) if frame.payload.len() == payload.len() => {
+                        latencies.saturating_record(sent.elapsed().as_micros() as u64);
+                    }
+                    _ => {
+                        errors += 1;
+                        break;
+                    }
+                }
+            }
+            (latencies, errors)
+        });
+    }
+    let mut latencies = report::latency_histogram();
+    while let Some(joined) = loops.join_next().await {
+        let (h, errors) = joined.expect("echo loop does not panic");
+        latencies.add(&h).expect("same histogram bounds");
+        report.errors += errors;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    report.seconds = seconds;
+    report.messages = latencies.len();
+    report.messages_per_second = latencies.len() as f64 / seconds;
+    report.latency = report::Percentiles::of(&latencies);
+    report.gateway_cpu_seconds = common
+        .gateway_pid
+        .and_then(report::cpu_time)
+        .zip(gateway_cpu_before)
+        .map(|(after, before)| (after - before).as_secs_f64());
+    report.messages_per_gateway_cpu_second = report
+        .gateway_cpu_seconds
+        .filter(|cpu| *cpu > 0.0)
+        .map(|cpu| latencies.len() as f64 / cpu);
+    report.loadtest_cpu_seconds = report::cpu_time(own_pid)
+        .zip(own_cpu_before)
+        .map(|(after, before)| (after - before).as_secs_f64());
+    report.print();
+    finish(
+        common,
+        &report,
+        report.errors + report.failures.values().sum::<u64>(),
+    )
+}
+
+/// Writes the JSON report if asked, and turns the error count into the exit code.
+fn finish(common: &Common, report: &impl serde::Serialize, errors: u64) -> ExitCode {
     if let Some(path) = &common.json {
-        let json = serde_json::to_string_pretty(&report).expect("report serializes");
+        let json = serde_json::to_string_pretty(report).expect("report serializes");
         if let Err(e) = std::fs::write(path, json) {
             eprintln!("loadtest: cannot write {}: {e}", path.display());
             return ExitCode::FAILURE;
         }
     }
-    let errors: u64 = report.failures.values().sum();
     if errors > common.max_errors {
-        eprintln!(
-            "loadtest: {errors} connections failed (allowed: {})",
-            common.max_errors
-        );
+        eprintln!("loadtest: {errors} errors (allowed: {})", common.max_errors);
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

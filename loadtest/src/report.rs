@@ -116,3 +116,55 @@ impl ConnectReport {
         }
     }
 }
+
+#[derive(Serialize, Debug, Default)]
+pub struct EchoReport {
+    pub connections: usize,
+    pub payload_bytes: usize,
+    pub failures: BTreeMap<Failure, u64>,
+    pub seconds: f64,
+    /// Round trips completed.
+    pub messages: u64,
+    pub messages_per_second: f64,
+    /// Round-trip latency (closed loop: one message in flight per connection).
+    pub latency: Percentiles,
+    /// Connections that broke off with an error.
+    pub errors: u64,
+    pub gateway_cpu_seconds: Option<f64>,
+    /// Messages per second of gateway CPU: steadier than messages/s on a shared machine.
+    pub messages_per_gateway_cpu_second: Option<f64>,
+    pub loadtest_cpu_seconds: Option<f64>,
+}
+
+impl EchoReport {
+    pub fn print(&self) {
+        println!(
+            "echo: {} connections × {} B, {} round trips in {:.1} s: {:.0} messages/s",
+            self.connections,
+            self.payload_bytes,
+            self.messages,
+            self.seconds,
+            self.messages_per_second
+        );
+        for (cause, n) in &self.failures {
+            println!("  failed to connect ({cause:?}): {n}");
+        }
+        if self.errors > 0 {
+            println!("  connections broken off: {}", self.errors);
+        }
+        let l = &self.latency;
+        println!(
+            "round trip ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+            l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
+        );
+        if let (Some(cpu), Some(per_cpu)) = (
+            self.gateway_cpu_seconds,
+            self.messages_per_gateway_cpu_second,
+        ) {
+            println!("gateway CPU: {cpu:.2} s → {per_cpu:.0} messages per gateway CPU-second");
+        }
+        if let Some(cpu) = self.loadtest_cpu_seconds {
+            println!("loadtest CPU: {cpu:.2} s");
+        }
+    }
+}

@@ -2,20 +2,36 @@
 # Echo throughput and latency: a release gateway with one shard pinned to CPU 0, the load
 # generator pinned to CPU 1 (taskset), closed-loop echo over /echo.
 #
-# Usage: loadtest/scripts/echo.sh [CONNECTIONS=100] [PAYLOAD=20] [DURATION=10s]
+# Usage: loadtest/scripts/echo.sh [CONNECTIONS=100] [PAYLOAD=20] [DURATION=10s] [SERVER]
+# SERVER: wsgate (default), baseline_fastwebsockets or baseline_tungstenite (examples/), measured
+# the same way, by the same load generator.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/lib/gateway.sh
 n="${1:-100}"
 payload="${2:-20}"
 duration="${3:-10s}"
+server="${4:-wsgate}"
 
 cargo build --release -p wsgate -p loadtest
-export WSGATE_JWT_SECRET="echo-bench-$(date +%s%N)"
-export WSGATE_MAX_CONNECTIONS_PER_IP=1000000 WSGATE_MAX_HANDSHAKES_PER_IP=1000000
-export WSGATE_MAX_MESSAGE_SIZE=$((payload > 65536 ? payload : 65536))
-token=$(target/release/wsgate token --user loadtest --ttl 1h)
-WSGATE_LOG=warn start_gateway --shards 1
+if [ "$server" = wsgate ]; then
+  export WSGATE_JWT_SECRET="echo-bench-$(date +%s%N)"
+  export WSGATE_MAX_CONNECTIONS_PER_IP=1000000 WSGATE_MAX_HANDSHAKES_PER_IP=1000000
+  export WSGATE_MAX_MESSAGE_SIZE=$((payload > 65536 ? payload : 65536))
+  token=$(target/release/wsgate token --user loadtest --ttl 1h)
+  WSGATE_LOG=warn start_gateway --shards 1
+  path="/echo?token=$token"
+else
+  cargo build --release --example "$server"
+  log=$(mktemp)
+  "target/release/examples/$server" 127.0.0.1:0 >"$log" 2>&1 &
+  GATEWAY_PID=$!
+  trap 'kill "$GATEWAY_PID" 2>/dev/null || true; rm -f "$log"' EXIT
+  sleep 0.5
+  GATEWAY_ADDR=$(sed -n 's|.*listening on http://\([^/]*\)/.*|\1|p' "$log")
+  path="/"
+fi
 taskset -pc 0 "$GATEWAY_PID" >/dev/null
-taskset -c 1 target/release/loadtest echo --target "$GATEWAY_ADDR" --path /echo --token "$token" \
+echo "server: $server, $n connections x $payload B, $duration"
+taskset -c 1 target/release/loadtest echo --target "$GATEWAY_ADDR" --path "$path" \
   -n "$n" --payload "$payload" --duration "$duration" --gateway-pid "$GATEWAY_PID"

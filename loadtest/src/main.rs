@@ -169,7 +169,7 @@ async fn connect(args: ConnectArgs) -> ExitCode {
         ..ConnectReport::default()
     };
 
-    let opened = open_all(common, &args.ramp).await;
+    let opened = open_all(common, &args.ramp, !common.path.starts_with("/echo")).await;
     let mut held = opened.held;
     report.ramp_seconds = opened.seconds;
     report.connected = held.len();
@@ -236,7 +236,8 @@ struct Opened {
 }
 
 /// Opens `ramp.connections` connections at `ramp.rate`, spread over the targets and sources.
-async fn open_all(common: &Common, ramp: &Ramp) -> Opened {
+/// `greeting`: wait for the chat endpoint's `connected` message on each.
+async fn open_all(common: &Common, ramp: &Ramp, greeting: bool) -> Opened {
     let in_flight = Arc::new(Semaphore::new(ramp.concurrency.max(1)));
     let mut attempts = JoinSet::new();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / ramp.rate.max(0.001)));
@@ -259,7 +260,7 @@ async fn open_all(common: &Common, ramp: &Ramp) -> Opened {
             let begun = Instant::now();
             let result = tokio::time::timeout(timeout, async {
                 let mut ws = client::connect(source, target, &path).await?;
-                if !path.starts_with("/echo") {
+                if greeting {
                     client::read_greeting(&mut ws).await?;
                 }
                 Ok(ws)
@@ -297,7 +298,8 @@ async fn echo(args: EchoArgs) -> ExitCode {
         eprintln!("loadtest: {e}");
         return ExitCode::from(2);
     }
-    let opened = open_all(common, &args.ramp).await;
+    // Echo servers (wsgate's /echo, the baselines) send no greeting.
+    let opened = open_all(common, &args.ramp, false).await;
     let connected = opened.held.len();
     let mut report = EchoReport {
         connections: connected,

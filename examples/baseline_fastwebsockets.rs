@@ -19,11 +19,7 @@ async fn echo(fut: upgrade::UpgradeFut) {
     while let Ok(frame) = ws.read_frame().await {
         match frame.opcode {
             OpCode::Close => break,
-            OpCode::Text | OpCode::Binary => {
-                if ws.write_frame(frame).await.is_err() {
-                    break;
-                }
-            }
+            OpCode::Text | OpCode::Binary if ws.write_frame(frame).await.is_err() => break,
             _ => {}
         }
     }

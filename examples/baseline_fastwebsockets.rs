@@ -17,10 +17,12 @@ async fn echo(fut: upgrade::UpgradeFut) {
     let Ok(ws) = fut.await else { return };
     let mut ws = FragmentCollector::new(ws);
     while let Ok(frame) = ws.read_frame().await {
-        match frame.opcode {
-            OpCode::Close => break,
-            OpCode::Text | OpCode::Binary if ws.write_frame(frame).await.is_err() => break,
-            _ => {}
+        if frame.opcode == OpCode::Close {
+            break;
+        }
+        let data = matches!(frame.opcode, OpCode::Text | OpCode::Binary);
+        if data && ws.write_frame(frame).await.is_err() {
+            break;
         }
     }
 }

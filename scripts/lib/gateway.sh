@@ -3,7 +3,7 @@
 # sets GATEWAY_ADDR (host:port) and GATEWAY_PID, and stops it when the script exits.
 start_gateway() {
   GATEWAY_LOG=$(mktemp)
-  target/release/wsgate --listen 127.0.0.1:0 "$@" >"$GATEWAY_LOG" 2>&1 &
+  "${GATEWAY_BIN:-target/release/wsgate}" --listen 127.0.0.1:0 "$@" >"$GATEWAY_LOG" 2>&1 &
   GATEWAY_PID=$!
   trap 'kill "$GATEWAY_PID" 2>/dev/null || true; rm -f "$GATEWAY_LOG"' EXIT
   for _ in $(seq 100); do

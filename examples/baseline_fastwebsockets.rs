@@ -1,6 +1,6 @@
 //! Baseline for the benchmarks: a minimal fastwebsockets echo server (hyper upgrade, one task
 //! per connection, `FragmentCollector`), on a current-thread runtime like one wsgate shard.
-//! Dev-only: `cargo run --release --example baseline_fastwebsockets -- 127.0.0.1:9001`.
+//! Dev-only: `cargo run --release --example baseline_fastwebsockets -- --listen 127.0.0.1:9001`.
 
 use std::convert::Infallible;
 
@@ -40,8 +40,9 @@ async fn handle(
 }
 
 fn main() {
+    // `--listen ADDR`, as wsgate takes it, so the benchmark scripts start both the same way.
     let addr = std::env::args()
-        .nth(1)
+        .nth(2)
         .unwrap_or_else(|| "127.0.0.1:9001".into());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,13 +1,14 @@
 //! Baseline for the benchmarks: a minimal tokio-tungstenite echo server (one task per
 //! connection), on a current-thread runtime like one wsgate shard.
-//! Dev-only: `cargo run --release --example baseline_tungstenite -- 127.0.0.1:9002`.
+//! Dev-only: `cargo run --release --example baseline_tungstenite -- --listen 127.0.0.1:9002`.
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
 
 fn main() {
+    // `--listen ADDR`, as wsgate takes it, so the benchmark scripts start both the same way.
     let addr = std::env::args()
-        .nth(1)
+        .nth(2)
         .unwrap_or_else(|| "127.0.0.1:9002".into());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

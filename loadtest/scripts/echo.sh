@@ -23,12 +23,7 @@ if [ "$server" = wsgate ]; then
   path="/echo?token=$token"
 else
   cargo build --release --example "$server"
-  log=$(mktemp)
-  "target/release/examples/$server" 127.0.0.1:0 >"$log" 2>&1 &
-  GATEWAY_PID=$!
-  trap 'kill "$GATEWAY_PID" 2>/dev/null || true; rm -f "$log"' EXIT
-  sleep 0.5
-  GATEWAY_ADDR=$(sed -n 's|.*listening on http://\([^/]*\)/.*|\1|p' "$log")
+  GATEWAY_BIN="target/release/examples/$server" start_gateway
   path="/"
 fi
 taskset -pc 0 "$GATEWAY_PID" >/dev/null

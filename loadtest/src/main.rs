@@ -1,6 +1,7 @@
 //! wsgate's load generator. Every run is bounded in connections and time, and targets loopback.
 
 mod client;
+mod fanout;
 mod report;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,9 @@ enum Scenario {
     /// Closed-loop echo: each connection sends a message and waits for it to come back, for a
     /// duration; reports round-trip latency and messages per second (and per gateway CPU-second).
     Echo(EchoArgs),
+    /// Subscribers in rooms and publishers sending to them: publish-to-receive latency,
+    /// deliveries per second, and exact loss, duplicate and out-of-order counts.
+    Fanout(FanoutArgs),
 }
 
 #[derive(Args)]
@@ -104,6 +108,30 @@ struct EchoArgs {
     duration: Duration,
 }
 
+#[derive(Args)]
+struct FanoutArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The subscribers: how many, and how fast they connect.
+    #[command(flatten)]
+    ramp: Ramp,
+    /// Rooms the subscribers and publishers are spread over (round-robin).
+    #[arg(long, default_value_t = 10)]
+    rooms: usize,
+    /// Publishing connections.
+    #[arg(long, default_value_t = 10)]
+    publishers: usize,
+    /// Messages per second each publisher sends (keep it under the gateway's rate limit).
+    #[arg(long, default_value_t = 10.0)]
+    publish_rate: f64,
+    /// How long to publish.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// How long subscribers keep reading after publishing stops.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    settle: Duration,
+}
+
 #[derive(Clone)]
 struct Sources(Vec<IpAddr>);
 
@@ -142,6 +170,7 @@ fn main() -> ExitCode {
     match cli.scenario {
         Scenario::Connect(args) => runtime.block_on(connect(args)),
         Scenario::Echo(args) => runtime.block_on(echo(args)),
+        Scenario::Fanout(args) => runtime.block_on(fanout_scenario(args)),
     }
 }
 
@@ -384,4 +413,62 @@ fn finish(common: &Common, report: &impl serde::Serialize, errors: u64) -> ExitC
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+async fn fanout_scenario(args: FanoutArgs) -> ExitCode {
+    let common = &args.common;
+    if let Err(e) = check_targets(common) {
+        eprintln!("loadtest: {e}");
+        return ExitCode::from(2);
+    }
+    let rooms = args.rooms.max(1);
+    let mut subscribers = open_all(common, &args.ramp, true).await;
+    let publisher_ramp = Ramp {
+        connections: args.publishers,
+        ..args.ramp
+    };
+    let mut publishers = open_all(common, &publisher_ramp, true).await;
+    let mut join_failures = 0u64;
+    for (i, ws) in subscribers.held.iter_mut().enumerate() {
+        join_failures += u64::from(!fanout::join(ws, &format!("lt-{}", i % rooms)).await);
+    }
+    for (p, ws) in publishers.held.iter_mut().enumerate() {
+        join_failures += u64::from(!fanout::join(ws, &format!("lt-{}", p % rooms)).await);
+    }
+    let own_pid = std::process::id();
+    let gateway_cpu_before = common.gateway_pid.and_then(report::cpu_time);
+    let own_cpu_before = report::cpu_time(own_pid);
+    let mut report = fanout::run(
+        subscribers.held,
+        publishers.held,
+        rooms,
+        args.publish_rate,
+        args.duration,
+        args.settle,
+    )
+    .await;
+    report.subscribers = args.ramp.connections;
+    report.publishers = args.publishers;
+    report.rooms = rooms;
+    report.failures = subscribers.failures;
+    for (cause, n) in publishers.failures {
+        *report.failures.entry(cause).or_insert(0) += n;
+    }
+    report.join_failures = join_failures;
+    report.gateway_cpu_seconds = common
+        .gateway_pid
+        .and_then(report::cpu_time)
+        .zip(gateway_cpu_before)
+        .map(|(after, before)| (after - before).as_secs_f64());
+    report.loadtest_cpu_seconds = report::cpu_time(own_pid)
+        .zip(own_cpu_before)
+        .map(|(after, before)| (after - before).as_secs_f64());
+    report.print();
+    let errors = report.lost
+        + report.duplicates
+        + report.out_of_order
+        + report.publisher_errors
+        + report.join_failures
+        + report.failures.values().sum::<u64>();
+    finish(common, &report, errors)
 }

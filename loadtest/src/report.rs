@@ -168,3 +168,65 @@ impl EchoReport {
         }
     }
 }
+
+#[derive(Serialize, Debug, Default)]
+pub struct FanoutReport {
+    pub subscribers: usize,
+    pub publishers: usize,
+    pub rooms: usize,
+    pub failures: BTreeMap<Failure, u64>,
+    pub join_failures: u64,
+    pub seconds: f64,
+    /// Messages the publishers sent.
+    pub published: u64,
+    /// Deliveries the subscribers should have had (each message times its room's subscribers).
+    pub expected: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    pub publisher_errors: u64,
+    pub deliveries_per_second: f64,
+    /// Publish-to-receive latency.
+    pub latency: Percentiles,
+    pub gateway_cpu_seconds: Option<f64>,
+    pub loadtest_cpu_seconds: Option<f64>,
+}
+
+impl FanoutReport {
+    pub fn print(&self) {
+        println!(
+            "fanout: {} subscribers, {} publishers, {} rooms: {} published, {} of {} expected deliveries in {:.1} s ({:.0}/s)",
+            self.subscribers,
+            self.publishers,
+            self.rooms,
+            self.published,
+            self.received,
+            self.expected,
+            self.seconds,
+            self.deliveries_per_second
+        );
+        println!(
+            "lost {}  duplicated {}  out of order {}  publisher errors {}  join failures {}",
+            self.lost,
+            self.duplicates,
+            self.out_of_order,
+            self.publisher_errors,
+            self.join_failures
+        );
+        for (cause, n) in &self.failures {
+            println!("  failed to connect ({cause:?}): {n}");
+        }
+        let l = &self.latency;
+        println!(
+            "publish-to-receive ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+            l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
+        );
+        if let Some(cpu) = self.gateway_cpu_seconds {
+            println!("gateway CPU: {cpu:.2} s");
+        }
+        if let Some(cpu) = self.loadtest_cpu_seconds {
+            println!("loadtest CPU: {cpu:.2} s");
+        }
+    }
+}

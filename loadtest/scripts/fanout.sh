@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Fan-out: a release gateway (2 shards) with SUBSCRIBERS connections spread over ROOMS rooms and
+# PUBLISHERS connections each sending RATE chat messages per second; exact loss/dup/order counts.
+#
+# Usage: loadtest/scripts/fanout.sh [SUBSCRIBERS=1000] [ROOMS=10] [PUBLISHERS=10] [RATE=10] [DURATION=10s]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/lib/gateway.sh
+subscribers="${1:-1000}"
+rooms="${2:-10}"
+publishers="${3:-10}"
+rate="${4:-10}"
+duration="${5:-10s}"
+
+cargo build --release -p wsgate -p loadtest
+export WSGATE_JWT_SECRET="fanout-$(date +%s%N)"
+export WSGATE_MAX_CONNECTIONS_PER_IP=1000000 WSGATE_MAX_HANDSHAKES_PER_IP=1000000
+# Rooms this big send no join notices (presence_max_members); publishers stay under the limit.
+export WSGATE_RATE_LIMIT_MESSAGES=1000 WSGATE_RATE_LIMIT_BURST=1000
+token=$(target/release/wsgate token --user loadtest --ttl 1h)
+WSGATE_LOG=warn start_gateway --shards 2
+target/release/loadtest fanout --target "$GATEWAY_ADDR" --token "$token" -n "$subscribers" \
+  --rooms "$rooms" --publishers "$publishers" --publish-rate "$rate" --duration "$duration" \
+  --source-ips 127.0.0.1-127.0.0.4 --gateway-pid "$GATEWAY_PID"

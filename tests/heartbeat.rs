@@ -49,7 +49,16 @@ async fn a_client_that_answers_pings_stays_connected() {
 
 #[tokio::test]
 async fn any_inbound_frame_counts_as_alive() {
-    let gw = TestGateway::start_with(fast_heartbeats(HeartbeatMode::Frame), 1);
+    // A wider margin than the other tests (data every 100 ms, 400 ms to answer a ping), so a
+    // loaded machine's scheduling delays cannot pass for silence.
+    let gw = TestGateway::start_with(
+        |c| {
+            c.heartbeat_interval = Duration::from_millis(150);
+            c.heartbeat_timeout = Duration::from_millis(400);
+            c.heartbeat_mode = HeartbeatMode::Frame;
+        },
+        1,
+    );
     let mut raw = RawClient::connect(gw.addr, "/echo").await;
     // Never a pong: only data, more often than the interval.
     for i in 0..15u8 {

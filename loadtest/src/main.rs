@@ -189,9 +189,7 @@ async fn connect(args: ConnectArgs) -> ExitCode {
         eprintln!("loadtest: {e}");
         return ExitCode::from(2);
     }
-    let own_pid = std::process::id();
-    let gateway_cpu_before = common.gateway_pid.and_then(report::cpu_time);
-    let own_cpu_before = report::cpu_time(own_pid);
+    let cpu = report::CpuMeter::start(common.gateway_pid);
     let mut report = ConnectReport {
         target_connections: args.ramp.connections,
         gateway_rss_before_kib: common.gateway_pid.and_then(report::rss_kib),
@@ -210,24 +208,17 @@ async fn connect(args: ConnectArgs) -> ExitCode {
     let mut readers = JoinSet::new();
     for mut ws in held.drain(..) {
         readers.spawn(async move {
-            let mut frames = 0u64;
             while let Ok(frame) = ws.read_frame().await {
                 if frame.opcode == fastwebsockets::OpCode::Close {
                     break;
                 }
-                frames += 1;
             }
-            frames
         });
     }
-    let gateway_cpu_hold_start = common.gateway_pid.and_then(report::cpu_time);
+    let hold_cpu = report::CpuMeter::start(common.gateway_pid);
     tokio::time::sleep(args.hold).await;
     report.gateway_rss_held_kib = common.gateway_pid.and_then(report::rss_kib);
-    if let (Some(start), Some(end)) = (
-        gateway_cpu_hold_start,
-        common.gateway_pid.and_then(report::cpu_time),
-    ) {
-        let cpu = (end - start).as_secs_f64();
+    if let (Some(cpu), _) = hold_cpu.elapsed() {
         report.gateway_cpu_hold_seconds = Some(cpu);
         report.gateway_cpu_hold_percent = Some(100.0 * cpu / args.hold.as_secs_f64());
     }
@@ -241,14 +232,7 @@ async fn connect(args: ConnectArgs) -> ExitCode {
         report.gateway_rss_per_connection_bytes =
             Some((after as f64 - before as f64) * 1024.0 / report.connected as f64);
     }
-    report.gateway_cpu_seconds = common
-        .gateway_pid
-        .and_then(report::cpu_time)
-        .zip(gateway_cpu_before)
-        .map(|(after, before)| (after - before).as_secs_f64());
-    report.loadtest_cpu_seconds = report::cpu_time(own_pid)
-        .zip(own_cpu_before)
-        .map(|(after, before)| (after - before).as_secs_f64());
+    (report.gateway_cpu_seconds, report.loadtest_cpu_seconds) = cpu.elapsed();
     readers.abort_all();
 
     report.print();
@@ -336,9 +320,7 @@ async fn echo(args: EchoArgs) -> ExitCode {
         failures: opened.failures,
         ..EchoReport::default()
     };
-    let own_pid = std::process::id();
-    let gateway_cpu_before = common.gateway_pid.and_then(report::cpu_time);
-    let own_cpu_before = report::cpu_time(own_pid);
+    let cpu = report::CpuMeter::start(common.gateway_pid);
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + args.duration;
     let mut loops = JoinSet::new();
@@ -379,18 +361,11 @@ async fn echo(args: EchoArgs) -> ExitCode {
     report.messages = latencies.len();
     report.messages_per_second = latencies.len() as f64 / seconds;
     report.latency = report::Percentiles::of(&latencies);
-    report.gateway_cpu_seconds = common
-        .gateway_pid
-        .and_then(report::cpu_time)
-        .zip(gateway_cpu_before)
-        .map(|(after, before)| (after - before).as_secs_f64());
+    (report.gateway_cpu_seconds, report.loadtest_cpu_seconds) = cpu.elapsed();
     report.messages_per_gateway_cpu_second = report
         .gateway_cpu_seconds
         .filter(|cpu| *cpu > 0.0)
         .map(|cpu| latencies.len() as f64 / cpu);
-    report.loadtest_cpu_seconds = report::cpu_time(own_pid)
-        .zip(own_cpu_before)
-        .map(|(after, before)| (after - before).as_secs_f64());
     report.print();
     finish(
         common,
@@ -435,9 +410,7 @@ async fn fanout_scenario(args: FanoutArgs) -> ExitCode {
     for (p, ws) in publishers.held.iter_mut().enumerate() {
         join_failures += u64::from(!fanout::join(ws, &format!("lt-{}", p % rooms)).await);
     }
-    let own_pid = std::process::id();
-    let gateway_cpu_before = common.gateway_pid.and_then(report::cpu_time);
-    let own_cpu_before = report::cpu_time(own_pid);
+    let cpu = report::CpuMeter::start(common.gateway_pid);
     let mut report = fanout::run(
         subscribers.held,
         publishers.held,
@@ -455,14 +428,7 @@ async fn fanout_scenario(args: FanoutArgs) -> ExitCode {
         *report.failures.entry(cause).or_insert(0) += n;
     }
     report.join_failures = join_failures;
-    report.gateway_cpu_seconds = common
-        .gateway_pid
-        .and_then(report::cpu_time)
-        .zip(gateway_cpu_before)
-        .map(|(after, before)| (after - before).as_secs_f64());
-    report.loadtest_cpu_seconds = report::cpu_time(own_pid)
-        .zip(own_cpu_before)
-        .map(|(after, before)| (after - before).as_secs_f64());
+    (report.gateway_cpu_seconds, report.loadtest_cpu_seconds) = cpu.elapsed();
     report.print();
     let errors = report.lost
         + report.duplicates

@@ -57,6 +57,34 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_secs_f64(ticks as f64 / per_sec as f64))
 }
 
+/// CPU used since it started, by the gateway (when its pid is known) and by the load generator.
+pub struct CpuMeter {
+    gateway_pid: Option<u32>,
+    gateway: Option<Duration>,
+    own: Option<Duration>,
+}
+
+impl CpuMeter {
+    pub fn start(gateway_pid: Option<u32>) -> Self {
+        CpuMeter {
+            gateway_pid,
+            gateway: gateway_pid.and_then(cpu_time),
+            own: cpu_time(std::process::id()),
+        }
+    }
+
+    /// Seconds of CPU used since the start: (gateway, this process).
+    pub fn elapsed(&self) -> (Option<f64>, Option<f64>) {
+        let since = |before: Option<Duration>, now: Option<Duration>| {
+            before.zip(now).map(|(b, n)| (n - b).as_secs_f64())
+        };
+        (
+            since(self.gateway, self.gateway_pid.and_then(cpu_time)),
+            since(self.own, cpu_time(std::process::id())),
+        )
+    }
+}
+
 #[derive(Serialize, Debug, Default)]
 pub struct ConnectReport {
     pub target_connections: usize,

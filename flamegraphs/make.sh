@@ -10,14 +10,13 @@ source scripts/lib/gateway.sh
 
 cargo build --profile profiling --bin wsgate
 cargo build --release -p loadtest
-export WSGATE_JWT_SECRET="flamegraph-$(date +%s%N)"
-export WSGATE_MAX_CONNECTIONS_PER_IP=1000000 WSGATE_MAX_HANDSHAKES_PER_IP=1000000
-token=$(target/profiling/wsgate token --user loadtest --ttl 1h)
-GATEWAY_BIN=target/profiling/wsgate WSGATE_LOG=warn start_gateway --shards 1
+export GATEWAY_BIN=target/profiling/wsgate
+prepare_load_test
+WSGATE_LOG=warn start_gateway --shards 1
 taskset -pc 0 "$GATEWAY_PID" >/dev/null
 
 # echo: 100 connections x 20 B, closed loop; 5 s of samples in the middle of a 12 s run.
-taskset -c 1 target/release/loadtest echo --target "$GATEWAY_ADDR" --path "/echo?token=$token" \
+taskset -c 1 target/release/loadtest echo --target "$GATEWAY_ADDR" --path "/echo?token=$TOKEN" \
   -n 100 --payload 20 --duration 12s >/dev/null &
 load=$!
 sleep 3

@@ -15,12 +15,10 @@ server="${4:-wsgate}"
 
 cargo build --release -p wsgate -p loadtest
 if [ "$server" = wsgate ]; then
-  export WSGATE_JWT_SECRET="echo-bench-$(date +%s%N)"
-  export WSGATE_MAX_CONNECTIONS_PER_IP=1000000 WSGATE_MAX_HANDSHAKES_PER_IP=1000000
   export WSGATE_MAX_MESSAGE_SIZE=$((payload > 65536 ? payload : 65536))
-  token=$(target/release/wsgate token --user loadtest --ttl 1h)
+  prepare_load_test
   WSGATE_LOG=warn start_gateway --shards 1
-  path="/echo?token=$token"
+  path="/echo?token=$TOKEN"
 else
   cargo build --release --example "$server"
   GATEWAY_BIN="target/release/examples/$server" start_gateway

@@ -13,12 +13,10 @@ rate="${4:-10}"
 duration="${5:-10s}"
 
 cargo build --release -p wsgate -p loadtest
-export WSGATE_JWT_SECRET="fanout-$(date +%s%N)"
-export WSGATE_MAX_CONNECTIONS_PER_IP=1000000 WSGATE_MAX_HANDSHAKES_PER_IP=1000000
 # Rooms this big send no join notices (presence_max_members); publishers stay under the limit.
 export WSGATE_RATE_LIMIT_MESSAGES=1000 WSGATE_RATE_LIMIT_BURST=1000
-token=$(target/release/wsgate token --user loadtest --ttl 1h)
+prepare_load_test
 WSGATE_LOG=warn start_gateway --shards 2
-target/release/loadtest fanout --target "$GATEWAY_ADDR" --token "$token" -n "$subscribers" \
+target/release/loadtest fanout --target "$GATEWAY_ADDR" --token "$TOKEN" -n "$subscribers" \
   --rooms "$rooms" --publishers "$publishers" --publish-rate "$rate" --duration "$duration" \
   --source-ips 127.0.0.1-127.0.0.4 --gateway-pid "$GATEWAY_PID"

@@ -13,10 +13,8 @@ interval="${2:-1s}"
 hold="${3:-20s}"
 
 cargo build --release -p wsgate -p loadtest
-export WSGATE_JWT_SECRET="heartbeat-cost-$(date +%s%N)"
-export WSGATE_MAX_CONNECTIONS_PER_IP=1000000 WSGATE_MAX_HANDSHAKES_PER_IP=1000000
-token=$(target/release/wsgate token --user loadtest --ttl 1h)
+prepare_load_test
 WSGATE_HEARTBEAT_INTERVAL="$interval" WSGATE_LOG=warn start_gateway --shards 2
 echo "heartbeat_interval=$interval, $n connections, hold $hold"
-target/release/loadtest connect --target "$GATEWAY_ADDR" --token "$token" -n "$n" --rate 5000 \
+target/release/loadtest connect --target "$GATEWAY_ADDR" --token "$TOKEN" -n "$n" --rate 5000 \
   --hold "$hold" --source-ips 127.0.0.1-127.0.0.4 --gateway-pid "$GATEWAY_PID"

@@ -18,3 +18,12 @@ start_gateway() {
     exit 1
   fi
 }
+
+# Set-up shared by the load scripts: a fresh HS256 secret (exported, so the gateway started next
+# uses it), per-address limits lifted (one load generator is many clients behind few addresses),
+# and TOKEN, a real token every simulated client presents. Run after the gateway binary is built.
+prepare_load_test() {
+  export WSGATE_JWT_SECRET="load-test-$(date +%s%N)"
+  export WSGATE_MAX_CONNECTIONS_PER_IP=1000000 WSGATE_MAX_HANDSHAKES_PER_IP=1000000
+  TOKEN=$("${GATEWAY_BIN:-target/release/wsgate}" token --user loadtest --ttl 1h)
+}

@@ -5,18 +5,21 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 
 use bytes::Bytes;
-use fastwebsockets::{FragmentCollector, OpCode};
+use fastwebsockets::{FragmentCollector, Frame, OpCode, Payload};
 use http_body_util::Empty;
 use hyper::Request;
 use hyper::header::{CONNECTION, HOST, UPGRADE};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
 use tokio::net::TcpSocket;
 
 pub type Ws = FragmentCollector<TokioIo<Upgraded>>;
 
 /// Why a connection attempt failed, coarse enough to count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Failure {
     /// TCP connect failed (refused, no route, out of ports or files).
@@ -27,6 +30,8 @@ pub enum Failure {
     Greeting,
     /// The whole attempt took longer than the handshake timeout.
     Timeout,
+    /// Joining a room (`join_room` → `room_joined`) failed.
+    Join,
 }
 
 /// Runs hyper's client connection task on the current runtime.
@@ -80,4 +85,55 @@ pub async fn read_greeting(ws: &mut Ws) -> Result<(), Failure> {
         && serde_json::from_slice::<serde_json::Value>(&frame.payload)
             .is_ok_and(|v| v["type"] == "connected");
     if ok { Ok(()) } else { Err(Failure::Greeting) }
+}
+
+pub async fn send_json(ws: &mut Ws, value: &Value) -> bool {
+    let text = value.to_string();
+    ws.write_frame(Frame::text(Payload::Borrowed(text.as_bytes())))
+        .await
+        .is_ok()
+}
+
+/// The next chat-protocol message, skipping control frames; `None` once the connection ends.
+pub async fn next_json(ws: &mut Ws) -> Option<Value> {
+    loop {
+        let frame = ws.read_frame().await.ok()?;
+        match frame.opcode {
+            OpCode::Text => return serde_json::from_slice(&frame.payload).ok(),
+            OpCode::Close => return None,
+            _ => {}
+        }
+    }
+}
+
+/// Joins `room` and waits for the confirmation (skipping notices that arrive first).
+pub async fn join(ws: &mut Ws, room: &str) -> Result<(), Failure> {
+    if !send_json(ws, &json!({"type": "join_room", "payload": {"room": room}})).await {
+        return Err(Failure::Join);
+    }
+    while let Some(msg) = next_json(ws).await {
+        if msg["type"] == "room_joined" {
+            return Ok(());
+        }
+        if msg["type"] == "error" {
+            return Err(Failure::Join);
+        }
+    }
+    Err(Failure::Join)
+}
+
+/// Closes cleanly: sends a close frame and reads until the server's close comes back.
+/// False if the connection ended any other way.
+pub async fn close(mut ws: Ws) -> bool {
+    if ws.write_frame(Frame::close(1000, b"")).await.is_err() {
+        return false;
+    }
+    loop {
+        match ws.read_frame().await {
+            Ok(frame) if frame.opcode == OpCode::Close => return true,
+            // A data frame that was on its way when we closed (fastwebsockets reports it so).
+            Ok(_) | Err(fastwebsockets::WebSocketError::ConnectionClosed) => {}
+            Err(_) => return false,
+        }
+    }
 }

@@ -1,19 +1,34 @@
 //! The `fanout` scenario: subscribers in rooms, publishers sending chat messages to them at a
-//! rate; publish-to-receive latency (the send time rides in the message) and exact accounting of
-//! what each subscriber got: lost, duplicated and out-of-order messages.
+//! rate; publish-to-receive latency (the send time rides in the message, on the machine's
+//! monotonic clock so any worker process can read it) and exact accounting of what each
+//! subscriber got: lost, duplicated and out-of-order messages.
+//!
+//! Accounting across processes: every publisher counts a message as sent before writing it, so
+//! no subscriber can hold a sequence number its publisher did not count. Each worker reports,
+//! per publisher, how many distinct messages its subscribers got in total, and how many
+//! subscribers each room has; expected = Σ sent(p) × subscribers(room of p), and
+//! lost = expected − Σ distinct.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fastwebsockets::{Frame, OpCode, Payload};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
-use crate::client::Ws;
-use crate::report::{self, FanoutReport};
+use crate::cli::{Common, FanoutArgs, Worker};
+use crate::client::{self, Ws};
+use crate::driver::{Outcome, Scenario};
+use crate::echo::OpeningSummary;
+use crate::hist::Latencies;
+use crate::progress::Progress;
+use crate::ramp::{self, Numbered, Setup, room_name};
+use crate::report::{self, Measured, Opening, Percentiles, monotonic_micros};
 
-/// The text a publisher sends: `ltp:<publisher>:<seq>:<µs since the run's epoch>`.
+/// The text a publisher sends: `ltp:<publisher>:<seq>:<monotonic µs when sent>`.
 fn encode(publisher: usize, seq: u64, sent_us: u64) -> String {
     format!("ltp:{publisher}:{seq}:{sent_us}")
 }
@@ -26,38 +41,6 @@ fn decode(message: &str) -> Option<(usize, u64, u64)> {
     Some((publisher, seq, sent_us))
 }
 
-async fn send_json(ws: &mut Ws, value: &Value) -> bool {
-    let text = value.to_string();
-    ws.write_frame(Frame::text(Payload::Borrowed(text.as_bytes())))
-        .await
-        .is_ok()
-}
-
-/// The next chat-protocol message, skipping control frames.
-async fn next_json(ws: &mut Ws) -> Option<Value> {
-    loop {
-        let frame = ws.read_frame().await.ok()?;
-        match frame.opcode {
-            OpCode::Text => return serde_json::from_slice(&frame.payload).ok(),
-            OpCode::Close => return None,
-            _ => {}
-        }
-    }
-}
-
-/// Joins `room` and waits for the confirmation (skipping notices that arrive first).
-pub async fn join(ws: &mut Ws, room: &str) -> bool {
-    if !send_json(ws, &json!({"type": "join_room", "payload": {"room": room}})).await {
-        return false;
-    }
-    while let Some(msg) = next_json(ws).await {
-        if msg["type"] == "room_joined" {
-            return true;
-        }
-    }
-    false
-}
-
 /// What one subscriber saw.
 #[derive(Default)]
 pub struct Tally {
@@ -66,11 +49,10 @@ pub struct Tally {
     pub out_of_order: u64,
     /// Per publisher of this subscriber's room: which sequence numbers arrived.
     seen: Vec<(usize, Vec<bool>)>,
-    pub latencies: Option<hdrhistogram::Histogram<u64>>,
 }
 
 impl Tally {
-    fn record(&mut self, publisher: usize, seq: u64) {
+    pub fn record(&mut self, publisher: usize, seq: u64) {
         self.received += 1;
         let slot = match self.seen.iter_mut().position(|(p, _)| *p == publisher) {
             Some(i) => &mut self.seen[i].1,
@@ -94,130 +76,299 @@ impl Tally {
         slot[seq] = true;
     }
 
-    /// Messages from `publisher` this subscriber should have had, but did not.
-    pub fn missing(&self, publisher: usize, sent: u64) -> u64 {
-        let got = self
-            .seen
+    /// Distinct messages from each publisher.
+    pub fn distinct(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.seen
             .iter()
-            .find(|(p, _)| *p == publisher)
-            .map_or(0, |(_, s)| {
-                s.iter().take(sent as usize).filter(|b| **b).count()
-            });
-        sent - got as u64
+            .map(|(p, seqs)| (*p, seqs.iter().filter(|b| **b).count() as u64))
     }
 }
 
-/// Runs subscribers and publishers (already connected) for `duration`, then lets in-flight
-/// messages land for `settle`.
-pub async fn run(
-    subscribers: Vec<Ws>,
-    publishers: Vec<Ws>,
+pub(crate) struct Fanout(pub FanoutArgs);
+
+pub(crate) struct Connections {
+    subscribers: Vec<Numbered>,
+    publishers: Vec<Numbered>,
+    opening: Opening,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+pub(crate) struct FanoutPartial {
+    opening: Opening,
+    /// Subscribers that joined, by room.
+    subscribers_per_room: BTreeMap<usize, u64>,
+    /// Messages each publisher sent (attempted), by global publisher number.
+    sent: BTreeMap<usize, u64>,
+    /// Distinct messages from each publisher, summed over this worker's subscribers.
+    distinct: BTreeMap<usize, u64>,
+    received: u64,
+    duplicates: u64,
+    out_of_order: u64,
+    publisher_errors: u64,
+    latency: Latencies,
+}
+
+#[derive(Serialize)]
+pub(crate) struct FanoutReport {
+    subscribers: usize,
+    publishers: usize,
     rooms: usize,
+    opening: OpeningSummary,
+    published: u64,
+    /// Deliveries the subscribers should have had (each message times its room's subscribers).
+    expected: u64,
+    received: u64,
+    lost: u64,
+    duplicates: u64,
+    out_of_order: u64,
+    publisher_errors: u64,
+    deliveries_per_second: f64,
+    /// Publish-to-receive latency.
+    latency: Percentiles,
+    measured: Measured,
+}
+
+/// Reads chat messages until `stop`, tallying the publishers' ones.
+async fn subscribe(ws: &mut Ws, stop: Instant, progress: &Progress) -> (Tally, Latencies) {
+    let (mut tally, mut latency) = (Tally::default(), Latencies::default());
+    while let Ok(Some(msg)) = tokio::time::timeout_at(stop, client::next_json(ws)).await {
+        if msg["type"] != "chat_message" {
+            continue;
+        }
+        let Some((publisher, seq, sent_us)) = msg["message"].as_str().and_then(decode) else {
+            continue;
+        };
+        latency.record_micros(monotonic_micros().saturating_sub(sent_us));
+        tally.record(publisher, seq);
+        progress.message();
+    }
+    (tally, latency)
+}
+
+/// Publishes to `room` at `rate` until `stop` or `limit` messages, waiting for its own copy of
+/// each (which also drains the room's traffic from this socket). Returns (sent, errors).
+async fn publish(
+    ws: &mut Ws,
+    publisher: usize,
+    room: String,
     rate: f64,
-    duration: Duration,
-    settle: Duration,
-) -> FanoutReport {
-    let epoch = Instant::now();
-    let rooms = rooms.max(1);
-    let sent: Arc<Vec<AtomicU64>> =
-        Arc::new((0..publishers.len()).map(|_| AtomicU64::new(0)).collect());
-    let stop_publishing = tokio::time::Instant::now() + duration;
-    let stop_reading = stop_publishing + settle;
-
-    let mut subscriber_tasks = JoinSet::new();
-    for (i, mut ws) in subscribers.into_iter().enumerate() {
-        subscriber_tasks.spawn(async move {
-            let mut tally = Tally {
-                latencies: Some(report::latency_histogram()),
-                ..Tally::default()
-            };
-            while let Ok(Some(msg)) =
-                tokio::time::timeout_at(stop_reading, next_json(&mut ws)).await
-            {
-                if msg["type"] != "chat_message" {
-                    continue;
-                }
-                let Some((publisher, seq, sent_us)) = msg["message"].as_str().and_then(decode)
-                else {
-                    continue;
-                };
-                let now_us = epoch.elapsed().as_micros() as u64;
-                if let Some(h) = tally.latencies.as_mut() {
-                    h.saturating_record(now_us.saturating_sub(sent_us).max(1));
-                }
-                tally.record(publisher, seq);
-            }
-            (i % rooms, tally)
-        });
-    }
-
-    let mut publisher_tasks = JoinSet::new();
-    for (p, mut ws) in publishers.into_iter().enumerate() {
-        let sent = sent.clone();
-        publisher_tasks.spawn(async move {
-            let room = format!("lt-{}", p % rooms);
-            let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
-            let mut errors = 0u64;
-            let mut seq = 0u64;
-            while tokio::time::Instant::now() < stop_publishing {
-                ticker.tick().await;
-                let sent_us = epoch.elapsed().as_micros() as u64;
-                let message = encode(p, seq, sent_us);
-                let chat =
-                    json!({"type": "chat_message", "payload": {"room": room, "message": message}});
-                if !send_json(&mut ws, &chat).await {
-                    errors += 1;
-                    break;
-                }
-                sent[p].fetch_add(1, Ordering::Relaxed);
-                // The sender gets its own message back: read up to it, which also drains the
-                // rest of the room's traffic from this socket.
-                let mut echoed = false;
-                while let Some(msg) = next_json(&mut ws).await {
-                    if msg["type"] == "error" {
-                        errors += 1;
-                    }
-                    if msg["message"].as_str() == Some(message.as_str()) {
-                        echoed = true;
-                        break;
-                    }
-                }
-                if !echoed {
-                    errors += 1;
-                    break;
-                }
-                seq += 1;
-            }
-            // Keep the connection (and so the room membership) until the subscribers are done.
-            tokio::time::sleep_until(stop_reading).await;
-            drop(ws);
-            errors
-        });
-    }
-
-    let mut report = FanoutReport::default();
-    while let Some(done) = publisher_tasks.join_next().await {
-        report.publisher_errors += done.expect("publisher does not panic");
-    }
-    let mut latencies = report::latency_histogram();
-    while let Some(done) = subscriber_tasks.join_next().await {
-        let (room, tally) = done.expect("subscriber does not panic");
-        report.received += tally.received;
-        report.duplicates += tally.duplicates;
-        report.out_of_order += tally.out_of_order;
-        for (p, count) in sent.iter().enumerate().filter(|(p, _)| p % rooms == room) {
-            report.expected += count.load(Ordering::Relaxed);
-            report.lost += tally.missing(p, count.load(Ordering::Relaxed));
+    stop: Instant,
+    limit: Option<u64>,
+) -> (u64, u64) {
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
+    let (mut sent, mut errors) = (0u64, 0u64);
+    while Instant::now() < stop && limit.is_none_or(|limit| sent < limit) {
+        ticker.tick().await;
+        let message = encode(publisher, sent, monotonic_micros());
+        let chat = json!({"type": "chat_message", "payload": {"room": room, "message": message}});
+        sent += 1; // before the write: a subscriber can never see an uncounted message
+        if !client::send_json(ws, &chat).await {
+            return (sent, errors + 1);
         }
-        if let Some(h) = &tally.latencies {
-            latencies.add(h).expect("same histogram bounds");
+        let mut echoed = false;
+        while let Some(msg) = client::next_json(ws).await {
+            if msg["type"] == "error" {
+                errors += 1;
+            }
+            if msg["message"].as_str() == Some(message.as_str()) {
+                echoed = true;
+                break;
+            }
+        }
+        if !echoed {
+            return (sent, errors + 1);
         }
     }
-    report.published = sent.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-    report.seconds = duration.as_secs_f64();
-    report.deliveries_per_second = report.received as f64 / report.seconds;
-    report.latency = report::Percentiles::of(&latencies);
-    report
+    (sent, errors)
+}
+
+impl Scenario for Fanout {
+    type Prepared = Connections;
+    type Partial = FanoutPartial;
+    type Report = FanoutReport;
+
+    fn common(&self) -> &Common {
+        &self.0.common
+    }
+
+    fn connections(&self) -> usize {
+        self.0.ramp.connections + self.0.publishers
+    }
+
+    async fn prepare(&self, worker: Worker, progress: Arc<Progress>) -> Connections {
+        let args = &self.0;
+        let setup = Setup {
+            greeting: true,
+            rooms: Some(args.rooms.max(1)),
+        };
+        let (subscribers, mut opening) =
+            ramp::open_share(&args.common, &args.ramp, worker, 0, setup, &progress).await;
+        // Publishers are numbered after the subscribers (for targets and sources), and their
+        // rooms go round-robin from room 0 too.
+        let publisher_ramp = crate::cli::Ramp {
+            connections: args.publishers,
+            ..args.ramp.clone()
+        };
+        let offset = args.ramp.connections;
+        let (publishers, publisher_opening) = ramp::open_share(
+            &args.common,
+            &publisher_ramp,
+            worker,
+            offset,
+            setup,
+            &progress,
+        )
+        .await;
+        opening.merge(publisher_opening);
+        Connections {
+            subscribers,
+            publishers,
+            opening,
+        }
+    }
+
+    async fn run(
+        &self,
+        c: &mut Connections,
+        _worker: Worker,
+        progress: Arc<Progress>,
+    ) -> FanoutPartial {
+        let args = &self.0;
+        let rooms = args.rooms.max(1);
+        let stop_publishing = Instant::now() + args.duration;
+        let stop_reading = stop_publishing + args.settle;
+        let mut partial = FanoutPartial {
+            opening: std::mem::take(&mut c.opening),
+            ..FanoutPartial::default()
+        };
+
+        let mut subscriber_tasks = JoinSet::new();
+        for (index, mut ws) in c.subscribers.drain(..) {
+            let progress = progress.clone();
+            *partial
+                .subscribers_per_room
+                .entry(index % rooms)
+                .or_insert(0) += 1;
+            subscriber_tasks.spawn(async move {
+                let seen = subscribe(&mut ws, stop_reading, &progress).await;
+                (index, ws, seen)
+            });
+        }
+        let mut publisher_tasks = JoinSet::new();
+        for (index, mut ws) in c.publishers.drain(..) {
+            let publisher = index - args.ramp.connections;
+            let (rate, limit) = (args.publish_rate, args.messages);
+            publisher_tasks.spawn(async move {
+                let room = room_name(publisher % rooms);
+                let (sent, errors) =
+                    publish(&mut ws, publisher, room, rate, stop_publishing, limit).await;
+                // Keep the connection (so the room membership) until the subscribers are done.
+                tokio::time::sleep_until(stop_reading).await;
+                (index, ws, publisher, sent, errors)
+            });
+        }
+
+        while let Some(done) = publisher_tasks.join_next().await {
+            let (index, ws, publisher, sent, errors) = done.expect("publisher does not panic");
+            partial.sent.insert(publisher, sent);
+            partial.publisher_errors += errors;
+            c.publishers.push((index, ws));
+        }
+        while let Some(done) = subscriber_tasks.join_next().await {
+            let (index, ws, (tally, latency)) = done.expect("subscriber does not panic");
+            partial.received += tally.received;
+            partial.duplicates += tally.duplicates;
+            partial.out_of_order += tally.out_of_order;
+            for (publisher, n) in tally.distinct() {
+                *partial.distinct.entry(publisher).or_insert(0) += n;
+            }
+            partial.latency.merge(&latency);
+            c.subscribers.push((index, ws));
+        }
+        partial
+    }
+
+    fn merge(total: &mut FanoutPartial, part: FanoutPartial) {
+        total.opening.merge(part.opening);
+        for (mine, theirs) in [
+            (&mut total.subscribers_per_room, part.subscribers_per_room),
+            (&mut total.sent, part.sent),
+            (&mut total.distinct, part.distinct),
+        ] {
+            for (key, n) in theirs {
+                *mine.entry(key).or_insert(0) += n;
+            }
+        }
+        total.received += part.received;
+        total.duplicates += part.duplicates;
+        total.out_of_order += part.out_of_order;
+        total.publisher_errors += part.publisher_errors;
+        total.latency.merge(&part.latency);
+    }
+
+    fn report(&self, total: FanoutPartial, measured: Measured) -> Outcome<FanoutReport> {
+        let rooms = self.0.rooms.max(1);
+        let expected: u64 = total
+            .sent
+            .iter()
+            .map(|(p, sent)| {
+                sent * total
+                    .subscribers_per_room
+                    .get(&(p % rooms))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .sum();
+        let distinct: u64 = total.distinct.values().sum();
+        let lost = expected.saturating_sub(distinct);
+        let report = FanoutReport {
+            subscribers: self.0.ramp.connections,
+            publishers: self.0.publishers,
+            rooms,
+            opening: (&total.opening).into(),
+            published: total.sent.values().sum(),
+            expected,
+            received: total.received,
+            lost,
+            duplicates: total.duplicates,
+            out_of_order: total.out_of_order,
+            publisher_errors: total.publisher_errors,
+            deliveries_per_second: total.received as f64 / measured.run.seconds.max(1e-9),
+            latency: Percentiles::of(&total.latency),
+            measured,
+        };
+        let errors = total.opening.failed() + total.publisher_errors;
+        let losses = lost + total.duplicates + total.out_of_order;
+        Outcome {
+            report,
+            errors,
+            losses,
+        }
+    }
+}
+
+impl fmt::Display for FanoutReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "fanout: {} subscribers, {} publishers, {} rooms: {} published, {} of {} expected deliveries ({:.0}/s over the run)",
+            self.subscribers,
+            self.publishers,
+            self.rooms,
+            self.published,
+            self.received,
+            self.expected,
+            self.deliveries_per_second
+        )?;
+        writeln!(
+            f,
+            "lost {}  duplicated {}  out of order {}  publisher errors {}",
+            self.lost, self.duplicates, self.out_of_order, self.publisher_errors
+        )?;
+        report::print_failures(f, &self.opening.failures)?;
+        writeln!(f, "publish-to-receive: {}", self.latency)?;
+        write!(f, "{}", self.measured)
+    }
 }
 
 #[cfg(test)]
@@ -230,11 +381,13 @@ mod tests {
         for seq in [0, 1, 3, 3, 2, 5] {
             t.record(7, seq);
         }
-        assert_eq!(t.received, 6);
+        t.record(8, 0);
+        assert_eq!(t.received, 7);
         assert_eq!(t.duplicates, 1); // the second 3
         assert_eq!(t.out_of_order, 1); // 2 after 3
-        assert_eq!(t.missing(7, 6), 1); // 4
-        assert_eq!(t.missing(8, 2), 2); // nothing from publisher 8
+        let distinct: BTreeMap<usize, u64> = t.distinct().collect();
+        assert_eq!(distinct, BTreeMap::from([(7, 5), (8, 1)])); // 4 never came from 7
         assert_eq!(decode(&encode(3, 9, 12345)), Some((3, 9, 12345)));
+        assert_eq!(decode("ltp:x:1:2"), None);
     }
 }

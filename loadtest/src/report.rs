@@ -1,19 +1,16 @@
-//! Measurements: latency histograms, process CPU and memory, and the printed/JSON report.
+//! Measuring the processes involved (gateway nodes and load generator: CPU, RSS) phase by
+//! phase, and the pieces every scenario's report shares.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::fmt;
+use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::client::Failure;
+use crate::hist::Latencies;
 
-/// A latency histogram in microseconds, 1 µs to 1 minute, 3 significant digits.
-pub fn latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
-}
-
-#[derive(Serialize, Debug, Default)]
+#[derive(Serialize, Debug, Default, Clone, Copy)]
 pub struct Percentiles {
     pub count: u64,
     pub p50_ms: f64,
@@ -24,8 +21,9 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    pub fn of(h: &Histogram<u64>) -> Self {
+    pub fn of(h: &Latencies) -> Self {
         let ms = |us: u64| us as f64 / 1000.0;
+        let h = &h.0;
         Percentiles {
             count: h.len(),
             p50_ms: ms(h.value_at_quantile(0.50)),
@@ -35,6 +33,32 @@ impl Percentiles {
             max_ms: ms(h.max()),
         }
     }
+}
+
+impl fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3} ms ({} samples)",
+            self.p50_ms, self.p90_ms, self.p99_ms, self.p999_ms, self.max_ms, self.count
+        )
+    }
+}
+
+/// Connection attempts that failed, by cause.
+pub type Failures = BTreeMap<Failure, u64>;
+
+pub fn merge_failures(total: &mut Failures, part: Failures) {
+    for (cause, n) in part {
+        *total.entry(cause).or_insert(0) += n;
+    }
+}
+
+pub fn print_failures(f: &mut fmt::Formatter<'_>, failures: &Failures) -> fmt::Result {
+    for (cause, n) in failures {
+        writeln!(f, "  failed to connect ({cause:?}): {n}")?;
+    }
+    Ok(())
 }
 
 /// Resident memory of a process, in KiB (from /proc).
@@ -57,204 +81,187 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_secs_f64(ticks as f64 / per_sec as f64))
 }
 
-/// CPU used since it started, by the gateway (when its pid is known) and by the load generator.
-pub struct CpuMeter {
-    gateway_pid: Option<u32>,
-    gateway: Option<Duration>,
-    own: Option<Duration>,
+/// Total CPU of a set of processes, when at least one of them can be read.
+fn total_cpu(pids: &[u32]) -> Option<Duration> {
+    let times: Vec<Duration> = pids.iter().filter_map(|p| cpu_time(*p)).collect();
+    (!times.is_empty()).then(|| times.iter().sum())
 }
 
-impl CpuMeter {
-    pub fn start(gateway_pid: Option<u32>) -> Self {
-        CpuMeter {
-            gateway_pid,
-            gateway: gateway_pid.and_then(cpu_time),
-            own: cpu_time(std::process::id()),
+/// Wall time and CPU of one phase of a run.
+#[derive(Serialize, Debug, Default, Clone, Copy)]
+pub struct Phase {
+    pub seconds: f64,
+    /// CPU used by the gateway nodes (all `--gateway-pid`s together).
+    pub gateway_cpu_seconds: Option<f64>,
+    /// CPU used by the load generator (all its processes together): near `seconds` × cores,
+    /// the load generator was the bottleneck.
+    pub loadtest_cpu_seconds: Option<f64>,
+}
+
+/// One gateway node's memory: at the start, and at the end of the run with every connection
+/// still open.
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct NodeMemory {
+    pub pid: u32,
+    pub rss_before_kib: Option<u64>,
+    pub rss_end_kib: Option<u64>,
+}
+
+/// What the driver measured around a scenario's two phases.
+#[derive(Serialize, Debug, Default, Clone)]
+pub struct Measured {
+    /// Opening the connections.
+    pub ramp: Phase,
+    /// The scenario proper, all workers starting together.
+    pub run: Phase,
+    pub gateways: Vec<NodeMemory>,
+}
+
+impl Measured {
+    /// RSS growth of all gateway nodes together, in bytes, per `connections`.
+    pub fn rss_per_connection_bytes(&self, connections: usize) -> Option<f64> {
+        let mut grown = 0i64;
+        for node in &self.gateways {
+            grown += node.rss_end_kib? as i64 - node.rss_before_kib? as i64;
+        }
+        (connections > 0 && !self.gateways.is_empty())
+            .then(|| grown as f64 * 1024.0 / connections as f64)
+    }
+}
+
+impl fmt::Display for Measured {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (name, phase) in [("ramp", &self.ramp), ("run", &self.run)] {
+            write!(f, "{name} {:.2} s:", phase.seconds)?;
+            if let Some(cpu) = phase.gateway_cpu_seconds {
+                write!(
+                    f,
+                    " gateway CPU {cpu:.2} s ({:.0}% of a core),",
+                    percent(cpu, phase.seconds)
+                )?;
+            }
+            if let Some(cpu) = phase.loadtest_cpu_seconds {
+                write!(
+                    f,
+                    " loadtest CPU {cpu:.2} s ({:.0}% of a core)",
+                    percent(cpu, phase.seconds)
+                )?;
+            }
+            writeln!(f)?;
+        }
+        for node in &self.gateways {
+            if let (Some(before), Some(end)) = (node.rss_before_kib, node.rss_end_kib) {
+                writeln!(
+                    f,
+                    "gateway pid {}: RSS {before} KiB before, {end} KiB at the end",
+                    node.pid
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn percent(part: f64, whole: f64) -> f64 {
+    if whole > 0.0 {
+        100.0 * part / whole
+    } else {
+        0.0
+    }
+}
+
+/// Takes the phase measurements: CPU of the gateway and load generator processes between laps,
+/// gateway RSS at the start and at the last lap.
+pub struct Meter {
+    gateway_pids: Vec<u32>,
+    loadtest_pids: Vec<u32>,
+    started: Instant,
+    gateway_cpu: Option<Duration>,
+    loadtest_cpu: Option<Duration>,
+    rss_before: Vec<Option<u64>>,
+}
+
+impl Meter {
+    pub fn start(gateway_pids: &[u32]) -> Self {
+        let loadtest_pids = vec![std::process::id()];
+        Meter {
+            gateway_cpu: total_cpu(gateway_pids),
+            loadtest_cpu: total_cpu(&loadtest_pids),
+            gateway_pids: gateway_pids.to_vec(),
+            loadtest_pids,
+            started: Instant::now(),
+            rss_before: gateway_pids.iter().map(|p| rss_kib(*p)).collect(),
         }
     }
 
-    /// Seconds of CPU used since the start: (gateway, this process).
-    pub fn elapsed(&self) -> (Option<f64>, Option<f64>) {
+    /// Counts these (worker) processes as the load generator's too, from now on.
+    pub fn add_loadtest_pids(&mut self, pids: &[u32]) {
+        self.loadtest_pids.extend_from_slice(pids);
+        self.loadtest_cpu = total_cpu(&self.loadtest_pids);
+    }
+
+    /// The phase since the last lap.
+    pub fn lap(&mut self) -> Phase {
+        let (gateway, loadtest) = (
+            total_cpu(&self.gateway_pids),
+            total_cpu(&self.loadtest_pids),
+        );
         let since = |before: Option<Duration>, now: Option<Duration>| {
-            before.zip(now).map(|(b, n)| (n - b).as_secs_f64())
+            before
+                .zip(now)
+                .map(|(b, n)| n.saturating_sub(b).as_secs_f64())
         };
-        (
-            since(self.gateway, self.gateway_pid.and_then(cpu_time)),
-            since(self.own, cpu_time(std::process::id())),
-        )
+        let phase = Phase {
+            seconds: self.started.elapsed().as_secs_f64(),
+            gateway_cpu_seconds: since(self.gateway_cpu, gateway),
+            loadtest_cpu_seconds: since(self.loadtest_cpu, loadtest),
+        };
+        (self.started, self.gateway_cpu, self.loadtest_cpu) = (Instant::now(), gateway, loadtest);
+        phase
+    }
+
+    pub fn memory(&self) -> Vec<NodeMemory> {
+        self.gateway_pids
+            .iter()
+            .zip(&self.rss_before)
+            .map(|(pid, before)| NodeMemory {
+                pid: *pid,
+                rss_before_kib: *before,
+                rss_end_kib: rss_kib(*pid),
+            })
+            .collect()
     }
 }
 
-#[derive(Serialize, Debug, Default)]
-pub struct ConnectReport {
-    pub target_connections: usize,
-    pub connected: usize,
-    pub failures: BTreeMap<Failure, u64>,
-    pub ramp_seconds: f64,
-    pub connections_per_second: f64,
-    pub handshake: Percentiles,
-    pub gateway_rss_before_kib: Option<u64>,
-    pub gateway_rss_held_kib: Option<u64>,
-    /// (RSS while holding − RSS before) / connections held.
-    pub gateway_rss_per_connection_bytes: Option<f64>,
-    pub gateway_cpu_seconds: Option<f64>,
-    /// Gateway CPU while the connections were held open and idle (heartbeats included).
-    pub gateway_cpu_hold_seconds: Option<f64>,
-    /// The same, as a percentage of one core.
-    pub gateway_cpu_hold_percent: Option<f64>,
-    /// Connections still open when the hold ended.
-    pub held_to_the_end: usize,
-    pub loadtest_cpu_seconds: Option<f64>,
+/// Per-connection results every scenario merges the same way.
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+pub struct Opening {
+    pub connected: u64,
+    pub failures: Failures,
+    /// Time from TCP connect to the upgrade done (and the greeting, on the chat endpoint).
+    pub handshake: Latencies,
 }
 
-impl ConnectReport {
-    pub fn print(&self) {
-        println!(
-            "connect: {} of {} connected in {:.2} s ({:.0} connections/s)",
-            self.connected, self.target_connections, self.ramp_seconds, self.connections_per_second
-        );
-        for (cause, n) in &self.failures {
-            println!("  failed ({cause:?}): {n}");
-        }
-        let h = &self.handshake;
-        println!(
-            "handshake latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-            h.p50_ms, h.p90_ms, h.p99_ms, h.p999_ms, h.max_ms
-        );
-        if let (Some(before), Some(held)) = (self.gateway_rss_before_kib, self.gateway_rss_held_kib)
-        {
-            println!(
-                "gateway RSS: {before} KiB before, {held} KiB holding → {:.0} bytes per connection",
-                self.gateway_rss_per_connection_bytes.unwrap_or(0.0)
-            );
-        }
-        if let Some(cpu) = self.gateway_cpu_seconds {
-            println!("gateway CPU during the run: {cpu:.2} s");
-        }
-        if let (Some(cpu), Some(pct)) =
-            (self.gateway_cpu_hold_seconds, self.gateway_cpu_hold_percent)
-        {
-            println!(
-                "gateway CPU while holding {} idle connections: {cpu:.2} s ({pct:.2}% of a core)",
-                self.held_to_the_end
-            );
-        }
-        if let Some(cpu) = self.loadtest_cpu_seconds {
-            println!("loadtest CPU during the run: {cpu:.2} s");
-        }
+impl Opening {
+    pub fn merge(&mut self, part: Opening) {
+        self.connected += part.connected;
+        merge_failures(&mut self.failures, part.failures);
+        self.handshake.merge(&part.handshake);
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failures.values().sum()
     }
 }
 
-#[derive(Serialize, Debug, Default)]
-pub struct EchoReport {
-    pub connections: usize,
-    pub payload_bytes: usize,
-    pub failures: BTreeMap<Failure, u64>,
-    pub seconds: f64,
-    /// Round trips completed.
-    pub messages: u64,
-    pub messages_per_second: f64,
-    /// Round-trip latency (closed loop: one message in flight per connection).
-    pub latency: Percentiles,
-    /// Connections that broke off with an error.
-    pub errors: u64,
-    pub gateway_cpu_seconds: Option<f64>,
-    /// Messages per second of gateway CPU: steadier than messages/s on a shared machine.
-    pub messages_per_gateway_cpu_second: Option<f64>,
-    pub loadtest_cpu_seconds: Option<f64>,
-}
-
-impl EchoReport {
-    pub fn print(&self) {
-        println!(
-            "echo: {} connections × {} B, {} round trips in {:.1} s: {:.0} messages/s",
-            self.connections,
-            self.payload_bytes,
-            self.messages,
-            self.seconds,
-            self.messages_per_second
-        );
-        for (cause, n) in &self.failures {
-            println!("  failed to connect ({cause:?}): {n}");
-        }
-        if self.errors > 0 {
-            println!("  connections broken off: {}", self.errors);
-        }
-        let l = &self.latency;
-        println!(
-            "round trip ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
-            l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
-        );
-        if let (Some(cpu), Some(per_cpu)) = (
-            self.gateway_cpu_seconds,
-            self.messages_per_gateway_cpu_second,
-        ) {
-            println!("gateway CPU: {cpu:.2} s → {per_cpu:.0} messages per gateway CPU-second");
-        }
-        if let Some(cpu) = self.loadtest_cpu_seconds {
-            println!("loadtest CPU: {cpu:.2} s");
-        }
-    }
-}
-
-#[derive(Serialize, Debug, Default)]
-pub struct FanoutReport {
-    pub subscribers: usize,
-    pub publishers: usize,
-    pub rooms: usize,
-    pub failures: BTreeMap<Failure, u64>,
-    pub join_failures: u64,
-    pub seconds: f64,
-    /// Messages the publishers sent.
-    pub published: u64,
-    /// Deliveries the subscribers should have had (each message times its room's subscribers).
-    pub expected: u64,
-    pub received: u64,
-    pub lost: u64,
-    pub duplicates: u64,
-    pub out_of_order: u64,
-    pub publisher_errors: u64,
-    pub deliveries_per_second: f64,
-    /// Publish-to-receive latency.
-    pub latency: Percentiles,
-    pub gateway_cpu_seconds: Option<f64>,
-    pub loadtest_cpu_seconds: Option<f64>,
-}
-
-impl FanoutReport {
-    pub fn print(&self) {
-        println!(
-            "fanout: {} subscribers, {} publishers, {} rooms: {} published, {} of {} expected deliveries in {:.1} s ({:.0}/s)",
-            self.subscribers,
-            self.publishers,
-            self.rooms,
-            self.published,
-            self.received,
-            self.expected,
-            self.seconds,
-            self.deliveries_per_second
-        );
-        println!(
-            "lost {}  duplicated {}  out of order {}  publisher errors {}  join failures {}",
-            self.lost,
-            self.duplicates,
-            self.out_of_order,
-            self.publisher_errors,
-            self.join_failures
-        );
-        for (cause, n) in &self.failures {
-            println!("  failed to connect ({cause:?}): {n}");
-        }
-        let l = &self.latency;
-        println!(
-            "publish-to-receive ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
-            l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
-        );
-        if let Some(cpu) = self.gateway_cpu_seconds {
-            println!("gateway CPU: {cpu:.2} s");
-        }
-        if let Some(cpu) = self.loadtest_cpu_seconds {
-            println!("loadtest CPU: {cpu:.2} s");
-        }
-    }
+/// Microseconds on the machine's monotonic clock: the same clock in every process, so a time
+/// carried in a message from one worker process can be compared in another.
+pub fn monotonic_micros() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1000
 }

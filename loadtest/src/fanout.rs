@@ -146,7 +146,8 @@ async fn subscribe(ws: &mut Ws, stop: Instant, progress: &Progress) -> (Tally, L
 }
 
 /// Publishes to `room` at `rate` until `stop` or `limit` messages, waiting for its own copy of
-/// each (which also drains the room's traffic from this socket). Returns (sent, errors).
+/// each or an error reply (which also drains the room's traffic from this socket). Returns
+/// (sent, errors).
 async fn publish(
     ws: &mut Ws,
     publisher: usize,
@@ -165,17 +166,21 @@ async fn publish(
         if !client::send_json(ws, &chat).await {
             return (sent, errors + 1);
         }
-        let mut echoed = false;
+        let mut answered = false;
         while let Some(msg) = client::next_json(ws).await {
             if msg["type"] == "error" {
+                // Refused (rate limited, say): it stays counted as sent, so every subscriber
+                // of the room counts it lost.
                 errors += 1;
+                answered = true;
+                break;
             }
             if msg["message"].as_str() == Some(message.as_str()) {
-                echoed = true;
+                answered = true;
                 break;
             }
         }
-        if !echoed {
+        if !answered {
             return (sent, errors + 1);
         }
     }

@@ -17,7 +17,7 @@ use crate::driver::{Outcome, Scenario};
 use crate::echo::{self, Message, OpeningSummary, Pace};
 use crate::hist::Latencies;
 use crate::progress::Progress;
-use crate::ramp::{self, Numbered, Setup, room_name};
+use crate::ramp::{self, Held, Setup, room_name};
 use crate::report::{self, Measured, Opening, Percentiles};
 
 /// Global indices of short-lived connections start here (after any steady ones), so they
@@ -73,7 +73,7 @@ async fn churn_one(
 }
 
 impl Scenario for Churn {
-    type Prepared = (Vec<Numbered>, Opening);
+    type Prepared = (Held, Opening);
     type Partial = ChurnPartial;
     type Report = ChurnReport;
 
@@ -105,7 +105,7 @@ impl Scenario for Churn {
         let interval = Duration::from_secs_f64(1.0 / args.message_rate.max(1e-3));
         let total = args.ramp.connections.max(1);
         let mut steady = JoinSet::new();
-        for (index, mut ws) in held.drain(..) {
+        for (index, mut ws) in held.release().await {
             let phase = interval.mul_f64(index as f64 / total as f64);
             let (message, progress) = (message.clone(), progress.clone());
             steady.spawn(async move {
@@ -148,7 +148,7 @@ impl Scenario for Churn {
             let (index, ws, done) = joined.expect("echo loop does not panic");
             partial.echo.merge(&done.latency);
             partial.steady_broken_off += u64::from(done.broken);
-            held.push((index, ws));
+            held.kept.push((index, ws));
         }
         partial
     }

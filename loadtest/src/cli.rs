@@ -105,6 +105,10 @@ pub struct Ramp {
     /// Give up on one connection attempt after this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+    /// Open connections waiting for the run to start send a ping this often, so a long ramp
+    /// does not get the first ones closed for silence.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub keepalive: Duration,
 }
 
 #[derive(Args, Clone)]

@@ -18,7 +18,7 @@ use crate::driver::{Outcome, Scenario};
 use crate::echo::OpeningSummary;
 use crate::hist::Latencies;
 use crate::progress::Progress;
-use crate::ramp::{self, Numbered, Setup, room_name};
+use crate::ramp::{self, Held, Setup, room_name};
 use crate::report::{self, Measured, Opening, Percentiles, monotonic_micros, percent};
 
 /// How long connections wait for the broadcast after the hold.
@@ -133,7 +133,7 @@ async fn send_broadcasts(common: &Common, timeout: Duration, tally: &mut Broadca
 }
 
 impl Scenario for Connect {
-    type Prepared = (Vec<Numbered>, Opening);
+    type Prepared = (Held, Opening);
     type Partial = ConnectPartial;
     type Report = ConnectReport;
 
@@ -168,7 +168,7 @@ impl Scenario for Connect {
             hold_end
         };
         let mut readers = JoinSet::new();
-        for (index, ws) in held.drain(..) {
+        for (index, ws) in held.release().await {
             let broadcast = args.broadcast;
             readers.spawn(async move { (index, hold(ws, until, broadcast).await) });
         }
@@ -196,7 +196,7 @@ impl Scenario for Connect {
                 partial.broadcast.received += 1;
                 partial.broadcast.latency.record_micros(micros);
             }
-            held.push((index, ws));
+            held.kept.push((index, ws));
         }
         partial
     }

@@ -15,7 +15,7 @@ use crate::cli::{Common, EchoArgs, Worker};
 use crate::driver::{Outcome, Scenario};
 use crate::hist::Latencies;
 use crate::progress::Progress;
-use crate::ramp::{self, Numbered, Setup};
+use crate::ramp::{self, Held, Setup};
 use crate::report::{self, Measured, Opening, Percentiles};
 
 /// What one connection sends, and the reply it expects.
@@ -165,7 +165,7 @@ impl From<&Opening> for OpeningSummary {
 }
 
 impl Scenario for Echo {
-    type Prepared = (Vec<Numbered>, Opening);
+    type Prepared = (Held, Opening);
     type Partial = EchoPartial;
     type Report = EchoReport;
 
@@ -177,7 +177,7 @@ impl Scenario for Echo {
         self.0.ramp.connections
     }
 
-    async fn prepare(&self, worker: Worker, progress: Arc<Progress>) -> (Vec<Numbered>, Opening) {
+    async fn prepare(&self, worker: Worker, progress: Arc<Progress>) -> Self::Prepared {
         let setup = Setup {
             greeting: self.0.common.chat_protocol(),
             rooms: None,
@@ -187,7 +187,7 @@ impl Scenario for Echo {
 
     async fn run(
         &self,
-        (held, opening): &mut (Vec<Numbered>, Opening),
+        (held, opening): &mut Self::Prepared,
         _worker: Worker,
         progress: Arc<Progress>,
     ) -> EchoPartial {
@@ -196,7 +196,7 @@ impl Scenario for Echo {
         let deadline = Instant::now() + args.duration;
         let total = args.ramp.connections.max(1);
         let mut loops = JoinSet::new();
-        for (index, mut ws) in held.drain(..) {
+        for (index, mut ws) in held.release().await {
             let pace = match args.open_loop {
                 None => Pace::Closed,
                 Some(rate) => {
@@ -222,7 +222,7 @@ impl Scenario for Echo {
             let (index, ws, done) = joined.expect("echo loop does not panic");
             partial.latency.merge(&done.latency);
             partial.broken_off += u64::from(done.broken);
-            held.push((index, ws));
+            held.kept.push((index, ws));
         }
         partial
     }

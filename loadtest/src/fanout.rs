@@ -25,7 +25,7 @@ use crate::driver::{Outcome, Scenario};
 use crate::echo::OpeningSummary;
 use crate::hist::Latencies;
 use crate::progress::Progress;
-use crate::ramp::{self, Numbered, Setup, room_name};
+use crate::ramp::{self, Held, Setup, room_name};
 use crate::report::{self, Measured, Opening, Percentiles, monotonic_micros};
 
 /// The text a publisher sends: `ltp:<publisher>:<seq>:<monotonic µs when sent>`.
@@ -87,8 +87,8 @@ impl Tally {
 pub(crate) struct Fanout(pub FanoutArgs);
 
 pub(crate) struct Connections {
-    subscribers: Vec<Numbered>,
-    publishers: Vec<Numbered>,
+    subscribers: Held,
+    publishers: Held,
     opening: Opening,
 }
 
@@ -248,7 +248,7 @@ impl Scenario for Fanout {
         };
 
         let mut subscriber_tasks = JoinSet::new();
-        for (index, mut ws) in c.subscribers.drain(..) {
+        for (index, mut ws) in c.subscribers.release().await {
             let progress = progress.clone();
             *partial
                 .subscribers_per_room
@@ -260,7 +260,7 @@ impl Scenario for Fanout {
             });
         }
         let mut publisher_tasks = JoinSet::new();
-        for (index, mut ws) in c.publishers.drain(..) {
+        for (index, mut ws) in c.publishers.release().await {
             let publisher = index - args.ramp.connections;
             let (rate, limit) = (args.publish_rate, args.messages);
             publisher_tasks.spawn(async move {
@@ -277,7 +277,7 @@ impl Scenario for Fanout {
             let (index, ws, publisher, sent, errors) = done.expect("publisher does not panic");
             partial.sent.insert(publisher, sent);
             partial.publisher_errors += errors;
-            c.publishers.push((index, ws));
+            c.publishers.kept.push((index, ws));
         }
         while let Some(done) = subscriber_tasks.join_next().await {
             let (index, ws, (tally, latency)) = done.expect("subscriber does not panic");
@@ -288,7 +288,7 @@ impl Scenario for Fanout {
                 *partial.distinct.entry(publisher).or_insert(0) += n;
             }
             partial.latency.merge(&latency);
-            c.subscribers.push((index, ws));
+            c.subscribers.kept.push((index, ws));
         }
         partial
     }

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use fastwebsockets::{Frame, OpCode, Payload};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::cli::{Common, Ramp, Worker};
@@ -55,8 +56,51 @@ pub async fn open_one(
     .unwrap_or(Err(Failure::Timeout))
 }
 
+/// Connections a ramp opened. Until the run takes them, each one is parked in its own task,
+/// which sends a ping every `keepalive` so a long ramp does not get the first connections closed
+/// for silence (the gateway counts any frame as a sign of life; a parked connection does not
+/// read, so it answers the gateway's pings only once the run reads again).
+pub struct Held {
+    parked: JoinSet<Option<Numbered>>,
+    release: watch::Sender<bool>,
+    /// Connections the run has finished with, kept open until the worker exits.
+    pub kept: Vec<Numbered>,
+}
+
+impl Held {
+    /// Ends the parking: the connections still open, in index order.
+    pub async fn release(&mut self) -> Vec<Numbered> {
+        let _ = self.release.send(true);
+        let mut open = Vec::with_capacity(self.parked.len());
+        while let Some(parked) = self.parked.join_next().await {
+            open.extend(parked.expect("parked connection does not panic"));
+        }
+        open.sort_unstable_by_key(|(index, _)| *index);
+        open
+    }
+}
+
+async fn park(mut ws: Ws, keepalive: Duration, mut release: watch::Receiver<bool>) -> Option<Ws> {
+    loop {
+        if *release.borrow_and_update() {
+            return Some(ws);
+        }
+        tokio::select! {
+            // Released, or the sender is gone (the worker is ending): either way, hand it back.
+            changed = release.changed() => if changed.is_err() {
+                return Some(ws);
+            },
+            _ = tokio::time::sleep(keepalive) => {
+                let ping = Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[]));
+                ws.write_frame(ping).await.ok()?;
+            }
+        }
+    }
+}
+
 /// Opens this worker's share of a group of `ramp.connections` connections whose global indices
-/// start at `offset`, at its share of `ramp.rate`.
+/// start at `offset`, at its share of `ramp.rate`; returns once every attempt has succeeded or
+/// failed.
 pub async fn open_share(
     common: &Common,
     ramp: &Ramp,
@@ -64,10 +108,12 @@ pub async fn open_share(
     offset: usize,
     setup: Setup,
     progress: &Arc<Progress>,
-) -> (Vec<Numbered>, Opening) {
+) -> (Held, Opening) {
     let (first, count) = worker.share(ramp.connections);
     let in_flight = Arc::new(Semaphore::new(ramp.concurrency.max(1)));
-    let mut attempts = JoinSet::new();
+    let (release, released) = watch::channel(false);
+    let (outcomes, mut outcome) = mpsc::unbounded_channel();
+    let mut parked = JoinSet::new();
     let rate = worker.rate(ramp.rate).max(0.001);
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     for index in offset + first..offset + first + count {
@@ -82,30 +128,39 @@ pub async fn open_share(
         let room = setup
             .rooms
             .map(|rooms| room_name((index - offset) % rooms.max(1)));
-        attempts.spawn(async move {
+        let (outcomes, released, keepalive) = (outcomes.clone(), released.clone(), ramp.keepalive);
+        parked.spawn(async move {
             let begun = Instant::now();
             let result = open_one(&common, index, setup.greeting, room, timeout).await;
             drop(permit);
-            match &result {
-                Ok(_) => progress.connected(),
-                Err(_) => progress.failed(),
-            }
-            (index, begun.elapsed(), result)
+            let (result, ws) = match result {
+                Ok(ws) => {
+                    progress.connected();
+                    (Ok(begun.elapsed()), Some(ws))
+                }
+                Err(cause) => {
+                    progress.failed();
+                    (Err(cause), None)
+                }
+            };
+            let _ = outcomes.send(result);
+            Some((index, park(ws?, keepalive, released).await?))
         });
     }
-    let mut held = Vec::with_capacity(count);
     let mut opening = Opening::default();
-    while let Some(joined) = attempts.join_next().await {
-        let (index, took, result) = joined.expect("connection task does not panic");
-        match result {
-            Ok(ws) => {
+    for _ in 0..count {
+        match outcome.recv().await.expect("every attempt reports") {
+            Ok(took) => {
                 opening.handshake.record(took);
                 opening.connected += 1;
-                held.push((index, ws));
             }
             Err(cause) => *opening.failures.entry(cause).or_insert(0) += 1,
         }
     }
-    held.sort_unstable_by_key(|(index, _)| *index);
+    let held = Held {
+        parked,
+        release,
+        kept: Vec::with_capacity(count),
+    };
     (held, opening)
 }

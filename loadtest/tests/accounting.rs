@@ -281,3 +281,32 @@ fn churn_closes_every_short_lived_connection_cleanly() {
     assert!(report["echo"]["count"].as_u64().unwrap() >= 6 * 9);
     wait_for_no_connections(gw.local_addr());
 }
+
+#[test]
+fn connections_waiting_out_a_long_ramp_stay_alive() {
+    // Heartbeats far shorter than the ramp: the first connections wait ~2 s for the last, and
+    // are kept alive by their keepalive pings until the hold reads (and answers pings) again.
+    let gw = gateway(|c| {
+        c.heartbeat_interval = Duration::from_millis(200);
+        c.heartbeat_timeout = Duration::from_millis(300);
+    });
+    let target = gw.local_addr().to_string();
+    let (ok, report) = loadtest(&[
+        "connect",
+        "--target",
+        &target,
+        "-n",
+        "20",
+        "--rate",
+        "10",
+        "--keepalive",
+        "100ms",
+        "--hold",
+        "1s",
+        "--procs",
+        "2",
+    ]);
+    assert!(ok, "{report:#}");
+    assert_eq!(report["held_to_the_end"], 20);
+    assert_eq!(healthz(gw.local_addr())["refused"]["heartbeat_timeouts"], 0);
+}

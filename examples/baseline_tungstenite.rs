@@ -6,6 +6,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
 
 fn main() {
+    // As wsgate does: the soft open-files limit up to the hard one, or accept fails past ~1k.
+    rlimit::increase_nofile_limit(u64::MAX).expect("raise the open-files limit");
     // `--listen ADDR`, as wsgate takes it, so the benchmark scripts start both the same way.
     let addr = std::env::args()
         .nth(2)

@@ -5,7 +5,7 @@
 //! of a read; everything other connections may touch lives in the shard's slab entry.
 
 use std::future::poll_fn;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Read};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -14,6 +14,8 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
+use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
@@ -178,11 +180,23 @@ impl Connection {
     fn read(&mut self) -> Result<(), End> {
         let shard = self.shard.clone();
         let mut buf = shard.read_buf();
-        let n = match self.stream.try_read(&mut buf) {
-            Ok(0) => return Err(End::Gone),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(_) => return Err(End::Gone),
+        let mut got = None;
+        let tried = self.stream.try_io(Interest::READABLE, || {
+            let n = (&*SockRef::from(&self.stream)).read(&mut buf)?;
+            got = Some(n);
+            if n > 0 && n < buf.len() {
+                // A short read drained the socket. Saying "would block" makes tokio clear the
+                // readiness now (as its own poll_read does), so the next read waits for epoll
+                // instead of a recv that fails with EAGAIN: one syscall less per message.
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        let n = match (got, tried) {
+            (Some(0), _) => return Err(End::Gone),
+            (Some(n), _) => n,
+            (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            (None, _) => return Err(End::Gone),
         };
         self.shard.seen(self.key);
         if self.leftover.is_empty() {

@@ -54,6 +54,20 @@ pub async fn connect(source: IpAddr, target: SocketAddr, path: &str) -> Result<W
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(|_| Failure::Connect)?;
+    // Pick the local port at connect time, by the whole 4-tuple: without this, bind() searches
+    // for a port free for every destination, which gets slow (system CPU) with tens of
+    // thousands of sockets per source address.
+    let no_port: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the size given.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&no_port as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
     socket
         .bind(SocketAddr::new(source, 0))
         .map_err(|_| Failure::Connect)?;

@@ -36,3 +36,32 @@ prepare_load_test() {
   export WSGATE_MAX_CONNECTIONS_PER_IP=1000000 WSGATE_MAX_HANDSHAKES_PER_IP=1000000
   TOKEN=$("${GATEWAY_BIN:-target/release/wsgate}" token --user loadtest --ttl 1h)
 }
+
+# The server under test for the comparisons (echo, handshakes): `start_server SERVER` builds and
+# starts one of wsgate (a token on every connection), wsgate-anonymous (no token, like the
+# baselines), baseline_fastwebsockets or baseline_tungstenite (examples/) with one thread pinned
+# to CPU 0, and sets ECHO_PATH, the path of its echo endpoint (with the token, for wsgate).
+start_server() {
+  case "$1" in
+    wsgate | wsgate-anonymous)
+      prepare_load_test
+      if [ "$1" = wsgate-anonymous ]; then
+        export WSGATE_ALLOW_ANONYMOUS=true
+        ECHO_PATH=/echo
+      else
+        ECHO_PATH="/echo?token=$TOKEN"
+      fi
+      WSGATE_LOG=warn start_gateway --shards 1
+      ;;
+    baseline_fastwebsockets | baseline_tungstenite)
+      cargo build --release --example "$1"
+      GATEWAY_BIN="target/release/examples/$1" start_gateway
+      ECHO_PATH=/
+      ;;
+    *)
+      echo "unknown server $1 (wsgate, wsgate-anonymous, baseline_fastwebsockets, baseline_tungstenite)" >&2
+      exit 2
+      ;;
+  esac
+  taskset -apc 0 "$GATEWAY_PID" >/dev/null
+}

@@ -3,7 +3,8 @@
 # at 20k open files here) and `loadtest connect --procs NODES` from 8 source addresses. Every
 # client presents a real token, joins its node's broadcast room, and is held for HOLD with
 # heartbeats running (every HEARTBEAT); then one broadcast per node must reach every client.
-# The run fails on any connection failure or lost message.
+# The run fails on any connection failure or lost message. BROADCAST=no leaves the broadcast (and
+# the room) out, to measure the idle and heartbeat cost alone; JSON=FILE keeps the report.
 #
 # Usage: loadtest/scripts/100k.sh [CLIENTS=100000] [HOLD=60s] [NODES=6] [HEARTBEAT=10s] [RATE=4000]
 set -euo pipefail
@@ -27,8 +28,10 @@ for i in "${!GATEWAY_ADDRS[@]}"; do
   targets+=(--target "${GATEWAY_ADDRS[$i]}")
   pids+=(--gateway-pid "${GATEWAY_PIDS[$i]}")
 done
+broadcast=(--broadcast)
+[ "${BROADCAST:-yes}" = no ] && broadcast=()
 echo "$clients clients over $nodes nodes (${GATEWAY_ADDRS[*]}), hold $hold, heartbeat every $heartbeat"
 target/release/loadtest connect "${targets[@]}" "${pids[@]}" --token "$TOKEN" \
-  -n "$clients" --rate "$rate" --concurrency 128 --hold "$hold" --broadcast \
+  -n "$clients" --rate "$rate" --concurrency 128 --hold "$hold" "${broadcast[@]}" \
   --procs "$nodes" --source-ips 127.0.0.1-127.0.0.8 --handshake-timeout 30s \
   --json "${JSON:-/dev/null}"

@@ -63,6 +63,7 @@ pub const TICK: Duration = Duration::from_millis(250);
 /// The progress bar: connections opened out of the target, failures, and messages per second.
 pub struct Bar {
     bar: ProgressBar,
+    /// The counters when the rate was last taken, and when.
     last: Snapshot,
     last_at: Instant,
 }
@@ -92,12 +93,15 @@ impl Bar {
     }
 
     pub fn update(&mut self, now: Snapshot) {
-        let seconds = self.last_at.elapsed().as_secs_f64().max(1e-3);
-        let rate = now.messages.saturating_sub(self.last.messages) as f64 / seconds;
         self.bar.set_position(now.connected);
-        self.bar
-            .set_message(format!("{} failed  {rate:.0} msg/s", now.failed));
-        (self.last, self.last_at) = (now, Instant::now());
+        // Worker processes report one after another: the rate is taken over a whole tick.
+        let seconds = self.last_at.elapsed().as_secs_f64();
+        if seconds >= TICK.as_secs_f64() {
+            let rate = now.messages.saturating_sub(self.last.messages) as f64 / seconds;
+            self.bar
+                .set_message(format!("{} failed  {rate:.0} msg/s", now.failed));
+            (self.last, self.last_at) = (now, Instant::now());
+        }
     }
 
     pub fn finish(&self) {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fan-out: a release gateway (2 shards) with SUBSCRIBERS connections spread over ROOMS rooms and
 # PUBLISHERS connections each sending RATE chat messages per second; exact loss/dup/order counts.
-# The load generator runs as PROCS processes (its JSON parsing of every delivery is the heavier
-# side on this 2-core machine).
+# The load generator runs as PROCS processes (its side of every delivery — a recv, a wake-up, a
+# record — is the heavier one on this 2-core machine).
 #
 # Usage: loadtest/scripts/fanout.sh [SUBSCRIBERS=1000] [ROOMS=10] [PUBLISHERS=10] [RATE=10] [DURATION=10s] [PROCS=2]
 set -euo pipefail

@@ -100,16 +100,21 @@ impl Scenario for Churn {
         progress: Arc<Progress>,
     ) -> ChurnPartial {
         let args = &self.0;
-        let deadline = Instant::now() + args.duration;
+        let start = Instant::now();
+        let deadline = start + args.duration;
         let message = Message::new(args.payload, args.common.chat_protocol());
         let interval = Duration::from_secs_f64(1.0 / args.message_rate.max(1e-3));
         let total = args.ramp.connections.max(1);
         let mut steady = JoinSet::new();
-        for (index, mut ws) in held.release().await {
+        for (index, mut ws) in held.release(opening).await {
             let phase = interval.mul_f64(index as f64 / total as f64);
             let (message, progress) = (message.clone(), progress.clone());
             steady.spawn(async move {
-                let pace = Pace::Every { interval, phase };
+                let pace = Pace::Every {
+                    start,
+                    interval,
+                    phase,
+                };
                 let done = echo::exchange(&mut ws, &message, pace, deadline, None, &progress).await;
                 (index, ws, done)
             });

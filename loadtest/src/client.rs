@@ -32,6 +32,8 @@ pub enum Failure {
     Timeout,
     /// Joining a room (`join_room` → `room_joined`) failed.
     Join,
+    /// Opened, then closed while waiting for the run to start.
+    ClosedWhileWaiting,
 }
 
 /// Runs hyper's client connection task on the current runtime.

@@ -168,7 +168,7 @@ impl Scenario for Connect {
             hold_end
         };
         let mut readers = JoinSet::new();
-        for (index, ws) in held.release().await {
+        for (index, ws) in held.release(opening).await {
             let broadcast = args.broadcast;
             readers.spawn(async move { (index, hold(ws, until, broadcast).await) });
         }

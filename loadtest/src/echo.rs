@@ -49,8 +49,39 @@ impl Message {
 pub(crate) enum Pace {
     /// Next message as soon as the last came back.
     Closed,
-    /// One message every `interval`, the first after `phase`.
-    Every { interval: Duration, phase: Duration },
+    /// One message every `interval`, the first at `start + phase` (`start` shared by the run).
+    Every {
+        start: Instant,
+        interval: Duration,
+        phase: Duration,
+    },
+}
+
+/// How long a reply may take before the connection counts as broken (a run always ends).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The echo of `message`, skipping control frames (the pongs to a parked connection's keepalive
+/// pings arrive first); false on anything else, an error, or no reply in time.
+async fn read_echo(ws: &mut crate::client::Ws, message: &Message) -> bool {
+    let opcode = if message.text {
+        OpCode::Text
+    } else {
+        OpCode::Binary
+    };
+    // Cancelling a read mid-frame would corrupt the stream, but a timed-out connection is
+    // counted broken and never read again.
+    let reply = tokio::time::timeout(REPLY_TIMEOUT, async {
+        loop {
+            match ws.read_frame().await {
+                Ok(frame) if matches!(frame.opcode, OpCode::Ping | OpCode::Pong) => continue,
+                Ok(frame) => {
+                    return frame.opcode == opcode && frame.payload[..] == message.bytes[..];
+                }
+                Err(_) => return false,
+            }
+        }
+    });
+    reply.await.unwrap_or(false)
 }
 
 /// What one connection's loop measured.
@@ -70,12 +101,15 @@ pub(crate) async fn exchange(
     progress: &Progress,
 ) -> Exchanged {
     let mut latency = Latencies::default();
-    let start = Instant::now();
     let mut sent = 0u64;
     loop {
         let due = match pace {
             Pace::Closed => Instant::now(),
-            Pace::Every { interval, phase } => start + phase + interval * sent as u32,
+            Pace::Every {
+                start,
+                interval,
+                phase,
+            } => start + phase + interval * sent as u32,
         };
         if due >= deadline || limit.is_some_and(|limit| sent >= limit) {
             return Exchanged {
@@ -97,17 +131,7 @@ pub(crate) async fn exchange(
             };
         }
         sent += 1;
-        let echoed = match ws.read_frame().await {
-            Ok(reply) => {
-                let opcode = if message.text {
-                    OpCode::Text
-                } else {
-                    OpCode::Binary
-                };
-                reply.opcode == opcode && reply.payload[..] == message.bytes[..]
-            }
-            Err(_) => false,
-        };
+        let echoed = read_echo(ws, message).await;
         if !echoed {
             return Exchanged {
                 latency,
@@ -193,16 +217,18 @@ impl Scenario for Echo {
     ) -> EchoPartial {
         let args = &self.0;
         let message = Message::new(args.payload, args.common.chat_protocol());
-        let deadline = Instant::now() + args.duration;
+        let start = Instant::now();
+        let deadline = start + args.duration;
         let total = args.ramp.connections.max(1);
         let mut loops = JoinSet::new();
-        for (index, mut ws) in held.release().await {
+        for (index, mut ws) in held.release(opening).await {
             let pace = match args.open_loop {
                 None => Pace::Closed,
                 Some(rate) => {
                     let interval = Duration::from_secs_f64(total as f64 / rate.max(1e-3));
                     // Spread the connections' schedules over one interval.
                     Pace::Every {
+                        start,
                         interval,
                         phase: interval.mul_f64(index as f64 / total as f64),
                     }

@@ -29,6 +29,9 @@ use crate::progress::Progress;
 use crate::ramp::{self, Held, Setup, room_name};
 use crate::report::{self, Measured, Opening, Percentiles, monotonic_micros};
 
+/// How long a publisher waits for its own copy before it counts an error and stops.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The text a publisher sends: `ltp:<publisher>:<seq>:<monotonic µs when sent>`.
 fn encode(publisher: usize, seq: u64, sent_us: u64) -> String {
     format!("ltp:{publisher}:{seq}:{sent_us}")
@@ -181,7 +184,10 @@ async fn publish(
             return (sent, errors + 1);
         }
         let mut answered = false;
-        while let Some(msg) = client::next_json(ws).await {
+        // Bounded: a copy the gateway dropped (drop policy) must not hang the run. A timed-out
+        // read is never resumed: the publisher stops.
+        let until = Instant::now() + REPLY_TIMEOUT;
+        while let Ok(Some(msg)) = tokio::time::timeout_at(until, client::next_json(ws)).await {
             if msg["type"] == "error" {
                 // Refused (rate limited, say): it stays counted as sent, so every subscriber
                 // of the room counts it lost.
@@ -262,7 +268,7 @@ impl Scenario for Fanout {
         };
 
         let mut subscriber_tasks = JoinSet::new();
-        for (index, mut ws) in c.subscribers.release().await {
+        for (index, mut ws) in c.subscribers.release(&mut c.opening).await {
             let progress = progress.clone();
             *partial
                 .subscribers_per_room
@@ -274,7 +280,7 @@ impl Scenario for Fanout {
             });
         }
         let mut publisher_tasks = JoinSet::new();
-        for (index, mut ws) in c.publishers.release().await {
+        for (index, mut ws) in c.publishers.release(&mut c.opening).await {
             let publisher = index - args.ramp.connections;
             let (rate, limit) = (args.publish_rate, args.messages);
             publisher_tasks.spawn(async move {

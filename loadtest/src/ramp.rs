@@ -61,23 +61,43 @@ pub async fn open_one(
 /// for silence (the gateway counts any frame as a sign of life; a parked connection does not
 /// read, so it answers the gateway's pings only once the run reads again).
 pub struct Held {
-    parked: JoinSet<Option<Numbered>>,
+    parked: JoinSet<Parked<Numbered>>,
     release: watch::Sender<bool>,
     /// Connections the run has finished with, kept open until the worker exits.
     pub kept: Vec<Numbered>,
 }
 
 impl Held {
-    /// Ends the parking: the connections still open, in index order.
-    pub async fn release(&mut self) -> Vec<Numbered> {
+    /// Ends the parking: the connections still open, in index order. One that closed while
+    /// parked moves in `opening` from connected to failed (`closed_while_waiting`).
+    pub async fn release(&mut self, opening: &mut Opening) -> Vec<Numbered> {
         let _ = self.release.send(true);
         let mut open = Vec::with_capacity(self.parked.len());
         while let Some(parked) = self.parked.join_next().await {
-            open.extend(parked.expect("parked connection does not panic"));
+            match parked.expect("parked connection does not panic") {
+                Parked::Open(numbered) => open.push(numbered),
+                Parked::NeverOpened => {}
+                Parked::Closed => {
+                    opening.connected -= 1;
+                    *opening
+                        .failures
+                        .entry(Failure::ClosedWhileWaiting)
+                        .or_insert(0) += 1;
+                }
+            }
         }
         open.sort_unstable_by_key(|(index, _)| *index);
         open
     }
+}
+
+/// How a parking task ended.
+enum Parked<T> {
+    /// The attempt failed (counted as such when it reported).
+    NeverOpened,
+    /// Closed by the other side while waiting.
+    Closed,
+    Open(T),
 }
 
 async fn park(mut ws: Ws, keepalive: Duration, mut release: watch::Receiver<bool>) -> Option<Ws> {
@@ -144,7 +164,12 @@ pub async fn open_share(
                 }
             };
             let _ = outcomes.send(result);
-            Some((index, park(ws?, keepalive, released).await?))
+            match ws {
+                Some(ws) => park(ws, keepalive, released)
+                    .await
+                    .map_or(Parked::Closed, |ws| Parked::Open((index, ws))),
+                None => Parked::NeverOpened,
+            }
         });
     }
     let mut opening = Opening::default();

@@ -310,3 +310,33 @@ fn connections_waiting_out_a_long_ramp_stay_alive() {
     assert_eq!(report["held_to_the_end"], 20);
     assert_eq!(healthz(gw.local_addr())["refused"]["heartbeat_timeouts"], 0);
 }
+
+#[test]
+fn echo_after_a_long_ramp_skips_the_keepalive_pongs() {
+    // Parked connections send pings; the gateway's pongs wait unread and come before the first
+    // echo. They must not count as a wrong reply.
+    let gw = gateway(|_| {});
+    let target = gw.local_addr().to_string();
+    let (ok, report) = loadtest(&[
+        "echo",
+        "--target",
+        &target,
+        "--path",
+        "/echo",
+        "-n",
+        "10",
+        "--rate",
+        "10",
+        "--keepalive",
+        "100ms",
+        "--messages",
+        "5",
+        "--duration",
+        "30s",
+        "--procs",
+        "2",
+    ]);
+    assert!(ok, "{report:#}");
+    assert_eq!(report["round_trips"], 50);
+    assert_eq!(report["broken_off"], 0);
+}

@@ -14,11 +14,11 @@ use tokio::time::Instant;
 use crate::cli::{ChurnArgs, Common, Worker};
 use crate::client;
 use crate::driver::{Outcome, Scenario};
-use crate::echo::{self, Message, OpeningSummary, Pace};
+use crate::echo::{self, Message, Pace};
 use crate::hist::Latencies;
 use crate::progress::Progress;
 use crate::ramp::{self, Held, Setup, room_name};
-use crate::report::{self, Measured, Opening, Percentiles};
+use crate::report::{self, Measured, Opening, OpeningSummary, Percentiles};
 
 /// Global indices of short-lived connections start here (after any steady ones), so they
 /// spread over targets and sources the same way.
@@ -107,14 +107,9 @@ impl Scenario for Churn {
         let total = args.ramp.connections.max(1);
         let mut steady = JoinSet::new();
         for (index, mut ws) in held.release(opening).await {
-            let phase = interval.mul_f64(index as f64 / total as f64);
             let (message, progress) = (message.clone(), progress.clone());
             steady.spawn(async move {
-                let pace = Pace::Every {
-                    start,
-                    interval,
-                    phase,
-                };
+                let pace = Pace::staggered(start, interval, index, total);
                 let done = echo::exchange(&mut ws, &message, pace, deadline, None, &progress).await;
                 (index, ws, done)
             });
@@ -138,16 +133,12 @@ impl Scenario for Churn {
         };
         while let Some(joined) = churners.join_next().await {
             let (opened, clean) = joined.expect("churner does not panic");
-            match opened {
-                Ok(took) => {
-                    partial.churned.connected += 1;
-                    partial.churned.handshake.record(took);
-                    partial.closed_cleanly += u64::from(clean);
-                    partial.close_failures += u64::from(!clean);
-                    progress.message();
-                }
-                Err(cause) => *partial.churned.failures.entry(cause).or_insert(0) += 1,
+            if opened.is_ok() {
+                partial.closed_cleanly += u64::from(clean);
+                partial.close_failures += u64::from(!clean);
+                progress.message();
             }
+            partial.churned.record(opened);
         }
         while let Some(joined) = steady.join_next().await {
             let (index, ws, done) = joined.expect("echo loop does not panic");

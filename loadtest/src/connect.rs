@@ -15,11 +15,12 @@ use tokio::time::Instant;
 use crate::cli::{Common, ConnectArgs, Worker};
 use crate::client::{self, Ws};
 use crate::driver::{Outcome, Scenario};
-use crate::echo::OpeningSummary;
 use crate::hist::Latencies;
 use crate::progress::Progress;
 use crate::ramp::{self, Held, Setup, room_name};
-use crate::report::{self, Measured, Opening, Percentiles, monotonic_micros, percent};
+use crate::report::{
+    self, Measured, Opening, OpeningSummary, Percentiles, monotonic_micros, percent,
+};
 
 /// How long connections wait for the broadcast after the hold.
 const BROADCAST_WAIT: Duration = Duration::from_secs(10);
@@ -228,11 +229,7 @@ impl Scenario for Connect {
             target_connections: self.0.ramp.connections,
             opening: (&total.opening).into(),
             connections_per_second: connected as f64 / measured.ramp.seconds.max(1e-9),
-            connections_per_gateway_cpu_second: measured
-                .ramp
-                .gateway_cpu_seconds
-                .filter(|cpu| *cpu > 0.0)
-                .map(|cpu| connected as f64 / cpu),
+            connections_per_gateway_cpu_second: measured.ramp.per_gateway_cpu_second(connected),
             gateway_rss_per_connection_bytes: measured
                 .rss_per_connection_bytes(total.held_to_the_end as usize),
             hold_seconds: measured.run.seconds,

@@ -16,7 +16,7 @@ use crate::driver::{Outcome, Scenario};
 use crate::hist::Latencies;
 use crate::progress::Progress;
 use crate::ramp::{self, Held, Setup};
-use crate::report::{self, Measured, Opening, Percentiles};
+use crate::report::{self, Measured, Opening, OpeningSummary, Percentiles};
 
 /// What one connection sends, and the reply it expects.
 #[derive(Clone)]
@@ -55,6 +55,19 @@ pub(crate) enum Pace {
         interval: Duration,
         phase: Duration,
     },
+}
+
+impl Pace {
+    /// One message every `interval`, the connections' schedules spread evenly over one interval
+    /// by their index (of `total`), so they do not all send at once.
+    pub fn staggered(start: Instant, interval: Duration, index: usize, total: usize) -> Self {
+        let phase = interval.mul_f64(index as f64 / total.max(1) as f64);
+        Pace::Every {
+            start,
+            interval,
+            phase,
+        }
+    }
 }
 
 /// How long a reply may take before the connection counts as broken (a run always ends).
@@ -170,24 +183,6 @@ pub(crate) struct EchoReport {
     measured: Measured,
 }
 
-/// The handshake side of a report.
-#[derive(Serialize)]
-pub(crate) struct OpeningSummary {
-    pub connected: u64,
-    pub failures: report::Failures,
-    pub handshake: Percentiles,
-}
-
-impl From<&Opening> for OpeningSummary {
-    fn from(o: &Opening) -> Self {
-        OpeningSummary {
-            connected: o.connected,
-            failures: o.failures.clone(),
-            handshake: Percentiles::of(&o.handshake),
-        }
-    }
-}
-
 impl Scenario for Echo {
     type Prepared = (Held, Opening);
     type Partial = EchoPartial;
@@ -227,11 +222,7 @@ impl Scenario for Echo {
                 Some(rate) => {
                     let interval = Duration::from_secs_f64(total as f64 / rate.max(1e-3));
                     // Spread the connections' schedules over one interval.
-                    Pace::Every {
-                        start,
-                        interval,
-                        phase: interval.mul_f64(index as f64 / total as f64),
-                    }
+                    Pace::staggered(start, interval, index, total)
                 }
             };
             let (message, progress, limit) = (message.clone(), progress.clone(), args.messages);
@@ -273,11 +264,7 @@ impl Scenario for Echo {
             messages_per_second: round_trips as f64 / measured.run.seconds.max(1e-9),
             latency: Percentiles::of(&total.latency),
             broken_off: total.broken_off,
-            messages_per_gateway_cpu_second: measured
-                .run
-                .gateway_cpu_seconds
-                .filter(|cpu| *cpu > 0.0)
-                .map(|cpu| round_trips as f64 / cpu),
+            messages_per_gateway_cpu_second: measured.run.per_gateway_cpu_second(round_trips),
             measured,
         };
         let errors = total.opening.failed() + total.broken_off;

@@ -23,11 +23,10 @@ use tokio::time::Instant;
 use crate::cli::{Common, FanoutArgs, Worker};
 use crate::client::{self, Ws};
 use crate::driver::{Outcome, Scenario};
-use crate::echo::OpeningSummary;
 use crate::hist::Latencies;
 use crate::progress::Progress;
 use crate::ramp::{self, Held, Setup, room_name};
-use crate::report::{self, Measured, Opening, Percentiles, monotonic_micros};
+use crate::report::{self, Measured, Opening, OpeningSummary, Percentiles, monotonic_micros};
 
 /// How long a publisher waits for its own copy before it counts an error and stops.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);

@@ -174,13 +174,7 @@ pub async fn open_share(
     }
     let mut opening = Opening::default();
     for _ in 0..count {
-        match outcome.recv().await.expect("every attempt reports") {
-            Ok(took) => {
-                opening.handshake.record(took);
-                opening.connected += 1;
-            }
-            Err(cause) => *opening.failures.entry(cause).or_insert(0) += 1,
-        }
+        opening.record(outcome.recv().await.expect("every attempt reports"));
     }
     let held = Held {
         parked,

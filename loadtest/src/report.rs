@@ -98,6 +98,15 @@ pub struct Phase {
     pub loadtest_cpu_seconds: Option<f64>,
 }
 
+impl Phase {
+    /// `count` per second of gateway CPU in this phase (the steadier rate on a shared machine).
+    pub fn per_gateway_cpu_second(&self, count: u64) -> Option<f64> {
+        self.gateway_cpu_seconds
+            .filter(|cpu| *cpu > 0.0)
+            .map(|cpu| count as f64 / cpu)
+    }
+}
+
 /// One gateway node's memory: at the start, and at the end of the run with every connection
 /// still open.
 #[derive(Serialize, Debug, Clone, Copy)]
@@ -249,8 +258,37 @@ impl Opening {
         self.handshake.merge(&part.handshake);
     }
 
+    /// Counts one attempt: how long it took to open, or why it failed.
+    pub fn record(&mut self, attempt: Result<Duration, Failure>) {
+        match attempt {
+            Ok(took) => {
+                self.connected += 1;
+                self.handshake.record(took);
+            }
+            Err(cause) => *self.failures.entry(cause).or_insert(0) += 1,
+        }
+    }
+
     pub fn failed(&self) -> u64 {
         self.failures.values().sum()
+    }
+}
+
+/// The handshake side of a report.
+#[derive(Serialize)]
+pub struct OpeningSummary {
+    pub connected: u64,
+    pub failures: Failures,
+    pub handshake: Percentiles,
+}
+
+impl From<&Opening> for OpeningSummary {
+    fn from(o: &Opening) -> Self {
+        OpeningSummary {
+            connected: o.connected,
+            failures: o.failures.clone(),
+            handshake: Percentiles::of(&o.handshake),
+        }
     }
 }
 

@@ -20,7 +20,7 @@ fn shard_with_room(members: usize) -> Shard {
         shards: 1,
         ..Config::default()
     };
-    let (backplane, _inboxes) = MemoryBackplane::new(1);
+    let (backplane, _inboxes) = MemoryBackplane::new(1, usize::MAX);
     let node = Arc::new(Node::new(Arc::new(config), Arc::new(backplane)).expect("node"));
     let shard = Shard::new(0, node.clone());
     for _ in 0..members {
@@ -33,10 +33,17 @@ fn shard_with_room(members: usize) -> Shard {
     shard
 }
 
+/// Empties every queue, as if each connection's socket took all of it.
 fn drain(shard: &Shard) {
-    for (_, conn) in shard.state().conns.iter_mut() {
-        let queued = conn.outbound.queued_bytes();
-        conn.outbound.advance(queued);
+    let mut guard = shard.state();
+    let state = &mut *guard;
+    for (_, conn) in state.conns.iter_mut() {
+        while !conn.outbound.is_empty() {
+            let mut slices = [std::io::IoSlice::new(&[]); 64];
+            let n = conn.outbound.slices(&mut slices);
+            let written = slices[..n].iter().map(|s| s.len()).sum();
+            conn.outbound.advance(written, &mut state.queued);
+        }
     }
 }
 
@@ -44,6 +51,7 @@ fn message() -> ServerMessage<'static> {
     ServerMessage::ChatMessage {
         room: "r",
         username: "Anonymous",
+        user_id: "anonymous",
         message: "Hello everyone, how is the migration going?",
         timestamp: 1_764_000_000_000,
     }
@@ -80,7 +88,9 @@ fn fanout(c: &mut Criterion) {
                     let state = &mut *state;
                     let room = state.rooms.get("r").unwrap();
                     for &key in &room.members {
-                        state.conns[key].outbound.push(message().encode());
+                        state.conns[key]
+                            .outbound
+                            .push(message().encode(), &mut state.queued);
                     }
                 })
             })

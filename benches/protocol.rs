@@ -79,6 +79,7 @@ fn encode(c: &mut Criterion) {
             ServerMessage::ChatMessage {
                 room: black_box("general"),
                 username: "Anonymous",
+                user_id: "anonymous",
                 message: black_box("Hello everyone, how is the migration going?"),
                 timestamp: 1_764_000_000_000,
             }

@@ -5,17 +5,31 @@
 
 use std::sync::Arc;
 
+use crate::auth::Identity;
 use crate::backplane::Publication;
 use crate::client_id::ClientId;
+use crate::limits::{Charge, Verdict};
 use crate::protocol::{ClientMessage, ErrorReply, ServerMessage, encode_echo, now_ms};
 use crate::rooms::{Joined, is_valid_room_name};
 use crate::shard::Shard;
 
-/// Handles one text message from a chat client. Errors are answered, never fatal.
+/// Handles one text message from a chat client. Errors are answered, never fatal; a client that
+/// keeps flooding past its strikes is closed (the caller sees the connection closing).
 pub fn on_text(shard: &Shard, key: usize, payload: &mut [u8]) {
     // The parser is lent out for the duration of the handler; handlers never parse again.
     let mut parser = shard.json();
     parser.parse(payload, |message| {
+        // Room operations have a budget of their own: a reconnecting client rejoins all its
+        // rooms at once. Everything else, malformed messages included, is a message.
+        let charge = match message {
+            Ok(ClientMessage::JoinRoom { .. } | ClientMessage::LeaveRoom { .. }) => Charge::RoomOp,
+            _ => Charge::Message,
+        };
+        match shard.charge(key, charge) {
+            Verdict::Allow => {}
+            Verdict::Refuse => return shard.send_error(key, ErrorReply::RateLimited),
+            Verdict::Close => return shard.close_flooder(key),
+        }
         if let Err(error) = message.and_then(|m| handle(shard, key, m)) {
             shard.send_error(key, error);
         }
@@ -41,26 +55,50 @@ fn handle<'i>(
     }
 }
 
-/// Swaps the connection's identity for the one in a fresh token of the same user.
+/// Swaps the connection's identity for the one in a fresh token of the same user. The new token
+/// rules from now on: its display name is used for what the connection sends next, and rooms its
+/// allow-list no longer covers are left (members are told as for any leave, the client gets
+/// `room_left`).
 fn refresh<'i>(shard: &Shard, key: usize, token: &str) -> Result<(), ErrorReply<'i>> {
     let fresh = shard
         .node
         .auth
         .verify(token)
         .map_err(ErrorReply::InvalidToken)?;
-    let mut state = shard.state();
+    let mut guard = shard.state();
+    let state = &mut *guard;
     let conn = &mut state.conns[key];
     let anonymous = Arc::ptr_eq(&conn.identity, &shard.node.anonymous);
     if !anonymous && conn.identity.user_id != fresh.user_id {
         return Err(ErrorReply::TokenForOtherUser);
     }
     let expires_at = fresh.expires_at.unwrap_or(0);
-    conn.identity = Arc::new(fresh);
+    let previous = std::mem::replace(&mut conn.identity, Arc::new(fresh));
     shard
         .heartbeats()
         .expire_by(key, conn.id.generation, &mut conn.liveness, expires_at);
-    conn.outbound
-        .push(ServerMessage::TokenRefreshed { expires_at }.encode());
+    conn.outbound.push(
+        ServerMessage::TokenRefreshed { expires_at }.encode(),
+        &mut state.queued,
+    );
+    let (kept, revoked): (Vec<_>, Vec<_>) = std::mem::take(&mut conn.rooms)
+        .into_vec()
+        .into_iter()
+        .partition(|room| conn.identity.may_join(room));
+    conn.rooms = kept.into_boxed_slice();
+    drop(guard);
+    for room in revoked {
+        shard.send(
+            key,
+            ServerMessage::RoomLeft {
+                room: &room,
+                reason: "not allowed by the refreshed token",
+            }
+            .encode(),
+        );
+        // Members knew the connection under its previous name.
+        left_room(shard, key, room, &previous);
+    }
     Ok(())
 }
 
@@ -69,7 +107,7 @@ fn join<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<'
         return Err(ErrorReply::InvalidRoomName);
     }
     let config = &shard.node.config;
-    let (name, total, id, username) = {
+    let (name, total, id, identity) = {
         let mut guard = shard.state();
         let state = &mut *guard;
         let conn = &mut state.conns[key];
@@ -88,19 +126,20 @@ fn join<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<'
             room,
             members: total,
         };
-        conn.outbound.push(reply.encode());
+        conn.outbound.push(reply.encode(), &mut state.queued);
         let Joined::Joined { name, .. } = joined else {
             return Ok(());
         };
         let mut rooms = std::mem::take(&mut conn.rooms).into_vec();
         rooms.push(name.clone());
         conn.rooms = rooms.into_boxed_slice();
-        (name, total, conn.id, conn.identity.username.clone())
+        (name, total, conn.id, conn.identity.clone())
     };
     if total > 1 && total <= config.presence_max_members {
         let notice = ServerMessage::UserJoined {
             room,
-            username: &username,
+            username: &identity.username,
+            user_id: &identity.user_id,
             timestamp: now_ms(),
         };
         shard.publish(Publication::to_room(name, notice.encode()).excluding(id));
@@ -120,28 +159,28 @@ fn leave<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<
     let mut rooms = std::mem::take(&mut conn.rooms).into_vec();
     let name = rooms.swap_remove(at);
     conn.rooms = rooms.into_boxed_slice();
-    let username = conn.identity.username.clone();
+    let identity = conn.identity.clone();
     drop(state);
-    left_room(shard, key, name, &username);
+    left_room(shard, key, name, &identity);
     Ok(())
 }
 
 /// Takes a connection out of all its rooms, telling the members who stay.
 pub fn leave_all_rooms(shard: &Shard, key: usize) {
-    let (rooms, username) = {
+    let (rooms, identity) = {
         let mut state = shard.state();
         let conn = &mut state.conns[key];
         (
             std::mem::take(&mut conn.rooms).into_vec(),
-            conn.identity.username.clone(),
+            conn.identity.clone(),
         )
     };
     for room in rooms {
-        left_room(shard, key, room, &username);
+        left_room(shard, key, room, &identity);
     }
 }
 
-fn left_room(shard: &Shard, key: usize, room: Arc<str>, username: &str) {
+fn left_room(shard: &Shard, key: usize, room: Arc<str>, identity: &Identity) {
     let left = shard
         .state()
         .rooms
@@ -154,7 +193,8 @@ fn left_room(shard: &Shard, key: usize, room: Arc<str>, username: &str) {
     if remaining > 0 && remaining < shard.node.config.presence_max_members {
         let notice = ServerMessage::UserLeft {
             room: &room,
-            username,
+            username: &identity.username,
+            user_id: &identity.user_id,
             timestamp: now_ms(),
         };
         let frame = notice.encode();
@@ -162,11 +202,11 @@ fn left_room(shard: &Shard, key: usize, room: Arc<str>, username: &str) {
     }
 }
 
-/// Who speaks in a room: the room's shared name, the speaker's id and name.
+/// Who speaks in a room: the room's shared name, the speaker's connection and identity.
 struct Speaker {
     room: Arc<str>,
     id: ClientId,
-    username: Arc<str>,
+    identity: Arc<Identity>,
 }
 
 /// Checks that `key` may speak in `room`.
@@ -180,7 +220,7 @@ fn speaker<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<Speaker, Erro
         Some(name) => Ok(Speaker {
             room: name.clone(),
             id: conn.id,
-            username: conn.identity.username.clone(),
+            identity: conn.identity.clone(),
         }),
         None => Err(ErrorReply::NotInRoom(room)),
     }
@@ -195,7 +235,8 @@ fn chat<'i>(shard: &Shard, key: usize, room: &'i str, message: &str) -> Result<(
     let speaker = speaker(shard, key, room)?;
     let frame = ServerMessage::ChatMessage {
         room,
-        username: &speaker.username,
+        username: &speaker.identity.username,
+        user_id: &speaker.identity.user_id,
         message,
         timestamp: now_ms(),
     }
@@ -213,7 +254,8 @@ fn typing<'i>(
     let speaker = speaker(shard, key, room)?;
     let frame = ServerMessage::Typing {
         room,
-        username: &speaker.username,
+        username: &speaker.identity.username,
+        user_id: &speaker.identity.user_id,
         is_typing,
     }
     .encode();

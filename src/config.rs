@@ -74,6 +74,11 @@ pub struct Config {
     /// How long a client may take to send its HTTP request headers (slow-loris). Default 10 s.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// How long a plain HTTP connection may sit idle between requests before it is closed.
+    /// Idle HTTP connections are also the first to be closed when file descriptors run short.
+    /// Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub http_idle_timeout: Duration,
     /// Largest HTTP request head (at least 8192); bigger gets 431. Default 16 KiB.
     pub max_header_bytes: usize,
     /// Chat messages per second one connection may send, sustained. Default 20.
@@ -82,11 +87,24 @@ pub struct Config {
     pub rate_limit_burst: u32,
     /// Chat bytes per second one connection may send, sustained. Default 64 KiB.
     pub rate_limit_bytes: u64,
-    /// Chat bytes one connection may send in a burst (at least `max_message_size`). Default 256 KiB.
-    pub rate_limit_burst_bytes: u64,
-    /// Messages over the limit a connection may send (refilled at one per second) before it is
-    /// closed with 1008. Default 20.
+    /// Bytes one connection may send in a burst (at least `max_message_size`). Default: the larger
+    /// of 256 KiB and `max_message_size`, so raising the message size alone just works.
+    pub rate_limit_burst_bytes: Option<u64>,
+    /// Frames per second one connection may send, sustained, counting every frame: control frames
+    /// and fragments too, so a flood of tiny frames is bounded like a flood of messages. Default 200.
+    pub rate_limit_frames: f32,
+    /// Frames one connection may send in a burst. Default 1000.
+    pub rate_limit_frame_burst: u32,
+    /// Messages or frames over the limit a connection may send (refilled at one per second) before
+    /// it is closed with 1008. Default 20.
     pub rate_limit_strikes: u32,
+    /// All bytes queued for all connections together (charged as `max_queued_bytes` is), split
+    /// evenly between the shards. Past its share a shard treats every reader with a backlog as a
+    /// slow consumer and stops reading from clients whose replies are still queued. Default 1 GiB.
+    pub max_total_queued_bytes: usize,
+    /// Bytes of publications waiting in one shard's inbox from the other shards; past it they are
+    /// dropped for that shard and counted (`inbox_dropped`). Default 64 MiB.
+    pub max_shard_inbox_bytes: usize,
     /// Shared secret for HS256/384/512 tokens (at least 16 bytes). With neither this nor
     /// `jwt_public_key_file`, the gateway runs in dev mode: a random key and `GET /dev/token`.
     pub jwt_secret: Option<String>,
@@ -108,6 +126,11 @@ pub struct Config {
     /// `["https://app.example.com"]`. Empty (default): any. Requests without `Origin` (non-browser
     /// clients) are not affected.
     pub allowed_origins: Vec<String>,
+    /// Serve the raw echo endpoint `/echo` (the RFC 6455 conformance target). Default true.
+    pub echo_endpoint: bool,
+    /// Include the refusal counters in `/healthz` (anyone who can reach it can read them).
+    /// Default true.
+    pub healthz_detail: bool,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `wsgate=debug`. Default `info`.
     pub log: String,
 }
@@ -133,12 +156,17 @@ impl Default for Config {
             max_connections_per_ip: 1000,
             max_handshakes_per_ip: 50.0,
             handshake_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(5),
             max_header_bytes: 16 * 1024,
             rate_limit_messages: 20.0,
             rate_limit_burst: 40,
             rate_limit_bytes: 64 * 1024,
-            rate_limit_burst_bytes: 256 * 1024,
+            rate_limit_burst_bytes: None,
+            rate_limit_frames: 200.0,
+            rate_limit_frame_burst: 1000,
             rate_limit_strikes: 20,
+            max_total_queued_bytes: 1 << 30,
+            max_shard_inbox_bytes: 64 << 20,
             jwt_secret: None,
             jwt_public_key_file: None,
             jwt_algorithms: Vec::new(),
@@ -147,6 +175,8 @@ impl Default for Config {
             jwt_leeway: Duration::from_secs(10),
             allow_anonymous: false,
             allowed_origins: Vec::new(),
+            echo_endpoint: true,
+            healthz_detail: true,
             log: "info".to_owned(),
         }
     }
@@ -227,16 +257,35 @@ impl Config {
         {
             return bad("rate_limit_messages", "rate and burst must be positive");
         }
-        if self.rate_limit_burst_bytes < self.max_message_size as u64 {
+        if let Some(burst) = self.rate_limit_burst_bytes
+            && burst < self.max_message_size as u64
+        {
             return bad(
                 "rate_limit_burst_bytes",
-                "must be at least max_message_size, or the largest messages never pass",
+                &format!(
+                    "{burst} is less than max_message_size ({}): the largest messages would never \
+                     pass (leave it unset to follow max_message_size)",
+                    self.max_message_size
+                ),
+            );
+        }
+        if self.rate_limit_frames.is_nan()
+            || self.rate_limit_frames <= 0.0
+            || self.rate_limit_frame_burst == 0
+        {
+            return bad("rate_limit_frames", "rate and burst must be positive");
+        }
+        if self.max_total_queued_bytes < self.max_queued_bytes {
+            return bad(
+                "max_total_queued_bytes",
+                "must be at least max_queued_bytes (one connection's bound)",
             );
         }
         for (key, value) in [
             ("heartbeat_interval", self.heartbeat_interval),
             ("heartbeat_timeout", self.heartbeat_timeout),
             ("handshake_timeout", self.handshake_timeout),
+            ("http_idle_timeout", self.http_idle_timeout),
         ] {
             if !(Duration::from_millis(10)..=Duration::from_secs(24 * 3600)).contains(&value) {
                 return bad(key, "must be between 10ms and 24h");
@@ -253,9 +302,16 @@ impl Config {
         Ok(())
     }
 
+    /// The byte burst in effect: as configured, or the larger of 256 KiB and `max_message_size`.
+    pub fn rate_limit_burst_bytes(&self) -> u64 {
+        self.rate_limit_burst_bytes
+            .unwrap_or((self.max_message_size as u64).max(256 * 1024))
+    }
+
     /// The configuration as TOML, for `--print-config`, with the secret redacted.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
+        shown.rate_limit_burst_bytes = Some(self.rate_limit_burst_bytes());
         if shown.jwt_secret.is_some() {
             shown.jwt_secret = Some("<redacted>".into());
         }
@@ -288,6 +344,14 @@ mod tests {
         let config = Config::default();
         config.validate().unwrap();
         let back: Config = toml::from_str(&config.to_toml()).unwrap();
-        assert_eq!(back, config);
+        // Printed with the byte burst it resolves to.
+        assert_eq!(back.rate_limit_burst_bytes, Some(256 * 1024));
+        assert_eq!(
+            Config {
+                rate_limit_burst_bytes: None,
+                ..back
+            },
+            config
+        );
     }
 }

@@ -11,25 +11,28 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::auth::Identity;
 use crate::chat;
 use crate::close::{CloseCode, CloseFrame};
 use crate::frame::{self, Decoded, Decoder, Event, FrameError, OpCode};
-use crate::limits::Verdict;
+use crate::limits::{Charge, Verdict};
 use crate::protocol::ErrorReply;
 use crate::shard::{Endpoint, Shard};
 
-/// Reads handled per wake-up before the task yields, so one busy client cannot hog the shard.
+/// Reads handled per turn before the task yields, so one busy client cannot hog the shard.
 const READS_PER_POLL: usize = 16;
+/// Frames handled per turn before the task yields: with tiny frames, even one read holds
+/// thousands (a 64 KiB read of empty frames is ~10,000).
+const FRAMES_PER_TURN: u32 = 512;
 /// Frames gathered into one vectored write.
 const SLICES_PER_WRITE: usize = 64;
 
@@ -49,8 +52,13 @@ struct Connection {
     endpoint: Endpoint,
     stream: TcpStream,
     decoder: Decoder,
-    /// An incomplete frame left at the end of the last read (empty, unallocated, when idle).
+    /// Bytes read but not yet decoded: an incomplete frame left at the end of a read, or the rest
+    /// of a read whose decoding paused (empty, unallocated, when idle).
     leftover: Vec<u8>,
+    /// `leftover` may hold whole frames: decoding paused before its end.
+    paused: bool,
+    /// Frames this turn may still handle.
+    turn_frames: u32,
 }
 
 /// Runs a freshly upgraded connection to the end. `preread` is what the HTTP layer read past the
@@ -76,6 +84,8 @@ pub fn serve(
         // `preread` is a view into hyper's 8 KiB read buffer: copy out the few bytes it holds so
         // that buffer is freed now, not when the connection ends.
         leftover: preread.to_vec(),
+        paused: false,
+        turn_frames: FRAMES_PER_TURN,
     }
     .run()
 }
@@ -112,6 +122,7 @@ impl Connection {
 
     fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<End> {
         self.shard.state().conns[self.key].outbound.clear_waker();
+        self.turn_frames = FRAMES_PER_TURN;
         for _ in 0..READS_PER_POLL {
             let backlogged = match self.poll_flush(cx) {
                 Poll::Ready(Ok(())) => false,
@@ -119,15 +130,25 @@ impl Connection {
                     debug!(error = %e, "write failed");
                     return Poll::Ready(End::Gone);
                 }
-                Poll::Pending => self.backlogged(),
+                Poll::Pending => self.shard.backlogged(self.key),
             };
-            if self.shard.state().conns[self.key].outbound.is_closing() {
+            if self.shard.is_closing(self.key) {
                 return Poll::Ready(End::ServerClosed);
             }
             if backlogged {
                 // The client is not reading what it causes us to send: stop reading from it
-                // until its queue drains, so TCP pushes back on it instead of our memory.
+                // until its queue drains, so TCP pushes back on it instead of our memory. The
+                // socket's write readiness wakes the task.
                 return self.park(cx);
+            }
+            if self.turn_frames == 0 {
+                break;
+            }
+            if self.paused {
+                if let Err(end) = self.process_leftover() {
+                    return Poll::Ready(end);
+                }
+                continue;
             }
             match self.stream.poll_read_ready(cx) {
                 Poll::Pending => return self.park(cx),
@@ -155,23 +176,26 @@ impl Connection {
         Poll::Pending
     }
 
-    fn backlogged(&self) -> bool {
-        let queued = self.shard.state().conns[self.key].outbound.queued_bytes();
-        queued > self.shard.node.config.max_queued_bytes
-    }
-
     /// Writes queued frames until the queue is empty or the socket is full.
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut state = self.shard.state();
+        let mut guard = self.shard.state();
+        let state = &mut *guard;
         let outbound = &mut state.conns[self.key].outbound;
         while !outbound.is_empty() {
             let mut slices = [IoSlice::new(&[]); SLICES_PER_WRITE];
             let n = outbound.slices(&mut slices);
-            let written = ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..n]))?;
+            let written = match Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..n]) {
+                Poll::Ready(result) => result?,
+                Poll::Pending => {
+                    // The reader has had its chance: what is queued now is its backlog.
+                    outbound.mark_stale();
+                    return Poll::Pending;
+                }
+            };
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            outbound.advance(written);
+            outbound.advance(written, &mut state.queued);
         }
         Poll::Ready(Ok(()))
     }
@@ -200,7 +224,8 @@ impl Connection {
         };
         self.shard.seen(self.key);
         if self.leftover.is_empty() {
-            // The common case: frames are decoded straight out of the shared buffer.
+            // The common case: frames are decoded straight out of the shared buffer, and only
+            // an incomplete frame (or what a paused decoding left) is kept.
             let consumed = self.decode_frames(&mut buf[..n])?;
             self.leftover.extend_from_slice(&buf[consumed..n]);
             Ok(())
@@ -211,8 +236,9 @@ impl Connection {
         }
     }
 
-    /// Decodes what has collected in `leftover`, keeping only an incomplete tail.
+    /// Decodes what has collected in `leftover`, keeping what is left undecoded.
     fn process_leftover(&mut self) -> Result<(), End> {
+        self.paused = false;
         if self.leftover.is_empty() {
             return Ok(());
         }
@@ -225,52 +251,43 @@ impl Connection {
         Ok(())
     }
 
-    /// Decodes and handles every whole frame at the front of `buf`; returns the bytes consumed.
+    /// Decodes and handles the whole frames at the front of `buf`; returns the bytes consumed.
+    /// Stops early (setting `paused`) when the turn's frame budget is spent or the connection's
+    /// queue is past its bound: the rest waits in `leftover`.
     fn decode_frames(&mut self, buf: &mut [u8]) -> Result<usize, End> {
         let mut pos = 0;
         loop {
+            if self.turn_frames == 0 || self.shard.backlogged(self.key) {
+                self.paused = pos < buf.len();
+                return Ok(pos);
+            }
             let (consumed, event) = match self.decoder.decode(&mut buf[pos..]) {
                 Ok(Decoded::Incomplete) => return Ok(pos),
                 Ok(Decoded::Frame { consumed, event }) => (consumed, event),
                 Err(error) => return Err(self.fail(error)),
             };
             pos += consumed;
+            self.turn_frames -= 1;
+            // Every frame costs: a flood of empty pings, pongs or fragments is a flood.
+            let within_rate = match self.shard.charge(self.key, Charge::Frame) {
+                Verdict::Allow => true,
+                Verdict::Refuse => false,
+                Verdict::Close => return Err(self.flooded()),
+            };
             match event {
-                Event::Message { text, mut payload } => match self.endpoint {
-                    Endpoint::Chat => match self
-                        .shard
-                        .rate_check(self.key, payload.as_slice().len())
-                    {
-                        Verdict::Allow if text => {
-                            chat::on_text(&self.shard, self.key, payload.as_mut_slice())
-                        }
-                        Verdict::Allow => self
-                            .shard
-                            .send_error(self.key, ErrorReply::BinaryNotSupported),
-                        Verdict::Refuse => self.shard.send_error(self.key, ErrorReply::RateLimited),
-                        Verdict::Close => {
-                            info!("closing (1008): rate limit exceeded");
-                            self.shard
-                                .node
-                                .counters
-                                .flood_closed
-                                .fetch_add(1, Ordering::Relaxed);
-                            self.shard.close(
-                                self.key,
-                                CloseCode::POLICY_VIOLATION,
-                                "rate limit exceeded",
-                            );
-                            return Err(End::ServerClosed);
-                        }
-                    },
-                    Endpoint::Echo => {
-                        let opcode = if text { OpCode::Text } else { OpCode::Binary };
-                        self.shard
-                            .send(self.key, frame::encode(opcode, payload.as_slice()));
-                    }
-                },
-                Event::Ping(data) => self.shard.send(self.key, frame::encode(OpCode::Pong, data)),
-                Event::Pong | Event::Fragment => {}
+                Event::Message { text, mut payload } => {
+                    let handled = if within_rate {
+                        self.on_message(text, payload.as_mut_slice())
+                    } else {
+                        self.refuse_message()
+                    };
+                    handled?;
+                }
+                // Over the frame rate, a ping goes unanswered.
+                Event::Ping(data) if within_rate => self
+                    .shard
+                    .send_pong(self.key, frame::encode(OpCode::Pong, data)),
+                Event::Ping(_) | Event::Pong | Event::Fragment => {}
                 Event::Close(frame) => {
                     // Answer with the peer's code, as RFC 6455 §5.5.1 suggests.
                     let code = frame.map_or(CloseCode::NORMAL, |CloseFrame { code, .. }| code);
@@ -281,8 +298,61 @@ impl Connection {
         }
     }
 
+    /// Hands a complete message to the endpoint, within the connection's byte and message rates.
+    fn on_message(&mut self, text: bool, payload: &mut [u8]) -> Result<(), End> {
+        match self.shard.charge(self.key, Charge::Bytes(payload.len())) {
+            Verdict::Allow => {}
+            Verdict::Refuse => return self.refused(),
+            Verdict::Close => return Err(self.flooded()),
+        }
+        match self.endpoint {
+            Endpoint::Chat if text => chat::on_text(&self.shard, self.key, payload),
+            Endpoint::Chat => {
+                self.shard
+                    .send_error(self.key, ErrorReply::BinaryNotSupported);
+            }
+            Endpoint::Echo => match self.shard.charge(self.key, Charge::Message) {
+                Verdict::Allow => {
+                    let opcode = if text { OpCode::Text } else { OpCode::Binary };
+                    self.shard.send(self.key, frame::encode(opcode, payload));
+                }
+                Verdict::Refuse => return self.refused(),
+                Verdict::Close => return Err(self.flooded()),
+            },
+        }
+        if self.shard.is_closing(self.key) {
+            // The handler closed the connection (a flood of refused messages): read no further.
+            return Err(End::ServerClosed);
+        }
+        Ok(())
+    }
+
+    /// A data message over the frame rate: refused like one over the message rate.
+    fn refuse_message(&mut self) -> Result<(), End> {
+        self.shard
+            .node
+            .counters
+            .rate_limited
+            .fetch_add(1, Ordering::Relaxed);
+        self.refused()
+    }
+
+    /// Answers a refused message: an error on the chat protocol; echo has no way to say it, so
+    /// the message is not echoed (and counted).
+    fn refused(&mut self) -> Result<(), End> {
+        if self.endpoint == Endpoint::Chat {
+            self.shard.send_error(self.key, ErrorReply::RateLimited);
+        }
+        Ok(())
+    }
+
+    fn flooded(&mut self) -> End {
+        self.shard.close_flooder(self.key);
+        End::ServerClosed
+    }
+
     fn fail(&mut self, error: FrameError) -> End {
-        info!(
+        debug!(
             code = error.code.0,
             reason = error.reason,
             "closing a connection for bad frames"

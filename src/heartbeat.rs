@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::debug;
 
 use crate::auth;
 use crate::close::CloseCode;
@@ -163,7 +163,8 @@ fn on_tick(shard: &Shard, now: Tick) {
     let now_secs = auth::now_secs();
     let mut json_ping = None;
     let (mut timed_out, mut expired_tokens) = (0, 0);
-    let mut state = shard.state();
+    let mut guard = shard.state();
+    let state = &mut *guard;
     for (key, generation, filed_for) in expired.drain(..) {
         let Some(conn) = state.conns.get_mut(key as usize) else {
             continue;
@@ -180,11 +181,9 @@ fn on_tick(shard: &Shard, now: Tick) {
             .map(|exp| exp.saturating_add(heartbeats.leeway_secs));
         if expires_at.is_some_and(|exp| now_secs >= exp) {
             expired_tokens += 1;
-            info!(client = %conn.id, "closing (4001): token expired");
-            conn.outbound.push_close(frame::encode_close(
-                CloseCode::TOKEN_EXPIRED,
-                "token expired",
-            ));
+            debug!(client = %conn.id, "closing (4001): token expired");
+            let close = frame::encode_close(CloseCode::TOKEN_EXPIRED, "token expired");
+            conn.outbound.push_close(close, &mut state.queued);
             continue;
         }
         let live = &mut conn.liveness;
@@ -195,9 +194,9 @@ fn on_tick(shard: &Shard, now: Tick) {
                 live.last_seen.wrapping_add(heartbeats.interval)
             } else {
                 timed_out += 1;
-                info!(client = %conn.id, "closing: heartbeat timeout");
-                conn.outbound
-                    .push_close(frame::encode_close(CloseCode::NORMAL, HEARTBEAT_TIMEOUT));
+                debug!(client = %conn.id, "closing: heartbeat timeout");
+                let close = frame::encode_close(CloseCode::NORMAL, HEARTBEAT_TIMEOUT);
+                conn.outbound.push_close(close, &mut state.queued);
                 continue;
             }
         } else if now32.wrapping_sub(live.last_seen) < heartbeats.interval {
@@ -214,7 +213,7 @@ fn on_tick(shard: &Shard, now: Tick) {
                     .clone(),
                 _ => heartbeats.ping_frame.clone(),
             };
-            conn.outbound.push(ping);
+            conn.outbound.push(ping, &mut state.queued);
             now32.wrapping_add(heartbeats.timeout)
         };
         // Back to a full tick count (`due` is near `now`; overdue means the next tick).

@@ -9,7 +9,8 @@
 //! - [`http`] serves HTTP/1.1 (hyper): the test page, `/healthz`, and the WebSocket upgrade
 //!   (authenticated by [`auth`]), after which it hands the raw `TcpStream` to [`conn`].
 //! - [`conn`] is one connection's task: reads into its [`shard`]'s shared buffer, decodes frames
-//!   in place ([`frame`]), passes messages to the endpoint, writes queued frames vectored.
+//!   in place ([`frame`]), charges each to the connection's rate limits ([`limits`]), passes
+//!   messages to the endpoint, and writes its [`outbound`] queue with vectored writes.
 //! - [`chat`] is the application: each [`protocol`] message's effect on [`rooms`].
 //! - [`shard`] owns the connections (a `slab`, ids in [`client_id`]) and delivers publications;
 //!   [`backplane`] carries them to the other shards; [`node`] is what shards share.
@@ -29,6 +30,7 @@ pub mod heartbeat;
 pub mod http;
 pub mod limits;
 pub mod node;
+pub mod outbound;
 pub mod protocol;
 pub mod rooms;
 pub mod server;

@@ -42,54 +42,105 @@ impl Bucket {
     }
 }
 
-/// Per-connection rate limiting of inbound messages (chat endpoint), in 16 bytes: three buckets
-/// sharing one refill time. Over the limit a message is refused with an error reply and costs a
-/// strike; strikes refill at one per second, and a client out of strikes is closed with 1008.
+/// What an inbound frame or message is charged against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Charge {
+    /// Any frame at all, control frames and fragments included: what a flood of tiny frames
+    /// spends.
+    Frame,
+    /// A complete data message's bytes.
+    Bytes(usize),
+    /// A message (chat or echo) other than a room operation.
+    Message,
+    /// `join_room` / `leave_room`: a budget of their own, so a reconnecting client can rejoin all
+    /// its rooms at once.
+    RoomOp,
+}
+
+/// Per-connection rate limits, in 24 bytes: five token buckets sharing one refill time. Over a
+/// limit, a frame or message is refused and costs a strike; strikes refill at one per second, and
+/// a client out of strikes is closed with 1008.
 pub struct RateLimiter {
+    frames: f32,
     messages: f32,
     bytes: f32,
+    room_ops: f32,
     strikes: f32,
     /// Milliseconds (on the shard's clock) of the last refill.
     at_ms: u32,
 }
 
+#[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
     Allow,
-    /// Refused: answer with an error.
+    /// Refused: answer with an error where the protocol has one.
     Refuse,
     /// Refused, and the client has flooded long enough: close it.
     Close,
 }
 
-impl RateLimiter {
-    pub fn new(config: &Config, now_ms: u32) -> Self {
-        RateLimiter {
-            messages: config.rate_limit_burst as f32,
-            bytes: config.rate_limit_burst_bytes as f32,
+/// The rates and bursts of [`RateLimiter`], resolved from the configuration once.
+pub struct RateLimits {
+    frames: (f32, f32),
+    messages: (f32, f32),
+    bytes: (f32, f32),
+    room_ops: (f32, f32),
+    strikes: f32,
+}
+
+impl RateLimits {
+    pub fn new(config: &Config) -> Self {
+        RateLimits {
+            frames: (
+                config.rate_limit_frames,
+                config.rate_limit_frame_burst as f32,
+            ),
+            messages: (config.rate_limit_messages, config.rate_limit_burst as f32),
+            bytes: (
+                config.rate_limit_bytes as f32,
+                config.rate_limit_burst_bytes() as f32,
+            ),
+            // Leaving every room and joining as many again at once always passes.
+            room_ops: (
+                config.rate_limit_messages,
+                (2 * config.max_rooms_per_connection).max(config.rate_limit_burst as usize) as f32,
+            ),
             strikes: config.rate_limit_strikes as f32,
+        }
+    }
+}
+
+impl RateLimiter {
+    pub fn new(limits: &RateLimits, now_ms: u32) -> Self {
+        RateLimiter {
+            frames: limits.frames.1,
+            messages: limits.messages.1,
+            bytes: limits.bytes.1,
+            room_ops: limits.room_ops.1,
+            strikes: limits.strikes,
             at_ms: now_ms,
         }
     }
 
-    pub fn check(&mut self, config: &Config, len: usize, now_ms: u32) -> Verdict {
+    pub fn check(&mut self, limits: &RateLimits, charge: Charge, now_ms: u32) -> Verdict {
         let elapsed = now_ms.wrapping_sub(self.at_ms) as f32 / 1000.0;
         self.at_ms = now_ms;
-        let refill = |tokens: f32, rate: f32, burst: f32| (tokens + elapsed * rate).min(burst);
-        self.messages = refill(
-            self.messages,
-            config.rate_limit_messages,
-            config.rate_limit_burst as f32,
-        );
-        self.bytes = refill(
-            self.bytes,
-            config.rate_limit_bytes as f32,
-            config.rate_limit_burst_bytes as f32,
-        );
-        self.strikes = refill(self.strikes, 1.0, config.rate_limit_strikes as f32);
-        let len = len as f32;
-        if self.messages >= 1.0 && self.bytes >= len {
-            self.messages -= 1.0;
-            self.bytes -= len;
+        let refill = |tokens: &mut f32, (rate, burst): (f32, f32)| {
+            *tokens = (*tokens + elapsed * rate).min(burst);
+        };
+        refill(&mut self.frames, limits.frames);
+        refill(&mut self.messages, limits.messages);
+        refill(&mut self.bytes, limits.bytes);
+        refill(&mut self.room_ops, limits.room_ops);
+        refill(&mut self.strikes, (1.0, limits.strikes));
+        let (bucket, cost) = match charge {
+            Charge::Frame => (&mut self.frames, 1.0),
+            Charge::Bytes(len) => (&mut self.bytes, len as f32),
+            Charge::Message => (&mut self.messages, 1.0),
+            Charge::RoomOp => (&mut self.room_ops, 1.0),
+        };
+        if *bucket >= cost {
+            *bucket -= cost;
             return Verdict::Allow;
         }
         if self.strikes >= 1.0 {
@@ -222,6 +273,35 @@ mod tests {
         assert!(b.take(1.0, 10.0, 2.0, 100));
         assert!(b.take(2.0, 10.0, 2.0, 10_000)); // capped at the burst
         assert!(!b.take(0.5, 10.0, 2.0, 10_000));
+    }
+
+    #[test]
+    fn every_frame_is_charged_and_room_operations_have_their_own_budget() {
+        let config = Config {
+            rate_limit_frames: 10.0,
+            rate_limit_frame_burst: 3,
+            rate_limit_messages: 1.0,
+            rate_limit_burst: 1,
+            rate_limit_strikes: 2,
+            max_rooms_per_connection: 5,
+            ..Config::default()
+        };
+        let limits = RateLimits::new(&config);
+        let mut limiter = RateLimiter::new(&limits, 0);
+        // Ten room operations (leave five, join five) pass at once beside the one message.
+        assert_eq!(limiter.check(&limits, Charge::Message, 0), Verdict::Allow);
+        for _ in 0..10 {
+            assert_eq!(limiter.check(&limits, Charge::RoomOp, 0), Verdict::Allow);
+        }
+        // Frames: the burst, then strikes, then the close.
+        for _ in 0..3 {
+            assert_eq!(limiter.check(&limits, Charge::Frame, 0), Verdict::Allow);
+        }
+        assert_eq!(limiter.check(&limits, Charge::Frame, 0), Verdict::Refuse);
+        assert_eq!(limiter.check(&limits, Charge::Frame, 0), Verdict::Refuse);
+        assert_eq!(limiter.check(&limits, Charge::Frame, 0), Verdict::Close);
+        // 100 ms later one frame (10/s) and a tenth of a strike are back.
+        assert_eq!(limiter.check(&limits, Charge::Frame, 100), Verdict::Allow);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use serde_json::{Value, json};
 
 use crate::auth::{AuthError, Authenticator, Identity};
-use crate::backplane::Backplane;
+use crate::backplane::{Backplane, Publication};
 use crate::close::CloseCode;
 use crate::config::Config;
 use crate::limits::{Admission, Refusal};
@@ -43,6 +43,16 @@ impl Node {
         })
     }
 
+    /// Hands a publication to other shards' inboxes; those it cannot reach are counted.
+    pub fn forward(&self, shards: &[usize], publication: Arc<Publication>) {
+        let dropped = self.backplane.publish(shards, publication);
+        if dropped > 0 {
+            self.counters
+                .inbox_dropped
+                .fetch_add(dropped as u64, Ordering::Relaxed);
+        }
+    }
+
     pub fn shards(&self) -> usize {
         self.connections.len()
     }
@@ -72,8 +82,15 @@ pub struct Counters {
     pub server_full: AtomicU64,
     pub ip_connections_refused: AtomicU64,
     pub ip_handshakes_refused: AtomicU64,
-    /// Chat messages refused by the per-connection rate limit.
+    /// Data messages refused by the per-connection rate limits (any of them).
     pub rate_limited: AtomicU64,
+    /// Frames of any kind over the per-connection frame rate (pings over it go unanswered).
+    pub frames_rate_limited: AtomicU64,
+    /// Slow-consumer verdicts reached because a shard was over its share of
+    /// `max_total_queued_bytes`.
+    pub memory_pressure: AtomicU64,
+    /// Publications dropped because a shard's inbox was past `max_shard_inbox_bytes`.
+    pub inbox_dropped: AtomicU64,
     /// Connections closed with 1008 for flooding past their strikes.
     pub flood_closed: AtomicU64,
     /// Connections closed with 1008 because their outbound queue passed `max_queued_bytes`.
@@ -133,6 +150,9 @@ impl Counters {
             "ip_connections_refused": get(&self.ip_connections_refused),
             "ip_handshakes_refused": get(&self.ip_handshakes_refused),
             "rate_limited_messages": get(&self.rate_limited),
+            "frames_rate_limited": get(&self.frames_rate_limited),
+            "memory_pressure": get(&self.memory_pressure),
+            "inbox_dropped": get(&self.inbox_dropped),
             "flood_closed": get(&self.flood_closed),
             "slow_consumers_closed": get(&self.slow_consumers),
             "dropped_messages": get(&self.dropped_messages),

@@ -218,22 +218,32 @@ pub enum ServerMessage<'a> {
     UserJoined {
         room: &'a str,
         username: &'a str,
+        /// Tells users apart when display names collide.
+        #[serde(rename = "userId")]
+        user_id: &'a str,
         timestamp: u64,
     },
     UserLeft {
         room: &'a str,
         username: &'a str,
+        /// Tells users apart when display names collide.
+        #[serde(rename = "userId")]
+        user_id: &'a str,
         timestamp: u64,
     },
     ChatMessage {
         room: &'a str,
         username: &'a str,
+        #[serde(rename = "userId")]
+        user_id: &'a str,
         message: &'a str,
         timestamp: u64,
     },
     Typing {
         room: &'a str,
         username: &'a str,
+        #[serde(rename = "userId")]
+        user_id: &'a str,
         #[serde(rename = "isTyping")]
         is_typing: bool,
     },
@@ -242,7 +252,12 @@ pub enum ServerMessage<'a> {
     },
     /// Broadcasts this reader missed while it was too slow (`drop` policy).
     Dropped {
-        count: u16,
+        count: u64,
+    },
+    /// The connection was taken out of a room it did not ask to leave.
+    RoomLeft {
+        room: &'a str,
+        reason: &'a str,
     },
     /// Answer to `refresh`: the connection now runs on the new token.
     TokenRefreshed {
@@ -354,6 +369,7 @@ mod tests {
         let frame = ServerMessage::ChatMessage {
             room: "r",
             username: "Anonymous",
+            user_id: "anonymous",
             message: "hi \"there\"",
             timestamp: 5,
         }
@@ -361,7 +377,7 @@ mod tests {
         assert_eq!(frame[0], 0x81);
         assert_eq!(
             &frame[2..],
-            br#"{"type":"chat_message","room":"r","username":"Anonymous","message":"hi \"there\"","timestamp":5}"#
+            br#"{"type":"chat_message","room":"r","username":"Anonymous","userId":"anonymous","message":"hi \"there\"","timestamp":5}"#
         );
         let err = ServerMessage::Error {
             error: ErrorReply::MessageTooLong(1000),

@@ -58,7 +58,7 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
     for _ in 1..config.shards {
         listeners.push(bind(local_addr, config.backlog)?);
     }
-    let (backplane, inboxes) = MemoryBackplane::new(config.shards);
+    let (backplane, inboxes) = MemoryBackplane::new(config.shards, config.max_shard_inbox_bytes);
     let node = Node::new(config.clone(), Arc::new(backplane)).map_err(io::Error::other)?;
     let node = Arc::new(node);
     if node.auth.dev_mode() {
@@ -132,7 +132,7 @@ impl Gateway {
     /// delivers to its own matching clients.
     pub fn publish(&self, publication: Publication) {
         let all: Vec<usize> = (0..self.node.shards()).collect();
-        self.node.backplane.publish(&all, Arc::new(publication));
+        self.node.forward(&all, Arc::new(publication));
     }
 
     /// Starts a graceful shutdown: upgrades are refused and `/readyz` fails; each shard delivers
@@ -207,21 +207,24 @@ fn run_shard(
     });
 }
 
-/// Delivers what other shards publish to this shard's clients, until shutdown.
+/// Delivers what other shards publish to this shard's clients, until shutdown, a batch at a
+/// time: connections write once per batch, and each is charged only for what it was given a chance
+/// to write and did not (see `outbound`), so a burst is not held against a fast reader.
 async fn deliver_until(shard: &Shard, inbox: &mut Inbox, shutdown: &CancellationToken) {
+    let mut batch = Vec::new();
     loop {
-        let publication = tokio::select! {
+        let more = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            publication = inbox.recv() => publication,
+            more = inbox.recv_batch(&mut batch) => more,
         };
-        let Some(publication) = publication else {
+        if !more {
             return;
-        };
-        shard.deliver(&publication);
-        // Let the connections write this one before the next lands in their queues: a burst
-        // delivered all at once would count against every queue's bound before any reader,
-        // however fast, had a chance to drain it.
+        }
+        for publication in batch.drain(..) {
+            shard.deliver(&publication);
+        }
+        // Let the connections write this batch before the next one lands in their queues.
         tokio::task::yield_now().await;
     }
 }
@@ -230,9 +233,15 @@ async fn deliver_until(shard: &Shard, inbox: &mut Inbox, shutdown: &Cancellation
 /// connection gets 1001 after its queue, and the shard waits for the close handshakes.
 async fn drain(shard: &Shard, inbox: &mut Inbox) {
     let deadline = tokio::time::Instant::now() + shard.node.config.drain_timeout;
-    while let Ok(publication) = inbox.try_recv() {
-        shard.deliver(&publication);
-        // As in normal delivery: let connections write between publications.
+    let mut batch = Vec::new();
+    loop {
+        inbox.try_recv_batch(&mut batch);
+        if batch.is_empty() {
+            break;
+        }
+        for publication in batch.drain(..) {
+            shard.deliver(&publication);
+        }
         tokio::task::yield_now().await;
         if tokio::time::Instant::now() >= deadline {
             break;

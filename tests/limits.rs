@@ -62,7 +62,7 @@ async fn the_byte_rate_limits_big_messages() {
         |c| {
             c.max_message_size = 4096;
             c.rate_limit_bytes = 1000;
-            c.rate_limit_burst_bytes = 8192;
+            c.rate_limit_burst_bytes = Some(8192);
         },
         1,
     );

@@ -26,7 +26,7 @@ async fn pair_across_shards(gw: &TestGateway) -> (Client, Client) {
     let notice = strip_timestamp(a.expect("user_joined").await);
     assert_eq!(
         notice,
-        json!({"type": "user_joined", "room": "r", "username": "Anonymous"})
+        json!({"type": "user_joined", "room": "r", "username": "Anonymous", "userId": "anonymous"})
     );
     (a, b)
 }
@@ -38,8 +38,10 @@ async fn chat_reaches_every_member_across_shards_sender_included() {
     let mut outsider = gw.client().await;
     b.send("chat_message", json!({"room": "r", "message": "hello"}))
         .await;
-    let expected =
-        json!({"type": "chat_message", "room": "r", "username": "Anonymous", "message": "hello"});
+    let expected = json!({
+        "type": "chat_message", "room": "r", "username": "Anonymous", "userId": "anonymous",
+        "message": "hello"
+    });
     assert_eq!(strip_timestamp(a.recv().await), expected);
     assert_eq!(strip_timestamp(b.recv().await), expected);
     outsider.expect_silence().await;
@@ -53,7 +55,10 @@ async fn typing_reaches_the_others_only() {
         .await;
     assert_eq!(
         b.recv().await,
-        json!({"type": "typing", "room": "r", "username": "Anonymous", "isTyping": true})
+        json!({
+            "type": "typing", "room": "r", "username": "Anonymous", "userId": "anonymous",
+            "isTyping": true
+        })
     );
     a.expect_silence().await;
 }
@@ -65,7 +70,7 @@ async fn leaving_notifies_the_rest_and_stops_delivery() {
     b.send("leave_room", json!({"room": "r"})).await;
     assert_eq!(
         strip_timestamp(a.recv().await),
-        json!({"type": "user_left", "room": "r", "username": "Anonymous"})
+        json!({"type": "user_left", "room": "r", "username": "Anonymous", "userId": "anonymous"})
     );
     a.send("chat_message", json!({"room": "r", "message": "anyone?"}))
         .await;

@@ -22,6 +22,10 @@ fn gateway(customize: impl FnOnce(&mut Config)) -> Gateway {
         max_handshakes_per_ip: 1e6,
         rate_limit_messages: 1e6,
         rate_limit_burst: 1_000_000,
+        rate_limit_bytes: 1 << 40,
+        rate_limit_burst_bytes: Some(1 << 40),
+        rate_limit_frames: 1e6,
+        rate_limit_frame_burst: 1_000_000,
         ..Config::default()
     };
     customize(&mut config);

@@ -1,33 +1,147 @@
-//! The in-process backplane: one unbounded inbox per shard.
+//! The in-process backplane: one inbox per shard, bounded in bytes.
 //!
-//! Unbounded because a publication is already bounded where it lands (each connection's
-//! outbound queue); the inbox only holds what a shard has not yet looked at.
+//! A shard stalled for a while (by a burst of work, or an attack) must not make the others
+//! buffer for it without bound: past `max_shard_inbox_bytes` a publication is dropped for that
+//! shard, and the caller counts it. A shard takes its inbox in batches (bounded in count and
+//! bytes), so a burst costs one wake-up and one write per recipient, not one per publication.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::{Backplane, Publication};
+use crate::outbound;
 
-pub type Inbox = UnboundedReceiver<Arc<Publication>>;
+/// Publications taken from an inbox in one go, at most.
+const BATCH_PUBLICATIONS: usize = 64;
+/// Frame bytes taken from an inbox in one go, at most (one publication may exceed it alone).
+pub const BATCH_BYTES: usize = 256 * 1024;
+
+/// What a waiting publication is charged against its inbox: its frame as queued, plus the
+/// publication itself.
+fn cost(publication: &Publication) -> usize {
+    outbound::cost(&publication.frame) + std::mem::size_of::<Publication>()
+}
+
+/// One shard's side of the backplane.
+pub struct Inbox {
+    receiver: UnboundedReceiver<Arc<Publication>>,
+    /// Bytes waiting, shared with the senders.
+    pending: Arc<AtomicUsize>,
+}
+
+impl Inbox {
+    /// Waits for publications and moves the next batch of them into `batch`. Returns false once
+    /// every sender is gone and the inbox is empty.
+    pub async fn recv_batch(&mut self, batch: &mut Vec<Arc<Publication>>) -> bool {
+        let Some(first) = self.receiver.recv().await else {
+            return false;
+        };
+        self.take(first, batch);
+        self.try_recv_batch(batch);
+        true
+    }
+
+    /// Moves what is waiting (up to a batch) into `batch` without waiting.
+    pub fn try_recv_batch(&mut self, batch: &mut Vec<Arc<Publication>>) {
+        let mut bytes: usize = batch.iter().map(|p| p.frame.len()).sum();
+        while batch.len() < BATCH_PUBLICATIONS && bytes < BATCH_BYTES {
+            let Ok(next) = self.receiver.try_recv() else {
+                return;
+            };
+            bytes += next.frame.len();
+            self.take(next, batch);
+        }
+    }
+
+    fn take(&self, publication: Arc<Publication>, batch: &mut Vec<Arc<Publication>>) {
+        // From here the publication is the shard's to deliver: its space is given back.
+        self.pending.fetch_sub(cost(&publication), Ordering::AcqRel);
+        batch.push(publication);
+    }
+}
 
 pub struct MemoryBackplane {
-    inboxes: Vec<UnboundedSender<Arc<Publication>>>,
+    inboxes: Vec<(UnboundedSender<Arc<Publication>>, Arc<AtomicUsize>)>,
+    max_pending: usize,
 }
 
 impl MemoryBackplane {
-    /// A backplane for `shards` shards and the inbox each of them drains.
-    pub fn new(shards: usize) -> (Self, Vec<Inbox>) {
-        let (senders, receivers) = (0..shards).map(|_| unbounded_channel()).unzip();
-        (MemoryBackplane { inboxes: senders }, receivers)
+    /// A backplane for `shards` shards, each inbox holding at most `max_pending` bytes, and the
+    /// inbox each shard drains.
+    pub fn new(shards: usize, max_pending: usize) -> (Self, Vec<Inbox>) {
+        let (inboxes, receivers) = (0..shards)
+            .map(|_| {
+                let (sender, receiver) = unbounded_channel();
+                let pending = Arc::new(AtomicUsize::new(0));
+                ((sender, pending.clone()), Inbox { receiver, pending })
+            })
+            .unzip();
+        (
+            MemoryBackplane {
+                inboxes,
+                max_pending,
+            },
+            receivers,
+        )
     }
 }
 
 impl Backplane for MemoryBackplane {
-    fn publish(&self, shards: &[usize], publication: Arc<Publication>) {
+    fn publish(&self, shards: &[usize], publication: Arc<Publication>) -> usize {
+        let cost = cost(&publication);
+        let mut dropped = 0;
         for &shard in shards {
+            let (sender, pending) = &self.inboxes[shard];
+            if pending.fetch_add(cost, Ordering::AcqRel) + cost > self.max_pending {
+                pending.fetch_sub(cost, Ordering::AcqRel);
+                dropped += 1;
+                continue;
+            }
             // A send fails only once that shard has stopped, when nobody is left to deliver to.
-            let _ = self.inboxes[shard].send(publication.clone());
+            if sender.send(publication.clone()).is_err() {
+                pending.fetch_sub(cost, Ordering::AcqRel);
+            }
         }
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn publication(len: usize) -> Arc<Publication> {
+        Arc::new(Publication::to_room("r".into(), Bytes::from(vec![0; len])))
+    }
+
+    #[tokio::test]
+    async fn a_full_inbox_refuses_and_batches_are_bounded() {
+        let one = cost(&publication(1000));
+        let (backplane, mut inboxes) = MemoryBackplane::new(2, 100 * one);
+        for _ in 0..150 {
+            backplane.publish(&[1], publication(1000));
+        }
+        // Shard 1's inbox took 100; shard 0's is untouched.
+        assert_eq!(backplane.publish(&[0, 1], publication(1000)), 1);
+        let mut batch = Vec::new();
+        assert!(inboxes[1].recv_batch(&mut batch).await);
+        assert_eq!(batch.len(), BATCH_PUBLICATIONS);
+        // Taking a batch makes room again.
+        assert_eq!(backplane.publish(&[1], publication(1000)), 0);
+        batch.clear();
+        inboxes[1].try_recv_batch(&mut batch);
+        assert_eq!(batch.len(), 37);
+        // A batch stops once it holds its bound in bytes.
+        let (backplane, mut inboxes) = MemoryBackplane::new(1, usize::MAX / 2);
+        for _ in 0..10 {
+            backplane.publish(&[0], publication(100_000));
+        }
+        batch.clear();
+        inboxes[0].try_recv_batch(&mut batch);
+        assert_eq!(batch.len(), BATCH_BYTES.div_ceil(100_000));
     }
 }

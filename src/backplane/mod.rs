@@ -62,6 +62,7 @@ impl Publication {
 /// Moves publications between shards (and, for networked backplanes, between nodes).
 pub trait Backplane: Send + Sync + 'static {
     /// Hands `publication` to each shard in `shards` for local delivery there. The origin shard
-    /// has already delivered to its own clients and is never in `shards`.
-    fn publish(&self, shards: &[usize], publication: Arc<Publication>);
+    /// has already delivered to its own clients and is never in `shards`. Returns how many of
+    /// those shards it could not be handed to (their inboxes were full), for the caller to count.
+    fn publish(&self, shards: &[usize], publication: Arc<Publication>) -> usize;
 }

@@ -62,7 +62,9 @@ impl TestGateway {
             rate_limit_messages: 1e6,
             rate_limit_burst: 1_000_000,
             rate_limit_bytes: 1 << 40,
-            rate_limit_burst_bytes: 1 << 40,
+            rate_limit_burst_bytes: Some(1 << 40),
+            rate_limit_frames: 1e6,
+            rate_limit_frame_burst: 1_000_000,
             ..Config::default()
         };
         customize(&mut config);
@@ -206,11 +208,19 @@ impl Client {
         assert_eq!(msg, json!({"type": "error", "error": error}));
     }
 
-    /// Asserts nothing arrives for a while.
+    /// Asserts nothing arrives for a while. The positive control: the connection then answers an
+    /// echo, and that answer is the next message — so this check could have seen a stray one.
     pub async fn expect_silence(&mut self) {
         if let Ok(msg) = tokio::time::timeout(QUIET, self.ws.next()).await {
             panic!("expected silence, got {msg:?}");
         }
+        self.send("echo", json!("silence-check")).await;
+        let next = self.recv().await;
+        assert_eq!(
+            next,
+            json!({"type": "echo", "payload": "silence-check"}),
+            "expected nothing before the echo"
+        );
     }
 
     pub async fn join(&mut self, room: &str) -> u64 {

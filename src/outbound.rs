@@ -1,0 +1,490 @@
+//! One connection's outbound queue: the frames waiting to be written to its socket.
+//!
+//! - **Accounting.** A queued frame is charged its length plus [`ITEM_OVERHEAD`] (its queue slot
+//!   and allocation), so a flood of tiny frames costs what it really occupies: 10,000 queued
+//!   2-byte pongs count as ~660 KB, not 20 KB. Every change is mirrored in the shard's
+//!   [`QueueTotal`], which the shard holds against its share of `max_total_queued_bytes`.
+//! - **Pongs coalesce.** At most one pong waits behind the frame being written; a newer ping
+//!   replaces its payload (RFC 6455 §5.5.3 allows answering only the most recent ping).
+//! - **Stale bytes.** What the socket refused at the connection's last write attempt, and is
+//!   still queued. A reader is judged slow by these alone: a burst the gateway queued while the
+//!   connection had no turn to write is the gateway's backlog, not the reader's.
+//! - **Dropping is O(1) amortized.** Under the `drop` policy the oldest broadcasts are turned into
+//!   tombstones from a cursor that only moves forward, instead of searching the queue each time.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::task::Waker;
+
+use bytes::{Buf, Bytes};
+
+use crate::protocol::ServerMessage;
+
+/// What a queued frame costs beyond its bytes: a queue slot (a 40-byte entry in a `VecDeque`
+/// that grows by doubling) and the frame's allocation. Charged to every frame, so the queue
+/// bound is a bound on memory rather than on wire bytes.
+pub const ITEM_OVERHEAD: usize = 64;
+
+/// What a frame costs its queue.
+pub fn cost(frame: &Bytes) -> usize {
+    frame.len() + ITEM_OVERHEAD
+}
+
+/// Bytes queued across all of a shard's connections, as charged by [`cost`].
+#[derive(Debug, Default)]
+pub struct QueueTotal(usize);
+
+impl QueueTotal {
+    pub fn bytes(&self) -> usize {
+        self.0
+    }
+
+    fn add(&mut self, n: usize) {
+        self.0 += n;
+    }
+
+    fn sub(&mut self, n: usize) {
+        debug_assert!(self.0 >= n, "queue total would go negative");
+        self.0 = self.0.saturating_sub(n);
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A reply to the connection's own request (an error, `room_joined`, an echo…): never dropped.
+    Reply,
+    /// A broadcast: may be dropped for a slow reader under the `drop` policy.
+    Broadcast,
+    /// A dropped broadcast: an empty frame that still holds its slot until the queue passes it.
+    Dropped,
+}
+
+struct Queued {
+    frame: Bytes,
+    kind: Kind,
+}
+
+/// The part of a queue that exists only while two or more frames are pending.
+#[derive(Default)]
+struct Backlog {
+    queue: VecDeque<Queued>,
+    /// The answer to the most recent unanswered ping, written right after `head`.
+    pong: Option<Bytes>,
+    /// Frame bytes of the broadcasts in `queue`: what dropping them could free (their slots stay
+    /// charged until the writer passes them).
+    droppable: usize,
+    /// Index in `queue` before which no broadcast is left: where the next drop looks first.
+    drop_from: usize,
+    /// Broadcasts dropped since the reader last caught up.
+    dropped: u64,
+}
+
+/// Frames waiting to be written to one connection, and how to wake the task that writes them.
+#[derive(Default)]
+pub struct Outbound {
+    /// The oldest queued frame, kept inline: a connection with at most one frame pending (most
+    /// of them, most of the time) costs no allocation for its queue. Possibly half written, so
+    /// never dropped.
+    head: Option<Bytes>,
+    /// Everything behind `head`; boxed, and allocated only while needed: an idle connection pays
+    /// one pointer for it, in every slab slot.
+    backlog: Option<Box<Backlog>>,
+    waker: Option<Waker>,
+    /// Charged bytes queued (u32: bounded by `max_queued_bytes` plus one burst, at most ~2 GiB;
+    /// this struct is in every slab slot).
+    queued: u32,
+    /// Charged bytes the socket refused at the last write attempt that are still queued.
+    stale: u32,
+    /// Our close frame is queued: nothing may follow it on the wire.
+    closing: bool,
+}
+
+impl Outbound {
+    /// Queues a reply, unless the connection is closing (then it is dropped: the peer will not
+    /// read past our close frame).
+    pub fn push(&mut self, frame: Bytes, total: &mut QueueTotal) {
+        self.enqueue(frame, Kind::Reply, total);
+    }
+
+    /// Queues a broadcast frame.
+    pub fn push_broadcast(&mut self, frame: Bytes, total: &mut QueueTotal) {
+        self.enqueue(frame, Kind::Broadcast, total);
+    }
+
+    /// Queues the answer to a ping, replacing an answer still waiting to be written.
+    pub fn push_pong(&mut self, frame: Bytes, total: &mut QueueTotal) {
+        if self.closing {
+            return;
+        }
+        if self.head.is_none() {
+            return self.enqueue(frame, Kind::Reply, total);
+        }
+        let charge = cost(&frame);
+        let backlog = self.backlog.get_or_insert_default();
+        if let Some(older) = backlog.pong.replace(frame) {
+            self.queued -= cost(&older) as u32;
+            total.sub(cost(&older));
+        }
+        self.queued = self.queued.saturating_add(charge as u32);
+        total.add(charge);
+    }
+
+    fn enqueue(&mut self, frame: Bytes, kind: Kind, total: &mut QueueTotal) {
+        if self.closing {
+            return;
+        }
+        let charge = cost(&frame);
+        self.queued = self.queued.saturating_add(charge as u32);
+        total.add(charge);
+        if self.head.is_some() {
+            let backlog = self.backlog.get_or_insert_default();
+            if kind == Kind::Broadcast {
+                backlog.droppable += frame.len();
+            }
+            backlog.queue.push_back(Queued { frame, kind });
+            return;
+        }
+        self.head = Some(frame);
+        if let Some(waker) = &self.waker {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// Drops the oldest queued broadcasts until `needed` more bytes fit under `bound`; returns
+    /// how many were dropped and whether the room was made. Nothing is dropped when even
+    /// dropping every queued broadcast would not be enough.
+    pub fn make_room(
+        &mut self,
+        needed: usize,
+        bound: usize,
+        total: &mut QueueTotal,
+    ) -> (u64, bool) {
+        let queued = self.queued as usize;
+        if queued + needed <= bound {
+            return (0, true);
+        }
+        let Some(backlog) = self.backlog.as_mut() else {
+            return (0, false);
+        };
+        if queued - backlog.droppable + needed > bound {
+            return (0, false);
+        }
+        let mut dropped = 0;
+        while self.queued as usize + needed > bound {
+            let at = backlog.drop_from;
+            if backlog.queue[at].kind != Kind::Broadcast {
+                backlog.drop_from += 1;
+                continue;
+            }
+            let mut freed = backlog.queue[at].frame.len();
+            backlog.droppable -= freed;
+            if at == 0 {
+                // At the front (the usual case: the oldest go first): its slot goes too.
+                backlog.queue.pop_front();
+                freed += ITEM_OVERHEAD;
+            } else {
+                // Behind a reply: a tombstone keeps the slot until the writer passes it.
+                let item = &mut backlog.queue[at];
+                item.frame = Bytes::new();
+                item.kind = Kind::Dropped;
+                backlog.drop_from += 1;
+            }
+            self.queued -= freed as u32;
+            total.sub(freed);
+            dropped += 1;
+        }
+        self.stale = self.stale.min(self.queued);
+        backlog.dropped += dropped;
+        (dropped, true)
+    }
+
+    /// Counts broadcasts this reader will not get (it is told once it catches up).
+    pub fn note_dropped(&mut self, n: u64) {
+        self.backlog.get_or_insert_default().dropped += n;
+    }
+
+    /// Broadcasts dropped since the reader last caught up.
+    pub fn dropped_since_caught_up(&self) -> u64 {
+        self.backlog.as_ref().map_or(0, |b| b.dropped)
+    }
+
+    /// Queues our close frame: the last frame this connection will send. Always wakes the task,
+    /// which may be asleep on a full socket, so it starts the (time-bounded) close.
+    pub fn push_close(&mut self, frame: Bytes, total: &mut QueueTotal) {
+        self.push(frame, total);
+        self.closing = true;
+        if let Some(waker) = &self.waker {
+            waker.wake_by_ref();
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.head.is_none()
+    }
+
+    /// Charged bytes queued.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued as usize
+    }
+
+    /// Charged bytes the reader has had a chance to take and has not.
+    pub fn stale_bytes(&self) -> usize {
+        self.stale as usize
+    }
+
+    /// The socket took less than was queued: everything queued now is the reader's backlog.
+    pub fn mark_stale(&mut self) {
+        self.stale = self.queued;
+    }
+
+    /// Fills `slices` with the front of the queue, for one vectored write.
+    pub fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+        let (pong, rest) = match self.backlog.as_deref() {
+            Some(b) => (b.pong.as_ref(), Some(b.queue.iter().map(|q| &q.frame))),
+            None => (None, None),
+        };
+        let frames = self
+            .head
+            .iter()
+            .chain(pong)
+            .chain(rest.into_iter().flatten())
+            .filter(|f| !f.is_empty());
+        let mut n = 0;
+        for (slot, frame) in slices.iter_mut().zip(frames) {
+            *slot = IoSlice::new(frame);
+            n += 1;
+        }
+        n
+    }
+
+    /// Drops `written` bytes from the front of the queue.
+    pub fn advance(&mut self, mut written: usize, total: &mut QueueTotal) {
+        let mut freed = 0;
+        while let Some(front) = self.head.as_mut() {
+            if front.len() > written {
+                front.advance(written);
+                freed += written;
+                written = 0;
+                break;
+            }
+            written -= front.len();
+            freed += front.len() + ITEM_OVERHEAD;
+            self.head = self.backlog.as_mut().and_then(|b| b.pop_front());
+        }
+        debug_assert_eq!(written, 0, "wrote more than was queued");
+        self.queued -= freed as u32;
+        self.stale = self.stale.saturating_sub(freed as u32);
+        total.sub(freed);
+        if self.head.is_none() {
+            // Caught up: give a burst's queue back (an idle connection keeps no allocation), and
+            // tell the reader what it missed.
+            let dropped = self.backlog.take().map_or(0, |b| b.dropped);
+            if dropped > 0 {
+                self.push(ServerMessage::Dropped { count: dropped }.encode(), total);
+            }
+        }
+    }
+
+    /// Who to wake when a frame arrives in an empty queue.
+    pub fn set_waker(&mut self, waker: &Waker) {
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            self.waker = Some(waker.clone());
+        }
+    }
+
+    /// Forgets the waker while the connection's own task runs: frames it queues for itself are
+    /// flushed before it sleeps, and waking it would only poll it once more for nothing.
+    pub fn clear_waker(&mut self) {
+        self.waker = None;
+    }
+
+    /// Gives back everything still queued (the connection is gone).
+    pub fn clear(&mut self, total: &mut QueueTotal) {
+        total.sub(self.queued as usize);
+        self.queued = 0;
+        self.stale = 0;
+        self.head = None;
+        self.backlog = None;
+    }
+}
+
+impl Backlog {
+    /// The next frame to write after the head: a waiting pong first.
+    fn pop_front(&mut self) -> Option<Bytes> {
+        if let Some(pong) = self.pong.take() {
+            return Some(pong);
+        }
+        let next = self.queue.pop_front()?;
+        self.drop_from = self.drop_from.saturating_sub(1);
+        if next.kind == Kind::Broadcast {
+            self.droppable -= next.frame.len();
+        }
+        Some(next.frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: usize) -> Bytes {
+        Bytes::from(vec![1u8; n])
+    }
+
+    fn pending(out: &Outbound) -> Vec<Vec<u8>> {
+        let mut slices = [IoSlice::new(&[]); 16];
+        let n = out.slices(&mut slices);
+        slices[..n].iter().map(|s| s.to_vec()).collect()
+    }
+
+    #[test]
+    fn is_fifo_across_partial_writes_and_frees_its_queue_when_drained() {
+        let mut total = QueueTotal::default();
+        let mut out = Outbound::default();
+        for f in ["ab", "cde", "f"] {
+            out.push(Bytes::from_static(f.as_bytes()), &mut total);
+        }
+        assert_eq!(out.queued_bytes(), 6 + 3 * ITEM_OVERHEAD);
+        assert_eq!(total.bytes(), out.queued_bytes());
+        out.advance(3, &mut total); // "ab" and the "c" of "cde"
+        assert_eq!(pending(&out), vec![b"de".to_vec(), b"f".to_vec()]);
+        assert_eq!(out.queued_bytes(), 3 + 2 * ITEM_OVERHEAD);
+        out.advance(3, &mut total);
+        assert!(out.is_empty());
+        assert_eq!((out.queued_bytes(), total.bytes()), (0, 0));
+        assert!(out.backlog.is_none());
+    }
+
+    #[test]
+    fn pongs_coalesce_behind_the_frame_being_written() {
+        let mut total = QueueTotal::default();
+        let mut out = Outbound::default();
+        out.push(frame(10), &mut total);
+        out.push(frame(5), &mut total);
+        for payload in [b"p1", b"p2", b"p3"] {
+            out.push_pong(Bytes::from_static(payload), &mut total);
+        }
+        // One pong, the latest, right after the head; nothing piles up.
+        assert_eq!(pending(&out), vec![vec![1; 10], b"p3".to_vec(), vec![1; 5]]);
+        assert_eq!(out.queued_bytes(), 17 + 3 * ITEM_OVERHEAD);
+        assert_eq!(total.bytes(), out.queued_bytes());
+        out.advance(12, &mut total);
+        assert_eq!(pending(&out), vec![vec![1; 5]]);
+        out.advance(5, &mut total);
+        assert_eq!(total.bytes(), 0);
+    }
+
+    #[test]
+    fn stale_bytes_are_what_the_socket_refused_and_shrink_as_it_takes_them() {
+        let mut total = QueueTotal::default();
+        let mut out = Outbound::default();
+        out.push(frame(100), &mut total);
+        out.push(frame(100), &mut total);
+        assert_eq!(out.stale_bytes(), 0, "not yet tried");
+        out.mark_stale();
+        assert_eq!(out.stale_bytes(), 200 + 2 * ITEM_OVERHEAD);
+        out.push_broadcast(frame(100), &mut total);
+        assert_eq!(
+            out.stale_bytes(),
+            200 + 2 * ITEM_OVERHEAD,
+            "new frames are not stale"
+        );
+        out.advance(100, &mut total);
+        assert_eq!(out.stale_bytes(), 100 + ITEM_OVERHEAD);
+    }
+
+    #[test]
+    fn make_room_drops_only_the_oldest_broadcasts_and_only_when_that_is_enough() {
+        let mut total = QueueTotal::default();
+        let mut out = Outbound::default();
+        out.push(frame(10), &mut total); // head: never dropped
+        out.push_broadcast(frame(300), &mut total);
+        out.push(frame(200), &mut total); // a reply: never dropped
+        out.push_broadcast(frame(300), &mut total);
+        let queued = 810 + 4 * ITEM_OVERHEAD;
+        assert_eq!(out.queued_bytes(), queued);
+        // Dropping frees frame bytes (a dropped frame's slot stays charged until it is passed).
+        let bound = 1000 + 4 * ITEM_OVERHEAD;
+        // Even dropping both broadcasts leaves 210: 900 more cannot fit in 1000.
+        assert_eq!(out.make_room(900, bound, &mut total), (0, false));
+        assert_eq!(out.queued_bytes(), queued, "nothing dropped for nothing");
+        // 400 more: dropping the oldest broadcast (300) is enough.
+        assert_eq!(out.make_room(400, bound, &mut total), (1, true));
+        assert_eq!(
+            out.queued_bytes(),
+            queued - 300 - ITEM_OVERHEAD,
+            "its slot too"
+        );
+        assert_eq!(total.bytes(), out.queued_bytes());
+        assert_eq!(out.dropped_since_caught_up(), 1);
+        // The tombstone is skipped on the wire.
+        assert_eq!(pending(&out), vec![vec![1; 10], vec![1; 200], vec![1; 300]]);
+        // Caught up: the reader is told how many it missed, exactly.
+        out.advance(210, &mut total);
+        out.note_dropped(70_000);
+        assert_eq!(out.dropped_since_caught_up(), 70_001);
+        out.advance(300, &mut total);
+        let notice = pending(&out);
+        assert_eq!(notice.len(), 1);
+        assert_eq!(&notice[0][2..], br#"{"type":"dropped","count":70001}"#);
+    }
+
+    #[test]
+    fn dropping_from_a_long_queue_does_not_rescan_it() {
+        let mut total = QueueTotal::default();
+        let mut out = Outbound::default();
+        out.push(frame(1), &mut total); // the head, being written
+        out.push(frame(1), &mut total); // a reply at the front: dropped frames pile up behind it
+        for _ in 0..10_000 {
+            out.push_broadcast(frame(100), &mut total);
+        }
+        let bound = out.queued_bytes() + 100_000;
+        let mut last_cursor = 0;
+        for round in 0..1_000 {
+            out.push_broadcast(frame(1000), &mut total);
+            let (dropped, fits) = out.make_room(1000 + ITEM_OVERHEAD, bound, &mut total);
+            assert!(fits, "round {round}");
+            // The cursor only moves forward: each drop starts where the last one stopped.
+            let cursor = out.backlog.as_ref().unwrap().drop_from;
+            assert!(cursor >= last_cursor && cursor as u64 >= dropped);
+            last_cursor = cursor;
+        }
+        assert!(out.queued_bytes() + 1000 + ITEM_OVERHEAD <= bound);
+        assert_eq!(total.bytes(), out.queued_bytes());
+    }
+
+    #[test]
+    fn dropped_frames_at_the_front_give_their_slots_back_at_once() {
+        let mut total = QueueTotal::default();
+        let mut out = Outbound::default();
+        out.push(frame(1), &mut total);
+        for _ in 0..100 {
+            out.push_broadcast(frame(100), &mut total);
+        }
+        let bound = out.queued_bytes();
+        for round in 0..10_000 {
+            let (dropped, fits) = out.make_room(100 + ITEM_OVERHEAD, bound, &mut total);
+            assert_eq!((dropped, fits), (1, true), "round {round}");
+            out.push_broadcast(frame(100), &mut total);
+        }
+        assert_eq!(out.backlog.as_ref().unwrap().queue.len(), 100);
+        assert_eq!(out.dropped_since_caught_up(), 10_000);
+        assert_eq!(total.bytes(), out.queued_bytes());
+    }
+
+    #[test]
+    fn clear_gives_everything_back() {
+        let mut total = QueueTotal::default();
+        let mut out = Outbound::default();
+        out.push(frame(10), &mut total);
+        out.push_broadcast(frame(10), &mut total);
+        out.push_pong(frame(2), &mut total);
+        out.clear(&mut total);
+        assert_eq!(total.bytes(), 0);
+        assert!(out.is_empty());
+    }
+}

@@ -23,7 +23,7 @@ use tracing::debug;
 use crate::auth::Identity;
 use crate::chat;
 use crate::close::{CloseCode, CloseFrame};
-use crate::frame::{self, Decoded, Decoder, Event, FrameError, OpCode};
+use crate::frame::{self, Decoded, Decoder, Event, FrameError, OpCode, Skipped};
 use crate::limits::{Charge, Verdict};
 use crate::protocol::ErrorReply;
 use crate::shard::{Endpoint, Shard};
@@ -33,6 +33,9 @@ const READS_PER_POLL: usize = 16;
 /// Frames handled per turn before the task yields: with tiny frames, even one read holds
 /// thousands (a 64 KiB read of empty frames is ~10,000).
 const FRAMES_PER_TURN: u32 = 512;
+/// Bytes a connection we are closing may still send while we wait for its close frame; a peer
+/// that keeps streaming past them is hung up on.
+const CLOSE_DRAIN_LIMIT: usize = 256 * 1024;
 /// Frames gathered into one vectored write.
 const SLICES_PER_WRITE: usize = 64;
 
@@ -378,8 +381,10 @@ impl Connection {
         }
     }
 
-    /// Reads, discarding data frames, until the peer's close frame, a decoding error or EOF.
+    /// Reads, skipping other frames, until the peer's close frame, a bad frame header or EOF;
+    /// gives up on a peer that keeps streaming instead of closing.
     async fn await_peer_close(&mut self) {
+        let mut drained = 0;
         loop {
             if self.stream.readable().await.is_err() {
                 return;
@@ -390,20 +395,23 @@ impl Connection {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => return,
             };
+            drained += n;
             self.leftover.extend_from_slice(&self.shard.read_buf()[..n]);
             let mut pos = 0;
             loop {
-                match self.decoder.decode(&mut self.leftover[pos..]) {
-                    Ok(Decoded::Frame {
-                        event: Event::Close(_),
-                        ..
-                    })
-                    | Err(_) => return,
-                    Ok(Decoded::Frame { consumed, .. }) => pos += consumed,
-                    Ok(Decoded::Incomplete) => break,
+                match frame::skip(&self.leftover[pos..]) {
+                    Ok(Skipped::Close) | Err(_) => return,
+                    Ok(Skipped::Frame { len }) => pos += len,
+                    Ok(Skipped::Incomplete) => break,
                 }
             }
             self.leftover.drain(..pos);
+            if drained > CLOSE_DRAIN_LIMIT {
+                return;
+            }
+            // A peer streaming at us gets one read per turn: the others keep theirs, and the
+            // close's deadline can fire.
+            tokio::task::yield_now().await;
         }
     }
 }

@@ -113,6 +113,34 @@ pub enum Decoded<'a> {
     Frame { consumed: usize, event: Event<'a> },
 }
 
+/// What [`skip`] found at the front of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Skipped {
+    Incomplete,
+    /// A whole frame of `len` bytes (header included) that is not a close frame.
+    Frame {
+        len: usize,
+    },
+    Close,
+}
+
+/// Steps over one frame without unmasking or collecting it: for a connection that is closing and
+/// only waits for the peer's close frame.
+pub fn skip(buf: &[u8]) -> Result<Skipped, FrameError> {
+    let Some(header) = parse_header(buf)? else {
+        return Ok(Skipped::Incomplete);
+    };
+    if header.opcode == OpCode::Close {
+        return Ok(Skipped::Close);
+    }
+    let len = header.header_len.saturating_add(header.payload_len);
+    Ok(if buf.len() < len {
+        Skipped::Incomplete
+    } else {
+        Skipped::Frame { len }
+    })
+}
+
 /// A fragmented message being collected.
 struct Partial {
     text: bool,
@@ -390,6 +418,25 @@ mod tests {
             }
         }
         Ok(messages)
+    }
+
+    #[test]
+    fn skip_steps_over_frames_to_the_close() {
+        let mut wire = client_frame(false, 1, b"part");
+        wire.extend(client_frame(true, 0, b"rest"));
+        wire.extend(client_frame(true, 8, &[0x03, 0xe8]));
+        let first = client_frame(false, 1, b"part").len();
+        assert_eq!(skip(&wire[..3]), Ok(Skipped::Incomplete));
+        assert_eq!(skip(&wire[..first - 1]), Ok(Skipped::Incomplete));
+        assert_eq!(skip(&wire), Ok(Skipped::Frame { len: first }));
+        assert_eq!(
+            skip(&wire[first..]),
+            Ok(Skipped::Frame {
+                len: client_frame(true, 0, b"rest").len()
+            })
+        );
+        assert_eq!(skip(&wire[2 * first..]), Ok(Skipped::Close));
+        assert!(skip(&[0xf1, 0x80, 0, 0, 0, 0]).is_err(), "reserved bits");
     }
 
     #[test]

@@ -151,6 +151,8 @@ pub async fn run(shard: Rc<Shard>) {
 }
 
 fn on_tick(shard: &Shard, now: Tick) {
+    let queued = shard.state().queued.bytes();
+    shard.node.queued_bytes[shard.index].store(queued, Ordering::Relaxed);
     let mut guard = shard.heartbeats();
     let heartbeats = &mut *guard;
     let mut expired = std::mem::take(&mut heartbeats.expired);

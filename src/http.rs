@@ -81,6 +81,7 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>, peer: IpAddr) -> Response<Bo
                 &serde_json::json!({
                     "status": "ok",
                     "connections": node.connection_count(),
+                    "queued_bytes": node.queued_bytes(),
                     "rooms": node.rooms.room_count(),
                     "shards": node.shards(),
                     "refused": node.counters.snapshot(),

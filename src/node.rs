@@ -19,6 +19,9 @@ pub struct Node {
     pub backplane: Arc<dyn Backplane>,
     /// Open WebSocket connections, one gauge per shard (each written by its shard only).
     pub connections: Box<[AtomicUsize]>,
+    /// Bytes queued for writing, one gauge per shard, refreshed by each shard once per heartbeat
+    /// tick (not per message).
+    pub queued_bytes: Box<[AtomicUsize]>,
     pub auth: Authenticator,
     /// The identity of token-less connections when `allow_anonymous` is on (shared by all).
     pub anonymous: Arc<Identity>,
@@ -33,6 +36,7 @@ impl Node {
         Ok(Node {
             rooms: RoomDirectory::new(config.shards),
             connections: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
+            queued_bytes: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
             auth: Authenticator::from_config(&config)?,
             anonymous: Arc::new(Identity::anonymous()),
             counters: Counters::default(),
@@ -59,6 +63,14 @@ impl Node {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Bytes queued for writing across all shards (as of each shard's last heartbeat tick).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+            .iter()
+            .map(|q| q.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub fn connection_count(&self) -> usize {

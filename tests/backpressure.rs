@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde_json::Value;
 use support::{RawClient, TestGateway, http_get};
 use tokio::io::AsyncWriteExt;
-use wsgate::backplane::{Publication, Target};
+use tokio::sync::mpsc;
+use wsgate::backplane::Publication;
 
 const QUEUE_LIMIT: usize = 64 * 1024;
 
@@ -29,21 +30,26 @@ async fn fast_and_slow(gw: &TestGateway) -> (support::Client, RawClient) {
     (fast, slow)
 }
 
-/// Publishes MESSAGES numbered `bulk` messages to "room" from the library API.
-async fn publish_bulk(gw: &TestGateway) {
+fn bulk(n: usize) -> Publication {
     let filler = "x".repeat(60 * 1024);
+    let text = format!(r#"{{"type":"bulk","n":{n},"filler":"{filler}"}}"#);
+    Publication::to_room(
+        "room".into(),
+        wsgate::frame::encode(wsgate::frame::OpCode::Text, text.as_bytes()),
+    )
+}
+
+/// Publishes MESSAGES numbered `bulk` messages to "room" from the library API, each once the fast
+/// reader has acknowledged the one before: the fast reader is never the one behind, however
+/// fast or slow the machine.
+async fn publish_bulk(gw: &TestGateway, mut acks: mpsc::UnboundedReceiver<usize>) {
     for n in 0..MESSAGES {
-        let text = format!(r#"{{"type":"bulk","n":{n},"filler":"{filler}"}}"#);
-        gw.gateway().publish(Publication {
-            target: Target::Room("room".into()),
-            frame: wsgate::frame::encode(wsgate::frame::OpCode::Text, text.as_bytes()),
-            include: None,
-            exclude: vec![],
-        });
-        // Pace the producer a little so the fast reader is never the one behind.
-        if n % 20 == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        gw.gateway().publish(bulk(n));
+        assert_eq!(
+            acks.recv().await,
+            Some(n),
+            "the fast reader acknowledges in order"
+        );
     }
 }
 
@@ -51,6 +57,7 @@ async fn publish_bulk(gw: &TestGateway) {
 async fn a_reader_that_never_reads_is_closed_and_the_others_get_everything() {
     let gw = TestGateway::start_with(|c| c.max_queued_bytes = QUEUE_LIMIT, 2);
     let (mut fast, mut slow) = fast_and_slow(&gw).await;
+    let (ack, acks) = mpsc::unbounded_channel();
     let reader = tokio::spawn(async move {
         let (mut next, mut departures) = (0, 0);
         while next < MESSAGES {
@@ -58,6 +65,7 @@ async fn a_reader_that_never_reads_is_closed_and_the_others_get_everything() {
             match msg["type"].as_str() {
                 Some("bulk") => {
                     assert_eq!(msg["n"], next, "in order, none lost");
+                    ack.send(next).unwrap();
                     next += 1;
                 }
                 // The slow consumer, once closed, leaves the room.
@@ -68,7 +76,7 @@ async fn a_reader_that_never_reads_is_closed_and_the_others_get_everything() {
         assert!(departures <= 1);
         fast
     });
-    publish_bulk(&gw).await;
+    publish_bulk(&gw, acks).await;
     let mut fast = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
         .expect("the fast reader gets all messages in time")
@@ -132,6 +140,7 @@ async fn with_the_drop_policy_a_slow_reader_loses_old_broadcasts_and_is_told_how
         1,
     );
     let (mut fast, mut slow) = fast_and_slow(&gw).await;
+    let (ack, acks) = mpsc::unbounded_channel();
     let reader = tokio::spawn(async move {
         for i in 0..MESSAGES {
             assert_eq!(
@@ -139,10 +148,11 @@ async fn with_the_drop_policy_a_slow_reader_loses_old_broadcasts_and_is_told_how
                 i,
                 "the fast reader loses nothing"
             );
+            ack.send(i).unwrap();
         }
         fast
     });
-    publish_bulk(&gw).await;
+    publish_bulk(&gw, acks).await;
     // Kept connected: its leaving would be news to the slow reader.
     let _fast = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
@@ -185,4 +195,59 @@ async fn with_the_drop_policy_a_slow_reader_loses_old_broadcasts_and_is_told_how
         serde_json::from_slice::<Value>(&payload).unwrap()["payload"],
         7
     );
+}
+
+#[tokio::test]
+async fn a_burst_through_a_full_inbox_is_dropped_and_counted_exactly_and_readers_are_not_blamed() {
+    // A small inbox, and a burst published faster than the shard takes it.
+    let gw = TestGateway::start_with(|c| c.max_shard_inbox_bytes = 256 * 1024, 1);
+    let mut reader = gw.client().await;
+    reader.join("room").await;
+    const BURST: usize = 200;
+    for n in 0..BURST {
+        gw.gateway().publish(bulk(n));
+    }
+    // The marker goes last, once the inbox has room again.
+    let mut marker = Publication::to_room(
+        "room".into(),
+        wsgate::frame::encode(wsgate::frame::OpCode::Text, br#"{"type":"marker"}"#),
+    );
+    loop {
+        let dropped_before = dropped(&gw).await;
+        gw.gateway().publish(marker.clone());
+        if dropped(&gw).await == dropped_before {
+            break;
+        }
+        marker = marker.clone();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut received = Vec::new();
+    loop {
+        let msg = reader.recv().await;
+        match msg["type"].as_str() {
+            Some("bulk") => received.push(msg["n"].as_u64().unwrap() as usize),
+            Some("marker") => break,
+            _ => panic!("unexpected {msg}"),
+        }
+    }
+    let dropped = dropped(&gw).await as usize;
+    assert!(dropped > 0, "the burst overflowed the inbox");
+    assert_eq!(
+        received.len() + dropped,
+        BURST,
+        "every publication delivered or counted"
+    );
+    assert!(received.windows(2).all(|w| w[0] < w[1]), "in order");
+    let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        health["refused"]["slow_consumers_closed"], 0,
+        "a reader that keeps up is not blamed for the gateway's backlog"
+    );
+}
+
+async fn dropped(gw: &TestGateway) -> u64 {
+    let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
+    let health: Value = serde_json::from_str(&body).unwrap();
+    health["refused"]["inbox_dropped"].as_u64().unwrap()
 }

@@ -142,3 +142,38 @@ async fn slow_headers_are_cut_off_and_huge_headers_refused() {
     let (status, _, _) = http_get(gw.addr, "/healthz", &huge).await;
     assert_eq!(status, 431);
 }
+
+#[tokio::test]
+async fn a_reconnecting_client_rejoins_all_its_rooms_at_once() {
+    // Real limits: 20 messages/s with a burst of 40; 100 rooms per connection.
+    let gw = TestGateway::start_with(
+        |c| {
+            c.rate_limit_messages = 20.0;
+            c.rate_limit_burst = 40;
+            c.rate_limit_strikes = 20;
+        },
+        1,
+    );
+    let rooms: Vec<String> = (0..100).map(|i| format!("room-{i}")).collect();
+    for _ in 0..2 {
+        // A (re)connecting client sends all its joins back to back.
+        let mut c = gw.client().await;
+        for room in &rooms {
+            c.send("join_room", json!({"room": room})).await;
+        }
+        for room in &rooms {
+            assert_eq!(c.expect("room_joined").await["room"], *room);
+        }
+        // Leaving them all at once passes too (no error comes before the echo), and messages
+        // still have their own budget.
+        for room in &rooms {
+            c.send("leave_room", json!({"room": room})).await;
+        }
+        c.send("echo", json!("chat budget intact")).await;
+        assert_eq!(
+            c.recv().await,
+            json!({"type": "echo", "payload": "chat budget intact"})
+        );
+    }
+    assert_eq!(refused(&gw).await["rate_limited_messages"], 0);
+}

@@ -4,12 +4,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::json;
+use support::process::GatewayProcess;
 use support::{Client, RawClient, TestGateway, http_get};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -117,29 +116,17 @@ async fn shutdown_delivers_what_was_published_then_closes_everyone_with_1001() {
 
 #[test]
 fn sigterm_closes_clients_with_1001_and_exits_0() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["--listen", "127.0.0.1:0", "--shards", "2"])
-        .env("WSGATE_LOG", "warn")
-        .env("WSGATE_JWT_SECRET", support::TEST_SECRET)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("wsgate listening on http://")
-        .and_then(|a| a.strip_suffix('/'))
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
-
+    let gateway = GatewayProcess::start(
+        &["--shards", "2"],
+        &[("WSGATE_JWT_SECRET", support::TEST_SECRET)],
+        None,
+    );
+    let addr = gateway.addr;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(async {
+    let terminated = runtime.block_on(async {
         let token = support::token_for("alice");
         let mut client = Client::connect(&format!("ws://{addr}/ws?token={token}")).await;
         client.join("r").await;
@@ -147,14 +134,14 @@ fn sigterm_closes_clients_with_1001_and_exits_0() {
             .send("chat_message", json!({"room": "r", "message": "before"}))
             .await;
         assert_eq!(client.expect("chat_message").await["message"], "before");
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        let pid = gateway.pid();
+        let terminated = std::thread::spawn(move || gateway.terminate());
         let (_, close) = read_to_close(&mut client).await;
         assert_eq!(close, (CloseCode::Away, "server shutting down".to_owned()));
+        (pid, terminated)
     });
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0));
+    // The client is gone (with the runtime): the gateway's drain ends, and so does the process.
+    drop(runtime);
+    let (pid, terminated) = terminated;
+    assert_eq!(terminated.join().unwrap(), Some(0), "wsgate {pid} exits 0");
 }

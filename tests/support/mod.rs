@@ -4,6 +4,8 @@
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 mod client_frame;
+pub mod flood;
+pub mod process;
 pub use client_frame::client_frame;
 
 use std::net::SocketAddr;

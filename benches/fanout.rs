@@ -21,7 +21,7 @@ fn shard_with_room(members: usize) -> Shard {
         ..Config::default()
     };
     let (backplane, _inboxes) = MemoryBackplane::new(1, usize::MAX);
-    let node = Arc::new(Node::new(Arc::new(config), Arc::new(backplane)).expect("node"));
+    let node = Arc::new(Node::new(Arc::new(config), Arc::new(backplane), 1 << 20).expect("node"));
     let shard = Shard::new(0, node.clone());
     for _ in 0..members {
         let peer = std::net::IpAddr::from([127, 0, 0, 1]);

@@ -9,6 +9,7 @@
 //! With no key configured the gateway runs in dev mode: a random secret, and `GET /dev/token`
 //! hands out tokens so the test page works at once.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -88,7 +89,12 @@ pub enum AuthError {
     Missing,
     Malformed,
     Expired,
+    /// `nbf` is in the future (beyond the leeway).
+    NotYetValid,
     BadSignature,
+    /// The header lists `crit` extensions: none is understood, so the token must be refused
+    /// (RFC 7515 §4.1.11).
+    CriticalHeader,
     /// Signed with an algorithm that is not configured (including `none`).
     WrongAlgorithm,
     WrongIssuer,
@@ -104,7 +110,9 @@ impl AuthError {
             AuthError::Missing => "missing_token",
             AuthError::Malformed => "malformed_token",
             AuthError::Expired => "token_expired",
+            AuthError::NotYetValid => "token_not_yet_valid",
             AuthError::BadSignature => "bad_signature",
+            AuthError::CriticalHeader => "unsupported_critical_header",
             AuthError::WrongAlgorithm => "algorithm_not_allowed",
             AuthError::WrongIssuer => "wrong_issuer",
             AuthError::WrongAudience => "wrong_audience",
@@ -119,7 +127,9 @@ impl AuthError {
             }
             AuthError::Malformed => "malformed token",
             AuthError::Expired => "token expired",
+            AuthError::NotYetValid => "token not valid yet (nbf is in the future)",
             AuthError::BadSignature => "invalid token signature",
+            AuthError::CriticalHeader => "token header lists critical extensions (crit)",
             AuthError::WrongAlgorithm => "token algorithm not allowed",
             AuthError::WrongIssuer => "wrong token issuer",
             AuthError::WrongAudience => "wrong token audience",
@@ -127,11 +137,13 @@ impl AuthError {
         }
     }
 
-    pub const ALL: [AuthError; 8] = [
+    pub const ALL: [AuthError; 10] = [
         AuthError::Missing,
         AuthError::Malformed,
         AuthError::Expired,
+        AuthError::NotYetValid,
         AuthError::BadSignature,
+        AuthError::CriticalHeader,
         AuthError::WrongAlgorithm,
         AuthError::WrongIssuer,
         AuthError::WrongAudience,
@@ -141,8 +153,10 @@ impl AuthError {
 
 /// A token found in an upgrade request, and the subprotocol to answer with.
 pub struct Presented<'a> {
-    pub token: Option<&'a str>,
-    /// RFC 6455: when the client offers subprotocols, the server must answer with one of them.
+    /// Borrowed from the request, or percent-decoded from the query string.
+    pub token: Option<Cow<'a, str>>,
+    /// `wsgate`, when the client offered it; never the `bearer.<token>` entry, which would put the
+    /// token in every proxy's and browser's logs of the response.
     pub protocol: Option<HeaderValue>,
 }
 
@@ -160,22 +174,17 @@ pub fn presented<B>(req: &hyper::Request<B>) -> Presented<'_> {
     let from_protocol = offered
         .iter()
         .find_map(|p| p.strip_prefix(PROTOCOL_TOKEN_PREFIX));
-    // RFC 6455 §4.2.2: answer with a protocol we speak, `wsgate`, when offered. A browser that
-    // offered only a token entry must still hear one of its offers back, so that entry is echoed;
-    // anything else offered (a protocol we do not speak) gets no answer.
+    // RFC 6455 §4.2.2: answer with a protocol we speak, `wsgate`, when offered; nothing else is
+    // ever answered. (A browser that offers subprotocols fails the connection unless one comes
+    // back, so browsers offer `["wsgate", "bearer.<token>"]`, as the test page does.)
     let protocol = offered
-        .iter()
-        .find(|p| **p == OUR_PROTOCOL)
-        .or_else(|| {
-            offered
-                .iter()
-                .find(|p| p.starts_with(PROTOCOL_TOKEN_PREFIX))
-        })
-        .and_then(|p| HeaderValue::from_str(p).ok());
+        .contains(&OUR_PROTOCOL)
+        .then(|| HeaderValue::from_static(OUR_PROTOCOL));
     let from_query = req.uri().query().and_then(|q| {
         q.split('&')
             .find_map(|pair| pair.strip_prefix("token="))
             .filter(|t| !t.is_empty())
+            .and_then(|t| percent_encoding::percent_decode_str(t).decode_utf8().ok())
     });
     let from_header = req
         .headers()
@@ -187,7 +196,7 @@ pub fn presented<B>(req: &hyper::Request<B>) -> Presented<'_> {
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         });
     Presented {
-        token: from_query.or(from_header).or(from_protocol),
+        token: from_query.or(from_header.or(from_protocol).map(Cow::Borrowed)),
         protocol,
     }
 }
@@ -294,17 +303,22 @@ impl Authenticator {
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
-        if jsonwebtoken::decode_header(token).is_err() {
+        match jsonwebtoken::decode_header(token) {
+            Ok(header) if header.crit.is_some() => return Err(AuthError::CriticalHeader),
+            Ok(_) => {}
             // A readable header naming an algorithm jsonwebtoken does not know (`none`, say) is
             // a refused algorithm; anything else is garbage.
-            return Err(match header_alg(token) {
-                Some(_) => AuthError::WrongAlgorithm,
-                None => AuthError::Malformed,
-            });
+            Err(_) => {
+                return Err(match header_alg(token) {
+                    Some(_) => AuthError::WrongAlgorithm,
+                    None => AuthError::Malformed,
+                });
+            }
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
                 ErrorKind::InvalidAlgorithm
                 | ErrorKind::MissingAlgorithm
@@ -421,25 +435,31 @@ mod tests {
             }
             b.body(()).unwrap()
         };
+        let token = |r: &hyper::Request<()>| presented(r).token.map(Cow::into_owned);
         let r = req("/ws?a=1&token=abc", &[]);
-        assert_eq!(presented(&r).token, Some("abc"));
+        assert_eq!(token(&r).as_deref(), Some("abc"));
+        let r = req("/ws?token=a%2Eb%2ec", &[]);
+        assert_eq!(token(&r).as_deref(), Some("a.b.c"), "percent-decoded");
         let r = req("/ws", &[("authorization", "Bearer xyz")]);
-        assert_eq!(presented(&r).token, Some("xyz"));
+        assert_eq!(token(&r).as_deref(), Some("xyz"));
         let r = req("/ws", &[("sec-websocket-protocol", "wsgate, bearer.t.o.k")]);
-        let p = presented(&r);
-        assert_eq!(p.token, Some("t.o.k"));
-        assert_eq!(p.protocol.unwrap(), "wsgate");
-        let r = req("/ws", &[("sec-websocket-protocol", "bearer.t.o.k")]);
-        assert_eq!(presented(&r).protocol.unwrap(), "bearer.t.o.k");
-        let r = req("/ws", &[("sec-websocket-protocol", "mqtt, bearer.t.o.k")]);
-        assert_eq!(presented(&r).protocol.unwrap(), "bearer.t.o.k");
+        assert_eq!(token(&r).as_deref(), Some("t.o.k"));
+        assert_eq!(presented(&r).protocol.unwrap(), "wsgate");
+        for offer in ["bearer.t.o.k", "mqtt, bearer.t.o.k"] {
+            let r = req("/ws", &[("sec-websocket-protocol", offer)]);
+            assert_eq!(token(&r).as_deref(), Some("t.o.k"));
+            assert!(
+                presented(&r).protocol.is_none(),
+                "the token entry is never echoed back"
+            );
+        }
         let r = req("/ws?token=abc", &[("sec-websocket-protocol", "mqtt")]);
         assert!(
             presented(&r).protocol.is_none(),
             "a protocol we do not speak is not answered"
         );
         let r = req("/ws", &[("authorization", "BEARER xyz")]);
-        assert_eq!(presented(&r).token, Some("xyz"));
+        assert_eq!(token(&r).as_deref(), Some("xyz"));
         let r = req("/ws", &[]);
         assert!(presented(&r).token.is_none() && presented(&r).protocol.is_none());
     }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -152,12 +152,13 @@ impl RateLimiter {
     }
 }
 
-/// Why an upgrade was refused before authentication.
+/// Why a connection was refused before authentication.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// `max_connections` reached: 503.
+    /// Every file descriptor is taken (a socket at accept), or `max_connections` WebSockets are
+    /// open (an upgrade): 503.
     ServerFull,
-    /// `max_connections_per_ip` reached: 429.
+    /// `max_connections_per_ip` connections from this address (or IPv6 /64): 429.
     TooManyConnections,
     /// `max_handshakes_per_ip` per second exceeded: 429.
     TooManyHandshakes,
@@ -173,8 +174,21 @@ impl Refusal {
     }
 }
 
+/// The address per-IP limits count against: the IPv4 address, or the IPv6 /64 (one subscriber
+/// usually holds a whole /64 and can rotate through it).
+pub fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
 struct PerIp {
-    connections: u32,
+    /// Open sockets from this address: plain HTTP and WebSocket alike.
+    sockets: u32,
     handshakes: Bucket,
 }
 
@@ -182,23 +196,31 @@ const STRIPES: usize = 64;
 /// A stripe this big is swept of idle addresses.
 const SWEEP_AT: usize = 4096;
 
-/// Connection admission, shared by all shards. Touched at upgrades and closes only.
+/// Admission, shared by all shards, touched per connection (never per message). Two stages:
+/// every accepted socket is admitted (per-address cap, and the process's file descriptors), and
+/// a WebSocket upgrade is admitted again (per-address handshake rate, `max_connections`).
 pub struct Admission {
-    max_total: usize,
+    max_sockets: usize,
+    max_websockets: usize,
     max_per_ip: u32,
     handshake_rate: f32,
-    total: AtomicUsize,
+    sockets: AtomicUsize,
+    websockets: AtomicUsize,
     stripes: Box<[Mutex<HashMap<IpAddr, PerIp>>]>,
     epoch: Instant,
 }
 
 impl Admission {
-    pub fn new(config: &Config) -> Self {
+    /// Admission for up to `max_sockets` open sockets, of which at most `max_connections`
+    /// (from the configuration) WebSockets.
+    pub fn new(config: &Config, max_sockets: usize) -> Self {
         Admission {
-            max_total: config.max_connections,
+            max_sockets,
+            max_websockets: config.max_connections,
             max_per_ip: config.max_connections_per_ip,
             handshake_rate: config.max_handshakes_per_ip,
-            total: AtomicUsize::new(0),
+            sockets: AtomicUsize::new(0),
+            websockets: AtomicUsize::new(0),
             stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
             epoch: Instant::now(),
         }
@@ -214,49 +236,97 @@ impl Admission {
         self.epoch.elapsed().as_millis() as u32
     }
 
-    /// Admits one more connection from `ip`, or says why not. The caller must [`release`] an
-    /// admitted connection when it ends.
-    ///
-    /// [`release`]: Admission::release
-    pub fn admit(&self, ip: IpAddr) -> Result<(), Refusal> {
+    /// Runs `f` on the entry of `ip`'s address, created (with a full handshake budget) if new.
+    fn with_entry<R>(&self, ip: IpAddr, f: impl FnOnce(&mut PerIp, u32) -> R) -> R {
+        let ip = ip_key(ip);
         let now_ms = self.now_ms();
         let burst = self.handshake_rate.max(1.0);
         let mut stripe = self.stripe(&ip).lock().unwrap_or_else(|e| e.into_inner());
         if stripe.len() > SWEEP_AT {
-            // Addresses with no connection whose handshake budget is back to full are forgotten.
+            // Addresses with no socket whose handshake budget is back to full are forgotten.
             stripe.retain(|_, e| {
                 let mut probe = e.handshakes;
-                e.connections > 0 || !probe.take(burst, self.handshake_rate, burst, now_ms)
+                e.sockets > 0 || !probe.take(burst, self.handshake_rate, burst, now_ms)
             });
         }
         let entry = stripe.entry(ip).or_insert_with(|| PerIp {
-            connections: 0,
+            sockets: 0,
             handshakes: Bucket::full(burst, now_ms),
         });
-        if !entry
-            .handshakes
-            .take(1.0, self.handshake_rate, burst, now_ms)
-        {
-            return Err(Refusal::TooManyHandshakes);
-        }
-        if entry.connections >= self.max_per_ip {
-            return Err(Refusal::TooManyConnections);
-        }
-        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
-            self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::ServerFull);
-        }
-        entry.connections += 1;
-        Ok(())
+        f(entry, now_ms)
     }
 
-    /// Gives back an admitted connection's place.
-    pub fn release(&self, ip: IpAddr) {
-        self.total.fetch_sub(1, Ordering::AcqRel);
+    /// Admits a freshly accepted socket from `ip`, or says why not. The caller must
+    /// [`release_socket`] an admitted socket when it closes.
+    ///
+    /// [`release_socket`]: Admission::release_socket
+    pub fn admit_socket(&self, ip: IpAddr) -> Result<(), Refusal> {
+        self.admit_socket_within(ip, self.max_sockets)
+    }
+
+    /// Admits a socket in the place of one being closed to make room for it (an idle HTTP
+    /// connection just evicted), which may not have given its place back yet.
+    pub fn admit_socket_replacing(&self, ip: IpAddr) -> Result<(), Refusal> {
+        self.admit_socket_within(ip, usize::MAX)
+    }
+
+    fn admit_socket_within(&self, ip: IpAddr, max_sockets: usize) -> Result<(), Refusal> {
+        self.with_entry(ip, |entry, _| {
+            if entry.sockets >= self.max_per_ip {
+                return Err(Refusal::TooManyConnections);
+            }
+            if self.sockets.fetch_add(1, Ordering::AcqRel) >= max_sockets {
+                self.sockets.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal::ServerFull);
+            }
+            entry.sockets += 1;
+            Ok(())
+        })
+    }
+
+    /// Gives back an admitted socket's place.
+    pub fn release_socket(&self, ip: IpAddr) {
+        self.sockets.fetch_sub(1, Ordering::AcqRel);
+        let ip = ip_key(ip);
         let mut stripe = self.stripe(&ip).lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = stripe.get_mut(&ip) {
-            entry.connections = entry.connections.saturating_sub(1);
+            entry.sockets = entry.sockets.saturating_sub(1);
         }
+    }
+
+    /// Admits an admitted socket's WebSocket upgrade. The caller must [`release_upgrade`] an
+    /// admitted upgrade when the WebSocket closes (or the upgrade does not happen).
+    ///
+    /// [`release_upgrade`]: Admission::release_upgrade
+    pub fn admit_upgrade(&self, ip: IpAddr) -> Result<(), Refusal> {
+        self.with_entry(ip, |entry, now_ms| {
+            let burst = self.handshake_rate.max(1.0);
+            if !entry
+                .handshakes
+                .take(1.0, self.handshake_rate, burst, now_ms)
+            {
+                return Err(Refusal::TooManyHandshakes);
+            }
+            if self.websockets.fetch_add(1, Ordering::AcqRel) >= self.max_websockets {
+                self.websockets.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal::ServerFull);
+            }
+            Ok(())
+        })
+    }
+
+    pub fn release_upgrade(&self) {
+        self.websockets.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Open sockets (plain HTTP and WebSocket).
+    pub fn sockets(&self) -> usize {
+        self.sockets.load(Ordering::Acquire)
+    }
+
+    /// Whether fewer than `spare` sockets are left before the descriptor limit.
+    pub fn sockets_short(&self, spare: usize) -> bool {
+        self.sockets() + spare >= self.max_sockets
     }
 }
 
@@ -305,22 +375,46 @@ mod tests {
     }
 
     #[test]
-    fn admission_caps_per_address_and_overall() {
+    fn admission_caps_sockets_per_address_and_overall_and_websockets_apart() {
         let config = Config {
-            max_connections: 3,
+            max_connections: 2,
             max_connections_per_ip: 2,
             max_handshakes_per_ip: 1000.0,
             ..Config::default()
         };
-        let admission = Admission::new(&config);
+        let admission = Admission::new(&config, 3);
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        admission.admit(a).unwrap();
-        admission.admit(a).unwrap();
-        assert_eq!(admission.admit(a).err(), Some(Refusal::TooManyConnections));
-        admission.admit(b).unwrap();
-        assert_eq!(admission.admit(b).err(), Some(Refusal::ServerFull));
-        admission.release(a);
-        assert!(admission.admit(b).is_ok());
+        admission.admit_socket(a).unwrap();
+        admission.admit_socket(a).unwrap();
+        assert_eq!(admission.admit_socket(a), Err(Refusal::TooManyConnections));
+        admission.admit_socket(b).unwrap();
+        assert_eq!(admission.admit_socket(b), Err(Refusal::ServerFull));
+        // In the place of an evicted socket, even at the limit (the per-address cap holds).
+        admission.admit_socket_replacing(b).unwrap();
+        assert_eq!(
+            admission.admit_socket_replacing(a),
+            Err(Refusal::TooManyConnections)
+        );
+        admission.release_socket(a);
+        admission.release_socket(b);
+        assert!(admission.admit_socket(a).is_ok());
+        // Upgrades: the WebSocket cap is separate.
+        admission.admit_upgrade(a).unwrap();
+        admission.admit_upgrade(b).unwrap();
+        assert_eq!(admission.admit_upgrade(b), Err(Refusal::ServerFull));
+        admission.release_upgrade();
+        assert!(admission.admit_upgrade(b).is_ok());
+    }
+
+    #[test]
+    fn ipv6_addresses_count_per_slash_64() {
+        let one: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(ip_key(one), ip_key(same_64));
+        assert_ne!(ip_key(one), ip_key(other_64));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(ip_key(mapped), "10.0.0.1".parse::<IpAddr>().unwrap());
     }
 
     #[test]
@@ -330,11 +424,11 @@ mod tests {
             max_handshakes_per_ip: 2.0,
             ..Config::default()
         };
-        let admission = Admission::new(&config);
+        let admission = Admission::new(&config, 100);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
-        admission.admit(a).unwrap();
-        admission.admit(a).unwrap();
-        assert_eq!(admission.admit(a).err(), Some(Refusal::TooManyHandshakes));
-        assert!(admission.admit("10.0.0.9".parse().unwrap()).is_ok());
+        admission.admit_upgrade(a).unwrap();
+        admission.admit_upgrade(a).unwrap();
+        assert_eq!(admission.admit_upgrade(a), Err(Refusal::TooManyHandshakes));
+        assert!(admission.admit_upgrade("10.0.0.9".parse().unwrap()).is_ok());
     }
 }

@@ -10,6 +10,7 @@ use crate::auth::{AuthError, Authenticator, Identity};
 use crate::backplane::{Backplane, Publication};
 use crate::close::CloseCode;
 use crate::config::Config;
+use crate::http::idle::HttpConnections;
 use crate::limits::{Admission, Refusal};
 use crate::rooms::RoomDirectory;
 
@@ -27,12 +28,20 @@ pub struct Node {
     pub anonymous: Arc<Identity>,
     pub counters: Counters,
     pub admission: Admission,
+    /// Plain HTTP connections, for closing the longest idle first when descriptors run short.
+    pub http: HttpConnections,
     /// Set when shutdown begins: upgrades are refused, `/readyz` fails, connections get 1001.
     pub draining: AtomicBool,
 }
 
 impl Node {
-    pub fn new(config: Arc<Config>, backplane: Arc<dyn Backplane>) -> Result<Self, String> {
+    /// A node for `config` (whose `max_connections` is already resolved) that may hold up to
+    /// `max_sockets` sockets.
+    pub fn new(
+        config: Arc<Config>,
+        backplane: Arc<dyn Backplane>,
+        max_sockets: usize,
+    ) -> Result<Self, String> {
         Ok(Node {
             rooms: RoomDirectory::new(config.shards),
             connections: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
@@ -40,7 +49,8 @@ impl Node {
             auth: Authenticator::from_config(&config)?,
             anonymous: Arc::new(Identity::anonymous()),
             counters: Counters::default(),
-            admission: Admission::new(&config),
+            admission: Admission::new(&config, max_sockets),
+            http: HttpConnections::default(),
             draining: AtomicBool::new(false),
             config,
             backplane,
@@ -90,7 +100,8 @@ pub struct Counters {
     pub origin_refused: AtomicU64,
     /// Upgrades refused with 503 while draining.
     pub draining_refused: AtomicU64,
-    /// Upgrades refused by admission: server full (503), per-IP connections or handshakes (429).
+    /// Sockets or upgrades refused by admission: server full (503), per-IP connections or
+    /// handshakes (429).
     pub server_full: AtomicU64,
     pub ip_connections_refused: AtomicU64,
     pub ip_handshakes_refused: AtomicU64,
@@ -103,6 +114,14 @@ pub struct Counters {
     pub memory_pressure: AtomicU64,
     /// Publications dropped because a shard's inbox was past `max_shard_inbox_bytes`.
     pub inbox_dropped: AtomicU64,
+    /// Idle plain HTTP connections closed to make room for new ones.
+    pub http_evicted: AtomicU64,
+    /// Requests answered 400 or 431: a malformed or oversized head, a malformed upgrade.
+    pub bad_requests: AtomicU64,
+    /// Connections dropped for not sending a request head within `handshake_timeout`.
+    pub handshake_timeouts: AtomicU64,
+    /// `accept` failures (typically out of file descriptors), each followed by a back-off.
+    pub accept_errors: AtomicU64,
     /// Connections closed with 1008 for flooding past their strikes.
     pub flood_closed: AtomicU64,
     /// Connections closed with 1008 because their outbound queue passed `max_queued_bytes`.
@@ -165,6 +184,10 @@ impl Counters {
             "frames_rate_limited": get(&self.frames_rate_limited),
             "memory_pressure": get(&self.memory_pressure),
             "inbox_dropped": get(&self.inbox_dropped),
+            "http_evicted": get(&self.http_evicted),
+            "bad_requests": get(&self.bad_requests),
+            "handshake_timeouts": get(&self.handshake_timeouts),
+            "accept_errors": get(&self.accept_errors),
             "flood_closed": get(&self.flood_closed),
             "slow_consumers_closed": get(&self.slow_consumers),
             "dropped_messages": get(&self.dropped_messages),

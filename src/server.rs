@@ -2,7 +2,7 @@
 //! spreads new connections over the shards), one thread and current-thread runtime per shard.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,14 +11,15 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backplane::Publication;
 use crate::backplane::memory::{Inbox, MemoryBackplane};
 use crate::config::Config;
+use crate::limits::Refusal;
 use crate::node::Node;
 use crate::shard::Shard;
 use crate::{heartbeat, http};
@@ -26,12 +27,28 @@ use crate::{heartbeat, http};
 /// File descriptors kept back from the open-files limit for listeners, the runtime and logs.
 const RESERVED_FDS: u64 = 64;
 
-/// How many connections this process can hold: one file descriptor each, within the soft
-/// open-files limit (which `wsgate` raises to the hard limit at start).
-pub fn connection_capacity() -> usize {
+/// How many sockets this process can hold: one file descriptor each, within the soft open-files
+/// limit (which `wsgate` raises to the hard limit at start).
+pub fn socket_capacity() -> usize {
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
     soft.saturating_sub(RESERVED_FDS) as usize
 }
+
+/// Sockets kept for plain HTTP (health probes, the test page) when WebSockets have taken the
+/// rest: `max_connections` defaults to the socket capacity less these.
+fn probe_reserve(sockets: usize) -> usize {
+    (sockets / 64).clamp(4, 256)
+}
+
+/// How many WebSocket connections this process accepts by default: its socket capacity less a
+/// reserve for probes.
+pub fn connection_capacity() -> usize {
+    let sockets = socket_capacity();
+    sockets - probe_reserve(sockets).min(sockets / 2)
+}
+
+/// Back-off after a failed `accept`, doubling up to the maximum while failures go on.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 
 /// A running gateway. Dropping it does not stop it: call [`Gateway::shutdown`] and [`Gateway::join`].
 pub struct Gateway {
@@ -59,7 +76,8 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
         listeners.push(bind(local_addr, config.backlog)?);
     }
     let (backplane, inboxes) = MemoryBackplane::new(config.shards, config.max_shard_inbox_bytes);
-    let node = Node::new(config.clone(), Arc::new(backplane)).map_err(io::Error::other)?;
+    let node = Node::new(config.clone(), Arc::new(backplane), socket_capacity())
+        .map_err(io::Error::other)?;
     let node = Arc::new(node);
     if node.auth.dev_mode() {
         warn!(
@@ -264,18 +282,49 @@ async fn drain(shard: &Shard, inbox: &mut Inbox) {
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    let mut backoff = ACCEPT_BACKOFF.0;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::task::spawn_local(http::serve(shard.clone(), stream, peer.ip()));
+                backoff = ACCEPT_BACKOFF.0;
+                admit(&shard, stream, peer.ip());
             }
             Err(e) => {
-                // Typically EMFILE at the open-files limit: back off instead of spinning; the
-                // pending connections wait in the backlog.
-                warn!(shard = shard.index, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Typically EMFILE, out of file descriptors: make room by closing the longest
+                // idle HTTP connection, and back off instead of spinning; the pending connections
+                // wait in the backlog.
+                let node = &shard.node;
+                node.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
+                if node.http.evict_oldest_idle() {
+                    node.counters.http_evicted.fetch_add(1, Ordering::Relaxed);
+                }
+                debug!(shard = shard.index, error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
             }
+        }
+    }
+}
+
+/// Admits an accepted socket (closing the longest idle HTTP connection to make room when every
+/// descriptor is taken), or answers 429/503 and closes it.
+fn admit(shard: &Rc<Shard>, stream: TcpStream, ip: IpAddr) {
+    let _ = stream.set_nodelay(true);
+    let node = &shard.node;
+    let admitted = match node.admission.admit_socket(ip) {
+        Err(Refusal::ServerFull) if node.http.evict_oldest_idle() => {
+            node.counters.http_evicted.fetch_add(1, Ordering::Relaxed);
+            node.admission.admit_socket_replacing(ip)
+        }
+        admitted => admitted,
+    };
+    match admitted {
+        Ok(()) => {
+            tokio::task::spawn_local(http::serve(shard.clone(), stream, ip));
+        }
+        Err(refusal) => {
+            node.counters.admission_refused(refusal);
+            tokio::task::spawn_local(http::refuse(stream, refusal));
         }
     }
 }

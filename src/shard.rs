@@ -180,7 +180,8 @@ impl Shard {
             conn.outbound.clear(&mut state.queued);
             drop(guard);
             self.node.connections[self.index].fetch_sub(1, Ordering::Relaxed);
-            self.node.admission.release(conn.peer);
+            self.node.admission.release_upgrade();
+            self.node.admission.release_socket(conn.peer);
         }
     }
 

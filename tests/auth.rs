@@ -100,6 +100,27 @@ async fn bad_tokens_are_refused_with_401_naming_the_reason() {
         "algorithm_not_allowed"
     );
 
+    // Not valid before a time still to come.
+    let mut early = serde_json::to_value(&claims).unwrap();
+    early["nbf"] = json!(now_secs() + 3600);
+    let key = secret_key(TEST_SECRET);
+    let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &early, &key).unwrap();
+    assert_eq!(
+        refused_because(&gw, Some(&token)).await,
+        "token_not_yet_valid"
+    );
+
+    // Critical header extensions, which no verifier here understands (RFC 7515 §4.1.11).
+    let header = Header {
+        crit: Some(vec!["exp".into()]),
+        ..Header::new(Algorithm::HS256)
+    };
+    let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+    assert_eq!(
+        refused_because(&gw, Some(&token)).await,
+        "unsupported_critical_header"
+    );
+
     // No subject.
     let mut anonymous = claims_for("x", None, Duration::from_secs(60));
     anonymous.sub = None;
@@ -114,6 +135,8 @@ async fn bad_tokens_are_refused_with_401_naming_the_reason() {
     assert_eq!(auth["token_expired"], 1);
     assert_eq!(auth["bad_signature"], 1);
     assert_eq!(auth["bad_claims"], 1);
+    assert_eq!(auth["token_not_yet_valid"], 1);
+    assert_eq!(auth["unsupported_critical_header"], 1);
 }
 
 #[tokio::test]
@@ -228,14 +251,24 @@ async fn tokens_come_from_query_header_or_subprotocol() {
     let (_, response) = tokio_tungstenite::connect_async(request).await.unwrap();
     assert_eq!(response.headers()["sec-websocket-protocol"], "wsgate");
 
-    // Only the token offered: it is the one protocol the answer may name.
-    let mut request = gw.url("/ws").into_client_request().unwrap();
-    let offered = HeaderValue::from_str(&format!("bearer.{token}")).unwrap();
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", offered.clone());
-    let (_, response) = tokio_tungstenite::connect_async(request).await.unwrap();
-    assert_eq!(response.headers()["sec-websocket-protocol"], offered);
+    // Only the token offered: it authenticates, but is never echoed back (it would land in
+    // proxies' and browsers' logs of the response).
+    let upgrade = format!(
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: bearer.{token}\r\n"
+    );
+    let (status, head, _) = support::http_get(gw.addr, "/ws", &upgrade).await;
+    assert_eq!(status, 101, "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("sec-websocket-protocol"),
+        "{head}"
+    );
+    assert!(!head.contains(&token), "{head}");
+
+    // A token in the query string may be percent-encoded.
+    let encoded = token.replace('.', "%2E");
+    let mut by_encoded_query = Client::connect(&gw.url(&format!("/ws?token={encoded}"))).await;
+    by_encoded_query.join("r").await;
 }
 
 #[tokio::test]

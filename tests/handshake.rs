@@ -121,3 +121,102 @@ async fn frames_pipelined_behind_the_handshake_are_not_lost() {
     let mut raw = RawClient::from_stream_after_handshake(stream).await;
     assert_eq!(raw.read_frame().await, (true, 0x1, b"early bird".to_vec()));
 }
+
+const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n";
+const KEY: &str = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+/// Sends `request` as is and returns the status and the `error` of the JSON body.
+async fn raw_request(gw: &TestGateway, request: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(
+        support::PATIENCE,
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut response),
+    )
+    .await
+    .expect("an answer, then the connection closed")
+    .unwrap();
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").expect("a whole response");
+    let status = head[9..12].parse().unwrap();
+    let body: Value =
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("JSON body: {response}"));
+    (
+        status,
+        body["error"].as_str().expect("an error message").to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn upgrades_that_break_rfc_6455_are_400() {
+    let gw = TestGateway::start(1);
+    let cases = [
+        (
+            "a key that is not 16 bytes",
+            format!("{UPGRADE}Sec-WebSocket-Key: c2hvcnQ=\r\n"),
+        ),
+        (
+            "a key that is not base64",
+            format!("{UPGRADE}Sec-WebSocket-Key: !!!!!!!!!!!!!!!!!!!!!!==\r\n"),
+        ),
+        ("two keys", format!("{UPGRADE}{KEY}{KEY}")),
+        (
+            "two versions",
+            format!("{UPGRADE}{KEY}Sec-WebSocket-Version: 13\r\n"),
+        ),
+        (
+            "two origins",
+            format!("{UPGRADE}{KEY}Origin: https://a.example\r\nOrigin: https://b.example\r\n"),
+        ),
+    ];
+    for (what, headers) in &cases {
+        let (status, _, body) = http_get(gw.addr, "/ws", headers).await;
+        assert_eq!(status, 400, "{what}: {body}");
+        assert!(serde_json::from_str::<Value>(&body).unwrap()["error"].is_string());
+    }
+    // HTTP/1.0 cannot upgrade.
+    let request = format!("GET /ws HTTP/1.0\r\nHost: x\r\n{UPGRADE}{KEY}\r\n");
+    let (status, error) = raw_request(&gw, &request).await;
+    assert_eq!(
+        (status, error.as_str()),
+        (400, "WebSocket upgrades need HTTP/1.1")
+    );
+    let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["refused"]["bad_requests"], cases.len() + 1);
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_request_heads_get_json_answers() {
+    let gw = TestGateway::start(1);
+    let (status, error) = raw_request(&gw, "\x16\x03\x01 not http at all\r\n\r\n").await;
+    assert_eq!((status, error.as_str()), (400, "malformed HTTP request"));
+    let (status, error) = raw_request(&gw, "GET / HTTP/1.1\r\nBroken header line\r\n\r\n").await;
+    assert_eq!((status, error.as_str()), (400, "malformed HTTP request"));
+    let huge = format!("GET / HTTP/1.1\r\nX-Filler: {}\r\n\r\n", "a".repeat(40_000));
+    let (status, error) = raw_request(&gw, &huge).await;
+    assert_eq!(status, 431, "{error}");
+    let many: String = (0..150).map(|i| format!("X-{i}: y\r\n")).collect();
+    let (status, _) = raw_request(&gw, &format!("GET / HTTP/1.1\r\n{many}\r\n")).await;
+    assert_eq!(status, 431);
+}
+
+#[tokio::test]
+async fn the_echo_endpoint_can_be_turned_off() {
+    let gw = TestGateway::start_with(|c| c.echo_endpoint = false, 1);
+    let (status, _, body) = http_get(gw.addr, "/echo", &format!("{UPGRADE}{KEY}")).await;
+    assert_eq!(status, 404, "{body}");
+}
+
+#[tokio::test]
+async fn healthz_counters_can_be_kept_private() {
+    let gw = TestGateway::start_with(|c| c.healthz_detail = false, 1);
+    let (status, _, body) = http_get(gw.addr, "/healthz", "").await;
+    assert_eq!(status, 200);
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "ok");
+    assert!(health.get("refused").is_none(), "{health}");
+}

@@ -13,8 +13,10 @@ use tokio::net::TcpStream;
 const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
                        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
 
+/// The refusal counters, asked from another address than the clients' (whose per-address limits
+/// may be spent).
 async fn refused(gw: &TestGateway) -> Value {
-    let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
+    let (_, _, body) = support::http_get_from([127, 0, 0, 9], gw.addr, "/healthz", "").await;
     serde_json::from_str::<Value>(&body).unwrap()["refused"].clone()
 }
 
@@ -81,10 +83,13 @@ async fn per_ip_connection_and_handshake_caps_answer_429() {
     let gw = TestGateway::start_with(|c| c.max_connections_per_ip = 2, 1);
     let _a = gw.client().await;
     let _b = gw.client().await;
-    let (status, _, body) = http_get(gw.addr, "/ws", UPGRADE).await;
-    assert_eq!(status, 429, "{body}");
-    assert!(body.contains("too many connections"), "{body}");
-    assert_eq!(refused(&gw).await["ip_connections_refused"], 1);
+    // A third connection of any kind from the address is refused from `accept` on.
+    for path in ["/ws", "/healthz"] {
+        let (status, _, body) = http_get(gw.addr, path, UPGRADE).await;
+        assert_eq!(status, 429, "{body}");
+        assert!(body.contains("too many connections"), "{body}");
+    }
+    assert_eq!(refused(&gw).await["ip_connections_refused"], 2);
 
     let gw = TestGateway::start_with(|c| c.max_handshakes_per_ip = 3.0, 1);
     let mut statuses = Vec::new();

@@ -150,6 +150,11 @@ impl Client {
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("connects");
+        Client::from_stream(ws).await
+    }
+
+    /// A chat client on an upgraded connection, past its `connected` greeting.
+    pub async fn from_stream(ws: Ws) -> Client {
         let mut client = Client {
             ws,
             id: String::new(),
@@ -373,7 +378,19 @@ pub fn raw_frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8>
 /// A plain HTTP/1.1 GET; returns (status, headers, body). A `101 Switching Protocols` answer
 /// returns at once with an empty body (the connection stays open for WebSocket frames).
 pub async fn http_get(addr: SocketAddr, path: &str, extra_headers: &str) -> (u16, String, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+    http_get_from([127, 0, 0, 1], addr, path, extra_headers).await
+}
+
+/// [`http_get`] from the loopback address `source` (per-address limits see another client).
+pub async fn http_get_from(
+    source: [u8; 4],
+    addr: SocketAddr,
+    path: &str,
+    extra_headers: &str,
+) -> (u16, String, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra_headers}\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();

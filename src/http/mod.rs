@@ -4,15 +4,24 @@
 //! |------------|--------------------------------------------------------------|
 //! | `GET /`    | the test client page; a WebSocket upgrade here is the chat protocol |
 //! | `GET /ws`  | WebSocket upgrade: the JSON chat protocol                    |
-//! | `GET /echo`| WebSocket upgrade: raw echo (RFC 6455 conformance target)    |
-//! | `GET /healthz` | liveness and a few gauges, as JSON                       |
+//! | `GET /echo`| WebSocket upgrade: raw echo (RFC 6455 conformance target; `echo_endpoint`) |
+//! | `GET /healthz` | liveness, gauges and (`healthz_detail`) refusal counters, as JSON |
 //! | `GET /readyz`  | readiness: 503 once shutdown has begun                    |
 //! | `GET /dev/token?user=NAME` | dev mode only (no key configured): a 1-hour token |
+//!
+//! Every accepted socket is admitted first (per-address cap, file descriptors; see
+//! [`crate::limits::Admission`]). Its first request head is read by [`head`] (bounded in size and
+//! time, answered in JSON when bad), then hyper serves it; plain HTTP connections are registered in
+//! [`idle::HttpConnections`] so the longest idle go first when descriptors run short.
 //!
 //! After the upgrade, hyper's connection is taken apart back into the raw `TcpStream` plus the
 //! bytes hyper had read past the handshake, and the connection task takes over with its own
 //! framing: no per-connection read buffer survives the handshake.
 
+pub mod head;
+pub mod idle;
+
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -20,46 +29,117 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue, ORIGIN, SEC_WEBSOCKET_PROTOCOL, WWW_AUTHENTICATE};
+use hyper::header::{
+    CONTENT_TYPE, HeaderName, HeaderValue, ORIGIN, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL,
+    SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tracing::{debug, error, info};
+use tracing::{debug, error};
 
 use crate::limits::Refusal;
 use crate::shard::{Endpoint, SHUTDOWN_REASON, Shard};
 use crate::{auth, conn};
+use head::{HeadError, Prefixed};
 
-const TEST_PAGE: &str = include_str!("page/index.html");
+const TEST_PAGE: &str = include_str!("../page/index.html");
 
 type Body = Full<Bytes>;
 
-/// Serves one accepted TCP connection until it closes or is upgraded.
+/// Serves one accepted, admitted TCP connection until it closes or is upgraded, and gives its
+/// admission back unless a WebSocket connection took it over.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: IpAddr) {
-    let config = shard.node.config.clone();
-    let service = service_fn(move |req| {
-        let shard = shard.clone();
-        async move { Ok::<_, Infallible>(route(&shard, req, peer)) }
-    });
-    let result = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.handshake_timeout)
-        .max_buf_size(config.max_header_bytes)
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades()
-        .await;
-    if let Err(e) = result {
-        debug!(error = %e, "http connection ended with an error");
+    let upgraded = Cell::new(false);
+    serve_http(&shard, stream, peer, &upgraded).await;
+    if !upgraded.get() {
+        shard.node.admission.release_socket(peer);
     }
+}
+
+async fn serve_http(shard: &Rc<Shard>, stream: TcpStream, peer: IpAddr, upgraded: &Cell<bool>) {
+    let node = &shard.node;
+    let config = &node.config;
+    let registered = node.http.register();
+    let evicted = || {
+        node.counters.http_evicted.fetch_add(1, Ordering::Relaxed);
+        debug!(%peer, "idle HTTP connection closed to make room");
+    };
+    let first = tokio::select! {
+        head = head::read_first(&stream, config.max_header_bytes, config.handshake_timeout) => head,
+        _ = registered.evict.notified() => return evicted(),
+    };
+    let prefix = match first {
+        Ok(prefix) => prefix,
+        Err(HeadError::TooLarge) => {
+            node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            let message = "request head too large (see max_header_bytes)";
+            let response = head::error_response(431, "Request Header Fields Too Large", message);
+            return head::answer_and_close(stream, &response).await;
+        }
+        Err(HeadError::Malformed) => {
+            node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            let response = head::error_response(400, "Bad Request", "malformed HTTP request");
+            return head::answer_and_close(stream, &response).await;
+        }
+        Err(HeadError::TimedOut) => {
+            node.counters
+                .handshake_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Err(HeadError::Closed) => return,
+    };
+    let service = service_fn(|req| {
+        registered.busy();
+        let response = route(shard, req, peer);
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // The socket now belongs to the WebSocket connection, admission and all.
+            upgraded.set(true);
+        } else {
+            registered.idle();
+        }
+        async { Ok::<_, Infallible>(response) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        // Between requests: hyper's head timer starts when a keep-alive connection goes idle.
+        .header_read_timeout(config.http_idle_timeout)
+        .max_buf_size(config.max_header_bytes)
+        .serve_connection(TokioIo::new(Prefixed::new(prefix, stream)), service)
+        .with_upgrades();
+    tokio::select! {
+        result = connection => {
+            if let Err(e) = result {
+                debug!(error = %e, "http connection ended with an error");
+            }
+        }
+        _ = registered.evict.notified() => evicted(),
+    }
+}
+
+/// Answers a socket refused at accept, and closes it.
+pub async fn refuse(stream: TcpStream, refusal: Refusal) {
+    let (status, reason) = match refusal {
+        Refusal::ServerFull => (503, "Service Unavailable"),
+        Refusal::TooManyConnections | Refusal::TooManyHandshakes => (429, "Too Many Requests"),
+    };
+    head::answer_and_close(
+        stream,
+        &head::error_response(status, reason, refusal.message()),
+    )
+    .await;
 }
 
 fn route(shard: &Rc<Shard>, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
     let path = req.uri().path();
+    let config = &shard.node.config;
     match (req.method(), path) {
         (&Method::GET, "/") if fastwebsockets::upgrade::is_upgrade_request(&req) => {
             upgrade(shard, req, Endpoint::Chat, peer)
@@ -73,32 +153,42 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>, peer: IpAddr) -> Response<Bo
             res
         }
         (&Method::GET, "/ws") => upgrade(shard, req, Endpoint::Chat, peer),
-        (&Method::GET, "/echo") => upgrade(shard, req, Endpoint::Echo, peer),
-        (&Method::GET, "/healthz") => {
-            let node = &shard.node;
-            json(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "status": "ok",
-                    "connections": node.connection_count(),
-                    "queued_bytes": node.queued_bytes(),
-                    "rooms": node.rooms.room_count(),
-                    "shards": node.shards(),
-                    "refused": node.counters.snapshot(),
-                }),
-            )
+        (&Method::GET, "/echo") if config.echo_endpoint => {
+            upgrade(shard, req, Endpoint::Echo, peer)
         }
+        (&Method::GET, "/healthz") => json(StatusCode::OK, &health(shard)),
         (&Method::GET, "/dev/token") if shard.node.auth.dev_mode() => dev_token(shard, req.uri()),
         (&Method::GET, "/readyz") if shard.node.is_draining() => error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining: the server is shutting down",
         ),
         (&Method::GET, "/readyz") => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
-        (_, "/" | "/ws" | "/echo" | "/healthz" | "/readyz") => {
+        (_, "/" | "/ws" | "/healthz" | "/readyz") => {
+            error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        (_, "/echo") if config.echo_endpoint => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => error_response(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// `/healthz`: liveness, gauges, and the refusal counters when `healthz_detail` is on.
+fn health(shard: &Shard) -> serde_json::Value {
+    let node = &shard.node;
+    let mut health = serde_json::json!({
+        "status": "ok",
+        "connections": node.connection_count(),
+        "http_connections": node.http.len(),
+        "sockets": node.admission.sockets(),
+        "queued_bytes": node.queued_bytes(),
+        "rooms": node.rooms.room_count(),
+        "shards": node.shards(),
+    });
+    if node.config.healthz_detail {
+        health["refused"] = node.counters.snapshot();
+    }
+    health
 }
 
 /// Answers the upgrade and, once hyper lets go of the socket, runs the connection.
@@ -108,10 +198,9 @@ fn upgrade(
     endpoint: Endpoint,
     peer: IpAddr,
 ) -> Response<Body> {
-    if shard.node.is_draining() {
-        shard
-            .node
-            .counters
+    let node = &shard.node;
+    if node.is_draining() {
+        node.counters
             .draining_refused
             .fetch_add(1, Ordering::Relaxed);
         return error_response(StatusCode::SERVICE_UNAVAILABLE, SHUTDOWN_REASON);
@@ -125,11 +214,14 @@ fn upgrade(
             .insert("upgrade", HeaderValue::from_static("websocket"));
         return res;
     }
-    let node = &shard.node;
+    if let Err(problem) = check_upgrade_request(&req) {
+        node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+        return error_response(StatusCode::BAD_REQUEST, problem);
+    }
     // Before the (costlier) token check: the per-IP handshake rate protects it too.
-    if let Err(refusal) = node.admission.admit(peer) {
+    if let Err(refusal) = node.admission.admit_upgrade(peer) {
         node.counters.admission_refused(refusal);
-        info!(%peer, reason = refusal.message(), "upgrade refused");
+        debug!(%peer, reason = refusal.message(), "upgrade refused");
         let status = match refusal {
             Refusal::ServerFull => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::TooManyConnections | Refusal::TooManyHandshakes => {
@@ -140,9 +232,30 @@ fn upgrade(
     }
     let response = upgrade_admitted(shard, req, endpoint, peer);
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        node.admission.release(peer);
+        node.admission.release_upgrade();
     }
     response
+}
+
+/// What RFC 6455 §4.1 requires of an opening handshake beyond the upgrade headers: HTTP/1.1 or
+/// later, one `Sec-WebSocket-Key` that is 16 bytes in base64, one version, at most one `Origin`.
+fn check_upgrade_request<B>(req: &Request<B>) -> Result<(), &'static str> {
+    if req.version() < Version::HTTP_11 {
+        return Err("WebSocket upgrades need HTTP/1.1");
+    }
+    let headers = req.headers();
+    let once = |name: &HeaderName| headers.get_all(name).iter().count() <= 1;
+    if !once(&SEC_WEBSOCKET_KEY) || !once(&SEC_WEBSOCKET_VERSION) || !once(&ORIGIN) {
+        return Err("duplicate Sec-WebSocket-Key, Sec-WebSocket-Version or Origin header");
+    }
+    let key = headers
+        .get(SEC_WEBSOCKET_KEY)
+        .ok_or("missing Sec-WebSocket-Key header")?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(key.as_bytes());
+    if !decoded.is_ok_and(|k| k.len() == 16) {
+        return Err("Sec-WebSocket-Key must be 16 bytes in base64");
+    }
+    Ok(())
 }
 
 /// The upgrade of an admitted connection: the place is the connection's from here on, given back
@@ -163,18 +276,18 @@ fn upgrade_admitted(
             .any(|allowed| allowed.as_bytes() == origin.as_bytes())
     {
         node.counters.origin_refused.fetch_add(1, Ordering::Relaxed);
-        info!(origin = ?origin, "upgrade refused (403): origin not allowed");
+        debug!(origin = ?origin, "upgrade refused (403): origin not allowed");
         return error_response(StatusCode::FORBIDDEN, "origin not allowed");
     }
     let presented = auth::presented(&req);
-    let identity = match presented.token {
+    let identity = match presented.token.as_deref() {
         None if node.config.allow_anonymous => node.anonymous.clone(),
         token => match node.auth.authenticate(token) {
             Ok(identity) => Arc::new(identity),
             Err(e) => {
                 node.counters.auth_refused(e);
                 // The reason only: the token itself is never logged.
-                info!(reason = e.code(), "upgrade refused (401)");
+                debug!(reason = e.code(), "upgrade refused (401)");
                 let mut res = json(
                     StatusCode::UNAUTHORIZED,
                     &serde_json::json!({ "error": e.message(), "reason": e.code() }),
@@ -206,29 +319,30 @@ fn upgrade_admitted(
     }
     let shard = shard.clone();
     tokio::task::spawn_local(async move {
+        let give_back = |shard: &Shard| {
+            shard.node.admission.release_upgrade();
+            shard.node.admission.release_socket(peer);
+        };
         let upgraded = match upgrading.await {
             Ok(ws) => ws.into_inner().into_inner(),
             Err(e) => {
                 debug!(error = %e, "upgrade did not complete");
-                shard.node.admission.release(peer);
-                return;
+                return give_back(&shard);
             }
         };
         // Everything but the connection itself is dropped before the long await: whatever is
         // still in scope there stays in this task, for every connection, for its whole life.
-        let connection = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => conn::serve(
-                shard,
-                parts.io.into_inner(),
-                parts.read_buf,
-                endpoint,
-                identity,
-                peer,
-            ),
+        let connection = match upgraded.downcast::<TokioIo<Prefixed>>() {
+            Ok(parts) => {
+                let (stream, unread_prefix) = parts.io.into_inner().into_parts();
+                // What hyper read past the handshake, then what it never read of our prefix.
+                let mut preread = BytesMut::from(parts.read_buf);
+                preread.extend_from_slice(&unread_prefix);
+                conn::serve(shard, stream, preread.freeze(), endpoint, identity, peer)
+            }
             Err(_) => {
-                error!("upgraded connection is not a plain TCP stream");
-                shard.node.admission.release(peer);
-                return;
+                error!("upgraded connection is not the stream it was served on");
+                return give_back(&shard);
             }
         };
         connection.await;

@@ -1,0 +1,215 @@
+//! A connection's first request head, read by wsgate before hyper sees it: bounded in size
+//! (`max_header_bytes`) and time (`handshake_timeout`), and checked to parse, so that a
+//! slow-loris, an oversized head or garbage get an answer in wsgate's own JSON (hyper's own
+//! error answers have no body). What was read is then replayed to hyper through [`Prefixed`].
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Headers a request may have (as hyper's default).
+pub const MAX_HEADERS: usize = 100;
+
+/// Why a first request head was not handed to hyper.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HeadError {
+    /// Over `max_header_bytes`, or too many headers: 431.
+    TooLarge,
+    /// Not an HTTP/1.x request head: 400.
+    Malformed,
+    /// Not complete within `handshake_timeout`: the connection is dropped.
+    TimedOut,
+    /// The client hung up, or the socket failed.
+    Closed,
+}
+
+/// Reads from `stream` up to the end of the first request head; returns what was read (the head,
+/// and any bytes the client sent after it).
+pub async fn read_first(
+    stream: &TcpStream,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<Bytes, HeadError> {
+    let mut buf = BytesMut::new();
+    let reading = async {
+        loop {
+            stream.readable().await.map_err(|_| HeadError::Closed)?;
+            buf.reserve(4096.min(max_bytes + 1 - buf.len().min(max_bytes)).max(1));
+            let searched = buf.len().saturating_sub(3);
+            match stream.try_read_buf(&mut buf) {
+                Ok(0) => return Err(HeadError::Closed),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return Err(HeadError::Closed),
+            }
+            if let Some(end) = find_blank_line(&buf[searched..]) {
+                check(&buf[..searched + end])?;
+                return Ok(());
+            }
+            if buf.len() > max_bytes {
+                return Err(HeadError::TooLarge);
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, reading).await {
+        Ok(Ok(())) => Ok(buf.freeze()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(HeadError::TimedOut),
+    }
+}
+
+/// Where the head ends (just past its blank line) in `buf`, if it does.
+fn find_blank_line(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// Checks that `head` is a whole request head hyper will accept.
+pub fn check(head: &[u8]) -> Result<(), HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::Request::new(&mut headers).parse(head) {
+        Ok(httparse::Status::Complete(_)) => Ok(()),
+        Ok(httparse::Status::Partial) => Err(HeadError::Malformed),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(_) => Err(HeadError::Malformed),
+    }
+}
+
+/// A complete HTTP/1.1 response with a JSON error body that closes the connection: for answers
+/// given outside hyper.
+pub fn error_response(status: u16, reason: &str, message: &str) -> Vec<u8> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Writes `response` and closes the connection, reading (and discarding) what the client still
+/// sends for a moment first: closing a socket with unread input resets it, which can destroy the
+/// answer before the client reads it. Bounded in time and bytes: a client gets no more of ours.
+pub async fn answer_and_close(mut stream: TcpStream, response: &[u8]) {
+    let linger = async {
+        stream.write_all(response).await?;
+        stream.shutdown().await?;
+        let mut discard = [0u8; 4096];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut discard).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, linger).await;
+}
+
+/// How long, and how much, [`answer_and_close`] reads after its answer.
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// A `TcpStream` with bytes already read from it put back in front.
+pub struct Prefixed {
+    prefix: Bytes,
+    stream: TcpStream,
+}
+
+impl Prefixed {
+    pub fn new(prefix: Bytes, stream: TcpStream) -> Self {
+        Prefixed { prefix, stream }
+    }
+
+    /// The stream, and what of the prefix has not been read.
+    pub fn into_parts(self) -> (TcpStream, Bytes) {
+        (self.stream, self.prefix)
+    }
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_are_checked_as_hyper_would_take_them() {
+        assert_eq!(check(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Ok(()));
+        assert_eq!(check(b"GET / HTTP/1.0\r\n\r\n"), Ok(()));
+        assert_eq!(
+            check(b"\x16\x03\x01 garbage\r\n\r\n"),
+            Err(HeadError::Malformed)
+        );
+        assert_eq!(
+            check(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"),
+            Err(HeadError::Malformed)
+        );
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: y\r\n")).collect();
+        let head = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(check(head.as_bytes()), Err(HeadError::TooLarge));
+    }
+
+    #[test]
+    fn error_responses_are_complete_json_answers() {
+        let response = String::from_utf8(error_response(
+            431,
+            "Request Header Fields Too Large",
+            "too big",
+        ))
+        .unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 431 "));
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        assert_eq!(body, r#"{"error":"too big"}"#);
+    }
+}

@@ -220,64 +220,91 @@ impl Config {
             .merge(Env::prefixed("WSGATE_").ignore(&["config"]))
             .merge(Serialized::defaults(flags))
             .extract()
-            .map_err(|e| ConfigError(one_line(e)))?;
+            .map_err(|e| ConfigError(describe(e)))?;
         config.validate()?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, problem: &str| Err(ConfigError(format!("{key}: {problem}")));
+        // Names the key and echoes the value it was given.
+        let bad = |key: &str, value: &dyn std::fmt::Display, problem: &str| {
+            Err(ConfigError(format!("{key} = {value}: {problem}")))
+        };
         if !(1..=1024).contains(&self.shards) {
-            return bad("shards", "must be between 1 and 1024");
+            return bad("shards", &self.shards, "must be between 1 and 1024");
         }
         if !(125..=MAX_MESSAGE_SIZE_LIMIT).contains(&self.max_message_size) {
-            return bad("max_message_size", "must be between 125 bytes and 1 GiB");
+            return bad(
+                "max_message_size",
+                &self.max_message_size,
+                "must be between 125 bytes and 1 GiB",
+            );
         }
         if !(64 * 1024..=1 << 30).contains(&self.max_queued_bytes) {
-            return bad("max_queued_bytes", "must be between 64 KiB and 1 GiB");
+            return bad(
+                "max_queued_bytes",
+                &self.max_queued_bytes,
+                "must be between 64 KiB and 1 GiB",
+            );
         }
         if self.max_chat_message_chars == 0 {
-            return bad("max_chat_message_chars", "must be at least 1");
+            return bad("max_chat_message_chars", &0, "must be at least 1");
         }
         if self.max_rooms_per_connection == 0 {
-            return bad("max_rooms_per_connection", "must be at least 1");
+            return bad("max_rooms_per_connection", &0, "must be at least 1");
         }
         if self.max_header_bytes < 8192 {
-            return bad("max_header_bytes", "must be at least 8192");
+            return bad(
+                "max_header_bytes",
+                &self.max_header_bytes,
+                "must be at least 8192",
+            );
         }
         // Written to also refuse NaN.
-        if self.max_handshakes_per_ip.partial_cmp(&1.0) == Some(std::cmp::Ordering::Less)
-            || self.max_handshakes_per_ip.is_nan()
-        {
-            return bad("max_handshakes_per_ip", "must be at least 1");
+        if !(self.max_handshakes_per_ip >= 1.0) {
+            return bad(
+                "max_handshakes_per_ip",
+                &self.max_handshakes_per_ip,
+                "must be at least 1",
+            );
         }
-        if self.rate_limit_messages.is_nan()
-            || self.rate_limit_messages <= 0.0
-            || self.rate_limit_burst == 0
-        {
-            return bad("rate_limit_messages", "rate and burst must be positive");
+        if !(self.rate_limit_messages > 0.0) {
+            return bad(
+                "rate_limit_messages",
+                &self.rate_limit_messages,
+                "must be positive",
+            );
+        }
+        if self.rate_limit_burst == 0 {
+            return bad("rate_limit_burst", &0, "must be positive");
         }
         if let Some(burst) = self.rate_limit_burst_bytes
             && burst < self.max_message_size as u64
         {
             return bad(
                 "rate_limit_burst_bytes",
+                &burst,
                 &format!(
-                    "{burst} is less than max_message_size ({}): the largest messages would never \
-                     pass (leave it unset to follow max_message_size)",
+                    "less than max_message_size ({}): the largest messages would never pass \
+                     (leave it unset to follow max_message_size)",
                     self.max_message_size
                 ),
             );
         }
-        if self.rate_limit_frames.is_nan()
-            || self.rate_limit_frames <= 0.0
-            || self.rate_limit_frame_burst == 0
-        {
-            return bad("rate_limit_frames", "rate and burst must be positive");
+        if !(self.rate_limit_frames > 0.0) {
+            return bad(
+                "rate_limit_frames",
+                &self.rate_limit_frames,
+                "must be positive",
+            );
+        }
+        if self.rate_limit_frame_burst == 0 {
+            return bad("rate_limit_frame_burst", &0, "must be positive");
         }
         if self.max_total_queued_bytes < self.max_queued_bytes {
             return bad(
                 "max_total_queued_bytes",
+                &self.max_total_queued_bytes,
                 "must be at least max_queued_bytes (one connection's bound)",
             );
         }
@@ -288,14 +315,15 @@ impl Config {
             ("http_idle_timeout", self.http_idle_timeout),
         ] {
             if !(Duration::from_millis(10)..=Duration::from_secs(24 * 3600)).contains(&value) {
-                return bad(key, "must be between 10ms and 24h");
+                let shown = humantime::format_duration(value);
+                return bad(key, &shown, "must be between 10ms and 24h");
             }
         }
         if self.backlog == 0 {
-            return bad("backlog", "must be at least 1");
+            return bad("backlog", &0, "must be at least 1");
         }
         if let Err(e) = self.log.parse::<tracing_subscriber::EnvFilter>() {
-            return bad("log", &e.to_string());
+            return bad("log", &format!("{:?}", self.log), &e.to_string());
         }
         // Reads the key file, so a missing or wrong key stops start-up here.
         Authenticator::from_config(self).map_err(ConfigError)?;
@@ -319,20 +347,62 @@ impl Config {
     }
 }
 
-/// figment's errors can list several problems on several lines; start-up reports the first.
-fn one_line(errors: figment::Error) -> String {
+/// The first of figment's problems on one line, saying where the bad setting came from (the
+/// file and line, or the environment variable), and for a misspelt key the nearest real one.
+fn describe(errors: figment::Error) -> String {
     let first = errors
         .into_iter()
         .next()
         .expect("an error has at least one problem");
-    let mut line = first.kind.to_string();
-    if let Some(key) = first.path.last() {
-        line = format!("{key}: {line}");
-    }
-    if let Some(source) = &first.metadata {
-        line.push_str(&format!(" (from {})", source.name));
-    }
-    line.replace('\n', " ")
+    let (key, problem) = match &first.kind {
+        figment::error::Kind::UnknownField(field, known) => {
+            let problem = match nearest(field, known) {
+                Some(near) => format!("unknown key (did you mean `{near}`?)"),
+                None => "unknown key".to_owned(),
+            };
+            (field.clone(), problem)
+        }
+        kind => (
+            first.path.last().cloned().unwrap_or_default(),
+            kind.to_string(),
+        ),
+    };
+    let origin = match first.metadata.as_ref() {
+        Some(meta) => match &meta.source {
+            Some(figment::Source::File(path)) => match line_of(path, &key) {
+                Some(line) => format!("{}, line {line}: ", path.display()),
+                None => format!("{}: ", path.display()),
+            },
+            _ if meta.name.contains("environment") => {
+                format!("environment variable WSGATE_{}: ", key.to_uppercase())
+            }
+            _ => String::new(),
+        },
+        None => String::new(),
+    };
+    format!("{origin}{key}: {problem}").replace('\n', " ")
+}
+
+/// The known key closest to a misspelt one, if any is close.
+fn nearest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
+        .iter()
+        .map(|k| (strsim::levenshtein(key, k), *k))
+        .min()
+        .filter(|(distance, _)| *distance <= (key.len() / 3).max(2))
+        .map(|(_, k)| k)
+}
+
+/// The line of a TOML file on which `key` is set, if it can be found.
+fn line_of(path: &Path, key: &str) -> Option<usize> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .position(|line| {
+            line.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
 }
 
 #[cfg(test)]

@@ -1,3 +1,4 @@
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -142,6 +143,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(&config.log))
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: in files and log collectors they are noise.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     raise_open_files_limit();
 

@@ -4,7 +4,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use serde_json::{Value, json};
+use std::time::Duration;
+
+use serde_json::Value;
+use tracing::info;
 
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::backplane::{Backplane, Publication};
@@ -165,6 +168,44 @@ impl Counters {
         self.auth_refused[at].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Every counter but the per-reason authentication refusals, by its public name.
+    fn named(&self) -> [(&'static str, &AtomicU64); 21] {
+        [
+            ("origin_refused", &self.origin_refused),
+            ("draining_refused", &self.draining_refused),
+            ("server_full", &self.server_full),
+            ("ip_connections_refused", &self.ip_connections_refused),
+            ("ip_handshakes_refused", &self.ip_handshakes_refused),
+            ("rate_limited_messages", &self.rate_limited),
+            ("frames_rate_limited", &self.frames_rate_limited),
+            ("memory_pressure", &self.memory_pressure),
+            ("inbox_dropped", &self.inbox_dropped),
+            ("http_evicted", &self.http_evicted),
+            ("bad_requests", &self.bad_requests),
+            ("handshake_timeouts", &self.handshake_timeouts),
+            ("accept_errors", &self.accept_errors),
+            ("flood_closed", &self.flood_closed),
+            ("slow_consumers_closed", &self.slow_consumers),
+            ("dropped_messages", &self.dropped_messages),
+            ("heartbeat_timeouts", &self.heartbeat_timeouts),
+            ("tokens_expired", &self.tokens_expired),
+            ("protocol_errors", &self.protocol_errors),
+            ("invalid_utf8", &self.invalid_utf8),
+            ("messages_too_big", &self.messages_too_big),
+        ]
+    }
+
+    /// Every counter's value, flat (`auth_refused.<reason>` for authentication refusals).
+    pub fn values(&self) -> Vec<(String, u64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let auth = AuthError::ALL
+            .iter()
+            .zip(&self.auth_refused)
+            .map(|(e, c)| (format!("auth_refused.{}", e.code()), get(c)));
+        let named = self.named().map(|(name, c)| (name.to_owned(), get(c)));
+        auth.chain(named).collect()
+    }
+
     /// The counters as JSON, for `/healthz`.
     pub fn snapshot(&self) -> Value {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -173,29 +214,40 @@ impl Counters {
             .zip(&self.auth_refused)
             .map(|(e, c)| (e.code().to_owned(), get(c).into()))
             .collect();
-        json!({
-            "auth_refused": auth,
-            "origin_refused": get(&self.origin_refused),
-            "draining_refused": get(&self.draining_refused),
-            "server_full": get(&self.server_full),
-            "ip_connections_refused": get(&self.ip_connections_refused),
-            "ip_handshakes_refused": get(&self.ip_handshakes_refused),
-            "rate_limited_messages": get(&self.rate_limited),
-            "frames_rate_limited": get(&self.frames_rate_limited),
-            "memory_pressure": get(&self.memory_pressure),
-            "inbox_dropped": get(&self.inbox_dropped),
-            "http_evicted": get(&self.http_evicted),
-            "bad_requests": get(&self.bad_requests),
-            "handshake_timeouts": get(&self.handshake_timeouts),
-            "accept_errors": get(&self.accept_errors),
-            "flood_closed": get(&self.flood_closed),
-            "slow_consumers_closed": get(&self.slow_consumers),
-            "dropped_messages": get(&self.dropped_messages),
-            "heartbeat_timeouts": get(&self.heartbeat_timeouts),
-            "tokens_expired": get(&self.tokens_expired),
-            "protocol_errors": get(&self.protocol_errors),
-            "invalid_utf8": get(&self.invalid_utf8),
-            "messages_too_big": get(&self.messages_too_big),
-        })
+        let mut snapshot: serde_json::Map<String, Value> = self
+            .named()
+            .iter()
+            .map(|(name, c)| ((*name).to_owned(), get(c).into()))
+            .collect();
+        snapshot.insert("auth_refused".into(), auth.into());
+        snapshot.into()
+    }
+}
+
+/// Refusals and forced closes are logged as one line per interval with the count of each reason
+/// (exact totals stay in the counters), not one line per event: under an attack or a mass
+/// disconnect, per-event lines would let a client drive the log volume and stall the shards on
+/// the log writer's lock.
+pub async fn log_refusals(node: Arc<Node>, every: Duration) {
+    let mut last: Vec<(String, u64)> = node.counters.values();
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let now = node.counters.values();
+        let changed: Vec<String> = now
+            .iter()
+            .zip(&last)
+            .filter(|((_, new), (_, old))| new > old)
+            .map(|((name, new), (_, old))| format!("{name}={}", new - old))
+            .collect();
+        if !changed.is_empty() {
+            info!(
+                interval = ?every,
+                "refused or closed: {}",
+                changed.join(" ")
+            );
+        }
+        last = now;
     }
 }

@@ -20,7 +20,7 @@ use crate::backplane::Publication;
 use crate::backplane::memory::{Inbox, MemoryBackplane};
 use crate::config::Config;
 use crate::limits::Refusal;
-use crate::node::Node;
+use crate::node::{self, Node};
 use crate::shard::Shard;
 use crate::{heartbeat, http};
 
@@ -46,6 +46,9 @@ pub fn connection_capacity() -> usize {
     let sockets = socket_capacity();
     sockets - probe_reserve(sockets).min(sockets / 2)
 }
+
+/// How often refusals are logged (as counts by reason).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Back-off after a failed `accept`, doubling up to the maximum while failures go on.
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
@@ -218,10 +221,17 @@ fn run_shard(
         // The listener stays open while draining, so probes still get answers (`/readyz` 503).
         let accepting = tokio::task::spawn_local(accept_loop(shard.clone(), listener));
         let heartbeats = tokio::task::spawn_local(heartbeat::run(shard.clone()));
+        // One shard logs the node's refusals, aggregated.
+        let refusal_log = (index == 0).then(|| {
+            tokio::task::spawn_local(node::log_refusals(shard.node.clone(), REFUSAL_LOG_INTERVAL))
+        });
         deliver_until(&shard, &mut inbox, &shutdown).await;
         drain(&shard, &mut inbox).await;
         accepting.abort();
         heartbeats.abort();
+        if let Some(task) = refusal_log {
+            task.abort();
+        }
     });
 }
 

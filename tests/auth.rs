@@ -349,6 +349,52 @@ async fn an_unrefreshed_token_closes_with_4001_and_a_refresh_keeps_the_connectio
 }
 
 #[tokio::test]
+async fn a_refresh_applies_the_new_tokens_room_allow_list_and_name() {
+    let gw = gateway(|_| {});
+    let key = secret_key(TEST_SECRET);
+    let token = |name: &str, rooms: &[&str]| {
+        let mut claims = claims_for("u-7", Some(name), Duration::from_secs(600));
+        claims.rooms = Some(rooms.iter().map(|r| r.to_string()).collect());
+        sign(&claims, Algorithm::HS256, &key)
+    };
+    let mut ivy = Client::connect(&gw.url(&format!(
+        "/ws?token={}",
+        token("Ivy", &["team-a", "team-b"])
+    )))
+    .await;
+    let mut other = Client::connect(&gw.url(&format!("/ws?token={}", token_for("otto")))).await;
+    other.join("team-a").await;
+    other.join("team-b").await;
+    ivy.join("team-a").await;
+    ivy.join("team-b").await;
+    assert_eq!(other.expect("user_joined").await["userId"], "u-7");
+    other.expect("user_joined").await;
+
+    // The refreshed token no longer covers team-b, and renames the user.
+    ivy.send("refresh", json!({"token": token("Ivy R.", &["team-a"])}))
+        .await;
+    ivy.expect("token_refreshed").await;
+    let left = ivy.expect("room_left").await;
+    assert_eq!(left["room"], "team-b");
+    let notice = other.expect("user_left").await;
+    assert_eq!(
+        (&notice["room"], &notice["username"], &notice["userId"]),
+        (&json!("team-b"), &json!("Ivy"), &json!("u-7")),
+        "members are told as for any leave, under the name they knew"
+    );
+    ivy.send("chat_message", json!({"room": "team-b", "message": "x"}))
+        .await;
+    ivy.expect_error("Not a member of room: team-b").await;
+    ivy.send("join_room", json!({"room": "team-b"})).await;
+    ivy.expect_error("Not allowed to join room: team-b").await;
+    // Still in team-a, under the new name; the user id tells who it is whatever the name.
+    ivy.send("chat_message", json!({"room": "team-a", "message": "hi"}))
+        .await;
+    let said = other.expect("chat_message").await;
+    assert_eq!((&said["username"], &said["userId"]), (&json!("Ivy R."), &json!("u-7")));
+}
+
+#[tokio::test]
 async fn dev_mode_serves_tokens_and_a_configured_key_turns_it_off() {
     let dev = gateway(|c| c.jwt_secret = None);
     let (status, _, body) = http_get(dev.addr, "/dev/token?user=henry", "").await;

@@ -102,7 +102,13 @@ fn bad_values_stop_start_up_naming_the_key() {
     let err = refused(wsgate().env("WSGATE_CLOSE_TIMEOUT", "soon"));
     assert!(err.contains("close_timeout"), "{err}");
     let err = refused(wsgate().env("WSGATE_NO_SUCH_KEY", "1"));
-    assert!(err.contains("no_such_key"), "{err}");
+    assert!(err.contains("WSGATE_NO_SUCH_KEY") && err.contains("unknown key"), "{err}");
+    // The value given is echoed; a misspelt key gets the nearest real one, not a list of all.
+    let err = refused(wsgate().env("WSGATE_SHARDS", "0"));
+    assert!(err.contains("shards = 0"), "{err}");
+    let err = refused(wsgate().env("WSGATE_MAX_CONECTIONS", "5"));
+    assert!(err.contains("did you mean `max_connections`?"), "{err}");
+    assert!(!err.contains("heartbeat_mode"), "not every key listed: {err}");
     let err = refused(wsgate().env("WSGATE_JWT_SECRET", "short"));
     assert!(err.contains("jwt_secret"), "{err}");
     let err = refused(wsgate().env("WSGATE_JWT_PUBLIC_KEY_FILE", "/nonexistent.pem"));
@@ -117,4 +123,28 @@ fn bad_values_stop_start_up_naming_the_key() {
         Some(2),
         "clap's own usage errors exit 2 as well"
     );
+}
+
+#[test]
+fn file_errors_name_the_file_and_line() {
+    let dir = std::env::temp_dir().join(format!("wsgate-cli-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("wsgate.toml");
+    std::fs::write(&file, "# tuned\nshards = 2\nmax_mesage_size = 1024\n").unwrap();
+    let err = refused(wsgate().arg("--config").arg(&file));
+    let expected = format!("{}, line 3: max_mesage_size", file.display());
+    assert!(err.contains(&expected), "{err}");
+    assert!(err.contains("did you mean `max_message_size`?"), "{err}");
+    std::fs::write(&file, "shards = \"two\"\n").unwrap();
+    let err = refused(wsgate().arg("--config").arg(&file));
+    assert!(err.contains("line 1: shards") && err.contains("\"two\""), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn raising_the_message_size_alone_just_works() {
+    // The README's own example: the byte burst follows the message size unless set.
+    let config = print_config(wsgate().env("WSGATE_MAX_MESSAGE_SIZE", "1048576"));
+    assert_eq!(config["max_message_size"].as_integer(), Some(1 << 20));
+    assert_eq!(config["rate_limit_burst_bytes"].as_integer(), Some(1 << 20));
 }

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 pub struct GatewayProcess {
     child: Child,
     pub addr: SocketAddr,
+    log: std::path::PathBuf,
 }
 
 impl GatewayProcess {
@@ -46,7 +47,12 @@ impl GatewayProcess {
             })
             .parse()
             .unwrap();
-        GatewayProcess { child, addr }
+        GatewayProcess { child, addr, log }
+    }
+
+    /// What the gateway has logged so far (its stderr).
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {
@@ -80,6 +86,7 @@ impl Drop for GatewayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 

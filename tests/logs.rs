@@ -1,0 +1,55 @@
+//! Logs under attack: refusals are logged as counts per interval, not a line each.
+
+mod support;
+
+use std::time::Duration;
+
+use support::process::GatewayProcess;
+use support::{PATIENCE, http_get};
+
+const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+                       Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+
+#[tokio::test]
+async fn a_storm_of_refusals_is_logged_as_counts() {
+    let gateway = GatewayProcess::start(
+        &["--shards", "2"],
+        &[
+            ("WSGATE_LOG", "info"),
+            ("WSGATE_JWT_SECRET", support::TEST_SECRET),
+            ("WSGATE_MAX_HANDSHAKES_PER_IP", "1000000"),
+        ],
+        None,
+    );
+    const STORM: usize = 200;
+    for _ in 0..STORM {
+        let (status, _, _) = http_get(gateway.addr, "/ws?token=garbage", UPGRADE).await;
+        assert_eq!(status, 401);
+    }
+    // The counts of the storm, summed over the interval lines that report them.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let logs = gateway.logs();
+        let lines: Vec<&str> = logs.lines().filter(|l| l.contains("refused or closed")).collect();
+        let counted: usize = lines
+            .iter()
+            .filter_map(|l| l.split("auth_refused.malformed_token=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse::<usize>().ok())
+            .sum();
+        if counted == STORM {
+            assert!(
+                lines.len() < 10,
+                "a line per interval, not per refusal: {} lines",
+                lines.len()
+            );
+            assert!(!logs.contains("garbage"), "tokens are never logged");
+            assert!(!logs.contains('\x1b'), "no colour codes off a terminal");
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{counted} of {STORM} refusals logged:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -246,3 +246,161 @@ fn on_tick(shard: &Shard, now: Tick) {
 
 /// The close reason sent to a connection that did not answer a ping in time.
 pub const HEARTBEAT_TIMEOUT: &str = "heartbeat timeout";
+
+#[cfg(test)]
+mod tests {
+    //! The heartbeat policy on a fake clock: the wheel is driven tick by tick, and reads are
+    //! simulated by stamping `last_seen`.
+
+    use std::io::IoSlice;
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::auth::Identity;
+    use crate::backplane::memory::MemoryBackplane;
+    use crate::node::Node;
+
+    /// A one-shard node with 30 s heartbeats and a 10 s timeout: one tick a second.
+    fn shard(mode: HeartbeatMode) -> Shard {
+        let config = Config {
+            shards: 1,
+            heartbeat_mode: mode,
+            ..Config::default()
+        };
+        let (backplane, _inboxes) = MemoryBackplane::new(1, usize::MAX);
+        let node = Node::new(Arc::new(config), Arc::new(backplane), 1024).unwrap();
+        Shard::new(0, Arc::new(node))
+    }
+
+    fn connect(shard: &Shard, endpoint: Endpoint, identity: Identity) -> usize {
+        let key = shard.register(endpoint, Arc::new(identity), IpAddr::from([127, 0, 0, 1]));
+        take_queued(shard, key); // the greeting
+        key
+    }
+
+    /// Empties a connection's queue, as if written; returns the frames' opcodes and payloads.
+    fn take_queued(shard: &Shard, key: usize) -> Vec<(u8, Vec<u8>)> {
+        let mut guard = shard.state();
+        let state = &mut *guard;
+        let out = &mut state.conns[key].outbound;
+        let mut frames = Vec::new();
+        while !out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 16];
+            let n = out.slices(&mut slices);
+            let mut written = 0;
+            for frame in &slices[..n] {
+                frames.push((frame[0] & 0x0F, frame[2..].to_vec()));
+                written += frame.len();
+            }
+            out.advance(written, &mut state.queued);
+        }
+        frames
+    }
+
+    fn heard_from(shard: &Shard, key: usize, tick: Tick) {
+        shard.state().conns[key].liveness.last_seen = tick as u32;
+    }
+
+    #[test]
+    fn an_idle_connection_is_pinged_after_the_interval_and_closed_after_the_timeout() {
+        let shard = shard(HeartbeatMode::Frame);
+        let key = connect(&shard, Endpoint::Chat, Identity::anonymous());
+        for tick in 1..30 {
+            on_tick(&shard, tick);
+            assert!(take_queued(&shard, key).is_empty(), "tick {tick}");
+        }
+        on_tick(&shard, 30);
+        assert_eq!(take_queued(&shard, key), vec![(0x9, vec![])], "pinged");
+        for tick in 31..40 {
+            on_tick(&shard, tick);
+            assert!(take_queued(&shard, key).is_empty(), "tick {tick}");
+        }
+        on_tick(&shard, 40);
+        let mut close = vec![0x03, 0xe8];
+        close.extend_from_slice(HEARTBEAT_TIMEOUT.as_bytes());
+        assert_eq!(take_queued(&shard, key), vec![(0x8, close)]);
+        assert_eq!(
+            shard
+                .node
+                .counters
+                .heartbeat_timeouts
+                .load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn any_frame_answers_and_traffic_postpones_the_ping() {
+        let shard = shard(HeartbeatMode::Frame);
+        let key = connect(&shard, Endpoint::Echo, Identity::anonymous());
+        // Traffic at tick 20: no ping at 30, but at 50.
+        for tick in 1..50 {
+            if tick == 20 {
+                heard_from(&shard, key, tick);
+            }
+            on_tick(&shard, tick);
+            assert!(take_queued(&shard, key).is_empty(), "tick {tick}");
+        }
+        on_tick(&shard, 50);
+        assert_eq!(take_queued(&shard, key), vec![(0x9, vec![])]);
+        // Answered (any frame) at tick 55: not closed at 60, pinged again at 85.
+        for tick in 51..85 {
+            if tick == 55 {
+                heard_from(&shard, key, tick);
+            }
+            on_tick(&shard, tick);
+            assert!(take_queued(&shard, key).is_empty(), "tick {tick}");
+        }
+        on_tick(&shard, 85);
+        assert_eq!(take_queued(&shard, key), vec![(0x9, vec![])]);
+        assert_eq!(
+            shard
+                .node
+                .counters
+                .heartbeat_timeouts
+                .load(Ordering::Relaxed),
+            0
+        );
+    }
+
+    #[test]
+    fn json_mode_pings_chat_clients_with_the_seed_message_and_echo_clients_with_frames() {
+        let shard = shard(HeartbeatMode::Json);
+        let chat = connect(&shard, Endpoint::Chat, Identity::anonymous());
+        let echo = connect(&shard, Endpoint::Echo, Identity::anonymous());
+        for tick in 1..=30 {
+            on_tick(&shard, tick);
+        }
+        let pinged = take_queued(&shard, chat);
+        assert_eq!(pinged.len(), 1);
+        assert_eq!(pinged[0].0, 0x1);
+        let ping: serde_json::Value = serde_json::from_slice(&pinged[0].1).unwrap();
+        assert_eq!(ping["type"], "ping");
+        assert!(ping["timestamp"].as_u64().unwrap() > 1_600_000_000_000);
+        assert_eq!(take_queued(&shard, echo), vec![(0x9, vec![])]);
+    }
+
+    #[test]
+    fn an_expired_token_closes_with_4001_even_with_traffic() {
+        // The expiry is read from the wall clock: this token is past its `exp` and the 10 s
+        // leeway already, and is due on the first tick.
+        let shard = shard(HeartbeatMode::Frame);
+        let expired = Identity {
+            expires_at: Some(auth::now_secs() - 11),
+            ..Identity::anonymous()
+        };
+        let key = connect(&shard, Endpoint::Chat, expired);
+        heard_from(&shard, key, 1);
+        on_tick(&shard, 1);
+        let queued = take_queued(&shard, key);
+        assert_eq!(queued.len(), 1, "{queued:?}");
+        assert_eq!(queued[0].0, 0x8);
+        assert_eq!(queued[0].1[..2], 4001u16.to_be_bytes());
+        assert_eq!(&queued[0].1[2..], b"token expired");
+        assert_eq!(
+            shard.node.counters.tokens_expired.load(Ordering::Relaxed),
+            1
+        );
+    }
+}

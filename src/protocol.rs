@@ -125,6 +125,17 @@ impl Serialize for ClientId {
     }
 }
 
+/// Every `type` a client may send, as [`read_message`] knows them.
+pub const CLIENT_MESSAGE_TYPES: [&str; 7] = [
+    "join_room",
+    "leave_room",
+    "chat_message",
+    "typing",
+    "echo",
+    "pong",
+    "refresh",
+];
+
 /// Reads one message out of a parsed tape.
 pub fn read_message<'t, 'i>(tape: &'t Tape<'i>) -> Result<ClientMessage<'t, 'i>, ErrorReply<'i>> {
     let root = tape.as_value();
@@ -318,6 +329,18 @@ mod tests {
             r#"Typing { room: "r", is_typing: true }"#
         );
         assert_eq!(parse_debug(r#"{"type":"pong"}"#), "Pong");
+    }
+
+    #[test]
+    fn every_listed_type_is_read_and_no_other() {
+        for kind in CLIENT_MESSAGE_TYPES {
+            let json = format!(r#"{{"type":"{kind}"}}"#);
+            assert!(
+                !parse_debug(&json).starts_with("error: Unknown message type"),
+                "{kind}"
+            );
+        }
+        assert!(parse_debug(r#"{"type":"dance"}"#).starts_with("error: Unknown message type"));
     }
 
     #[test]

@@ -391,7 +391,10 @@ async fn a_refresh_applies_the_new_tokens_room_allow_list_and_name() {
     ivy.send("chat_message", json!({"room": "team-a", "message": "hi"}))
         .await;
     let said = other.expect("chat_message").await;
-    assert_eq!((&said["username"], &said["userId"]), (&json!("Ivy R."), &json!("u-7")));
+    assert_eq!(
+        (&said["username"], &said["userId"]),
+        (&json!("Ivy R."), &json!("u-7"))
+    );
 }
 
 #[tokio::test]

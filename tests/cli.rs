@@ -102,13 +102,19 @@ fn bad_values_stop_start_up_naming_the_key() {
     let err = refused(wsgate().env("WSGATE_CLOSE_TIMEOUT", "soon"));
     assert!(err.contains("close_timeout"), "{err}");
     let err = refused(wsgate().env("WSGATE_NO_SUCH_KEY", "1"));
-    assert!(err.contains("WSGATE_NO_SUCH_KEY") && err.contains("unknown key"), "{err}");
+    assert!(
+        err.contains("WSGATE_NO_SUCH_KEY") && err.contains("unknown key"),
+        "{err}"
+    );
     // The value given is echoed; a misspelt key gets the nearest real one, not a list of all.
     let err = refused(wsgate().env("WSGATE_SHARDS", "0"));
     assert!(err.contains("shards = 0"), "{err}");
     let err = refused(wsgate().env("WSGATE_MAX_CONECTIONS", "5"));
     assert!(err.contains("did you mean `max_connections`?"), "{err}");
-    assert!(!err.contains("heartbeat_mode"), "not every key listed: {err}");
+    assert!(
+        !err.contains("heartbeat_mode"),
+        "not every key listed: {err}"
+    );
     let err = refused(wsgate().env("WSGATE_JWT_SECRET", "short"));
     assert!(err.contains("jwt_secret"), "{err}");
     let err = refused(wsgate().env("WSGATE_JWT_PUBLIC_KEY_FILE", "/nonexistent.pem"));
@@ -137,7 +143,10 @@ fn file_errors_name_the_file_and_line() {
     assert!(err.contains("did you mean `max_message_size`?"), "{err}");
     std::fs::write(&file, "shards = \"two\"\n").unwrap();
     let err = refused(wsgate().arg("--config").arg(&file));
-    assert!(err.contains("line 1: shards") && err.contains("\"two\""), "{err}");
+    assert!(
+        err.contains("line 1: shards") && err.contains("\"two\""),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

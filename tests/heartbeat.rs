@@ -1,5 +1,7 @@
-//! Heartbeats: idle connections are pinged, any inbound frame counts as an answer, and a peer that
-//! stays silent is closed and cleaned up.
+//! Heartbeats over real sockets: idle connections are pinged, any inbound frame counts as an
+//! answer, and a peer that stays silent is closed and cleaned up. (The policy itself, tick by
+//! tick, is tested on a fake clock in `src/heartbeat.rs`; the windows here are wide, so a loaded
+//! machine's delays cannot pass for silence.)
 
 mod support;
 
@@ -14,7 +16,7 @@ use wsgate::heartbeat::HeartbeatMode;
 fn fast_heartbeats(mode: HeartbeatMode) -> impl FnOnce(&mut wsgate::Config) {
     move |c| {
         c.heartbeat_interval = Duration::from_millis(150);
-        c.heartbeat_timeout = Duration::from_millis(150);
+        c.heartbeat_timeout = Duration::from_secs(1);
         c.heartbeat_mode = mode;
         c.close_timeout = Duration::from_millis(300);
     }
@@ -31,7 +33,8 @@ async fn a_client_that_answers_pings_stays_connected() {
     let mut client = gw.client().await;
     // tokio-tungstenite answers pings by itself while it is polled.
     let mut pings = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    // A ping every interval, checked for an answer after the timeout: about one a second here.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(2500);
     while let Ok(msg) = tokio::time::timeout_at(deadline, client.ws.next()).await {
         match msg.expect("open").expect("no error") {
             Message::Ping(_) => pings += 1,
@@ -39,8 +42,8 @@ async fn a_client_that_answers_pings_stays_connected() {
         }
     }
     assert!(
-        pings >= 3,
-        "an idle connection is pinged every interval ({pings} pings)"
+        pings >= 2,
+        "an idle connection is pinged again and again ({pings} pings)"
     );
     client.send("echo", json!(1)).await;
     assert_eq!(client.expect("echo").await["payload"], 1);
@@ -49,16 +52,7 @@ async fn a_client_that_answers_pings_stays_connected() {
 
 #[tokio::test]
 async fn any_inbound_frame_counts_as_alive() {
-    // A wider margin than the other tests (data every 100 ms, 400 ms to answer a ping), so a
-    // loaded machine's scheduling delays cannot pass for silence.
-    let gw = TestGateway::start_with(
-        |c| {
-            c.heartbeat_interval = Duration::from_millis(150);
-            c.heartbeat_timeout = Duration::from_millis(400);
-            c.heartbeat_mode = HeartbeatMode::Frame;
-        },
-        1,
-    );
+    let gw = TestGateway::start_with(fast_heartbeats(HeartbeatMode::Frame), 1);
     let mut raw = RawClient::connect(gw.addr, "/echo").await;
     // Never a pong: only data, more often than the interval.
     for i in 0..15u8 {

@@ -30,7 +30,10 @@ async fn a_storm_of_refusals_is_logged_as_counts() {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let logs = gateway.logs();
-        let lines: Vec<&str> = logs.lines().filter(|l| l.contains("refused or closed")).collect();
+        let lines: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("refused or closed"))
+            .collect();
         let counted: usize = lines
             .iter()
             .filter_map(|l| l.split("auth_refused.malformed_token=").nth(1))

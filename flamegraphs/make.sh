@@ -10,9 +10,8 @@ source scripts/lib/gateway.sh
 
 cargo build --profile profiling --bin wsgate
 cargo build --release -p loadtest
-export GATEWAY_BIN=target/profiling/wsgate
+export GATEWAY_BIN="$TARGET_DIR/profiling/wsgate"
 # Fan-out publishers send faster than the default per-connection limit.
-export WSGATE_RATE_LIMIT_MESSAGES=1000 WSGATE_RATE_LIMIT_BURST=1000
 prepare_load_test
 WSGATE_LOG=warn start_gateway --shards 1
 taskset -apc 0 "$GATEWAY_PID" >/dev/null
@@ -22,7 +21,7 @@ taskset -apc 0 "$GATEWAY_PID" >/dev/null
 profile() {
   local name="$1" title="$2"
   shift 2
-  taskset -c 1 target/release/loadtest "$@" --target "$GATEWAY_ADDR" >/dev/null &
+  taskset -c 1 "$TARGET_DIR/release/loadtest" "$@" --target "$GATEWAY_ADDR" >/dev/null &
   local load=$!
   sleep 4
   # DWARF unwinding: the release code has no frame pointers, and -g alone loses the user-space

@@ -9,5 +9,6 @@ if ! command -v chromium >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 (cd tests/browser && npm ci --no-audit --no-fund --silent)
+source scripts/lib/target-dir.sh
 cargo build --release --bin wsgate
-GATEWAY_BIN="$PWD/target/release/wsgate" node --test tests/browser/
+GATEWAY_BIN="$TARGET_DIR/release/wsgate" node --test tests/browser/

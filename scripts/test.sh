@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: lints, unit and integration tests (real sockets,
-# tokio-tungstenite as the independent client), benches compiled and run once, and the Autobahn
-# RFC 6455 conformance suite against a release build.
+# tokio-tungstenite as the independent client), benches compiled and run once, the test page in
+# headless Chromium, the Autobahn RFC 6455 conformance suite against a release build, and every
+# fuzz target for a bounded time. Needs: Rust >= 1.95, Node.js with npm, python3, and root (or
+# sudo) for apt-get (Chromium, Python 2.7 for Autobahn) on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,3 +23,6 @@ scripts/browser-test.sh
 
 step "Autobahn TestSuite against /echo (release build)"
 scripts/autobahn.sh
+
+step "Fuzz targets, ${FUZZ_SECONDS:-30}s each"
+scripts/fuzz.sh

@@ -260,15 +260,16 @@ impl Config {
                 "must be at least 8192",
             );
         }
-        // Written to also refuse NaN.
-        if !(self.max_handshakes_per_ip >= 1.0) {
+        // Each float check also refuses NaN.
+        let at_least = |value: f32, min: f32| value.partial_cmp(&min).is_some_and(|o| o.is_ge());
+        if !at_least(self.max_handshakes_per_ip, 1.0) {
             return bad(
                 "max_handshakes_per_ip",
                 &self.max_handshakes_per_ip,
                 "must be at least 1",
             );
         }
-        if !(self.rate_limit_messages > 0.0) {
+        if !at_least(self.rate_limit_messages, f32::MIN_POSITIVE) {
             return bad(
                 "rate_limit_messages",
                 &self.rate_limit_messages,
@@ -291,7 +292,7 @@ impl Config {
                 ),
             );
         }
-        if !(self.rate_limit_frames > 0.0) {
+        if !at_least(self.rate_limit_frames, f32::MIN_POSITIVE) {
             return bad(
                 "rate_limit_frames",
                 &self.rate_limit_frames,

@@ -31,7 +31,7 @@ done
 broadcast=(--broadcast)
 [ "${BROADCAST:-yes}" = no ] && broadcast=()
 echo "$clients clients over $nodes nodes (${GATEWAY_ADDRS[*]}), hold $hold, heartbeat every $heartbeat"
-target/release/loadtest connect "${targets[@]}" "${pids[@]}" --token "$TOKEN" \
+"$TARGET_DIR/release/loadtest" connect "${targets[@]}" "${pids[@]}" --token "$TOKEN" \
   -n "$clients" --rate "$rate" --concurrency 128 --hold "$hold" "${broadcast[@]}" \
   --procs "$nodes" --source-ips 127.0.0.1-127.0.0.8 --handshake-timeout 30s \
   --json "${JSON:-/dev/null}"

@@ -17,6 +17,6 @@ cargo build --release -p wsgate -p loadtest
 export WSGATE_MAX_MESSAGE_SIZE=$((payload > 65536 ? payload : 65536))
 start_server "$server"
 echo "server: $server, $n connections x $payload B, $duration"
-taskset -c 1 target/release/loadtest echo --target "$GATEWAY_ADDR" --path "$ECHO_PATH" \
+taskset -c 1 "$TARGET_DIR/release/loadtest" echo --target "$GATEWAY_ADDR" --path "$ECHO_PATH" \
   -n "$n" --payload "$payload" --duration "$duration" --gateway-pid "$GATEWAY_PID" \
   --json "${JSON:-/dev/null}"

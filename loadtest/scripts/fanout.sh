@@ -17,10 +17,9 @@ procs="${6:-2}"
 
 cargo build --release -p wsgate -p loadtest
 # Rooms this big send no join notices (presence_max_members); publishers stay under the limit.
-export WSGATE_RATE_LIMIT_MESSAGES=1000 WSGATE_RATE_LIMIT_BURST=1000
 prepare_load_test
 WSGATE_LOG=warn start_gateway --shards 2
-target/release/loadtest fanout --target "$GATEWAY_ADDR" --token "$TOKEN" -n "$subscribers" \
+"$TARGET_DIR/release/loadtest" fanout --target "$GATEWAY_ADDR" --token "$TOKEN" -n "$subscribers" \
   --rooms "$rooms" --publishers "$publishers" --publish-rate "$rate" --duration "$duration" \
   --source-ips 127.0.0.1-127.0.0.4 --gateway-pid "$GATEWAY_PID" --procs "$procs" \
   --json "${JSON:-/dev/null}"

@@ -16,6 +16,6 @@ rate="${3:-50000}"
 cargo build --release -p wsgate -p loadtest
 start_server "$server"
 echo "server: $server, $n handshakes"
-taskset -c 1 target/release/loadtest connect --target "$GATEWAY_ADDR" --path "$ECHO_PATH" \
+taskset -c 1 "$TARGET_DIR/release/loadtest" connect --target "$GATEWAY_ADDR" --path "$ECHO_PATH" \
   -n "$n" --rate "$rate" --hold 1s --source-ips 127.0.0.1-127.0.0.4 \
   --gateway-pid "$GATEWAY_PID" --json "${JSON:-/dev/null}"

@@ -16,5 +16,5 @@ cargo build --release -p wsgate -p loadtest
 prepare_load_test
 WSGATE_HEARTBEAT_INTERVAL="$interval" WSGATE_LOG=warn start_gateway --shards 2
 echo "heartbeat_interval=$interval, $n connections, hold $hold"
-target/release/loadtest connect --target "$GATEWAY_ADDR" --token "$TOKEN" -n "$n" --rate 5000 \
+"$TARGET_DIR/release/loadtest" connect --target "$GATEWAY_ADDR" --token "$TOKEN" -n "$n" --rate 5000 \
   --hold "$hold" --source-ips 127.0.0.1-127.0.0.4 --gateway-pid "$GATEWAY_PID"

@@ -1,7 +1,8 @@
 # Sourced by the scripts that run release gateways: `start_gateway [wsgate args...]` starts
-# target/release/wsgate on 127.0.0.1:0 (environment WSGATE_* applies), waits until it listens,
+# $TARGET_DIR/release/wsgate (or $GATEWAY_BIN) on 127.0.0.1:0 (environment WSGATE_* applies), waits until it listens,
 # sets GATEWAY_ADDR (host:port) and GATEWAY_PID, appends them to GATEWAY_ADDRS and GATEWAY_PIDS
 # (call it again for more nodes), and stops every node it started when the script exits.
+source "$(dirname "${BASH_SOURCE[0]}")/target-dir.sh"
 GATEWAY_PIDS=()
 GATEWAY_ADDRS=()
 GATEWAY_LOGS=()
@@ -11,7 +12,7 @@ start_gateway() {
   local log
   log=$(mktemp)
   GATEWAY_LOGS+=("$log")
-  "${GATEWAY_BIN:-target/release/wsgate}" --listen 127.0.0.1:0 "$@" >"$log" 2>&1 &
+  "${GATEWAY_BIN:-$TARGET_DIR/release/wsgate}" --listen 127.0.0.1:0 "$@" >"$log" 2>&1 &
   GATEWAY_PID=$!
   GATEWAY_PIDS+=("$GATEWAY_PID")
   for _ in $(seq 100); do
@@ -30,11 +31,15 @@ start_gateway() {
 
 # Set-up shared by the load scripts: a fresh HS256 secret (exported, so the gateways started next
 # use it), per-address limits lifted (one load generator is many clients behind few addresses),
-# and TOKEN, a real token every simulated client presents. Run after the gateway binary is built.
+# per-connection rates lifted (a benchmark client sends far more than a person), and TOKEN, a
+# real token every simulated client presents. Run after the gateway binary is built.
 prepare_load_test() {
   export WSGATE_JWT_SECRET="load-test-$(date +%s%N)"
   export WSGATE_MAX_CONNECTIONS_PER_IP=1000000 WSGATE_MAX_HANDSHAKES_PER_IP=1000000
-  TOKEN=$("${GATEWAY_BIN:-target/release/wsgate}" token --user loadtest --ttl 1h)
+  export WSGATE_RATE_LIMIT_MESSAGES=1000000 WSGATE_RATE_LIMIT_BURST=1000000
+  export WSGATE_RATE_LIMIT_FRAMES=1000000 WSGATE_RATE_LIMIT_FRAME_BURST=1000000
+  export WSGATE_RATE_LIMIT_BYTES=1000000000000 WSGATE_RATE_LIMIT_BURST_BYTES=1000000000000
+  TOKEN=$("${GATEWAY_BIN:-$TARGET_DIR/release/wsgate}" token --user loadtest --ttl 1h)
 }
 
 # The server under test for the comparisons (echo, handshakes): `start_server SERVER` builds and
@@ -55,7 +60,7 @@ start_server() {
       ;;
     baseline_fastwebsockets | baseline_tungstenite)
       cargo build --release --example "$1"
-      GATEWAY_BIN="target/release/examples/$1" start_gateway
+      GATEWAY_BIN="$TARGET_DIR/release/examples/$1" start_gateway
       ECHO_PATH=/
       ;;
     *)

@@ -239,7 +239,7 @@ fn upgrade(
 
 /// What RFC 6455 §4.1 requires of an opening handshake beyond the upgrade headers: HTTP/1.1 or
 /// later, one `Sec-WebSocket-Key` that is 16 bytes in base64, one version, at most one `Origin`.
-fn check_upgrade_request<B>(req: &Request<B>) -> Result<(), &'static str> {
+pub fn check_upgrade_request<B>(req: &Request<B>) -> Result<(), &'static str> {
     if req.version() < Version::HTTP_11 {
         return Err("WebSocket upgrades need HTTP/1.1");
     }

@@ -1,25 +1,34 @@
 //! Fan-out: one broadcast to a room of N members on one shard. The gateway encodes once and
 //! queues the same `Bytes` (a refcount bump) to each member; `naive-encode-each` is the seed's
-//! design (JSON serialized per recipient), measured on the same queues for comparison.
+//! design (JSON serialized per recipient), measured on the same queues for comparison. And the
+//! `drop` policy with every queue full, at two queue depths.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use wsgate::backplane::Publication;
 use wsgate::backplane::memory::MemoryBackplane;
+use wsgate::config::SlowConsumerPolicy;
 use wsgate::node::Node;
 use wsgate::protocol::ServerMessage;
 use wsgate::shard::{Endpoint, Shard};
-use wsgate::{Config, rooms};
+use wsgate::{Config, outbound, rooms};
 
 /// A one-shard node whose room "r" has `members` chat connections (no sockets: fan-out only
 /// touches the slab and the queues).
 fn shard_with_room(members: usize) -> Shard {
-    let config = Config {
-        shards: 1,
-        ..Config::default()
-    };
+    shard_with_room_under(
+        members,
+        Config {
+            shards: 1,
+            ..Config::default()
+        },
+    )
+}
+
+fn shard_with_room_under(members: usize, config: Config) -> Shard {
     let (backplane, _inboxes) = MemoryBackplane::new(1, usize::MAX);
     let node = Arc::new(Node::new(Arc::new(config), Arc::new(backplane), 1 << 20).expect("node"));
     let shard = Shard::new(0, node.clone());
@@ -99,5 +108,36 @@ fn fanout(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, fanout);
+/// The `drop` policy with every member's queue full (`depth` broadcasts behind, none read): each
+/// new broadcast drops each member's oldest. The cost per recipient must not grow with the depth.
+fn drop_policy(c: &mut Criterion) {
+    const MEMBERS: usize = 1000;
+    let mut group = c.benchmark_group("fanout/drop-policy-full-queues");
+    for depth in [100, 10_000] {
+        let frame = message().encode();
+        let config = Config {
+            shards: 1,
+            slow_consumer_policy: SlowConsumerPolicy::Drop,
+            max_queued_bytes: depth * outbound::cost(&frame),
+            ..Config::default()
+        };
+        let shard = shard_with_room_under(MEMBERS, config);
+        for _ in 0..depth {
+            shard.deliver(&Publication::to_room("r".into(), frame.clone()));
+        }
+        // None of it was read: it is all the readers' backlog.
+        for (_, conn) in shard.state().conns.iter_mut() {
+            conn.outbound.mark_stale();
+        }
+        group.throughput(Throughput::Elements(MEMBERS as u64));
+        group.bench_function(BenchmarkId::from_parameter(depth), |b| {
+            b.iter(|| shard.deliver(&Publication::to_room("r".into(), frame.clone())))
+        });
+        let dropped = shard.node.counters.dropped_messages.load(Ordering::Relaxed);
+        assert!(dropped > 0, "the queues were full: broadcasts were dropped");
+    }
+    group.finish();
+}
+
+criterion_group!(benches, fanout, drop_policy);
 criterion_main!(benches);

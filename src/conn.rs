@@ -102,6 +102,7 @@ impl Connection {
     )]
     fn run(mut self) -> impl Future<Output = ()> {
         async move {
+            self.shard.start_turn();
             let end = match self.process_leftover() {
                 Ok(()) => poll_fn(|cx| self.poll_open(cx)).await,
                 Err(end) => end,
@@ -125,6 +126,7 @@ impl Connection {
 
     fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<End> {
         self.shard.state().conns[self.key].outbound.clear_waker();
+        self.shard.start_turn();
         self.turn_frames = FRAMES_PER_TURN;
         for _ in 0..READS_PER_POLL {
             let backlogged = match self.poll_flush(cx) {

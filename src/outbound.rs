@@ -4,8 +4,9 @@
 //!   and allocation), so a flood of tiny frames costs what it really occupies: 10,000 queued
 //!   2-byte pongs count as ~660 KB, not 20 KB. Every change is mirrored in the shard's
 //!   [`QueueTotal`], which the shard holds against its share of `max_total_queued_bytes`.
-//! - **Pongs coalesce.** At most one pong waits behind the frame being written; a newer ping
-//!   replaces its payload (RFC 6455 §5.5.3 allows answering only the most recent ping).
+//! - **Pongs coalesce.** At most [`MAX_QUEUED_PONGS`] pongs wait in a queue; past them a newer ping
+//!   replaces the payload of the last one (RFC 6455 §5.5.3 allows answering only the most recent
+//!   ping). A client's few pings each get their answer; a flood of them costs a few slots.
 //! - **Stale bytes.** What the socket refused at the connection's last write attempt, and is
 //!   still queued. A reader is judged slow by these alone: a burst the gateway queued while the
 //!   connection had no turn to write is the gateway's backlog, not the reader's.
@@ -24,6 +25,9 @@ use crate::protocol::ServerMessage;
 /// that grows by doubling) and the frame's allocation. Charged to every frame, so the queue
 /// bound is a bound on memory rather than on wire bytes.
 pub const ITEM_OVERHEAD: usize = 64;
+
+/// Pongs a queue holds before newer ones replace the last (each at most 127 bytes).
+pub const MAX_QUEUED_PONGS: u16 = 16;
 
 /// What a frame costs its queue.
 pub fn cost(frame: &Bytes) -> usize {
@@ -55,6 +59,9 @@ enum Kind {
     Reply,
     /// A broadcast: may be dropped for a slow reader under the `drop` policy.
     Broadcast,
+    /// The answer to a ping: the last one queued takes the payload of newer pings past
+    /// [`MAX_QUEUED_PONGS`].
+    Pong,
     /// A dropped broadcast: an empty frame that still holds its slot until the queue passes it.
     Dropped,
 }
@@ -68,8 +75,9 @@ struct Queued {
 #[derive(Default)]
 struct Backlog {
     queue: VecDeque<Queued>,
-    /// The answer to the most recent unanswered ping, written right after `head`.
-    pong: Option<Bytes>,
+    /// Pongs in `queue`, and the index of the last of them.
+    pongs: u16,
+    last_pong: Option<usize>,
     /// Frame bytes of the broadcasts in `queue`: what dropping them could free (their slots stay
     /// charged until the writer passes them).
     droppable: usize,
@@ -111,22 +119,27 @@ impl Outbound {
         self.enqueue(frame, Kind::Broadcast, total);
     }
 
-    /// Queues the answer to a ping, replacing an answer still waiting to be written.
+    /// Queues the answer to a ping; with [`MAX_QUEUED_PONGS`] waiting already, it replaces the
+    /// last one's payload instead.
     pub fn push_pong(&mut self, frame: Bytes, total: &mut QueueTotal) {
         if self.closing {
             return;
         }
-        if self.head.is_none() {
-            return self.enqueue(frame, Kind::Reply, total);
+        let full = self
+            .backlog
+            .as_ref()
+            .is_some_and(|b| b.pongs >= MAX_QUEUED_PONGS);
+        if !full {
+            return self.enqueue(frame, Kind::Pong, total);
         }
-        let charge = cost(&frame);
-        let backlog = self.backlog.get_or_insert_default();
-        if let Some(older) = backlog.pong.replace(frame) {
-            self.queued -= cost(&older) as u32;
-            total.sub(cost(&older));
-        }
-        self.queued = self.queued.saturating_add(charge as u32);
-        total.add(charge);
+        let backlog = self.backlog.as_mut().expect("full");
+        let last = backlog.last_pong.expect("pongs are queued");
+        let older = std::mem::replace(&mut backlog.queue[last].frame, frame);
+        let newer = backlog.queue[last].frame.len();
+        // Pongs carry at most 125 bytes: the charge moves by that much at most.
+        self.queued = (self.queued + newer as u32).saturating_sub(older.len() as u32);
+        total.add(newer);
+        total.sub(older.len());
     }
 
     fn enqueue(&mut self, frame: Bytes, kind: Kind, total: &mut QueueTotal) {
@@ -138,8 +151,13 @@ impl Outbound {
         total.add(charge);
         if self.head.is_some() {
             let backlog = self.backlog.get_or_insert_default();
-            if kind == Kind::Broadcast {
-                backlog.droppable += frame.len();
+            match kind {
+                Kind::Broadcast => backlog.droppable += frame.len(),
+                Kind::Pong => {
+                    backlog.pongs += 1;
+                    backlog.last_pong = Some(backlog.queue.len());
+                }
+                Kind::Reply | Kind::Dropped => {}
             }
             backlog.queue.push_back(Queued { frame, kind });
             return;
@@ -181,6 +199,7 @@ impl Outbound {
             if at == 0 {
                 // At the front (the usual case: the oldest go first): its slot goes too.
                 backlog.queue.pop_front();
+                backlog.last_pong = backlog.last_pong.map(|i| i - 1);
                 freed += ITEM_OVERHEAD;
             } else {
                 // Behind a reply: a tombstone keeps the slot until the writer passes it.
@@ -243,16 +262,11 @@ impl Outbound {
 
     /// Fills `slices` with the front of the queue, for one vectored write.
     pub fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
-        let (pong, rest) = match self.backlog.as_deref() {
-            Some(b) => (b.pong.as_ref(), Some(b.queue.iter().map(|q| &q.frame))),
-            None => (None, None),
-        };
-        let frames = self
-            .head
+        let rest = self
+            .backlog
             .iter()
-            .chain(pong)
-            .chain(rest.into_iter().flatten())
-            .filter(|f| !f.is_empty());
+            .flat_map(|b| b.queue.iter().map(|q| &q.frame));
+        let frames = self.head.iter().chain(rest).filter(|f| !f.is_empty());
         let mut n = 0;
         for (slot, frame) in slices.iter_mut().zip(frames) {
             *slot = IoSlice::new(frame);
@@ -313,15 +327,15 @@ impl Outbound {
 }
 
 impl Backlog {
-    /// The next frame to write after the head: a waiting pong first.
+    /// The next frame to write after the head.
     fn pop_front(&mut self) -> Option<Bytes> {
-        if let Some(pong) = self.pong.take() {
-            return Some(pong);
-        }
         let next = self.queue.pop_front()?;
         self.drop_from = self.drop_from.saturating_sub(1);
-        if next.kind == Kind::Broadcast {
-            self.droppable -= next.frame.len();
+        self.last_pong = self.last_pong.and_then(|i| i.checked_sub(1));
+        match next.kind {
+            Kind::Broadcast => self.droppable -= next.frame.len(),
+            Kind::Pong => self.pongs -= 1,
+            Kind::Reply | Kind::Dropped => {}
         }
         Some(next.frame)
     }
@@ -360,22 +374,36 @@ mod tests {
     }
 
     #[test]
-    fn pongs_coalesce_behind_the_frame_being_written() {
+    fn pongs_are_answered_in_order_and_past_a_few_coalesce_into_the_last() {
         let mut total = QueueTotal::default();
         let mut out = Outbound::default();
-        out.push(frame(10), &mut total);
-        out.push(frame(5), &mut total);
-        for payload in [b"p1", b"p2", b"p3"] {
-            out.push_pong(Bytes::from_static(payload), &mut total);
+        out.push(frame(10), &mut total); // being written
+        let pongs = MAX_QUEUED_PONGS as usize + 50;
+        for i in 0..pongs {
+            out.push_pong(Bytes::from(format!("p{i}")), &mut total);
+            if i == 3 {
+                out.push(frame(5), &mut total);
+            }
         }
-        // One pong, the latest, right after the head; nothing piles up.
-        assert_eq!(pending(&out), vec![vec![1; 10], b"p3".to_vec(), vec![1; 5]]);
-        assert_eq!(out.queued_bytes(), 17 + 3 * ITEM_OVERHEAD);
+        let mut expected: Vec<Vec<u8>> = vec![vec![1; 10]];
+        expected.extend((0..4).map(|i| format!("p{i}").into_bytes()));
+        expected.push(vec![1; 5]);
+        let kept = MAX_QUEUED_PONGS as usize - 4;
+        expected.extend((4..4 + kept - 1).map(|i| format!("p{i}").into_bytes()));
+        // The last queued pong answers the latest ping.
+        expected.push(format!("p{}", pongs - 1).into_bytes());
+        let mut slices = [IoSlice::new(&[]); 64];
+        let n = out.slices(&mut slices);
+        let all: Vec<Vec<u8>> = slices[..n].iter().map(|s| s.to_vec()).collect();
+        assert_eq!(all, expected);
         assert_eq!(total.bytes(), out.queued_bytes());
-        out.advance(12, &mut total);
-        assert_eq!(pending(&out), vec![vec![1; 5]]);
-        out.advance(5, &mut total);
-        assert_eq!(total.bytes(), 0);
+        let written = all.iter().map(Vec::len).sum();
+        out.advance(written, &mut total);
+        assert_eq!((out.queued_bytes(), total.bytes()), (0, 0));
+        // Drained: a new round of pings is answered one by one again.
+        out.push(frame(1), &mut total);
+        out.push_pong(Bytes::from_static(b"again"), &mut total);
+        assert_eq!(pending(&out), vec![vec![1], b"again".to_vec()]);
     }
 
     #[test]

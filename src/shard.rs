@@ -4,7 +4,7 @@
 //! Everything here is `!Send` and lives in one current-thread runtime, so the per-message path
 //! takes no lock: handlers borrow the shard's state, queue frames and return.
 
-use std::cell::{RefCell, RefMut};
+use std::cell::{Cell, RefCell, RefMut};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -82,6 +82,9 @@ pub struct Shard {
     /// This shard's share of `max_total_queued_bytes`.
     queue_budget: usize,
     started: std::time::Instant,
+    /// The rate limiters' clock for the current connection's turn (read once per turn, not per
+    /// frame: a turn is short).
+    turn_clock_ms: Cell<u32>,
 }
 
 impl Shard {
@@ -101,6 +104,7 @@ impl Shard {
             limits: RateLimits::new(&node.config),
             queue_budget: node.config.max_total_queued_bytes / node.shards(),
             started: std::time::Instant::now(),
+            turn_clock_ms: Cell::new(0),
             node,
         }
     }
@@ -189,7 +193,7 @@ impl Shard {
     /// message in `rate_limited`, other frames in `frames_rate_limited`); `Close` is the caller's
     /// to carry out, with [`Shard::close_flooder`].
     pub fn charge(&self, key: usize, charge: Charge) -> Verdict {
-        let now = self.clock_ms();
+        let now = self.turn_clock_ms.get();
         let verdict = self.state().conns[key]
             .limiter
             .check(&self.limits, charge, now);
@@ -226,6 +230,11 @@ impl Shard {
         let out = &state.conns[key].outbound;
         out.queued_bytes() > self.node.config.max_queued_bytes
             || (out.stale_bytes() > 0 && state.queued.bytes() > self.queue_budget)
+    }
+
+    /// A connection's turn begins: reads the rate limiters' clock for it.
+    pub fn start_turn(&self) {
+        self.turn_clock_ms.set(self.clock_ms());
     }
 
     /// Milliseconds since the shard started: the clock of the rate limiters.

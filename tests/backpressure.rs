@@ -43,7 +43,15 @@ fn bulk(n: usize) -> Publication {
 /// reader has acknowledged the one before: the fast reader is never the one behind, however
 /// fast or slow the machine.
 async fn publish_bulk(gw: &TestGateway, mut acks: mpsc::UnboundedReceiver<usize>) {
-    for n in 0..MESSAGES {
+    publish_acknowledged(gw, MESSAGES, &mut acks).await;
+}
+
+async fn publish_acknowledged(
+    gw: &TestGateway,
+    count: usize,
+    acks: &mut mpsc::UnboundedReceiver<usize>,
+) {
+    for n in 0..count {
         gw.gateway().publish(bulk(n));
         assert_eq!(
             acks.recv().await,
@@ -250,4 +258,68 @@ async fn dropped(gw: &TestGateway) -> u64 {
     let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
     let health: Value = serde_json::from_str(&body).unwrap();
     health["refused"]["inbox_dropped"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn past_the_memory_budget_readers_with_a_backlog_are_slow_consumers() {
+    // Three readers that never read, and a budget of 16 MiB for all queues together, as much as
+    // one connection's bound: the three reach the budget together long before any of them
+    // reaches its own bound, and the budget decides.
+    const PUBLISHED: usize = MESSAGES;
+    let gw = TestGateway::start_with(
+        |c| {
+            c.max_queued_bytes = 16 << 20;
+            c.max_total_queued_bytes = 16 << 20;
+        },
+        1,
+    );
+    let mut fast = gw.client().await;
+    fast.join("room").await;
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut slow = RawClient::connect_with_small_window(gw.addr, "/ws").await;
+        let join = br#"{"type":"join_room","payload":{"room":"room"}}"#;
+        slow.send_frame(true, 0x1, join, true).await;
+        fast.expect("user_joined").await;
+        stalled.push(slow);
+    }
+    let (ack, mut acks) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        let mut next = 0;
+        while next < PUBLISHED {
+            let msg = fast.recv().await;
+            match msg["type"].as_str() {
+                Some("bulk") => {
+                    assert_eq!(msg["n"], next, "in order, none lost");
+                    ack.send(next).unwrap();
+                    next += 1;
+                }
+                Some("user_left") => {}
+                _ => panic!("unexpected {}", msg["type"]),
+            }
+        }
+    });
+    publish_acknowledged(&gw, PUBLISHED, &mut acks).await;
+    tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the fast reader gets all messages in time")
+        .unwrap();
+    let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
+    let health: Value = serde_json::from_str(&body).unwrap();
+    let refused = &health["refused"];
+    assert!(
+        refused["memory_pressure"].as_u64().unwrap() >= 1,
+        "{health}"
+    );
+    assert!(
+        refused["slow_consumers_closed"].as_u64().unwrap() >= 1,
+        "{health}"
+    );
+    let mut closed = 0;
+    for mut slow in stalled {
+        if slow.read_close_code().await == 1008 {
+            closed += 1;
+        }
+    }
+    assert_eq!(refused["slow_consumers_closed"], closed);
 }

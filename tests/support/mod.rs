@@ -260,7 +260,19 @@ pub struct RawClient {
 
 impl RawClient {
     pub async fn connect(addr: SocketAddr, path: &str) -> RawClient {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
+        Self::connect_on(TcpStream::connect(addr).await.unwrap(), path).await
+    }
+
+    /// A raw client whose receive buffer is small: the kernel soaks up little of what the
+    /// gateway sends it, so what it does not read piles up in the gateway, as behind a slow link.
+    pub async fn connect_with_small_window(addr: SocketAddr, path: &str) -> RawClient {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        Self::connect_on(socket.connect(addr).await.unwrap(), path).await
+    }
+
+    async fn connect_on(mut stream: TcpStream, path: &str) -> RawClient {
+        let addr = stream.peer_addr().unwrap();
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"

@@ -302,32 +302,36 @@ mod tests {
         shard.state().conns[key].liveness.last_seen = tick as u32;
     }
 
+    /// Drives the wheel through `ticks` (with traffic from the peer at `heard_at`), checking that
+    /// nothing is sent meanwhile.
+    fn quiet_through(shard: &Shard, key: usize, ticks: std::ops::Range<Tick>, heard_at: Tick) {
+        for tick in ticks {
+            if tick == heard_at {
+                heard_from(shard, key, tick);
+            }
+            on_tick(shard, tick);
+            assert!(take_queued(shard, key).is_empty(), "tick {tick}");
+        }
+    }
+
+    fn timeouts(shard: &Shard) -> u64 {
+        let counters = &shard.node.counters;
+        counters.heartbeat_timeouts.load(Ordering::Relaxed)
+    }
+
     #[test]
     fn an_idle_connection_is_pinged_after_the_interval_and_closed_after_the_timeout() {
         let shard = shard(HeartbeatMode::Frame);
         let key = connect(&shard, Endpoint::Chat, Identity::anonymous());
-        for tick in 1..30 {
-            on_tick(&shard, tick);
-            assert!(take_queued(&shard, key).is_empty(), "tick {tick}");
-        }
+        quiet_through(&shard, key, 1..30, 0);
         on_tick(&shard, 30);
         assert_eq!(take_queued(&shard, key), vec![(0x9, vec![])], "pinged");
-        for tick in 31..40 {
-            on_tick(&shard, tick);
-            assert!(take_queued(&shard, key).is_empty(), "tick {tick}");
-        }
+        quiet_through(&shard, key, 31..40, 0);
         on_tick(&shard, 40);
         let mut close = vec![0x03, 0xe8];
         close.extend_from_slice(HEARTBEAT_TIMEOUT.as_bytes());
         assert_eq!(take_queued(&shard, key), vec![(0x8, close)]);
-        assert_eq!(
-            shard
-                .node
-                .counters
-                .heartbeat_timeouts
-                .load(Ordering::Relaxed),
-            1
-        );
+        assert_eq!(timeouts(&shard), 1);
     }
 
     #[test]
@@ -335,33 +339,14 @@ mod tests {
         let shard = shard(HeartbeatMode::Frame);
         let key = connect(&shard, Endpoint::Echo, Identity::anonymous());
         // Traffic at tick 20: no ping at 30, but at 50.
-        for tick in 1..50 {
-            if tick == 20 {
-                heard_from(&shard, key, tick);
-            }
-            on_tick(&shard, tick);
-            assert!(take_queued(&shard, key).is_empty(), "tick {tick}");
-        }
+        quiet_through(&shard, key, 1..50, 20);
         on_tick(&shard, 50);
         assert_eq!(take_queued(&shard, key), vec![(0x9, vec![])]);
         // Answered (any frame) at tick 55: not closed at 60, pinged again at 85.
-        for tick in 51..85 {
-            if tick == 55 {
-                heard_from(&shard, key, tick);
-            }
-            on_tick(&shard, tick);
-            assert!(take_queued(&shard, key).is_empty(), "tick {tick}");
-        }
+        quiet_through(&shard, key, 51..85, 55);
         on_tick(&shard, 85);
         assert_eq!(take_queued(&shard, key), vec![(0x9, vec![])]);
-        assert_eq!(
-            shard
-                .node
-                .counters
-                .heartbeat_timeouts
-                .load(Ordering::Relaxed),
-            0
-        );
+        assert_eq!(timeouts(&shard), 0);
     }
 
     #[test]

@@ -129,6 +129,11 @@ impl Shard {
         self.read_buf.borrow_mut()
     }
 
+    /// The shared read buffer itself, for reads that borrow it only between awaits.
+    pub fn read_buf_cell(&self) -> &RefCell<Box<[u8]>> {
+        &self.read_buf
+    }
+
     pub fn json(&self) -> RefMut<'_, JsonParser> {
         self.json.borrow_mut()
     }

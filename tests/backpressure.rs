@@ -39,18 +39,32 @@ fn bulk(n: usize) -> Publication {
     )
 }
 
-/// Publishes MESSAGES numbered `bulk` messages to "room" from the library API, each once the fast
-/// reader has acknowledged the one before: the fast reader is never the one behind, however
-/// fast or slow the machine.
-async fn publish_bulk(gw: &TestGateway, mut acks: mpsc::UnboundedReceiver<usize>) {
-    publish_acknowledged(gw, MESSAGES, &mut acks).await;
-}
-
-async fn publish_acknowledged(
+/// Publishes `count` numbered `bulk` messages to "room" from the library API, each once `fast`
+/// has received the one before: the fast reader is never the one behind, however fast or slow
+/// the machine. Returns the fast reader and how many `user_left` notices it saw meanwhile.
+async fn publish_to(
     gw: &TestGateway,
+    mut fast: support::Client,
     count: usize,
-    acks: &mut mpsc::UnboundedReceiver<usize>,
-) {
+) -> (support::Client, usize) {
+    let (ack, mut acks) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        let (mut next, mut departures) = (0, 0);
+        while next < count {
+            let msg = fast.recv().await;
+            match msg["type"].as_str() {
+                Some("bulk") => {
+                    assert_eq!(msg["n"], next, "in order, none lost");
+                    ack.send(next).unwrap();
+                    next += 1;
+                }
+                // A slow consumer, once closed, leaves the room.
+                Some("user_left") => departures += 1,
+                _ => panic!("unexpected {msg}"),
+            }
+        }
+        (fast, departures)
+    });
     for n in 0..count {
         gw.gateway().publish(bulk(n));
         assert_eq!(
@@ -59,36 +73,18 @@ async fn publish_acknowledged(
             "the fast reader acknowledges in order"
         );
     }
+    tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the fast reader gets all messages in time")
+        .unwrap()
 }
 
 #[tokio::test]
 async fn a_reader_that_never_reads_is_closed_and_the_others_get_everything() {
     let gw = TestGateway::start_with(|c| c.max_queued_bytes = QUEUE_LIMIT, 2);
-    let (mut fast, mut slow) = fast_and_slow(&gw).await;
-    let (ack, acks) = mpsc::unbounded_channel();
-    let reader = tokio::spawn(async move {
-        let (mut next, mut departures) = (0, 0);
-        while next < MESSAGES {
-            let msg = fast.recv().await;
-            match msg["type"].as_str() {
-                Some("bulk") => {
-                    assert_eq!(msg["n"], next, "in order, none lost");
-                    ack.send(next).unwrap();
-                    next += 1;
-                }
-                // The slow consumer, once closed, leaves the room.
-                Some("user_left") => departures += 1,
-                _ => panic!("unexpected {}", msg["type"]),
-            }
-        }
-        assert!(departures <= 1);
-        fast
-    });
-    publish_bulk(&gw, acks).await;
-    let mut fast = tokio::time::timeout(Duration::from_secs(30), reader)
-        .await
-        .expect("the fast reader gets all messages in time")
-        .unwrap();
+    let (fast, mut slow) = fast_and_slow(&gw).await;
+    let (mut fast, departures) = publish_to(&gw, fast, MESSAGES).await;
+    assert!(departures <= 1);
 
     // The slow client now reads: what was queued, then the close.
     assert_eq!(slow.read_close_code().await, 1008);
@@ -147,25 +143,10 @@ async fn with_the_drop_policy_a_slow_reader_loses_old_broadcasts_and_is_told_how
         },
         1,
     );
-    let (mut fast, mut slow) = fast_and_slow(&gw).await;
-    let (ack, acks) = mpsc::unbounded_channel();
-    let reader = tokio::spawn(async move {
-        for i in 0..MESSAGES {
-            assert_eq!(
-                fast.expect("bulk").await["n"],
-                i,
-                "the fast reader loses nothing"
-            );
-            ack.send(i).unwrap();
-        }
-        fast
-    });
-    publish_bulk(&gw, acks).await;
+    let (fast, mut slow) = fast_and_slow(&gw).await;
     // Kept connected: its leaving would be news to the slow reader.
-    let _fast = tokio::time::timeout(Duration::from_secs(30), reader)
-        .await
-        .expect("the fast reader gets all messages in time")
-        .unwrap();
+    let (_fast, departures) = publish_to(&gw, fast, MESSAGES).await;
+    assert_eq!(departures, 0, "nobody was closed");
 
     // The slow reader catches up: the messages it got, in order, and a count of the rest.
     let (mut received, mut last, mut dropped) = (0, None, 0);
@@ -265,7 +246,6 @@ async fn past_the_memory_budget_readers_with_a_backlog_are_slow_consumers() {
     // Three readers that never read, and a budget of 16 MiB for all queues together, as much as
     // one connection's bound: the three reach the budget together long before any of them
     // reaches its own bound, and the budget decides.
-    const PUBLISHED: usize = MESSAGES;
     let gw = TestGateway::start_with(
         |c| {
             c.max_queued_bytes = 16 << 20;
@@ -283,27 +263,7 @@ async fn past_the_memory_budget_readers_with_a_backlog_are_slow_consumers() {
         fast.expect("user_joined").await;
         stalled.push(slow);
     }
-    let (ack, mut acks) = mpsc::unbounded_channel();
-    let reader = tokio::spawn(async move {
-        let mut next = 0;
-        while next < PUBLISHED {
-            let msg = fast.recv().await;
-            match msg["type"].as_str() {
-                Some("bulk") => {
-                    assert_eq!(msg["n"], next, "in order, none lost");
-                    ack.send(next).unwrap();
-                    next += 1;
-                }
-                Some("user_left") => {}
-                _ => panic!("unexpected {}", msg["type"]),
-            }
-        }
-    });
-    publish_acknowledged(&gw, PUBLISHED, &mut acks).await;
-    tokio::time::timeout(Duration::from_secs(30), reader)
-        .await
-        .expect("the fast reader gets all messages in time")
-        .unwrap();
+    publish_to(&gw, fast, MESSAGES).await;
     let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
     let health: Value = serde_json::from_str(&body).unwrap();
     let refused = &health["refused"];

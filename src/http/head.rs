@@ -3,6 +3,7 @@
 //! slow-loris, an oversized head or garbage get an answer in wsgate's own JSON (hyper's own
 //! error answers have no body). What was read is then replayed to hyper through [`Prefixed`].
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -29,35 +30,41 @@ pub enum HeadError {
 }
 
 /// Reads from `stream` up to the end of the first request head; returns what was read (the head,
-/// and any bytes the client sent after it).
+/// and any bytes the client sent after it). Reads go through `scratch` (the shard's shared read
+/// buffer) and only what arrived is kept, in an allocation of its size: thousands of handshakes
+/// in flight do not each hold a buffer sized for the largest head.
 pub async fn read_first(
     stream: &TcpStream,
+    scratch: &RefCell<Box<[u8]>>,
     max_bytes: usize,
     timeout: Duration,
 ) -> Result<Bytes, HeadError> {
-    let mut buf = BytesMut::new();
+    let mut head = BytesMut::new();
     let reading = async {
         loop {
             stream.readable().await.map_err(|_| HeadError::Closed)?;
-            buf.reserve(4096.min(max_bytes + 1 - buf.len().min(max_bytes)).max(1));
-            let searched = buf.len().saturating_sub(3);
-            match stream.try_read_buf(&mut buf) {
-                Ok(0) => return Err(HeadError::Closed),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => return Err(HeadError::Closed),
+            let searched = head.len().saturating_sub(3);
+            {
+                let mut scratch = scratch.borrow_mut();
+                let room = scratch.len().min(max_bytes + 1 - head.len().min(max_bytes));
+                match stream.try_read(&mut scratch[..room]) {
+                    Ok(0) => return Err(HeadError::Closed),
+                    Ok(n) => head.extend_from_slice(&scratch[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return Err(HeadError::Closed),
+                }
             }
-            if let Some(end) = find_blank_line(&buf[searched..]) {
-                check(&buf[..searched + end])?;
+            if let Some(end) = find_blank_line(&head[searched..]) {
+                check(&head[..searched + end])?;
                 return Ok(());
             }
-            if buf.len() > max_bytes {
+            if head.len() > max_bytes {
                 return Err(HeadError::TooLarge);
             }
         }
     };
     match tokio::time::timeout(timeout, reading).await {
-        Ok(Ok(())) => Ok(buf.freeze()),
+        Ok(Ok(())) => Ok(head.freeze()),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(HeadError::TimedOut),
     }
@@ -98,7 +105,9 @@ pub async fn answer_and_close(mut stream: TcpStream, response: &[u8]) {
     let linger = async {
         stream.write_all(response).await?;
         stream.shutdown().await?;
-        let mut discard = [0u8; 4096];
+        // On the heap: this future is part of every HTTP connection's task, and an array here
+        // would make each 4 KiB bigger.
+        let mut discard = vec![0u8; 4096];
         let mut left = LINGER_BYTES;
         while left > 0 {
             match stream.read(&mut discard).await? {

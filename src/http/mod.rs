@@ -72,7 +72,12 @@ async fn serve_http(shard: &Rc<Shard>, stream: TcpStream, peer: IpAddr, upgraded
         debug!(%peer, "idle HTTP connection closed to make room");
     };
     let first = tokio::select! {
-        head = head::read_first(&stream, config.max_header_bytes, config.handshake_timeout) => head,
+        head = head::read_first(
+            &stream,
+            shard.read_buf_cell(),
+            config.max_header_bytes,
+            config.handshake_timeout,
+        ) => head,
         _ = registered.evict.notified() => return evicted(),
     };
     let prefix = match first {
@@ -318,16 +323,14 @@ fn upgrade_admitted(
             .insert(SEC_WEBSOCKET_PROTOCOL, protocol);
     }
     let shard = shard.clone();
+    // This task is every WebSocket connection's for its whole life: its size is part of each
+    // idle connection's memory (and tokio rounds tasks up to 128 bytes).
     tokio::task::spawn_local(async move {
-        let give_back = |shard: &Shard| {
-            shard.node.admission.release_upgrade();
-            shard.node.admission.release_socket(peer);
-        };
         let upgraded = match upgrading.await {
             Ok(ws) => ws.into_inner().into_inner(),
             Err(e) => {
                 debug!(error = %e, "upgrade did not complete");
-                return give_back(&shard);
+                return give_back(&shard, peer);
             }
         };
         // Everything but the connection itself is dropped before the long await: whatever is
@@ -342,12 +345,18 @@ fn upgrade_admitted(
             }
             Err(_) => {
                 error!("upgraded connection is not the stream it was served on");
-                return give_back(&shard);
+                return give_back(&shard, peer);
             }
         };
         connection.await;
     });
     response.map(|_| Body::default())
+}
+
+/// Gives back the admission of an upgrade that did not happen.
+fn give_back(shard: &Shard, peer: IpAddr) {
+    shard.node.admission.release_upgrade();
+    shard.node.admission.release_socket(peer);
 }
 
 /// Dev mode only: a one-hour token for `?user=NAME`, so the test page works without set-up.

@@ -8,11 +8,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use wsgate::backplane::Publication;
-use wsgate::backplane::memory::MemoryBackplane;
 use wsgate::config::SlowConsumerPolicy;
 use wsgate::node::Node;
 use wsgate::protocol::ServerMessage;
+use wsgate::routing::{self, Publication};
 use wsgate::shard::{Endpoint, Shard};
 use wsgate::{Config, outbound, rooms};
 
@@ -29,8 +28,8 @@ fn shard_with_room(members: usize) -> Shard {
 }
 
 fn shard_with_room_under(members: usize, config: Config) -> Shard {
-    let (backplane, _inboxes) = MemoryBackplane::new(1, usize::MAX);
-    let node = Arc::new(Node::new(Arc::new(config), Arc::new(backplane), 1 << 20).expect("node"));
+    let (node, _inboxes) = Node::new(Arc::new(config), 1 << 20).expect("node");
+    let node = Arc::new(node);
     let shard = Shard::new(0, node.clone());
     for _ in 0..members {
         let peer = std::net::IpAddr::from([127, 0, 0, 1]);
@@ -86,7 +85,10 @@ fn fanout(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("encode-once", members), |b| {
             b.iter_custom(|iters| {
                 timed(&shard, iters, |shard| {
-                    shard.deliver(&Publication::to_room("r".into(), message().encode()))
+                    routing::deliver(
+                        shard,
+                        &Publication::to_room("r".into(), message().encode()),
+                    )
                 })
             })
         });
@@ -123,7 +125,7 @@ fn drop_policy(c: &mut Criterion) {
         };
         let shard = shard_with_room_under(MEMBERS, config);
         for _ in 0..depth {
-            shard.deliver(&Publication::to_room("r".into(), frame.clone()));
+            routing::deliver(&shard, &Publication::to_room("r".into(), frame.clone()));
         }
         // None of it was read: it is all the readers' backlog.
         for (_, conn) in shard.state().conns.iter_mut() {
@@ -131,7 +133,7 @@ fn drop_policy(c: &mut Criterion) {
         }
         group.throughput(Throughput::Elements(MEMBERS as u64));
         group.bench_function(BenchmarkId::from_parameter(depth), |b| {
-            b.iter(|| shard.deliver(&Publication::to_room("r".into(), frame.clone())))
+            b.iter(|| routing::deliver(&shard, &Publication::to_room("r".into(), frame.clone())))
         });
         let dropped = shard.node.counters.dropped_messages.load(Ordering::Relaxed);
         assert!(dropped > 0, "the queues were full: broadcasts were dropped");

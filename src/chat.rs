@@ -6,11 +6,11 @@
 use std::sync::Arc;
 
 use crate::auth::Identity;
-use crate::backplane::Publication;
 use crate::client_id::ClientId;
 use crate::limits::{Charge, Verdict};
 use crate::protocol::{ClientMessage, ErrorReply, ServerMessage, encode_echo, now_ms};
 use crate::rooms::{Joined, is_valid_room_name};
+use crate::routing::{self, Publication};
 use crate::shard::Shard;
 
 /// Handles one text message from a chat client. Errors are answered, never fatal; a client that
@@ -142,7 +142,10 @@ fn join<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<'
             user_id: &identity.user_id,
             timestamp: now_ms(),
         };
-        shard.publish(Publication::to_room(name, notice.encode()).excluding(id));
+        routing::publish(
+            shard,
+            Publication::to_room(name, notice.encode()).excluding(id),
+        );
     }
     Ok(())
 }
@@ -198,7 +201,7 @@ fn left_room(shard: &Shard, key: usize, room: Arc<str>, identity: &Identity) {
             timestamp: now_ms(),
         };
         let frame = notice.encode();
-        shard.publish(Publication::to_room(room, frame));
+        routing::publish(shard, Publication::to_room(room, frame));
     }
 }
 
@@ -241,7 +244,7 @@ fn chat<'i>(shard: &Shard, key: usize, room: &'i str, message: &str) -> Result<(
         timestamp: now_ms(),
     }
     .encode();
-    shard.publish(Publication::to_room(speaker.room, frame));
+    routing::publish(shard, Publication::to_room(speaker.room, frame));
     Ok(())
 }
 
@@ -259,6 +262,9 @@ fn typing<'i>(
         is_typing,
     }
     .encode();
-    shard.publish(Publication::to_room(speaker.room, frame).excluding(speaker.id));
+    routing::publish(
+        shard,
+        Publication::to_room(speaker.room, frame).excluding(speaker.id),
+    );
     Ok(())
 }

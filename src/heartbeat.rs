@@ -258,7 +258,6 @@ mod tests {
 
     use super::*;
     use crate::auth::Identity;
-    use crate::backplane::memory::MemoryBackplane;
     use crate::node::Node;
 
     /// A one-shard node with 30 s heartbeats and a 10 s timeout: one tick a second.
@@ -268,8 +267,7 @@ mod tests {
             heartbeat_mode: mode,
             ..Config::default()
         };
-        let (backplane, _inboxes) = MemoryBackplane::new(1, usize::MAX);
-        let node = Node::new(Arc::new(config), Arc::new(backplane), 1024).unwrap();
+        let (node, _inboxes) = Node::new(Arc::new(config), 1024).unwrap();
         Shard::new(0, Arc::new(node))
     }
 

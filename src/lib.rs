@@ -12,14 +12,15 @@
 //!   in place ([`frame`]), charges each to the connection's rate limits ([`limits`]), passes
 //!   messages to the endpoint, and writes its [`outbound`] queue with vectored writes.
 //! - [`chat`] is the application: each [`protocol`] message's effect on [`rooms`].
-//! - [`shard`] owns the connections (a `slab`, ids in [`client_id`]) and delivers publications;
-//!   [`backplane`] carries them to the other shards; [`node`] is what shards share.
+//! - [`shard`] owns the connections (a `slab`, ids in [`client_id`]); [`routing`] delivers
+//!   publications to them and hands them over the [`bus`] to the other shards; [`node`] is what
+//!   the shards share.
 //! - [`heartbeat`] finds dead peers with one [`wheel`] per shard.
 //! - [`close`] is the table of close codes, [`protocol::ErrorReply`] that of error replies;
 //!   [`config`] documents every setting.
 
 pub mod auth;
-pub mod backplane;
+pub mod bus;
 pub mod chat;
 pub mod client_id;
 pub mod close;
@@ -33,6 +34,7 @@ pub mod node;
 pub mod outbound;
 pub mod protocol;
 pub mod rooms;
+pub mod routing;
 pub mod server;
 pub mod shard;
 pub mod wheel;

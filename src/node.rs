@@ -1,5 +1,5 @@
 //! What the shards of one gateway process share: configuration, the room directory, the
-//! backplane and a few gauges. Nothing here is touched per message except through atomics.
+//! bus between them and a few gauges. Nothing here is touched per message except through atomics.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -10,17 +10,19 @@ use serde_json::Value;
 use tracing::info;
 
 use crate::auth::{AuthError, Authenticator, Identity};
-use crate::backplane::{Backplane, Publication};
+use crate::bus::{Bus, Inbox};
 use crate::close::CloseCode;
 use crate::config::Config;
 use crate::http::idle::HttpConnections;
 use crate::limits::{Admission, Refusal};
 use crate::rooms::RoomDirectory;
+use crate::routing::Publication;
 
 pub struct Node {
     pub config: Arc<Config>,
     pub rooms: RoomDirectory,
-    pub backplane: Arc<dyn Backplane>,
+    /// Carries publications between this node's shards.
+    pub bus: Bus,
     /// Open WebSocket connections, one gauge per shard (each written by its shard only).
     pub connections: Box<[AtomicUsize]>,
     /// Bytes queued for writing, one gauge per shard, refreshed by each shard once per heartbeat
@@ -39,13 +41,10 @@ pub struct Node {
 
 impl Node {
     /// A node for `config` (whose `max_connections` is already resolved) that may hold up to
-    /// `max_sockets` sockets.
-    pub fn new(
-        config: Arc<Config>,
-        backplane: Arc<dyn Backplane>,
-        max_sockets: usize,
-    ) -> Result<Self, String> {
-        Ok(Node {
+    /// `max_sockets` sockets, and the inbox of each of its shards.
+    pub fn new(config: Arc<Config>, max_sockets: usize) -> Result<(Self, Vec<Inbox>), String> {
+        let (bus, inboxes) = Bus::new(config.shards, config.max_shard_inbox_bytes);
+        let node = Node {
             rooms: RoomDirectory::new(config.shards),
             connections: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
             queued_bytes: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
@@ -56,13 +55,14 @@ impl Node {
             http: HttpConnections::default(),
             draining: AtomicBool::new(false),
             config,
-            backplane,
-        })
+            bus,
+        };
+        Ok((node, inboxes))
     }
 
     /// Hands a publication to other shards' inboxes; those it cannot reach are counted.
     pub fn forward(&self, shards: &[usize], publication: Arc<Publication>) {
-        let dropped = self.backplane.publish(shards, publication);
+        let dropped = self.bus.send(shards, publication);
         if dropped > 0 {
             self.counters
                 .inbox_dropped

@@ -16,11 +16,11 @@ use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::backplane::Publication;
-use crate::backplane::memory::{Inbox, MemoryBackplane};
+use crate::bus::Inbox;
 use crate::config::Config;
 use crate::limits::Refusal;
 use crate::node::{self, Node};
+use crate::routing::{self, Publication};
 use crate::shard::Shard;
 use crate::{heartbeat, http};
 
@@ -78,9 +78,7 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
     for _ in 1..config.shards {
         listeners.push(bind(local_addr, config.backlog)?);
     }
-    let (backplane, inboxes) = MemoryBackplane::new(config.shards, config.max_shard_inbox_bytes);
-    let node = Node::new(config.clone(), Arc::new(backplane), socket_capacity())
-        .map_err(io::Error::other)?;
+    let (node, inboxes) = Node::new(config.clone(), socket_capacity()).map_err(io::Error::other)?;
     let node = Arc::new(node);
     if node.auth.dev_mode() {
         warn!(
@@ -250,7 +248,7 @@ async fn deliver_until(shard: &Shard, inbox: &mut Inbox, shutdown: &Cancellation
             return;
         }
         for publication in batch.drain(..) {
-            shard.deliver(&publication);
+            routing::deliver(shard, &publication);
         }
         // Let the connections write this batch before the next one lands in their queues.
         tokio::task::yield_now().await;
@@ -268,7 +266,7 @@ async fn drain(shard: &Shard, inbox: &mut Inbox) {
             break;
         }
         for publication in batch.drain(..) {
-            shard.deliver(&publication);
+            routing::deliver(shard, &publication);
         }
         tokio::task::yield_now().await;
         if tokio::time::Instant::now() >= deadline {

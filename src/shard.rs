@@ -4,7 +4,7 @@
 //! Everything here is `!Send` and lives in one current-thread runtime, so the per-message path
 //! takes no lock: handlers borrow the shard's state, queue frames and return.
 
-use std::cell::{Cell, RefCell, RefMut};
+use std::cell::{Cell, Ref, RefCell, RefMut};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,15 +14,13 @@ use slab::Slab;
 use tracing::debug;
 
 use crate::auth::Identity;
-use crate::backplane::{Publication, Target, memory};
 use crate::client_id::ClientId;
 use crate::close::CloseCode;
-use crate::config::SlowConsumerPolicy;
 use crate::frame;
 use crate::heartbeat::{Heartbeats, Liveness};
 use crate::limits::{Charge, RateLimiter, RateLimits, Verdict};
 use crate::node::Node;
-use crate::outbound::{self, Outbound, QueueTotal};
+use crate::outbound::{Outbound, QueueTotal};
 use crate::protocol::{ErrorReply, JsonParser, ServerMessage, now_ms};
 use crate::rooms::LocalRooms;
 
@@ -76,11 +74,11 @@ pub struct Shard {
     read_buf: RefCell<Box<[u8]>>,
     json: RefCell<JsonParser>,
     /// Scratch list of other shards a publication goes to, kept to avoid an allocation each time.
-    route: RefCell<Vec<usize>>,
+    pub(crate) route: RefCell<Vec<usize>>,
     heartbeats: RefCell<Heartbeats>,
     limits: RateLimits,
     /// This shard's share of `max_total_queued_bytes`.
-    queue_budget: usize,
+    pub(crate) queue_budget: usize,
     started: std::time::Instant,
     /// The rate limiters' clock for the current connection's turn (read once per turn, not per
     /// frame: a turn is short).
@@ -111,6 +109,10 @@ impl Shard {
 
     pub fn state(&self) -> RefMut<'_, ShardState> {
         self.state.borrow_mut()
+    }
+
+    pub fn state_ref(&self) -> Ref<'_, ShardState> {
+        self.state.borrow()
     }
 
     pub fn heartbeats(&self) -> RefMut<'_, Heartbeats> {
@@ -297,127 +299,5 @@ impl Shard {
 
     pub fn send_error(&self, key: usize, error: ErrorReply<'_>) {
         self.send(key, ServerMessage::Error { error }.encode());
-    }
-
-    /// Delivers to this shard's recipients, then hands the publication to the backplane for the
-    /// other shards that have recipients.
-    pub fn publish(&self, publication: Publication) {
-        let mut route = self.route.borrow_mut();
-        route.clear();
-        {
-            let state = self.state.borrow();
-            let shards = self.node.shards();
-            match &publication.target {
-                Target::Room(name) => match state.rooms.get(name) {
-                    Some(room) => route.extend(room.presence.other_shards(self.index)),
-                    // No member here (a notice after the last local member left, or a publish
-                    // from a non-member): ask the directory, under its lock.
-                    None => {
-                        if let Some(presence) = self.node.rooms.presence(name) {
-                            route.extend(presence.other_shards(self.index));
-                        }
-                    }
-                },
-                Target::All => route.extend((0..shards).filter(|&s| s != self.index)),
-            }
-        }
-        if let Some(include) = &publication.include {
-            route.retain(|&s| include.iter().any(|id| id.shard as usize == s));
-        }
-        self.deliver(&publication);
-        if !route.is_empty() {
-            self.node.forward(&route, Arc::new(publication));
-        }
-    }
-
-    /// Queues the publication's frame to each matching connection of this shard.
-    pub fn deliver(&self, publication: &Publication) {
-        let mut guard = self.state();
-        let ShardState {
-            conns,
-            rooms,
-            queued,
-            ..
-        } = &mut *guard;
-        let max_queued = self.node.config.max_queued_bytes;
-        // A reader that keeps up may still hold this much between two of its turns: a backlog
-        // within its bound, a bound's worth of same-shard broadcasts, and one inbox batch.
-        let burst_cap = 2 * max_queued + memory::BATCH_BYTES;
-        let over_budget = queued.bytes() > self.queue_budget;
-        let counters = &self.node.counters;
-        let mut queue_to = |conn: &mut ConnEntry| {
-            if !publication.admits(conn.id) || conn.outbound.is_closing() {
-                return;
-            }
-            let frame = &publication.frame;
-            let out = &mut conn.outbound;
-            let charge = outbound::cost(frame);
-            // A reader is slow by what it was given a chance to take and did not (stale bytes);
-            // a burst queued while it had no turn to write is the gateway's backlog, bounded
-            // separately. A reader that has caught up always gets the frame, even one bigger
-            // than the bound: the bound is on backlog.
-            let slow = !out.is_empty()
-                && (out.stale_bytes() + charge > max_queued
-                    || out.queued_bytes() + charge > burst_cap
-                    || (over_budget && out.stale_bytes() > 0));
-            if !slow {
-                out.push_broadcast(frame.clone(), queued);
-                return;
-            }
-            if over_budget {
-                counters.memory_pressure.fetch_add(1, Ordering::Relaxed);
-            }
-            match self.node.config.slow_consumer_policy {
-                SlowConsumerPolicy::Close => {
-                    debug!(client = %conn.id, queued = out.queued_bytes(), "closing slow consumer");
-                    counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                    let close = frame::encode_close(CloseCode::POLICY_VIOLATION, "slow consumer");
-                    out.push_close(close, queued);
-                }
-                SlowConsumerPolicy::Drop => {
-                    let (mut dropped, fits) = if over_budget {
-                        // Out of memory: nothing more for readers that are behind.
-                        (0, false)
-                    } else {
-                        out.make_room(charge, max_queued, queued)
-                    };
-                    if fits {
-                        out.push_broadcast(frame.clone(), queued);
-                    } else {
-                        out.note_dropped(1);
-                        dropped += 1;
-                    }
-                    counters
-                        .dropped_messages
-                        .fetch_add(dropped, Ordering::Relaxed);
-                }
-            }
-        };
-        match (&publication.target, &publication.include) {
-            (Target::All, Some(include)) => {
-                for id in include.iter().filter(|id| id.shard as usize == self.index) {
-                    if let Some(conn) = conns.get_mut(id.key as usize)
-                        && conn.id == *id
-                        && conn.endpoint == Endpoint::Chat
-                    {
-                        queue_to(conn);
-                    }
-                }
-            }
-            (Target::All, None) => {
-                for (_, conn) in conns.iter_mut() {
-                    if conn.endpoint == Endpoint::Chat {
-                        queue_to(conn);
-                    }
-                }
-            }
-            (Target::Room(name), _) => {
-                if let Some(room) = rooms.get(name) {
-                    for &key in &room.members {
-                        queue_to(&mut conns[key]);
-                    }
-                }
-            }
-        }
     }
 }

@@ -5,8 +5,8 @@ mod support;
 
 use serde_json::{Value, json};
 use support::{Client, TestGateway, http_get};
-use wsgate::backplane::{Publication, Target};
 use wsgate::client_id::ClientId;
+use wsgate::routing::{Publication, Target};
 
 fn strip_timestamp(mut msg: Value) -> Value {
     assert!(

@@ -12,7 +12,7 @@ use support::process::GatewayProcess;
 use support::{Client, RawClient, TestGateway, http_get};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use wsgate::backplane::{Publication, Target};
+use wsgate::routing::{Publication, Target};
 
 /// Reads a client's stream to its end: the texts received (but `user_left` notices, which other
 /// clients' closes may cause during the drain), and the close frame.

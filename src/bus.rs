@@ -1,4 +1,4 @@
-//! The in-process backplane: one inbox per shard, bounded in bytes.
+//! The bus between the shards of one process: one inbox per shard, bounded in bytes.
 //!
 //! A shard stalled for a while (by a burst of work, or an attack) must not make the others
 //! buffer for it without bound: past `max_shard_inbox_bytes` a publication is dropped for that
@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use super::{Backplane, Publication};
 use crate::outbound;
+use crate::routing::Publication;
 
 /// Publications taken from an inbox in one go, at most.
 const BATCH_PUBLICATIONS: usize = 64;
@@ -24,7 +24,7 @@ fn cost(publication: &Publication) -> usize {
     outbound::cost(&publication.frame) + std::mem::size_of::<Publication>()
 }
 
-/// One shard's side of the backplane.
+/// One shard's side of the bus.
 pub struct Inbox {
     receiver: UnboundedReceiver<Arc<Publication>>,
     /// Bytes waiting, shared with the senders.
@@ -62,14 +62,14 @@ impl Inbox {
     }
 }
 
-pub struct MemoryBackplane {
+pub struct Bus {
     inboxes: Vec<(UnboundedSender<Arc<Publication>>, Arc<AtomicUsize>)>,
     max_pending: usize,
 }
 
-impl MemoryBackplane {
-    /// A backplane for `shards` shards, each inbox holding at most `max_pending` bytes, and the
-    /// inbox each shard drains.
+impl Bus {
+    /// A bus for `shards` shards, each inbox holding at most `max_pending` bytes, and the inbox
+    /// each shard drains.
     pub fn new(shards: usize, max_pending: usize) -> (Self, Vec<Inbox>) {
         let (inboxes, receivers) = (0..shards)
             .map(|_| {
@@ -79,7 +79,7 @@ impl MemoryBackplane {
             })
             .unzip();
         (
-            MemoryBackplane {
+            Bus {
                 inboxes,
                 max_pending,
             },
@@ -88,8 +88,10 @@ impl MemoryBackplane {
     }
 }
 
-impl Backplane for MemoryBackplane {
-    fn publish(&self, shards: &[usize], publication: Arc<Publication>) -> usize {
+impl Bus {
+    /// Hands `publication` to each shard in `shards` for delivery there. Returns how many of them
+    /// it could not be handed to (their inboxes were full), for the caller to count.
+    pub fn send(&self, shards: &[usize], publication: Arc<Publication>) -> usize {
         let cost = cost(&publication);
         let mut dropped = 0;
         for &shard in shards {
@@ -121,24 +123,24 @@ mod tests {
     #[tokio::test]
     async fn a_full_inbox_refuses_and_batches_are_bounded() {
         let one = cost(&publication(1000));
-        let (backplane, mut inboxes) = MemoryBackplane::new(2, 100 * one);
+        let (bus, mut inboxes) = Bus::new(2, 100 * one);
         for _ in 0..150 {
-            backplane.publish(&[1], publication(1000));
+            bus.send(&[1], publication(1000));
         }
         // Shard 1's inbox took 100; shard 0's is untouched.
-        assert_eq!(backplane.publish(&[0, 1], publication(1000)), 1);
+        assert_eq!(bus.send(&[0, 1], publication(1000)), 1);
         let mut batch = Vec::new();
         assert!(inboxes[1].recv_batch(&mut batch).await);
         assert_eq!(batch.len(), BATCH_PUBLICATIONS);
         // Taking a batch makes room again.
-        assert_eq!(backplane.publish(&[1], publication(1000)), 0);
+        assert_eq!(bus.send(&[1], publication(1000)), 0);
         batch.clear();
         inboxes[1].try_recv_batch(&mut batch);
         assert_eq!(batch.len(), 37);
         // A batch stops once it holds its bound in bytes.
-        let (backplane, mut inboxes) = MemoryBackplane::new(1, usize::MAX / 2);
+        let (bus, mut inboxes) = Bus::new(1, usize::MAX / 2);
         for _ in 0..10 {
-            backplane.publish(&[0], publication(100_000));
+            bus.send(&[0], publication(100_000));
         }
         batch.clear();
         inboxes[0].try_recv_batch(&mut batch);

@@ -34,8 +34,8 @@ fn shard_with_room_under(members: usize, config: Config) -> Shard {
     for _ in 0..members {
         let peer = std::net::IpAddr::from([127, 0, 0, 1]);
         let key = shard.register(Endpoint::Chat, node.anonymous.clone(), peer);
-        let joined = shard.state().rooms.join(&node.rooms, 0, "r", key);
-        assert!(matches!(joined, rooms::Joined::Joined { .. }));
+        let joined = shard.state().rooms.join(&node.rooms, 0, "r", key, None);
+        assert!(matches!(joined, rooms::Joined::Joined(_)));
     }
     drain(&shard);
     shard
@@ -85,10 +85,7 @@ fn fanout(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("encode-once", members), |b| {
             b.iter_custom(|iters| {
                 timed(&shard, iters, |shard| {
-                    routing::deliver(
-                        shard,
-                        &Publication::to_room("r".into(), message().encode()),
-                    )
+                    routing::deliver(shard, &Publication::to_room("r".into(), message().encode()))
                 })
             })
         });
@@ -98,7 +95,7 @@ fn fanout(c: &mut Criterion) {
                     let mut state = shard.state();
                     let state = &mut *state;
                     let room = state.rooms.get("r").unwrap();
-                    for &key in &room.members {
+                    for &key in room.members.keys() {
                         state.conns[key]
                             .outbound
                             .push(message().encode(), &mut state.queued);

@@ -52,7 +52,7 @@ fn parse(c: &mut Criterion) {
                 // simd-json unescapes in place, so each round starts from a fresh copy.
                 buf.copy_from_slice(json.as_bytes());
                 parser.parse(black_box(&mut buf), |m| match m {
-                    Ok(ClientMessage::JoinRoom { room }) => room.len(),
+                    Ok(ClientMessage::JoinRoom { room, .. }) => room.len(),
                     Ok(ClientMessage::Chat { message, .. }) => message.len(),
                     Ok(ClientMessage::Typing { is_typing, .. }) => is_typing as usize,
                     _ => unreachable!(),

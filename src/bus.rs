@@ -11,22 +11,22 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::outbound;
-use crate::routing::Publication;
+use crate::routing::Delivery;
 
 /// Publications taken from an inbox in one go, at most.
 const BATCH_PUBLICATIONS: usize = 64;
 /// Frame bytes taken from an inbox in one go, at most (one publication may exceed it alone).
 pub const BATCH_BYTES: usize = 256 * 1024;
 
-/// What a waiting publication is charged against its inbox: its frame as queued, plus the
-/// publication itself.
-fn cost(publication: &Publication) -> usize {
-    outbound::cost(&publication.frame) + std::mem::size_of::<Publication>()
+/// What a waiting delivery is charged against its inbox: its frame as queued, plus the
+/// publication or stream message around it.
+fn cost(delivery: &Delivery) -> usize {
+    outbound::cost(delivery.frame()) + 64
 }
 
 /// One shard's side of the bus.
 pub struct Inbox {
-    receiver: UnboundedReceiver<Arc<Publication>>,
+    receiver: UnboundedReceiver<Delivery>,
     /// Bytes waiting, shared with the senders.
     pending: Arc<AtomicUsize>,
 }
@@ -34,7 +34,7 @@ pub struct Inbox {
 impl Inbox {
     /// Waits for publications and moves the next batch of them into `batch`. Returns false once
     /// every sender is gone and the inbox is empty.
-    pub async fn recv_batch(&mut self, batch: &mut Vec<Arc<Publication>>) -> bool {
+    pub async fn recv_batch(&mut self, batch: &mut Vec<Delivery>) -> bool {
         let Some(first) = self.receiver.recv().await else {
             return false;
         };
@@ -44,26 +44,26 @@ impl Inbox {
     }
 
     /// Moves what is waiting (up to a batch) into `batch` without waiting.
-    pub fn try_recv_batch(&mut self, batch: &mut Vec<Arc<Publication>>) {
-        let mut bytes: usize = batch.iter().map(|p| p.frame.len()).sum();
+    pub fn try_recv_batch(&mut self, batch: &mut Vec<Delivery>) {
+        let mut bytes: usize = batch.iter().map(|d| d.frame().len()).sum();
         while batch.len() < BATCH_PUBLICATIONS && bytes < BATCH_BYTES {
             let Ok(next) = self.receiver.try_recv() else {
                 return;
             };
-            bytes += next.frame.len();
+            bytes += next.frame().len();
             self.take(next, batch);
         }
     }
 
-    fn take(&self, publication: Arc<Publication>, batch: &mut Vec<Arc<Publication>>) {
+    fn take(&self, delivery: Delivery, batch: &mut Vec<Delivery>) {
         // From here the publication is the shard's to deliver: its space is given back.
-        self.pending.fetch_sub(cost(&publication), Ordering::AcqRel);
-        batch.push(publication);
+        self.pending.fetch_sub(cost(&delivery), Ordering::AcqRel);
+        batch.push(delivery);
     }
 }
 
 pub struct Bus {
-    inboxes: Vec<(UnboundedSender<Arc<Publication>>, Arc<AtomicUsize>)>,
+    inboxes: Vec<(UnboundedSender<Delivery>, Arc<AtomicUsize>)>,
     max_pending: usize,
 }
 
@@ -91,8 +91,8 @@ impl Bus {
 impl Bus {
     /// Hands `publication` to each shard in `shards` for delivery there. Returns how many of them
     /// it could not be handed to (their inboxes were full), for the caller to count.
-    pub fn send(&self, shards: &[usize], publication: Arc<Publication>) -> usize {
-        let cost = cost(&publication);
+    pub fn send(&self, shards: &[usize], delivery: Delivery) -> usize {
+        let cost = cost(&delivery);
         let mut dropped = 0;
         for &shard in shards {
             let (sender, pending) = &self.inboxes[shard];
@@ -102,7 +102,7 @@ impl Bus {
                 continue;
             }
             // A send fails only once that shard has stopped, when nobody is left to deliver to.
-            if sender.send(publication.clone()).is_err() {
+            if sender.send(delivery.clone()).is_err() {
                 pending.fetch_sub(cost, Ordering::AcqRel);
             }
         }
@@ -115,9 +115,13 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::routing::Publication;
 
-    fn publication(len: usize) -> Arc<Publication> {
-        Arc::new(Publication::to_room("r".into(), Bytes::from(vec![0; len])))
+    fn publication(len: usize) -> Delivery {
+        Delivery::Publication(Arc::new(Publication::to_room(
+            "r".into(),
+            Bytes::from(vec![0; len]),
+        )))
     }
 
     #[tokio::test]

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use crate::auth::Identity;
 use crate::client_id::ClientId;
 use crate::limits::{Charge, Verdict};
-use crate::protocol::{ClientMessage, ErrorReply, ServerMessage, encode_echo, now_ms};
+use crate::protocol::{ClientMessage, ErrorReply, ServerMessage, Since, encode_echo, now_ms};
 use crate::rooms::{Joined, is_valid_room_name};
 use crate::routing::{self, Publication};
 use crate::shard::Shard;
+use crate::stream::Position;
 
 /// Handles one text message from a chat client. Errors are answered, never fatal; a client that
 /// keeps flooding past its strikes is closed (the caller sees the connection closing).
@@ -42,7 +43,7 @@ fn handle<'i>(
     message: ClientMessage<'_, 'i>,
 ) -> Result<(), ErrorReply<'i>> {
     match message {
-        ClientMessage::JoinRoom { room } => join(shard, key, room),
+        ClientMessage::JoinRoom { room, since } => join(shard, key, room, since),
         ClientMessage::LeaveRoom { room } => leave(shard, key, room),
         ClientMessage::Chat { room, message } => chat(shard, key, room, message),
         ClientMessage::Typing { room, is_typing } => typing(shard, key, room, is_typing),
@@ -102,10 +103,19 @@ fn refresh<'i>(shard: &Shard, key: usize, token: &str) -> Result<(), ErrorReply<
     Ok(())
 }
 
-fn join<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<'i>> {
+fn join<'i>(
+    shard: &Shard,
+    key: usize,
+    room: &'i str,
+    since: Option<Since<'i>>,
+) -> Result<(), ErrorReply<'i>> {
     if !is_valid_room_name(room) {
         return Err(ErrorReply::InvalidRoomName);
     }
+    let since = since.map(|since| Position {
+        offset: since.offset,
+        epoch: Arc::from(since.epoch),
+    });
     let config = &shard.node.config;
     let (name, total, id, identity) = {
         let mut guard = shard.state();
@@ -118,22 +128,30 @@ fn join<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<'
         if conn.rooms.len() >= max_rooms && !conn.rooms.iter().any(|r| &**r == room) {
             return Err(ErrorReply::TooManyRooms(max_rooms));
         }
-        let joined = state.rooms.join(&shard.node.rooms, shard.index, room, key);
-        let total = match &joined {
-            Joined::AlreadyMember { total } | Joined::Joined { total, .. } => *total,
-        };
+        let joined = state
+            .rooms
+            .join(&shard.node.rooms, shard.index, room, key, since.as_ref());
+        let (Joined::AlreadyMember(joining) | Joined::Joined(joining)) = &joined;
         let reply = ServerMessage::RoomJoined {
             room,
-            members: total,
+            members: joining.total,
+            offset: joining.position.offset,
+            epoch: &joining.position.epoch,
+            recovered: since.as_ref().map(|_| joining.missed.is_some()),
         };
         conn.outbound.push(reply.encode(), &mut state.queued);
-        let Joined::Joined { name, .. } = joined else {
+        // What the client missed, before anything after its join: never a partial replay.
+        for frame in joining.missed.iter().flatten() {
+            conn.outbound.push(frame.clone(), &mut state.queued);
+        }
+        let Joined::Joined(joining) = joined else {
             return Ok(());
         };
+        let name = joining.state.name.clone();
         let mut rooms = std::mem::take(&mut conn.rooms).into_vec();
         rooms.push(name.clone());
         conn.rooms = rooms.into_boxed_slice();
-        (name, total, conn.id, conn.identity.clone())
+        (name, joining.total, conn.id, conn.identity.clone())
     };
     if total > 1 && total <= config.presence_max_members {
         let notice = ServerMessage::UserJoined {
@@ -236,15 +254,22 @@ fn chat<'i>(shard: &Shard, key: usize, room: &'i str, message: &str) -> Result<(
         return Err(ErrorReply::MessageTooLong(max_chars));
     }
     let speaker = speaker(shard, key, room)?;
-    let frame = ServerMessage::ChatMessage {
+    let message = ServerMessage::ChatMessage {
         room,
         username: &speaker.identity.username,
         user_id: &speaker.identity.user_id,
         message,
         timestamp: now_ms(),
-    }
-    .encode();
-    routing::publish(shard, Publication::to_room(speaker.room, frame));
+    };
+    let Some(local) = shard
+        .state_ref()
+        .rooms
+        .get(&speaker.room)
+        .map(|r| r.state.clone())
+    else {
+        return Err(ErrorReply::NotInRoom(room));
+    };
+    routing::publish_to_stream(shard, &local, &message.to_json());
     Ok(())
 }
 

@@ -42,6 +42,12 @@ pub struct Config {
     pub max_chat_message_chars: usize,
     /// Rooms one connection may be in at once. Default 100.
     pub max_rooms_per_connection: usize,
+    /// Messages each room keeps for clients that reconnect (`join_room` with `since`); 0 keeps
+    /// none. Default 100.
+    pub history_size: usize,
+    /// How long a room keeps a message for reconnecting clients. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub history_ttl: Duration,
     /// `user_joined`/`user_left` notices are sent only in rooms of at most this many members:
     /// each notice costs O(members), so in huge rooms they would turn joins into O(N²) traffic.
     /// Default 1000.
@@ -146,6 +152,8 @@ impl Default for Config {
             slow_consumer_policy: SlowConsumerPolicy::Close,
             max_chat_message_chars: 1000,
             max_rooms_per_connection: 100,
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
             presence_max_members: 1000,
             close_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(30),

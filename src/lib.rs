@@ -37,6 +37,7 @@ pub mod rooms;
 pub mod routing;
 pub mod server;
 pub mod shard;
+pub mod stream;
 pub mod wheel;
 
 pub use config::Config;

@@ -16,7 +16,8 @@ use crate::config::Config;
 use crate::http::idle::HttpConnections;
 use crate::limits::{Admission, Refusal};
 use crate::rooms::RoomDirectory;
-use crate::routing::Publication;
+use crate::routing::Delivery;
+use crate::stream::HistoryLimits;
 
 pub struct Node {
     pub config: Arc<Config>,
@@ -45,7 +46,13 @@ impl Node {
     pub fn new(config: Arc<Config>, max_sockets: usize) -> Result<(Self, Vec<Inbox>), String> {
         let (bus, inboxes) = Bus::new(config.shards, config.max_shard_inbox_bytes);
         let node = Node {
-            rooms: RoomDirectory::new(config.shards),
+            rooms: RoomDirectory::new(
+                config.shards,
+                HistoryLimits {
+                    size: config.history_size,
+                    ttl: config.history_ttl,
+                },
+            ),
             connections: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
             queued_bytes: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
             auth: Authenticator::from_config(&config)?,
@@ -61,8 +68,8 @@ impl Node {
     }
 
     /// Hands a publication to other shards' inboxes; those it cannot reach are counted.
-    pub fn forward(&self, shards: &[usize], publication: Arc<Publication>) {
-        let dropped = self.bus.send(shards, publication);
+    pub fn forward(&self, shards: &[usize], delivery: Delivery) {
+        let dropped = self.bus.send(shards, delivery);
         if dropped > 0 {
             self.counters
                 .inbox_dropped
@@ -117,6 +124,9 @@ pub struct Counters {
     pub memory_pressure: AtomicU64,
     /// Publications dropped because a shard's inbox was past `max_shard_inbox_bytes`.
     pub inbox_dropped: AtomicU64,
+    /// Rooms whose members were told to `resync`: stream messages were lost on the way to them
+    /// and were no longer in the history.
+    pub resyncs: AtomicU64,
     /// Idle plain HTTP connections closed to make room for new ones.
     pub http_evicted: AtomicU64,
     /// Requests answered 400 or 431: a malformed or oversized head, a malformed upgrade.
@@ -169,7 +179,7 @@ impl Counters {
     }
 
     /// Every counter but the per-reason authentication refusals, by its public name.
-    fn named(&self) -> [(&'static str, &AtomicU64); 21] {
+    fn named(&self) -> [(&'static str, &AtomicU64); 22] {
         [
             ("origin_refused", &self.origin_refused),
             ("draining_refused", &self.draining_refused),
@@ -180,6 +190,7 @@ impl Counters {
             ("frames_rate_limited", &self.frames_rate_limited),
             ("memory_pressure", &self.memory_pressure),
             ("inbox_dropped", &self.inbox_dropped),
+            ("resyncs", &self.resyncs),
             ("http_evicted", &self.http_evicted),
             ("bad_requests", &self.bad_requests),
             ("handshake_timeouts", &self.handshake_timeouts),
@@ -224,16 +235,18 @@ impl Counters {
     }
 }
 
-/// Refusals and forced closes are logged as one line per interval with the count of each reason
+/// The node's chores, once per `every`: forgetting rooms whose members are gone and whose history
+/// expired, and logging refusals and forced closes as one line with the count of each reason
 /// (exact totals stay in the counters), not one line per event: under an attack or a mass
 /// disconnect, per-event lines would let a client drive the log volume and stall the shards on
 /// the log writer's lock.
-pub async fn log_refusals(node: Arc<Node>, every: Duration) {
+pub async fn housekeeping(node: Arc<Node>, every: Duration) {
     let mut last: Vec<(String, u64)> = node.counters.values();
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        node.rooms.sweep();
         let now = node.counters.values();
         let changed: Vec<String> = now
             .iter()

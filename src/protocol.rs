@@ -24,6 +24,8 @@ use crate::frame::{FrameBuilder, OpCode};
 pub enum ClientMessage<'t, 'i> {
     JoinRoom {
         room: &'i str,
+        /// Where the client was in the room's stream: it asks for what it missed since.
+        since: Option<Since<'i>>,
     },
     LeaveRoom {
         room: &'i str,
@@ -46,6 +48,13 @@ pub enum ClientMessage<'t, 'i> {
     Refresh {
         token: &'i str,
     },
+}
+
+/// A client's last position in a room's stream (`join_room`'s `since`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Since<'i> {
+    pub offset: u64,
+    pub epoch: &'i str,
 }
 
 /// Every error a client can be sent, with its exact wording. None of them closes the connection.
@@ -155,6 +164,23 @@ pub fn read_message<'t, 'i>(tape: &'t Tape<'i>) -> Result<ClientMessage<'t, 'i>,
     Ok(match kind {
         "join_room" => ClientMessage::JoinRoom {
             room: string("room")?,
+            since: match field("since") {
+                None => None,
+                Some(since) => Some(Since {
+                    offset: since.get("offset").and_then(|v| v.as_u64()).ok_or(
+                        ErrorReply::InvalidField {
+                            field: "since",
+                            expected: "{offset, epoch} from a message or room_joined",
+                        },
+                    )?,
+                    epoch: since.get("epoch").and_then(|v| v.into_string()).ok_or(
+                        ErrorReply::InvalidField {
+                            field: "since",
+                            expected: "{offset, epoch} from a message or room_joined",
+                        },
+                    )?,
+                }),
+            },
         },
         "leave_room" => ClientMessage::LeaveRoom {
             room: string("room")?,
@@ -225,6 +251,12 @@ pub enum ServerMessage<'a> {
     RoomJoined {
         room: &'a str,
         members: u32,
+        /// The room's stream position at the join: the member gets the messages after it.
+        offset: u64,
+        epoch: &'a str,
+        /// Only for a join with `since`: whether every missed message follows.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
     },
     UserJoined {
         room: &'a str,
@@ -265,6 +297,11 @@ pub enum ServerMessage<'a> {
     Dropped {
         count: u64,
     },
+    /// Messages of the room were lost on their way to this member and are no longer in the
+    /// history: its view of the room must be refreshed.
+    Resync {
+        room: &'a str,
+    },
     /// The connection was taken out of a room it did not ask to leave.
     RoomLeft {
         room: &'a str,
@@ -285,6 +322,24 @@ impl ServerMessage<'_> {
             .expect("serializing to memory cannot fail");
         frame.finish(OpCode::Text)
     }
+
+    /// The message as JSON, for a room's stream, which frames it once it has its offset.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("serializing to memory cannot fail")
+    }
+}
+
+/// Frames a room message (a JSON object) with its stream offset added as its last field.
+pub fn with_offset(message: &[u8], offset: u64) -> Bytes {
+    let (close, fields) = message.split_last().expect("a JSON object");
+    debug_assert_eq!(*close, b'}');
+    let mut frame = FrameBuilder::with_capacity(message.len() + 32);
+    let out = frame.payload();
+    out.extend_from_slice(fields);
+    out.extend_from_slice(b",\"offset\":");
+    out.extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
+    out.put_u8(b'}');
+    frame.finish(OpCode::Text)
 }
 
 /// Frames `{"type":"echo","payload":…}` with the payload re-serialized from the tape.
@@ -318,7 +373,7 @@ mod tests {
     fn reads_every_client_message() {
         assert_eq!(
             parse_debug(r#"{"type":"join_room","payload":{"room":"lobby"}}"#),
-            r#"JoinRoom { room: "lobby" }"#
+            r#"JoinRoom { room: "lobby", since: None }"#
         );
         assert_eq!(
             parse_debug(r#"{"payload":{"room":"a\"b","message":"hi\n"},"type":"chat_message"}"#),

@@ -1,19 +1,23 @@
 //! Rooms: a shard-local two-way index (room → local members here, member → rooms in the
-//! connection's entry) plus a process-wide directory that counts members per shard.
+//! connection's entry) plus a process-wide directory of rooms, each with its members counted per
+//! shard and its [`Stream`] (offsets and history).
 //!
-//! The directory is only locked on join and leave. Publishing reads the per-shard counters of a
-//! room the shard already holds an `Arc` to, so the per-message path takes no lock: it learns
-//! which other shards have members and forwards the one encoded frame to those alone. (A shard
-//! with no member of the room, e.g. sending a notice after its last member left, looks the room up
-//! in the directory instead.)
+//! The directory is only locked on join and leave. A notice (typing, a join or leave) reads the
+//! per-shard counters of a room the shard already holds an `Arc` to, without locking, and forwards
+//! the one encoded frame to the shards with members. A room message goes through the room's
+//! stream lock, which gives it its offset and hands it to every shard with members in that order.
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
-use indexmap::IndexSet;
+use bytes::Bytes;
+use indexmap::IndexMap;
+
+use crate::stream::{HistoryLimits, Position, Stream};
 
 pub const MAX_ROOM_NAME_LEN: usize = 64;
 
@@ -25,108 +29,176 @@ pub fn is_valid_room_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
-/// A room's membership across the whole process, counted per shard.
-pub struct RoomPresence {
+/// A room across the whole process: its members, counted per shard, and its stream.
+pub struct RoomState {
+    pub name: Arc<str>,
     per_shard: Box<[AtomicU32]>,
     total: AtomicU32,
+    /// The order of the room's messages, and their recent history. Publishing a message, and
+    /// joining or leaving (which change who the messages go to), take this lock: the price of
+    /// one order for every member. Nothing else on the per-message path does.
+    pub stream: Mutex<Stream>,
 }
 
-impl RoomPresence {
+impl RoomState {
     pub fn total(&self) -> u32 {
         self.total.load(Ordering::Acquire)
     }
 
     /// Shards other than `except` that have members now.
     pub fn other_shards(&self, except: usize) -> impl Iterator<Item = usize> + '_ {
+        self.shards_with_members().filter(move |&i| i != except)
+    }
+
+    /// Shards that have members now.
+    pub fn shards_with_members(&self) -> impl Iterator<Item = usize> + '_ {
         self.per_shard
             .iter()
             .enumerate()
-            .filter(move |(i, n)| *i != except && n.load(Ordering::Acquire) > 0)
+            .filter(|(_, n)| n.load(Ordering::Acquire) > 0)
             .map(|(i, _)| i)
+    }
+
+    pub fn stream(&self) -> MutexGuard<'_, Stream> {
+        self.stream.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 const STRIPES: usize = 64;
 
-type Stripe = Mutex<HashMap<Arc<str>, Arc<RoomPresence>>>;
+type Stripe = Mutex<HashMap<Arc<str>, Arc<RoomState>>>;
 
-/// Process-wide room membership, lock-striped by room name.
+/// Process-wide rooms, lock-striped by room name. A room stays while it has members, or history
+/// that is not yet expired (so clients can recover after everyone left).
 pub struct RoomDirectory {
     shards: usize,
+    history: HistoryLimits,
     stripes: Box<[Stripe]>,
 }
 
+/// What joining a room found.
+pub struct Joining {
+    pub state: Arc<RoomState>,
+    /// Members across all shards, the joining one included.
+    pub total: u32,
+    /// The stream's position at the join: the member gets the messages after it.
+    pub position: Position,
+    /// For a join with `since`: the messages after it, when all of them could be given.
+    pub missed: Option<Vec<Bytes>>,
+}
+
 impl RoomDirectory {
-    pub fn new(shards: usize) -> Self {
+    pub fn new(shards: usize, history: HistoryLimits) -> Self {
         RoomDirectory {
             shards,
+            history,
             stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
         }
     }
 
-    fn stripe(&self, room: &str) -> &Stripe {
+    pub fn history_limits(&self) -> HistoryLimits {
+        self.history
+    }
+
+    fn stripe(&self, room: &str) -> MutexGuard<'_, HashMap<Arc<str>, Arc<RoomState>>> {
         let mut h = DefaultHasher::new();
         room.hash(&mut h);
-        &self.stripes[h.finish() as usize % STRIPES]
+        self.stripes[h.finish() as usize % STRIPES]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts one more member on `shard`; returns the room and its new total.
-    fn join(&self, room: &Arc<str>, shard: usize) -> (Arc<RoomPresence>, u32) {
-        let mut rooms = self.stripe(room).lock().unwrap_or_else(|e| e.into_inner());
-        let presence = rooms.entry(room.clone()).or_insert_with(|| {
-            Arc::new(RoomPresence {
-                per_shard: (0..self.shards).map(|_| AtomicU32::new(0)).collect(),
-                total: AtomicU32::new(0),
-            })
-        });
-        presence.per_shard[shard].fetch_add(1, Ordering::AcqRel);
-        let total = presence.total.fetch_add(1, Ordering::AcqRel) + 1;
-        (presence.clone(), total)
+    /// Counts one more member on `shard`, and reads the stream where the member starts (and what
+    /// it missed since `since`), all under the stream's lock: a message is either before the join
+    /// (and not the member's) or after it (and routed to its shard).
+    fn join(&self, room: &str, shard: usize, since: Option<&Position>) -> Joining {
+        let mut rooms = self.stripe(room);
+        let state = match rooms.get(room) {
+            Some(state) => state.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(room);
+                let state = Arc::new(RoomState {
+                    name: name.clone(),
+                    per_shard: (0..self.shards).map(|_| AtomicU32::new(0)).collect(),
+                    total: AtomicU32::new(0),
+                    stream: Mutex::new(Stream::new()),
+                });
+                rooms.insert(name, state.clone());
+                state
+            }
+        };
+        let stream = state.stream();
+        state.per_shard[shard].fetch_add(1, Ordering::AcqRel);
+        let total = state.total.fetch_add(1, Ordering::AcqRel) + 1;
+        let now = Instant::now();
+        let missed = since.and_then(|since| stream.since(since, self.history, now));
+        let position = stream.position();
+        drop(stream);
+        Joining {
+            state,
+            total,
+            position,
+            missed,
+        }
     }
 
-    /// Counts one member fewer on `shard`; deletes the room when it empties. Returns the new total.
-    fn leave(&self, room: &str, presence: &RoomPresence, shard: usize) -> u32 {
-        let mut rooms = self.stripe(room).lock().unwrap_or_else(|e| e.into_inner());
-        presence.per_shard[shard].fetch_sub(1, Ordering::AcqRel);
-        let total = presence.total.fetch_sub(1, Ordering::AcqRel) - 1;
-        if total == 0 {
-            rooms.remove(room);
+    /// Counts one member fewer on `shard`; forgets the room when it has neither members nor
+    /// history left. Returns the new total.
+    fn leave(&self, state: &RoomState, shard: usize) -> u32 {
+        let mut rooms = self.stripe(&state.name);
+        let mut stream = state.stream();
+        state.per_shard[shard].fetch_sub(1, Ordering::AcqRel);
+        let total = state.total.fetch_sub(1, Ordering::AcqRel) - 1;
+        if total == 0 && !stream.trim(self.history, Instant::now()) {
+            rooms.remove(&state.name);
         }
         total
     }
 
-    /// A room's process-wide presence, if it has members.
-    pub fn presence(&self, room: &str) -> Option<Arc<RoomPresence>> {
-        let rooms = self.stripe(room).lock().unwrap_or_else(|e| e.into_inner());
-        rooms.get(room).cloned()
+    /// A room, if it has members or history.
+    pub fn get(&self, room: &str) -> Option<Arc<RoomState>> {
+        self.stripe(room).get(room).cloned()
+    }
+
+    /// Forgets rooms without members whose history has expired.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        for stripe in &self.stripes {
+            let mut rooms = stripe.lock().unwrap_or_else(|e| e.into_inner());
+            rooms.retain(|_, state| {
+                let mut stream = state.stream();
+                state.total() > 0 || stream.trim(self.history, now)
+            });
+        }
     }
 
     /// Number of rooms with at least one member.
     pub fn room_count(&self) -> usize {
         self.stripes
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .map(|s| {
+                let rooms = s.lock().unwrap_or_else(|e| e.into_inner());
+                rooms.values().filter(|state| state.total() > 0).count()
+            })
             .sum()
     }
 }
 
-/// A room as one shard sees it: its members here, and the process-wide presence.
+/// A room as one shard sees it: its members here, and the process-wide state.
 pub struct LocalRoom {
     pub name: Arc<str>,
-    /// Slab keys of this shard's members; an index set for O(1) removal and dense iteration.
-    pub members: IndexSet<usize>,
-    pub presence: Arc<RoomPresence>,
+    /// Slab keys of this shard's members, each with the stream offset it joined at (it gets the
+    /// messages after it); an index map for O(1) removal and dense iteration.
+    pub members: IndexMap<usize, u64>,
+    pub state: Arc<RoomState>,
+    /// The offset of the last stream message delivered on this shard.
+    pub delivered: u64,
 }
 
 pub enum Joined {
     /// The connection was in the room already; nothing changed.
-    AlreadyMember {
-        total: u32,
-    },
-    Joined {
-        name: Arc<str>,
-        total: u32,
-    },
+    AlreadyMember(Joining),
+    Joined(Joining),
 }
 
 /// One shard's rooms.
@@ -140,32 +212,42 @@ impl LocalRooms {
         self.rooms.get(room)
     }
 
-    pub fn join(&mut self, dir: &RoomDirectory, shard: usize, room: &str, key: usize) -> Joined {
-        if let Some(local) = self.rooms.get_mut(room) {
-            if !local.members.insert(key) {
-                return Joined::AlreadyMember {
-                    total: local.presence.total(),
-                };
-            }
-            let (_, total) = dir.join(&local.name, shard);
-            return Joined::Joined {
-                name: local.name.clone(),
-                total,
-            };
+    pub fn get_mut(&mut self, room: &str) -> Option<&mut LocalRoom> {
+        self.rooms.get_mut(room)
+    }
+
+    pub fn join(
+        &mut self,
+        dir: &RoomDirectory,
+        shard: usize,
+        room: &str,
+        key: usize,
+        since: Option<&Position>,
+    ) -> Joined {
+        if let Some(local) = self.rooms.get(room)
+            && local.members.contains_key(&key)
+        {
+            let stream = local.state.stream();
+            let missed = since.and_then(|since| stream.since(since, dir.history, Instant::now()));
+            return Joined::AlreadyMember(Joining {
+                state: local.state.clone(),
+                total: local.state.total(),
+                position: stream.position(),
+                missed,
+            });
         }
-        let name: Arc<str> = Arc::from(room);
-        let (presence, total) = dir.join(&name, shard);
-        let mut members = IndexSet::new();
-        members.insert(key);
-        self.rooms.insert(
-            name.clone(),
-            LocalRoom {
-                name: name.clone(),
-                members,
-                presence,
-            },
-        );
-        Joined::Joined { name, total }
+        let joining = dir.join(room, shard, since);
+        let local = self
+            .rooms
+            .entry(joining.state.name.clone())
+            .or_insert_with(|| LocalRoom {
+                name: joining.state.name.clone(),
+                members: IndexMap::new(),
+                state: joining.state.clone(),
+                delivered: joining.position.offset,
+            });
+        local.members.insert(key, joining.position.offset);
+        Joined::Joined(joining)
     }
 
     /// Removes `key` from `room`; returns the members left across all shards, or `None` when
@@ -178,10 +260,8 @@ impl LocalRooms {
         key: usize,
     ) -> Option<u32> {
         let local = self.rooms.get_mut(room)?;
-        if !local.members.swap_remove(&key) {
-            return None;
-        }
-        let total = dir.leave(room, &local.presence, shard);
+        local.members.swap_remove(&key)?;
+        let total = dir.leave(&local.state, shard);
         if local.members.is_empty() {
             self.rooms.remove(room);
         }
@@ -203,30 +283,64 @@ mod tests {
         }
     }
 
+    const NO_HISTORY: HistoryLimits = HistoryLimits {
+        size: 0,
+        ttl: std::time::Duration::from_secs(60),
+    };
+
+    fn joined_total(joined: Joined) -> (bool, u32) {
+        match joined {
+            Joined::Joined(j) => (true, j.total),
+            Joined::AlreadyMember(j) => (false, j.total),
+        }
+    }
+
     #[test]
     fn counts_across_shards_and_deletes_empty_rooms() {
-        let dir = RoomDirectory::new(2);
+        let dir = RoomDirectory::new(2, NO_HISTORY);
         let (mut s0, mut s1) = (LocalRooms::default(), LocalRooms::default());
-        assert!(matches!(
-            s0.join(&dir, 0, "r", 1),
-            Joined::Joined { total: 1, .. }
-        ));
-        assert!(matches!(
-            s0.join(&dir, 0, "r", 1),
-            Joined::AlreadyMember { total: 1 }
-        ));
-        assert!(matches!(
-            s1.join(&dir, 1, "r", 7),
-            Joined::Joined { total: 2, .. }
-        ));
-        let presence = s0.get("r").unwrap().presence.clone();
-        assert_eq!(presence.other_shards(0).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(joined_total(s0.join(&dir, 0, "r", 1, None)), (true, 1));
+        assert_eq!(joined_total(s0.join(&dir, 0, "r", 1, None)), (false, 1));
+        assert_eq!(joined_total(s1.join(&dir, 1, "r", 7, None)), (true, 2));
+        let state = s0.get("r").unwrap().state.clone();
+        assert_eq!(state.other_shards(0).collect::<Vec<_>>(), vec![1]);
         assert_eq!(s0.leave(&dir, 0, "r", 2), None);
         assert_eq!(s1.leave(&dir, 1, "r", 7), Some(1));
         assert!(s1.get("r").is_none());
-        assert_eq!(presence.other_shards(0).count(), 0);
+        assert_eq!(state.other_shards(0).count(), 0);
         assert_eq!(s0.leave(&dir, 0, "r", 1), Some(0));
         assert_eq!(dir.room_count(), 0);
-        assert!(dir.presence("r").is_none());
+        assert!(dir.get("r").is_none());
+    }
+
+    #[test]
+    fn a_room_with_history_outlives_its_members_until_the_history_expires() {
+        let history = HistoryLimits {
+            size: 10,
+            ttl: std::time::Duration::from_millis(50),
+        };
+        let dir = RoomDirectory::new(1, history);
+        let mut s0 = LocalRooms::default();
+        s0.join(&dir, 0, "r", 1, None);
+        let state = s0.get("r").unwrap().state.clone();
+        state
+            .stream()
+            .append(|o| Bytes::from(o.to_string()), history, Instant::now());
+        s0.leave(&dir, 0, "r", 1);
+        assert_eq!(dir.room_count(), 0, "no members");
+        // Rejoining within the TTL: the same stream, and what was missed.
+        let since = Position {
+            offset: 0,
+            epoch: state.stream().position().epoch,
+        };
+        let Joined::Joined(joining) = s0.join(&dir, 0, "r", 2, Some(&since)) else {
+            panic!("a new member");
+        };
+        assert_eq!(joining.position.offset, 1);
+        assert_eq!(joining.missed, Some(vec![Bytes::from("1")]));
+        s0.leave(&dir, 0, "r", 2);
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        dir.sweep();
+        assert!(dir.get("r").is_none(), "expired history: forgotten");
     }
 }

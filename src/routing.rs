@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bytes::Bytes;
 use tracing::debug;
@@ -13,7 +14,9 @@ use crate::client_id::ClientId;
 use crate::close::CloseCode;
 use crate::config::SlowConsumerPolicy;
 use crate::frame;
-use crate::outbound;
+use crate::outbound::{self, QueueTotal};
+use crate::protocol::{self, ServerMessage};
+use crate::rooms::RoomState;
 use crate::shard::{ConnEntry, Endpoint, Shard, ShardState};
 
 /// Who a publication is for.
@@ -62,8 +65,32 @@ impl Publication {
     }
 }
 
-/// Delivers to this shard's recipients, then hands the publication to the bus for the
-/// other shards that have recipients.
+/// What travels to a shard over the bus.
+#[derive(Clone)]
+pub enum Delivery {
+    Publication(Arc<Publication>),
+    /// A message of a room's stream, with its offset.
+    Stream(Arc<StreamMessage>),
+}
+
+impl Delivery {
+    pub fn frame(&self) -> &Bytes {
+        match self {
+            Delivery::Publication(p) => &p.frame,
+            Delivery::Stream(m) => &m.frame,
+        }
+    }
+}
+
+/// A room message with its place in the room's stream.
+pub struct StreamMessage {
+    pub room: Arc<RoomState>,
+    pub offset: u64,
+    pub frame: Bytes,
+}
+
+/// Delivers to this shard's recipients, then hands the publication to the bus for the other
+/// shards that have recipients.
 pub fn publish(shard: &Shard, publication: Publication) {
     let mut route = shard.route.borrow_mut();
     route.clear();
@@ -72,12 +99,12 @@ pub fn publish(shard: &Shard, publication: Publication) {
         let shards = shard.node.shards();
         match &publication.target {
             Target::Room(name) => match state.rooms.get(name) {
-                Some(room) => route.extend(room.presence.other_shards(shard.index)),
-                // No member here (a notice after the last local member left, or a publish
-                // from a non-member): ask the directory, under its lock.
+                Some(room) => route.extend(room.state.other_shards(shard.index)),
+                // No member here (a notice after the last local member left, or a publish from a
+                // non-member): ask the directory, under its lock.
                 None => {
-                    if let Some(presence) = shard.node.rooms.presence(name) {
-                        route.extend(presence.other_shards(shard.index));
+                    if let Some(state) = shard.node.rooms.get(name) {
+                        route.extend(state.other_shards(shard.index));
                     }
                 }
             },
@@ -89,7 +116,113 @@ pub fn publish(shard: &Shard, publication: Publication) {
     }
     deliver(shard, &publication);
     if !route.is_empty() {
-        shard.node.forward(&route, Arc::new(publication));
+        shard
+            .node
+            .forward(&route, Delivery::Publication(Arc::new(publication)));
+    }
+}
+
+/// Publishes `message` (a JSON object) on `room`'s stream: it gets the room's next offset, is kept
+/// in its history, and is handed to every shard with members — this one included, over its own
+/// inbox — in offset order, all under the stream's lock. So every member sees the room's messages
+/// in one order, whichever shards they come from.
+pub fn publish_to_stream(shard: &Shard, room: &Arc<RoomState>, message: &[u8]) {
+    let node = &shard.node;
+    let limits = node.rooms.history_limits();
+    let mut stream = room.stream();
+    let (offset, frame) = stream.append(
+        |offset| protocol::with_offset(message, offset),
+        limits,
+        Instant::now(),
+    );
+    let mut route = shard.route.borrow_mut();
+    route.clear();
+    route.extend(room.shards_with_members());
+    let message = StreamMessage {
+        room: room.clone(),
+        offset,
+        frame,
+    };
+    node.forward(&route, Delivery::Stream(Arc::new(message)));
+}
+
+/// Delivers what came over the bus to this shard's recipients.
+pub fn deliver_from_bus(shard: &Shard, delivery: &Delivery) {
+    match delivery {
+        Delivery::Publication(publication) => deliver(shard, publication),
+        Delivery::Stream(message) => deliver_stream(shard, message),
+    }
+}
+
+/// Queues frames to a shard's connections within their bounds, applying the slow-consumer
+/// policy to readers that are behind.
+struct Queuer<'a> {
+    shard: &'a Shard,
+    max_queued: usize,
+    /// A reader that keeps up may still hold this much between two of its turns: a backlog
+    /// within its bound, a bound's worth of same-shard broadcasts, and one inbox batch.
+    burst_cap: usize,
+    over_budget: bool,
+}
+
+impl<'a> Queuer<'a> {
+    fn new(shard: &'a Shard, queued: &QueueTotal) -> Self {
+        let max_queued = shard.node.config.max_queued_bytes;
+        Queuer {
+            shard,
+            max_queued,
+            burst_cap: 2 * max_queued + bus::BATCH_BYTES,
+            over_budget: queued.bytes() > shard.queue_budget,
+        }
+    }
+
+    fn queue(&self, conn: &mut ConnEntry, frame: &Bytes, queued: &mut QueueTotal) {
+        if conn.outbound.is_closing() {
+            return;
+        }
+        let out = &mut conn.outbound;
+        let charge = outbound::cost(frame);
+        // A reader is slow by what it was given a chance to take and did not (stale bytes); a
+        // burst queued while it had no turn to write is the gateway's backlog, bounded separately.
+        // A reader that has caught up always gets the frame, even one bigger than the bound: the
+        // bound is on backlog.
+        let slow = !out.is_empty()
+            && (out.stale_bytes() + charge > self.max_queued
+                || out.queued_bytes() + charge > self.burst_cap
+                || (self.over_budget && out.stale_bytes() > 0));
+        if !slow {
+            out.push_broadcast(frame.clone(), queued);
+            return;
+        }
+        let counters = &self.shard.node.counters;
+        if self.over_budget {
+            counters.memory_pressure.fetch_add(1, Ordering::Relaxed);
+        }
+        match self.shard.node.config.slow_consumer_policy {
+            SlowConsumerPolicy::Close => {
+                debug!(client = %conn.id, queued = out.queued_bytes(), "closing slow consumer");
+                counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                let close = frame::encode_close(CloseCode::POLICY_VIOLATION, "slow consumer");
+                out.push_close(close, queued);
+            }
+            SlowConsumerPolicy::Drop => {
+                let (mut dropped, fits) = if self.over_budget {
+                    // Out of memory: nothing more for readers that are behind.
+                    (0, false)
+                } else {
+                    out.make_room(charge, self.max_queued, queued)
+                };
+                if fits {
+                    out.push_broadcast(frame.clone(), queued);
+                } else {
+                    out.note_dropped(1);
+                    dropped += 1;
+                }
+                counters
+                    .dropped_messages
+                    .fetch_add(dropped, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -102,58 +235,10 @@ pub fn deliver(shard: &Shard, publication: &Publication) {
         queued,
         ..
     } = &mut *guard;
-    let max_queued = shard.node.config.max_queued_bytes;
-    // A reader that keeps up may still hold this much between two of its turns: a backlog
-    // within its bound, a bound's worth of same-shard broadcasts, and one inbox batch.
-    let burst_cap = 2 * max_queued + bus::BATCH_BYTES;
-    let over_budget = queued.bytes() > shard.queue_budget;
-    let counters = &shard.node.counters;
+    let queuer = Queuer::new(shard, queued);
     let mut queue_to = |conn: &mut ConnEntry| {
-        if !publication.admits(conn.id) || conn.outbound.is_closing() {
-            return;
-        }
-        let frame = &publication.frame;
-        let out = &mut conn.outbound;
-        let charge = outbound::cost(frame);
-        // A reader is slow by what it was given a chance to take and did not (stale bytes);
-        // a burst queued while it had no turn to write is the gateway's backlog, bounded
-        // separately. A reader that has caught up always gets the frame, even one bigger
-        // than the bound: the bound is on backlog.
-        let slow = !out.is_empty()
-            && (out.stale_bytes() + charge > max_queued
-                || out.queued_bytes() + charge > burst_cap
-                || (over_budget && out.stale_bytes() > 0));
-        if !slow {
-            out.push_broadcast(frame.clone(), queued);
-            return;
-        }
-        if over_budget {
-            counters.memory_pressure.fetch_add(1, Ordering::Relaxed);
-        }
-        match shard.node.config.slow_consumer_policy {
-            SlowConsumerPolicy::Close => {
-                debug!(client = %conn.id, queued = out.queued_bytes(), "closing slow consumer");
-                counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                let close = frame::encode_close(CloseCode::POLICY_VIOLATION, "slow consumer");
-                out.push_close(close, queued);
-            }
-            SlowConsumerPolicy::Drop => {
-                let (mut dropped, fits) = if over_budget {
-                    // Out of memory: nothing more for readers that are behind.
-                    (0, false)
-                } else {
-                    out.make_room(charge, max_queued, queued)
-                };
-                if fits {
-                    out.push_broadcast(frame.clone(), queued);
-                } else {
-                    out.note_dropped(1);
-                    dropped += 1;
-                }
-                counters
-                    .dropped_messages
-                    .fetch_add(dropped, Ordering::Relaxed);
-            }
+        if publication.admits(conn.id) {
+            queuer.queue(conn, &publication.frame, queued);
         }
     };
     match (&publication.target, &publication.include) {
@@ -176,10 +261,67 @@ pub fn deliver(shard: &Shard, publication: &Publication) {
         }
         (Target::Room(name), _) => {
             if let Some(room) = rooms.get(name) {
-                for &key in &room.members {
+                for &key in room.members.keys() {
                     queue_to(&mut conns[key]);
                 }
             }
+        }
+    }
+}
+
+/// Queues a stream message to this shard's members of its room that joined before it. Messages
+/// lost on the way (a full inbox) are taken from the room's history first; when the history no
+/// longer has them, the members are told to `resync`.
+fn deliver_stream(shard: &Shard, message: &StreamMessage) {
+    let mut guard = shard.state();
+    let ShardState {
+        conns,
+        rooms,
+        queued,
+        ..
+    } = &mut *guard;
+    let Some(local) = rooms.get_mut(&message.room.name) else {
+        return;
+    };
+    if message.offset <= local.delivered {
+        // From before this shard's members joined.
+        return;
+    }
+    let queuer = Queuer::new(shard, queued);
+    if message.offset > local.delivered + 1 {
+        let limits = shard.node.rooms.history_limits();
+        let lost = message.room.stream().range(
+            local.delivered + 1,
+            message.offset - 1,
+            limits,
+            Instant::now(),
+        );
+        match lost {
+            Some(frames) => {
+                for (offset, frame) in (local.delivered + 1..).zip(&frames) {
+                    for (&key, &joined_at) in &local.members {
+                        if offset > joined_at {
+                            queuer.queue(&mut conns[key], frame, queued);
+                        }
+                    }
+                }
+            }
+            None => {
+                shard.node.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+                let resync = ServerMessage::Resync {
+                    room: &message.room.name,
+                }
+                .encode();
+                for &key in local.members.keys() {
+                    queuer.queue(&mut conns[key], &resync, queued);
+                }
+            }
+        }
+    }
+    local.delivered = message.offset;
+    for (&key, &joined_at) in &local.members {
+        if message.offset > joined_at {
+            queuer.queue(&mut conns[key], &message.frame, queued);
         }
     }
 }

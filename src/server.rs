@@ -47,8 +47,8 @@ pub fn connection_capacity() -> usize {
     sockets - probe_reserve(sockets).min(sockets / 2)
 }
 
-/// How often refusals are logged (as counts by reason).
-const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// How often refusals are logged (as counts by reason) and expired room histories forgotten.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Back-off after a failed `accept`, doubling up to the maximum while failures go on.
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
@@ -151,7 +151,8 @@ impl Gateway {
     /// delivers to its own matching clients.
     pub fn publish(&self, publication: Publication) {
         let all: Vec<usize> = (0..self.node.shards()).collect();
-        self.node.forward(&all, Arc::new(publication));
+        self.node
+            .forward(&all, routing::Delivery::Publication(Arc::new(publication)));
     }
 
     /// Starts a graceful shutdown: upgrades are refused and `/readyz` fails; each shard delivers
@@ -219,15 +220,18 @@ fn run_shard(
         // The listener stays open while draining, so probes still get answers (`/readyz` 503).
         let accepting = tokio::task::spawn_local(accept_loop(shard.clone(), listener));
         let heartbeats = tokio::task::spawn_local(heartbeat::run(shard.clone()));
-        // One shard logs the node's refusals, aggregated.
-        let refusal_log = (index == 0).then(|| {
-            tokio::task::spawn_local(node::log_refusals(shard.node.clone(), REFUSAL_LOG_INTERVAL))
+        // One shard does the node's chores.
+        let housekeeping = (index == 0).then(|| {
+            tokio::task::spawn_local(node::housekeeping(
+                shard.node.clone(),
+                HOUSEKEEPING_INTERVAL,
+            ))
         });
         deliver_until(&shard, &mut inbox, &shutdown).await;
         drain(&shard, &mut inbox).await;
         accepting.abort();
         heartbeats.abort();
-        if let Some(task) = refusal_log {
+        if let Some(task) = housekeeping {
             task.abort();
         }
     });
@@ -247,8 +251,8 @@ async fn deliver_until(shard: &Shard, inbox: &mut Inbox, shutdown: &Cancellation
         if !more {
             return;
         }
-        for publication in batch.drain(..) {
-            routing::deliver(shard, &publication);
+        for delivery in batch.drain(..) {
+            routing::deliver_from_bus(shard, &delivery);
         }
         // Let the connections write this batch before the next one lands in their queues.
         tokio::task::yield_now().await;
@@ -265,8 +269,8 @@ async fn drain(shard: &Shard, inbox: &mut Inbox) {
         if batch.is_empty() {
             break;
         }
-        for publication in batch.drain(..) {
-            routing::deliver(shard, &publication);
+        for delivery in batch.drain(..) {
+            routing::deliver_from_bus(shard, &delivery);
         }
         tokio::task::yield_now().await;
         if tokio::time::Instant::now() >= deadline {

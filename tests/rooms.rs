@@ -38,9 +38,10 @@ async fn chat_reaches_every_member_across_shards_sender_included() {
     let mut outsider = gw.client().await;
     b.send("chat_message", json!({"room": "r", "message": "hello"}))
         .await;
+    // The room's first message: offset 1 of its stream.
     let expected = json!({
         "type": "chat_message", "room": "r", "username": "Anonymous", "userId": "anonymous",
-        "message": "hello"
+        "message": "hello", "offset": 1
     });
     assert_eq!(strip_timestamp(a.recv().await), expected);
     assert_eq!(strip_timestamp(b.recv().await), expected);

@@ -231,10 +231,22 @@ impl Client {
     }
 
     pub async fn join(&mut self, room: &str) -> u64 {
+        self.joined(room).await["members"].as_u64().unwrap()
+    }
+
+    /// Joins `room`; returns the stream epoch of its `room_joined`.
+    pub async fn join_room_epoch(&mut self, room: &str) -> String {
+        self.joined(room).await["epoch"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn joined(&mut self, room: &str) -> Value {
         self.send("join_room", json!({"room": room})).await;
         let joined = self.expect("room_joined").await;
         assert_eq!(joined["room"], room);
-        joined["members"].as_u64().unwrap()
+        joined
     }
 
     /// Reads until the server's close frame; returns it.

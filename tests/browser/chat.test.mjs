@@ -84,3 +84,24 @@ test('two tabs chat through the test page', async () => {
   assert.equal(await alice.locator('.room.active small').textContent(), '1');
   await alice.screenshot({ path: new URL('../../target/test-page.png', import.meta.url).pathname });
 });
+
+test('a tab that reconnects gets what it missed', async () => {
+  const carol = await openAndJoin('carol');
+  const dave = await openAndJoin('dave');
+  await carol.fill('#message', 'before the break');
+  await carol.click('#sendForm button:has-text("Send")');
+  await dave.locator('#log', { hasText: 'carol: before the break' }).waitFor();
+
+  await dave.click('#connect'); // disconnect
+  await dave.locator('#status', { hasText: 'disconnected' }).waitFor();
+  await carol.locator('#log', { hasText: 'dave left #general' }).waitFor();
+  await carol.fill('#message', 'while you were away');
+  await carol.click('#sendForm button:has-text("Send")');
+  await carol.locator('#log', { hasText: 'carol: while you were away' }).waitFor();
+
+  await dave.click('#connect'); // back: the page rejoins with `since`
+  await dave.locator('#log', { hasText: 'rejoined #general: what you missed follows' }).waitFor();
+  await dave.locator('#log', { hasText: 'carol: while you were away' }).waitFor();
+  // Once: the message from before the break is not replayed.
+  assert.equal(await dave.locator('#log div', { hasText: 'carol: before the break' }).count(), 1);
+});

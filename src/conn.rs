@@ -23,7 +23,7 @@ use tracing::debug;
 use crate::auth::Identity;
 use crate::chat;
 use crate::close::{CloseCode, CloseFrame};
-use crate::frame::{self, Decoded, Decoder, Event, FrameError, OpCode, Skipped};
+use crate::frame::{self, Decoded, Decoder, Event, FrameError, OpCode};
 use crate::limits::{Charge, Verdict};
 use crate::protocol::ErrorReply;
 use crate::shard::{Endpoint, Shard};
@@ -227,18 +227,35 @@ impl Connection {
             (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             (None, _) => return Err(End::Gone),
         };
-        self.shard.seen(self.key);
         if self.leftover.is_empty() {
             // The common case: frames are decoded straight out of the shared buffer, and only
             // an incomplete frame (or what a paused decoding left) is kept.
             let consumed = self.decode_frames(&mut buf[..n])?;
-            self.leftover.extend_from_slice(&buf[consumed..n]);
+            self.keep_undecoded(&buf[consumed..n]);
             Ok(())
         } else {
             drop(buf);
-            self.leftover.extend_from_slice(&shard.read_buf()[..n]);
+            self.keep_undecoded(&shard.read_buf()[..n]);
             self.process_leftover()
         }
+    }
+
+    /// Appends to `leftover`, growing it to what the incomplete frame at its front needs (its
+    /// header says how much) rather than by doubling: a frame trickled in byte by byte costs its
+    /// own size, not twice that.
+    fn keep_undecoded(&mut self, bytes: &[u8]) {
+        let needed = self.leftover.len() + bytes.len();
+        if needed > self.leftover.capacity() {
+            let mut head = [0u8; frame::MAX_CLIENT_HEADER_LEN];
+            let known = self.leftover.len().min(head.len());
+            head[..known].copy_from_slice(&self.leftover[..known]);
+            let more = (head.len() - known).min(bytes.len());
+            head[known..known + more].copy_from_slice(&bytes[..more]);
+            let frame = frame::frame_len(&head[..known + more]).unwrap_or(0);
+            self.leftover
+                .reserve_exact(needed.max(frame) - self.leftover.len());
+        }
+        self.leftover.extend_from_slice(bytes);
     }
 
     /// Decodes what has collected in `leftover`, keeping what is left undecoded.
@@ -249,9 +266,9 @@ impl Connection {
         }
         let mut pending = std::mem::take(&mut self.leftover);
         let consumed = self.decode_frames(&mut pending)?;
-        pending.drain(..consumed);
-        if !pending.is_empty() {
-            self.leftover = pending;
+        if consumed < pending.len() {
+            // What is left gets a buffer of its own size: the one it came in may be far bigger.
+            self.keep_undecoded(&pending[consumed..]);
         }
         Ok(())
     }
@@ -261,6 +278,7 @@ impl Connection {
     /// queue is past its bound: the rest waits in `leftover`.
     fn decode_frames(&mut self, buf: &mut [u8]) -> Result<usize, End> {
         let mut pos = 0;
+        let mut heard = false;
         loop {
             if self.turn_frames == 0 || self.shard.backlogged(self.key) {
                 self.paused = pos < buf.len();
@@ -273,6 +291,11 @@ impl Connection {
             };
             pos += consumed;
             self.turn_frames -= 1;
+            if !heard {
+                // A whole frame is what answers a ping: bytes of one that never ends are not.
+                self.shard.seen(self.key);
+                heard = true;
+            }
             // Every frame costs: a flood of empty pings, pongs or fragments is a flood.
             let within_rate = match self.shard.charge(self.key, Charge::Frame) {
                 Verdict::Allow => true,
@@ -384,31 +407,26 @@ impl Connection {
     }
 
     /// Reads, skipping other frames, until the peer's close frame, a bad frame header or EOF;
-    /// gives up on a peer that keeps streaming instead of closing.
+    /// gives up on a peer that keeps streaming instead of closing. Holds at most a frame header
+    /// meanwhile: payloads are counted off as they pass, never kept.
     async fn await_peer_close(&mut self) {
-        let mut drained = 0;
+        let mut drain = CloseDrain {
+            header: std::mem::take(&mut self.leftover),
+            to_skip: 0,
+            drained: 0,
+        };
         loop {
             if self.stream.readable().await.is_err() {
                 return;
             }
-            let n = match self.stream.try_read(&mut self.shard.read_buf()) {
+            let read = self.stream.try_read(&mut self.shard.read_buf()[..]);
+            let n = match read {
                 Ok(0) => return,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => return,
             };
-            drained += n;
-            self.leftover.extend_from_slice(&self.shard.read_buf()[..n]);
-            let mut pos = 0;
-            loop {
-                match frame::skip(&self.leftover[pos..]) {
-                    Ok(Skipped::Close) | Err(_) => return,
-                    Ok(Skipped::Frame { len }) => pos += len,
-                    Ok(Skipped::Incomplete) => break,
-                }
-            }
-            self.leftover.drain(..pos);
-            if drained > CLOSE_DRAIN_LIMIT {
+            if drain.pass(&self.shard.read_buf()[..n]) {
                 return;
             }
             // A peer streaming at us gets one read per turn: the others keep theirs, and the
@@ -418,11 +436,109 @@ impl Connection {
     }
 }
 
+/// Frames passing by while a connection waits for the peer's close frame.
+struct CloseDrain {
+    /// The bytes of a frame header cut off at the end of a read (at most 14).
+    header: Vec<u8>,
+    /// Payload bytes of the current frame still to pass.
+    to_skip: u64,
+    drained: usize,
+}
+
+impl CloseDrain {
+    /// Takes a read; returns true when the wait is over: the close frame came, a frame header is
+    /// bad, or the peer sent more than `CLOSE_DRAIN_LIMIT`.
+    fn pass(&mut self, mut data: &[u8]) -> bool {
+        self.drained += data.len();
+        while !data.is_empty() {
+            if self.to_skip > 0 {
+                let passed = self.to_skip.min(data.len() as u64);
+                self.to_skip -= passed;
+                data = &data[passed as usize..];
+                continue;
+            }
+            let had = self.header.len();
+            let take = (frame::MAX_CLIENT_HEADER_LEN - had).min(data.len());
+            self.header.extend_from_slice(&data[..take]);
+            match frame::peek(&self.header) {
+                Ok(Some(peeked)) if peeked.close => return true,
+                Ok(Some(peeked)) => {
+                    data = &data[peeked.header_len - had..];
+                    self.to_skip = peeked.payload_len;
+                    self.header.clear();
+                }
+                Ok(None) => data = &data[take..],
+                Err(_) => return true,
+            }
+        }
+        self.drained > CLOSE_DRAIN_LIMIT
+    }
+}
+
 /// However the task ends (normally, by a panic in a handler, or dropped at shutdown), the
 /// connection leaves its rooms and its slab slot.
 impl Drop for Connection {
     fn drop(&mut self) {
         self.leave_rooms();
         self.shard.unregister(self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masked(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        crate::frame::client_frame::client_frame(fin, opcode, payload, Some([1, 2, 3, 4]))
+    }
+
+    #[test]
+    fn a_close_drain_finds_the_close_frame_through_any_split_and_keeps_only_a_header() {
+        let mut wire = masked(true, 0x2, &[9; 3000]);
+        wire.extend(masked(false, 0x1, b"part"));
+        wire.extend(masked(true, 0x8, &[0x03, 0xe8]));
+        for split in [1, 3, 7, 13, 500, 4096] {
+            let mut drain = CloseDrain {
+                header: Vec::new(),
+                to_skip: 0,
+                drained: 0,
+            };
+            // Found once the close frame's header is in: its last read is the one holding it.
+            let close_header_ends = wire.len() - 2;
+            let found_at = wire
+                .chunks(split)
+                .scan(0, |read, chunk| {
+                    *read += chunk.len();
+                    Some((*read, drain.pass(chunk)))
+                })
+                .find(|(_, found)| *found)
+                .map(|(read, _)| read);
+            let found_at = found_at.unwrap_or_else(|| panic!("split {split}: no close"));
+            assert!(found_at >= close_header_ends, "split {split}: too early");
+            assert!(
+                found_at < close_header_ends + split,
+                "split {split}: too late"
+            );
+        }
+    }
+
+    #[test]
+    fn a_close_drain_gives_up_on_a_peer_that_streams() {
+        let mut drain = CloseDrain {
+            header: Vec::new(),
+            to_skip: 0,
+            drained: 0,
+        };
+        let mut huge = vec![0x82, 0xFF];
+        huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        huge.extend_from_slice(&[1, 2, 3, 4]);
+        assert!(!drain.pass(&huge));
+        let chunk = vec![0u8; 64 * 1024];
+        let mut reads = 0;
+        while !drain.pass(&chunk) {
+            reads += 1;
+            assert!(reads < 10, "gave up past the limit");
+        }
+        assert!(drain.header.is_empty());
     }
 }

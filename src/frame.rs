@@ -113,32 +113,32 @@ pub enum Decoded<'a> {
     Frame { consumed: usize, event: Event<'a> },
 }
 
-/// What [`skip`] found at the front of a buffer.
+/// The largest client frame header: 2 bytes, an 8-byte extended length, a 4-byte mask.
+pub const MAX_CLIENT_HEADER_LEN: usize = 14;
+
+/// A client frame's header, as [`peek`] reads it without touching the payload.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Skipped {
-    Incomplete,
-    /// A whole frame of `len` bytes (header included) that is not a close frame.
-    Frame {
-        len: usize,
-    },
-    Close,
+pub struct Peeked {
+    pub close: bool,
+    pub header_len: usize,
+    pub payload_len: u64,
 }
 
-/// Steps over one frame without unmasking or collecting it: for a connection that is closing and
-/// only waits for the peer's close frame.
-pub fn skip(buf: &[u8]) -> Result<Skipped, FrameError> {
-    let Some(header) = parse_header(buf)? else {
-        return Ok(Skipped::Incomplete);
-    };
-    if header.opcode == OpCode::Close {
-        return Ok(Skipped::Close);
-    }
-    let len = header.header_len.saturating_add(header.payload_len);
-    Ok(if buf.len() < len {
-        Skipped::Incomplete
-    } else {
-        Skipped::Frame { len }
-    })
+/// Reads the header at the front of `buf` (`None`: not all of it yet), for a connection that
+/// skips frames: one that is closing and only waits for the peer's close frame.
+pub fn peek(buf: &[u8]) -> Result<Option<Peeked>, FrameError> {
+    Ok(parse_header(buf)?.map(|header| Peeked {
+        close: header.opcode == OpCode::Close,
+        header_len: header.header_len,
+        payload_len: header.payload_len as u64,
+    }))
+}
+
+/// The whole length of the frame whose header starts `buf`, once the header is there: how much
+/// an incomplete frame will need.
+pub fn frame_len(buf: &[u8]) -> Option<usize> {
+    let header = parse_header(buf).ok()??;
+    Some(header.header_len.saturating_add(header.payload_len))
 }
 
 /// A fragmented message being collected.
@@ -211,10 +211,10 @@ impl Decoder {
                 }
                 let mut partial = Box::new(Partial {
                     text,
-                    data: Vec::with_capacity((payload.len() * 2).min(self.max_message_size)),
+                    data: Vec::new(),
                     utf8_checked: 0,
                 });
-                partial.append(payload)?;
+                partial.append(payload, self.max_message_size)?;
                 self.partial = Some(partial);
                 Ok(Event::Fragment)
             }
@@ -222,7 +222,7 @@ impl Decoder {
                 let Some(partial) = self.partial.as_mut() else {
                     return Err(FrameError::protocol("continuation frame without a message"));
                 };
-                partial.append(payload)?;
+                partial.append(payload, self.max_message_size)?;
                 if !fin {
                     return Ok(Event::Fragment);
                 }
@@ -241,7 +241,14 @@ impl Decoder {
 }
 
 impl Partial {
-    fn append(&mut self, fragment: &[u8]) -> Result<(), FrameError> {
+    /// Adds a fragment; the buffer doubles as it grows, but never past `max` (the message size
+    /// limit, already checked against the fragment's length).
+    fn append(&mut self, fragment: &[u8], max: usize) -> Result<(), FrameError> {
+        let needed = self.data.len() + fragment.len();
+        if needed > self.data.capacity() {
+            let grown = needed.max(2 * self.data.capacity()).min(max.max(needed));
+            self.data.reserve_exact(grown - self.data.len());
+        }
         self.data.extend_from_slice(fragment);
         if self.text {
             match std::str::from_utf8(&self.data[self.utf8_checked..]) {
@@ -389,7 +396,7 @@ pub fn encode_close(code: CloseCode, reason: &str) -> Bytes {
 
 #[cfg(test)]
 #[path = "../tests/support/client_frame.rs"]
-mod client_frame;
+pub(crate) mod client_frame;
 
 #[cfg(test)]
 mod tests {
@@ -421,22 +428,37 @@ mod tests {
     }
 
     #[test]
-    fn skip_steps_over_frames_to_the_close() {
-        let mut wire = client_frame(false, 1, b"part");
-        wire.extend(client_frame(true, 0, b"rest"));
-        wire.extend(client_frame(true, 8, &[0x03, 0xe8]));
-        let first = client_frame(false, 1, b"part").len();
-        assert_eq!(skip(&wire[..3]), Ok(Skipped::Incomplete));
-        assert_eq!(skip(&wire[..first - 1]), Ok(Skipped::Incomplete));
-        assert_eq!(skip(&wire), Ok(Skipped::Frame { len: first }));
+    fn peek_reads_headers_without_the_payload() {
+        let frame = client_frame(false, 1, b"part");
+        assert_eq!(peek(&frame[..1]), Ok(None));
         assert_eq!(
-            skip(&wire[first..]),
-            Ok(Skipped::Frame {
-                len: client_frame(true, 0, b"rest").len()
-            })
+            peek(&frame[..6]),
+            Ok(Some(Peeked {
+                close: false,
+                header_len: 6,
+                payload_len: 4,
+            }))
         );
-        assert_eq!(skip(&wire[2 * first..]), Ok(Skipped::Close));
-        assert!(skip(&[0xf1, 0x80, 0, 0, 0, 0]).is_err(), "reserved bits");
+        assert_eq!(frame_len(&frame[..6]), Some(10));
+        let close = client_frame(true, 8, &[0x03, 0xe8]);
+        assert!(peek(&close).unwrap().unwrap().close);
+        assert!(peek(&[0xf1, 0x80, 0, 0, 0, 0]).is_err(), "reserved bits");
+    }
+
+    #[test]
+    fn a_fragmented_message_never_holds_more_than_the_limit() {
+        let mut d = Decoder::new(1000);
+        let mut wire = client_frame(false, 2, &[0; 400]);
+        wire.extend(client_frame(false, 0, &[0; 400]));
+        wire.extend(client_frame(false, 0, &[0; 199]));
+        decode_all(&mut d, wire).unwrap();
+        let partial = d.partial.as_ref().unwrap();
+        assert_eq!(partial.data.len(), 999);
+        assert!(
+            partial.data.capacity() <= 1000,
+            "{}",
+            partial.data.capacity()
+        );
     }
 
     #[test]

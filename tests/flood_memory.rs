@@ -1,8 +1,12 @@
 //! Hostile clients' cost in memory: floods of tiny frames from clients that never read what they
-//! cause the gateway to send cost at most a bounded queue each.
+//! cause the gateway to send cost at most a bounded queue each; clients holding unfinished
+//! messages or frames cost at most the message size each; a closing peer that keeps streaming
+//! costs nothing that stays.
 
 mod support;
 
+use std::io::Write;
+use std::net::TcpStream;
 use std::time::Duration;
 
 use serde_json::json;
@@ -69,4 +73,85 @@ fn flooding_non_readers_cost_at_most_their_queue_bound() {
         written > (FLOODERS << 23) as u64,
         "the flooders did flood ({written} bytes)"
     );
+}
+
+/// Connections that each hold what the README bounds inbound memory by.
+const HOLDERS: usize = 300;
+
+fn gateway_for_holders() -> GatewayProcess {
+    GatewayProcess::start(
+        &["--shards", "2"],
+        &[
+            ("WSGATE_ALLOW_ANONYMOUS", "true"),
+            ("WSGATE_MAX_HANDSHAKES_PER_IP", "100000"),
+        ],
+        None,
+    )
+}
+
+/// Opens `HOLDERS` upgraded connections and writes `bytes` on each; returns them, held open (a
+/// client that never reads: the kernel holds what the gateway sends it).
+fn hold(gateway: &GatewayProcess, path: &str, bytes: &[u8]) -> Vec<TcpStream> {
+    (0..HOLDERS)
+        .map(|_| {
+            let mut stream = upgrade(gateway.addr, path);
+            stream.write_all(bytes).unwrap();
+            stream
+        })
+        .collect()
+}
+
+#[test]
+fn unfinished_messages_and_frames_cost_at_most_the_message_size() {
+    let gateway = gateway_for_holders();
+    let before = gateway.rss();
+    // A fragmented message just under max_message_size (64 KiB), and the first bytes of its next
+    // fragment — sent in pieces, so buffers would double if they could.
+    let first = raw_frame(false, 0x1, &[b'a'; 65_436], true);
+    let next = raw_frame(false, 0x0, &[b'b'; 50], true);
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(&first);
+    bytes.extend_from_slice(&next[..next.len() - 5]);
+    let held: Vec<TcpStream> = (0..HOLDERS)
+        .map(|_| {
+            let mut stream = upgrade(gateway.addr, "/ws");
+            for piece in bytes.chunks(10_000) {
+                stream.write_all(piece).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let per_connection = gateway.rss().saturating_sub(before) / HOLDERS as u64;
+    // The message size, plus what any connection costs (~1 KiB) and allocator slack.
+    assert!(
+        per_connection < 64 * 1024 + 16 * 1024,
+        "{per_connection} bytes per connection holding an unfinished message (was ~229 KB)"
+    );
+    drop(held);
+}
+
+#[test]
+fn a_closing_peer_that_keeps_streaming_holds_nothing() {
+    let gateway = gateway_for_holders();
+    let before = gateway.rss();
+    // A bad frame (RSV bit: 1002); once the gateway is closing and waits for our close frame,
+    // the header of a 1 TiB frame and 255 KiB of it, which it must not keep.
+    let mut held = hold(&gateway, "/echo", &raw_frame(true, 0x1 | 0x40, b"x", true));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut huge = vec![0x82, 0xFF];
+    huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    huge.extend_from_slice(&[1, 2, 3, 4]);
+    huge.extend(std::iter::repeat_n(0u8, 255 * 1024));
+    for stream in &mut held {
+        stream.write_all(&huge).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let per_connection = gateway.rss().saturating_sub(before) / HOLDERS as u64;
+    assert!(
+        per_connection < 16 * 1024,
+        "{per_connection} bytes per closing connection (was ~270 KB)"
+    );
+    drop(held);
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use support::{RawClient, TestGateway, http_get};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 use wsgate::heartbeat::HeartbeatMode;
 
@@ -135,4 +136,25 @@ async fn json_mode_uses_the_seed_ping_and_pong() {
     let close = client.expect_close().await.expect("a close frame");
     assert_eq!(u16::from(close.code), 1000);
     assert_eq!(close.reason.as_str(), "heartbeat timeout");
+}
+
+#[tokio::test]
+async fn a_frame_trickled_in_without_end_does_not_keep_a_connection_alive() {
+    let gw = TestGateway::start_with(fast_heartbeats(HeartbeatMode::Frame), 1);
+    let mut raw = RawClient::connect(gw.addr, "/echo").await;
+    // The first bytes of a 1000-byte frame, then one more every 100 ms: bytes, never a frame.
+    let frame = support::raw_frame(true, 0x2, &[7; 1000], true);
+    raw.stream.write_all(&frame[..20]).await.unwrap();
+    let trickle = async {
+        for byte in &frame[20..] {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if raw.stream.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+        }
+    };
+    // Pinged after the interval, closed a timeout later (a few seconds, at most).
+    let _ = tokio::time::timeout(Duration::from_secs(5), trickle).await;
+    gw.wait_for_connections(0).await;
+    assert_eq!(health(&gw).await["refused"]["heartbeat_timeouts"], 1);
 }

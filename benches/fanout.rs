@@ -35,7 +35,7 @@ fn shard_with_room_under(members: usize, config: Config) -> Shard {
         let peer = std::net::IpAddr::from([127, 0, 0, 1]);
         let key = shard.register(Endpoint::Chat, node.anonymous.clone(), peer);
         let joined = shard.state().rooms.join(&node.rooms, 0, "r", key, None);
-        assert!(matches!(joined, rooms::Joined::Joined(_)));
+        assert!(matches!(joined, Ok(rooms::Joined::Joined(_))));
     }
     drain(&shard);
     shard

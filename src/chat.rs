@@ -4,9 +4,11 @@
 //! and framed once; a broadcast's one `Bytes` is then queued to every recipient.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::auth::Identity;
 use crate::client_id::ClientId;
+use crate::frame;
 use crate::limits::{Charge, Verdict};
 use crate::protocol::{ClientMessage, ErrorReply, ServerMessage, Since, encode_echo, now_ms};
 use crate::rooms::{Joined, is_valid_room_name};
@@ -48,7 +50,14 @@ fn handle<'i>(
         ClientMessage::Chat { room, message } => chat(shard, key, room, message),
         ClientMessage::Typing { room, is_typing } => typing(shard, key, room, is_typing),
         ClientMessage::Echo { payload } => {
-            shard.send(key, encode_echo(payload));
+            let reply = encode_echo(payload);
+            // Numbers re-serialized can grow (`9e15` is written out): never past the size a
+            // client may send.
+            let max = shard.node.config.max_message_size;
+            if reply.len() > max + frame::MAX_HEADER_LEN {
+                return Err(ErrorReply::ReplyTooLarge(max));
+            }
+            shard.send(key, reply);
             Ok(())
         }
         ClientMessage::Pong => Ok(()),
@@ -130,7 +139,12 @@ fn join<'i>(
         }
         let joined = state
             .rooms
-            .join(&shard.node.rooms, shard.index, room, key, since.as_ref());
+            .join(&shard.node.rooms, shard.index, room, key, since.as_ref())
+            .map_err(|_| {
+                let counters = &shard.node.counters;
+                counters.rooms_refused.fetch_add(1, Ordering::Relaxed);
+                ErrorReply::ServerRoomLimit
+            })?;
         let (Joined::AlreadyMember(joining) | Joined::Joined(joining)) = &joined;
         let reply = ServerMessage::RoomJoined {
             room,

@@ -42,6 +42,9 @@ pub struct Config {
     pub max_chat_message_chars: usize,
     /// Rooms one connection may be in at once. Default 100.
     pub max_rooms_per_connection: usize,
+    /// Rooms this node holds at once (with members, or with history not yet expired); joining a
+    /// new room past it is refused. Default 100,000.
+    pub max_rooms: usize,
     /// Messages each room keeps for clients that reconnect (`join_room` with `since`); 0 keeps
     /// none. Default 100.
     pub history_size: usize,
@@ -85,6 +88,14 @@ pub struct Config {
     /// Default 5 s.
     #[serde(with = "humantime_serde")]
     pub http_idle_timeout: Duration,
+    /// How long a plain HTTP connection may live (until it upgrades to a WebSocket), however busy:
+    /// a client that pipelines requests and never reads the answers is not idle. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub http_max_lifetime: Duration,
+    /// The kernel send buffer of every accepted socket (`SO_SNDBUF`), in bytes; 0 leaves it to
+    /// the kernel, which grows it up to `net.ipv4.tcp_wmem`'s maximum (4 MiB by default) for a
+    /// client that does not read — kernel memory on top of `max_queued_bytes`. Default 256 KiB.
+    pub socket_send_buffer: usize,
     /// Largest HTTP request head (at least 8192); bigger gets 431. Default 16 KiB.
     pub max_header_bytes: usize,
     /// Chat messages per second one connection may send, sustained. Default 20.
@@ -152,6 +163,7 @@ impl Default for Config {
             slow_consumer_policy: SlowConsumerPolicy::Close,
             max_chat_message_chars: 1000,
             max_rooms_per_connection: 100,
+            max_rooms: 100_000,
             history_size: 100,
             history_ttl: Duration::from_secs(300),
             presence_max_members: 1000,
@@ -165,6 +177,8 @@ impl Default for Config {
             max_handshakes_per_ip: 50.0,
             handshake_timeout: Duration::from_secs(10),
             http_idle_timeout: Duration::from_secs(5),
+            http_max_lifetime: Duration::from_secs(60),
+            socket_send_buffer: 256 * 1024,
             max_header_bytes: 16 * 1024,
             rate_limit_messages: 20.0,
             rate_limit_burst: 40,
@@ -261,6 +275,9 @@ impl Config {
         if self.max_rooms_per_connection == 0 {
             return bad("max_rooms_per_connection", &0, "must be at least 1");
         }
+        if self.max_rooms == 0 {
+            return bad("max_rooms", &0, "must be at least 1");
+        }
         if self.max_header_bytes < 8192 {
             return bad(
                 "max_header_bytes",
@@ -322,6 +339,7 @@ impl Config {
             ("heartbeat_timeout", self.heartbeat_timeout),
             ("handshake_timeout", self.handshake_timeout),
             ("http_idle_timeout", self.http_idle_timeout),
+            ("http_max_lifetime", self.http_max_lifetime),
         ] {
             if !(Duration::from_millis(10)..=Duration::from_secs(24 * 3600)).contains(&value) {
                 let shown = humantime::format_duration(value);

@@ -193,6 +193,9 @@ struct PerIp {
 }
 
 const STRIPES: usize = 64;
+/// Refused sockets lingering at once: they are outside the socket count, so they live on the
+/// descriptors held in reserve (64), and must not be able to take them all.
+pub const MAX_LINGERING: usize = 16;
 /// A stripe this big is swept of idle addresses.
 const SWEEP_AT: usize = 4096;
 
@@ -206,6 +209,8 @@ pub struct Admission {
     handshake_rate: f32,
     sockets: AtomicUsize,
     websockets: AtomicUsize,
+    /// Refused sockets kept open for a moment so the client reads its answer.
+    lingering: AtomicUsize,
     stripes: Box<[Mutex<HashMap<IpAddr, PerIp>>]>,
     epoch: Instant,
 }
@@ -221,6 +226,7 @@ impl Admission {
             handshake_rate: config.max_handshakes_per_ip,
             sockets: AtomicUsize::new(0),
             websockets: AtomicUsize::new(0),
+            lingering: AtomicUsize::new(0),
             stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
             epoch: Instant::now(),
         }
@@ -317,6 +323,22 @@ impl Admission {
 
     pub fn release_upgrade(&self) {
         self.websockets.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Takes one of the few places for a refused socket to linger (see [`MAX_LINGERING`]); the
+    /// caller gives it back with [`end_linger`]. False when they are all taken.
+    ///
+    /// [`end_linger`]: Admission::end_linger
+    pub fn start_linger(&self) -> bool {
+        if self.lingering.fetch_add(1, Ordering::AcqRel) < MAX_LINGERING {
+            return true;
+        }
+        self.lingering.fetch_sub(1, Ordering::AcqRel);
+        false
+    }
+
+    pub fn end_linger(&self) {
+        self.lingering.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Open sockets (plain HTTP and WebSocket).

@@ -52,6 +52,7 @@ impl Node {
                     size: config.history_size,
                     ttl: config.history_ttl,
                 },
+                config.max_rooms,
             ),
             connections: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
             queued_bytes: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
@@ -129,6 +130,10 @@ pub struct Counters {
     pub resyncs: AtomicU64,
     /// Idle plain HTTP connections closed to make room for new ones.
     pub http_evicted: AtomicU64,
+    /// Plain HTTP connections closed at `http_max_lifetime`.
+    pub http_expired: AtomicU64,
+    /// Joins of a new room refused at `max_rooms`.
+    pub rooms_refused: AtomicU64,
     /// Requests answered 400 or 431: a malformed or oversized head, a malformed upgrade.
     pub bad_requests: AtomicU64,
     /// Connections dropped for not sending a request head within `handshake_timeout`.
@@ -179,7 +184,7 @@ impl Counters {
     }
 
     /// Every counter but the per-reason authentication refusals, by its public name.
-    fn named(&self) -> [(&'static str, &AtomicU64); 22] {
+    fn named(&self) -> [(&'static str, &AtomicU64); 24] {
         [
             ("origin_refused", &self.origin_refused),
             ("draining_refused", &self.draining_refused),
@@ -192,6 +197,8 @@ impl Counters {
             ("inbox_dropped", &self.inbox_dropped),
             ("resyncs", &self.resyncs),
             ("http_evicted", &self.http_evicted),
+            ("http_expired", &self.http_expired),
+            ("rooms_refused", &self.rooms_refused),
             ("bad_requests", &self.bad_requests),
             ("handshake_timeouts", &self.handshake_timeouts),
             ("accept_errors", &self.accept_errors),

@@ -80,6 +80,10 @@ pub enum ErrorReply<'a> {
     TokenForOtherUser,
     /// Over the connection's message or byte rate.
     RateLimited,
+    /// Joining a new room, with the node holding `max_rooms` already.
+    ServerRoomLimit,
+    /// An answer (an echo) would be bigger than `max_message_size`.
+    ReplyTooLarge(usize),
 }
 
 /// Unknown types are echoed back in the error, cut to this many characters.
@@ -115,6 +119,10 @@ impl fmt::Display for ErrorReply<'_> {
             ErrorReply::RoomNotAllowed(room) => write!(f, "Not allowed to join room: {room}"),
             ErrorReply::InvalidToken(e) => write!(f, "Invalid token: {}", e.message()),
             ErrorReply::RateLimited => f.write_str("Rate limit exceeded: slow down"),
+            ErrorReply::ServerRoomLimit => {
+                f.write_str("Room limit reached on this server: try an existing room")
+            }
+            ErrorReply::ReplyTooLarge(max) => write!(f, "Reply too large (max {max} bytes)"),
             ErrorReply::TokenForOtherUser => {
                 f.write_str("Invalid token: it is for another user than this connection's")
             }

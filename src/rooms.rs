@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -73,8 +73,15 @@ type Stripe = Mutex<HashMap<Arc<str>, Arc<RoomState>>>;
 pub struct RoomDirectory {
     shards: usize,
     history: HistoryLimits,
+    /// Rooms held at most (`max_rooms`), and held now.
+    max_rooms: usize,
+    rooms: AtomicUsize,
     stripes: Box<[Stripe]>,
 }
+
+/// A new room was refused: the node holds `max_rooms` already.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RoomsFull;
 
 /// What joining a room found.
 pub struct Joining {
@@ -88,10 +95,12 @@ pub struct Joining {
 }
 
 impl RoomDirectory {
-    pub fn new(shards: usize, history: HistoryLimits) -> Self {
+    pub fn new(shards: usize, history: HistoryLimits, max_rooms: usize) -> Self {
         RoomDirectory {
             shards,
             history,
+            max_rooms,
+            rooms: AtomicUsize::new(0),
             stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
         }
     }
@@ -111,11 +120,20 @@ impl RoomDirectory {
     /// Counts one more member on `shard`, and reads the stream where the member starts (and what
     /// it missed since `since`), all under the stream's lock: a message is either before the join
     /// (and not the member's) or after it (and routed to its shard).
-    fn join(&self, room: &str, shard: usize, since: Option<&Position>) -> Joining {
+    fn join(
+        &self,
+        room: &str,
+        shard: usize,
+        since: Option<&Position>,
+    ) -> Result<Joining, RoomsFull> {
         let mut rooms = self.stripe(room);
         let state = match rooms.get(room) {
             Some(state) => state.clone(),
             None => {
+                if self.rooms.fetch_add(1, Ordering::AcqRel) >= self.max_rooms {
+                    self.rooms.fetch_sub(1, Ordering::AcqRel);
+                    return Err(RoomsFull);
+                }
                 let name: Arc<str> = Arc::from(room);
                 let state = Arc::new(RoomState {
                     name: name.clone(),
@@ -134,12 +152,12 @@ impl RoomDirectory {
         let missed = since.and_then(|since| stream.since(since, self.history, now));
         let position = stream.position();
         drop(stream);
-        Joining {
+        Ok(Joining {
             state,
             total,
             position,
             missed,
-        }
+        })
     }
 
     /// Counts one member fewer on `shard`; forgets the room when it has neither members nor
@@ -151,6 +169,7 @@ impl RoomDirectory {
         let total = state.total.fetch_sub(1, Ordering::AcqRel) - 1;
         if total == 0 && !stream.trim(self.history, Instant::now()) {
             rooms.remove(&state.name);
+            self.rooms.fetch_sub(1, Ordering::AcqRel);
         }
         total
     }
@@ -167,7 +186,11 @@ impl RoomDirectory {
             let mut rooms = stripe.lock().unwrap_or_else(|e| e.into_inner());
             rooms.retain(|_, state| {
                 let mut stream = state.stream();
-                state.total() > 0 || stream.trim(self.history, now)
+                let keep = state.total() > 0 || stream.trim(self.history, now);
+                if !keep {
+                    self.rooms.fetch_sub(1, Ordering::AcqRel);
+                }
+                keep
             });
         }
     }
@@ -223,20 +246,20 @@ impl LocalRooms {
         room: &str,
         key: usize,
         since: Option<&Position>,
-    ) -> Joined {
+    ) -> Result<Joined, RoomsFull> {
         if let Some(local) = self.rooms.get(room)
             && local.members.contains_key(&key)
         {
             let stream = local.state.stream();
             let missed = since.and_then(|since| stream.since(since, dir.history, Instant::now()));
-            return Joined::AlreadyMember(Joining {
+            return Ok(Joined::AlreadyMember(Joining {
                 state: local.state.clone(),
                 total: local.state.total(),
                 position: stream.position(),
                 missed,
-            });
+            }));
         }
-        let joining = dir.join(room, shard, since);
+        let joining = dir.join(room, shard, since)?;
         let local = self
             .rooms
             .entry(joining.state.name.clone())
@@ -247,7 +270,7 @@ impl LocalRooms {
                 delivered: joining.position.offset,
             });
         local.members.insert(key, joining.position.offset);
-        Joined::Joined(joining)
+        Ok(Joined::Joined(joining))
     }
 
     /// Removes `key` from `room`; returns the members left across all shards, or `None` when
@@ -288,8 +311,8 @@ mod tests {
         ttl: std::time::Duration::from_secs(60),
     };
 
-    fn joined_total(joined: Joined) -> (bool, u32) {
-        match joined {
+    fn joined_total(joined: Result<Joined, RoomsFull>) -> (bool, u32) {
+        match joined.unwrap() {
             Joined::Joined(j) => (true, j.total),
             Joined::AlreadyMember(j) => (false, j.total),
         }
@@ -297,7 +320,7 @@ mod tests {
 
     #[test]
     fn counts_across_shards_and_deletes_empty_rooms() {
-        let dir = RoomDirectory::new(2, NO_HISTORY);
+        let dir = RoomDirectory::new(2, NO_HISTORY, 10);
         let (mut s0, mut s1) = (LocalRooms::default(), LocalRooms::default());
         assert_eq!(joined_total(s0.join(&dir, 0, "r", 1, None)), (true, 1));
         assert_eq!(joined_total(s0.join(&dir, 0, "r", 1, None)), (false, 1));
@@ -319,9 +342,9 @@ mod tests {
             size: 10,
             ttl: std::time::Duration::from_millis(50),
         };
-        let dir = RoomDirectory::new(1, history);
+        let dir = RoomDirectory::new(1, history, 10);
         let mut s0 = LocalRooms::default();
-        s0.join(&dir, 0, "r", 1, None);
+        s0.join(&dir, 0, "r", 1, None).unwrap();
         let state = s0.get("r").unwrap().state.clone();
         state
             .stream()
@@ -333,7 +356,7 @@ mod tests {
             offset: 0,
             epoch: state.stream().position().epoch,
         };
-        let Joined::Joined(joining) = s0.join(&dir, 0, "r", 2, Some(&since)) else {
+        let Ok(Joined::Joined(joining)) = s0.join(&dir, 0, "r", 2, Some(&since)) else {
             panic!("a new member");
         };
         assert_eq!(joining.position.offset, 1);
@@ -342,5 +365,18 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(60));
         dir.sweep();
         assert!(dir.get("r").is_none(), "expired history: forgotten");
+    }
+
+    #[test]
+    fn new_rooms_are_refused_past_the_node_cap_and_places_come_back() {
+        let dir = RoomDirectory::new(1, NO_HISTORY, 2);
+        let mut s0 = LocalRooms::default();
+        s0.join(&dir, 0, "a", 1, None).unwrap();
+        s0.join(&dir, 0, "b", 1, None).unwrap();
+        assert!(matches!(s0.join(&dir, 0, "c", 1, None), Err(RoomsFull)));
+        // Joining a room that exists is not a new room.
+        s0.join(&dir, 0, "a", 2, None).unwrap();
+        s0.leave(&dir, 0, "b", 1);
+        s0.join(&dir, 0, "c", 1, None).unwrap();
     }
 }

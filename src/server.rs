@@ -10,7 +10,7 @@ use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
@@ -50,8 +50,9 @@ pub fn connection_capacity() -> usize {
 /// How often refusals are logged (as counts by reason) and expired room histories forgotten.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Back-off after a failed `accept`, doubling up to the maximum while failures go on.
-const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+/// Back-off after a failed `accept`, doubling up to the maximum while failures go on (short: a
+/// health probe waits in the backlog meanwhile).
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(100));
 
 /// A running gateway. Dropping it does not stop it: call [`Gateway::shutdown`] and [`Gateway::join`].
 pub struct Gateway {
@@ -323,6 +324,9 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
 fn admit(shard: &Rc<Shard>, stream: TcpStream, ip: IpAddr) {
     let _ = stream.set_nodelay(true);
     let node = &shard.node;
+    if node.config.socket_send_buffer > 0 {
+        let _ = SockRef::from(&stream).set_send_buffer_size(node.config.socket_send_buffer);
+    }
     let admitted = match node.admission.admit_socket(ip) {
         Err(Refusal::ServerFull) if node.http.evict_oldest_idle() => {
             node.counters.http_evicted.fetch_add(1, Ordering::Relaxed);
@@ -336,7 +340,7 @@ fn admit(shard: &Rc<Shard>, stream: TcpStream, ip: IpAddr) {
         }
         Err(refusal) => {
             node.counters.admission_refused(refusal);
-            tokio::task::spawn_local(http::refuse(stream, refusal));
+            tokio::task::spawn_local(http::refuse(shard.clone(), stream, refusal));
         }
     }
 }

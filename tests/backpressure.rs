@@ -188,13 +188,23 @@ async fn with_the_drop_policy_a_slow_reader_loses_old_broadcasts_and_is_told_how
 
 #[tokio::test]
 async fn a_burst_through_a_full_inbox_is_dropped_and_counted_exactly_and_readers_are_not_blamed() {
-    // A small inbox, and a burst published faster than the shard takes it.
-    let gw = TestGateway::start_with(|c| c.max_shard_inbox_bytes = 256 * 1024, 1);
+    // An inbox with room for one of the burst's publications, and the burst published faster
+    // than the shard wakes up to take them (12 MB: the reader's queue bound is raised to match,
+    // this is about the inbox).
+    let gw = TestGateway::start_with(
+        |c| {
+            c.max_shard_inbox_bytes = 64 * 1024;
+            c.max_queued_bytes = 16 << 20;
+        },
+        1,
+    );
     let mut reader = gw.client().await;
     reader.join("room").await;
     const BURST: usize = 200;
-    for n in 0..BURST {
-        gw.gateway().publish(bulk(n));
+    // Built first, then published back to back: far faster than the shard takes them.
+    let burst: Vec<Publication> = (0..BURST).map(bulk).collect();
+    for publication in burst {
+        gw.gateway().publish(publication);
     }
     // The marker goes last, once the inbox has room again.
     let mut marker = Publication::to_room(

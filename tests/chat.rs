@@ -131,3 +131,16 @@ async fn chat_messages_over_1000_characters_are_refused() {
     let msg = c.expect("chat_message").await;
     assert_eq!(msg["message"], max);
 }
+
+#[tokio::test]
+async fn an_echo_never_answers_with_more_than_a_client_may_send() {
+    let gw = TestGateway::start(1);
+    let mut c = gw.client().await;
+    // `9e15` is written out in full when re-serialized: 4 bytes become 16.
+    let numbers = vec!["9e15"; 12_000].join(",");
+    c.send_text(format!(r#"{{"type":"echo","payload":[{numbers}]}}"#))
+        .await;
+    c.expect_error("Reply too large (max 65536 bytes)").await;
+    c.send("echo", json!([9e15])).await;
+    c.expect("echo").await;
+}

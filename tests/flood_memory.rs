@@ -35,6 +35,8 @@ fn flooding_non_readers_cost_at_most_their_queue_bound() {
             ("WSGATE_RATE_LIMIT_BURST", "4000000000"),
             ("WSGATE_RATE_LIMIT_BYTES", "1000000000000"),
             ("WSGATE_RATE_LIMIT_BURST_BYTES", "1000000000000"),
+            ("WSGATE_RATE_LIMIT_MESSAGES", "1000000"),
+            ("WSGATE_RATE_LIMIT_BURST", "1000000"),
         ],
         None,
     );
@@ -154,4 +156,49 @@ fn a_closing_peer_that_keeps_streaming_holds_nothing() {
         "{per_connection} bytes per closing connection (was ~270 KB)"
     );
     drop(held);
+}
+
+#[test]
+fn the_kernel_holds_a_bounded_send_buffer_for_a_client_that_does_not_read() {
+    let gateway = GatewayProcess::start(
+        &["--shards", "1"],
+        &[
+            ("WSGATE_ALLOW_ANONYMOUS", "true"),
+            ("WSGATE_RATE_LIMIT_BYTES", "1000000000000"),
+            ("WSGATE_RATE_LIMIT_BURST_BYTES", "1000000000000"),
+            ("WSGATE_RATE_LIMIT_MESSAGES", "1000000"),
+            ("WSGATE_RATE_LIMIT_BURST", "1000000"),
+        ],
+        None,
+    );
+    // An echo client with a small window that sends 60 KB messages and never reads.
+    let message = raw_frame(true, 0x2, &[5; 60_000], true);
+    let mut stream = upgrade(gateway.addr, "/echo");
+    stream
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < end {
+        if stream.write_all(&message).is_err() {
+            break;
+        }
+    }
+    // The gateway's side of the connection, as the kernel reports it: `tb` is its send buffer.
+    let filter = format!("( sport = :{} )", gateway.addr.port());
+    let out = std::process::Command::new("ss")
+        .args(["-tmnH", "state", "established", &filter])
+        .output()
+        .expect("ss (iproute2)");
+    let report = String::from_utf8_lossy(&out.stdout);
+    let send_buffer: u64 = report
+        .split(|c: char| c == ',' || c == '(' || c.is_whitespace())
+        .find_map(|field| field.strip_prefix("tb")?.parse().ok())
+        .unwrap_or_else(|| panic!("no tb in {report:?}"));
+    // The default socket_send_buffer is 256 KiB, which the kernel doubles for its bookkeeping.
+    // Left to itself, it grows the buffer of such a connection to ~4 MiB.
+    assert!(
+        send_buffer <= 2 * 256 * 1024,
+        "kernel send buffer {send_buffer} bytes: {report}"
+    );
+    drop(stream);
 }

@@ -220,3 +220,118 @@ async fn healthz_counters_can_be_kept_private() {
     assert_eq!(health["status"], "ok");
     assert!(health.get("refused").is_none(), "{health}");
 }
+
+#[tokio::test]
+async fn ambiguous_body_framing_is_a_json_400_and_bare_line_feeds_are_fine() {
+    let gw = TestGateway::start(1);
+    for framing in [
+        "Content-Length: abc",
+        "Content-Length: 1, 2",
+        "Content-Length: 1\r\nContent-Length: 2",
+        "Transfer-Encoding: gzip",
+        "Transfer-Encoding: chunked\r\nContent-Length: 3",
+    ] {
+        let request = format!("POST /healthz HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n");
+        let (status, error) = raw_request(&gw, &request).await;
+        assert_eq!(
+            (status, error.as_str()),
+            (400, "malformed HTTP request"),
+            "{framing}"
+        );
+    }
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let bare = "GET /healthz HTTP/1.1\nHost: x\nConnection: close\n\n";
+    tokio::io::AsyncWriteExt::write_all(&mut stream, bare.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        support::PATIENCE,
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answer),
+    )
+    .await
+    .expect("an answer")
+    .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "bare line feeds, as hyper reads them"
+    );
+    let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["refused"]["bad_requests"], 5);
+}
+
+#[tokio::test]
+async fn an_upgrade_needs_exactly_one_host_and_a_wrong_version_is_counted() {
+    let gw = TestGateway::start(1);
+    let no_host =
+        "Upgrade: websocket\r\nConnection: Upgrade, close\r\nSec-WebSocket-Version: 13\r\n";
+    let request = format!("GET /ws HTTP/1.1\r\n{no_host}{KEY}\r\n");
+    let (status, error) = raw_request(&gw, &request).await;
+    assert_eq!(
+        (status, error.as_str()),
+        (400, "an upgrade needs exactly one Host header")
+    );
+    let (status, _, _) = http_get(gw.addr, "/ws", &format!("Host: other\r\n{UPGRADE}{KEY}")).await;
+    assert_eq!(status, 400, "two Host headers");
+    let wrong = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\n";
+    let (status, _, _) = http_get(gw.addr, "/ws", &format!("{wrong}{KEY}")).await;
+    assert_eq!(status, 426);
+    let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["refused"]["bad_requests"], 3);
+}
+
+#[tokio::test]
+async fn a_plain_http_connection_has_a_bounded_life_and_a_bounded_number_of_requests() {
+    let gw = TestGateway::start_with(
+        |c| c.http_max_lifetime = std::time::Duration::from_secs(1),
+        1,
+    );
+    // 100 requests answered, the last with `Connection: close`, then the connection ends.
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let requests = "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(101);
+    tokio::io::AsyncWriteExt::write_all(&mut stream, requests.as_bytes())
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    tokio::time::timeout(
+        support::PATIENCE,
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answers),
+    )
+    .await
+    .expect("the connection ends")
+    .ok();
+    let answers = String::from_utf8_lossy(&answers);
+    assert_eq!(answers.matches("HTTP/1.1 200").count(), 100);
+    assert_eq!(
+        answers
+            .to_ascii_lowercase()
+            .matches("connection: close")
+            .count(),
+        1
+    );
+
+    // A client that sends requests and never reads the answers is closed at the lifetime.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket.connect(gw.addr).await.unwrap();
+    let page = "GET / HTTP/1.1\r\nHost: x\r\n\r\n".repeat(90);
+    let started = std::time::Instant::now();
+    let _ = tokio::time::timeout(
+        support::PATIENCE,
+        tokio::io::AsyncWriteExt::write_all(&mut stuck, page.as_bytes()),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    loop {
+        let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
+        let health: Value = serde_json::from_str(&body).unwrap();
+        if health["refused"]["http_expired"] == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{health}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+}

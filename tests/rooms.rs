@@ -228,3 +228,30 @@ async fn a_reused_slot_never_receives_the_old_ids_traffic() {
     });
     new.expect_silence().await;
 }
+
+#[tokio::test]
+async fn new_rooms_are_refused_past_the_node_cap() {
+    let gw = TestGateway::start_with(|c| c.max_rooms = 3, 2);
+    let mut a = gw.client().await;
+    for room in ["r1", "r2", "r3"] {
+        a.join(room).await;
+    }
+    let mut b = gw.client().await;
+    b.send("join_room", json!({"room": "r4"})).await;
+    b.expect_error("Room limit reached on this server: try an existing room")
+        .await;
+    // An existing room is fine; and a place comes back when a room empties.
+    assert_eq!(b.join("r1").await, 2);
+    a.send("leave_room", json!({"room": "r3"})).await;
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    loop {
+        b.send("join_room", json!({"room": "r4"})).await;
+        if b.recv().await["type"] == "room_joined" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+    }
+    let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert!(health["refused"]["rooms_refused"].as_u64().unwrap() >= 1);
+}

@@ -6,9 +6,9 @@ use libfuzzer_sys::fuzz_target;
 use wsgate::http::{check_upgrade_request, head};
 
 fuzz_target!(|data: &[u8]| {
-    if head::check(data).is_err() {
+    let Ok(Some(_)) = head::check(data) else {
         return;
-    }
+    };
     // Accepted: build the request hyper would see.
     let mut headers = [httparse::EMPTY_HEADER; head::MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);

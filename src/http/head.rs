@@ -43,7 +43,6 @@ pub async fn read_first(
     let reading = async {
         loop {
             stream.readable().await.map_err(|_| HeadError::Closed)?;
-            let searched = head.len().saturating_sub(3);
             {
                 let mut scratch = scratch.borrow_mut();
                 let room = scratch.len().min(max_bytes + 1 - head.len().min(max_bytes));
@@ -54,12 +53,11 @@ pub async fn read_first(
                     Err(_) => return Err(HeadError::Closed),
                 }
             }
-            if let Some(end) = find_blank_line(&head[searched..]) {
-                check(&head[..searched + end])?;
-                return Ok(());
-            }
-            if head.len() > max_bytes {
-                return Err(HeadError::TooLarge);
+            match check(&head) {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) if head.len() > max_bytes => return Err(HeadError::TooLarge),
+                Ok(None) => {}
+                Err(e) => return Err(e),
             }
         }
     };
@@ -70,20 +68,47 @@ pub async fn read_first(
     }
 }
 
-/// Where the head ends (just past its blank line) in `buf`, if it does.
-fn find_blank_line(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
-}
-
-/// Checks that `head` is a whole request head hyper will accept.
-pub fn check(head: &[u8]) -> Result<(), HeadError> {
+/// Checks the request head at the front of `buf` the way hyper will take it: `Ok(Some(len))`
+/// once it is complete (`len` bytes), `Ok(None)` while it is not. Beyond the syntax, the body's
+/// framing must be unambiguous: one `Content-Length` value, `Transfer-Encoding` only over
+/// HTTP/1.1 and ending in `chunked`, never both (hyper refuses the rest with an empty 400, and
+/// proxies that read such requests differently are how requests get smuggled).
+pub fn check(buf: &[u8]) -> Result<Option<usize>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    match httparse::Request::new(&mut headers).parse(head) {
-        Ok(httparse::Status::Complete(_)) => Ok(()),
-        Ok(httparse::Status::Partial) => Err(HeadError::Malformed),
-        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
-        Err(_) => Err(HeadError::Malformed),
+    let mut request = httparse::Request::new(&mut headers);
+    let len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    let (mut length, mut chunked) = (None, false);
+    for header in request.headers.iter() {
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let value = std::str::from_utf8(header.value).map_err(|_| HeadError::Malformed)?;
+            for part in value.split(',') {
+                let n: u64 = part.trim().parse().map_err(|_| HeadError::Malformed)?;
+                if length.is_some_and(|known| known != n) {
+                    return Err(HeadError::Malformed);
+                }
+                length = Some(n);
+            }
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = header
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .unwrap_or_default();
+            if request.version != Some(1) || !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(HeadError::Malformed);
+            }
+            chunked = true;
+        }
     }
+    if length.is_some() && chunked {
+        return Err(HeadError::Malformed);
+    }
+    Ok(Some(len))
 }
 
 /// A complete HTTP/1.1 response with a JSON error body that closes the connection: for answers
@@ -193,19 +218,38 @@ mod tests {
 
     #[test]
     fn heads_are_checked_as_hyper_would_take_them() {
-        assert_eq!(check(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Ok(()));
-        assert_eq!(check(b"GET / HTTP/1.0\r\n\r\n"), Ok(()));
+        let ok = |head: &str| assert_eq!(check(head.as_bytes()), Ok(Some(head.len())), "{head:?}");
+        let bad = |head: &str| {
+            assert_eq!(
+                check(head.as_bytes()),
+                Err(HeadError::Malformed),
+                "{head:?}"
+            )
+        };
+        ok("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        ok("GET / HTTP/1.0\r\n\r\n");
+        ok("GET /healthz HTTP/1.1\nHost: x\n\n"); // bare line feeds
         assert_eq!(
-            check(b"\x16\x03\x01 garbage\r\n\r\n"),
-            Err(HeadError::Malformed)
+            check(b"GET / HTTP/1.1\r\nHost: x\r\n"),
+            Ok(None),
+            "not yet complete"
         );
-        assert_eq!(
-            check(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"),
-            Err(HeadError::Malformed)
-        );
+        bad("\x16\x03\x01 garbage\r\n\r\n");
+        bad("GET / HTTP/1.1\r\nBad Header\r\n\r\n");
         let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: y\r\n")).collect();
         let head = format!("GET / HTTP/1.1\r\n{many}\r\n");
         assert_eq!(check(head.as_bytes()), Err(HeadError::TooLarge));
+        // The body's framing must be unambiguous.
+        ok("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n");
+        ok("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n");
+        ok("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        for cl in ["abc", "-1", "1, 2", "99999999999999999999999"] {
+            bad(&format!("POST / HTTP/1.1\r\nContent-Length: {cl}\r\n\r\n"));
+        }
+        bad("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n");
+        bad("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n");
+        bad("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n");
+        bad("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n");
     }
 
     #[test]

@@ -7,14 +7,10 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use slab::Slab;
 use tokio::sync::Notify;
-
-/// A connection idle for less than this is not evicted: it may be about to send its request, or
-/// still be reading the response it just got.
-const MIN_IDLE: Duration = Duration::from_millis(250);
 
 struct Entry {
     /// When the connection last became idle (opened, or finished a request); `None` while a
@@ -65,16 +61,14 @@ impl HttpConnections {
         }
     }
 
-    /// Closes the connection that has been idle longest (at least a moment); returns whether
-    /// there was one.
+    /// Closes the connection that has been idle longest; returns whether there was one. No
+    /// minimum age: one would let a client holding only fresh connections keep every place
+    /// (the newcomer that needs the place is the youngest of all).
     pub fn evict_oldest_idle(&self) -> bool {
         let mut registry = self.registry();
         let Some(&(since, key)) = registry.idle.first() else {
             return false;
         };
-        if since.elapsed() < MIN_IDLE {
-            return false;
-        }
         registry.idle.remove(&(since, key));
         let entry = &mut registry.entries[key];
         entry.idle_since = None;
@@ -136,14 +130,15 @@ mod tests {
         let busy = connections.register();
         busy.busy();
         let newer = connections.register();
-        // Nobody has been idle long enough yet.
-        assert!(!connections.evict_oldest_idle());
-        std::thread::sleep(MIN_IDLE);
-        newer.idle(); // just finished a request: idle from now
+        newer.busy();
+        newer.idle(); // just finished a request: idle from now, after `oldest`
         assert!(connections.evict_oldest_idle());
         assert!(oldest.evict.notified().now_or_never_is_ready());
         assert!(!busy.evict.notified().now_or_never_is_ready());
-        // `newer` has been idle only a moment; `busy` is serving.
+        assert!(!newer.evict.notified().now_or_never_is_ready());
+        assert!(connections.evict_oldest_idle(), "then the next idle one");
+        assert!(newer.evict.notified().now_or_never_is_ready());
+        // `busy` is serving a request: never evicted.
         assert!(!connections.evict_oldest_idle());
         drop((oldest, busy, newer));
         assert!(connections.is_empty());

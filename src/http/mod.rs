@@ -34,8 +34,8 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
-    CONTENT_TYPE, HeaderName, HeaderValue, ORIGIN, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL,
-    SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE,
+    CONNECTION, CONTENT_TYPE, HOST, HeaderName, HeaderValue, ORIGIN, SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -101,14 +101,21 @@ async fn serve_http(shard: &Rc<Shard>, stream: TcpStream, peer: IpAddr, upgraded
         }
         Err(HeadError::Closed) => return,
     };
+    let requests = Cell::new(0u32);
     let service = service_fn(|req| {
         registered.busy();
-        let response = route(shard, req, peer);
+        let mut response = route(shard, req, peer);
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             // The socket now belongs to the WebSocket connection, admission and all.
             upgraded.set(true);
         } else {
             registered.idle();
+            requests.set(requests.get() + 1);
+            if requests.get() >= MAX_REQUESTS_PER_CONNECTION {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
         }
         async { Ok::<_, Infallible>(response) }
     });
@@ -126,20 +133,33 @@ async fn serve_http(shard: &Rc<Shard>, stream: TcpStream, peer: IpAddr, upgraded
             }
         }
         _ = registered.evict.notified() => evicted(),
+        // However busy: a client that pipelines requests and never reads the answers is.
+        _ = tokio::time::sleep(config.http_max_lifetime) => {
+            node.counters.http_expired.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
-/// Answers a socket refused at accept, and closes it.
-pub async fn refuse(stream: TcpStream, refusal: Refusal) {
+/// Requests one plain HTTP connection serves; the last answer says `Connection: close`.
+const MAX_REQUESTS_PER_CONNECTION: u32 = 100;
+
+/// Answers a socket refused at accept, and closes it: after a moment of reading what the client
+/// still sends (so the answer is not lost to a reset), while few refused sockets are lingering;
+/// at once when descriptors are what is short, or many are.
+pub async fn refuse(shard: Rc<Shard>, stream: TcpStream, refusal: Refusal) {
     let (status, reason) = match refusal {
         Refusal::ServerFull => (503, "Service Unavailable"),
         Refusal::TooManyConnections | Refusal::TooManyHandshakes => (429, "Too Many Requests"),
     };
-    head::answer_and_close(
-        stream,
-        &head::error_response(status, reason, refusal.message()),
-    )
-    .await;
+    let response = head::error_response(status, reason, refusal.message());
+    let admission = &shard.node.admission;
+    if refusal != Refusal::ServerFull && admission.start_linger() {
+        head::answer_and_close(stream, &response).await;
+        admission.end_linger();
+    } else {
+        // One try, without waiting: the socket's buffer takes a short answer.
+        let _ = stream.try_write(&response);
+    }
 }
 
 fn route(shard: &Rc<Shard>, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
@@ -243,14 +263,18 @@ fn upgrade(
 }
 
 /// What RFC 6455 §4.1 requires of an opening handshake beyond the upgrade headers: HTTP/1.1 or
-/// later, one `Sec-WebSocket-Key` that is 16 bytes in base64, one version, at most one `Origin`.
+/// later with one `Host`, one `Sec-WebSocket-Key` that is 16 bytes in base64, one version, at
+/// most one `Origin`.
 pub fn check_upgrade_request<B>(req: &Request<B>) -> Result<(), &'static str> {
     if req.version() < Version::HTTP_11 {
         return Err("WebSocket upgrades need HTTP/1.1");
     }
     let headers = req.headers();
-    let once = |name: &HeaderName| headers.get_all(name).iter().count() <= 1;
-    if !once(&SEC_WEBSOCKET_KEY) || !once(&SEC_WEBSOCKET_VERSION) || !once(&ORIGIN) {
+    let count = |name: &HeaderName| headers.get_all(name).iter().count();
+    if count(&HOST) != 1 {
+        return Err("an upgrade needs exactly one Host header");
+    }
+    if count(&SEC_WEBSOCKET_KEY) > 1 || count(&SEC_WEBSOCKET_VERSION) > 1 || count(&ORIGIN) > 1 {
         return Err("duplicate Sec-WebSocket-Key, Sec-WebSocket-Version or Origin header");
     }
     let key = headers
@@ -307,6 +331,7 @@ fn upgrade_admitted(
     let (mut response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(fastwebsockets::WebSocketError::InvalidSecWebsocketVersion) => {
+            node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
             let mut res = error_response(
                 StatusCode::UPGRADE_REQUIRED,
                 "unsupported WebSocket version (need 13)",

@@ -345,11 +345,6 @@ impl Admission {
     pub fn sockets(&self) -> usize {
         self.sockets.load(Ordering::Acquire)
     }
-
-    /// Whether fewer than `spare` sockets are left before the descriptor limit.
-    pub fn sockets_short(&self, spare: usize) -> bool {
-        self.sockets() + spare >= self.max_sockets
-    }
 }
 
 #[cfg(test)]

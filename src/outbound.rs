@@ -222,11 +222,6 @@ impl Outbound {
         self.backlog.get_or_insert_default().dropped += n;
     }
 
-    /// Broadcasts dropped since the reader last caught up.
-    pub fn dropped_since_caught_up(&self) -> u64 {
-        self.backlog.as_ref().map_or(0, |b| b.dropped)
-    }
-
     /// Queues our close frame: the last frame this connection will send. Always wakes the task,
     /// which may be asleep on a full socket, so it starts the (time-bounded) close.
     pub fn push_close(&mut self, frame: Bytes, total: &mut QueueTotal) {
@@ -349,6 +344,11 @@ mod tests {
         Bytes::from(vec![1u8; n])
     }
 
+    /// Broadcasts dropped since the reader last caught up.
+    fn dropped(out: &Outbound) -> u64 {
+        out.backlog.as_ref().map_or(0, |b| b.dropped)
+    }
+
     fn pending(out: &Outbound) -> Vec<Vec<u8>> {
         let mut slices = [IoSlice::new(&[]); 16];
         let n = out.slices(&mut slices);
@@ -448,13 +448,13 @@ mod tests {
             "its slot too"
         );
         assert_eq!(total.bytes(), out.queued_bytes());
-        assert_eq!(out.dropped_since_caught_up(), 1);
+        assert_eq!(dropped(&out), 1);
         // The tombstone is skipped on the wire.
         assert_eq!(pending(&out), vec![vec![1; 10], vec![1; 200], vec![1; 300]]);
         // Caught up: the reader is told how many it missed, exactly.
         out.advance(210, &mut total);
         out.note_dropped(70_000);
-        assert_eq!(out.dropped_since_caught_up(), 70_001);
+        assert_eq!(dropped(&out), 70_001);
         out.advance(300, &mut total);
         let notice = pending(&out);
         assert_eq!(notice.len(), 1);
@@ -500,7 +500,7 @@ mod tests {
             out.push_broadcast(frame(100), &mut total);
         }
         assert_eq!(out.backlog.as_ref().unwrap().queue.len(), 100);
-        assert_eq!(out.dropped_since_caught_up(), 10_000);
+        assert_eq!(dropped(&out), 10_000);
         assert_eq!(total.bytes(), out.queued_bytes());
     }
 

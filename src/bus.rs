@@ -6,7 +6,7 @@
 //! bytes), so a burst costs one wake-up and one write per recipient, not one per publication.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -64,6 +64,8 @@ impl Inbox {
 
 pub struct Bus {
     inboxes: Vec<(UnboundedSender<Delivery>, Arc<AtomicUsize>)>,
+    /// Deliveries dropped for each shard (its inbox was full).
+    dropped: Box<[AtomicU64]>,
     max_pending: usize,
 }
 
@@ -81,6 +83,7 @@ impl Bus {
         (
             Bus {
                 inboxes,
+                dropped: (0..shards).map(|_| AtomicU64::new(0)).collect(),
                 max_pending,
             },
             receivers,
@@ -98,6 +101,7 @@ impl Bus {
             let (sender, pending) = &self.inboxes[shard];
             if pending.fetch_add(cost, Ordering::AcqRel) + cost > self.max_pending {
                 pending.fetch_sub(cost, Ordering::AcqRel);
+                self.dropped[shard].fetch_add(1, Ordering::Relaxed);
                 dropped += 1;
                 continue;
             }
@@ -107,6 +111,14 @@ impl Bus {
             }
         }
         dropped
+    }
+
+    /// Deliveries dropped for each shard so far.
+    pub fn dropped_by_shard(&self) -> Vec<u64> {
+        self.dropped
+            .iter()
+            .map(|d| d.load(Ordering::Relaxed))
+            .collect()
     }
 }
 

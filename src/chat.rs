@@ -11,7 +11,7 @@ use crate::client_id::ClientId;
 use crate::frame;
 use crate::limits::{Charge, Verdict};
 use crate::protocol::{ClientMessage, ErrorReply, ServerMessage, Since, encode_echo, now_ms};
-use crate::rooms::{Joined, is_valid_room_name};
+use crate::rooms::{Joined, RoomState, is_valid_room_name};
 use crate::routing::{self, Publication};
 use crate::shard::Shard;
 use crate::stream::Position;
@@ -237,9 +237,9 @@ fn left_room(shard: &Shard, key: usize, room: Arc<str>, identity: &Identity) {
     }
 }
 
-/// Who speaks in a room: the room's shared name, the speaker's connection and identity.
+/// Who speaks in a room: the room, the speaker's connection and identity.
 struct Speaker {
-    room: Arc<str>,
+    room: Arc<RoomState>,
     id: ClientId,
     identity: Arc<Identity>,
 }
@@ -249,15 +249,16 @@ fn speaker<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<Speaker, Erro
     if !is_valid_room_name(room) {
         return Err(ErrorReply::InvalidRoomName);
     }
-    let state = shard.state();
+    let state = shard.state_ref();
     let conn = &state.conns[key];
-    match conn.rooms.iter().find(|r| &***r == room) {
-        Some(name) => Ok(Speaker {
-            room: name.clone(),
+    // The connection's room list and the shard's room index agree: a member is in both.
+    match state.rooms.get(room) {
+        Some(local) if local.members.contains_key(&key) => Ok(Speaker {
+            room: local.state.clone(),
             id: conn.id,
             identity: conn.identity.clone(),
         }),
-        None => Err(ErrorReply::NotInRoom(room)),
+        _ => Err(ErrorReply::NotInRoom(room)),
     }
 }
 
@@ -275,15 +276,7 @@ fn chat<'i>(shard: &Shard, key: usize, room: &'i str, message: &str) -> Result<(
         message,
         timestamp: now_ms(),
     };
-    let Some(local) = shard
-        .state_ref()
-        .rooms
-        .get(&speaker.room)
-        .map(|r| r.state.clone())
-    else {
-        return Err(ErrorReply::NotInRoom(room));
-    };
-    routing::publish_to_stream(shard, &local, &message.to_json());
+    routing::publish_to_stream(shard, &speaker.room, &message.to_json());
     Ok(())
 }
 
@@ -303,7 +296,7 @@ fn typing<'i>(
     .encode();
     routing::publish(
         shard,
-        Publication::to_room(speaker.room, frame).excluding(speaker.id),
+        Publication::to_room(speaker.room.name.clone(), frame).excluding(speaker.id),
     );
     Ok(())
 }

@@ -251,7 +251,13 @@ impl Connection {
             head[..known].copy_from_slice(&self.leftover[..known]);
             let more = (head.len() - known).min(bytes.len());
             head[known..known + more].copy_from_slice(&bytes[..more]);
-            let frame = frame::frame_len(&head[..known + more]).unwrap_or(0);
+            // What the frame's header declares, if the decoder would take it: a header that
+            // claims more than the message size limit earns no reservation (the decoder refuses
+            // it as soon as it is whole).
+            let frame = self
+                .decoder
+                .incomplete_frame_len(&head[..known + more])
+                .unwrap_or(0);
             self.leftover
                 .reserve_exact(needed.max(frame) - self.leftover.len());
         }
@@ -266,9 +272,16 @@ impl Connection {
         }
         let mut pending = std::mem::take(&mut self.leftover);
         let consumed = self.decode_frames(&mut pending)?;
-        if consumed < pending.len() {
-            // What is left gets a buffer of its own size: the one it came in may be far bigger.
+        let rest = pending.len() - consumed;
+        if rest > 0 && pending.capacity() > 4 * rest + 4096 {
+            // A small rest in a big buffer (a large frame just completed): a buffer of its own
+            // size, so an idle connection does not keep the big one.
             self.keep_undecoded(&pending[consumed..]);
+        } else if rest > 0 {
+            // Otherwise the same buffer: a frame arriving over many reads is not copied anew
+            // each time.
+            pending.drain(..consumed);
+            self.leftover = pending;
         }
         Ok(())
     }

@@ -134,13 +134,6 @@ pub fn peek(buf: &[u8]) -> Result<Option<Peeked>, FrameError> {
     }))
 }
 
-/// The whole length of the frame whose header starts `buf`, once the header is there: how much
-/// an incomplete frame will need.
-pub fn frame_len(buf: &[u8]) -> Option<usize> {
-    let header = parse_header(buf).ok()??;
-    Some(header.header_len.saturating_add(header.payload_len))
-}
-
 /// A fragmented message being collected.
 struct Partial {
     text: bool,
@@ -162,6 +155,19 @@ impl Decoder {
             max_message_size,
             partial: None,
         }
+    }
+
+    /// The whole length of the incomplete frame whose header starts `buf` (once the header is
+    /// there), if this decoder would take it: how much it will need. `None` for a frame over the
+    /// message size limit (refused as soon as its header is whole) or a header not yet whole.
+    pub fn incomplete_frame_len(&self, buf: &[u8]) -> Option<usize> {
+        let header = parse_header(buf).ok()??;
+        let already = self.partial.as_ref().map_or(0, |p| p.data.len());
+        let message = already.saturating_add(header.payload_len);
+        if !header.opcode.is_control() && message > self.max_message_size {
+            return None;
+        }
+        Some(header.header_len + header.payload_len)
     }
 
     /// Decodes the frame at the front of `buf`, unmasking its payload in place.
@@ -439,7 +445,18 @@ mod tests {
                 payload_len: 4,
             }))
         );
-        assert_eq!(frame_len(&frame[..6]), Some(10));
+        let decoder = Decoder::new(100);
+        assert_eq!(decoder.incomplete_frame_len(&frame[..6]), Some(10));
+        assert_eq!(
+            decoder.incomplete_frame_len(&frame[..1]),
+            None,
+            "no whole header yet"
+        );
+        // A header declaring 1 TiB earns no reservation: the decoder will refuse it.
+        let mut huge = vec![0x82, 0xFF];
+        huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        huge.extend_from_slice(&[1, 2, 3, 4]);
+        assert_eq!(decoder.incomplete_frame_len(&huge), None);
         let close = client_frame(true, 8, &[0x03, 0xe8]);
         assert!(peek(&close).unwrap().unwrap().close);
         assert!(peek(&[0xf1, 0x80, 0, 0, 0, 0]).is_err(), "reserved bits");

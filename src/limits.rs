@@ -30,8 +30,11 @@ impl Bucket {
 
     /// Takes `cost` tokens if there are enough.
     pub fn take(&mut self, cost: f32, rate: f32, burst: f32, now_ms: u32) -> bool {
-        let elapsed = now_ms.wrapping_sub(self.at_ms) as f32 / 1000.0;
-        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        refill(
+            &mut self.tokens,
+            seconds_since(self.at_ms, now_ms),
+            (rate, burst),
+        );
         self.at_ms = now_ms;
         if self.tokens >= cost {
             self.tokens -= cost;
@@ -40,6 +43,16 @@ impl Bucket {
             false
         }
     }
+}
+
+/// Seconds between two readings of a millisecond clock (which may wrap).
+fn seconds_since(then_ms: u32, now_ms: u32) -> f32 {
+    now_ms.wrapping_sub(then_ms) as f32 / 1000.0
+}
+
+/// Adds what `elapsed` seconds at `rate` give, up to `burst`.
+fn refill(tokens: &mut f32, elapsed: f32, (rate, burst): (f32, f32)) {
+    *tokens = (*tokens + elapsed * rate).min(burst);
 }
 
 /// What an inbound frame or message is charged against.
@@ -123,16 +136,16 @@ impl RateLimiter {
     }
 
     pub fn check(&mut self, limits: &RateLimits, charge: Charge, now_ms: u32) -> Verdict {
-        let elapsed = now_ms.wrapping_sub(self.at_ms) as f32 / 1000.0;
-        self.at_ms = now_ms;
-        let refill = |tokens: &mut f32, (rate, burst): (f32, f32)| {
-            *tokens = (*tokens + elapsed * rate).min(burst);
-        };
-        refill(&mut self.frames, limits.frames);
-        refill(&mut self.messages, limits.messages);
-        refill(&mut self.bytes, limits.bytes);
-        refill(&mut self.room_ops, limits.room_ops);
-        refill(&mut self.strikes, (1.0, limits.strikes));
+        // The clock is read once per turn: only the turn's first charge has anything to refill.
+        if now_ms != self.at_ms {
+            let elapsed = seconds_since(self.at_ms, now_ms);
+            self.at_ms = now_ms;
+            refill(&mut self.frames, elapsed, limits.frames);
+            refill(&mut self.messages, elapsed, limits.messages);
+            refill(&mut self.bytes, elapsed, limits.bytes);
+            refill(&mut self.room_ops, elapsed, limits.room_ops);
+            refill(&mut self.strikes, elapsed, (1.0, limits.strikes));
+        }
         let (bucket, cost) = match charge {
             Charge::Frame => (&mut self.frames, 1.0),
             Charge::Bytes(len) => (&mut self.bytes, len as f32),
@@ -165,6 +178,14 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The HTTP status and reason phrase it is answered with.
+    pub fn status(self) -> (u16, &'static str) {
+        match self {
+            Refusal::ServerFull => (503, "Service Unavailable"),
+            Refusal::TooManyConnections | Refusal::TooManyHandshakes => (429, "Too Many Requests"),
+        }
+    }
+
     pub fn message(self) -> &'static str {
         match self {
             Refusal::ServerFull => "server full: too many connections",

@@ -43,6 +43,11 @@ impl QueueTotal {
         self.0
     }
 
+    /// Whether more than `budget` is queued.
+    pub fn over(&self, budget: usize) -> bool {
+        self.0 > budget
+    }
+
     fn add(&mut self, n: usize) {
         self.0 += n;
     }

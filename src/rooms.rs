@@ -94,6 +94,24 @@ pub struct Joining {
     pub missed: Option<Vec<Bytes>>,
 }
 
+impl Joining {
+    /// Where a member of `state` starts, read from its locked `stream`, and what it missed since
+    /// `since`.
+    fn at(
+        state: &Arc<RoomState>,
+        stream: &Stream,
+        since: Option<&Position>,
+        history: HistoryLimits,
+    ) -> Self {
+        Joining {
+            state: state.clone(),
+            total: state.total(),
+            position: stream.position(),
+            missed: since.and_then(|since| stream.since(since, history, Instant::now())),
+        }
+    }
+}
+
 impl RoomDirectory {
     pub fn new(shards: usize, history: HistoryLimits, max_rooms: usize) -> Self {
         RoomDirectory {
@@ -147,17 +165,8 @@ impl RoomDirectory {
         };
         let stream = state.stream();
         state.per_shard[shard].fetch_add(1, Ordering::AcqRel);
-        let total = state.total.fetch_add(1, Ordering::AcqRel) + 1;
-        let now = Instant::now();
-        let missed = since.and_then(|since| stream.since(since, self.history, now));
-        let position = stream.position();
-        drop(stream);
-        Ok(Joining {
-            state,
-            total,
-            position,
-            missed,
-        })
+        state.total.fetch_add(1, Ordering::AcqRel);
+        Ok(Joining::at(&state, &stream, since, self.history))
     }
 
     /// Counts one member fewer on `shard`; forgets the room when it has neither members nor
@@ -251,13 +260,8 @@ impl LocalRooms {
             && local.members.contains_key(&key)
         {
             let stream = local.state.stream();
-            let missed = since.and_then(|since| stream.since(since, dir.history, Instant::now()));
-            return Ok(Joined::AlreadyMember(Joining {
-                state: local.state.clone(),
-                total: local.state.total(),
-                position: stream.position(),
-                missed,
-            }));
+            let joining = Joining::at(&local.state, &stream, since, dir.history);
+            return Ok(Joined::AlreadyMember(joining));
         }
         let joining = dir.join(room, shard, since)?;
         let local = self

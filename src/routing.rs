@@ -172,7 +172,7 @@ impl<'a> Queuer<'a> {
             shard,
             max_queued,
             burst_cap: 2 * max_queued + bus::BATCH_BYTES,
-            over_budget: queued.bytes() > shard.queue_budget,
+            over_budget: queued.over(shard.queue_budget),
         }
     }
 
@@ -283,27 +283,32 @@ fn deliver_stream(shard: &Shard, message: &StreamMessage) {
     let Some(local) = rooms.get_mut(&message.room.name) else {
         return;
     };
-    if message.offset <= local.delivered {
-        // From before this shard's members joined.
+    if !Arc::ptr_eq(&local.state, &message.room) || message.offset <= local.delivered {
+        // From a room of that name this shard has since forgotten (its stream started over), or
+        // from before this shard's members joined.
         return;
     }
     let queuer = Queuer::new(shard, queued);
-    if message.offset > local.delivered + 1 {
+    // Queues `frame`, offset `offset`, to the members that joined before it.
+    let mut to_members = |offset: u64, frame: &Bytes| {
+        for (&key, &joined_at) in &local.members {
+            if offset > joined_at {
+                queuer.queue(&mut conns[key], frame, queued);
+            }
+        }
+    };
+    let first_lost = local.delivered + 1;
+    if message.offset > first_lost {
+        let last_lost = message.offset - 1;
         let limits = shard.node.rooms.history_limits();
-        let lost = message.room.stream().range(
-            local.delivered + 1,
-            message.offset - 1,
-            limits,
-            Instant::now(),
-        );
+        let lost = message
+            .room
+            .stream()
+            .range(first_lost, last_lost, limits, Instant::now());
         match lost {
             Some(frames) => {
-                for (offset, frame) in (local.delivered + 1..).zip(&frames) {
-                    for (&key, &joined_at) in &local.members {
-                        if offset > joined_at {
-                            queuer.queue(&mut conns[key], frame, queued);
-                        }
-                    }
+                for (offset, frame) in (first_lost..).zip(&frames) {
+                    to_members(offset, frame);
                 }
             }
             None => {
@@ -312,16 +317,11 @@ fn deliver_stream(shard: &Shard, message: &StreamMessage) {
                     room: &message.room.name,
                 }
                 .encode();
-                for &key in local.members.keys() {
-                    queuer.queue(&mut conns[key], &resync, queued);
-                }
+                // Only those that joined before a lost message lost anything.
+                to_members(last_lost, &resync);
             }
         }
     }
+    to_members(message.offset, &message.frame);
     local.delivered = message.offset;
-    for (&key, &joined_at) in &local.members {
-        if message.offset > joined_at {
-            queuer.queue(&mut conns[key], &message.frame, queued);
-        }
-    }
 }

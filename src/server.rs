@@ -308,9 +308,8 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                 // wait in the backlog.
                 let node = &shard.node;
                 node.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
-                if node.http.evict_oldest_idle() {
-                    node.counters.http_evicted.fetch_add(1, Ordering::Relaxed);
-                }
+                // (The evicted connection counts itself.)
+                node.http.evict_oldest_idle();
                 debug!(shard = shard.index, error = %e, "accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
@@ -329,7 +328,6 @@ fn admit(shard: &Rc<Shard>, stream: TcpStream, ip: IpAddr) {
     }
     let admitted = match node.admission.admit_socket(ip) {
         Err(Refusal::ServerFull) if node.http.evict_oldest_idle() => {
-            node.counters.http_evicted.fetch_add(1, Ordering::Relaxed);
             node.admission.admit_socket_replacing(ip)
         }
         admitted => admitted,

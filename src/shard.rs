@@ -225,18 +225,13 @@ impl Shard {
         self.close(key, CloseCode::POLICY_VIOLATION, "rate limit exceeded");
     }
 
-    /// Whether the shard's queues hold more than its share of `max_total_queued_bytes`.
-    pub fn over_budget(&self) -> bool {
-        self.state().queued.bytes() > self.queue_budget
-    }
-
     /// Whether a connection should stop being read: its replies are piling up unread, past its
     /// own bound, or past nothing at all while the shard is over its memory budget.
     pub fn backlogged(&self, key: usize) -> bool {
         let state = self.state();
         let out = &state.conns[key].outbound;
         out.queued_bytes() > self.node.config.max_queued_bytes
-            || (out.stale_bytes() > 0 && state.queued.bytes() > self.queue_budget)
+            || (out.stale_bytes() > 0 && state.queued.over(self.queue_budget))
     }
 
     /// A connection's turn begins: reads the rate limiters' clock for it.

@@ -5,6 +5,7 @@ mod support;
 
 use futures_util::{SinkExt, StreamExt};
 use support::{Client, RawClient, TestGateway};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -226,4 +227,22 @@ async fn an_oversized_frame_is_refused_from_its_header_alone() {
         .await
         .unwrap();
     assert_eq!(raw.read_close_code().await, 1009);
+}
+
+#[tokio::test]
+async fn a_huge_length_arriving_in_pieces_is_refused_without_reserving_it() {
+    let gw = TestGateway::start(1);
+    let mut raw = RawClient::connect(gw.addr, "/echo").await;
+    // The header of a 1 TiB binary frame, split so the length comes in a read of its own: the
+    // bytes kept meanwhile must not be sized from what the header claims.
+    raw.stream.write_all(&[0x82, 0xFF]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let mut rest = (1u64 << 40).to_be_bytes().to_vec();
+    rest.extend_from_slice(&[1, 2, 3, 4]);
+    raw.stream.write_all(&rest).await.unwrap();
+    assert_eq!(raw.read_close_code().await, 1009);
+    // Still serving.
+    let mut other = gw.client().await;
+    other.send("echo", serde_json::json!(1)).await;
+    other.expect("echo").await;
 }

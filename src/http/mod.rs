@@ -147,10 +147,7 @@ const MAX_REQUESTS_PER_CONNECTION: u32 = 100;
 /// still sends (so the answer is not lost to a reset), while few refused sockets are lingering;
 /// at once when descriptors are what is short, or many are.
 pub async fn refuse(shard: Rc<Shard>, stream: TcpStream, refusal: Refusal) {
-    let (status, reason) = match refusal {
-        Refusal::ServerFull => (503, "Service Unavailable"),
-        Refusal::TooManyConnections | Refusal::TooManyHandshakes => (429, "Too Many Requests"),
-    };
+    let (status, reason) = refusal.status();
     let response = head::error_response(status, reason, refusal.message());
     let admission = &shard.node.admission;
     if refusal != Refusal::ServerFull && admission.start_linger() {
@@ -207,6 +204,7 @@ fn health(shard: &Shard) -> serde_json::Value {
         "http_connections": node.http.len(),
         "sockets": node.admission.sockets(),
         "queued_bytes": node.queued_bytes(),
+        "inbox_dropped_by_shard": node.bus.dropped_by_shard(),
         "rooms": node.rooms.room_count(),
         "shards": node.shards(),
     });
@@ -247,12 +245,7 @@ fn upgrade(
     if let Err(refusal) = node.admission.admit_upgrade(peer) {
         node.counters.admission_refused(refusal);
         debug!(%peer, reason = refusal.message(), "upgrade refused");
-        let status = match refusal {
-            Refusal::ServerFull => StatusCode::SERVICE_UNAVAILABLE,
-            Refusal::TooManyConnections | Refusal::TooManyHandshakes => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
-        };
+        let status = StatusCode::from_u16(refusal.status().0).expect("a valid status");
         return error_response(status, refusal.message());
     }
     let response = upgrade_admitted(shard, req, endpoint, peer);

@@ -28,7 +28,7 @@ fn shard_with_room(members: usize) -> Shard {
 }
 
 fn shard_with_room_under(members: usize, config: Config) -> Shard {
-    let (node, _inboxes) = Node::new(Arc::new(config), 1 << 20).expect("node");
+    let (node, _inboxes, _) = Node::new(Arc::new(config), 1 << 20).expect("node");
     let node = Arc::new(node);
     let shard = Shard::new(0, node.clone());
     for _ in 0..members {

@@ -113,6 +113,20 @@ impl Bus {
         dropped
     }
 
+    /// Hands `delivery` to each shard in `shards` whatever their inboxes hold: for the few small
+    /// deliveries that must not be lost (a room's sync, a resync, a reply), bounded by the
+    /// number of rooms and clients rather than by traffic.
+    pub fn send_always(&self, shards: &[usize], delivery: Delivery) {
+        let cost = cost(&delivery);
+        for &shard in shards {
+            let (sender, pending) = &self.inboxes[shard];
+            pending.fetch_add(cost, Ordering::AcqRel);
+            if sender.send(delivery.clone()).is_err() {
+                pending.fetch_sub(cost, Ordering::AcqRel);
+            }
+        }
+    }
+
     /// Deliveries dropped for each shard so far.
     pub fn dropped_by_shard(&self) -> Vec<u64> {
         self.dropped

@@ -10,10 +10,11 @@ use crate::auth::Identity;
 use crate::client_id::ClientId;
 use crate::frame;
 use crate::limits::{Charge, Verdict};
+use crate::outbound::{Outbound, QueueTotal};
 use crate::protocol::{ClientMessage, ErrorReply, ServerMessage, Since, encode_echo, now_ms};
-use crate::rooms::{Joined, RoomState, is_valid_room_name};
+use crate::rooms::{Joined, Joining, PENDING, RoomState, is_valid_room_name};
 use crate::routing::{self, Publication};
-use crate::shard::Shard;
+use crate::shard::{Shard, ShardState};
 use crate::stream::Position;
 
 /// Handles one text message from a chat client. Errors are answered, never fatal; a client that
@@ -146,18 +147,16 @@ fn join<'i>(
                 ErrorReply::ServerRoomLimit
             })?;
         let (Joined::AlreadyMember(joining) | Joined::Joined(joining)) = &joined;
-        let reply = ServerMessage::RoomJoined {
-            room,
-            members: joining.total,
-            offset: joining.position.offset,
-            epoch: &joining.position.epoch,
-            recovered: since.as_ref().map(|_| joining.missed.is_some()),
-        };
-        conn.outbound.push(reply.encode(), &mut state.queued);
-        // What the client missed, before anything after its join: never a partial replay.
-        for frame in joining.missed.iter().flatten() {
-            conn.outbound.push(frame.clone(), &mut state.queued);
+        if joining.subscribe {
+            shard.node.broker.follow(&joining.state);
         }
+        // Until the node has synced a room it did not follow, the join waits (`complete_joins`).
+        answer_join(
+            &mut conn.outbound,
+            &mut state.queued,
+            joining,
+            since.is_some(),
+        );
         let Joined::Joined(joining) = joined else {
             return Ok(());
         };
@@ -167,7 +166,9 @@ fn join<'i>(
         conn.rooms = rooms.into_boxed_slice();
         (name, joining.total, conn.id, conn.identity.clone())
     };
-    if total > 1 && total <= config.presence_max_members {
+    // Counts are this node's: with a shared broker, members on other nodes may be told.
+    let others = total > 1 || shard.node.broker.is_shared();
+    if others && total <= config.presence_max_members {
         let notice = ServerMessage::UserJoined {
             room,
             username: &identity.username,
@@ -180,6 +181,61 @@ fn join<'i>(
         );
     }
     Ok(())
+}
+
+/// Answers a join with `room_joined` and what the client missed (before anything after its
+/// join: never a partial replay) — unless the join waits for the room's sync.
+fn answer_join(out: &mut Outbound, queued: &mut QueueTotal, joining: &Joining, since: bool) {
+    let Some(position) = &joining.position else {
+        return;
+    };
+    let reply = ServerMessage::RoomJoined {
+        room: &joining.state.name,
+        members: joining.total,
+        offset: position.offset,
+        epoch: &position.epoch,
+        recovered: since.then_some(joining.missed.is_some()),
+    };
+    out.push(reply.encode(), queued);
+    for frame in joining.missed.iter().flatten() {
+        out.push(frame.clone(), queued);
+    }
+}
+
+/// The node has synced `room` with the broker: answers this shard's joins that waited for it.
+pub fn complete_joins(shard: &Shard, room: &Arc<RoomState>) {
+    let mut guard = shard.state();
+    let ShardState {
+        conns,
+        rooms,
+        queued,
+        ..
+    } = &mut *guard;
+    let Some(local) = rooms.get_mut(&room.name) else {
+        return;
+    };
+    if !Arc::ptr_eq(&local.state, room) || local.pending.is_empty() {
+        return;
+    }
+    let history = shard.node.rooms.history_limits();
+    let stream = room.stream();
+    for join in std::mem::take(&mut local.pending) {
+        let joining = Joining::at(room, &stream, join.since.as_ref(), history);
+        let Some(position) = &joining.position else {
+            // Unsynced again: not possible while the room has members; the join would wait on.
+            continue;
+        };
+        if local.delivered == PENDING {
+            local.delivered = position.offset;
+        }
+        if let Some(joined_at) = local.members.get_mut(&join.key) {
+            if *joined_at == PENDING {
+                *joined_at = position.offset;
+            }
+            let out = &mut conns[join.key].outbound;
+            answer_join(out, queued, &joining, join.since.is_some());
+        }
+    }
 }
 
 fn leave<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<'i>> {
@@ -225,7 +281,11 @@ fn left_room(shard: &Shard, key: usize, room: Arc<str>, identity: &Identity) {
     let Some(remaining) = left else {
         return;
     };
-    if remaining > 0 && remaining < shard.node.config.presence_max_members {
+    if remaining == 0 {
+        shard.node.broker.last_member_left(&room);
+    }
+    let others = remaining > 0 || shard.node.broker.is_shared();
+    if others && remaining < shard.node.config.presence_max_members {
         let notice = ServerMessage::UserLeft {
             room: &room,
             username: &identity.username,
@@ -276,8 +336,8 @@ fn chat<'i>(shard: &Shard, key: usize, room: &'i str, message: &str) -> Result<(
         message,
         timestamp: now_ms(),
     };
-    routing::publish_to_stream(shard, &speaker.room, &message.to_json());
-    Ok(())
+    routing::publish_to_stream(shard, &speaker.room, message.to_json(), speaker.id)
+        .map_err(|_| ErrorReply::Unavailable)
 }
 
 fn typing<'i>(

@@ -51,6 +51,18 @@ pub struct Config {
     /// How long a room keeps a message for reconnecting clients. Default 5 min.
     #[serde(with = "humantime_serde")]
     pub history_ttl: Duration,
+    /// What joins this node to others: `memory` (default: one node, nothing shared) or `redis`
+    /// (rooms, their order and history shared through the Redis at `redis_url`).
+    pub broker: BrokerKind,
+    /// The Redis of `broker = "redis"`. Default `redis://127.0.0.1:6379/`.
+    pub redis_url: String,
+    /// How long a node stays subscribed to a room after its last local member left (a member
+    /// that comes back meanwhile costs no resubscription). Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub redis_unsubscribe_grace: Duration,
+    /// Room messages waiting to be published to Redis, at most; past it (Redis slow or away) a
+    /// message is refused with "Service unavailable: retry". Default 10,000.
+    pub redis_publish_queue: usize,
     /// `user_joined`/`user_left` notices are sent only in rooms of at most this many members:
     /// each notice costs O(members), so in huge rooms they would turn joins into O(N²) traffic.
     /// Default 1000.
@@ -166,6 +178,10 @@ impl Default for Config {
             max_rooms: 100_000,
             history_size: 100,
             history_ttl: Duration::from_secs(300),
+            broker: BrokerKind::Memory,
+            redis_url: "redis://127.0.0.1:6379/".into(),
+            redis_unsubscribe_grace: Duration::from_secs(2),
+            redis_publish_queue: 10_000,
             presence_max_members: 1000,
             close_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(30),
@@ -205,6 +221,13 @@ impl Default for Config {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    Memory,
+    Redis,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SlowConsumerPolicy {
     Close,
@@ -277,6 +300,14 @@ impl Config {
         }
         if self.max_rooms == 0 {
             return bad("max_rooms", &0, "must be at least 1");
+        }
+        if self.redis_publish_queue == 0 {
+            return bad("redis_publish_queue", &0, "must be at least 1");
+        }
+        if self.broker == BrokerKind::Redis
+            && let Err(e) = redis::IntoConnectionInfo::into_connection_info(self.redis_url.as_str())
+        {
+            return bad("redis_url", &self.redis_url, &e.to_string());
         }
         if self.max_header_bytes < 8192 {
             return bad(

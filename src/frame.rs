@@ -381,6 +381,16 @@ impl FrameBuilder {
 }
 
 /// Encodes a whole server frame from a payload slice (one copy of the payload).
+/// The payload of a frame made by this server (unmasked, whole), without copying it.
+pub fn server_payload(frame: &Bytes) -> Bytes {
+    let header = match frame[1] & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    frame.slice(header..)
+}
+
 pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
     let mut builder = FrameBuilder::with_capacity(payload.len());
     builder.payload().extend_from_slice(payload);
@@ -411,6 +421,17 @@ mod tests {
     /// A masked client frame, as a browser would send it.
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
         super::client_frame::client_frame(fin, opcode, payload, Some([0x37, 0xfa, 0x21, 0x3d]))
+    }
+
+    #[test]
+    fn server_payloads_come_out_of_frames_of_every_length_form() {
+        for len in [0, 125, 126, 65_535, 65_536] {
+            let payload = vec![b'x'; len];
+            assert_eq!(
+                &server_payload(&encode(OpCode::Text, &payload))[..],
+                &payload[..]
+            );
+        }
     }
 
     fn decode_all(

@@ -267,7 +267,7 @@ mod tests {
             heartbeat_mode: mode,
             ..Config::default()
         };
-        let (node, _inboxes) = Node::new(Arc::new(config), 1024).unwrap();
+        let (node, _inboxes, _) = Node::new(Arc::new(config), 1024).unwrap();
         Shard::new(0, Arc::new(node))
     }
 

@@ -20,6 +20,7 @@
 //!   [`config`] documents every setting.
 
 pub mod auth;
+pub mod broker;
 pub mod bus;
 pub mod chat;
 pub mod client_id;

@@ -10,6 +10,7 @@ use serde_json::Value;
 use tracing::info;
 
 use crate::auth::{AuthError, Authenticator, Identity};
+use crate::broker::{Broker, Engine};
 use crate::bus::{Bus, Inbox};
 use crate::close::CloseCode;
 use crate::config::Config;
@@ -21,6 +22,8 @@ use crate::stream::HistoryLimits;
 
 pub struct Node {
     pub config: Arc<Config>,
+    /// What joins this node to others (or nothing, with the memory broker).
+    pub broker: Broker,
     pub rooms: RoomDirectory,
     /// Carries publications between this node's shards.
     pub bus: Bus,
@@ -42,12 +45,18 @@ pub struct Node {
 
 impl Node {
     /// A node for `config` (whose `max_connections` is already resolved) that may hold up to
-    /// `max_sockets` sockets, and the inbox of each of its shards.
-    pub fn new(config: Arc<Config>, max_sockets: usize) -> Result<(Self, Vec<Inbox>), String> {
+    /// `max_sockets` sockets, the inbox of each of its shards, and the broker's engine to run
+    /// (with Redis).
+    pub fn new(
+        config: Arc<Config>,
+        max_sockets: usize,
+    ) -> Result<(Self, Vec<Inbox>, Option<Engine>), String> {
         let (bus, inboxes) = Bus::new(config.shards, config.max_shard_inbox_bytes);
+        let (broker, engine) = Broker::new(&config);
         let node = Node {
             rooms: RoomDirectory::new(
                 config.shards,
+                broker.is_shared(),
                 HistoryLimits {
                     size: config.history_size,
                     ttl: config.history_ttl,
@@ -63,9 +72,10 @@ impl Node {
             http: HttpConnections::default(),
             draining: AtomicBool::new(false),
             config,
+            broker,
             bus,
         };
-        Ok((node, inboxes))
+        Ok((node, inboxes, engine))
     }
 
     /// Hands a publication to other shards' inboxes; those it cannot reach are counted.
@@ -125,6 +135,19 @@ pub struct Counters {
     pub memory_pressure: AtomicU64,
     /// Publications dropped because a shard's inbox was past `max_shard_inbox_bytes`.
     pub inbox_dropped: AtomicU64,
+    /// Room messages refused with "Service unavailable: retry": Redis away or behind.
+    pub broker_unavailable: AtomicU64,
+    /// Notices (typing, joins and leaves, broadcasts) not shared with the other nodes: Redis
+    /// away or behind.
+    pub broker_notices_dropped: AtomicU64,
+    /// Connections to Redis lost (or never made), each followed by a reconnection.
+    pub broker_disconnects: AtomicU64,
+    /// Subscriptions restarted because the probe did not come back (a wedged subscriber).
+    pub broker_probe_failures: AtomicU64,
+    /// Rooms caught up from their Redis history (after a reconnect or a lost message).
+    pub broker_catch_ups: AtomicU64,
+    /// Publications from Redis that were not wsgate's, ignored.
+    pub broker_malformed: AtomicU64,
     /// Rooms whose members were told to `resync`: stream messages were lost on the way to them
     /// and were no longer in the history.
     pub resyncs: AtomicU64,
@@ -184,7 +207,7 @@ impl Counters {
     }
 
     /// Every counter but the per-reason authentication refusals, by its public name.
-    fn named(&self) -> [(&'static str, &AtomicU64); 24] {
+    fn named(&self) -> [(&'static str, &AtomicU64); 30] {
         [
             ("origin_refused", &self.origin_refused),
             ("draining_refused", &self.draining_refused),
@@ -196,6 +219,12 @@ impl Counters {
             ("memory_pressure", &self.memory_pressure),
             ("inbox_dropped", &self.inbox_dropped),
             ("resyncs", &self.resyncs),
+            ("broker_unavailable", &self.broker_unavailable),
+            ("broker_notices_dropped", &self.broker_notices_dropped),
+            ("broker_disconnects", &self.broker_disconnects),
+            ("broker_probe_failures", &self.broker_probe_failures),
+            ("broker_catch_ups", &self.broker_catch_ups),
+            ("broker_malformed", &self.broker_malformed),
             ("http_evicted", &self.http_evicted),
             ("http_expired", &self.http_expired),
             ("rooms_refused", &self.rooms_refused),

@@ -84,6 +84,8 @@ pub enum ErrorReply<'a> {
     ServerRoomLimit,
     /// An answer (an echo) would be bigger than `max_message_size`.
     ReplyTooLarge(usize),
+    /// A room message could not be handed to the broker (Redis away, or behind): not sent.
+    Unavailable,
 }
 
 /// Unknown types are echoed back in the error, cut to this many characters.
@@ -123,6 +125,7 @@ impl fmt::Display for ErrorReply<'_> {
                 f.write_str("Room limit reached on this server: try an existing room")
             }
             ErrorReply::ReplyTooLarge(max) => write!(f, "Reply too large (max {max} bytes)"),
+            ErrorReply::Unavailable => f.write_str("Service unavailable: retry"),
             ErrorReply::TokenForOtherUser => {
                 f.write_str("Invalid token: it is for another user than this connection's")
             }
@@ -335,6 +338,12 @@ impl ServerMessage<'_> {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("serializing to memory cannot fail")
     }
+}
+
+/// Whether `json` could be a JSON object (what [`with_offset`] takes): `{…}`. Messages from the
+/// broker are checked with it; they were serialized by a node, so it is not a full parse.
+pub fn looks_like_object(json: &[u8]) -> bool {
+    json.len() >= 2 && json[0] == b'{' && json[json.len() - 1] == b'}'
 }
 
 /// Frames a room message (a JSON object) with its stream offset added as its last field.

@@ -72,6 +72,8 @@ type Stripe = Mutex<HashMap<Arc<str>, Arc<RoomState>>>;
 /// that is not yet expired (so clients can recover after everyone left).
 pub struct RoomDirectory {
     shards: usize,
+    /// Whether the rooms' streams are the broker's (Redis) rather than this node's own.
+    shared: bool,
     history: HistoryLimits,
     /// Rooms held at most (`max_rooms`), and held now.
     max_rooms: usize,
@@ -88,34 +90,43 @@ pub struct Joining {
     pub state: Arc<RoomState>,
     /// Members across all shards, the joining one included.
     pub total: u32,
-    /// The stream's position at the join: the member gets the messages after it.
-    pub position: Position,
+    /// The stream's position at the join: the member gets the messages after it. `None` while
+    /// the node is still syncing the room with the broker: the join completes then.
+    pub position: Option<Position>,
     /// For a join with `since`: the messages after it, when all of them could be given.
     pub missed: Option<Vec<Bytes>>,
+    /// This join is the one to ask the broker for the room (the first while it is unsynced).
+    pub subscribe: bool,
 }
 
 impl Joining {
     /// Where a member of `state` starts, read from its locked `stream`, and what it missed since
     /// `since`.
-    fn at(
+    pub fn at(
         state: &Arc<RoomState>,
         stream: &Stream,
         since: Option<&Position>,
         history: HistoryLimits,
     ) -> Self {
+        let synced = stream.is_synced();
         Joining {
             state: state.clone(),
             total: state.total(),
-            position: stream.position(),
-            missed: since.and_then(|since| stream.since(since, history, Instant::now())),
+            position: synced.then(|| stream.position()),
+            missed: since
+                .filter(|_| synced)
+                .and_then(|since| stream.since(since, history, Instant::now())),
+            subscribe: false,
         }
     }
 }
 
 impl RoomDirectory {
-    pub fn new(shards: usize, history: HistoryLimits, max_rooms: usize) -> Self {
+    /// A directory for `shards` shards; `shared` when the rooms' streams are a broker's.
+    pub fn new(shards: usize, shared: bool, history: HistoryLimits, max_rooms: usize) -> Self {
         RoomDirectory {
             shards,
+            shared,
             history,
             max_rooms,
             rooms: AtomicUsize::new(0),
@@ -157,16 +168,32 @@ impl RoomDirectory {
                     name: name.clone(),
                     per_shard: (0..self.shards).map(|_| AtomicU32::new(0)).collect(),
                     total: AtomicU32::new(0),
-                    stream: Mutex::new(Stream::new()),
+                    stream: Mutex::new(if self.shared {
+                        Stream::unsynced()
+                    } else {
+                        Stream::new()
+                    }),
                 });
                 rooms.insert(name, state.clone());
                 state
             }
         };
-        let stream = state.stream();
+        let mut stream = state.stream();
         state.per_shard[shard].fetch_add(1, Ordering::AcqRel);
         state.total.fetch_add(1, Ordering::AcqRel);
-        Ok(Joining::at(&state, &stream, since, self.history))
+        let mut joining = Joining::at(&state, &stream, since, self.history);
+        if !stream.is_synced() && !stream.subscribing {
+            stream.subscribing = true;
+            joining.subscribe = true;
+        }
+        Ok(joining)
+    }
+
+    /// Whether a room without members can be forgotten: no history left, and (with a broker)
+    /// the node no longer follows it.
+    fn forgettable(&self, stream: &mut Stream, now: Instant) -> bool {
+        !stream.trim(self.history, now)
+            && !(self.shared && (stream.is_synced() || stream.subscribing))
     }
 
     /// Counts one member fewer on `shard`; forgets the room when it has neither members nor
@@ -176,7 +203,7 @@ impl RoomDirectory {
         let mut stream = state.stream();
         state.per_shard[shard].fetch_sub(1, Ordering::AcqRel);
         let total = state.total.fetch_sub(1, Ordering::AcqRel) - 1;
-        if total == 0 && !stream.trim(self.history, Instant::now()) {
+        if total == 0 && self.forgettable(&mut stream, Instant::now()) {
             rooms.remove(&state.name);
             self.rooms.fetch_sub(1, Ordering::AcqRel);
         }
@@ -195,7 +222,7 @@ impl RoomDirectory {
             let mut rooms = stripe.lock().unwrap_or_else(|e| e.into_inner());
             rooms.retain(|_, state| {
                 let mut stream = state.stream();
-                let keep = state.total() > 0 || stream.trim(self.history, now);
+                let keep = state.total() > 0 || !self.forgettable(&mut stream, now);
                 if !keep {
                     self.rooms.fetch_sub(1, Ordering::AcqRel);
                 }
@@ -223,8 +250,20 @@ pub struct LocalRoom {
     /// messages after it); an index map for O(1) removal and dense iteration.
     pub members: IndexMap<usize, u64>,
     pub state: Arc<RoomState>,
-    /// The offset of the last stream message delivered on this shard.
+    /// The offset of the last stream message delivered on this shard ([`PENDING`] until the
+    /// node has synced the room).
     pub delivered: u64,
+    /// Joins waiting for the node's sync of the room, answered when it completes.
+    pub pending: Vec<PendingJoin>,
+}
+
+/// Where a member waiting for the room's sync stands: it gets no message until then.
+pub const PENDING: u64 = u64::MAX;
+
+/// A join waiting for the node's sync of the room.
+pub struct PendingJoin {
+    pub key: usize,
+    pub since: Option<Position>,
 }
 
 pub enum Joined {
@@ -259,8 +298,21 @@ impl LocalRooms {
         if let Some(local) = self.rooms.get(room)
             && local.members.contains_key(&key)
         {
-            let stream = local.state.stream();
-            let joining = Joining::at(&local.state, &stream, since, dir.history);
+            let joining = {
+                let stream = local.state.stream();
+                Joining::at(&local.state, &stream, since, dir.history)
+            };
+            if joining.position.is_none() {
+                // Answered with the first when the sync completes, as a join.
+                self.rooms
+                    .get_mut(room)
+                    .expect("found")
+                    .pending
+                    .push(PendingJoin {
+                        key,
+                        since: since.cloned(),
+                    });
+            }
             return Ok(Joined::AlreadyMember(joining));
         }
         let joining = dir.join(room, shard, since)?;
@@ -271,9 +323,21 @@ impl LocalRooms {
                 name: joining.state.name.clone(),
                 members: IndexMap::new(),
                 state: joining.state.clone(),
-                delivered: joining.position.offset,
+                delivered: joining.position.as_ref().map_or(PENDING, |p| p.offset),
+                pending: Vec::new(),
             });
-        local.members.insert(key, joining.position.offset);
+        match &joining.position {
+            Some(position) => {
+                local.members.insert(key, position.offset);
+            }
+            None => {
+                local.members.insert(key, PENDING);
+                local.pending.push(PendingJoin {
+                    key,
+                    since: since.cloned(),
+                });
+            }
+        }
         Ok(Joined::Joined(joining))
     }
 
@@ -288,6 +352,7 @@ impl LocalRooms {
     ) -> Option<u32> {
         let local = self.rooms.get_mut(room)?;
         local.members.swap_remove(&key)?;
+        local.pending.retain(|p| p.key != key);
         let total = dir.leave(&local.state, shard);
         if local.members.is_empty() {
             self.rooms.remove(room);
@@ -324,7 +389,7 @@ mod tests {
 
     #[test]
     fn counts_across_shards_and_deletes_empty_rooms() {
-        let dir = RoomDirectory::new(2, NO_HISTORY, 10);
+        let dir = RoomDirectory::new(2, false, NO_HISTORY, 10);
         let (mut s0, mut s1) = (LocalRooms::default(), LocalRooms::default());
         assert_eq!(joined_total(s0.join(&dir, 0, "r", 1, None)), (true, 1));
         assert_eq!(joined_total(s0.join(&dir, 0, "r", 1, None)), (false, 1));
@@ -346,7 +411,7 @@ mod tests {
             size: 10,
             ttl: std::time::Duration::from_millis(50),
         };
-        let dir = RoomDirectory::new(1, history, 10);
+        let dir = RoomDirectory::new(1, false, history, 10);
         let mut s0 = LocalRooms::default();
         s0.join(&dir, 0, "r", 1, None).unwrap();
         let state = s0.get("r").unwrap().state.clone();
@@ -363,7 +428,7 @@ mod tests {
         let Ok(Joined::Joined(joining)) = s0.join(&dir, 0, "r", 2, Some(&since)) else {
             panic!("a new member");
         };
-        assert_eq!(joining.position.offset, 1);
+        assert_eq!(joining.position.unwrap().offset, 1);
         assert_eq!(joining.missed, Some(vec![Bytes::from("1")]));
         s0.leave(&dir, 0, "r", 2);
         std::thread::sleep(std::time::Duration::from_millis(60));
@@ -373,7 +438,7 @@ mod tests {
 
     #[test]
     fn new_rooms_are_refused_past_the_node_cap_and_places_come_back() {
-        let dir = RoomDirectory::new(1, NO_HISTORY, 2);
+        let dir = RoomDirectory::new(1, false, NO_HISTORY, 2);
         let mut s0 = LocalRooms::default();
         s0.join(&dir, 0, "a", 1, None).unwrap();
         s0.join(&dir, 0, "b", 1, None).unwrap();

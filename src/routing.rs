@@ -1,6 +1,6 @@
 //! Routing: who a publication is for, and getting it there — queued to this shard's recipients,
-//! handed to the other shards with recipients over the [`crate::bus`], each recipient's queue
-//! bounded by the slow-consumer policy.
+//! handed to the other shards with recipients over the [`crate::bus`] (and to the other nodes
+//! through the [`crate::broker`]), each recipient's queue bounded by the slow-consumer policy.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -9,15 +9,19 @@ use std::time::Instant;
 use bytes::Bytes;
 use tracing::debug;
 
+use crate::broker::{Broker, Unavailable};
 use crate::bus;
+use crate::chat;
 use crate::client_id::ClientId;
 use crate::close::CloseCode;
 use crate::config::SlowConsumerPolicy;
-use crate::frame;
+use crate::frame::{self, OpCode};
+use crate::node::Node;
 use crate::outbound::{self, QueueTotal};
 use crate::protocol::{self, ServerMessage};
-use crate::rooms::RoomState;
+use crate::rooms::{PENDING, RoomState};
 use crate::shard::{ConnEntry, Endpoint, Shard, ShardState};
+use crate::stream::Position;
 
 /// Who a publication is for.
 #[derive(Clone, Debug)]
@@ -71,13 +75,24 @@ pub enum Delivery {
     Publication(Arc<Publication>),
     /// A message of a room's stream, with its offset.
     Stream(Arc<StreamMessage>),
+    /// The node has synced the room with the broker: the joins waiting for it complete.
+    Synced(Arc<RoomState>),
+    /// The room's stream started over at this offset (or lost more than its history holds):
+    /// its members are told to `resync`.
+    Resync(Arc<RoomState>, u64),
+    /// A frame for one client.
+    Reply(ClientId, Bytes),
 }
+
+static NO_FRAME: Bytes = Bytes::new();
 
 impl Delivery {
     pub fn frame(&self) -> &Bytes {
         match self {
             Delivery::Publication(p) => &p.frame,
             Delivery::Stream(m) => &m.frame,
+            Delivery::Reply(_, frame) => frame,
+            Delivery::Synced(_) | Delivery::Resync(..) => &NO_FRAME,
         }
     }
 }
@@ -115,6 +130,10 @@ pub fn publish(shard: &Shard, publication: Publication) {
         route.retain(|&s| include.iter().any(|id| id.shard as usize == s));
     }
     deliver(shard, &publication);
+    // Lists of clients are this node's: such a publication stays here.
+    if publication.include.is_none() {
+        share(&shard.node, &publication);
+    }
     if !route.is_empty() {
         shard
             .node
@@ -122,16 +141,73 @@ pub fn publish(shard: &Shard, publication: Publication) {
     }
 }
 
-/// Publishes `message` (a JSON object) on `room`'s stream: it gets the room's next offset, is kept
-/// in its history, and is handed to every shard with members — this one included, over its own
-/// inbox — in offset order, all under the stream's lock. So every member sees the room's messages
-/// in one order, whichever shards they come from.
-pub fn publish_to_stream(shard: &Shard, room: &Arc<RoomState>, message: &[u8]) {
+/// Hands a publication to the other nodes (with a shared broker); what cannot be is counted.
+pub fn share(node: &Node, publication: &Publication) {
+    if let Broker::Redis(redis) = &node.broker
+        && !redis.share(
+            &publication.target,
+            frame::server_payload(&publication.frame),
+        )
+    {
+        node.counters
+            .broker_notices_dropped
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Delivers a publication another node shared (`json`, its text) to this node's recipients.
+pub fn publish_from_broker(node: &Node, target: Target, json: &[u8]) {
+    let shards: Vec<usize> = match &target {
+        Target::All => (0..node.shards()).collect(),
+        Target::Room(room) => match node.rooms.get(room) {
+            Some(state) => state.shards_with_members().collect(),
+            None => return,
+        },
+    };
+    if shards.is_empty() {
+        return;
+    }
+    let publication = Publication {
+        target,
+        frame: frame::encode(OpCode::Text, json),
+        include: None,
+        exclude: Vec::new(),
+    };
+    node.forward(&shards, Delivery::Publication(Arc::new(publication)));
+}
+
+/// Queues a frame for one client, whichever thread it comes from.
+pub fn reply(node: &Node, to: ClientId, frame: Bytes) {
+    node.bus
+        .send_always(&[usize::from(to.shard)], Delivery::Reply(to, frame));
+}
+
+/// Publishes `message` (a JSON object) from `from` on `room`'s stream: it gets the room's next
+/// offset, is kept in its history, and is handed to every shard with members — this one
+/// included, over its own inbox — in offset order. So every member sees the room's messages in
+/// one order, whichever shards (and nodes) they come from. With the memory broker this node's
+/// stream gives the offset, under its lock; with Redis, Redis does, and the message comes back
+/// through the node's subscription ([`forward_stream`]).
+pub fn publish_to_stream(
+    shard: &Shard,
+    room: &Arc<RoomState>,
+    message: Vec<u8>,
+    from: ClientId,
+) -> Result<(), Unavailable> {
     let node = &shard.node;
+    if let Broker::Redis(redis) = &node.broker {
+        let queued = redis.publish(room.name.clone(), message, from);
+        if queued.is_err() {
+            node.counters
+                .broker_unavailable
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        return queued;
+    }
     let limits = node.rooms.history_limits();
     let mut stream = room.stream();
     let (offset, frame) = stream.append(
-        |offset| protocol::with_offset(message, offset),
+        |offset| protocol::with_offset(&message, offset),
         limits,
         Instant::now(),
     );
@@ -144,6 +220,100 @@ pub fn publish_to_stream(shard: &Shard, room: &Arc<RoomState>, message: &[u8]) {
         frame,
     };
     node.forward(&route, Delivery::Stream(Arc::new(message)));
+    Ok(())
+}
+
+/// Hands the stream message `offset` of `room` to the shards with members. Called under the
+/// stream's lock, which keeps the offsets in order on every inbox.
+pub fn forward_stream(node: &Node, room: &Arc<RoomState>, offset: u64, frame: Bytes) {
+    let shards: Vec<usize> = room.shards_with_members().collect();
+    let message = StreamMessage {
+        room: room.clone(),
+        offset,
+        frame,
+    };
+    node.forward(&shards, Delivery::Stream(Arc::new(message)));
+}
+
+/// Applies what the broker says of a room's stream (`position`, and its history from the offset
+/// after the node's, or its most recent messages, as JSON): the first sync completes the joins
+/// waiting for it; messages the node missed are delivered; when the history cannot give all of
+/// them, or the epoch changed, the members are told to `resync`.
+pub fn catch_up_stream(
+    node: &Node,
+    room: &Arc<RoomState>,
+    position: Position,
+    kept: Vec<(u64, Vec<u8>)>,
+) {
+    let limits = node.rooms.history_limits();
+    let now = Instant::now();
+    let framed: Vec<(u64, Bytes)> = kept
+        .into_iter()
+        .filter(|(_, json)| protocol::looks_like_object(json))
+        .map(|(offset, json)| (offset, protocol::with_offset(&json, offset)))
+        .collect();
+    let mut stream = room.stream();
+    let shards: Vec<usize> = room.shards_with_members().collect();
+    if !stream.is_synced() {
+        // Not followed any more (its last member left meanwhile): nothing to do.
+        if stream.subscribing {
+            stream.reset(position, framed, limits, now);
+            node.bus
+                .send_always(&shards, Delivery::Synced(room.clone()));
+        }
+        return;
+    }
+    let have = stream.position();
+    if have.epoch == position.epoch {
+        if position.offset <= have.offset {
+            return;
+        }
+        let missed: Vec<(u64, Bytes)> = framed
+            .iter()
+            .filter(|(offset, _)| *offset > have.offset)
+            .cloned()
+            .collect();
+        let complete = missed.len() as u64 == position.offset - have.offset
+            && missed
+                .iter()
+                .zip(have.offset + 1..)
+                .all(|((offset, _), expected)| *offset == expected);
+        if complete {
+            for (offset, frame) in missed {
+                stream.push(offset, frame.clone(), limits, now);
+                forward_stream(node, room, offset, frame);
+            }
+            return;
+        }
+    }
+    node.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+    // A stream that started over (Redis lost the room, or it expired) and whose history has all
+    // of its new epoch: the members are told, then given all of it.
+    let from_start = have.epoch != position.epoch
+        && framed.first().is_some_and(|(offset, _)| *offset == 1)
+        && framed.len() as u64 == position.offset;
+    let top = position.offset;
+    if from_start {
+        stream.reset(
+            Position {
+                offset: 0,
+                ..position
+            },
+            Vec::new(),
+            limits,
+            now,
+        );
+        node.bus
+            .send_always(&shards, Delivery::Resync(room.clone(), 0));
+        for (offset, frame) in framed {
+            stream.push(offset, frame.clone(), limits, now);
+            forward_stream(node, room, offset, frame);
+        }
+    } else {
+        stream.reset(position, framed, limits, now);
+        node.bus
+            .send_always(&shards, Delivery::Resync(room.clone(), top));
+    }
 }
 
 /// Delivers what came over the bus to this shard's recipients.
@@ -151,6 +321,43 @@ pub fn deliver_from_bus(shard: &Shard, delivery: &Delivery) {
     match delivery {
         Delivery::Publication(publication) => deliver(shard, publication),
         Delivery::Stream(message) => deliver_stream(shard, message),
+        Delivery::Synced(room) => chat::complete_joins(shard, room),
+        Delivery::Resync(room, top) => resync(shard, room, *top),
+        Delivery::Reply(to, frame) => {
+            let mut guard = shard.state();
+            let state = &mut *guard;
+            if let Some(conn) = state.conns.get_mut(to.key as usize)
+                && conn.id == *to
+            {
+                conn.outbound.push(frame.clone(), &mut state.queued);
+            }
+        }
+    }
+}
+
+/// The room's stream starts over at `top`: members here are told to `resync` and get what
+/// comes after it.
+fn resync(shard: &Shard, room: &Arc<RoomState>, top: u64) {
+    let mut guard = shard.state();
+    let ShardState {
+        conns,
+        rooms,
+        queued,
+        ..
+    } = &mut *guard;
+    let Some(local) = rooms.get_mut(&room.name) else {
+        return;
+    };
+    if !Arc::ptr_eq(&local.state, room) || local.delivered == PENDING {
+        return;
+    }
+    let frame = ServerMessage::Resync { room: &room.name }.encode();
+    local.delivered = top;
+    for (&key, joined_at) in local.members.iter_mut() {
+        if *joined_at != PENDING {
+            *joined_at = top;
+            conns[key].outbound.push(frame.clone(), queued);
+        }
     }
 }
 

@@ -79,7 +79,8 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
     for _ in 1..config.shards {
         listeners.push(bind(local_addr, config.backlog)?);
     }
-    let (node, inboxes) = Node::new(config.clone(), socket_capacity()).map_err(io::Error::other)?;
+    let (node, inboxes, engine) =
+        Node::new(config.clone(), socket_capacity()).map_err(io::Error::other)?;
     let node = Arc::new(node);
     if node.auth.dev_mode() {
         warn!(
@@ -105,6 +106,24 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
         let spawned = std::thread::Builder::new()
             .name(format!("wsgate-shard-{index}"))
             .spawn(move || run_shard(index, node, listener, inbox, shutdown, ready));
+        match spawned {
+            Ok(thread) => gateway.threads.push(thread),
+            Err(e) => return Err(gateway.abort(e)),
+        }
+    }
+    if let Some(engine) = engine {
+        let (node, stop) = (gateway.node.clone(), gateway.shutdown.clone());
+        let spawned = std::thread::Builder::new()
+            .name("wsgate-broker".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match runtime {
+                    Ok(runtime) => runtime.block_on(engine.run(node, stop)),
+                    Err(e) => warn!(error = %e, "cannot start the broker's runtime"),
+                }
+            });
         match spawned {
             Ok(thread) => gateway.threads.push(thread),
             Err(e) => return Err(gateway.abort(e)),
@@ -149,8 +168,12 @@ impl Gateway {
     }
 
     /// Publishes from outside the shards (embedding applications, admin tools): every shard
-    /// delivers to its own matching clients.
+    /// delivers to its own matching clients, and (with a shared broker, and no `include` list,
+    /// whose client ids are this node's) every other node to its own.
     pub fn publish(&self, publication: Publication) {
+        if publication.include.is_none() {
+            routing::share(&self.node, &publication);
+        }
         let all: Vec<usize> = (0..self.node.shards()).collect();
         self.node
             .forward(&all, routing::Delivery::Publication(Arc::new(publication)));

@@ -40,6 +40,33 @@ pub struct Stream {
     epoch: Arc<str>,
     /// The most recent messages, oldest first, with consecutive offsets ending at `top`.
     history: VecDeque<Kept>,
+    /// Whether `top` and `epoch` are the room's own. A node's stream always is with the memory
+    /// broker; with a shared broker, from the node's first sync of the room until it
+    /// unsubscribes.
+    synced: bool,
+    /// A sync with the broker was asked for and has not completed.
+    pub subscribing: bool,
+    catch_up: CatchUp,
+}
+
+/// Whether the node is catching a stream up from the broker.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CatchUp {
+    Idle,
+    Running,
+    /// More was missed while catching up: once more when done.
+    RunningAgain,
+}
+
+/// How a message from the broker fits the stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// The next one: deliver it.
+    Next,
+    /// Already had (or from before the node's sync): ignore it.
+    Seen,
+    /// Something before it is missing, or the epoch changed: catch up from the broker.
+    Missed,
 }
 
 impl Stream {
@@ -49,7 +76,115 @@ impl Stream {
             top: 0,
             epoch: new_epoch(),
             history: VecDeque::new(),
+            synced: true,
+            subscribing: false,
+            catch_up: CatchUp::Idle,
         }
+    }
+
+    /// A stream whose position is the broker's, not known yet.
+    pub fn unsynced() -> Self {
+        Stream {
+            synced: false,
+            ..Stream::new()
+        }
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Forgets the position and history: the node no longer follows the room.
+    pub fn unsync(&mut self) {
+        self.synced = false;
+        self.subscribing = false;
+        self.top = 0;
+        self.history.clear();
+    }
+
+    /// Where a message the broker gave `offset` in `epoch` fits.
+    pub fn arrival(&self, offset: u64, epoch: &str) -> Arrival {
+        if !self.synced {
+            Arrival::Seen
+        } else if *self.epoch != *epoch {
+            Arrival::Missed
+        } else if offset <= self.top {
+            Arrival::Seen
+        } else if offset == self.top + 1 {
+            Arrival::Next
+        } else {
+            Arrival::Missed
+        }
+    }
+
+    /// Starts catching up, unless that is under way already (then it runs once more when done).
+    /// Returns whether the caller is to do it.
+    pub fn begin_catch_up(&mut self) -> bool {
+        match self.catch_up {
+            CatchUp::Idle => {
+                self.catch_up = CatchUp::Running;
+                true
+            }
+            _ => {
+                self.catch_up = CatchUp::RunningAgain;
+                false
+            }
+        }
+    }
+
+    /// A catch-up ended (or was abandoned); returns whether to run another one.
+    pub fn end_catch_up(&mut self) -> bool {
+        let again = self.catch_up == CatchUp::RunningAgain;
+        self.catch_up = if again {
+            CatchUp::Running
+        } else {
+            CatchUp::Idle
+        };
+        again
+    }
+
+    /// Appends the broker's message `offset` (the one after `top`, see [`Stream::arrival`]).
+    pub fn push(&mut self, offset: u64, frame: Bytes, limits: HistoryLimits, now: Instant) {
+        debug_assert_eq!(offset, self.top + 1);
+        self.top = offset;
+        if limits.size > 0 {
+            self.history.push_back(Kept {
+                offset,
+                frame,
+                at: now,
+            });
+        }
+        self.trim(limits, now);
+    }
+
+    /// Takes the broker's position and recent history (`kept`: consecutive offsets ending at
+    /// `top`, or empty) as this stream's.
+    pub fn reset(
+        &mut self,
+        position: Position,
+        kept: Vec<(u64, Bytes)>,
+        limits: HistoryLimits,
+        now: Instant,
+    ) {
+        // History is only kept as consecutive offsets ending at `top`.
+        let consecutive = kept
+            .last()
+            .is_some_and(|(last, _)| *last == position.offset)
+            && kept.windows(2).all(|w| w[1].0 == w[0].0 + 1);
+        self.top = position.offset;
+        self.epoch = position.epoch;
+        self.synced = true;
+        self.subscribing = false;
+        self.history = kept
+            .into_iter()
+            .filter(|_| consecutive)
+            .map(|(offset, frame)| Kept {
+                offset,
+                frame,
+                at: now,
+            })
+            .collect();
+        self.trim(limits, now);
     }
 
     pub fn position(&self) -> Position {
@@ -67,17 +202,10 @@ impl Stream {
         limits: HistoryLimits,
         now: Instant,
     ) -> (u64, Bytes) {
-        self.top += 1;
-        let frame = frame(self.top);
-        if limits.size > 0 {
-            self.history.push_back(Kept {
-                offset: self.top,
-                frame: frame.clone(),
-                at: now,
-            });
-        }
-        self.trim(limits, now);
-        (self.top, frame)
+        let offset = self.top + 1;
+        let frame = frame(offset);
+        self.push(offset, frame.clone(), limits, now);
+        (offset, frame)
     }
 
     /// Forgets what is past the limits; returns whether anything is left.
@@ -141,7 +269,7 @@ impl Default for Stream {
 }
 
 /// A new epoch: 8 random hex digits.
-fn new_epoch() -> Arc<str> {
+pub fn new_epoch() -> Arc<str> {
     let mut bytes = [0u8; 4];
     // Without randomness (never seen on Linux) epochs still differ by time.
     if getrandom::fill(&mut bytes).is_err() {

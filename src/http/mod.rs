@@ -6,7 +6,7 @@
 //! | `GET /ws`  | WebSocket upgrade: the JSON chat protocol                    |
 //! | `GET /echo`| WebSocket upgrade: raw echo (RFC 6455 conformance target; `echo_endpoint`) |
 //! | `GET /healthz` | liveness, gauges and (`healthz_detail`) refusal counters, as JSON |
-//! | `GET /readyz`  | readiness: 503 once shutdown has begun                    |
+//! | `GET /readyz`  | readiness: 503 once shutdown has begun, or while Redis is away (`broker = "redis"`) |
 //! | `GET /dev/token?user=NAME` | dev mode only (no key configured): a 1-hour token |
 //!
 //! Every accepted socket is admitted first (per-address cap, file descriptors; see
@@ -20,6 +20,8 @@
 
 pub mod head;
 pub mod idle;
+
+use crate::broker::Broker;
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -184,6 +186,10 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>, peer: IpAddr) -> Response<Bo
             StatusCode::SERVICE_UNAVAILABLE,
             "draining: the server is shutting down",
         ),
+        (&Method::GET, "/readyz") if !shard.node.broker.is_ready() => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker unavailable: Redis cannot be reached (or its rooms are being caught up)",
+        ),
         (&Method::GET, "/readyz") => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
         (_, "/" | "/ws" | "/healthz" | "/readyz") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
@@ -207,11 +213,23 @@ fn health(shard: &Shard) -> serde_json::Value {
         "inbox_dropped_by_shard": node.bus.dropped_by_shard(),
         "rooms": node.rooms.room_count(),
         "shards": node.shards(),
+        "broker": broker_health(&node.broker),
     });
     if node.config.healthz_detail {
         health["refused"] = node.counters.snapshot();
     }
     health
+}
+
+fn broker_health(broker: &Broker) -> serde_json::Value {
+    match broker {
+        Broker::Memory => serde_json::json!({"kind": "memory", "ready": true}),
+        Broker::Redis(redis) => serde_json::json!({
+            "kind": "redis",
+            "ready": redis.is_ready(),
+            "node": redis.node_id(),
+        }),
+    }
 }
 
 /// Answers the upgrade and, once hyper lets go of the socket, runs the connection.

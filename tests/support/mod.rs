@@ -6,6 +6,7 @@
 mod client_frame;
 pub mod flood;
 pub mod process;
+pub mod redis_server;
 pub use client_frame::client_frame;
 
 use std::net::SocketAddr;

@@ -1,0 +1,392 @@
+//! Nodes joined by a real `redis-server`: every member of a room, whichever node it is on, gets
+//! each room message once, in one order, with the offsets Redis gave them; a node with no member
+//! in a room is not subscribed to it; a client recovers on another node with `since`; Redis going
+//! away keeps sockets open, refuses publishes with an error and flips readiness, and rooms catch
+//! up (or are told to `resync`) when it is back.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::redis_server::RedisServer;
+use support::{Client, PATIENCE, TestGateway, http_get};
+use wsgate::config::BrokerKind;
+
+/// A node of the cluster on `redis`.
+fn node(redis: &RedisServer, shards: usize) -> TestGateway {
+    let url = redis.url();
+    TestGateway::start_with(
+        move |config| {
+            config.broker = BrokerKind::Redis;
+            config.redis_url = url;
+            config.redis_unsubscribe_grace = Duration::from_millis(200);
+            config.history_size = 1000;
+        },
+        shards,
+    )
+}
+
+/// Waits until `/readyz` answers `status`.
+async fn wait_readiness(gw: &TestGateway, status: u16) {
+    let deadline = tokio::time::Instant::now() + 2 * PATIENCE;
+    loop {
+        let (got, _, body) = http_get(gw.addr, "/readyz", "").await;
+        if got == status {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz still {got} ({body}), expected {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn cluster(redis: &RedisServer, shards: &[usize]) -> Vec<TestGateway> {
+    let nodes: Vec<TestGateway> = shards.iter().map(|&s| node(redis, s)).collect();
+    for n in &nodes {
+        wait_readiness(n, 200).await;
+    }
+    nodes
+}
+
+async fn chat(client: &mut Client, room: &str, message: &str) {
+    client
+        .send("chat_message", json!({"room": room, "message": message}))
+        .await;
+}
+
+async fn send_all(client: &mut Client, tag: &str, count: usize) {
+    for i in 0..count {
+        chat(client, "order", &format!("{tag}{i}")).await;
+    }
+}
+
+/// The next `n` chat messages of `client` as (offset, message), skipping presence notices.
+async fn chats(client: &mut Client, n: usize) -> Vec<(u64, String)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let msg = client.recv().await;
+        match msg["type"].as_str() {
+            Some("chat_message") => got.push((
+                msg["offset"].as_u64().expect("an offset"),
+                msg["message"].as_str().unwrap().to_owned(),
+            )),
+            Some("user_joined" | "user_left") => {}
+            _ => panic!("unexpected {msg}"),
+        }
+    }
+    got
+}
+
+/// The next message that is not a presence notice.
+async fn next_not_presence(client: &mut Client) -> Value {
+    loop {
+        let msg = client.recv().await;
+        if !matches!(msg["type"].as_str(), Some("user_joined" | "user_left")) {
+            return msg;
+        }
+    }
+}
+
+async fn join_since(client: &mut Client, room: &str, since: Option<(u64, &str)>) -> Value {
+    let mut payload = json!({"room": room});
+    if let Some((offset, epoch)) = since {
+        payload["since"] = json!({"offset": offset, "epoch": epoch});
+    }
+    client.send("join_room", payload).await;
+    client.expect("room_joined").await
+}
+
+/// Sends `message` until it is published: the sender is a member, so it sees its own message
+/// come back; "Service unavailable: retry" means try again.
+async fn publish_surely(client: &mut Client, room: &str, message: &str) -> u64 {
+    loop {
+        chat(client, room, message).await;
+        let reply = next_not_presence(client).await;
+        match reply["type"].as_str() {
+            Some("chat_message") if reply["message"] == message => {
+                return reply["offset"].as_u64().unwrap();
+            }
+            Some("error") if reply["error"] == "Service unavailable: retry" => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ => panic!("unexpected {reply}"),
+        }
+    }
+}
+
+async fn counter(gw: &TestGateway, name: &str) -> u64 {
+    let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
+    let health: Value = serde_json::from_str(&body).unwrap();
+    health["refused"][name].as_u64().unwrap()
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn members_on_three_nodes_get_every_message_once_in_one_order() {
+    const EACH: usize = 100;
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, &[2, 2, 1]).await;
+    let mut members = Vec::new();
+    for n in &nodes {
+        for _ in 0..2 {
+            let mut c = n.client().await;
+            c.join("order").await;
+            members.push(c);
+        }
+    }
+    // One publisher on each node, all at once.
+    let mut p2 = members.remove(4);
+    let mut p1 = members.remove(2);
+    let mut p0 = members.remove(0);
+    tokio::join!(
+        send_all(&mut p0, "a", EACH),
+        send_all(&mut p1, "b", EACH),
+        send_all(&mut p2, "c", EACH)
+    );
+    members.extend([p0, p1, p2]);
+    let mut seen = Vec::new();
+    for member in &mut members {
+        seen.push(chats(member, 3 * EACH).await);
+    }
+    for (offset, expected) in seen[0].iter().map(|(o, _)| *o).zip(1..) {
+        assert_eq!(offset, expected, "gap-free offsets from 1");
+    }
+    for other in &seen[1..] {
+        assert_eq!(*other, seen[0], "the same order for every member");
+    }
+    for tag in ["a", "b", "c"] {
+        let sent: Vec<&str> = seen[0]
+            .iter()
+            .map(|(_, m)| m.as_str())
+            .filter(|m| m.starts_with(tag))
+            .collect();
+        let expected: Vec<String> = (0..EACH).map(|i| format!("{tag}{i}")).collect();
+        assert_eq!(sent, expected, "each sender's messages in the order sent");
+    }
+    // The offsets are the room's stream in Redis.
+    let history: Vec<(String, Vec<(String, String)>)> = redis.query(
+        redis::cmd("XRANGE")
+            .arg("wsgate:history:{order}")
+            .arg("-")
+            .arg("+"),
+    );
+    let in_redis: Vec<(u64, String)> = history
+        .into_iter()
+        .map(|(id, fields)| {
+            let offset = id.strip_suffix("-0").unwrap().parse().unwrap();
+            let message: Value = serde_json::from_str(&fields[0].1).unwrap();
+            (offset, message["message"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(in_redis, seen[0]);
+    for member in &mut members {
+        member.expect_silence().await;
+    }
+}
+
+#[tokio::test]
+async fn only_nodes_with_members_follow_a_room_and_notices_cross_nodes() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1, 1]).await;
+    let channel = "wsgate:room:{t}";
+    let mut alice = Client::connect(&format!(
+        "{}?token={}",
+        nodes[0].url("/ws"),
+        support::token_for("alice")
+    ))
+    .await;
+    let mut bob = Client::connect(&format!(
+        "{}?token={}",
+        nodes[1].url("/ws"),
+        support::token_for("bob")
+    ))
+    .await;
+    let mut carol = nodes[2].client().await;
+    alice.join("t").await;
+    bob.join("t").await;
+    carol.join("u").await;
+    assert_eq!(redis.subscribers(channel), 2, "nodes 0 and 1, not node 2");
+    assert_eq!(redis.subscribers("wsgate:room:{u}"), 1);
+    let joined = alice.expect("user_joined").await;
+    assert_eq!(joined["userId"], "bob", "a join on another node: {joined}");
+
+    alice
+        .send("typing", json!({"room": "t", "isTyping": true}))
+        .await;
+    let typing = bob.expect("typing").await;
+    assert_eq!(typing["userId"], "alice");
+    chat(&mut alice, "t", "hello").await;
+    assert_eq!(chats(&mut bob, 1).await, vec![(1, "hello".to_owned())]);
+    assert_eq!(chats(&mut alice, 1).await, vec![(1, "hello".to_owned())]);
+    alice.expect_silence().await;
+    carol.expect_silence().await;
+
+    alice.send("leave_room", json!({"room": "t"})).await;
+    let left = bob.expect("user_left").await;
+    assert_eq!(left["userId"], "alice");
+    // Node 0 unsubscribes once its grace has passed; node 1 still has bob.
+    wait_until("node 0 unsubscribes", || redis.subscribers(channel) == 1).await;
+    drop(bob);
+    wait_until("no node follows the room", || {
+        redis.subscribers(channel) == 0
+    })
+    .await;
+    // Following it again later starts from where the room is.
+    let mut dave = nodes[2].client().await;
+    let rejoined = join_since(&mut dave, "t", None).await;
+    assert_eq!(rejoined["offset"], 1, "{rejoined}");
+    assert_eq!(redis.subscribers(channel), 1);
+}
+
+#[tokio::test]
+async fn a_client_reconnecting_to_another_node_with_since_gets_exactly_what_it_missed() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1, 1]).await;
+    let mut speaker = nodes[1].client().await;
+    speaker.join("r").await;
+    let mut client = nodes[0].client().await;
+    let joined = join_since(&mut client, "r", None).await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    for i in 1..=3 {
+        chat(&mut speaker, "r", &format!("m{i}")).await;
+    }
+    let got = chats(&mut client, 3).await;
+    assert_eq!(got.last().unwrap().0, 3);
+    drop(client);
+    for i in 4..=6 {
+        chat(&mut speaker, "r", &format!("m{i}")).await;
+    }
+    chats(&mut speaker, 6).await;
+
+    let mut back = nodes[2].client().await;
+    let rejoined = join_since(&mut back, "r", Some((3, &epoch))).await;
+    assert_eq!(rejoined["recovered"], true, "{rejoined}");
+    assert_eq!(rejoined["offset"], 6);
+    assert_eq!(rejoined["epoch"], epoch);
+    let expected: Vec<(u64, String)> = (4..=6).map(|i| (i, format!("m{i}"))).collect();
+    assert_eq!(chats(&mut back, 3).await, expected);
+    back.expect_silence().await;
+
+    let mut stale = nodes[2].client().await;
+    let refused = join_since(&mut stale, "r", Some((3, "not-this-epoch"))).await;
+    assert_eq!(refused["recovered"], false);
+    stale.expect_silence().await;
+}
+
+#[tokio::test]
+async fn a_redis_outage_keeps_sockets_refuses_publishing_and_a_lost_room_resyncs() {
+    let mut redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1]).await;
+    let mut alice = nodes[0].client().await;
+    let mut bob = nodes[1].client().await;
+    alice.join("r").await;
+    bob.join("r").await;
+    chat(&mut alice, "r", "before").await;
+    assert_eq!(chats(&mut bob, 1).await, vec![(1, "before".to_owned())]);
+    assert_eq!(chats(&mut alice, 1).await, vec![(1, "before".to_owned())]);
+
+    redis.kill();
+    for n in &nodes {
+        wait_readiness(n, 503).await;
+    }
+    chat(&mut alice, "r", "during").await;
+    alice.expect_error("Service unavailable: retry").await;
+    // The sockets stay open and served.
+    bob.send("echo", json!("still here")).await;
+    assert_eq!(bob.expect("echo").await["payload"], "still here");
+
+    // Without persistence the restarted Redis knows nothing of the room: members are told.
+    redis.restart();
+    for n in &nodes {
+        wait_readiness(n, 200).await;
+    }
+    assert_eq!(next_not_presence(&mut bob).await["type"], "resync");
+    assert_eq!(next_not_presence(&mut alice).await["type"], "resync");
+    let offset = publish_surely(&mut alice, "r", "after").await;
+    assert_eq!(offset, 1, "a new epoch starts from 1");
+    assert_eq!(chats(&mut bob, 1).await, vec![(1, "after".to_owned())]);
+    bob.expect_silence().await;
+    for n in &nodes {
+        assert!(counter(n, "broker_disconnects").await >= 1);
+        assert!(counter(n, "resyncs").await >= 1);
+    }
+    assert!(counter(&nodes[0], "broker_unavailable").await >= 1);
+}
+
+#[tokio::test]
+async fn a_persistent_redis_restart_loses_nothing() {
+    let mut redis = RedisServer::start_persistent();
+    let nodes = cluster(&redis, &[1, 1]).await;
+    let mut alice = nodes[0].client().await;
+    let mut bob = nodes[1].client().await;
+    let epoch = alice.join_room_epoch("r").await;
+    bob.join("r").await;
+    chat(&mut alice, "r", "before").await;
+    assert_eq!(chats(&mut bob, 1).await, vec![(1, "before".to_owned())]);
+    assert_eq!(chats(&mut alice, 1).await, vec![(1, "before".to_owned())]);
+
+    redis.restart();
+    // Both nodes noticed (the restart may be too quick to see `/readyz` fail), and are back.
+    for n in &nodes {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while counter(n, "broker_disconnects").await == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the restart went unnoticed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        wait_readiness(n, 200).await;
+    }
+    let offset = publish_surely(&mut alice, "r", "after").await;
+    assert_eq!(offset, 2, "the same stream goes on");
+    assert_eq!(chats(&mut bob, 1).await, vec![(2, "after".to_owned())]);
+    bob.expect_silence().await;
+    // A newcomer recovers from before the restart.
+    let mut carol = nodes[1].client().await;
+    let joined = join_since(&mut carol, "r", Some((0, &epoch))).await;
+    assert_eq!(joined["recovered"], true);
+    assert_eq!(chats(&mut carol, 2).await.len(), 2);
+}
+
+#[tokio::test]
+async fn killed_subscriptions_catch_up_with_no_loss_and_no_duplicate() {
+    const MESSAGES: usize = 200;
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1]).await;
+    let mut publisher = nodes[1].client().await;
+    let mut reader = nodes[0].client().await;
+    publisher.join("r").await;
+    reader.join("r").await;
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let killed: u64 = redis.query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"));
+        assert!(killed >= 2, "both nodes' subscriptions killed ({killed})");
+    };
+    let publishing = async {
+        let mut offsets = Vec::new();
+        for i in 0..MESSAGES {
+            offsets.push(publish_surely(&mut publisher, "r", &format!("m{i}")).await);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        offsets
+    };
+    let (offsets, ()) = tokio::join!(publishing, killer);
+    assert_eq!(offsets, (1..=MESSAGES as u64).collect::<Vec<_>>());
+    let expected: Vec<(u64, String)> = (0..MESSAGES)
+        .map(|i| (i as u64 + 1, format!("m{i}")))
+        .collect();
+    assert_eq!(chats(&mut reader, MESSAGES).await, expected);
+    reader.expect_silence().await;
+    assert!(counter(&nodes[0], "broker_disconnects").await >= 1);
+}

@@ -7,11 +7,15 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::auth::Identity;
+use crate::broker::Broker;
 use crate::client_id::ClientId;
 use crate::frame;
 use crate::limits::{Charge, Verdict};
+use crate::node::Node;
 use crate::outbound::{Outbound, QueueTotal};
-use crate::protocol::{ClientMessage, ErrorReply, ServerMessage, Since, encode_echo, now_ms};
+use crate::protocol::{
+    ClientMessage, ErrorReply, PresentUser, ServerMessage, Since, encode_echo, now_ms,
+};
 use crate::rooms::{Joined, Joining, PENDING, RoomState, is_valid_room_name};
 use crate::routing::{self, Publication};
 use crate::shard::{Shard, ShardState};
@@ -40,6 +44,9 @@ pub fn on_text(shard: &Shard, key: usize, payload: &mut [u8]) {
     });
 }
 
+/// Users in one `presence` answer, at most.
+const PRESENCE_PAGE: usize = 100;
+
 fn handle<'i>(
     shard: &Shard,
     key: usize,
@@ -63,6 +70,7 @@ fn handle<'i>(
         }
         ClientMessage::Pong => Ok(()),
         ClientMessage::Refresh { token } => refresh(shard, key, token),
+        ClientMessage::Presence { room, after } => presence(shard, key, room, after),
     }
 }
 
@@ -80,6 +88,7 @@ fn refresh<'i>(shard: &Shard, key: usize, token: &str) -> Result<(), ErrorReply<
     let state = &mut *guard;
     let conn = &mut state.conns[key];
     let anonymous = Arc::ptr_eq(&conn.identity, &shard.node.anonymous);
+    let id = conn.id;
     if !anonymous && conn.identity.user_id != fresh.user_id {
         return Err(ErrorReply::TokenForOtherUser);
     }
@@ -96,8 +105,19 @@ fn refresh<'i>(shard: &Shard, key: usize, token: &str) -> Result<(), ErrorReply<
         .into_vec()
         .into_iter()
         .partition(|room| conn.identity.may_join(room));
-    conn.rooms = kept.into_boxed_slice();
+    conn.rooms = kept.clone().into_boxed_slice();
+    let fresh = conn.identity.clone();
     drop(guard);
+    if anonymous {
+        // Present until now as an anonymous connection, from now on as the token's user.
+        let guard = shard.state_ref();
+        for room in &kept {
+            if let Some(local) = guard.rooms.get(room) {
+                change_presence(&shard.node, &local.state, id, &previous, -1);
+                change_presence(&shard.node, &local.state, id, &fresh, 1);
+            }
+        }
+    }
     for room in revoked {
         shard.send(
             key,
@@ -108,7 +128,7 @@ fn refresh<'i>(shard: &Shard, key: usize, token: &str) -> Result<(), ErrorReply<
             .encode(),
         );
         // Members knew the connection under its previous name.
-        left_room(shard, key, room, &previous);
+        left_room(shard, key, room, id, &previous);
     }
     Ok(())
 }
@@ -127,7 +147,7 @@ fn join<'i>(
         epoch: Arc::from(since.epoch),
     });
     let config = &shard.node.config;
-    let (name, total, id, identity) = {
+    let (name, joined_user, members, pending, id, identity) = {
         let mut guard = shard.state();
         let state = &mut *guard;
         let conn = &mut state.conns[key];
@@ -150,11 +170,21 @@ fn join<'i>(
         if joining.subscribe {
             shard.node.broker.follow(&joining.state);
         }
+        let joined_user = match &joined {
+            Joined::Joined(joining) => {
+                let (before, _) =
+                    change_presence(&shard.node, &joining.state, conn.id, &conn.identity, 1);
+                before == 0
+            }
+            Joined::AlreadyMember(_) => false,
+        };
+        let members = joining.state.presence().total();
         // Until the node has synced a room it did not follow, the join waits (`complete_joins`).
         answer_join(
             &mut conn.outbound,
             &mut state.queued,
             joining,
+            members,
             since.is_some(),
         );
         let Joined::Joined(joining) = joined else {
@@ -164,11 +194,14 @@ fn join<'i>(
         let mut rooms = std::mem::take(&mut conn.rooms).into_vec();
         rooms.push(name.clone());
         conn.rooms = rooms.into_boxed_slice();
-        (name, joining.total, conn.id, conn.identity.clone())
+        let pending = joining.position.is_none();
+        let identity = conn.identity.clone();
+        (name, joined_user, members, pending, conn.id, identity)
     };
-    // Counts are this node's: with a shared broker, members on other nodes may be told.
-    let others = total > 1 || shard.node.broker.is_shared();
-    if others && total <= config.presence_max_members {
+    // This node's members are told here, other nodes' by their nodes (see `presence`). Until a
+    // room is synced the count is this node's: others may be there.
+    let others = members > 1 || pending;
+    if joined_user && others && members <= config.presence_max_members {
         let notice = ServerMessage::UserJoined {
             room,
             username: &identity.username,
@@ -185,13 +218,19 @@ fn join<'i>(
 
 /// Answers a join with `room_joined` and what the client missed (before anything after its
 /// join: never a partial replay) — unless the join waits for the room's sync.
-fn answer_join(out: &mut Outbound, queued: &mut QueueTotal, joining: &Joining, since: bool) {
+fn answer_join(
+    out: &mut Outbound,
+    queued: &mut QueueTotal,
+    joining: &Joining,
+    members: u32,
+    since: bool,
+) {
     let Some(position) = &joining.position else {
         return;
     };
     let reply = ServerMessage::RoomJoined {
         room: &joining.state.name,
-        members: joining.total,
+        members,
         offset: position.offset,
         epoch: &position.epoch,
         recovered: since.then_some(joining.missed.is_some()),
@@ -219,6 +258,7 @@ pub fn complete_joins(shard: &Shard, room: &Arc<RoomState>) {
     }
     let history = shard.node.rooms.history_limits();
     let stream = room.stream();
+    let members = room.presence().total();
     for join in std::mem::take(&mut local.pending) {
         let joining = Joining::at(room, &stream, join.since.as_ref(), history);
         let Some(position) = &joining.position else {
@@ -233,7 +273,7 @@ pub fn complete_joins(shard: &Shard, room: &Arc<RoomState>) {
                 *joined_at = position.offset;
             }
             let out = &mut conns[join.key].outbound;
-            answer_join(out, queued, &joining, join.since.is_some());
+            answer_join(out, queued, &joining, members, join.since.is_some());
         }
     }
 }
@@ -250,42 +290,43 @@ fn leave<'i>(shard: &Shard, key: usize, room: &'i str) -> Result<(), ErrorReply<
     let mut rooms = std::mem::take(&mut conn.rooms).into_vec();
     let name = rooms.swap_remove(at);
     conn.rooms = rooms.into_boxed_slice();
-    let identity = conn.identity.clone();
+    let (id, identity) = (conn.id, conn.identity.clone());
     drop(state);
-    left_room(shard, key, name, &identity);
+    left_room(shard, key, name, id, &identity);
     Ok(())
 }
 
 /// Takes a connection out of all its rooms, telling the members who stay.
 pub fn leave_all_rooms(shard: &Shard, key: usize) {
-    let (rooms, identity) = {
+    let (rooms, id, identity) = {
         let mut state = shard.state();
         let conn = &mut state.conns[key];
         (
             std::mem::take(&mut conn.rooms).into_vec(),
+            conn.id,
             conn.identity.clone(),
         )
     };
     for room in rooms {
-        left_room(shard, key, room, &identity);
+        left_room(shard, key, room, id, &identity);
     }
 }
 
-fn left_room(shard: &Shard, key: usize, room: Arc<str>, identity: &Identity) {
+fn left_room(shard: &Shard, key: usize, room: Arc<str>, id: ClientId, identity: &Arc<Identity>) {
     let left = shard
         .state()
         .rooms
         .leave(&shard.node.rooms, shard.index, &room, key);
     // The connection's room list and the room index agree; should a panic in a handler ever
     // break that, clean-up goes on with the other rooms rather than panicking again.
-    let Some(remaining) = left else {
+    let Some((state, remaining_here)) = left else {
         return;
     };
-    if remaining == 0 {
+    if remaining_here == 0 {
         shard.node.broker.last_member_left(&room);
     }
-    let others = remaining > 0 || shard.node.broker.is_shared();
-    if others && remaining < shard.node.config.presence_max_members {
+    let (user_left, members) = change_presence(&shard.node, &state, id, identity, -1);
+    if user_left == 0 && members > 0 && members < shard.node.config.presence_max_members {
         let notice = ServerMessage::UserLeft {
             room: &room,
             username: &identity.username,
@@ -354,9 +395,65 @@ fn typing<'i>(
         is_typing,
     }
     .encode();
-    routing::publish(
-        shard,
-        Publication::to_room(speaker.room.name.clone(), frame).excluding(speaker.id),
-    );
+    let publication = Publication::to_room(speaker.room.name.clone(), frame).excluding(speaker.id);
+    routing::share(&shard.node, &publication);
+    routing::publish(shard, publication);
+    Ok(())
+}
+
+/// Who a connection is in a room's presence: its user, or itself when anonymous (anonymous
+/// connections share one identity, but are not one user).
+fn presence_user(node: &Node, id: ClientId, identity: &Arc<Identity>) -> Arc<str> {
+    if Arc::ptr_eq(identity, &node.anonymous) {
+        Arc::from(format!("{}.{id}", node.id))
+    } else {
+        identity.user_id.clone()
+    }
+}
+
+/// Counts one connection of `identity` more (`delta` 1) or fewer (-1) in `room`, and tells the
+/// other nodes. Returns the user's connections in the room across all nodes before the change
+/// (joining) or after it (leaving), and the room's connections after it.
+fn change_presence(
+    node: &Node,
+    room: &RoomState,
+    id: ClientId,
+    identity: &Arc<Identity>,
+    delta: i32,
+) -> (u32, u32) {
+    let user = presence_user(node, id, identity);
+    let mut presence = room.presence();
+    let (before, after, entry, seq) = presence.change(&node.id, &user, &identity.username, delta);
+    // Sent under the lock: the node's changes of a room reach Redis in their order.
+    if let Broker::Redis(redis) = &node.broker {
+        redis.presence_changed(room.name.clone(), entry, seq);
+    }
+    (if delta > 0 { before } else { after }, presence.total())
+}
+
+/// Answers `presence`: one page of the room's users, across all nodes.
+fn presence<'i>(
+    shard: &Shard,
+    key: usize,
+    room: &'i str,
+    after: Option<&str>,
+) -> Result<(), ErrorReply<'i>> {
+    let speaker = speaker(shard, key, room)?;
+    let presence = speaker.room.presence();
+    let (users, more) = presence.page(after, PRESENCE_PAGE);
+    let reply = ServerMessage::Presence {
+        room,
+        members: presence.total(),
+        users: users
+            .iter()
+            .map(|(user_id, username)| PresentUser { user_id, username })
+            .collect(),
+        next: more
+            .then(|| users.last().map(|(user, _)| &**user))
+            .flatten(),
+    }
+    .encode();
+    drop(presence);
+    shard.send(key, reply);
     Ok(())
 }

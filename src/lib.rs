@@ -33,6 +33,7 @@ pub mod http;
 pub mod limits;
 pub mod node;
 pub mod outbound;
+pub mod presence;
 pub mod protocol;
 pub mod rooms;
 pub mod routing;

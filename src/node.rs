@@ -21,6 +21,8 @@ use crate::routing::Delivery;
 use crate::stream::HistoryLimits;
 
 pub struct Node {
+    /// This node's name among the nodes of a cluster: 8 random hex digits, new at each start.
+    pub id: Arc<str>,
     pub config: Arc<Config>,
     /// What joins this node to others (or nothing, with the memory broker).
     pub broker: Broker,
@@ -52,8 +54,10 @@ impl Node {
         max_sockets: usize,
     ) -> Result<(Self, Vec<Inbox>, Option<Engine>), String> {
         let (bus, inboxes) = Bus::new(config.shards, config.max_shard_inbox_bytes);
-        let (broker, engine) = Broker::new(&config);
+        let id = crate::stream::new_epoch();
+        let (broker, engine) = Broker::new(&config, id.clone());
         let node = Node {
+            id,
             rooms: RoomDirectory::new(
                 config.shards,
                 broker.is_shared(),

@@ -48,6 +48,11 @@ pub enum ClientMessage<'t, 'i> {
     Refresh {
         token: &'i str,
     },
+    /// Who is in a room the client is a member of: one page of users, after the user id `after`.
+    Presence {
+        room: &'i str,
+        after: Option<&'i str>,
+    },
 }
 
 /// A client's last position in a room's stream (`join_room`'s `since`).
@@ -145,8 +150,16 @@ impl Serialize for ClientId {
     }
 }
 
+/// A user in a `presence` page.
+#[derive(Serialize, Debug)]
+pub struct PresentUser<'a> {
+    #[serde(rename = "userId")]
+    pub user_id: &'a str,
+    pub username: &'a str,
+}
+
 /// Every `type` a client may send, as [`read_message`] knows them.
-pub const CLIENT_MESSAGE_TYPES: [&str; 7] = [
+pub const CLIENT_MESSAGE_TYPES: [&str; 8] = [
     "join_room",
     "leave_room",
     "chat_message",
@@ -154,6 +167,7 @@ pub const CLIENT_MESSAGE_TYPES: [&str; 7] = [
     "echo",
     "pong",
     "refresh",
+    "presence",
 ];
 
 /// Reads one message out of a parsed tape.
@@ -214,6 +228,16 @@ pub fn read_message<'t, 'i>(tape: &'t Tape<'i>) -> Result<ClientMessage<'t, 'i>,
         "refresh" => ClientMessage::Refresh {
             token: string("token")?,
         },
+        "presence" => ClientMessage::Presence {
+            room: string("room")?,
+            after: match field("after") {
+                None => None,
+                Some(after) => Some(after.into_string().ok_or(ErrorReply::InvalidField {
+                    field: "after",
+                    expected: "a string (the `next` of the previous page)",
+                })?),
+            },
+        },
         other => return Err(ErrorReply::UnknownType(other)),
     })
 }
@@ -268,6 +292,15 @@ pub enum ServerMessage<'a> {
         /// Only for a join with `since`: whether every missed message follows.
         #[serde(skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,
+    },
+    /// One page of a room's users (`next`: ask again with it as `after` for the next page).
+    Presence {
+        room: &'a str,
+        /// Connections in the room, across all nodes.
+        members: u32,
+        users: Vec<PresentUser<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        next: Option<&'a str>,
     },
     UserJoined {
         room: &'a str,

@@ -17,6 +17,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use indexmap::IndexMap;
 
+use crate::presence::Presence;
 use crate::stream::{HistoryLimits, Position, Stream};
 
 pub const MAX_ROOM_NAME_LEN: usize = 64;
@@ -38,6 +39,8 @@ pub struct RoomState {
     /// joining or leaving (which change who the messages go to), take this lock: the price of
     /// one order for every member. Nothing else on the per-message path does.
     pub stream: Mutex<Stream>,
+    /// Who is in the room across all nodes (taken after `stream` when both are).
+    pub presence: Mutex<Presence>,
 }
 
 impl RoomState {
@@ -61,6 +64,10 @@ impl RoomState {
 
     pub fn stream(&self) -> MutexGuard<'_, Stream> {
         self.stream.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn presence(&self) -> MutexGuard<'_, Presence> {
+        self.presence.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -168,6 +175,7 @@ impl RoomDirectory {
                     name: name.clone(),
                     per_shard: (0..self.shards).map(|_| AtomicU32::new(0)).collect(),
                     total: AtomicU32::new(0),
+                    presence: Mutex::default(),
                     stream: Mutex::new(if self.shared {
                         Stream::unsynced()
                     } else {
@@ -341,23 +349,24 @@ impl LocalRooms {
         Ok(Joined::Joined(joining))
     }
 
-    /// Removes `key` from `room`; returns the members left across all shards, or `None` when
-    /// the connection was not a member.
+    /// Removes `key` from `room`; returns the room and the members left on this node (across
+    /// its shards), or `None` when the connection was not a member.
     pub fn leave(
         &mut self,
         dir: &RoomDirectory,
         shard: usize,
         room: &str,
         key: usize,
-    ) -> Option<u32> {
+    ) -> Option<(Arc<RoomState>, u32)> {
         let local = self.rooms.get_mut(room)?;
         local.members.swap_remove(&key)?;
         local.pending.retain(|p| p.key != key);
         let total = dir.leave(&local.state, shard);
+        let state = local.state.clone();
         if local.members.is_empty() {
             self.rooms.remove(room);
         }
-        Some(total)
+        Some((state, total))
     }
 }
 
@@ -396,11 +405,11 @@ mod tests {
         assert_eq!(joined_total(s1.join(&dir, 1, "r", 7, None)), (true, 2));
         let state = s0.get("r").unwrap().state.clone();
         assert_eq!(state.other_shards(0).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(s0.leave(&dir, 0, "r", 2), None);
-        assert_eq!(s1.leave(&dir, 1, "r", 7), Some(1));
+        assert!(s0.leave(&dir, 0, "r", 2).is_none());
+        assert_eq!(s1.leave(&dir, 1, "r", 7).map(|(_, n)| n), Some(1));
         assert!(s1.get("r").is_none());
         assert_eq!(state.other_shards(0).count(), 0);
-        assert_eq!(s0.leave(&dir, 0, "r", 1), Some(0));
+        assert_eq!(s0.leave(&dir, 0, "r", 1).map(|(_, n)| n), Some(0));
         assert_eq!(dir.room_count(), 0);
         assert!(dir.get("r").is_none());
     }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tracing::debug;
 
+use crate::broker::redis::NodesPresence;
 use crate::broker::{Broker, Unavailable};
 use crate::bus;
 use crate::chat;
@@ -18,6 +19,7 @@ use crate::config::SlowConsumerPolicy;
 use crate::frame::{self, OpCode};
 use crate::node::Node;
 use crate::outbound::{self, QueueTotal};
+use crate::presence::Entry;
 use crate::protocol::{self, ServerMessage};
 use crate::rooms::{PENDING, RoomState};
 use crate::shard::{ConnEntry, Endpoint, Shard, ShardState};
@@ -130,10 +132,6 @@ pub fn publish(shard: &Shard, publication: Publication) {
         route.retain(|&s| include.iter().any(|id| id.shard as usize == s));
     }
     deliver(shard, &publication);
-    // Lists of clients are this node's: such a publication stays here.
-    if publication.include.is_none() {
-        share(&shard.node, &publication);
-    }
     if !route.is_empty() {
         shard
             .node
@@ -142,8 +140,10 @@ pub fn publish(shard: &Shard, publication: Publication) {
 }
 
 /// Hands a publication to the other nodes (with a shared broker); what cannot be is counted.
+/// Lists of clients are this node's: a publication with an `include` list stays here.
 pub fn share(node: &Node, publication: &Publication) {
     if let Broker::Redis(redis) = &node.broker
+        && publication.include.is_none()
         && !redis.share(
             &publication.target,
             frame::server_payload(&publication.frame),
@@ -174,6 +174,37 @@ pub fn publish_from_broker(node: &Node, target: Target, json: &[u8]) {
         exclude: Vec::new(),
     };
     node.forward(&shards, Delivery::Publication(Arc::new(publication)));
+}
+
+/// Tells this node's members of `room` who left it (`gone`) and who joined it (`came`) on other
+/// nodes, as far as notices go (`presence_max_members`).
+pub fn tell_presence(node: &Node, room: &Arc<RoomState>, gone: &[Entry], came: &[Entry]) {
+    if gone.is_empty() && came.is_empty() {
+        return;
+    }
+    if room.presence().total() > node.config.presence_max_members {
+        return;
+    }
+    let shards: Vec<usize> = room.shards_with_members().collect();
+    let timestamp = protocol::now_ms();
+    let notices = gone
+        .iter()
+        .map(|e| ServerMessage::UserLeft {
+            room: &room.name,
+            username: &e.username,
+            user_id: &e.user_id,
+            timestamp,
+        })
+        .chain(came.iter().map(|e| ServerMessage::UserJoined {
+            room: &room.name,
+            username: &e.username,
+            user_id: &e.user_id,
+            timestamp,
+        }));
+    for notice in notices {
+        let publication = Publication::to_room(room.name.clone(), notice.encode());
+        node.forward(&shards, Delivery::Publication(Arc::new(publication)));
+    }
 }
 
 /// Queues a frame for one client, whichever thread it comes from.
@@ -244,6 +275,7 @@ pub fn catch_up_stream(
     room: &Arc<RoomState>,
     position: Position,
     kept: Vec<(u64, Vec<u8>)>,
+    presence: NodesPresence,
 ) {
     let limits = node.rooms.history_limits();
     let now = Instant::now();
@@ -257,12 +289,15 @@ pub fn catch_up_stream(
     if !stream.is_synced() {
         // Not followed any more (its last member left meanwhile): nothing to do.
         if stream.subscribing {
+            room.presence().replace_others(&node.id, presence);
             stream.reset(position, framed, limits, now);
             node.bus
                 .send_always(&shards, Delivery::Synced(room.clone()));
         }
         return;
     }
+    let (gone, came) = room.presence().replace_others(&node.id, presence);
+    tell_presence(node, room, &gone, &came);
     let have = stream.position();
     if have.epoch == position.epoch {
         if position.offset <= have.offset {

@@ -171,9 +171,7 @@ impl Gateway {
     /// delivers to its own matching clients, and (with a shared broker, and no `include` list,
     /// whose client ids are this node's) every other node to its own.
     pub fn publish(&self, publication: Publication) {
-        if publication.include.is_none() {
-            routing::share(&self.node, &publication);
-        }
+        routing::share(&self.node, &publication);
         let all: Vec<usize> = (0..self.node.shards()).collect();
         self.node
             .forward(&all, routing::Delivery::Publication(Arc::new(publication)));

@@ -201,39 +201,47 @@ async fn a_burst_through_a_full_inbox_is_dropped_and_counted_exactly_and_readers
     let mut reader = gw.client().await;
     reader.join("room").await;
     const BURST: usize = 200;
-    // Built first, then published back to back: far faster than the shard takes them.
-    let burst: Vec<Publication> = (0..BURST).map(bulk).collect();
-    for publication in burst {
-        gw.gateway().publish(publication);
-    }
-    // The marker goes last, once the inbox has room again.
-    let mut marker = Publication::to_room(
-        "room".into(),
-        wsgate::frame::encode(wsgate::frame::OpCode::Text, br#"{"type":"marker"}"#),
-    );
-    loop {
-        let dropped_before = dropped(&gw).await;
-        gw.gateway().publish(marker.clone());
-        if dropped(&gw).await == dropped_before {
-            break;
-        }
-        marker = marker.clone();
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // A busy machine may let the shard keep up with one burst: up to ten, until one overflows.
+    let mut published = 0;
     let mut received = Vec::new();
-    loop {
-        let msg = reader.recv().await;
-        match msg["type"].as_str() {
-            Some("bulk") => received.push(msg["n"].as_u64().unwrap() as usize),
-            Some("marker") => break,
-            _ => panic!("unexpected {msg}"),
+    for _ in 0..10 {
+        // Built first, then published back to back: far faster than the shard takes them.
+        let burst: Vec<Publication> = (published..published + BURST).map(bulk).collect();
+        published += BURST;
+        for publication in burst {
+            gw.gateway().publish(publication);
+        }
+        // The marker goes last, once the inbox has room again.
+        let mut marker = Publication::to_room(
+            "room".into(),
+            wsgate::frame::encode(wsgate::frame::OpCode::Text, br#"{"type":"marker"}"#),
+        );
+        loop {
+            let dropped_before = dropped(&gw).await;
+            gw.gateway().publish(marker.clone());
+            if dropped(&gw).await == dropped_before {
+                break;
+            }
+            marker = marker.clone();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        loop {
+            let msg = reader.recv().await;
+            match msg["type"].as_str() {
+                Some("bulk") => received.push(msg["n"].as_u64().unwrap() as usize),
+                Some("marker") => break,
+                _ => panic!("unexpected {msg}"),
+            }
+        }
+        if dropped(&gw).await > 0 {
+            break;
         }
     }
     let dropped = dropped(&gw).await as usize;
-    assert!(dropped > 0, "the burst overflowed the inbox");
+    assert!(dropped > 0, "a burst overflowed the inbox");
     assert_eq!(
         received.len() + dropped,
-        BURST,
+        published,
         "every publication delivered or counted"
     );
     assert!(received.windows(2).all(|w| w[0] < w[1]), "in order");

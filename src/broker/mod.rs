@@ -31,11 +31,11 @@ pub struct Unavailable;
 
 impl Broker {
     /// The broker `config` asks for, and (for Redis) the engine to run on its own thread.
-    pub fn new(config: &Config) -> (Self, Option<Engine>) {
+    pub fn new(config: &Config, node_id: Arc<str>) -> (Self, Option<Engine>) {
         match config.broker {
             BrokerKind::Memory => (Broker::Memory, None),
             BrokerKind::Redis => {
-                let (broker, engine) = RedisBroker::new(config);
+                let (broker, engine) = RedisBroker::new(config, node_id);
                 (Broker::Redis(broker), Some(engine))
             }
         }

@@ -42,6 +42,7 @@ use super::Unavailable;
 use crate::client_id::ClientId;
 use crate::config::Config;
 use crate::node::Node;
+use crate::presence::{Entry, Fit, Presence};
 use crate::protocol::{self, ErrorReply, ServerMessage};
 use crate::rooms::RoomState;
 use crate::routing::{self, Target};
@@ -49,8 +50,14 @@ use crate::stream::{Arrival, Position, new_epoch};
 
 /// Publishes a room message: offset, history, PUBLISH in one step.
 pub const PUBLISH_LUA: &str = include_str!("publish.lua");
-/// Reads a room's position and history.
+/// Reads a room's position, history and presence.
 pub const SYNC_LUA: &str = include_str!("sync.lua");
+/// Records one presence change of this node.
+pub const PRESENCE_LUA: &str = include_str!("presence.lua");
+/// Replaces this node's presence in a room.
+pub const PRESENCE_NODE_LUA: &str = include_str!("presence_node.lua");
+/// Says this node is alive and reads which are.
+pub const BEAT_LUA: &str = include_str!("beat.lua");
 
 /// Channels per SUBSCRIBE or UNSUBSCRIBE command, at most.
 const SUBSCRIBE_BATCH: usize = 512;
@@ -69,8 +76,14 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::fro
 const META_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How often rooms past their unsubscribe grace are looked at.
 const GRACE_TICK: Duration = Duration::from_millis(250);
+/// How often a node says it is alive, and how long after its last word it counts as dead (its
+/// presence then leaves every room): a node killed without a goodbye stops counting within
+/// `NODE_TTL + BEAT_INTERVAL`.
+const BEAT_INTERVAL: Duration = Duration::from_secs(2);
+const NODE_TTL: Duration = Duration::from_secs(8);
 
 const BROADCAST_CHANNEL: &str = "wsgate:broadcast";
+const NODES_KEY: &str = "wsgate:nodes";
 
 fn room_channel(room: &str) -> String {
     format!("wsgate:room:{{{room}}}")
@@ -82,6 +95,10 @@ fn meta_key(room: &str) -> String {
 
 fn history_key(room: &str) -> String {
     format!("wsgate:history:{{{room}}}")
+}
+
+fn presence_key(room: &str) -> String {
+    format!("wsgate:presence:{{{room}}}")
 }
 
 /// The room a channel is for.
@@ -112,25 +129,43 @@ enum Outgoing {
     },
 }
 
+/// A change of this node's presence in a room: a user's connections here are now
+/// `entry.conns`; `seq` numbers the node's changes of the room.
+struct PresenceChange {
+    room: Arc<str>,
+    entry: Entry,
+    seq: u64,
+}
+
+/// What waits for the publisher: room messages and notices (bounded: refused when full), and
+/// presence changes (never refused: while Redis is away they are dropped, and the node's whole
+/// presence is written again once it is back).
+struct Queues {
+    outgoing: Receiver<Outgoing>,
+    presence: UnboundedReceiver<PresenceChange>,
+}
+
 /// The shards' handle on the Redis broker.
 pub struct RedisBroker {
     /// This node's name in its publications (it ignores its own notices).
     node_id: Arc<str>,
     commands: UnboundedSender<Command>,
     outgoing: Sender<Outgoing>,
+    presence: UnboundedSender<PresenceChange>,
     ready: Arc<AtomicBool>,
 }
 
 impl RedisBroker {
-    pub fn new(config: &Config) -> (Self, Engine) {
+    pub fn new(config: &Config, node_id: Arc<str>) -> (Self, Engine) {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (outgoing, outgoing_rx) = mpsc::channel(config.redis_publish_queue);
+        let (presence, presence_rx) = mpsc::unbounded_channel();
         let ready = Arc::new(AtomicBool::new(false));
-        let node_id = new_epoch();
         let broker = RedisBroker {
             node_id: node_id.clone(),
             commands,
             outgoing,
+            presence,
             ready: ready.clone(),
         };
         let engine = Engine {
@@ -139,7 +174,11 @@ impl RedisBroker {
             node_id,
             ready,
             commands: command_rx,
-            outgoing: Some(outgoing_rx),
+            queues: Some(Queues {
+                outgoing: outgoing_rx,
+                presence: presence_rx,
+            }),
+            dead: HashSet::new(),
             followed: HashMap::new(),
             leaving: VecDeque::new(),
         };
@@ -161,6 +200,11 @@ impl RedisBroker {
 
     pub(super) fn last_member_left(&self, room: Arc<str>) {
         let _ = self.commands.send(Command::LastMemberLeft(room));
+    }
+
+    /// Queues a change of this node's presence in `room` for Redis (see [`Presence::change`]).
+    pub fn presence_changed(&self, room: Arc<str>, entry: Entry, seq: u64) {
+        let _ = self.presence.send(PresenceChange { room, entry, seq });
     }
 
     /// Queues a room message for Redis; refused while Redis is away or the queue is full.
@@ -205,7 +249,9 @@ pub struct Engine {
     ready: Arc<AtomicBool>,
     commands: UnboundedReceiver<Command>,
     /// Lent to the publisher while connected.
-    outgoing: Option<Receiver<Outgoing>>,
+    queues: Option<Queues>,
+    /// Nodes found dead (their presence was taken out of every room).
+    dead: HashSet<Arc<str>>,
     /// Rooms the node follows (has members in, or had within the grace), by name.
     followed: HashMap<Arc<str>, Arc<RoomState>>,
     /// Rooms whose last local member left, with when to stop following them.
@@ -230,6 +276,9 @@ struct Session {
 struct Scripts {
     publish: String,
     sync: String,
+    presence: String,
+    presence_node: String,
+    beat: String,
 }
 
 impl Engine {
@@ -284,7 +333,7 @@ impl Engine {
     async fn offline(&mut self, node: &Node, pause: Duration) {
         let deadline = tokio::time::sleep(pause);
         tokio::pin!(deadline);
-        let outgoing = self.outgoing.as_mut().expect("returned by the publisher");
+        let queues = self.queues.as_mut().expect("returned by the publisher");
         loop {
             tokio::select! {
                 _ = &mut deadline => return,
@@ -296,7 +345,9 @@ impl Engine {
                         self.leaving.push_back((Instant::now() + self.grace, room));
                     }
                 },
-                Some(out) = outgoing.recv() => refuse(node, out),
+                Some(out) = queues.outgoing.recv() => refuse(node, out),
+                // Written again, whole, once Redis is back.
+                Some(_) = queues.presence.recv() => {}
             }
         }
     }
@@ -312,7 +363,12 @@ impl Engine {
         let scripts = Arc::new(Scripts {
             publish: load(PUBLISH_LUA).query_async(&mut commands).await?,
             sync: load(SYNC_LUA).query_async(&mut commands).await?,
+            presence: load(PRESENCE_LUA).query_async(&mut commands).await?,
+            presence_node: load(PRESENCE_NODE_LUA).query_async(&mut commands).await?,
+            beat: load(BEAT_LUA).query_async(&mut commands).await?,
         });
+        // Alive before anything of this node's is read by others.
+        beat(&mut commands, &scripts, &self.node_id).await?;
         let pubsub = within(client.get_async_pubsub()).await?;
         let (mut sink, messages) = pubsub.split();
         let probe_channel = format!("wsgate:probe:{}", self.node_id);
@@ -329,6 +385,27 @@ impl Engine {
         };
         let rooms: Vec<Arc<RoomState>> = self.followed.values().cloned().collect();
         subscribe(&mut session, rooms.iter().map(|r| &r.name)).await?;
+        // What this node's presence became while Redis was away (or lost it) is written whole.
+        for room in &rooms {
+            let (seq, entries) = {
+                let mut presence = room.presence();
+                let seq = presence.next_seq(&self.node_id);
+                (seq, presence.own(&self.node_id).1)
+            };
+            let mut write = ::redis::cmd("EVALSHA");
+            write
+                .arg(&session.scripts.presence_node)
+                .arg(1)
+                .arg(presence_key(&room.name))
+                .arg(&*self.node_id)
+                .arg(seq)
+                .arg(room_channel(&room.name))
+                .arg(META_TTL.as_secs());
+            for entry in entries {
+                write.arg(&*entry.user_id).arg(entry_json(&entry));
+            }
+            write.query_async::<i64>(&mut session.commands).await?;
+        }
         // Every room caught up before serving: what arrives meanwhile waits in the subscription.
         for room in rooms {
             catch_up(&mut session, node, room);
@@ -343,20 +420,21 @@ impl Engine {
     /// Serves one connection until it fails; returns why.
     async fn serve(&mut self, mut session: Session, node: &Arc<Node>) -> String {
         let stop_publisher = CancellationToken::new();
-        let outgoing = self
-            .outgoing
+        let queues = self
+            .queues
             .take()
             .expect("returned by the previous publisher");
         let mut publisher = tokio::spawn(publish_loop(
             session.commands.clone(),
             session.scripts.clone(),
-            outgoing,
+            queues,
             node.clone(),
             self.node_id.clone(),
             stop_publisher.clone(),
         ));
         let mut probe = tokio::time::interval(PROBE_INTERVAL);
         let mut grace = tokio::time::interval(GRACE_TICK);
+        let mut beats = tokio::time::interval(BEAT_INTERVAL);
         let mut publisher_done = None;
         let reason = loop {
             tokio::select! {
@@ -385,6 +463,11 @@ impl Engine {
                             .await;
                     });
                 }
+                _ = beats.tick() => {
+                    if let Err(e) = self.beat(&mut session, node).await {
+                        break e.to_string();
+                    }
+                }
                 _ = grace.tick() => {
                     if let Err(e) = self.unfollow_due(&mut session).await {
                         break e.to_string();
@@ -396,19 +479,19 @@ impl Engine {
                     }
                 }
                 done = &mut publisher => {
-                    let (outgoing, error) = done.expect("the publisher does not panic");
-                    publisher_done = Some(outgoing);
+                    let (queues, error) = done.expect("the publisher does not panic");
+                    publisher_done = Some(queues);
                     break format!("publishing: {}", error.map_or("stopped".into(), |e| e.to_string()));
                 }
             }
         };
         self.ready.store(false, Ordering::Release);
         stop_publisher.cancel();
-        let outgoing = match publisher_done {
-            Some(outgoing) => outgoing,
+        let queues = match publisher_done {
+            Some(queues) => queues,
             None => publisher.await.expect("the publisher does not panic").0,
         };
-        self.outgoing = Some(outgoing);
+        self.queues = Some(queues);
         // Abandoned catch-ups give their rooms back (see `CatchingUp`) before the next session.
         session.catch_ups.shutdown().await;
         reason
@@ -426,6 +509,8 @@ impl Engine {
         } else {
             room_of(channel).is_some_and(|room| match payload.split_first() {
                 Some((b's', rest)) => on_room_message(session, node, room, rest),
+                Some((b'u', rest)) => self.on_presence(session, node, room, rest, false),
+                Some((b'U', rest)) => self.on_presence(session, node, room, rest, true),
                 Some((b'p', rest)) => self.on_notice(node, Target::Room(Arc::from(room)), rest),
                 _ => false,
             })
@@ -452,6 +537,89 @@ impl Engine {
         }
         routing::publish_from_broker(node, target, json);
         true
+    }
+
+    /// A presence change of another node: `<node> <seq>\n<entry>` (`whole`: `[<entry>, …]`, all
+    /// of the node's entries). Returns false when malformed.
+    fn on_presence(
+        &self,
+        session: &mut Session,
+        node: &Arc<Node>,
+        room: &str,
+        envelope: &[u8],
+        whole: bool,
+    ) -> bool {
+        let Some((header, json)) = split_line(envelope) else {
+            return false;
+        };
+        let Some((from, seq)) = std::str::from_utf8(header)
+            .ok()
+            .and_then(|h| h.split_once(' '))
+        else {
+            return false;
+        };
+        let Some(seq) = parse_u64(seq.as_bytes()) else {
+            return false;
+        };
+        if from == &*self.node_id {
+            return true;
+        }
+        let Some(room) = node.rooms.get(room) else {
+            return true;
+        };
+        let from: Arc<str> = Arc::from(from);
+        let synced = room.stream().is_synced();
+        if !synced {
+            // The room's first sync reads the presence whole.
+            return true;
+        }
+        if whole {
+            let Ok(entries) = serde_json::from_slice::<Vec<Entry>>(json) else {
+                return false;
+            };
+            let (gone, came) = room.presence().replace_node(&from, seq, entries);
+            routing::tell_presence(node, &room, &gone, &came);
+            return true;
+        }
+        let Ok(entry) = serde_json::from_slice::<Entry>(json) else {
+            return false;
+        };
+        let fit = room.presence().apply(&from, seq, entry.clone());
+        match fit {
+            Fit::Applied { before, after } => {
+                let (gone, came) = match (before, after) {
+                    (0, 1..) => (&[][..], std::slice::from_ref(&entry)),
+                    (1.., 0) => (std::slice::from_ref(&entry), &[][..]),
+                    _ => (&[][..], &[][..]),
+                };
+                routing::tell_presence(node, &room, gone, came);
+            }
+            Fit::Seen => {}
+            Fit::Missed => catch_up(session, node, room),
+        }
+        true
+    }
+
+    /// Says this node is alive, and takes the presence of the nodes found dead out of every room
+    /// this node follows (their entries in Redis are skipped by every read from now on).
+    async fn beat(&mut self, session: &mut Session, node: &Node) -> RedisResult<()> {
+        let alive = beat(&mut session.commands, &session.scripts, &self.node_id).await?;
+        for room in self.followed.values() {
+            let gone_nodes: Vec<Arc<str>> = room
+                .presence()
+                .nodes()
+                .filter(|n| **n != self.node_id && !alive.contains(&***n))
+                .cloned()
+                .collect();
+            for gone in gone_nodes {
+                if self.dead.insert(gone.clone()) {
+                    warn!(node = %gone, "a node stopped answering: its presence leaves every room");
+                }
+                let left = room.presence().remove_node(&gone);
+                routing::tell_presence(node, room, &left, &[]);
+            }
+        }
+        Ok(())
     }
 
     async fn on_command(
@@ -508,6 +676,9 @@ impl Engine {
                     continue;
                 }
                 stream.unsync();
+                // This node's entries are gone (no member left); others' are read again on a
+                // later follow.
+                *room.presence() = Presence::default();
             }
             self.followed.remove(&name);
             if session.subscribed.remove(&name) {
@@ -593,28 +764,30 @@ fn catch_up(session: &mut Session, node: &Arc<Node>, room: Arc<RoomState>) {
         let mut guard = CatchingUp(Some(room.clone()));
         let mut commands = commands;
         loop {
-            let (from, _) = {
+            let from = {
                 let stream = room.stream();
-                (stream.is_synced().then(|| stream.position().offset + 1), ())
+                stream.is_synced().then(|| stream.position().offset + 1)
             };
             let limits = node.rooms.history_limits();
             let reply: Value = ::redis::cmd("EVALSHA")
                 .arg(&scripts.sync)
-                .arg(2)
+                .arg(4)
                 .arg(meta_key(&room.name))
                 .arg(history_key(&room.name))
+                .arg(presence_key(&room.name))
+                .arg(NODES_KEY)
                 .arg(&*new_epoch())
                 .arg(META_TTL.as_secs())
                 .arg(from.unwrap_or(0))
                 .arg(limits.size.max(1))
                 .query_async(&mut commands)
                 .await?;
-            let Some((position, kept)) = parse_sync(reply, from.is_none()) else {
+            let Some((position, kept, presence)) = parse_sync(reply, from.is_none()) else {
                 return Err(RedisError::from(std::io::Error::other(
                     "unexpected answer to the sync script",
                 )));
             };
-            routing::catch_up_stream(&node, &room, position, kept);
+            routing::catch_up_stream(&node, &room, position, kept, presence);
             if !room.stream().end_catch_up() {
                 guard.0 = None;
                 return Ok(());
@@ -625,6 +798,8 @@ fn catch_up(session: &mut Session, node: &Arc<Node>, room: Arc<RoomState>) {
 
 /// A room's messages from Redis: (offset, JSON text), oldest first.
 type History = Vec<(u64, Vec<u8>)>;
+/// A room's presence from Redis: per live node, its last change number and its entries.
+pub type NodesPresence = Vec<(Arc<str>, u64, Vec<Entry>)>;
 
 /// Gives a room back (no catch-up running) when its catch-up ends without completing.
 struct CatchingUp(Option<Arc<RoomState>>);
@@ -640,13 +815,14 @@ impl Drop for CatchingUp {
 
 /// The sync script's answer: the room's position, and its history as (offset, JSON text), oldest
 /// first (`newest_first`: as the script read them for a tail).
-fn parse_sync(reply: Value, newest_first: bool) -> Option<(Position, History)> {
+fn parse_sync(reply: Value, newest_first: bool) -> Option<(Position, History, NodesPresence)> {
     let Value::Array(mut parts) = reply else {
         return None;
     };
-    if parts.len() != 3 {
+    if parts.len() != 4 {
         return None;
     }
+    let presence = parse_presence(parts.pop()?)?;
     let entries = parts.pop()?;
     let epoch = match parts.pop()? {
         Value::BulkString(epoch) => String::from_utf8(epoch).ok()?,
@@ -681,7 +857,62 @@ fn parse_sync(reply: Value, newest_first: bool) -> Option<(Position, History)> {
         offset: u64::try_from(top).ok()?,
         epoch: Arc::from(epoch),
     };
-    Some((position, kept))
+    Some((position, kept, presence))
+}
+
+/// Each node's presence in a room, as the sync script reads it: the flat fields of the presence
+/// hash (`#<node>` → its last change number, `<node>\x1f<user>` → an entry).
+fn parse_presence(fields: Value) -> Option<NodesPresence> {
+    let Value::Array(fields) = fields else {
+        return None;
+    };
+    let mut nodes: HashMap<Arc<str>, (u64, Vec<Entry>)> = HashMap::new();
+    let mut fields = fields.into_iter();
+    while let (Some(Value::BulkString(field)), Some(Value::BulkString(value))) =
+        (fields.next(), fields.next())
+    {
+        if let Some(node) = field.strip_prefix(b"#") {
+            let node = Arc::from(std::str::from_utf8(node).ok()?);
+            nodes.entry(node).or_default().0 = parse_u64(&value)?;
+        } else {
+            let at = field.iter().position(|&b| b == 0x1f)?;
+            let node = Arc::from(std::str::from_utf8(&field[..at]).ok()?);
+            let entry: Entry = serde_json::from_slice(&value).ok()?;
+            nodes.entry(node).or_default().1.push(entry);
+        }
+    }
+    Some(
+        nodes
+            .into_iter()
+            .map(|(node, (seq, entries))| (node, seq, entries))
+            .collect(),
+    )
+}
+
+/// Says this node is alive (until `NODE_TTL` from now) and returns the nodes that are.
+async fn beat(
+    commands: &mut MultiplexedConnection,
+    scripts: &Scripts,
+    node_id: &str,
+) -> RedisResult<HashSet<String>> {
+    let (now, nodes): (u64, Vec<(String, u64)>) = ::redis::cmd("EVALSHA")
+        .arg(&scripts.beat)
+        .arg(1)
+        .arg(NODES_KEY)
+        .arg(node_id)
+        .arg(NODE_TTL.as_millis() as u64)
+        .query_async(commands)
+        .await?;
+    Ok(nodes
+        .into_iter()
+        .filter(|(_, until)| *until >= now)
+        .map(|(node, _)| node)
+        .collect())
+}
+
+/// A presence entry as stored and published.
+fn entry_json(entry: &Entry) -> Vec<u8> {
+    serde_json::to_vec(entry).expect("serializing to memory cannot fail")
 }
 
 /// Sends what is queued for Redis in pipelines, in order; returns the queue when stopped, with the
@@ -689,22 +920,48 @@ fn parse_sync(reply: Value, newest_first: bool) -> Option<(Position, History)> {
 async fn publish_loop(
     mut commands: MultiplexedConnection,
     scripts: Arc<Scripts>,
-    mut outgoing: Receiver<Outgoing>,
+    mut queues: Queues,
     node: Arc<Node>,
     node_id: Arc<str>,
     stop: CancellationToken,
-) -> (Receiver<Outgoing>, Option<RedisError>) {
+) -> (Queues, Option<RedisError>) {
     let limits = node.rooms.history_limits();
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    let mut changes = Vec::with_capacity(PUBLISH_BATCH);
     loop {
         let taken = tokio::select! {
-            _ = stop.cancelled() => return (outgoing, None),
-            taken = outgoing.recv_many(&mut batch, PUBLISH_BATCH) => taken,
+            _ = stop.cancelled() => return (queues, None),
+            taken = queues.presence.recv_many(&mut changes, PUBLISH_BATCH) => taken,
+            taken = queues.outgoing.recv_many(&mut batch, PUBLISH_BATCH) => taken,
         };
         if taken == 0 {
-            return (outgoing, None);
+            // Every sender is gone: the node is stopping.
+            return (queues, None);
+        }
+        while changes.len() < PUBLISH_BATCH
+            && let Ok(change) = queues.presence.try_recv()
+        {
+            changes.push(change);
+        }
+        while batch.len() < PUBLISH_BATCH
+            && let Ok(out) = queues.outgoing.try_recv()
+        {
+            batch.push(out);
         }
         let mut pipe = ::redis::pipe();
+        for change in &changes {
+            pipe.cmd("EVALSHA")
+                .arg(&scripts.presence)
+                .arg(1)
+                .arg(presence_key(&change.room))
+                .arg(&*node_id)
+                .arg(&*change.entry.user_id)
+                .arg(entry_json(&change.entry))
+                .arg(change.entry.conns)
+                .arg(change.seq)
+                .arg(room_channel(&change.room))
+                .arg(META_TTL.as_secs());
+        }
         for out in &batch {
             match out {
                 Outgoing::Message { room, message, .. } => {
@@ -736,9 +993,12 @@ async fn publish_loop(
             for out in batch.drain(..) {
                 refuse(&node, out);
             }
-            return (outgoing, Some(e));
+            // The node's presence is written whole after the reconnection.
+            changes.clear();
+            return (queues, Some(e));
         }
         batch.clear();
+        changes.clear();
     }
 }
 
@@ -825,12 +1085,22 @@ mod tests {
                 ]),
             ])
         };
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
         let reply = Value::Array(vec![
             Value::Int(7),
             Value::BulkString(b"abc".to_vec()),
             Value::Array(vec![entry("7", "{}"), entry("6", "{\"a\":1}")]),
+            Value::Array(vec![
+                bulk("#n1"),
+                bulk("3"),
+                bulk("n1\x1fbob"),
+                bulk(r#"{"user":"bob","name":"Bob","conns":2}"#),
+            ]),
         ]);
-        let (position, kept) = parse_sync(reply, true).unwrap();
+        let (position, kept, presence) = parse_sync(reply, true).unwrap();
+        assert_eq!(presence.len(), 1);
+        let (node, seq, entries) = &presence[0];
+        assert_eq!((&**node, *seq, entries[0].conns), ("n1", 3, 2));
         assert_eq!(position.offset, 7);
         assert_eq!(&*position.epoch, "abc");
         assert_eq!(kept, vec![(6, b"{\"a\":1}".to_vec()), (7, b"{}".to_vec())]);

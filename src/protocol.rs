@@ -144,6 +144,19 @@ impl Serialize for ErrorReply<'_> {
     }
 }
 
+/// A client id with its node's name, as clients see it.
+#[derive(Debug)]
+pub struct NodeClientId<'a> {
+    pub node: &'a str,
+    pub id: ClientId,
+}
+
+impl Serialize for NodeClientId<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}.{}", self.node, self.id))
+    }
+}
+
 impl Serialize for ClientId {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -279,8 +292,9 @@ pub fn now_ms() -> u64 {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage<'a> {
     Connected {
+        /// `<node>.<shard>.<slot>.<generation>`: unique across the nodes of a cluster.
         #[serde(rename = "clientId")]
-        client_id: ClientId,
+        client_id: NodeClientId<'a>,
         timestamp: u64,
     },
     RoomJoined {

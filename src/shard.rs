@@ -21,7 +21,7 @@ use crate::heartbeat::{Heartbeats, Liveness};
 use crate::limits::{Charge, RateLimiter, RateLimits, Verdict};
 use crate::node::Node;
 use crate::outbound::{Outbound, QueueTotal};
-use crate::protocol::{ErrorReply, JsonParser, ServerMessage, now_ms};
+use crate::protocol::{ErrorReply, JsonParser, NodeClientId, ServerMessage, now_ms};
 use crate::rooms::LocalRooms;
 
 /// Bytes read from a socket in one go. Shared by all of a shard's connections: an idle connection
@@ -166,7 +166,10 @@ impl Shard {
         };
         if endpoint == Endpoint::Chat {
             let hello = ServerMessage::Connected {
-                client_id: id,
+                client_id: NodeClientId {
+                    node: &self.node.id,
+                    id,
+                },
                 timestamp: now_ms(),
             };
             conn.outbound.push(hello.encode(), &mut state.queued);

@@ -390,3 +390,132 @@ async fn killed_subscriptions_catch_up_with_no_loss_and_no_duplicate() {
     reader.expect_silence().await;
     assert!(counter(&nodes[0], "broker_disconnects").await >= 1);
 }
+
+async fn user_on(gw: &TestGateway, user: &str) -> Client {
+    Client::connect(&format!(
+        "{}?token={}",
+        gw.url("/ws"),
+        support::token_for(user)
+    ))
+    .await
+}
+
+/// The presence notices `client` gets until it answers an echo (so none is missed).
+async fn notices(client: &mut Client) -> Vec<(String, String)> {
+    client.send("echo", json!("sync")).await;
+    let mut seen = Vec::new();
+    loop {
+        let msg = client.recv().await;
+        match msg["type"].as_str() {
+            Some(kind @ ("user_joined" | "user_left")) => {
+                seen.push((kind.to_owned(), msg["userId"].as_str().unwrap().to_owned()))
+            }
+            Some("echo") => return seen,
+            _ => panic!("unexpected {msg}"),
+        }
+    }
+}
+
+/// Long enough for a change on another node to arrive through Redis, before a check that
+/// nothing (more) came.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_user_on_two_nodes_is_one_presence_and_counts_are_the_clusters() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1, 1]).await;
+    let mut observer = user_on(&nodes[2], "olga").await;
+    assert_eq!(observer.join("p").await, 1);
+    let mut local_observer = user_on(&nodes[0], "oscar").await;
+    assert_eq!(local_observer.join("p").await, 2, "the cluster's count");
+    assert_eq!(observer.expect("user_joined").await["userId"], "oscar");
+    // Bob on two nodes: one join notice for everyone, whichever node they are on.
+    let mut bob0 = user_on(&nodes[0], "bob").await;
+    assert_eq!(bob0.join("p").await, 3);
+    assert_eq!(observer.expect("user_joined").await["userId"], "bob");
+    assert_eq!(local_observer.expect("user_joined").await["userId"], "bob");
+    let mut bob1 = user_on(&nodes[1], "bob").await;
+    assert_eq!(bob1.join("p").await, 4, "connections, across nodes");
+    settle().await;
+    assert_eq!(notices(&mut observer).await, vec![]);
+    assert_eq!(notices(&mut local_observer).await, vec![]);
+
+    // A presence request sees everyone once, across nodes.
+    let mut carol = user_on(&nodes[1], "carol").await;
+    assert_eq!(carol.join("p").await, 5);
+    carol.send("presence", json!({"room": "p"})).await;
+    let page = next_not_presence(&mut carol).await;
+    assert_eq!(page["type"], "presence", "{page}");
+    assert_eq!(page["members"], 5);
+    let users: Vec<&str> = page["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["userId"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["bob", "carol", "olga", "oscar"]);
+    assert!(page.get("next").is_none(), "one page");
+    // Past the page, `next` names where the next one starts.
+    carol
+        .send("presence", json!({"room": "p", "after": "carol"}))
+        .await;
+    let rest = next_not_presence(&mut carol).await;
+    assert_eq!(
+        rest["users"],
+        json!([{"userId": "olga", "username": "olga"}, {"userId": "oscar", "username": "oscar"}])
+    );
+
+    // Leaving one of two connections is not leaving.
+    assert_eq!(observer.expect("user_joined").await["userId"], "carol");
+    drop(bob0);
+    settle().await;
+    assert_eq!(notices(&mut observer).await, vec![]);
+    drop(bob1);
+    assert_eq!(observer.expect("user_left").await["userId"], "bob");
+    let mut seen = notices(&mut local_observer).await;
+    seen.retain(|(_, user)| user == "bob");
+    assert_eq!(seen, vec![("user_left".to_owned(), "bob".to_owned())]);
+    let mut dave = user_on(&nodes[2], "dave").await;
+    assert_eq!(dave.join("p").await, 4, "olga, oscar, carol and dave");
+}
+
+#[tokio::test]
+async fn a_killed_node_leaves_every_room_within_the_node_ttl() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let env = [
+        ("WSGATE_BROKER", "redis"),
+        ("WSGATE_REDIS_URL", url.as_str()),
+        ("WSGATE_JWT_SECRET", support::TEST_SECRET),
+        ("WSGATE_SHARDS", "1"),
+    ];
+    let doomed = support::process::GatewayProcess::start(&[], &env, None);
+    let survivor = node(&redis, 1);
+    wait_readiness(&survivor, 200).await;
+    let mut observer = user_on(&survivor, "olga").await;
+    observer.join("k").await;
+    let mut victim = Client::connect(&format!(
+        "ws://{}/ws?token={}",
+        doomed.addr,
+        support::token_for("vic")
+    ))
+    .await;
+    assert_eq!(victim.join("k").await, 2);
+    assert_eq!(observer.expect("user_joined").await["userId"], "vic");
+    // kill -9: no goodbye, no leave.
+    drop(doomed);
+    let started = std::time::Instant::now();
+    let left = observer
+        .expect_within("user_left", Duration::from_secs(15))
+        .await;
+    assert_eq!(left["userId"], "vic");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(12), "gone after {took:?}");
+    let mut late = user_on(&survivor, "lee").await;
+    assert_eq!(late.join("k").await, 2, "olga and lee: no ghost");
+    late.send("presence", json!({"room": "k"})).await;
+    let page = next_not_presence(&mut late).await;
+    assert_eq!(page["users"].as_array().unwrap().len(), 2, "{page}");
+}

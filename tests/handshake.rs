@@ -93,13 +93,18 @@ async fn client_ids_are_unique_even_when_slots_are_reused() {
     drop(first);
     gw.wait_for_connections(0).await;
     let second = gw.client().await;
-    // Same shard, same slab slot, different generation.
+    // Same node, shard and slab slot; another generation.
     let (a, b): (Vec<&str>, Vec<&str>) = (
         first_id.split('.').collect(),
         second.id.split('.').collect(),
     );
-    assert_eq!(a[..2], b[..2], "{first_id} vs {}", second.id);
-    assert_ne!(a[2], b[2]);
+    assert_eq!(a.len(), 4, "node.shard.slot.generation: {first_id}");
+    assert_eq!(a[..3], b[..3], "{first_id} vs {}", second.id);
+    assert_ne!(a[3], b[3]);
+    // Another node names its clients otherwise.
+    let other = TestGateway::start(1);
+    let elsewhere = other.client().await;
+    assert_ne!(elsewhere.id.split('.').next(), a.first().copied());
 }
 
 #[tokio::test]

@@ -159,8 +159,9 @@ async fn every_member_gets_every_message_once_and_in_order() {
     }
 }
 
+/// The client's id on its node: its `clientId` without the node's name.
 fn id(client: &Client) -> ClientId {
-    client.id.parse().unwrap()
+    client.id.split_once('.').unwrap().1.parse().unwrap()
 }
 
 fn frame(text: &str) -> bytes::Bytes {

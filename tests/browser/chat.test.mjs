@@ -49,7 +49,7 @@ async function openAndJoin(name) {
   await page.fill('#user', name);
   await page.click('#connect');
   await page.locator('#status', { hasText: /^connected$/ }).waitFor();
-  await page.locator('#clientId', { hasText: /^id \w+\.\w+\.\w+$/ }).waitFor();
+  await page.locator('#clientId', { hasText: /^id \w+\.\w+\.\w+\.\w+$/ }).waitFor();
   await page.click('#joinForm button');
   await page.locator('.room.active', { hasText: '#general' }).waitFor();
   return page;

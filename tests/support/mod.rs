@@ -170,9 +170,9 @@ impl Client {
         client
     }
 
-    /// The shard this client is on, read from its id (`shard.key.generation`).
+    /// The shard this client is on, read from its id (`node.shard.key.generation`).
     pub fn shard(&self) -> u16 {
-        let shard = self.id.split('.').next().unwrap();
+        let shard = self.id.split('.').nth(1).unwrap();
         u16::from_str_radix(shard, 16).unwrap()
     }
 
@@ -190,8 +190,19 @@ impl Client {
 
     /// The next JSON message; fails the test after [`PATIENCE`].
     pub async fn recv(&mut self) -> Value {
+        self.recv_within(PATIENCE).await
+    }
+
+    /// The next message, which must be of `kind` and come within `patience`.
+    pub async fn expect_within(&mut self, kind: &str, patience: Duration) -> Value {
+        let msg = self.recv_within(patience).await;
+        assert_eq!(msg["type"], kind, "{msg}");
+        msg
+    }
+
+    async fn recv_within(&mut self, patience: Duration) -> Value {
         loop {
-            let msg = tokio::time::timeout(PATIENCE, self.ws.next())
+            let msg = tokio::time::timeout(patience, self.ws.next())
                 .await
                 .expect("a message within the patience window")
                 .expect("stream open")

@@ -151,9 +151,15 @@ pub struct NodeClientId<'a> {
     pub id: ClientId,
 }
 
+impl fmt::Display for NodeClientId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.node, self.id)
+    }
+}
+
 impl Serialize for NodeClientId<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&format_args!("{}.{}", self.node, self.id))
+        s.collect_str(self)
     }
 }
 

@@ -84,6 +84,8 @@ pub enum Delivery {
     Resync(Arc<RoomState>, u64),
     /// A frame for one client.
     Reply(ClientId, Bytes),
+    /// Redis lost (or never had) the node's sessions: each shard records its own again.
+    ResendSessions,
 }
 
 static NO_FRAME: Bytes = Bytes::new();
@@ -94,7 +96,7 @@ impl Delivery {
             Delivery::Publication(p) => &p.frame,
             Delivery::Stream(m) => &m.frame,
             Delivery::Reply(_, frame) => frame,
-            Delivery::Synced(_) | Delivery::Resync(..) => &NO_FRAME,
+            Delivery::Synced(_) | Delivery::Resync(..) | Delivery::ResendSessions => &NO_FRAME,
         }
     }
 }
@@ -358,6 +360,7 @@ pub fn deliver_from_bus(shard: &Shard, delivery: &Delivery) {
         Delivery::Stream(message) => deliver_stream(shard, message),
         Delivery::Synced(room) => chat::complete_joins(shard, room),
         Delivery::Resync(room, top) => resync(shard, room, *top),
+        Delivery::ResendSessions => shard.resend_sessions(),
         Delivery::Reply(to, frame) => {
             let mut guard = shard.state();
             let state = &mut *guard;

@@ -14,6 +14,7 @@ use slab::Slab;
 use tracing::debug;
 
 use crate::auth::Identity;
+use crate::broker::Broker;
 use crate::client_id::ClientId;
 use crate::close::CloseCode;
 use crate::frame;
@@ -55,6 +56,8 @@ pub struct ConnEntry {
     pub rooms: Box<[Arc<str>]>,
     pub outbound: Outbound,
     pub liveness: Liveness,
+    /// When it connected (Unix seconds), for its session record.
+    pub connected_at: u32,
 }
 
 pub struct ShardState {
@@ -163,7 +166,11 @@ impl Shard {
             limiter: RateLimiter::new(&self.limits, self.clock_ms()),
             rooms: Box::default(),
             outbound: Outbound::default(),
+            connected_at: (now_ms() / 1000) as u32,
         };
+        if endpoint == Endpoint::Chat {
+            self.session_opened(&conn);
+        }
         if endpoint == Endpoint::Chat {
             let hello = ServerMessage::Connected {
                 client_id: NodeClientId {
@@ -185,6 +192,37 @@ impl Shard {
         key
     }
 
+    /// The id clients see: with the node's name.
+    pub fn client_id(&self, id: ClientId) -> String {
+        NodeClientId {
+            node: &self.node.id,
+            id,
+        }
+        .to_string()
+    }
+
+    /// Records a chat connection's session in Redis (with the Redis broker).
+    fn session_opened(&self, conn: &ConnEntry) {
+        if let Broker::Redis(redis) = &self.node.broker {
+            let connected_at = u64::from(conn.connected_at) * 1000;
+            redis.session_opened(
+                self.client_id(conn.id),
+                &conn.identity.user_id,
+                connected_at,
+            );
+        }
+    }
+
+    /// Records every chat connection's session again (Redis lost them, or was away).
+    pub fn resend_sessions(&self) {
+        let state = self.state_ref();
+        for (_, conn) in state.conns.iter() {
+            if conn.endpoint == Endpoint::Chat {
+                self.session_opened(conn);
+            }
+        }
+    }
+
     /// Removes a connection whose task has ended, and gives back its admission.
     pub fn unregister(&self, key: usize) {
         let mut guard = self.state();
@@ -193,6 +231,11 @@ impl Shard {
         if let Some(mut conn) = removed {
             conn.outbound.clear(&mut state.queued);
             drop(guard);
+            if let Broker::Redis(redis) = &self.node.broker
+                && conn.endpoint == Endpoint::Chat
+            {
+                redis.session_closed(self.client_id(conn.id));
+            }
             self.node.connections[self.index].fetch_sub(1, Ordering::Relaxed);
             self.node.admission.release_upgrade();
             self.node.admission.release_socket(conn.peer);

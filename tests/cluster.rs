@@ -123,8 +123,17 @@ async fn counter(gw: &TestGateway, name: &str) -> u64 {
     health["refused"][name].as_u64().unwrap()
 }
 
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+async fn wait_until(what: &str, done: impl FnMut() -> bool) {
+    wait_until_for(what, PATIENCE, done).await;
+}
+
+/// [`wait_until`], for what takes a node's time-to-live.
+async fn wait_until_slowly(what: &str, done: impl FnMut() -> bool) {
+    wait_until_for(what, Duration::from_secs(12), done).await;
+}
+
+async fn wait_until_for(what: &str, patience: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + patience;
     while !done() {
         assert!(tokio::time::Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -212,6 +221,14 @@ async fn only_nodes_with_members_follow_a_room_and_notices_cross_nodes() {
     ))
     .await;
     let mut carol = nodes[2].client().await;
+    // A session record per chat connection while it is open.
+    let sessions = |client: &Client| {
+        let node = client.id.split('.').next().unwrap();
+        format!("wsgate:sessions:{node}")
+    };
+    let (alice_sessions, alice_id) = (sessions(&alice), alice.id.clone());
+    let record: String = redis.query(redis::cmd("HGET").arg(&alice_sessions).arg(&alice_id));
+    assert!(record.contains(r#""user":"alice""#), "{record}");
     alice.join("t").await;
     bob.join("t").await;
     carol.join("u").await;
@@ -239,6 +256,11 @@ async fn only_nodes_with_members_follow_a_room_and_notices_cross_nodes() {
     drop(bob);
     wait_until("no node follows the room", || {
         redis.subscribers(channel) == 0
+    })
+    .await;
+    drop(alice);
+    wait_until("a closed connection's session is deleted", || {
+        redis.query::<i64>(redis::cmd("HEXISTS").arg(&alice_sessions).arg(&alice_id)) == 0
     })
     .await;
     // Following it again later starts from where the room is.
@@ -310,6 +332,13 @@ async fn a_redis_outage_keeps_sockets_refuses_publishing_and_a_lost_room_resyncs
     for n in &nodes {
         wait_readiness(n, 200).await;
     }
+    // The nodes wrote their sessions again.
+    let node = alice.id.split('.').next().unwrap().to_owned();
+    wait_until("alice's session is recorded again", || {
+        let sessions = format!("wsgate:sessions:{node}");
+        redis.query::<i64>(redis::cmd("HEXISTS").arg(sessions).arg(&alice.id)) == 1
+    })
+    .await;
     assert_eq!(next_not_presence(&mut bob).await["type"], "resync");
     assert_eq!(next_not_presence(&mut alice).await["type"], "resync");
     let offset = publish_surely(&mut alice, "r", "after").await;
@@ -503,6 +532,24 @@ async fn a_killed_node_leaves_every_room_within_the_node_ttl() {
     ))
     .await;
     assert_eq!(victim.join("k").await, 2);
+    // Its session is recorded, in its node's sessions, which live while the node beats.
+    let doomed_node = victim.id.split('.').next().unwrap().to_owned();
+    let sessions = format!("wsgate:sessions:{doomed_node}");
+    let record: String = redis.query(redis::cmd("HGET").arg(&sessions).arg(&victim.id));
+    let record: Value = serde_json::from_str(&record).unwrap();
+    assert_eq!(record["user"], "vic");
+    assert_eq!(record["node"], doomed_node);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let connected_at = record["connectedAt"].as_u64().unwrap();
+    assert!(now_ms - connected_at < 10_000, "{record}");
+    let ttl: i64 = redis.query(redis::cmd("PTTL").arg(&sessions));
+    assert!(
+        (1..=8000).contains(&ttl),
+        "sessions expire with the node: {ttl}"
+    );
     assert_eq!(observer.expect("user_joined").await["userId"], "vic");
     // kill -9: no goodbye, no leave.
     drop(doomed);
@@ -513,6 +560,10 @@ async fn a_killed_node_leaves_every_room_within_the_node_ttl() {
     assert_eq!(left["userId"], "vic");
     let took = started.elapsed();
     assert!(took < Duration::from_secs(12), "gone after {took:?}");
+    wait_until_slowly("the dead node's sessions expire", || {
+        redis.query::<i64>(redis::cmd("EXISTS").arg(&sessions)) == 0
+    })
+    .await;
     let mut late = user_on(&survivor, "lee").await;
     assert_eq!(late.join("k").await, 2, "olga and lee: no ghost");
     late.send("presence", json!({"room": "k"})).await;

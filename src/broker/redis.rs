@@ -45,7 +45,7 @@ use crate::node::Node;
 use crate::presence::{Entry, Fit, Presence};
 use crate::protocol::{self, ErrorReply, ServerMessage};
 use crate::rooms::RoomState;
-use crate::routing::{self, Target};
+use crate::routing::{self, Delivery, Target};
 use crate::stream::{Arrival, Position, new_epoch};
 
 /// Publishes a room message: offset, history, PUBLISH in one step.
@@ -101,6 +101,12 @@ fn presence_key(room: &str) -> String {
     format!("wsgate:presence:{{{room}}}")
 }
 
+/// A node's sessions: client id → `{"user","node","connectedAt"}`, expiring `NODE_TTL` after
+/// the node's last beat.
+fn sessions_key(node: &str) -> String {
+    format!("wsgate:sessions:{node}")
+}
+
 /// The room a channel is for.
 fn room_of(channel: &str) -> Option<&str> {
     channel.strip_prefix("wsgate:room:{")?.strip_suffix('}')
@@ -129,20 +135,31 @@ enum Outgoing {
     },
 }
 
-/// A change of this node's presence in a room: a user's connections here are now
-/// `entry.conns`; `seq` numbers the node's changes of the room.
-struct PresenceChange {
-    room: Arc<str>,
-    entry: Entry,
-    seq: u64,
+/// A change of what Redis records of this node.
+enum Record {
+    /// Its presence in a room: a user's connections here are now `entry.conns`; `seq` numbers
+    /// the node's changes of the room.
+    Presence {
+        room: Arc<str>,
+        entry: Entry,
+        seq: u64,
+    },
+    /// A session (a connection) opened: its client id, and its record (JSON).
+    SessionOpened {
+        client_id: String,
+        record: Vec<u8>,
+    },
+    SessionClosed {
+        client_id: String,
+    },
 }
 
 /// What waits for the publisher: room messages and notices (bounded: refused when full), and
-/// presence changes (never refused: while Redis is away they are dropped, and the node's whole
-/// presence is written again once it is back).
+/// records (never refused: while Redis is away they are dropped, and the node's presence and
+/// sessions are written again, whole, once it is back).
 struct Queues {
     outgoing: Receiver<Outgoing>,
-    presence: UnboundedReceiver<PresenceChange>,
+    records: UnboundedReceiver<Record>,
 }
 
 /// The shards' handle on the Redis broker.
@@ -151,7 +168,7 @@ pub struct RedisBroker {
     node_id: Arc<str>,
     commands: UnboundedSender<Command>,
     outgoing: Sender<Outgoing>,
-    presence: UnboundedSender<PresenceChange>,
+    records: UnboundedSender<Record>,
     ready: Arc<AtomicBool>,
 }
 
@@ -159,13 +176,13 @@ impl RedisBroker {
     pub fn new(config: &Config, node_id: Arc<str>) -> (Self, Engine) {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (outgoing, outgoing_rx) = mpsc::channel(config.redis_publish_queue);
-        let (presence, presence_rx) = mpsc::unbounded_channel();
+        let (records, records_rx) = mpsc::unbounded_channel();
         let ready = Arc::new(AtomicBool::new(false));
         let broker = RedisBroker {
             node_id: node_id.clone(),
             commands,
             outgoing,
-            presence,
+            records,
             ready: ready.clone(),
         };
         let engine = Engine {
@@ -176,7 +193,7 @@ impl RedisBroker {
             commands: command_rx,
             queues: Some(Queues {
                 outgoing: outgoing_rx,
-                presence: presence_rx,
+                records: records_rx,
             }),
             dead: HashSet::new(),
             followed: HashMap::new(),
@@ -204,7 +221,26 @@ impl RedisBroker {
 
     /// Queues a change of this node's presence in `room` for Redis (see [`Presence::change`]).
     pub fn presence_changed(&self, room: Arc<str>, entry: Entry, seq: u64) {
-        let _ = self.presence.send(PresenceChange { room, entry, seq });
+        let _ = self.records.send(Record::Presence { room, entry, seq });
+    }
+
+    /// Records a session in Redis: `client_id` (as clients see it), its user and when it
+    /// connected (Unix ms). Sessions are kept in one hash per node, which lives while the node
+    /// beats.
+    pub fn session_opened(&self, client_id: String, user_id: &str, connected_at: u64) {
+        let record = serde_json::json!({
+            "user": user_id,
+            "node": &*self.node_id,
+            "connectedAt": connected_at,
+        });
+        let record = serde_json::to_vec(&record).expect("serializing to memory cannot fail");
+        let _ = self
+            .records
+            .send(Record::SessionOpened { client_id, record });
+    }
+
+    pub fn session_closed(&self, client_id: String) {
+        let _ = self.records.send(Record::SessionClosed { client_id });
     }
 
     /// Queues a room message for Redis; refused while Redis is away or the queue is full.
@@ -347,7 +383,7 @@ impl Engine {
                 },
                 Some(out) = queues.outgoing.recv() => refuse(node, out),
                 // Written again, whole, once Redis is back.
-                Some(_) = queues.presence.recv() => {}
+                Some(_) = queues.records.recv() => {}
             }
         }
     }
@@ -367,8 +403,13 @@ impl Engine {
             presence_node: load(PRESENCE_NODE_LUA).query_async(&mut commands).await?,
             beat: load(BEAT_LUA).query_async(&mut commands).await?,
         });
-        // Alive before anything of this node's is read by others.
+        // Alive before anything of this node's is read by others; its sessions are written anew
+        // once it is ready.
         beat(&mut commands, &scripts, &self.node_id).await?;
+        ::redis::cmd("DEL")
+            .arg(sessions_key(&self.node_id))
+            .query_async::<i64>(&mut commands)
+            .await?;
         let pubsub = within(client.get_async_pubsub()).await?;
         let (mut sink, messages) = pubsub.split();
         let probe_channel = format!("wsgate:probe:{}", self.node_id);
@@ -414,6 +455,8 @@ impl Engine {
             done.map_err(|e| RedisError::from(std::io::Error::other(e)))??;
         }
         self.ready.store(true, Ordering::Release);
+        let all: Vec<usize> = (0..node.shards()).collect();
+        node.bus.send_always(&all, Delivery::ResendSessions);
         Ok(session)
     }
 
@@ -897,8 +940,9 @@ async fn beat(
 ) -> RedisResult<HashSet<String>> {
     let (now, nodes): (u64, Vec<(String, u64)>) = ::redis::cmd("EVALSHA")
         .arg(&scripts.beat)
-        .arg(1)
+        .arg(2)
         .arg(NODES_KEY)
+        .arg(sessions_key(node_id))
         .arg(node_id)
         .arg(NODE_TTL.as_millis() as u64)
         .query_async(commands)
@@ -931,7 +975,7 @@ async fn publish_loop(
     loop {
         let taken = tokio::select! {
             _ = stop.cancelled() => return (queues, None),
-            taken = queues.presence.recv_many(&mut changes, PUBLISH_BATCH) => taken,
+            taken = queues.records.recv_many(&mut changes, PUBLISH_BATCH) => taken,
             taken = queues.outgoing.recv_many(&mut batch, PUBLISH_BATCH) => taken,
         };
         if taken == 0 {
@@ -939,7 +983,7 @@ async fn publish_loop(
             return (queues, None);
         }
         while changes.len() < PUBLISH_BATCH
-            && let Ok(change) = queues.presence.try_recv()
+            && let Ok(change) = queues.records.try_recv()
         {
             changes.push(change);
         }
@@ -949,18 +993,34 @@ async fn publish_loop(
             batch.push(out);
         }
         let mut pipe = ::redis::pipe();
+        let sessions = sessions_key(&node_id);
         for change in &changes {
-            pipe.cmd("EVALSHA")
-                .arg(&scripts.presence)
-                .arg(1)
-                .arg(presence_key(&change.room))
-                .arg(&*node_id)
-                .arg(&*change.entry.user_id)
-                .arg(entry_json(&change.entry))
-                .arg(change.entry.conns)
-                .arg(change.seq)
-                .arg(room_channel(&change.room))
-                .arg(META_TTL.as_secs());
+            match change {
+                Record::Presence { room, entry, seq } => {
+                    pipe.cmd("EVALSHA")
+                        .arg(&scripts.presence)
+                        .arg(1)
+                        .arg(presence_key(room))
+                        .arg(&*node_id)
+                        .arg(&*entry.user_id)
+                        .arg(entry_json(entry))
+                        .arg(entry.conns)
+                        .arg(seq)
+                        .arg(room_channel(room))
+                        .arg(META_TTL.as_secs());
+                }
+                Record::SessionOpened { client_id, record } => {
+                    pipe.cmd("HSET").arg(&sessions).arg(client_id).arg(record);
+                    // A hash made here lives until the node's next beat, and no longer.
+                    pipe.cmd("PEXPIRE")
+                        .arg(&sessions)
+                        .arg(NODE_TTL.as_millis() as u64)
+                        .arg("NX");
+                }
+                Record::SessionClosed { client_id } => {
+                    pipe.cmd("HDEL").arg(&sessions).arg(client_id);
+                }
+            }
         }
         for out in &batch {
             match out {

@@ -122,9 +122,13 @@ pub struct ConnectArgs {
     pub hold: Duration,
     /// After the hold, send one chat message to a room every connection joined (`room_joined`
     /// is awaited by each) and count who got it: the broadcast-to-all check. One message per
-    /// target, since each gateway node has its own rooms.
+    /// target, since each gateway node has its own rooms — unless `--cluster`.
     #[arg(long)]
     pub broadcast: bool,
+    /// The targets are nodes of one cluster (`broker = "redis"`): the broadcast is one message,
+    /// sent through the first target, and must reach every connection on every node.
+    #[arg(long, requires = "broadcast")]
+    pub cluster: bool,
 }
 
 #[derive(Args, Clone)]

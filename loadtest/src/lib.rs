@@ -37,11 +37,6 @@ pub fn main_with(cli: Cli) -> ExitCode {
     match cli.scenario {
         ScenarioArgs::Connect(args) => runtime.block_on(driver::execute(connect::Connect(args))),
         ScenarioArgs::Echo(args) => runtime.block_on(driver::execute(echo::Echo(args))),
-        ScenarioArgs::Fanout(args) if args.common.targets.len() > 1 => {
-            // Each node has its own rooms until the backplane: the accounting assumes one.
-            eprintln!("loadtest: fanout takes one --target (rooms are per node)");
-            ExitCode::from(2)
-        }
         ScenarioArgs::Fanout(args) => runtime.block_on(driver::execute(fanout::Fanout(args))),
         ScenarioArgs::Churn(args) => runtime.block_on(driver::execute(churn::Churn(args))),
     }

@@ -344,3 +344,91 @@ fn echo_after_a_long_ramp_skips_the_keepalive_pongs() {
     assert_eq!(report["round_trips"], 50);
     assert_eq!(report["broken_off"], 0);
 }
+
+#[path = "../../tests/support/redis_server.rs"]
+mod redis_server;
+
+/// Three nodes of one cluster on a fresh redis-server; returns them once each is ready.
+fn cluster(redis: &redis_server::RedisServer) -> Vec<Gateway> {
+    let nodes: Vec<Gateway> = (0..3)
+        .map(|_| {
+            gateway(|c| {
+                c.broker = wsgate::config::BrokerKind::Redis;
+                c.redis_url = redis.url();
+            })
+        })
+        .collect();
+    for node in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while healthz(node.local_addr())["broker"]["ready"] != true {
+            assert!(Instant::now() < deadline, "a node never got ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    nodes
+}
+
+#[test]
+fn fanout_across_cluster_nodes_counts_every_delivery_exactly() {
+    let redis = redis_server::RedisServer::start();
+    let nodes = cluster(&redis);
+    let targets: Vec<String> = nodes.iter().map(|n| n.local_addr().to_string()).collect();
+    // Subscribers and publishers round-robin over the three nodes: every room spans them.
+    let mut args = vec!["fanout"];
+    for target in &targets {
+        args.extend(["--target", target]);
+    }
+    args.extend([
+        "-n",
+        "60",
+        "--rooms",
+        "3",
+        "--publishers",
+        "3",
+        "--publish-rate",
+        "200",
+        "--messages",
+        "20",
+        "--duration",
+        "20s",
+        "--settle",
+        "1s",
+        "--procs",
+        "2",
+    ]);
+    let (ok, report) = loadtest(&args);
+    assert!(ok, "{report:#}");
+    assert_eq!(report["expected"], 60 * 20);
+    assert_eq!(report["received"], 60 * 20);
+    for clean in ["lost", "duplicates", "out_of_order", "publisher_errors"] {
+        assert_eq!(report[clean], 0, "{clean}");
+    }
+}
+
+#[test]
+fn one_broadcast_reaches_every_connection_of_a_cluster() {
+    let redis = redis_server::RedisServer::start();
+    let nodes = cluster(&redis);
+    let targets: Vec<String> = nodes.iter().map(|n| n.local_addr().to_string()).collect();
+    let mut args = vec!["connect"];
+    for target in &targets {
+        args.extend(["--target", target]);
+    }
+    args.extend([
+        "-n",
+        "90",
+        "--hold",
+        "300ms",
+        "--broadcast",
+        "--cluster",
+        "--procs",
+        "3",
+    ]);
+    let (ok, report) = loadtest(&args);
+    assert!(ok, "{report:#}");
+    let broadcast = &report["broadcast"];
+    assert_eq!(broadcast["sent"], 1, "one message for the whole cluster");
+    assert_eq!(broadcast["expected"], 90);
+    assert_eq!(broadcast["received"], 90);
+    assert_eq!(broadcast["lost"], 0);
+}

@@ -1,3 +1,4 @@
+#![allow(dead_code)] // shared by test binaries, each using its part
 //! A real `redis-server` on a free loopback port, started and stopped by the test (`.ci/run`
 //! installs it when the machine has none).
 

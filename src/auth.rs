@@ -40,10 +40,13 @@ pub struct Identity {
     pub expires_at: Option<u64>,
 }
 
+/// The user id of token-less connections (`allow_anonymous`).
+pub const ANONYMOUS_USER_ID: &str = "anonymous";
+
 impl Identity {
     pub fn anonymous() -> Self {
         Identity {
-            user_id: "anonymous".into(),
+            user_id: ANONYMOUS_USER_ID.into(),
             username: Arc::from("Anonymous"),
             roles: Box::new([]),
             rooms: None,

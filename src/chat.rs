@@ -147,6 +147,17 @@ fn join<'i>(
         epoch: Arc::from(since.epoch),
     });
     let config = &shard.node.config;
+    // While Redis is away a room this node does not follow could not be synced: the join would
+    // wait for Redis, so it is refused instead.
+    if !shard.node.broker.is_ready()
+        && !shard
+            .node
+            .rooms
+            .get(room)
+            .is_some_and(|state| state.stream().is_synced())
+    {
+        return Err(ErrorReply::Unavailable);
+    }
     let (name, joined_user, members, pending, id, identity) = {
         let mut guard = shard.state();
         let state = &mut *guard;
@@ -262,7 +273,8 @@ pub fn complete_joins(shard: &Shard, room: &Arc<RoomState>) {
     for join in std::mem::take(&mut local.pending) {
         let joining = Joining::at(room, &stream, join.since.as_ref(), history);
         let Some(position) = &joining.position else {
-            // Unsynced again: not possible while the room has members; the join would wait on.
+            // Unsynced again (not possible while the room has members): the join waits on.
+            local.pending.push(join);
             continue;
         };
         if local.delivered == PENDING {
@@ -401,18 +413,9 @@ fn typing<'i>(
     Ok(())
 }
 
-/// Who a connection is in a room's presence: its user, or itself when anonymous (anonymous
-/// connections share one identity, but are not one user).
-fn presence_user(node: &Node, id: ClientId, identity: &Arc<Identity>) -> Arc<str> {
-    if Arc::ptr_eq(identity, &node.anonymous) {
-        Arc::from(format!("{}.{id}", node.id))
-    } else {
-        identity.user_id.clone()
-    }
-}
-
 /// Counts one connection of `identity` more (`delta` 1) or fewer (-1) in `room`, and tells the
-/// other nodes. Returns the user's connections in the room across all nodes before the change
+/// other nodes. A user is present once whatever its connections; an anonymous connection is
+/// present as itself (anonymous connections share one identity, but are not one user). Returns the user's connections in the room across all nodes before the change
 /// (joining) or after it (leaving), and the room's connections after it.
 fn change_presence(
     node: &Node,
@@ -421,9 +424,15 @@ fn change_presence(
     identity: &Arc<Identity>,
     delta: i32,
 ) -> (u32, u32) {
-    let user = presence_user(node, id, identity);
+    let anonymous = Arc::ptr_eq(identity, &node.anonymous);
+    let user = if anonymous {
+        Arc::from(format!("{}.{id}", node.id))
+    } else {
+        identity.user_id.clone()
+    };
     let mut presence = room.presence();
-    let (before, after, entry, seq) = presence.change(&node.id, &user, &identity.username, delta);
+    let (before, after, entry, seq) =
+        presence.change(&node.id, &user, &identity.username, anonymous, delta);
     // Sent under the lock: the node's changes of a room reach Redis in their order.
     if let Broker::Redis(redis) = &node.broker {
         redis.presence_changed(room.name.clone(), entry, seq);
@@ -439,18 +448,19 @@ fn presence<'i>(
     after: Option<&str>,
 ) -> Result<(), ErrorReply<'i>> {
     let speaker = speaker(shard, key, room)?;
-    let presence = speaker.room.presence();
+    let mut presence = speaker.room.presence();
     let (users, more) = presence.page(after, PRESENCE_PAGE);
     let reply = ServerMessage::Presence {
         room,
         members: presence.total(),
         users: users
             .iter()
-            .map(|(user_id, username)| PresentUser { user_id, username })
+            .map(|e| PresentUser {
+                user_id: e.shown_id(),
+                username: &e.username,
+            })
             .collect(),
-        next: more
-            .then(|| users.last().map(|(user, _)| &**user))
-            .flatten(),
+        next: more.then(|| users.last().map(|e| &*e.user_id)).flatten(),
     }
     .encode();
     drop(presence);

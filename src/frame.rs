@@ -380,7 +380,6 @@ impl FrameBuilder {
     }
 }
 
-/// Encodes a whole server frame from a payload slice (one copy of the payload).
 /// The payload of a frame made by this server (unmasked, whole), without copying it.
 pub fn server_payload(frame: &Bytes) -> Bytes {
     let header = match frame[1] & 0x7f {
@@ -391,6 +390,7 @@ pub fn server_payload(frame: &Bytes) -> Bytes {
     frame.slice(header..)
 }
 
+/// Encodes a whole server frame from a payload slice (one copy of the payload).
 pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
     let mut builder = FrameBuilder::with_capacity(payload.len());
     builder.payload().extend_from_slice(payload);

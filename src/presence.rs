@@ -16,14 +16,34 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+/// The most connections one node may report for one user in one room: more is not a real count
+/// (a malformed record from Redis), and is refused.
+pub const MAX_CONNS: u32 = 1 << 24;
+
 /// A user's presence on one node: its connections there and its display name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
+    /// The user's id; for an anonymous connection, its own (`node.client`), as anonymous
+    /// connections are not one user.
     #[serde(rename = "user")]
     pub user_id: Arc<str>,
     #[serde(rename = "name")]
     pub username: Arc<str>,
     pub conns: u32,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub anonymous: bool,
+}
+
+impl Entry {
+    /// The user id clients are shown: as in its messages (`anonymous` for all anonymous
+    /// connections).
+    pub fn shown_id(&self) -> &str {
+        if self.anonymous {
+            crate::auth::ANONYMOUS_USER_ID
+        } else {
+            &self.user_id
+        }
+    }
 }
 
 #[derive(Default)]
@@ -33,8 +53,13 @@ struct NodeEntries {
     users: HashMap<Arc<str>, Entry>,
 }
 
-/// A user id and its display name.
-pub type UserAndName = (Arc<str>, Arc<str>);
+impl NodeEntries {
+    fn conns(&self) -> u32 {
+        self.users
+            .values()
+            .fold(0u32, |sum, e| sum.saturating_add(e.conns))
+    }
+}
 
 /// How a change from another node fits the copy.
 #[derive(Debug, PartialEq, Eq)]
@@ -62,6 +87,8 @@ pub struct Presence {
     nodes: HashMap<Arc<str>, NodeEntries>,
     /// Connections in the room across all nodes.
     total: u32,
+    /// Every user, sorted by id, for `presence` pages; dropped at each change.
+    sorted: Option<Vec<Entry>>,
 }
 
 impl Presence {
@@ -75,8 +102,7 @@ impl Presence {
         self.nodes
             .values()
             .filter_map(|n| n.users.get(user))
-            .map(|e| e.conns)
-            .sum()
+            .fold(0u32, |sum, e| sum.saturating_add(e.conns))
     }
 
     /// Changes the user's connections on `node` by `delta` (this node's own changes); returns
@@ -86,9 +112,11 @@ impl Presence {
         node: &Arc<str>,
         user_id: &Arc<str>,
         username: &Arc<str>,
+        anonymous: bool,
         delta: i32,
     ) -> (u32, u32, Entry, u64) {
         let before = self.user_conns(user_id);
+        self.sorted = None;
         let entries = self.nodes.entry(node.clone()).or_default();
         if entries.seq == 0 {
             entries.seq = fresh_seq();
@@ -101,8 +129,9 @@ impl Presence {
                 user_id: user_id.clone(),
                 username: username.clone(),
                 conns: 0,
+                anonymous,
             });
-        entry.conns = entry.conns.saturating_add_signed(delta);
+        entry.conns = entry.conns.saturating_add_signed(delta).min(MAX_CONNS);
         entry.username = username.clone();
         let entry = entry.clone();
         if entry.conns == 0 {
@@ -124,10 +153,11 @@ impl Presence {
             return Fit::Missed;
         }
         let before = self.user_conns(&entry.user_id);
+        self.sorted = None;
         let entries = self.nodes.entry(node.clone()).or_default();
         entries.seq = seq;
         let had = entries.users.get(&entry.user_id).map_or(0, |e| e.conns);
-        self.total = self.total - had + entry.conns;
+        self.total = self.total.saturating_sub(had).saturating_add(entry.conns);
         if entry.conns == 0 {
             entries.users.remove(&entry.user_id);
         } else {
@@ -139,34 +169,39 @@ impl Presence {
         }
     }
 
-    /// Replaces what the copy holds of other nodes than `own` with `nodes` (as read from Redis:
-    /// each node's last change number and entries). Returns the users who were in the room and
-    /// no longer are, and those who were not and now are.
+    /// Takes what Redis holds of the other nodes than `own` (`nodes`: each node's last change
+    /// number and entries), where it is newer than the copy. Nodes Redis does not list are left
+    /// as they are: a node's death is the beats' to tell. Returns the users who were in the room
+    /// and no longer are, and those who were not and now are.
     pub fn replace_others(
         &mut self,
         own: &str,
         nodes: Vec<(Arc<str>, u64, Vec<Entry>)>,
     ) -> (Vec<Entry>, Vec<Entry>) {
         let before = self.users_now();
-        self.nodes.retain(|node, _| &**node == own);
         for (node, seq, entries) in nodes {
-            if &*node == own {
+            if &*node == own || self.nodes.get(&node).is_some_and(|n| n.seq >= seq) {
                 continue;
             }
-            let users = entries
-                .into_iter()
-                .filter(|e| e.conns > 0)
-                .map(|e| (e.user_id.clone(), e))
-                .collect();
-            self.nodes.insert(node, NodeEntries { seq, users });
+            self.set_node(node, seq, entries);
         }
-        self.total = self
-            .nodes
-            .values()
-            .flat_map(|n| n.users.values())
-            .map(|e| e.conns)
-            .sum();
         self.changes_since(&before)
+    }
+
+    /// Replaces the copy's entries of `node`.
+    fn set_node(&mut self, node: Arc<str>, seq: u64, entries: Vec<Entry>) {
+        self.sorted = None;
+        if let Some(old) = self.nodes.remove(&node) {
+            self.total = self.total.saturating_sub(old.conns());
+        }
+        let users: HashMap<Arc<str>, Entry> = entries
+            .into_iter()
+            .filter(|e| e.conns > 0)
+            .map(|e| (e.user_id.clone(), e))
+            .collect();
+        let entries = NodeEntries { seq, users };
+        self.total = self.total.saturating_add(entries.conns());
+        self.nodes.insert(node, entries);
     }
 
     /// Every user in the room now, once, owned (to compare with after a change).
@@ -206,16 +241,7 @@ impl Presence {
             return (Vec::new(), Vec::new());
         }
         let before = self.users_now();
-        if let Some(old) = self.nodes.remove(node) {
-            self.total -= old.users.values().map(|e| e.conns).sum::<u32>();
-        }
-        let users: HashMap<Arc<str>, Entry> = entries
-            .into_iter()
-            .filter(|e| e.conns > 0)
-            .map(|e| (e.user_id.clone(), e))
-            .collect();
-        self.total += users.values().map(|e| e.conns).sum::<u32>();
-        self.nodes.insert(node.clone(), NodeEntries { seq, users });
+        self.set_node(node.clone(), seq, entries);
         self.changes_since(&before)
     }
 
@@ -224,9 +250,10 @@ impl Presence {
         let Some(entries) = self.nodes.remove(node) else {
             return Vec::new();
         };
+        self.sorted = None;
         let mut gone = Vec::new();
         for entry in entries.users.into_values() {
-            self.total -= entry.conns;
+            self.total = self.total.saturating_sub(entry.conns);
             if self.user_conns(&entry.user_id) == 0 {
                 gone.push(entry);
             }
@@ -256,19 +283,19 @@ impl Presence {
         self.nodes.keys()
     }
 
-    /// One page of the room's users (one line per user, whatever their connections), sorted by
-    /// user id, after `after`: at most `limit`, and whether more follow.
-    pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<UserAndName>, bool) {
-        let everyone = self.everyone();
-        let mut users: Vec<UserAndName> = everyone
-            .into_iter()
-            .filter(|(user, _)| after.is_none_or(|after| &***user > after))
-            .map(|(user, e)| (user.clone(), e.username.clone()))
-            .collect();
-        users.sort_unstable();
-        let more = users.len() > limit;
-        users.truncate(limit);
-        (users, more)
+    /// One page of the room's users (one entry per user, whatever their connections and nodes),
+    /// sorted by user id, after the user id `after`: at most `limit`, and whether more follow.
+    /// The sorted list is kept until the next change, so pages cost a binary search, not a sort.
+    pub fn page(&mut self, after: Option<&str>, limit: usize) -> (Vec<Entry>, bool) {
+        if self.sorted.is_none() {
+            let mut users: Vec<Entry> = self.everyone().into_values().cloned().collect();
+            users.sort_unstable_by(|a, b| a.user_id.cmp(&b.user_id));
+            self.sorted = Some(users);
+        }
+        let sorted = self.sorted.as_deref().unwrap_or_default();
+        let start = after.map_or(0, |after| sorted.partition_point(|e| &*e.user_id <= after));
+        let end = start.saturating_add(limit).min(sorted.len());
+        (sorted[start..end].to_vec(), end < sorted.len())
     }
 
     /// Every user in the room, once.
@@ -286,6 +313,7 @@ mod tests {
             user_id: user.into(),
             username: format!("{user}!").into(),
             conns,
+            anonymous: false,
         }
     }
 
@@ -294,8 +322,12 @@ mod tests {
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         let mut p = Presence::default();
         let (alice, name): (Arc<str>, Arc<str>) = ("alice".into(), "Alice".into());
-        assert_eq!(p.change(&a, &alice, &name, 1).0, 0, "first: joined");
-        assert_eq!(p.change(&a, &alice, &name, 1).0, 1, "second tab: not again");
+        assert_eq!(p.change(&a, &alice, &name, false, 1).0, 0, "first: joined");
+        assert_eq!(
+            p.change(&a, &alice, &name, false, 1).0,
+            1,
+            "second tab: not again"
+        );
         assert_eq!(
             p.apply(&b, 1, entry("alice", 1)),
             Fit::Applied {
@@ -306,9 +338,9 @@ mod tests {
         assert_eq!(p.total(), 3);
         assert_eq!(p.apply(&b, 1, entry("alice", 1)), Fit::Seen);
         assert_eq!(p.apply(&b, 3, entry("alice", 0)), Fit::Missed);
-        let (_, after, _, _) = p.change(&a, &alice, &name, -1);
+        let (_, after, _, _) = p.change(&a, &alice, &name, false, -1);
         assert_eq!(after, 2);
-        p.change(&a, &alice, &name, -1);
+        p.change(&a, &alice, &name, false, -1);
         assert_eq!(
             p.apply(&b, 2, entry("alice", 0)),
             Fit::Applied {
@@ -321,12 +353,35 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_older_than_the_copy_does_not_undo_what_the_copy_applied() {
+        let b: Arc<str> = "b".into();
+        let mut p = Presence::default();
+        p.apply(&b, 1, entry("x", 1));
+        p.apply(&b, 2, entry("y", 1));
+        // Read from Redis before change 2 arrived: y is not in it.
+        let (gone, came) = p.replace_others("a", vec![(b.clone(), 1, vec![entry("x", 1)])]);
+        assert!(gone.is_empty() && came.is_empty());
+        assert_eq!(p.user_conns("y"), 1);
+        // A newer one wins, and says who changed.
+        let (gone, came) = p.replace_others("a", vec![(b.clone(), 3, vec![entry("z", 2)])]);
+        let ids = |v: &[Entry]| v.iter().map(|e| e.user_id.to_string()).collect::<Vec<_>>();
+        let mut gone = ids(&gone);
+        gone.sort();
+        assert_eq!((gone, ids(&came)), (vec!["x".into(), "y".into()], vec!["z".into()]));
+        assert_eq!(p.total(), 2);
+        // Counts that cannot be real never overflow.
+        p.apply(&b, 4, entry("huge", u32::MAX));
+        p.apply(&"c".into(), 1, entry("huge", u32::MAX));
+        assert_eq!(p.user_conns("huge"), u32::MAX);
+    }
+
+    #[test]
     fn a_dead_node_takes_its_users_with_it_and_pages_are_sorted() {
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         let mut p = Presence::default();
         p.apply(&b, 1, entry("zed", 2));
         p.apply(&b, 2, entry("amy", 1));
-        p.change(&a, &"amy".into(), &"Amy".into(), 1);
+        p.change(&a, &"amy".into(), &"Amy".into(), false, 1);
         assert_eq!(p.total(), 4);
         let gone = p.remove_node("b");
         assert_eq!(gone, vec![entry("zed", 2)], "amy is still on node a");
@@ -338,7 +393,7 @@ mod tests {
         assert!(gone.is_empty());
         assert_eq!(came.len(), 2);
         let (page, more) = p.page(None, 2);
-        let ids: Vec<&str> = page.iter().map(|(u, _)| &**u).collect();
+        let ids: Vec<&str> = page.iter().map(|e| &*e.user_id).collect();
         assert_eq!((ids, more), (vec!["amy", "bob"], true));
         let (page, more) = p.page(Some("bob"), 2);
         assert_eq!((page.len(), more), (1, false));

@@ -91,6 +91,9 @@ pub enum ErrorReply<'a> {
     ReplyTooLarge(usize),
     /// A room message could not be handed to the broker (Redis away, or behind): not sent.
     Unavailable,
+    /// The connection to Redis failed while a room message was on its way: it may have been
+    /// published (then it arrives like any other) or not.
+    MaybeUnavailable,
 }
 
 /// Unknown types are echoed back in the error, cut to this many characters.
@@ -131,6 +134,9 @@ impl fmt::Display for ErrorReply<'_> {
             }
             ErrorReply::ReplyTooLarge(max) => write!(f, "Reply too large (max {max} bytes)"),
             ErrorReply::Unavailable => f.write_str("Service unavailable: retry"),
+            ErrorReply::MaybeUnavailable => {
+                f.write_str("Service unavailable: the message may or may not have been sent")
+            }
             ErrorReply::TokenForOtherUser => {
                 f.write_str("Invalid token: it is for another user than this connection's")
             }
@@ -393,10 +399,16 @@ impl ServerMessage<'_> {
     }
 }
 
-/// Whether `json` could be a JSON object (what [`with_offset`] takes): `{…}`. Messages from the
-/// broker are checked with it; they were serialized by a node, so it is not a full parse.
-pub fn looks_like_object(json: &[u8]) -> bool {
-    json.len() >= 2 && json[0] == b'{' && json[json.len() - 1] == b'}'
+/// Whether `json` is a JSON object with at least one field, exactly as a node serializes one
+/// (what [`with_offset`] takes). Messages from the broker are checked with it once per node, not
+/// per recipient: whatever else is on wsgate's channels never reaches a client.
+pub fn is_json_object(json: &[u8]) -> bool {
+    json.first() == Some(&b'{')
+        && json.last() == Some(&b'}')
+        && json[1..].trim_ascii_start().first() == Some(&b'"')
+        // serde_json skips ignored strings without checking them: UTF-8 is checked first.
+        && std::str::from_utf8(json).is_ok()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(json).is_ok()
 }
 
 /// Frames a room message (a JSON object) with its stream offset added as its last field.
@@ -430,6 +442,22 @@ pub fn encode_echo(payload: Option<Value<'_, '_>>) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_json_objects_with_fields_pass_for_the_broker() {
+        assert!(is_json_object(br#"{"type":"chat_message","n":1}"#));
+        for bad in [
+            &b"{}"[..],
+            b"{ }",
+            b"[1]",
+            b"{\"a\":1",
+            b"{\"a\":1}}",
+            b"{\"a\":\"\xff\"}",
+            b"",
+        ] {
+            assert!(!is_json_object(bad), "{}", String::from_utf8_lossy(bad));
+        }
+    }
 
     fn parse_debug(json: &str) -> String {
         let mut input = json.as_bytes().to_vec();

@@ -194,13 +194,13 @@ pub fn tell_presence(node: &Node, room: &Arc<RoomState>, gone: &[Entry], came: &
         .map(|e| ServerMessage::UserLeft {
             room: &room.name,
             username: &e.username,
-            user_id: &e.user_id,
+            user_id: e.shown_id(),
             timestamp,
         })
         .chain(came.iter().map(|e| ServerMessage::UserJoined {
             room: &room.name,
             username: &e.username,
-            user_id: &e.user_id,
+            user_id: e.shown_id(),
             timestamp,
         }));
     for notice in notices {
@@ -283,7 +283,7 @@ pub fn catch_up_stream(
     let now = Instant::now();
     let framed: Vec<(u64, Bytes)> = kept
         .into_iter()
-        .filter(|(_, json)| protocol::looks_like_object(json))
+        .filter(|(_, json)| protocol::is_json_object(json))
         .map(|(offset, json)| (offset, protocol::with_offset(&json, offset)))
         .collect();
     let mut stream = room.stream();
@@ -506,8 +506,11 @@ pub fn deliver(shard: &Shard, publication: &Publication) {
         }
         (Target::Room(name), _) => {
             if let Some(room) = rooms.get(name) {
-                for &key in room.members.keys() {
-                    queue_to(&mut conns[key]);
+                // Members whose join waits for the room's sync get nothing before `room_joined`.
+                for (&key, &joined_at) in &room.members {
+                    if joined_at != PENDING {
+                        queue_to(&mut conns[key]);
+                    }
                 }
             }
         }

@@ -170,8 +170,6 @@ impl Shard {
         };
         if endpoint == Endpoint::Chat {
             self.session_opened(&conn);
-        }
-        if endpoint == Endpoint::Chat {
             let hello = ServerMessage::Connected {
                 client_id: NodeClientId {
                     node: &self.node.id,

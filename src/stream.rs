@@ -102,10 +102,17 @@ impl Stream {
         self.history.clear();
     }
 
-    /// Where a message the broker gave `offset` in `epoch` fits.
+    /// Where a message the broker gave `offset` in `epoch` fits. While the first sync is under
+    /// way everything is `Missed`: the sync may have read the room before this message, so it
+    /// runs once more.
     pub fn arrival(&self, offset: u64, epoch: &str) -> Arrival {
         if !self.synced {
-            Arrival::Seen
+            if self.subscribing {
+                Arrival::Missed
+            } else {
+                // Not followed any more: on its way from before the UNSUBSCRIBE.
+                Arrival::Seen
+            }
         } else if *self.epoch != *epoch {
             Arrival::Missed
         } else if offset <= self.top {

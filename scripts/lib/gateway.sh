@@ -6,7 +6,42 @@ source "$(dirname "${BASH_SOURCE[0]}")/target-dir.sh"
 GATEWAY_PIDS=()
 GATEWAY_ADDRS=()
 GATEWAY_LOGS=()
-trap 'kill "${GATEWAY_PIDS[@]}" 2>/dev/null || true; rm -f "${GATEWAY_LOGS[@]}"' EXIT
+REDIS_PIDS=()
+trap 'kill "${GATEWAY_PIDS[@]}" "${REDIS_PIDS[@]}" 2>/dev/null || true; rm -f "${GATEWAY_LOGS[@]}"' EXIT
+
+# `start_redis`: a redis-server on a free loopback port, without persistence, stopped when the
+# script exits; sets REDIS_URL and REDIS_PID. Gateways started after `export WSGATE_BROKER=redis
+# WSGATE_REDIS_URL=$REDIS_URL` form a cluster on it.
+start_redis() {
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
+  REDIS_PID=$!
+  REDIS_PIDS+=("$REDIS_PID")
+  REDIS_URL="redis://127.0.0.1:$port/"
+  for _ in $(seq 100); do
+    redis-cli -p "$port" ping >/dev/null 2>&1 && return
+    sleep 0.05
+  done
+  echo "redis-server did not start" >&2
+  exit 1
+}
+
+# `wait_ready ADDR`: waits until the gateway at ADDR answers /readyz with 200 (a cluster node
+# once it reached Redis).
+wait_ready() {
+  for _ in $(seq 200); do
+    curl -fs "http://$1/readyz" >/dev/null && return
+    sleep 0.05
+  done
+  echo "gateway $1 never got ready" >&2
+  exit 1
+}
+
+# CPU seconds (user + system) a process has used so far.
+cpu_seconds() {
+  awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"
+}
 
 start_gateway() {
   local log

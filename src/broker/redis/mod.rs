@@ -1,68 +1,69 @@
-//! The Redis broker: nodes joined through one Redis.
+//! The Redis broker: nodes joined through one Redis (what is kept there: [`keys`]).
 //!
-//! Data, per room `R` (the `{R}` hash tag keeps a room's keys and channel together, so Redis
-//! Cluster could follow):
-//! - `wsgate:meta:{R}`: a hash with the room's last `offset` and its `epoch`;
-//! - `wsgate:history:{R}`: a stream of its recent messages, entry ids `<offset>-0`;
-//! - `wsgate:room:{R}`: the channel its messages and notices are published on.
-//!
-//! A room message is published by one Lua script ([`PUBLISH_LUA`]): next offset, history,
-//! PUBLISH — so every node receives a room's messages in one order, gap-free. Each node
-//! SUBSCRIBEs to the rooms it has members in (batched, once per node, not per client) and
-//! UNSUBSCRIBEs `redis_unsubscribe_grace` after its last member left.
+//! A room message is published by one Lua script: next offset, history, PUBLISH — so every node
+//! receives a room's messages in one order, gap-free. Each node SUBSCRIBEs to the rooms it has
+//! members in (batched, once per node, not per client) and UNSUBSCRIBEs
+//! `redis_unsubscribe_grace` after its last member left.
 //!
 //! A node keeps each followed room's position and recent history in its own [`Stream`]. A message
-//! that is not the next one (lost on the way, or during a reconnect) makes the node catch the room
-//! up from the history ([`SYNC_LUA`]); when the history no longer has what was missed, or the
-//! epoch changed (the room's data expired or Redis lost it), members are told to `resync`.
+//! that is not the next one (lost on the way, during a reconnect, or while the room's first sync
+//! was being read) makes the node catch the room up ([`sync`]); when the history no longer has
+//! what was missed, or the epoch changed (the room's data expired or Redis lost it), members are
+//! told to `resync`.
+//!
+//! Presence: each node owns its entries and publishes each change, numbered per node and room;
+//! the others keep a copy ([`crate::presence`]). Nodes beat into Redis every [`BEAT_INTERVAL`];
+//! one silent for [`NODE_TTL`] leaves every room on every node.
 //!
 //! Outages: sockets stay open. Publishing is refused at once ("Service unavailable: retry") and
 //! `/readyz` answers 503 until the node has reconnected (with a jittered back-off), resubscribed
-//! every room it follows and caught each up. A probe published to the node's own channel every
-//! second finds a subscription that stopped delivering while the connection looks alive.
+//! every room it follows, written its presence and sessions again and caught each room up. A
+//! probe published to the node's own channel every second finds a subscription that stopped
+//! delivering while the connection looks alive.
 //!
 //! Everything here runs on the broker's own thread ([`Engine::run`]); shards reach it through
 //! queues and never wait for it.
+//!
+//! [`Stream`]: crate::stream::Stream
 
-use std::collections::{HashMap, HashSet, VecDeque};
+pub mod keys;
+mod publisher;
+pub mod sync;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ::redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
-use ::redis::{AsyncConnectionConfig, Client, Msg, RedisError, RedisResult, Value};
+use ::redis::{AsyncConnectionConfig, Client, Msg, RedisError, RedisResult};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc::{self, Receiver, Sender, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
+use self::keys::{
+    BROADCAST_CHANNEL, NODES_KEY, Scripts, parse_u64, presence_key, probe_channel, room_channel,
+    room_of, sessions_key, split_line,
+};
+use self::publisher::{entry_json, publish_loop, refuse};
+pub use self::sync::NodesPresence;
+use self::sync::catch_up;
 use super::Unavailable;
 use crate::client_id::ClientId;
 use crate::config::Config;
 use crate::node::Node;
-use crate::presence::{Entry, Fit, Presence};
-use crate::protocol::{self, ErrorReply, ServerMessage};
+use crate::presence::{Entry, Fit, MAX_CONNS, Presence};
+use crate::protocol::{self, ErrorReply};
 use crate::rooms::RoomState;
 use crate::routing::{self, Delivery, Target};
-use crate::stream::{Arrival, Position, new_epoch};
-
-/// Publishes a room message: offset, history, PUBLISH in one step.
-pub const PUBLISH_LUA: &str = include_str!("publish.lua");
-/// Reads a room's position, history and presence.
-pub const SYNC_LUA: &str = include_str!("sync.lua");
-/// Records one presence change of this node.
-pub const PRESENCE_LUA: &str = include_str!("presence.lua");
-/// Replaces this node's presence in a room.
-pub const PRESENCE_NODE_LUA: &str = include_str!("presence_node.lua");
-/// Says this node is alive and reads which are.
-pub const BEAT_LUA: &str = include_str!("beat.lua");
+use crate::stream::Arrival;
 
 /// Channels per SUBSCRIBE or UNSUBSCRIBE command, at most.
 const SUBSCRIBE_BATCH: usize = 512;
-/// Publications per pipeline sent to Redis, at most.
-const PUBLISH_BATCH: usize = 512;
 /// How often the probe is published, and how long without one before the subscription is
 /// considered wedged and the connection restarted.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -71,8 +72,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnection back-off: from the first to the second, doubling, with jitter.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
-/// How long a room's offset and epoch stay in Redis after its last message or sync: past it,
-/// a room starts over under a new epoch (its clients are told they cannot recover).
+/// How long a room's offset, epoch and presence stay in Redis after their last change or read:
+/// past it, a room starts over under a new epoch (its clients are told they cannot recover).
 const META_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How often rooms past their unsubscribe grace are looked at.
 const GRACE_TICK: Duration = Duration::from_millis(250);
@@ -81,36 +82,10 @@ const GRACE_TICK: Duration = Duration::from_millis(250);
 /// `NODE_TTL + BEAT_INTERVAL`.
 const BEAT_INTERVAL: Duration = Duration::from_secs(2);
 const NODE_TTL: Duration = Duration::from_secs(8);
-
-const BROADCAST_CHANNEL: &str = "wsgate:broadcast";
-const NODES_KEY: &str = "wsgate:nodes";
-
-fn room_channel(room: &str) -> String {
-    format!("wsgate:room:{{{room}}}")
-}
-
-fn meta_key(room: &str) -> String {
-    format!("wsgate:meta:{{{room}}}")
-}
-
-fn history_key(room: &str) -> String {
-    format!("wsgate:history:{{{room}}}")
-}
-
-fn presence_key(room: &str) -> String {
-    format!("wsgate:presence:{{{room}}}")
-}
-
-/// A node's sessions: client id → `{"user","node","connectedAt"}`, expiring `NODE_TTL` after
-/// the node's last beat.
-fn sessions_key(node: &str) -> String {
-    format!("wsgate:sessions:{node}")
-}
-
-/// The room a channel is for.
-fn room_of(channel: &str) -> Option<&str> {
-    channel.strip_prefix("wsgate:room:{")?.strip_suffix('}')
-}
+/// How long after its end a dead node is forgotten by Redis.
+const NODE_FORGOTTEN_AFTER: Duration = Duration::from_secs(60);
+/// How long a stopping node may take to say goodbye.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the shards ask of the engine.
 enum Command {
@@ -164,7 +139,7 @@ struct Queues {
 
 /// The shards' handle on the Redis broker.
 pub struct RedisBroker {
-    /// This node's name in its publications (it ignores its own notices).
+    /// This node's name in its publications (it ignores its own).
     node_id: Arc<str>,
     commands: UnboundedSender<Command>,
     outgoing: Sender<Outgoing>,
@@ -195,9 +170,9 @@ impl RedisBroker {
                 outgoing: outgoing_rx,
                 records: records_rx,
             }),
-            dead: HashSet::new(),
             followed: HashMap::new(),
-            leaving: VecDeque::new(),
+            leaving: HashMap::new(),
+            nodes: Nodes::default(),
         };
         (broker, engine)
     }
@@ -219,7 +194,8 @@ impl RedisBroker {
         let _ = self.commands.send(Command::LastMemberLeft(room));
     }
 
-    /// Queues a change of this node's presence in `room` for Redis (see [`Presence::change`]).
+    /// Queues a change of this node's presence in `room` for Redis (see
+    /// [`Presence::change`]).
     pub fn presence_changed(&self, room: Arc<str>, entry: Entry, seq: u64) {
         let _ = self.records.send(Record::Presence { room, entry, seq });
     }
@@ -286,12 +262,26 @@ pub struct Engine {
     commands: UnboundedReceiver<Command>,
     /// Lent to the publisher while connected.
     queues: Option<Queues>,
-    /// Nodes found dead (their presence was taken out of every room).
-    dead: HashSet<Arc<str>>,
     /// Rooms the node follows (has members in, or had within the grace), by name.
     followed: HashMap<Arc<str>, Arc<RoomState>>,
     /// Rooms whose last local member left, with when to stop following them.
-    leaving: VecDeque<(Instant, Arc<str>)>,
+    leaving: HashMap<Arc<str>, Instant>,
+    nodes: Nodes,
+}
+
+/// Which other nodes are alive, as the beats tell.
+#[derive(Default)]
+struct Nodes {
+    /// Alive at the last beat.
+    alive: HashSet<Arc<str>>,
+    /// Found dead: their presence left every room, and what they still publish is ignored.
+    dead: HashSet<Arc<str>>,
+}
+
+/// What a beat read: Redis's clock, and until when each node is alive.
+struct Beat {
+    now: u64,
+    nodes: Vec<(String, u64)>,
 }
 
 /// One connection to Redis and what depends on it.
@@ -304,21 +294,16 @@ struct Session {
     subscribed: HashSet<Arc<str>>,
     /// Catch-ups running.
     catch_ups: JoinSet<RedisResult<()>>,
+    /// Beats, from their own task (so a long reconnection still beats).
+    beats: Receiver<RedisResult<Beat>>,
+    _beater: AbortOnDropHandle<()>,
     last_probe: Instant,
     probe_channel: String,
 }
 
-/// The SHA1s of the loaded Lua scripts.
-struct Scripts {
-    publish: String,
-    sync: String,
-    presence: String,
-    presence_node: String,
-    beat: String,
-}
-
 impl Engine {
-    /// Runs until `stop`: connects, serves, and reconnects after any failure.
+    /// Runs until `stop`: connects, serves, and reconnects after any failure; says goodbye when
+    /// stopped while connected.
     pub async fn run(mut self, node: Arc<Node>, stop: CancellationToken) {
         let client = match Client::open(self.url.as_str()) {
             Ok(client) => client,
@@ -337,10 +322,10 @@ impl Engine {
                     info!(url = %redacted(&self.url), rooms = self.followed.len(), "connected to Redis");
                     backoff = BACKOFF.0;
                     failures = 0;
-                    let reason = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        reason = self.serve(session, &node) => reason,
-                    };
+                    let reason = self.serve(session, &node, &stop).await;
+                    if stop.is_cancelled() {
+                        return;
+                    }
                     warn!(%reason, "Redis connection lost: room messages are refused until it is back");
                 }
                 Err(e) => {
@@ -378,10 +363,10 @@ impl Engine {
                         self.followed.insert(room.name.clone(), room);
                     }
                     Command::LastMemberLeft(room) => {
-                        self.leaving.push_back((Instant::now() + self.grace, room));
+                        self.leaving.insert(room, Instant::now() + self.grace);
                     }
                 },
-                Some(out) = queues.outgoing.recv() => refuse(node, out),
+                Some(out) = queues.outgoing.recv() => refuse(node, out, ErrorReply::Unavailable),
                 // Written again, whole, once Redis is back.
                 Some(_) = queues.records.recv() => {}
             }
@@ -395,24 +380,27 @@ impl Engine {
         let mut commands = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        let load = |script: &str| ::redis::cmd("SCRIPT").arg("LOAD").arg(script).to_owned();
-        let scripts = Arc::new(Scripts {
-            publish: load(PUBLISH_LUA).query_async(&mut commands).await?,
-            sync: load(SYNC_LUA).query_async(&mut commands).await?,
-            presence: load(PRESENCE_LUA).query_async(&mut commands).await?,
-            presence_node: load(PRESENCE_NODE_LUA).query_async(&mut commands).await?,
-            beat: load(BEAT_LUA).query_async(&mut commands).await?,
-        });
-        // Alive before anything of this node's is read by others; its sessions are written anew
-        // once it is ready.
-        beat(&mut commands, &scripts, &self.node_id).await?;
+        let scripts = Arc::new(Scripts::load(&mut commands).await?);
+        // Alive before anything of this node's is read by others, and beating from here on.
+        let first = beat(&mut commands, &scripts, &self.node_id).await?;
+        self.on_beat(node, first, None);
+        let (beat_tx, beats) = mpsc::channel(4);
+        let beater = AbortOnDropHandle::new(tokio::spawn(beat_forever(
+            commands.clone(),
+            scripts.clone(),
+            self.node_id.clone(),
+            beat_tx,
+        )));
+        // What the shards recorded while Redis was away is superseded by the whole rewrite below.
+        let queues = self.queues.as_mut().expect("returned by the publisher");
+        while queues.records.try_recv().is_ok() {}
         ::redis::cmd("DEL")
             .arg(sessions_key(&self.node_id))
             .query_async::<i64>(&mut commands)
             .await?;
         let pubsub = within(client.get_async_pubsub()).await?;
         let (mut sink, messages) = pubsub.split();
-        let probe_channel = format!("wsgate:probe:{}", self.node_id);
+        let probe_channel = probe_channel(&self.node_id);
         within(sink.subscribe(&[probe_channel.as_str(), BROADCAST_CHANNEL])).await?;
         let mut session = Session {
             commands,
@@ -421,38 +409,14 @@ impl Engine {
             messages,
             subscribed: HashSet::new(),
             catch_ups: JoinSet::new(),
+            beats,
+            _beater: beater,
             last_probe: Instant::now(),
             probe_channel,
         };
-        let rooms: Vec<Arc<RoomState>> = self.followed.values().cloned().collect();
-        subscribe(&mut session, rooms.iter().map(|r| &r.name)).await?;
-        // What this node's presence became while Redis was away (or lost it) is written whole.
-        for room in &rooms {
-            let (seq, entries) = {
-                let mut presence = room.presence();
-                let seq = presence.next_seq(&self.node_id);
-                (seq, presence.own(&self.node_id).1)
-            };
-            let mut write = ::redis::cmd("EVALSHA");
-            write
-                .arg(&session.scripts.presence_node)
-                .arg(1)
-                .arg(presence_key(&room.name))
-                .arg(&*self.node_id)
-                .arg(seq)
-                .arg(room_channel(&room.name))
-                .arg(META_TTL.as_secs());
-            for entry in entries {
-                write.arg(&*entry.user_id).arg(entry_json(&entry));
-            }
-            write.query_async::<i64>(&mut session.commands).await?;
-        }
-        // Every room caught up before serving: what arrives meanwhile waits in the subscription.
-        for room in rooms {
-            catch_up(&mut session, node, room);
-        }
-        while let Some(done) = session.catch_ups.join_next().await {
-            done.map_err(|e| RedisError::from(std::io::Error::other(e)))??;
+        if let Err(e) = self.restore(&mut session, node).await {
+            session.catch_ups.shutdown().await;
+            return Err(e);
         }
         self.ready.store(true, Ordering::Release);
         let all: Vec<usize> = (0..node.shards()).collect();
@@ -460,8 +424,49 @@ impl Engine {
         Ok(session)
     }
 
-    /// Serves one connection until it fails; returns why.
-    async fn serve(&mut self, mut session: Session, node: &Arc<Node>) -> String {
+    /// Resubscribes every room the node follows, writes its presence in each whole, and catches
+    /// each up; messages arriving meanwhile wait in the subscription.
+    async fn restore(&mut self, session: &mut Session, node: &Arc<Node>) -> RedisResult<()> {
+        let rooms: Vec<Arc<RoomState>> = self.followed.values().cloned().collect();
+        subscribe(session, rooms.iter().map(|r| &r.name)).await?;
+        for room in &rooms {
+            let (seq, entries) = {
+                let mut presence = room.presence();
+                let seq = presence.next_seq(&self.node_id);
+                (seq, presence.own(&self.node_id).1)
+            };
+            write_presence(
+                &mut session.commands,
+                &session.scripts,
+                &self.node_id,
+                room,
+                seq,
+                &entries,
+            )
+            .await?;
+        }
+        for room in rooms {
+            catch_up(
+                &mut session.catch_ups,
+                &session.commands,
+                &session.scripts,
+                node,
+                room,
+            );
+        }
+        while let Some(done) = session.catch_ups.join_next().await {
+            done.map_err(|e| RedisError::from(std::io::Error::other(e)))??;
+        }
+        Ok(())
+    }
+
+    /// Serves one connection until it fails (returns why) or `stop`.
+    async fn serve(
+        &mut self,
+        mut session: Session,
+        node: &Arc<Node>,
+        stop: &CancellationToken,
+    ) -> String {
         let stop_publisher = CancellationToken::new();
         let queues = self
             .queues
@@ -472,15 +477,14 @@ impl Engine {
             session.scripts.clone(),
             queues,
             node.clone(),
-            self.node_id.clone(),
             stop_publisher.clone(),
         ));
         let mut probe = tokio::time::interval(PROBE_INTERVAL);
         let mut grace = tokio::time::interval(GRACE_TICK);
-        let mut beats = tokio::time::interval(BEAT_INTERVAL);
         let mut publisher_done = None;
         let reason = loop {
             tokio::select! {
+                _ = stop.cancelled() => break "stopping".to_owned(),
                 message = session.messages.next() => match message {
                     Some(message) => self.on_message(&mut session, node, &message),
                     None => break "the subscription connection closed".to_owned(),
@@ -506,11 +510,10 @@ impl Engine {
                             .await;
                     });
                 }
-                _ = beats.tick() => {
-                    if let Err(e) = self.beat(&mut session, node).await {
-                        break e.to_string();
-                    }
-                }
+                Some(beat) = session.beats.recv() => match beat {
+                    Ok(beat) => self.on_beat(node, beat, Some(&mut session)),
+                    Err(e) => break format!("beating: {e}"),
+                },
                 _ = grace.tick() => {
                     if let Err(e) = self.unfollow_due(&mut session).await {
                         break e.to_string();
@@ -535,9 +538,45 @@ impl Engine {
             None => publisher.await.expect("the publisher does not panic").0,
         };
         self.queues = Some(queues);
-        // Abandoned catch-ups give their rooms back (see `CatchingUp`) before the next session.
+        // Abandoned catch-ups give their rooms back (see `sync::catch_up`).
         session.catch_ups.shutdown().await;
+        if stop.is_cancelled() {
+            self.goodbye(&mut session).await;
+        }
         reason
+    }
+
+    /// A stopping node leaves every room's presence (the others tell their members at once,
+    /// rather than after the node's time-to-live), and its sessions and liveness go.
+    async fn goodbye(&self, session: &mut Session) {
+        let farewell = async {
+            for room in self.followed.values() {
+                let seq = room.presence().next_seq(&self.node_id);
+                write_presence(
+                    &mut session.commands,
+                    &session.scripts,
+                    &self.node_id,
+                    room,
+                    seq,
+                    &[],
+                )
+                .await?;
+            }
+            ::redis::cmd("EVALSHA")
+                .arg(&session.scripts.goodbye)
+                .arg(2)
+                .arg(NODES_KEY)
+                .arg(sessions_key(&self.node_id))
+                .arg(&*self.node_id)
+                .query_async::<i64>(&mut session.commands)
+                .await
+        };
+        match tokio::time::timeout(GOODBYE_TIMEOUT, farewell).await {
+            Ok(Ok(_)) => debug!("said goodbye to the cluster"),
+            _ => warn!(
+                "could not say goodbye to the cluster: its nodes will notice within {NODE_TTL:?}"
+            ),
+        }
     }
 
     fn on_message(&self, session: &mut Session, node: &Arc<Node>, message: &Msg) {
@@ -575,7 +614,7 @@ impl Engine {
             // Delivered by this node when it was sent.
             return true;
         }
-        if !protocol::looks_like_object(json) {
+        if !protocol::is_json_object(json) {
             return false;
         }
         routing::publish_from_broker(node, target, json);
@@ -604,29 +643,39 @@ impl Engine {
         let Some(seq) = parse_u64(seq.as_bytes()) else {
             return false;
         };
-        if from == &*self.node_id {
+        let entries = if whole {
+            serde_json::from_slice::<Vec<Entry>>(json).ok()
+        } else {
+            serde_json::from_slice::<Entry>(json).ok().map(|e| vec![e])
+        };
+        let Some(entries) = entries.filter(|e| e.iter().all(|e| e.conns <= MAX_CONNS)) else {
+            return false;
+        };
+        // Its own (delivered when made), or of a node found dead (late: it left every room).
+        if from == &*self.node_id || self.nodes.dead.contains(from) {
             return true;
         }
         let Some(room) = node.rooms.get(room) else {
             return true;
         };
-        let from: Arc<str> = Arc::from(from);
-        let synced = room.stream().is_synced();
-        if !synced {
-            // The room's first sync reads the presence whole.
-            return true;
+        {
+            let stream = room.stream();
+            if !stream.is_synced() {
+                // During the room's first sync: read again once it is done.
+                if stream.subscribing {
+                    drop(stream);
+                    session.catch_up(node, room);
+                }
+                return true;
+            }
         }
+        let from: Arc<str> = Arc::from(from);
         if whole {
-            let Ok(entries) = serde_json::from_slice::<Vec<Entry>>(json) else {
-                return false;
-            };
             let (gone, came) = room.presence().replace_node(&from, seq, entries);
             routing::tell_presence(node, &room, &gone, &came);
             return true;
         }
-        let Ok(entry) = serde_json::from_slice::<Entry>(json) else {
-            return false;
-        };
+        let entry = entries.into_iter().next().expect("one");
         let fit = room.presence().apply(&from, seq, entry.clone());
         match fit {
             Fit::Applied { before, after } => {
@@ -638,31 +687,53 @@ impl Engine {
                 routing::tell_presence(node, &room, gone, came);
             }
             Fit::Seen => {}
-            Fit::Missed => catch_up(session, node, room),
+            Fit::Missed => session.catch_up(node, room),
         }
         true
     }
 
-    /// Says this node is alive, and takes the presence of the nodes found dead out of every room
-    /// this node follows (their entries in Redis are skipped by every read from now on).
-    async fn beat(&mut self, session: &mut Session, node: &Node) -> RedisResult<()> {
-        let alive = beat(&mut session.commands, &session.scripts, &self.node_id).await?;
-        for room in self.followed.values() {
-            let gone_nodes: Vec<Arc<str>> = room
-                .presence()
-                .nodes()
-                .filter(|n| **n != self.node_id && !alive.contains(&***n))
-                .cloned()
-                .collect();
-            for gone in gone_nodes {
-                if self.dead.insert(gone.clone()) {
-                    warn!(node = %gone, "a node stopped answering: its presence leaves every room");
-                }
-                let left = room.presence().remove_node(&gone);
+    /// What a beat says of the other nodes: one that ended (or that Redis forgot since the last
+    /// beat) is dead, and its presence leaves every room this node follows; one found dead that
+    /// beats again is back, and the rooms are read again for its presence.
+    fn on_beat(&mut self, node: &Arc<Node>, beat: Beat, session: Option<&mut Session>) {
+        let mut alive = HashSet::new();
+        let mut ended = HashSet::new();
+        for (other, until) in beat.nodes {
+            if *other == *self.node_id {
+                continue;
+            }
+            let other: Arc<str> = Arc::from(other);
+            if until >= beat.now {
+                alive.insert(other);
+            } else {
+                ended.insert(other);
+            }
+        }
+        let forgotten = self
+            .nodes
+            .alive
+            .difference(&alive)
+            .filter(|n| !ended.contains(*n));
+        let dead: HashSet<Arc<str>> = ended.iter().chain(forgotten).cloned().collect();
+        for gone in dead.difference(&self.nodes.dead) {
+            warn!(node = %gone, "a node stopped beating: its presence leaves every room");
+            for room in self.followed.values() {
+                let left = room.presence().remove_node(gone);
                 routing::tell_presence(node, room, &left, &[]);
             }
         }
-        Ok(())
+        let back: Vec<&Arc<str>> = self.nodes.dead.intersection(&alive).collect();
+        if !back.is_empty() {
+            info!(nodes = ?back, "nodes found dead beat again: reading their presence");
+            if let Some(session) = session {
+                for room in self.followed.values() {
+                    session.catch_up(node, room.clone());
+                }
+            }
+        }
+        // Dead until Redis forgets them (they are not listed any more), unless back.
+        self.nodes.dead = dead;
+        self.nodes.alive = alive;
     }
 
     async fn on_command(
@@ -681,7 +752,8 @@ impl Engine {
                     follow.push(room);
                 }
                 Command::LastMemberLeft(room) => {
-                    self.leaving.push_back((Instant::now() + self.grace, room));
+                    // The grace counts from the last leave.
+                    self.leaving.insert(room, Instant::now() + self.grace);
                 }
             }
             if follow.len() < SUBSCRIBE_BATCH {
@@ -695,7 +767,7 @@ impl Engine {
             .collect();
         subscribe(session, new.iter()).await?;
         for room in follow {
-            catch_up(session, node, room);
+            session.catch_up(node, room);
         }
         Ok(())
     }
@@ -703,11 +775,15 @@ impl Engine {
     /// Stops following the rooms whose grace has passed with no local member back.
     async fn unfollow_due(&mut self, session: &mut Session) -> RedisResult<()> {
         let now = Instant::now();
+        let due: Vec<Arc<str>> = self
+            .leaving
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(room, _)| room.clone())
+            .collect();
         let mut channels = Vec::new();
-        while let Some((at, _)) = self.leaving.front()
-            && *at <= now
-        {
-            let (_, name) = self.leaving.pop_front().expect("looked at");
+        for name in due {
+            self.leaving.remove(&name);
             let Some(room) = self.followed.get(&name) else {
                 continue;
             };
@@ -735,6 +811,18 @@ impl Engine {
     }
 }
 
+impl Session {
+    fn catch_up(&mut self, node: &Arc<Node>, room: Arc<RoomState>) {
+        catch_up(
+            &mut self.catch_ups,
+            &self.commands,
+            &self.scripts,
+            node,
+            room,
+        );
+    }
+}
+
 /// SUBSCRIBEs to the channels of `rooms`, in batches, waiting for Redis to confirm each.
 async fn subscribe<'a>(
     session: &mut Session,
@@ -751,19 +839,21 @@ async fn subscribe<'a>(
     Ok(())
 }
 
-/// A room message: `<offset> <epoch> <origin node>\n<JSON text>`. Returns false when malformed.
+/// A room message: `<offset> <epoch>\n<JSON text>`. Returns false when malformed.
 fn on_room_message(session: &mut Session, node: &Arc<Node>, room: &str, envelope: &[u8]) -> bool {
     let Some((header, json)) = split_line(envelope) else {
         return false;
     };
-    let mut fields = header.split(|&b| b == b' ');
-    let (Some(offset), Some(epoch)) = (fields.next(), fields.next()) else {
+    let Some((offset, epoch)) = std::str::from_utf8(header)
+        .ok()
+        .and_then(|h| h.split_once(' '))
+    else {
         return false;
     };
-    let (Some(offset), Ok(epoch)) = (parse_u64(offset), std::str::from_utf8(epoch)) else {
+    let Some(offset) = parse_u64(offset.as_bytes()) else {
         return false;
     };
-    if !protocol::looks_like_object(json) {
+    if !protocol::is_json_object(json) {
         return false;
     }
     // Not followed any more (messages still on their way after an UNSUBSCRIBE): nobody here.
@@ -777,167 +867,69 @@ fn on_room_message(session: &mut Session, node: &Arc<Node>, room: &str, envelope
             let mut stream = room.stream();
             // Another path (a catch-up) may have taken it meanwhile.
             if stream.arrival(offset, epoch) == Arrival::Next {
-                stream.push(
-                    offset,
-                    frame.clone(),
-                    node.rooms.history_limits(),
-                    Instant::now(),
-                );
+                let limits = node.rooms.history_limits();
+                stream.push(offset, frame.clone(), limits, Instant::now());
                 routing::forward_stream(node, &room, offset, frame);
             }
         }
         Arrival::Seen => {}
-        Arrival::Missed => catch_up(session, node, room),
+        Arrival::Missed => session.catch_up(node, room),
     }
     true
 }
 
-/// Starts catching `room` up from Redis, unless a catch-up is running (then it runs once more).
-fn catch_up(session: &mut Session, node: &Arc<Node>, room: Arc<RoomState>) {
-    if !room.stream().begin_catch_up() {
-        return;
-    }
-    node.counters
-        .broker_catch_ups
-        .fetch_add(1, Ordering::Relaxed);
-    let commands = session.commands.clone();
-    let scripts = session.scripts.clone();
-    let node = node.clone();
-    session.catch_ups.spawn(async move {
-        let mut guard = CatchingUp(Some(room.clone()));
-        let mut commands = commands;
-        loop {
-            let from = {
-                let stream = room.stream();
-                stream.is_synced().then(|| stream.position().offset + 1)
-            };
-            let limits = node.rooms.history_limits();
-            let reply: Value = ::redis::cmd("EVALSHA")
-                .arg(&scripts.sync)
-                .arg(4)
-                .arg(meta_key(&room.name))
-                .arg(history_key(&room.name))
-                .arg(presence_key(&room.name))
-                .arg(NODES_KEY)
-                .arg(&*new_epoch())
-                .arg(META_TTL.as_secs())
-                .arg(from.unwrap_or(0))
-                .arg(limits.size.max(1))
-                .query_async(&mut commands)
-                .await?;
-            let Some((position, kept, presence)) = parse_sync(reply, from.is_none()) else {
-                return Err(RedisError::from(std::io::Error::other(
-                    "unexpected answer to the sync script",
-                )));
-            };
-            routing::catch_up_stream(&node, &room, position, kept, presence);
-            if !room.stream().end_catch_up() {
-                guard.0 = None;
-                return Ok(());
-            }
-        }
-    });
-}
-
-/// A room's messages from Redis: (offset, JSON text), oldest first.
-type History = Vec<(u64, Vec<u8>)>;
-/// A room's presence from Redis: per live node, its last change number and its entries.
-pub type NodesPresence = Vec<(Arc<str>, u64, Vec<Entry>)>;
-
-/// Gives a room back (no catch-up running) when its catch-up ends without completing.
-struct CatchingUp(Option<Arc<RoomState>>);
-
-impl Drop for CatchingUp {
-    fn drop(&mut self) {
-        if let Some(room) = self.0.take() {
-            let mut stream = room.stream();
-            while stream.end_catch_up() {}
-        }
-    }
-}
-
-/// The sync script's answer: the room's position, and its history as (offset, JSON text), oldest
-/// first (`newest_first`: as the script read them for a tail).
-fn parse_sync(reply: Value, newest_first: bool) -> Option<(Position, History, NodesPresence)> {
-    let Value::Array(mut parts) = reply else {
-        return None;
-    };
-    if parts.len() != 4 {
-        return None;
-    }
-    let presence = parse_presence(parts.pop()?)?;
-    let entries = parts.pop()?;
-    let epoch = match parts.pop()? {
-        Value::BulkString(epoch) => String::from_utf8(epoch).ok()?,
-        _ => return None,
-    };
-    let Value::Int(top) = parts.pop()? else {
-        return None;
-    };
-    let Value::Array(entries) = entries else {
-        return None;
-    };
-    let mut kept = Vec::with_capacity(entries.len());
-    for entry in entries {
-        let Value::Array(mut entry) = entry else {
-            return None;
-        };
-        let (Some(Value::Array(mut fields)), Some(Value::BulkString(id))) =
-            (entry.pop(), entry.pop())
-        else {
-            return None;
-        };
-        let offset = parse_u64(id.strip_suffix(b"-0")?)?;
-        let Some(Value::BulkString(json)) = fields.pop() else {
-            return None;
-        };
-        kept.push((offset, json));
-    }
-    if newest_first {
-        kept.reverse();
-    }
-    let position = Position {
-        offset: u64::try_from(top).ok()?,
-        epoch: Arc::from(epoch),
-    };
-    Some((position, kept, presence))
-}
-
-/// Each node's presence in a room, as the sync script reads it: the flat fields of the presence
-/// hash (`#<node>` → its last change number, `<node>\x1f<user>` → an entry).
-fn parse_presence(fields: Value) -> Option<NodesPresence> {
-    let Value::Array(fields) = fields else {
-        return None;
-    };
-    let mut nodes: HashMap<Arc<str>, (u64, Vec<Entry>)> = HashMap::new();
-    let mut fields = fields.into_iter();
-    while let (Some(Value::BulkString(field)), Some(Value::BulkString(value))) =
-        (fields.next(), fields.next())
-    {
-        if let Some(node) = field.strip_prefix(b"#") {
-            let node = Arc::from(std::str::from_utf8(node).ok()?);
-            nodes.entry(node).or_default().0 = parse_u64(&value)?;
-        } else {
-            let at = field.iter().position(|&b| b == 0x1f)?;
-            let node = Arc::from(std::str::from_utf8(&field[..at]).ok()?);
-            let entry: Entry = serde_json::from_slice(&value).ok()?;
-            nodes.entry(node).or_default().1.push(entry);
-        }
-    }
-    Some(
-        nodes
-            .into_iter()
-            .map(|(node, (seq, entries))| (node, seq, entries))
-            .collect(),
-    )
-}
-
-/// Says this node is alive (until `NODE_TTL` from now) and returns the nodes that are.
-async fn beat(
-    commands: &mut MultiplexedConnection,
+/// Writes this node's whole presence in `room` (`entries`; none: it leaves), change `seq`.
+async fn write_presence(
+    conn: &mut MultiplexedConnection,
     scripts: &Scripts,
     node_id: &str,
-) -> RedisResult<HashSet<String>> {
+    room: &RoomState,
+    seq: u64,
+    entries: &[Entry],
+) -> RedisResult<()> {
+    let mut write = ::redis::cmd("EVALSHA");
+    write
+        .arg(&scripts.presence_node)
+        .arg(1)
+        .arg(presence_key(&room.name))
+        .arg(node_id)
+        .arg(seq)
+        .arg(room_channel(&room.name))
+        .arg(META_TTL.as_secs());
+    for entry in entries {
+        write.arg(&*entry.user_id).arg(entry_json(entry));
+    }
+    write.query_async::<i64>(conn).await.map(drop)
+}
+
+/// Beats every [`BEAT_INTERVAL`] (the first was made at the connection) and hands each result to
+/// the engine; stops at the first failure (the engine then reconnects).
+async fn beat_forever(
+    mut conn: MultiplexedConnection,
+    scripts: Arc<Scripts>,
+    node_id: Arc<str>,
+    beats: Sender<RedisResult<Beat>>,
+) {
+    let mut ticks = tokio::time::interval(BEAT_INTERVAL);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let beat = beat(&mut conn, &scripts, &node_id).await;
+        let failed = beat.is_err();
+        // A full channel: the engine is busy, and the next beat says the same.
+        let _ = beats.try_send(beat);
+        if failed {
+            return;
+        }
+    }
+}
+
+/// Says this node is alive (until `NODE_TTL` from now) and reads until when each node is.
+async fn beat(
+    conn: &mut MultiplexedConnection,
+    scripts: &Scripts,
+    node_id: &str,
+) -> RedisResult<Beat> {
     let (now, nodes): (u64, Vec<(String, u64)>) = ::redis::cmd("EVALSHA")
         .arg(&scripts.beat)
         .arg(2)
@@ -945,151 +937,10 @@ async fn beat(
         .arg(sessions_key(node_id))
         .arg(node_id)
         .arg(NODE_TTL.as_millis() as u64)
-        .query_async(commands)
+        .arg(NODE_FORGOTTEN_AFTER.as_millis() as u64)
+        .query_async(conn)
         .await?;
-    Ok(nodes
-        .into_iter()
-        .filter(|(_, until)| *until >= now)
-        .map(|(node, _)| node)
-        .collect())
-}
-
-/// A presence entry as stored and published.
-fn entry_json(entry: &Entry) -> Vec<u8> {
-    serde_json::to_vec(entry).expect("serializing to memory cannot fail")
-}
-
-/// Sends what is queued for Redis in pipelines, in order; returns the queue when stopped, with the
-/// error that stopped it. A pipeline that fails is refused to its senders.
-async fn publish_loop(
-    mut commands: MultiplexedConnection,
-    scripts: Arc<Scripts>,
-    mut queues: Queues,
-    node: Arc<Node>,
-    node_id: Arc<str>,
-    stop: CancellationToken,
-) -> (Queues, Option<RedisError>) {
-    let limits = node.rooms.history_limits();
-    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
-    let mut changes = Vec::with_capacity(PUBLISH_BATCH);
-    loop {
-        let taken = tokio::select! {
-            _ = stop.cancelled() => return (queues, None),
-            taken = queues.records.recv_many(&mut changes, PUBLISH_BATCH) => taken,
-            taken = queues.outgoing.recv_many(&mut batch, PUBLISH_BATCH) => taken,
-        };
-        if taken == 0 {
-            // Every sender is gone: the node is stopping.
-            return (queues, None);
-        }
-        while changes.len() < PUBLISH_BATCH
-            && let Ok(change) = queues.records.try_recv()
-        {
-            changes.push(change);
-        }
-        while batch.len() < PUBLISH_BATCH
-            && let Ok(out) = queues.outgoing.try_recv()
-        {
-            batch.push(out);
-        }
-        let mut pipe = ::redis::pipe();
-        let sessions = sessions_key(&node_id);
-        for change in &changes {
-            match change {
-                Record::Presence { room, entry, seq } => {
-                    pipe.cmd("EVALSHA")
-                        .arg(&scripts.presence)
-                        .arg(1)
-                        .arg(presence_key(room))
-                        .arg(&*node_id)
-                        .arg(&*entry.user_id)
-                        .arg(entry_json(entry))
-                        .arg(entry.conns)
-                        .arg(seq)
-                        .arg(room_channel(room))
-                        .arg(META_TTL.as_secs());
-                }
-                Record::SessionOpened { client_id, record } => {
-                    pipe.cmd("HSET").arg(&sessions).arg(client_id).arg(record);
-                    // A hash made here lives until the node's next beat, and no longer.
-                    pipe.cmd("PEXPIRE")
-                        .arg(&sessions)
-                        .arg(NODE_TTL.as_millis() as u64)
-                        .arg("NX");
-                }
-                Record::SessionClosed { client_id } => {
-                    pipe.cmd("HDEL").arg(&sessions).arg(client_id);
-                }
-            }
-        }
-        for out in &batch {
-            match out {
-                Outgoing::Message { room, message, .. } => {
-                    pipe.cmd("EVALSHA")
-                        .arg(&scripts.publish)
-                        .arg(2)
-                        .arg(meta_key(room))
-                        .arg(history_key(room))
-                        .arg(message.as_slice())
-                        .arg(limits.size)
-                        .arg(limits.ttl.as_secs().max(1))
-                        .arg(META_TTL.as_secs())
-                        .arg(room_channel(room))
-                        .arg(&*new_epoch())
-                        .arg(&*node_id);
-                }
-                Outgoing::Notice { room, payload } => {
-                    let channel = room
-                        .as_deref()
-                        .map_or(BROADCAST_CHANNEL.to_owned(), room_channel);
-                    let prefix: &[u8] = if room.is_some() { b"p" } else { b"" };
-                    let envelope = [prefix, node_id.as_bytes(), b"\n", payload].concat();
-                    pipe.cmd("PUBLISH").arg(channel).arg(envelope);
-                }
-            }
-        }
-        let sent: RedisResult<Vec<Value>> = pipe.query_async(&mut commands).await;
-        if let Err(e) = sent {
-            for out in batch.drain(..) {
-                refuse(&node, out);
-            }
-            // The node's presence is written whole after the reconnection.
-            changes.clear();
-            return (queues, Some(e));
-        }
-        batch.clear();
-        changes.clear();
-    }
-}
-
-/// Tells the sender of a room message that it was not published; counts a notice not shared.
-fn refuse(node: &Node, out: Outgoing) {
-    match out {
-        Outgoing::Message { from, .. } => {
-            node.counters
-                .broker_unavailable
-                .fetch_add(1, Ordering::Relaxed);
-            let error = ServerMessage::Error {
-                error: ErrorReply::Unavailable,
-            };
-            routing::reply(node, from, error.encode());
-        }
-        Outgoing::Notice { .. } => {
-            node.counters
-                .broker_notices_dropped
-                .fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// `head\nrest` split at the first line feed.
-fn split_line(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    let at = bytes.iter().position(|&b| b == b'\n')?;
-    Some((&bytes[..at], &bytes[at + 1..]))
-}
-
-fn parse_u64(digits: &[u8]) -> Option<u64> {
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    Ok(Beat { now, nodes })
 }
 
 /// A Redis answer that takes longer than [`REDIS_TIMEOUT`] is an error.
@@ -1127,43 +978,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn channels_name_their_room() {
-        assert_eq!(room_of(&room_channel("a:b")), Some("a:b"));
-        assert_eq!(room_of("wsgate:broadcast"), None);
+    fn passwords_stay_out_of_logs() {
         assert_eq!(redacted("redis://:secret@h:1/"), "redis://***@h:1/");
         assert_eq!(redacted("redis://h:1/"), "redis://h:1/");
     }
 
     #[test]
-    fn sync_answers_are_parsed_oldest_first() {
-        let entry = |offset: &str, json: &str| {
-            Value::Array(vec![
-                Value::BulkString(format!("{offset}-0").into_bytes()),
-                Value::Array(vec![
-                    Value::BulkString(b"m".to_vec()),
-                    Value::BulkString(json.as_bytes().to_vec()),
-                ]),
-            ])
-        };
-        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
-        let reply = Value::Array(vec![
-            Value::Int(7),
-            Value::BulkString(b"abc".to_vec()),
-            Value::Array(vec![entry("7", "{}"), entry("6", "{\"a\":1}")]),
-            Value::Array(vec![
-                bulk("#n1"),
-                bulk("3"),
-                bulk("n1\x1fbob"),
-                bulk(r#"{"user":"bob","name":"Bob","conns":2}"#),
-            ]),
-        ]);
-        let (position, kept, presence) = parse_sync(reply, true).unwrap();
-        assert_eq!(presence.len(), 1);
-        let (node, seq, entries) = &presence[0];
-        assert_eq!((&**node, *seq, entries[0].conns), ("n1", 3, 2));
-        assert_eq!(position.offset, 7);
-        assert_eq!(&*position.epoch, "abc");
-        assert_eq!(kept, vec![(6, b"{\"a\":1}".to_vec()), (7, b"{}".to_vec())]);
-        assert!(parse_sync(Value::Int(1), false).is_none());
+    fn back_off_is_jittered_within_a_quarter() {
+        for _ in 0..100 {
+            let pause = jittered(Duration::from_millis(400));
+            assert!((300..=500).contains(&pause.as_millis()), "{pause:?}");
+        }
     }
 }

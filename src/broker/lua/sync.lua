@@ -1,29 +1,28 @@
--- Reads where a room's stream is (offset, epoch; an epoch is made for a room that has none), its
--- history (from an offset on, or the most recent messages) and who is in it on live nodes.
+-- Reads where a room's stream is (offset, epoch), its history and who is in it on live nodes.
 -- KEYS[1]: the room's meta hash; KEYS[2]: its history stream; KEYS[3]: its presence hash (see
 -- presence.lua); KEYS[4]: the nodes hash (see beat.lua).
 -- ARGV: an epoch for a room that has none, meta TTL (s), first offset wanted (0: the most
---       recent), most messages returned.
-local epoch = redis.call("hget", KEYS[1], "epoch")
-if not epoch then
-  epoch = ARGV[1]
-  redis.call("hset", KEYS[1], "epoch", epoch)
-  redis.call("del", KEYS[2])
-end
+--       recent messages), most messages returned, the epoch of that offset ("": none).
+-- Presence fields of nodes that are not alive are deleted on the way.
+local epoch = room_epoch(KEYS[1], KEYS[2], ARGV[1])
 redis.call("expire", KEYS[1], ARGV[2])
-local top = tonumber(redis.call("hget", KEYS[1], "offset") or "0")
+local top = tonumber(redis.call("hget", KEYS[1], "offset") or "0") or 0
+local from = tonumber(ARGV[3]) or 0
+if from > 0 and ARGV[5] ~= epoch then
+  -- The stream started over: all of the new epoch is wanted.
+  from = 1
+end
 local entries
-if tonumber(ARGV[3]) > 0 then
-  entries = redis.call("xrange", KEYS[2], ARGV[3] .. "-0", "+", "count", ARGV[4])
+if from > 0 then
+  entries = redis.call("xrange", KEYS[2], from .. "-0", "+", "count", ARGV[4])
 else
   entries = redis.call("xrevrange", KEYS[2], "+", "-", "count", ARGV[4])
 end
-local t = redis.call("time")
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local alive = {}
 local nodes = redis.call("hgetall", KEYS[4])
 for i = 1, #nodes, 2 do
-  if tonumber(nodes[i + 1]) >= now then
+  if (tonumber(nodes[i + 1]) or 0) >= now then
     alive[nodes[i]] = true
   end
 end
@@ -40,6 +39,8 @@ for i = 1, #fields, 2 do
   if node and alive[node] then
     table.insert(presence, field)
     table.insert(presence, fields[i + 1])
+  else
+    redis.call("hdel", KEYS[3], field)
   end
 end
 return {top, epoch, entries, presence}

@@ -3,19 +3,13 @@
 -- order with gap-free offsets.
 -- KEYS[1]: the room's meta hash (offset, epoch); KEYS[2]: its history stream.
 -- ARGV: message (a JSON object), history size, history TTL (s), meta TTL (s), channel,
---       an epoch for a room that has none, origin node.
-local epoch = redis.call("hget", KEYS[1], "epoch")
-if not epoch then
-  epoch = ARGV[6]
-  redis.call("hset", KEYS[1], "epoch", epoch)
-  -- A history left from an expired epoch would hold offsets the new one reuses.
-  redis.call("del", KEYS[2])
-end
+--       an epoch for a room that has none.
+local epoch = room_epoch(KEYS[1], KEYS[2], ARGV[6])
 local offset = redis.call("hincrby", KEYS[1], "offset", 1)
 redis.call("expire", KEYS[1], ARGV[4])
 if tonumber(ARGV[2]) > 0 then
   redis.call("xadd", KEYS[2], "maxlen", ARGV[2], offset .. "-0", "m", ARGV[1])
   redis.call("expire", KEYS[2], ARGV[3])
 end
-redis.call("publish", ARGV[5], "s" .. offset .. " " .. epoch .. " " .. ARGV[7] .. "\n" .. ARGV[1])
+redis.call("publish", ARGV[5], "s" .. offset .. " " .. epoch .. "\n" .. ARGV[1])
 return offset

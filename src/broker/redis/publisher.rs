@@ -1,0 +1,165 @@
+//! Sending to Redis what the shards queued: records (presence, sessions) and room messages and
+//! notices, in pipelines of up to [`PUBLISH_BATCH`] commands, in the order queued.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{RedisError, RedisResult, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::keys::{
+    BROADCAST_CHANNEL, Scripts, history_key, meta_key, presence_key, room_channel, sessions_key,
+};
+use super::{META_TTL, NODE_TTL, Outgoing, Queues, Record};
+use crate::node::Node;
+use crate::presence::Entry;
+use crate::protocol::{ErrorReply, ServerMessage};
+use crate::routing;
+use crate::stream::new_epoch;
+
+/// Commands per pipeline sent to Redis, at most.
+const PUBLISH_BATCH: usize = 512;
+
+/// Sends what is queued until stopped or a pipeline fails; returns the queues (for the next
+/// connection) with the error. A room message Redis refused is refused to its sender; one whose
+/// fate is unknown (the connection failed on the way) is reported as such.
+pub async fn publish_loop(
+    mut conn: MultiplexedConnection,
+    scripts: Arc<Scripts>,
+    mut queues: Queues,
+    node: Arc<Node>,
+    stop: CancellationToken,
+) -> (Queues, Option<RedisError>) {
+    let mut records = Vec::with_capacity(PUBLISH_BATCH);
+    let mut outgoing = Vec::with_capacity(PUBLISH_BATCH);
+    loop {
+        let taken = tokio::select! {
+            _ = stop.cancelled() => return (queues, None),
+            taken = queues.records.recv_many(&mut records, PUBLISH_BATCH) => taken,
+            taken = queues.outgoing.recv_many(&mut outgoing, PUBLISH_BATCH) => taken,
+        };
+        if taken == 0 {
+            // Every sender is gone: the node is stopping.
+            return (queues, None);
+        }
+        while records.len() < PUBLISH_BATCH
+            && let Ok(record) = queues.records.try_recv()
+        {
+            records.push(record);
+        }
+        while outgoing.len() < PUBLISH_BATCH
+            && let Ok(out) = queues.outgoing.try_recv()
+        {
+            outgoing.push(out);
+        }
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        for record in &records {
+            add_record(&mut pipe, &scripts, &node.id, record);
+        }
+        // Where each room message's answer is in the pipeline's.
+        let first_outgoing = pipe.len();
+        for out in &outgoing {
+            add_outgoing(&mut pipe, &scripts, &node, out);
+        }
+        let sent: RedisResult<Vec<Value>> = pipe.query_async(&mut conn).await;
+        records.clear();
+        match sent {
+            Ok(answers) => {
+                let answers = answers.into_iter().skip(first_outgoing);
+                for (out, answer) in outgoing.drain(..).zip(answers) {
+                    if matches!(answer, Value::ServerError(_)) {
+                        refuse(&node, out, ErrorReply::Unavailable);
+                    }
+                }
+            }
+            Err(e) => {
+                // Redis may have run any of them: the senders are told it is unknown. Records
+                // are written whole after the reconnection.
+                for out in outgoing.drain(..) {
+                    refuse(&node, out, ErrorReply::MaybeUnavailable);
+                }
+                return (queues, Some(e));
+            }
+        }
+    }
+}
+
+fn add_record(pipe: &mut ::redis::Pipeline, scripts: &Scripts, node_id: &str, record: &Record) {
+    match record {
+        Record::Presence { room, entry, seq } => {
+            pipe.cmd("EVALSHA")
+                .arg(&scripts.presence)
+                .arg(1)
+                .arg(presence_key(room))
+                .arg(node_id)
+                .arg(&*entry.user_id)
+                .arg(entry_json(entry))
+                .arg(entry.conns)
+                .arg(seq)
+                .arg(room_channel(room))
+                .arg(META_TTL.as_secs());
+        }
+        Record::SessionOpened { client_id, record } => {
+            let sessions = sessions_key(node_id);
+            pipe.cmd("HSET").arg(&sessions).arg(client_id).arg(record);
+            // A hash made here lives as long as the node's beats say, and no longer.
+            pipe.cmd("PEXPIRE")
+                .arg(&sessions)
+                .arg(NODE_TTL.as_millis() as u64);
+        }
+        Record::SessionClosed { client_id } => {
+            pipe.cmd("HDEL").arg(sessions_key(node_id)).arg(client_id);
+        }
+    }
+}
+
+fn add_outgoing(pipe: &mut ::redis::Pipeline, scripts: &Scripts, node: &Node, out: &Outgoing) {
+    match out {
+        Outgoing::Message { room, message, .. } => {
+            let limits = node.rooms.history_limits();
+            pipe.cmd("EVALSHA")
+                .arg(&scripts.publish)
+                .arg(2)
+                .arg(meta_key(room))
+                .arg(history_key(room))
+                .arg(message.as_slice())
+                .arg(limits.size)
+                .arg(limits.ttl.as_secs().max(1))
+                .arg(META_TTL.as_secs())
+                .arg(room_channel(room))
+                .arg(&*new_epoch());
+        }
+        Outgoing::Notice { room, payload } => {
+            let (channel, kind): (String, &[u8]) = match room {
+                Some(room) => (room_channel(room), b"p"),
+                None => (BROADCAST_CHANNEL.to_owned(), b""),
+            };
+            let envelope = [kind, node.id.as_bytes(), b"\n", payload].concat();
+            pipe.cmd("PUBLISH").arg(channel).arg(envelope);
+        }
+    }
+}
+
+/// A presence entry as stored and published.
+pub fn entry_json(entry: &Entry) -> Vec<u8> {
+    serde_json::to_vec(entry).expect("serializing to memory cannot fail")
+}
+
+/// Tells the sender of a room message `error`; counts a notice not shared.
+pub fn refuse(node: &Node, out: Outgoing, error: ErrorReply<'_>) {
+    match out {
+        Outgoing::Message { from, .. } => {
+            node.counters
+                .broker_unavailable
+                .fetch_add(1, Ordering::Relaxed);
+            routing::reply(node, from, ServerMessage::Error { error }.encode());
+        }
+        Outgoing::Notice { .. } => {
+            node.counters
+                .broker_notices_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Catching a room up from Redis: its position, the messages this node missed (or its recent
+//! history, at the first sync) and its presence, read in one script ([`Scripts::sync`]) and
+//! applied by [`routing::catch_up_stream`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{RedisError, RedisResult, Value};
+use tokio::task::JoinSet;
+
+use super::META_TTL;
+use super::keys::{NODES_KEY, Scripts, history_key, meta_key, parse_u64, presence_key};
+use crate::node::Node;
+use crate::presence::{Entry, MAX_CONNS};
+use crate::rooms::RoomState;
+use crate::routing;
+use crate::stream::{Position, new_epoch};
+
+/// A room's messages from Redis: (offset, JSON text), oldest first.
+pub type History = Vec<(u64, Vec<u8>)>;
+/// A room's presence from Redis: per live node, its last change number and its entries.
+pub type NodesPresence = Vec<(Arc<str>, u64, Vec<Entry>)>;
+
+/// Starts catching `room` up, unless that is under way (then it runs once more when done).
+pub fn catch_up(
+    tasks: &mut JoinSet<RedisResult<()>>,
+    conn: &MultiplexedConnection,
+    scripts: &Arc<Scripts>,
+    node: &Arc<Node>,
+    room: Arc<RoomState>,
+) {
+    if !room.stream().begin_catch_up() {
+        return;
+    }
+    // Made before the task: a task dropped before it ever runs still gives the room back.
+    let guard = CatchingUp(Some(room));
+    node.counters
+        .broker_catch_ups
+        .fetch_add(1, Ordering::Relaxed);
+    let (mut conn, scripts, node) = (conn.clone(), scripts.clone(), node.clone());
+    tasks.spawn(async move {
+        let mut guard = guard;
+        let room = guard.0.clone().expect("set above");
+        loop {
+            sync_once(&mut conn, &scripts, &node, &room).await?;
+            if !room.stream().end_catch_up() {
+                guard.0 = None;
+                return Ok(());
+            }
+        }
+    });
+}
+
+/// One read of the room from Redis, applied.
+async fn sync_once(
+    conn: &mut MultiplexedConnection,
+    scripts: &Scripts,
+    node: &Node,
+    room: &Arc<RoomState>,
+) -> RedisResult<()> {
+    // From the offset after the node's, in its epoch; or the most recent, at the first sync.
+    let from = {
+        let stream = room.stream();
+        stream.is_synced().then(|| stream.position())
+    };
+    let limits = node.rooms.history_limits();
+    let reply: Value = ::redis::cmd("EVALSHA")
+        .arg(&scripts.sync)
+        .arg(4)
+        .arg(meta_key(&room.name))
+        .arg(history_key(&room.name))
+        .arg(presence_key(&room.name))
+        .arg(NODES_KEY)
+        .arg(&*new_epoch())
+        .arg(META_TTL.as_secs())
+        .arg(from.as_ref().map_or(0, |p| p.offset + 1))
+        .arg(limits.size.max(1))
+        .arg(from.as_ref().map_or("", |p| &*p.epoch))
+        .query_async(conn)
+        .await?;
+    let Some(read) = SyncReply::parse(reply, from.is_none()) else {
+        return Err(RedisError::from(std::io::Error::other(
+            "unexpected answer to the sync script",
+        )));
+    };
+    if read.malformed > 0 {
+        node.counters
+            .broker_malformed
+            .fetch_add(read.malformed, Ordering::Relaxed);
+    }
+    routing::catch_up_stream(node, room, read.position, read.history, read.presence);
+    Ok(())
+}
+
+/// Gives a room back (no catch-up running) when its catch-up ends without completing.
+struct CatchingUp(Option<Arc<RoomState>>);
+
+impl Drop for CatchingUp {
+    fn drop(&mut self) {
+        if let Some(room) = self.0.take() {
+            let mut stream = room.stream();
+            while stream.end_catch_up() {}
+        }
+    }
+}
+
+/// What the sync script read. Entries that are not wsgate's are skipped and counted: one bad
+/// record must not keep a room (or the node) from syncing.
+pub struct SyncReply {
+    pub position: Position,
+    pub history: History,
+    pub presence: NodesPresence,
+    pub malformed: u64,
+}
+
+impl SyncReply {
+    /// `newest_first`: the history was read from the end (a first sync).
+    pub fn parse(reply: Value, newest_first: bool) -> Option<Self> {
+        let Value::Array(parts) = reply else {
+            return None;
+        };
+        let [top, epoch, history, presence] = <[Value; 4]>::try_from(parts).ok()?;
+        let (Value::Int(top), Value::BulkString(epoch)) = (top, epoch) else {
+            return None;
+        };
+        let (Value::Array(history), Value::Array(presence)) = (history, presence) else {
+            return None;
+        };
+        let mut malformed = 0;
+        let mut kept: History = history
+            .into_iter()
+            .filter_map(|entry| {
+                let parsed = history_entry(entry);
+                malformed += u64::from(parsed.is_none());
+                parsed
+            })
+            .collect();
+        if newest_first {
+            kept.reverse();
+        }
+        let (presence, bad) = nodes_presence(presence);
+        Some(SyncReply {
+            position: Position {
+                offset: u64::try_from(top).ok()?,
+                epoch: Arc::from(String::from_utf8(epoch).ok()?),
+            },
+            history: kept,
+            presence,
+            malformed: malformed + bad,
+        })
+    }
+}
+
+/// A history entry: `[<offset>-0, ["m", <JSON>]]`.
+fn history_entry(entry: Value) -> Option<(u64, Vec<u8>)> {
+    let Value::Array(entry) = entry else {
+        return None;
+    };
+    let [Value::BulkString(id), Value::Array(fields)] = <[Value; 2]>::try_from(entry).ok()? else {
+        return None;
+    };
+    let offset = parse_u64(id.strip_suffix(b"-0")?)?;
+    let [_, Value::BulkString(json)] = <[Value; 2]>::try_from(fields).ok()? else {
+        return None;
+    };
+    Some((offset, json))
+}
+
+/// Each node's presence in a room from the flat fields of its presence hash (`#<node>` → its
+/// last change number, `<node>\x1f<user>` → an entry); returns it and how many fields were not
+/// wsgate's.
+fn nodes_presence(fields: Vec<Value>) -> (NodesPresence, u64) {
+    let mut nodes: HashMap<Arc<str>, (u64, Vec<Entry>)> = HashMap::new();
+    let mut malformed = 0;
+    let mut fields = fields.into_iter();
+    while let (Some(field), Some(value)) = (fields.next(), fields.next()) {
+        let (Value::BulkString(field), Value::BulkString(value)) = (field, value) else {
+            malformed += 1;
+            continue;
+        };
+        let parsed = match field.strip_prefix(b"#") {
+            Some(node) => std::str::from_utf8(node)
+                .ok()
+                .zip(parse_u64(&value))
+                .map(|(node, seq)| nodes.entry(Arc::from(node)).or_default().0 = seq),
+            None => presence_entry(&field, &value)
+                .map(|(node, entry)| nodes.entry(node).or_default().1.push(entry)),
+        };
+        malformed += u64::from(parsed.is_none());
+    }
+    let nodes = nodes
+        .into_iter()
+        .map(|(node, (seq, entries))| (node, seq, entries))
+        .collect();
+    (nodes, malformed)
+}
+
+/// A presence field and its value: the node, and the user's entry there.
+fn presence_entry(field: &[u8], value: &[u8]) -> Option<(Arc<str>, Entry)> {
+    let at = field.iter().position(|&b| b == 0x1f)?;
+    let node = std::str::from_utf8(&field[..at]).ok()?;
+    let entry: Entry = serde_json::from_slice(value).ok()?;
+    (entry.conns <= MAX_CONNS).then(|| (Arc::from(node), entry))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn entry(offset: &str, json: &str) -> Value {
+        Value::Array(vec![
+            bulk(&format!("{offset}-0")),
+            Value::Array(vec![bulk("m"), bulk(json)]),
+        ])
+    }
+
+    #[test]
+    fn answers_are_read_oldest_first_and_bad_records_are_skipped_and_counted() {
+        let reply = Value::Array(vec![
+            Value::Int(7),
+            bulk("abc"),
+            Value::Array(vec![
+                entry("7", "{}"),
+                entry("x", "{}"),
+                entry("6", "{\"a\":1}"),
+            ]),
+            Value::Array(vec![
+                bulk("#n1"),
+                bulk("3"),
+                bulk("n1\x1fbob"),
+                bulk(r#"{"user":"bob","name":"Bob","conns":2}"#),
+                bulk("n1\x1fmallory"),
+                bulk("not json"),
+                bulk("#n2"),
+                bulk("many"),
+                bulk("n1\x1fhuge"),
+                bulk(r#"{"user":"huge","name":"H","conns":4294967295}"#),
+            ]),
+        ]);
+        let read = SyncReply::parse(reply, true).unwrap();
+        assert_eq!(read.position.offset, 7);
+        assert_eq!(&*read.position.epoch, "abc");
+        assert_eq!(
+            read.history,
+            vec![(6, b"{\"a\":1}".to_vec()), (7, b"{}".to_vec())]
+        );
+        assert_eq!(read.presence.len(), 1);
+        let (node, seq, entries) = &read.presence[0];
+        assert_eq!((&**node, *seq, entries.len()), ("n1", 3, 1));
+        assert_eq!(
+            read.malformed, 4,
+            "a history id, an entry, a number, a count"
+        );
+        assert!(SyncReply::parse(Value::Int(1), false).is_none());
+    }
+}

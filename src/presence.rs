@@ -367,7 +367,10 @@ mod tests {
         let ids = |v: &[Entry]| v.iter().map(|e| e.user_id.to_string()).collect::<Vec<_>>();
         let mut gone = ids(&gone);
         gone.sort();
-        assert_eq!((gone, ids(&came)), (vec!["x".into(), "y".into()], vec!["z".into()]));
+        assert_eq!(
+            (gone, ids(&came)),
+            (vec!["x".into(), "y".into()], vec!["z".into()])
+        );
         assert_eq!(p.total(), 2);
         // Counts that cannot be real never overflow.
         p.apply(&b, 4, entry("huge", u32::MAX));

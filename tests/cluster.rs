@@ -6,11 +6,14 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::redis_server::RedisServer;
 use support::{Client, PATIENCE, TestGateway, http_get};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wsgate::config::BrokerKind;
 
 /// A node of the cluster on `redis`.
@@ -695,4 +698,109 @@ async fn a_node_that_stops_gracefully_leaves_presence_at_once() {
         "the stopped node took itself out: {nodes_alive:?}"
     );
     nodes[1].stop().await;
+}
+
+/// A TCP proxy in front of Redis that can wedge the subscription connections open now: they
+/// stay open, but nothing Redis sends reaches the node any more (what a failover behind a proxy
+/// can leave behind). Connections made later are not wedged.
+struct WedgingProxy {
+    port: u16,
+    /// Per subscription connection: whether it is wedged.
+    subscribers: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+}
+
+impl WedgingProxy {
+    async fn start(redis_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let subscribers: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let registry = subscribers.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", redis_port))
+                    .await
+                    .unwrap();
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                let wedged = Arc::new(AtomicBool::new(false));
+                let (registry, this) = (registry.clone(), wedged.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut registered = false;
+                    while let Ok(n @ 1..) = client_rx.read(&mut buf).await {
+                        let subscribes = buf[..n]
+                            .windows(9)
+                            .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"));
+                        if subscribes && !registered {
+                            registered = true;
+                            registry.lock().unwrap().push(this.clone());
+                        }
+                        if server_tx.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = server_rx.read(&mut buf).await {
+                        // Wedged: read and dropped, the connection stays up.
+                        if wedged.load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        if client_tx.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        WedgingProxy { port, subscribers }
+    }
+
+    fn wedge_subscriptions(&self) {
+        for wedged in self.subscribers.lock().unwrap().iter() {
+            wedged.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_wedged_subscription_is_found_by_the_probe_and_replaced() {
+    let redis = RedisServer::start();
+    let proxy = WedgingProxy::start(redis.port).await;
+    let url = format!("redis://127.0.0.1:{}/", proxy.port);
+    let wedged_node = TestGateway::start_with(
+        move |config| {
+            config.broker = BrokerKind::Redis;
+            config.redis_url = url;
+        },
+        1,
+    );
+    let other = node(&redis, 1);
+    wait_readiness(&wedged_node, 200).await;
+    wait_readiness(&other, 200).await;
+    let mut reader = wedged_node.client().await;
+    reader.join("w").await;
+    let mut writer = other.client().await;
+    writer.join("w").await;
+    chat(&mut writer, "w", "before").await;
+    assert_eq!(chats(&mut reader, 1).await, vec![(1, "before".to_owned())]);
+    // From now on the node's subscription receives nothing, though its connection is up.
+    proxy.wedge_subscriptions();
+    chat(&mut writer, "w", "while wedged").await;
+    let deadline = tokio::time::Instant::now() + 2 * PATIENCE;
+    while counter(&wedged_node, "broker_probe_failures").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the probe found nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The new subscription connection is not wedged; the room is caught up, nothing lost.
+    wait_readiness(&wedged_node, 200).await;
+    chat(&mut writer, "w", "after").await;
+    assert_eq!(
+        chats(&mut reader, 2).await,
+        vec![(2, "while wedged".to_owned()), (3, "after".to_owned())]
+    );
 }

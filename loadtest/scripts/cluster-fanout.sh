@@ -5,8 +5,11 @@
 #   single:  one node (2 shards), memory broker;
 #   redis-1: one node (2 shards), Redis broker: what Redis adds per publication;
 #   cluster: NODES nodes (1 shard each), Redis broker, every room spread over all of them.
+#   cluster-1: the cluster again with one message per publisher: Redis's cost of everything but
+#   the publications (joins, presence, sessions, beats), so that the cost of a publication is
+#   (cluster − cluster-1) / (their difference in publications).
 # Prints, per set-up: deliveries, deliveries per gateway CPU-second (all nodes), publish→receive
-# p50/p99, and Redis's CPU (total and per publication). JSON reports go to DIR when given.
+# p50/p99, and Redis's CPU. JSON reports go to DIR when given.
 #
 # Usage: loadtest/scripts/cluster-fanout.sh [SUBSCRIBERS=3000] [ROOMS=10] [PUBLISHERS=10] [RATE=20] [DURATION=10s] [NODES=3] [DIR]
 set -euo pipefail
@@ -24,9 +27,10 @@ command -v redis-server >/dev/null || { echo "needs redis-server (apt-get instal
 cargo build --release -p wsgate -p loadtest
 prepare_load_test
 
-# run NAME BROKER NODES SHARDS
+# run NAME BROKER NODES SHARDS [LOADTEST ARGS...]
 run() {
   local name="$1" broker="$2" count="$3" shards="$4" report
+  shift 4
   GATEWAY_PIDS=() GATEWAY_ADDRS=()
   if [ "$broker" = redis ]; then
     start_redis
@@ -49,7 +53,7 @@ run() {
   "$TARGET_DIR/release/loadtest" fanout "${targets[@]}" "${pids[@]}" --token "$TOKEN" \
     -n "$subscribers" --rooms "$rooms" --publishers "$publishers" --publish-rate "$rate" \
     --duration "$duration" --source-ips 127.0.0.1-127.0.0.4 --procs 2 --max-loss 0 \
-    --json "$report" >/dev/null
+    --json "$report" "$@" >/dev/null
   local redis_cpu=0
   [ "$broker" = redis ] && redis_cpu=$(python3 -c "print($(cpu_seconds "$REDIS_PID") - $redis_before)")
   python3 - "$name" "$report" "$redis_cpu" <<'PY'
@@ -59,13 +63,12 @@ r = json.load(open(path))
 run = r["measured"]["run"]
 cpu = run["gateway_cpu_seconds"] or 0
 per_cpu = r["received"] / cpu if cpu else float("nan")
-per_pub = redis_cpu / r["published"] * 1e6 if r["published"] else 0
-print(f"{name:8} published {r['published']:6}  deliveries {r['received']:8} of {r['expected']:8}"
+print(f"{name:9} published {r['published']:6}  deliveries {r['received']:8} of {r['expected']:8}"
       f"  lost {r['lost']} dup {r['duplicates']} ooo {r['out_of_order']}"
       f"  {r['deliveries_per_second']:8.0f}/s  {per_cpu:8.0f} per gateway CPU-s"
       f"  p50 {r['latency']['p50_ms']:.1f} ms  p99 {r['latency']['p99_ms']:.1f} ms"
       f"  gateway CPU {cpu:.2f} s  loadtest CPU {run['loadtest_cpu_seconds']:.2f} s"
-      f"  redis CPU {redis_cpu:.2f} s ({per_pub:.0f} µs/publication)")
+      f"  redis CPU {redis_cpu:.2f} s")
 PY
   kill "${GATEWAY_PIDS[@]}" "${REDIS_PIDS[@]}" 2>/dev/null || true
   wait "${GATEWAY_PIDS[@]}" "${REDIS_PIDS[@]}" 2>/dev/null || true
@@ -76,3 +79,4 @@ echo "$subscribers subscribers, $rooms rooms, $publishers publishers × $rate/s 
 run single memory 1 2
 run redis-1 redis 1 2
 run cluster redis "$nodes" 1
+run cluster-1 redis "$nodes" 1 --messages 1

@@ -111,16 +111,6 @@ async fn check_version(conn: &mut MultiplexedConnection) -> RedisResult<()> {
     Ok(())
 }
 
-/// `head\nrest` split at the first line feed.
-pub fn split_line(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    let at = bytes.iter().position(|&b| b == b'\n')?;
-    Some((&bytes[..at], &bytes[at + 1..]))
-}
-
-pub fn parse_u64(digits: &[u8]) -> Option<u64> {
-    std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,8 +119,5 @@ mod tests {
     fn channels_name_their_room() {
         assert_eq!(room_of(&room_channel("a:b")), Some("a:b"));
         assert_eq!(room_of(BROADCAST_CHANNEL), None);
-        assert_eq!(split_line(b"a b\nc\nd"), Some((&b"a b"[..], &b"c\nd"[..])));
-        assert_eq!(parse_u64(b"42"), Some(42));
-        assert_eq!(parse_u64(b"-1"), None);
     }
 }

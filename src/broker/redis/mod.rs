@@ -26,6 +26,7 @@
 //!
 //! [`Stream`]: crate::stream::Stream
 
+pub mod envelope;
 pub mod keys;
 mod publisher;
 pub mod sync;
@@ -46,8 +47,8 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use self::keys::{
-    BROADCAST_CHANNEL, NODES_KEY, Scripts, parse_u64, presence_key, probe_channel, room_channel,
-    room_of, sessions_key, split_line,
+    BROADCAST_CHANNEL, NODES_KEY, Scripts, presence_key, probe_channel, room_channel, room_of,
+    sessions_key,
 };
 use self::publisher::{entry_json, publish_loop, refuse};
 pub use self::sync::NodesPresence;
@@ -56,7 +57,7 @@ use super::Unavailable;
 use crate::client_id::ClientId;
 use crate::config::Config;
 use crate::node::Node;
-use crate::presence::{Entry, Fit, MAX_CONNS, Presence};
+use crate::presence::{Entry, Fit, Presence};
 use crate::protocol::{self, ErrorReply};
 use crate::rooms::RoomState;
 use crate::routing::{self, Delivery, Target};
@@ -607,17 +608,13 @@ impl Engine {
 
     /// A notice from a node: `<origin node>\n<JSON text>`. Returns false when malformed.
     fn on_notice(&self, node: &Node, target: Target, envelope: &[u8]) -> bool {
-        let Some((origin, json)) = split_line(envelope) else {
+        let Some((origin, json)) = envelope::notice(envelope) else {
             return false;
         };
-        if origin == self.node_id.as_bytes() {
-            // Delivered by this node when it was sent.
-            return true;
+        // Its own were delivered by this node when sent.
+        if origin != self.node_id.as_bytes() {
+            routing::publish_from_broker(node, target, json);
         }
-        if !protocol::is_json_object(json) {
-            return false;
-        }
-        routing::publish_from_broker(node, target, json);
         true
     }
 
@@ -631,28 +628,11 @@ impl Engine {
         envelope: &[u8],
         whole: bool,
     ) -> bool {
-        let Some((header, json)) = split_line(envelope) else {
-            return false;
-        };
-        let Some((from, seq)) = std::str::from_utf8(header)
-            .ok()
-            .and_then(|h| h.split_once(' '))
-        else {
-            return false;
-        };
-        let Some(seq) = parse_u64(seq.as_bytes()) else {
-            return false;
-        };
-        let entries = if whole {
-            serde_json::from_slice::<Vec<Entry>>(json).ok()
-        } else {
-            serde_json::from_slice::<Entry>(json).ok().map(|e| vec![e])
-        };
-        let Some(entries) = entries.filter(|e| e.iter().all(|e| e.conns <= MAX_CONNS)) else {
+        let Some((from, seq, entries)) = envelope::presence_change(envelope, whole) else {
             return false;
         };
         // Its own (delivered when made), or of a node found dead (late: it left every room).
-        if from == &*self.node_id || self.nodes.dead.contains(from) {
+        if from == self.node_id || self.nodes.dead.contains(&from) {
             return true;
         }
         let Some(room) = node.rooms.get(room) else {
@@ -669,7 +649,6 @@ impl Engine {
                 return true;
             }
         }
-        let from: Arc<str> = Arc::from(from);
         if whole {
             let (gone, came) = room.presence().replace_node(&from, seq, entries);
             routing::tell_presence(node, &room, &gone, &came);
@@ -841,21 +820,9 @@ async fn subscribe<'a>(
 
 /// A room message: `<offset> <epoch>\n<JSON text>`. Returns false when malformed.
 fn on_room_message(session: &mut Session, node: &Arc<Node>, room: &str, envelope: &[u8]) -> bool {
-    let Some((header, json)) = split_line(envelope) else {
+    let Some((offset, epoch, json)) = envelope::room_message(envelope) else {
         return false;
     };
-    let Some((offset, epoch)) = std::str::from_utf8(header)
-        .ok()
-        .and_then(|h| h.split_once(' '))
-    else {
-        return false;
-    };
-    let Some(offset) = parse_u64(offset.as_bytes()) else {
-        return false;
-    };
-    if !protocol::is_json_object(json) {
-        return false;
-    }
     // Not followed any more (messages still on their way after an UNSUBSCRIBE): nobody here.
     let Some(room) = node.rooms.get(room) else {
         return true;

@@ -11,7 +11,8 @@ use ::redis::{RedisError, RedisResult, Value};
 use tokio::task::JoinSet;
 
 use super::META_TTL;
-use super::keys::{NODES_KEY, Scripts, history_key, meta_key, parse_u64, presence_key};
+use super::envelope::parse_u64;
+use super::keys::{NODES_KEY, Scripts, history_key, meta_key, presence_key};
 use crate::node::Node;
 use crate::presence::{Entry, MAX_CONNS};
 use crate::rooms::RoomState;

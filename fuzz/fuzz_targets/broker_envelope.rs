@@ -1,0 +1,30 @@
+//! What a node reads from Redis's channels, on arbitrary bytes: never panics; a room message it
+//! accepts is framed with its offset into valid JSON (RFC 8259's grammar: numbers out of an f64's
+//! range included) ending with that offset; presence entries it accepts hold real counts.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use serde::de::IgnoredAny;
+use wsgate::broker::redis::envelope;
+use wsgate::presence::MAX_CONNS;
+use wsgate::protocol::with_offset;
+
+fuzz_target!(|data: &[u8]| {
+    if let Some((offset, _epoch, json)) = envelope::room_message(data) {
+        let frame = with_offset(json, offset);
+        let payload = wsgate::frame::server_payload(&frame);
+        serde_json::from_slice::<IgnoredAny>(&payload).expect("a framed room message is JSON");
+        let field = format!(",\"offset\":{offset}}}");
+        assert!(payload.ends_with(field.as_bytes()), "with its offset last");
+        assert!(std::str::from_utf8(&payload).is_ok(), "sent as text: UTF-8");
+    }
+    for whole in [false, true] {
+        if let Some((_, _, entries)) = envelope::presence_change(data, whole) {
+            assert!(entries.iter().all(|e| e.conns <= MAX_CONNS));
+        }
+    }
+    if let Some((_, json)) = envelope::notice(data) {
+        serde_json::from_slice::<IgnoredAny>(json).expect("a notice is JSON");
+        assert!(std::str::from_utf8(json).is_ok(), "sent as text: UTF-8");
+    }
+});

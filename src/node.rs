@@ -181,6 +181,9 @@ pub struct Counters {
     pub messages_too_big: AtomicU64,
     /// Connections closed with 4001: the token expired without a refresh.
     pub tokens_expired: AtomicU64,
+    /// Connections closed because their user was disconnected (`Gateway::disconnect_user`, on
+    /// any node).
+    pub users_disconnected: AtomicU64,
 }
 
 impl Counters {
@@ -211,7 +214,7 @@ impl Counters {
     }
 
     /// Every counter but the per-reason authentication refusals, by its public name.
-    fn named(&self) -> [(&'static str, &AtomicU64); 30] {
+    fn named(&self) -> [(&'static str, &AtomicU64); 31] {
         [
             ("origin_refused", &self.origin_refused),
             ("draining_refused", &self.draining_refused),
@@ -240,6 +243,7 @@ impl Counters {
             ("dropped_messages", &self.dropped_messages),
             ("heartbeat_timeouts", &self.heartbeat_timeouts),
             ("tokens_expired", &self.tokens_expired),
+            ("users_disconnected", &self.users_disconnected),
             ("protocol_errors", &self.protocol_errors),
             ("invalid_utf8", &self.invalid_utf8),
             ("messages_too_big", &self.messages_too_big),

@@ -86,6 +86,41 @@ pub enum Delivery {
     Reply(ClientId, Bytes),
     /// Redis lost (or never had) the node's sessions: each shard records its own again.
     ResendSessions,
+    /// Close every connection of a user.
+    Disconnect(Arc<Disconnect>),
+}
+
+/// Closing every connection of a user (on every node), with an application close code.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Disconnect {
+    pub user: Arc<str>,
+    /// 4000–4999.
+    pub code: u16,
+    pub reason: Arc<str>,
+}
+
+/// A disconnect asked with a code outside 4000–4999 (the range RFC 6455 leaves to applications).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("close code {0} is not an application code (4000-4999)")]
+pub struct NotAnApplicationCode(pub u16);
+
+impl Disconnect {
+    pub fn new(user: &str, code: u16, reason: &str) -> Result<Self, NotAnApplicationCode> {
+        if !(4000..=4999).contains(&code) {
+            return Err(NotAnApplicationCode(code));
+        }
+        Ok(Disconnect {
+            user: Arc::from(user),
+            code,
+            reason: Arc::from(reason),
+        })
+    }
+}
+
+/// Closes every connection of `disconnect.user` on this node's shards.
+pub fn disconnect_here(node: &Node, disconnect: Arc<Disconnect>) {
+    let all: Vec<usize> = (0..node.shards()).collect();
+    node.bus.send_always(&all, Delivery::Disconnect(disconnect));
 }
 
 static NO_FRAME: Bytes = Bytes::new();
@@ -96,7 +131,10 @@ impl Delivery {
             Delivery::Publication(p) => &p.frame,
             Delivery::Stream(m) => &m.frame,
             Delivery::Reply(_, frame) => frame,
-            Delivery::Synced(_) | Delivery::Resync(..) | Delivery::ResendSessions => &NO_FRAME,
+            Delivery::Synced(_)
+            | Delivery::Resync(..)
+            | Delivery::ResendSessions
+            | Delivery::Disconnect(_) => &NO_FRAME,
         }
     }
 }
@@ -361,6 +399,7 @@ pub fn deliver_from_bus(shard: &Shard, delivery: &Delivery) {
         Delivery::Synced(room) => chat::complete_joins(shard, room),
         Delivery::Resync(room, top) => resync(shard, room, *top),
         Delivery::ResendSessions => shard.resend_sessions(),
+        Delivery::Disconnect(disconnect) => shard.disconnect_user(disconnect),
         Delivery::Reply(to, frame) => {
             let mut guard = shard.state();
             let state = &mut *guard;

@@ -16,6 +16,7 @@ use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::broker::Broker;
 use crate::bus::Inbox;
 use crate::config::Config;
 use crate::limits::Refusal;
@@ -175,6 +176,27 @@ impl Gateway {
         let all: Vec<usize> = (0..self.node.shards()).collect();
         self.node
             .forward(&all, routing::Delivery::Publication(Arc::new(publication)));
+    }
+
+    /// Closes every connection of `user` with `code` (4000–4999) and `reason`, on this node and,
+    /// with the Redis broker, on every node.
+    pub fn disconnect_user(
+        &self,
+        user: &str,
+        code: u16,
+        reason: &str,
+    ) -> Result<(), routing::NotAnApplicationCode> {
+        let disconnect = Arc::new(routing::Disconnect::new(user, code, reason)?);
+        if let Broker::Redis(redis) = &self.node.broker
+            && !redis.control(&disconnect)
+        {
+            self.node
+                .counters
+                .broker_notices_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        routing::disconnect_here(&self.node, disconnect);
+        Ok(())
     }
 
     /// Starts a graceful shutdown: upgrades are refused and `/readyz` fails; each shard delivers

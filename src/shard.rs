@@ -24,6 +24,7 @@ use crate::node::Node;
 use crate::outbound::{Outbound, QueueTotal};
 use crate::protocol::{ErrorReply, JsonParser, NodeClientId, ServerMessage, now_ms};
 use crate::rooms::LocalRooms;
+use crate::routing::Disconnect;
 
 /// Bytes read from a socket in one go. Shared by all of a shard's connections: an idle connection
 /// keeps no read buffer of its own.
@@ -209,6 +210,29 @@ impl Shard {
                 connected_at,
             );
         }
+    }
+
+    /// Closes every chat connection of a user (anonymous connections are no one's), after what
+    /// each has queued.
+    pub fn disconnect_user(&self, disconnect: &Disconnect) {
+        let close = frame::encode_close(CloseCode(disconnect.code), &disconnect.reason);
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let mut closed = 0;
+        for (_, conn) in state.conns.iter_mut() {
+            if conn.endpoint == Endpoint::Chat
+                && conn.identity.user_id == disconnect.user
+                && !Arc::ptr_eq(&conn.identity, &self.node.anonymous)
+                && !conn.outbound.is_closing()
+            {
+                conn.outbound.push_close(close.clone(), &mut state.queued);
+                closed += 1;
+            }
+        }
+        self.node
+            .counters
+            .users_disconnected
+            .fetch_add(closed, Ordering::Relaxed);
     }
 
     /// Records every chat connection's session again (Redis lost them, or was away).

@@ -804,3 +804,30 @@ async fn a_wedged_subscription_is_found_by_the_probe_and_replaced() {
         vec![(2, "while wedged".to_owned()), (3, "after".to_owned())]
     );
 }
+
+#[tokio::test]
+async fn disconnecting_a_user_closes_its_connections_on_every_node() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1]).await;
+    let mut bob_here = user_on(&nodes[0], "bob").await;
+    let mut bob_there = user_on(&nodes[1], "bob").await;
+    let mut carol = user_on(&nodes[1], "carol").await;
+    assert!(
+        nodes[0]
+            .gateway()
+            .disconnect_user("bob", 1000, "no")
+            .is_err(),
+        "only application codes"
+    );
+    nodes[0]
+        .gateway()
+        .disconnect_user("bob", 4000, "kicked")
+        .unwrap();
+    for bob in [&mut bob_here, &mut bob_there] {
+        let close = bob.expect_close().await.expect("a close frame");
+        assert_eq!((u16::from(close.code), &*close.reason), (4000, "kicked"));
+    }
+    carol.expect_silence().await;
+    assert_eq!(counter(&nodes[0], "users_disconnected").await, 1);
+    assert_eq!(counter(&nodes[1], "users_disconnected").await, 1);
+}

@@ -23,6 +23,9 @@ fuzz_target!(|data: &[u8]| {
             assert!(entries.iter().all(|e| e.conns <= MAX_CONNS));
         }
     }
+    if let Some((_, disconnect)) = envelope::control(data) {
+        assert!((4000..=4999).contains(&disconnect.code), "only application codes");
+    }
     if let Some((_, json)) = envelope::notice(data) {
         serde_json::from_slice::<IgnoredAny>(json).expect("a notice is JSON");
         assert!(std::str::from_utf8(json).is_ok(), "sent as text: UTF-8");

@@ -4,7 +4,8 @@
 //! - `u<node> <seq>\n<entry>`: a node's presence change; `U<node> <seq>\n[<entry>, …]`: all of a
 //!   node's presence in the room;
 //! - `p<node>\n<JSON>`: a notice (typing, a library publication); on `wsgate:broadcast` without
-//!   the `p`.
+//!   the `p`;
+//! - on `wsgate:control`: `<node>\n{"user","code","reason"}`: close a user's connections.
 //!
 //! Anything else — or a message that is not a JSON object, a count that cannot be real — is not
 //! wsgate's and is refused here (`None`), so that it never reaches a client.
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 use crate::presence::{Entry, MAX_CONNS};
 use crate::protocol;
+use crate::routing::Disconnect;
 
 /// A room message: its offset, its epoch and its JSON text.
 pub fn room_message(envelope: &[u8]) -> Option<(u64, &str, &[u8])> {
@@ -39,6 +41,15 @@ pub fn presence_change(envelope: &[u8], whole: bool) -> Option<(Arc<str>, u64, V
 pub fn notice(envelope: &[u8]) -> Option<(&[u8], &[u8])> {
     let (origin, json) = split_line(envelope)?;
     protocol::is_json_object(json).then_some((origin, json))
+}
+
+/// An order from a node: the node it comes from, and the disconnect it asks for.
+pub fn control(envelope: &[u8]) -> Option<(&[u8], Disconnect)> {
+    let (origin, json) = split_line(envelope)?;
+    let disconnect: Disconnect = serde_json::from_slice(json).ok()?;
+    // Checked as when it was given.
+    let disconnect = Disconnect::new(&disconnect.user, disconnect.code, &disconnect.reason).ok()?;
+    Some((origin, disconnect))
 }
 
 /// `<number> <word>\n<rest>`.

@@ -15,6 +15,8 @@ use ::redis::aio::MultiplexedConnection;
 use ::redis::{RedisError, RedisResult};
 
 pub const BROADCAST_CHANNEL: &str = "wsgate:broadcast";
+/// Orders for every node (`<node>\n<JSON>`): disconnect a user everywhere.
+pub const CONTROL_CHANNEL: &str = "wsgate:control";
 pub const NODES_KEY: &str = "wsgate:nodes";
 
 pub fn room_channel(room: &str) -> String {

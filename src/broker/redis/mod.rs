@@ -47,8 +47,8 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use self::keys::{
-    BROADCAST_CHANNEL, NODES_KEY, Scripts, presence_key, probe_channel, room_channel, room_of,
-    sessions_key,
+    BROADCAST_CHANNEL, CONTROL_CHANNEL, NODES_KEY, Scripts, presence_key, probe_channel,
+    room_channel, room_of, sessions_key,
 };
 use self::publisher::{entry_json, publish_loop, refuse};
 pub use self::sync::NodesPresence;
@@ -60,7 +60,7 @@ use crate::node::Node;
 use crate::presence::{Entry, Fit, Presence};
 use crate::protocol::{self, ErrorReply};
 use crate::rooms::RoomState;
-use crate::routing::{self, Delivery, Target};
+use crate::routing::{self, Delivery, Disconnect, Target};
 use crate::stream::Arrival;
 
 /// Channels per SUBSCRIBE or UNSUBSCRIBE command, at most.
@@ -109,6 +109,8 @@ enum Outgoing {
         room: Option<Arc<str>>,
         payload: Bytes,
     },
+    /// An order for every other node (JSON text).
+    Control { payload: Vec<u8> },
 }
 
 /// A change of what Redis records of this node.
@@ -237,6 +239,17 @@ impl RedisBroker {
                 from,
             })
             .map_err(|_| Unavailable)
+    }
+
+    /// Asks every other node to close a user's connections. Returns false when it could not be
+    /// queued (Redis away or behind; counted by the caller).
+    pub fn control(&self, disconnect: &Disconnect) -> bool {
+        let payload = serde_json::to_vec(disconnect).expect("serializing to memory cannot fail");
+        self.is_ready()
+            && self
+                .outgoing
+                .try_send(Outgoing::Control { payload })
+                .is_ok()
     }
 
     /// Queues a publication for the other nodes. Returns false when it could not be (counted by
@@ -402,7 +415,8 @@ impl Engine {
         let pubsub = within(client.get_async_pubsub()).await?;
         let (mut sink, messages) = pubsub.split();
         let probe_channel = probe_channel(&self.node_id);
-        within(sink.subscribe(&[probe_channel.as_str(), BROADCAST_CHANNEL])).await?;
+        within(sink.subscribe(&[probe_channel.as_str(), BROADCAST_CHANNEL, CONTROL_CHANNEL]))
+            .await?;
         let mut session = Session {
             commands,
             scripts,
@@ -589,6 +603,8 @@ impl Engine {
         }
         let delivered = if channel == BROADCAST_CHANNEL {
             self.on_notice(node, Target::All, payload)
+        } else if channel == CONTROL_CHANNEL {
+            self.on_control(node, payload)
         } else {
             room_of(channel).is_some_and(|room| match payload.split_first() {
                 Some((b's', rest)) => on_room_message(session, node, room, rest),
@@ -614,6 +630,18 @@ impl Engine {
         // Its own were delivered by this node when sent.
         if origin != self.node_id.as_bytes() {
             routing::publish_from_broker(node, target, json);
+        }
+        true
+    }
+
+    /// An order from a node: `<origin node>\n<JSON>`. Returns false when malformed.
+    fn on_control(&self, node: &Node, envelope: &[u8]) -> bool {
+        let Some((origin, disconnect)) = envelope::control(envelope) else {
+            return false;
+        };
+        // Its own were carried out by this node when given.
+        if origin != self.node_id.as_bytes() {
+            routing::disconnect_here(node, Arc::new(disconnect));
         }
         true
     }

@@ -9,7 +9,8 @@ use ::redis::{RedisError, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{
-    BROADCAST_CHANNEL, Scripts, history_key, meta_key, presence_key, room_channel, sessions_key,
+    BROADCAST_CHANNEL, CONTROL_CHANNEL, Scripts, history_key, meta_key, presence_key, room_channel,
+    sessions_key,
 };
 use super::{META_TTL, NODE_TTL, Outgoing, Queues, Record};
 use crate::node::Node;
@@ -139,6 +140,10 @@ fn add_outgoing(pipe: &mut ::redis::Pipeline, scripts: &Scripts, node: &Node, ou
             let envelope = [kind, node.id.as_bytes(), b"\n", payload].concat();
             pipe.cmd("PUBLISH").arg(channel).arg(envelope);
         }
+        Outgoing::Control { payload } => {
+            let envelope = [node.id.as_bytes(), b"\n", payload].concat();
+            pipe.cmd("PUBLISH").arg(CONTROL_CHANNEL).arg(envelope);
+        }
     }
 }
 
@@ -156,7 +161,7 @@ pub fn refuse(node: &Node, out: Outgoing, error: ErrorReply<'_>) {
                 .fetch_add(1, Ordering::Relaxed);
             routing::reply(node, from, ServerMessage::Error { error }.encode());
         }
-        Outgoing::Notice { .. } => {
+        Outgoing::Notice { .. } | Outgoing::Control { .. } => {
             node.counters
                 .broker_notices_dropped
                 .fetch_add(1, Ordering::Relaxed);

@@ -307,7 +307,7 @@ impl Config {
         if self.broker == BrokerKind::Redis
             && let Err(e) = redis::IntoConnectionInfo::into_connection_info(self.redis_url.as_str())
         {
-            return bad("redis_url", &self.redis_url, &e.to_string());
+            return bad("redis_url", &redacted_url(&self.redis_url), &e.to_string());
         }
         if self.max_header_bytes < 8192 {
             return bad(
@@ -401,7 +401,18 @@ impl Config {
         if shown.jwt_secret.is_some() {
             shown.jwt_secret = Some("<redacted>".into());
         }
+        shown.redis_url = redacted_url(&self.redis_url);
         toml::to_string(&shown).expect("config serializes to TOML")
+    }
+}
+
+/// A URL without its credentials (`scheme://***@host…`), for logs and `--print-config`.
+pub fn redacted_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -480,6 +491,28 @@ mod tests {
                 ..back
             },
             config
+        );
+    }
+
+    #[test]
+    fn credentials_in_the_redis_url_are_never_printed() {
+        let config = Config {
+            redis_url: "redis://:hunter2@cache.internal:6379/0".into(),
+            ..Config::default()
+        };
+        let printed = config.to_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("redis://***@cache.internal:6379/0"));
+        assert_eq!(redacted_url("redis://h:1/"), "redis://h:1/");
+        let bad = Config {
+            broker: BrokerKind::Redis,
+            redis_url: "nope://:hunter2@h".into(),
+            ..Config::default()
+        };
+        let error = bad.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("redis_url") && !error.contains("hunter2"),
+            "{error}"
         );
     }
 }

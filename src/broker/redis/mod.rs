@@ -55,7 +55,7 @@ pub use self::sync::NodesPresence;
 use self::sync::catch_up;
 use super::Unavailable;
 use crate::client_id::ClientId;
-use crate::config::Config;
+use crate::config::{Config, redacted_url};
 use crate::node::Node;
 use crate::presence::{Entry, Fit, Presence};
 use crate::protocol::{self, ErrorReply};
@@ -333,7 +333,7 @@ impl Engine {
             };
             match connected {
                 Ok(session) => {
-                    info!(url = %redacted(&self.url), rooms = self.followed.len(), "connected to Redis");
+                    info!(url = %redacted_url(&self.url), rooms = self.followed.len(), "connected to Redis");
                     backoff = BACKOFF.0;
                     failures = 0;
                     let reason = self.serve(session, &node, &stop).await;
@@ -346,7 +346,7 @@ impl Engine {
                     failures += 1;
                     // The first failure, then one line in ten while Redis stays away.
                     if failures % 10 == 1 {
-                        warn!(error = %e, url = %redacted(&self.url), failures, "cannot reach Redis");
+                        warn!(error = %e, url = %redacted_url(&self.url), failures, "cannot reach Redis");
                     }
                 }
             }
@@ -958,25 +958,9 @@ fn jittered(pause: Duration) -> Duration {
     pause - quarter + quarter * 2 * u32::from(byte[0]) / 255
 }
 
-/// The URL without its password, for logs.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_stay_out_of_logs() {
-        assert_eq!(redacted("redis://:secret@h:1/"), "redis://***@h:1/");
-        assert_eq!(redacted("redis://h:1/"), "redis://h:1/");
-    }
 
     #[test]
     fn back_off_is_jittered_within_a_quarter() {

@@ -338,7 +338,7 @@ fn left_room(shard: &Shard, key: usize, room: Arc<str>, id: ClientId, identity: 
         shard.node.broker.last_member_left(&room);
     }
     let (user_left, members) = change_presence(&shard.node, &state, id, identity, -1);
-    if user_left == 0 && members > 0 && members < shard.node.config.presence_max_members {
+    if user_left == 0 && members > 0 && members <= shard.node.config.presence_max_members {
         let notice = ServerMessage::UserLeft {
             room: &room,
             username: &identity.username,

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -73,13 +74,12 @@ pub enum Fit {
 }
 
 /// Where a node's change numbers start in a room it (again) has presence in: above any it used
-/// before in that room (a millisecond clock, scaled), so the other nodes never take a new change
-/// for an old one. They see a jump, and read the room again.
+/// before, in any room, so the other nodes never take a new change for an old one (they see a
+/// jump, and read the room again). One counter for the process, stepping far past what a room
+/// can use before it is forgotten: never the wall clock, which can go back.
 fn fresh_seq() -> u64 {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    ms << 10
+    static NEXT: AtomicU64 = AtomicU64::new(1 << 32);
+    NEXT.fetch_add(1 << 32, Ordering::Relaxed)
 }
 
 #[derive(Default)]
@@ -266,6 +266,11 @@ impl Presence {
         self.nodes.get(node).map_or((0, Vec::new()), |n| {
             (n.seq, n.users.values().cloned().collect())
         })
+    }
+
+    /// A change number for a room this node has no copy of (above all it used before).
+    pub fn fresh_seq() -> u64 {
+        fresh_seq()
     }
 
     /// Bumps the node's own change number (for a whole re-publication) and returns it.

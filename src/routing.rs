@@ -315,7 +315,7 @@ pub fn catch_up_stream(
     room: &Arc<RoomState>,
     position: Position,
     kept: Vec<(u64, Vec<u8>)>,
-    presence: NodesPresence,
+    presence: Option<NodesPresence>,
 ) {
     let limits = node.rooms.history_limits();
     let now = Instant::now();
@@ -329,15 +329,18 @@ pub fn catch_up_stream(
     if !stream.is_synced() {
         // Not followed any more (its last member left meanwhile): nothing to do.
         if stream.subscribing {
-            room.presence().replace_others(&node.id, presence);
+            room.presence()
+                .replace_others(&node.id, presence.unwrap_or_default());
             stream.reset(position, framed, limits, now);
             node.bus
                 .send_always(&shards, Delivery::Synced(room.clone()));
         }
         return;
     }
-    let (gone, came) = room.presence().replace_others(&node.id, presence);
-    tell_presence(node, room, &gone, &came);
+    if let Some(presence) = presence {
+        let (gone, came) = room.presence().replace_others(&node.id, presence);
+        tell_presence(node, room, &gone, &came);
+    }
     let have = stream.position();
     if have.epoch == position.epoch {
         if position.offset <= have.offset {
@@ -365,8 +368,11 @@ pub fn catch_up_stream(
     // A stream that started over (Redis lost the room, or it expired) and whose history has all
     // of its new epoch: the members are told, then given all of it.
     let from_start = have.epoch != position.epoch
-        && framed.first().is_some_and(|(offset, _)| *offset == 1)
-        && framed.len() as u64 == position.offset;
+        && framed.len() as u64 == position.offset
+        && framed
+            .iter()
+            .zip(1..)
+            .all(|((offset, _), expected)| *offset == expected);
     let top = position.offset;
     if from_start {
         stream.reset(

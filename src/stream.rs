@@ -46,6 +46,9 @@ pub struct Stream {
     synced: bool,
     /// A sync with the broker was asked for and has not completed.
     pub subscribing: bool,
+    /// The room's presence is to be read again with its next catch-up (a presence change was
+    /// missed, or a node is back).
+    pub presence_stale: bool,
     catch_up: CatchUp,
 }
 
@@ -78,6 +81,7 @@ impl Stream {
             history: VecDeque::new(),
             synced: true,
             subscribing: false,
+            presence_stale: false,
             catch_up: CatchUp::Idle,
         }
     }

@@ -2,6 +2,7 @@
 -- KEYS[1]: the room's presence hash: "<node>\31<user>" -> entry (JSON), "#<node>" -> the node's
 --          last change number.
 -- ARGV: node, user, entry (JSON), connections, change number, channel, TTL (s).
+as_kind(KEYS[1], "hash")
 local field = ARGV[1] .. "\31" .. ARGV[2]
 if tonumber(ARGV[4]) > 0 then
   redis.call("hset", KEYS[1], field, ARGV[3])

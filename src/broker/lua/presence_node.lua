@@ -2,6 +2,7 @@
 -- changed while Redis was away was not recorded), and tells the nodes following the room.
 -- KEYS[1]: the room's presence hash (see presence.lua).
 -- ARGV: node, change number, channel, TTL (s), then the node's entries: user, entry (JSON), ...
+as_kind(KEYS[1], "hash")
 local prefix = ARGV[1] .. "\31"
 for _, field in ipairs(redis.call("hkeys", KEYS[1])) do
   if string.sub(field, 1, #prefix) == prefix then

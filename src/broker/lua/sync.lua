@@ -2,11 +2,13 @@
 -- KEYS[1]: the room's meta hash; KEYS[2]: its history stream; KEYS[3]: its presence hash (see
 -- presence.lua); KEYS[4]: the nodes hash (see beat.lua).
 -- ARGV: an epoch for a room that has none, meta TTL (s), first offset wanted (0: the most
---       recent messages), most messages returned, the epoch of that offset ("": none).
--- Presence fields of nodes that are not alive are deleted on the way.
+--       recent messages), most messages returned, the epoch of that offset ("": none), whether
+--       to read the presence ("1") or not ("0": an empty list is returned).
+-- Presence fields of nodes that are not alive, and fields that are not wsgate's, are deleted on
+-- the way; the reply says how many of the latter there were.
 local epoch = room_epoch(KEYS[1], KEYS[2], ARGV[1])
 redis.call("expire", KEYS[1], ARGV[2])
-local top = tonumber(redis.call("hget", KEYS[1], "offset") or "0") or 0
+local top = tonumber(redis.call("hget", KEYS[1], "offset") or "0")
 local from = tonumber(ARGV[3]) or 0
 if from > 0 and ARGV[5] ~= epoch then
   -- The stream started over: all of the new epoch is wanted.
@@ -18,29 +20,38 @@ if from > 0 then
 else
   entries = redis.call("xrevrange", KEYS[2], "+", "-", "count", ARGV[4])
 end
-local now = now_ms()
-local alive = {}
-local nodes = redis.call("hgetall", KEYS[4])
-for i = 1, #nodes, 2 do
-  if (tonumber(nodes[i + 1]) or 0) >= now then
-    alive[nodes[i]] = true
-  end
-end
 local presence = {}
-local fields = redis.call("hgetall", KEYS[3])
-for i = 1, #fields, 2 do
-  local field = fields[i]
-  local node
-  if string.sub(field, 1, 1) == "#" then
-    node = string.sub(field, 2)
-  else
-    node = string.match(field, "^([^\31]*)\31")
+local malformed = 0
+if ARGV[6] == "1" then
+  as_kind(KEYS[3], "hash")
+  as_kind(KEYS[4], "hash")
+  local now = now_ms()
+  local alive = {}
+  local nodes = redis.call("hgetall", KEYS[4])
+  for i = 1, #nodes, 2 do
+    if ms(nodes[i + 1]) >= now then
+      alive[nodes[i]] = true
+    end
   end
-  if node and alive[node] then
-    table.insert(presence, field)
-    table.insert(presence, fields[i + 1])
-  else
-    redis.call("hdel", KEYS[3], field)
+  local fields = redis.call("hgetall", KEYS[3])
+  for i = 1, #fields, 2 do
+    local field = fields[i]
+    local node
+    if string.sub(field, 1, 1) == "#" then
+      node = string.sub(field, 2)
+    else
+      node = string.match(field, "^([^\31]*)\31")
+    end
+    local entry_ok = string.sub(field, 1, 1) == "#" or pcall(cjson.decode, fields[i + 1])
+    if node and alive[node] and entry_ok then
+      table.insert(presence, field)
+      table.insert(presence, fields[i + 1])
+    else
+      if not node or not entry_ok then
+        malformed = malformed + 1
+      end
+      redis.call("hdel", KEYS[3], field)
+    end
   end
 end
-return {top, epoch, entries, presence}
+return {top, epoch, entries, presence, malformed}

@@ -17,9 +17,9 @@
 //!
 //! Outages: sockets stay open. Publishing is refused at once ("Service unavailable: retry") and
 //! `/readyz` answers 503 until the node has reconnected (with a jittered back-off), resubscribed
-//! every room it follows, written its presence and sessions again and caught each room up. A
-//! probe published to the node's own channel every second finds a subscription that stopped
-//! delivering while the connection looks alive.
+//! every room it follows, written its presence again and caught each room up (its sessions are
+//! written again as it turns ready). A probe published to the node's own channel every second
+//! finds a subscription that stopped delivering while the connection looks alive.
 //!
 //! Everything here runs on the broker's own thread ([`Engine::run`]); shards reach it through
 //! queues and never wait for it.
@@ -175,7 +175,9 @@ impl RedisBroker {
             }),
             followed: HashMap::new(),
             leaving: HashMap::new(),
+            rewrite: HashSet::new(),
             nodes: Nodes::default(),
+            judge_after: Instant::now(),
         };
         (broker, engine)
     }
@@ -280,7 +282,13 @@ pub struct Engine {
     followed: HashMap<Arc<str>, Arc<RoomState>>,
     /// Rooms whose last local member left, with when to stop following them.
     leaving: HashMap<Arc<str>, Instant>,
+    /// Rooms whose records of this node's presence may not have reached Redis (dropped while
+    /// away, or in a pipeline that failed): written whole at the next connection.
+    rewrite: HashSet<Arc<str>>,
     nodes: Nodes,
+    /// No node is judged dead before then: after this node (re)connects, or finds it had lapsed
+    /// itself, the others need a beat's time to be heard.
+    judge_after: Instant,
 }
 
 /// Which other nodes are alive, as the beats tell.
@@ -292,9 +300,11 @@ struct Nodes {
     dead: HashSet<Arc<str>>,
 }
 
-/// What a beat read: Redis's clock, and until when each node is alive.
+/// What a beat read: Redis's clock, until when this node was alive before it (0: not listed),
+/// and until when each node is alive.
 struct Beat {
     now: u64,
+    before: u64,
     nodes: Vec<(String, u64)>,
 }
 
@@ -319,6 +329,8 @@ impl Engine {
     /// Runs until `stop`: connects, serves, and reconnects after any failure; says goodbye when
     /// stopped while connected.
     pub async fn run(mut self, node: Arc<Node>, stop: CancellationToken) {
+        // Not ready once the engine is gone, however it ends (a panic included).
+        let _unready = Unready(self.ready.clone());
         let client = match Client::open(self.url.as_str()) {
             Ok(client) => client,
             // The URL was checked with the configuration.
@@ -382,7 +394,11 @@ impl Engine {
                 },
                 Some(out) = queues.outgoing.recv() => refuse(node, out, ErrorReply::Unavailable),
                 // Written again, whole, once Redis is back.
-                Some(_) = queues.records.recv() => {}
+                Some(record) = queues.records.recv() => {
+                    if let Record::Presence { room, .. } = record {
+                        self.rewrite.insert(room);
+                    }
+                }
             }
         }
     }
@@ -395,8 +411,11 @@ impl Engine {
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         let scripts = Arc::new(Scripts::load(&mut commands).await?);
-        // Alive before anything of this node's is read by others, and beating from here on.
+        // Alive before anything of this node's is read by others, and beating from here on. The
+        // others may have lost Redis too: they get a beat's time to be heard before any is
+        // judged dead.
         let first = beat(&mut commands, &scripts, &self.node_id).await?;
+        self.judge_after = Instant::now() + NODE_TTL + BEAT_INTERVAL;
         self.on_beat(node, first, None);
         let (beat_tx, beats) = mpsc::channel(4);
         let beater = AbortOnDropHandle::new(tokio::spawn(beat_forever(
@@ -406,8 +425,13 @@ impl Engine {
             beat_tx,
         )));
         // What the shards recorded while Redis was away is superseded by the whole rewrite below.
-        let queues = self.queues.as_mut().expect("returned by the publisher");
-        while queues.records.try_recv().is_ok() {}
+        while let Some(record) = self
+            .queues
+            .as_mut()
+            .and_then(|queues| queues.records.try_recv().ok())
+        {
+            self.superseded(record);
+        }
         ::redis::cmd("DEL")
             .arg(sessions_key(&self.node_id))
             .query_async::<i64>(&mut commands)
@@ -444,22 +468,7 @@ impl Engine {
     async fn restore(&mut self, session: &mut Session, node: &Arc<Node>) -> RedisResult<()> {
         let rooms: Vec<Arc<RoomState>> = self.followed.values().cloned().collect();
         subscribe(session, rooms.iter().map(|r| &r.name)).await?;
-        for room in &rooms {
-            let (seq, entries) = {
-                let mut presence = room.presence();
-                let seq = presence.next_seq(&self.node_id);
-                (seq, presence.own(&self.node_id).1)
-            };
-            write_presence(
-                &mut session.commands,
-                &session.scripts,
-                &self.node_id,
-                room,
-                seq,
-                &entries,
-            )
-            .await?;
-        }
+        self.rewrite_presence(session).await?;
         for room in rooms {
             catch_up(
                 &mut session.catch_ups,
@@ -497,6 +506,8 @@ impl Engine {
         let mut probe = tokio::time::interval(PROBE_INTERVAL);
         let mut grace = tokio::time::interval(GRACE_TICK);
         let mut publisher_done = None;
+        // The restore may have taken a while, with no probe out.
+        session.last_probe = Instant::now();
         let reason = loop {
             tokio::select! {
                 _ = stop.cancelled() => break "stopping".to_owned(),
@@ -525,9 +536,19 @@ impl Engine {
                             .await;
                     });
                 }
-                Some(beat) = session.beats.recv() => match beat {
-                    Ok(beat) => self.on_beat(node, beat, Some(&mut session)),
-                    Err(e) => break format!("beating: {e}"),
+                beat = session.beats.recv() => match beat {
+                    Some(Ok(beat)) => {
+                        if self.on_beat(node, beat, Some(&mut session)) {
+                            warn!("this node had lapsed in Redis: writing its presence and sessions again");
+                            if let Err(e) = self.rewrite_presence(&mut session).await {
+                                break e.to_string();
+                            }
+                            let all: Vec<usize> = (0..node.shards()).collect();
+                            node.bus.send_always(&all, Delivery::ResendSessions);
+                        }
+                    }
+                    Some(Err(e)) => break format!("beating: {e}"),
+                    None => break "the beats stopped".to_owned(),
                 },
                 _ = grace.tick() => {
                     if let Err(e) = self.unfollow_due(&mut session).await {
@@ -540,9 +561,16 @@ impl Engine {
                     }
                 }
                 done = &mut publisher => {
-                    let (queues, error) = done.expect("the publisher does not panic");
+                    let (queues, failed) = done.expect("the publisher does not panic");
                     publisher_done = Some(queues);
-                    break format!("publishing: {}", error.map_or("stopped".into(), |e| e.to_string()));
+                    let reason = match failed {
+                        Some(failed) => {
+                            self.rewrite.extend(failed.rooms);
+                            failed.error.to_string()
+                        }
+                        None => "stopped".into(),
+                    };
+                    break format!("publishing: {reason}");
                 }
             }
         };
@@ -556,6 +584,12 @@ impl Engine {
         // Abandoned catch-ups give their rooms back (see `sync::catch_up`).
         session.catch_ups.shutdown().await;
         if stop.is_cancelled() {
+            // Messages not yet sent are refused, not dropped in silence.
+            if let Some(queues) = self.queues.as_mut() {
+                while let Ok(out) = queues.outgoing.try_recv() {
+                    refuse(node, out, ErrorReply::Unavailable);
+                }
+            }
             self.goodbye(&mut session).await;
         }
         reason
@@ -565,18 +599,9 @@ impl Engine {
     /// rather than after the node's time-to-live), and its sessions and liveness go.
     async fn goodbye(&self, session: &mut Session) {
         let farewell = async {
-            for room in self.followed.values() {
-                let seq = room.presence().next_seq(&self.node_id);
-                write_presence(
-                    &mut session.commands,
-                    &session.scripts,
-                    &self.node_id,
-                    room,
-                    seq,
-                    &[],
-                )
-                .await?;
-            }
+            // Not alive first (the others then forget this node's presence everywhere), then its
+            // presence out of each room it follows, in one pipeline (the others tell their
+            // members at once).
             ::redis::cmd("EVALSHA")
                 .arg(&session.scripts.goodbye)
                 .arg(2)
@@ -584,7 +609,20 @@ impl Engine {
                 .arg(sessions_key(&self.node_id))
                 .arg(&*self.node_id)
                 .query_async::<i64>(&mut session.commands)
-                .await
+                .await?;
+            let mut pipe = ::redis::pipe();
+            for room in self.followed.values() {
+                let seq = room.presence().next_seq(&self.node_id);
+                add_presence_write(
+                    &mut pipe,
+                    &session.scripts,
+                    &self.node_id,
+                    &room.name,
+                    seq,
+                    &[],
+                );
+            }
+            pipe.query_async::<()>(&mut session.commands).await
         };
         match tokio::time::timeout(GOODBYE_TIMEOUT, farewell).await {
             Ok(Ok(_)) => debug!("said goodbye to the cluster"),
@@ -667,10 +705,11 @@ impl Engine {
             return true;
         };
         {
-            let stream = room.stream();
+            let mut stream = room.stream();
             if !stream.is_synced() {
                 // During the room's first sync: read again once it is done.
                 if stream.subscribing {
+                    stream.presence_stale = true;
                     drop(stream);
                     session.catch_up(node, room);
                 }
@@ -694,15 +733,24 @@ impl Engine {
                 routing::tell_presence(node, &room, gone, came);
             }
             Fit::Seen => {}
-            Fit::Missed => session.catch_up(node, room),
+            Fit::Missed => {
+                room.stream().presence_stale = true;
+                session.catch_up(node, room);
+            }
         }
         true
     }
 
     /// What a beat says of the other nodes: one that ended (or that Redis forgot since the last
     /// beat) is dead, and its presence leaves every room this node follows; one found dead that
-    /// beats again is back, and the rooms are read again for its presence.
-    fn on_beat(&mut self, node: &Arc<Node>, beat: Beat, session: Option<&mut Session>) {
+    /// beats again is back, and the rooms are read again for its presence. Returns whether this
+    /// node had lapsed itself (then it has to write its presence and sessions again, and nobody
+    /// is judged until the others could be heard).
+    fn on_beat(&mut self, node: &Arc<Node>, beat: Beat, session: Option<&mut Session>) -> bool {
+        let lapsed = beat.before < beat.now;
+        if lapsed && session.is_some() {
+            self.judge_after = Instant::now() + NODE_TTL + BEAT_INTERVAL;
+        }
         let mut alive = HashSet::new();
         let mut ended = HashSet::new();
         for (other, until) in beat.nodes {
@@ -722,8 +770,16 @@ impl Engine {
             .difference(&alive)
             .filter(|n| !ended.contains(*n));
         let dead: HashSet<Arc<str>> = ended.iter().chain(forgotten).cloned().collect();
+        if Instant::now() < self.judge_after {
+            self.nodes.alive = alive;
+            return lapsed && session.is_some();
+        }
         for gone in dead.difference(&self.nodes.dead) {
             warn!(node = %gone, "a node stopped beating: its presence leaves every room");
+        }
+        // Every beat, not only the first: a read of a room made while a node was alive may
+        // have brought it back into a copy since.
+        for gone in &dead {
             for room in self.followed.values() {
                 let left = room.presence().remove_node(gone);
                 routing::tell_presence(node, room, &left, &[]);
@@ -734,6 +790,7 @@ impl Engine {
             info!(nodes = ?back, "nodes found dead beat again: reading their presence");
             if let Some(session) = session {
                 for room in self.followed.values() {
+                    room.stream().presence_stale = true;
                     session.catch_up(node, room.clone());
                 }
             }
@@ -741,6 +798,50 @@ impl Engine {
         // Dead until Redis forgets them (they are not listed any more), unless back.
         self.nodes.dead = dead;
         self.nodes.alive = alive;
+        false
+    }
+
+    /// A record that will not be sent (Redis away, or a reconnection supersedes it): its room
+    /// is written whole at the next connection.
+    fn superseded(&mut self, record: Record) {
+        if let Record::Presence { room, .. } = record {
+            self.rewrite.insert(room);
+        }
+    }
+
+    /// Writes this node's whole presence in every room it follows, and in the rooms whose
+    /// records may have been lost, in pipelines.
+    async fn rewrite_presence(&mut self, session: &mut Session) -> RedisResult<()> {
+        let mut rooms: Vec<(Arc<str>, u64, Vec<Entry>)> = Vec::new();
+        for room in self.followed.values() {
+            let mut presence = room.presence();
+            let seq = presence.next_seq(&self.node_id);
+            rooms.push((room.name.clone(), seq, presence.own(&self.node_id).1));
+        }
+        for name in self
+            .rewrite
+            .iter()
+            .filter(|r| !self.followed.contains_key(*r))
+        {
+            // Not followed any more: no member here.
+            rooms.push((name.clone(), Presence::fresh_seq(), Vec::new()));
+        }
+        for batch in rooms.chunks(SUBSCRIBE_BATCH) {
+            let mut pipe = ::redis::pipe();
+            for (name, seq, entries) in batch {
+                add_presence_write(
+                    &mut pipe,
+                    &session.scripts,
+                    &self.node_id,
+                    name,
+                    *seq,
+                    entries,
+                );
+            }
+            pipe.query_async::<()>(&mut session.commands).await?;
+        }
+        self.rewrite.clear();
+        Ok(())
     }
 
     async fn on_command(
@@ -873,28 +974,28 @@ fn on_room_message(session: &mut Session, node: &Arc<Node>, room: &str, envelope
     true
 }
 
-/// Writes this node's whole presence in `room` (`entries`; none: it leaves), change `seq`.
-async fn write_presence(
-    conn: &mut MultiplexedConnection,
+/// Adds the writing of this node's whole presence in `room` (`entries`; none: it leaves), change
+/// `seq`, to `pipe`.
+fn add_presence_write(
+    pipe: &mut ::redis::Pipeline,
     scripts: &Scripts,
     node_id: &str,
-    room: &RoomState,
+    room: &str,
     seq: u64,
     entries: &[Entry],
-) -> RedisResult<()> {
-    let mut write = ::redis::cmd("EVALSHA");
-    write
+) {
+    let write = pipe
+        .cmd("EVALSHA")
         .arg(&scripts.presence_node)
         .arg(1)
-        .arg(presence_key(&room.name))
+        .arg(presence_key(room))
         .arg(node_id)
         .arg(seq)
-        .arg(room_channel(&room.name))
+        .arg(room_channel(room))
         .arg(META_TTL.as_secs());
     for entry in entries {
         write.arg(&*entry.user_id).arg(entry_json(entry));
     }
-    write.query_async::<i64>(conn).await.map(drop)
 }
 
 /// Beats every [`BEAT_INTERVAL`] (the first was made at the connection) and hands each result to
@@ -909,12 +1010,15 @@ async fn beat_forever(
     ticks.tick().await;
     loop {
         ticks.tick().await;
-        let beat = beat(&mut conn, &scripts, &node_id).await;
-        let failed = beat.is_err();
-        // A full channel: the engine is busy, and the next beat says the same.
-        let _ = beats.try_send(beat);
-        if failed {
-            return;
+        match beat(&mut conn, &scripts, &node_id).await {
+            // A full channel: the engine is busy, and the next beat says the same.
+            Ok(beat) => {
+                let _ = beats.try_send(Ok(beat));
+            }
+            Err(e) => {
+                let _ = beats.send(Err(e)).await;
+                return;
+            }
         }
     }
 }
@@ -925,7 +1029,7 @@ async fn beat(
     scripts: &Scripts,
     node_id: &str,
 ) -> RedisResult<Beat> {
-    let (now, nodes): (u64, Vec<(String, u64)>) = ::redis::cmd("EVALSHA")
+    let reply: ::redis::Value = ::redis::cmd("EVALSHA")
         .arg(&scripts.beat)
         .arg(2)
         .arg(NODES_KEY)
@@ -935,7 +1039,52 @@ async fn beat(
         .arg(NODE_FORGOTTEN_AFTER.as_millis() as u64)
         .query_async(conn)
         .await?;
-    Ok(Beat { now, nodes })
+    Beat::parse(reply).ok_or_else(|| {
+        RedisError::from(std::io::Error::other(
+            "unexpected answer to the beat script",
+        ))
+    })
+}
+
+impl Beat {
+    /// `[now, before, [node, until, …]]`; a name that is not UTF-8 is read lossily (it is
+    /// only ever compared).
+    fn parse(reply: ::redis::Value) -> Option<Self> {
+        use ::redis::Value;
+        let int = |v: &Value| match v {
+            Value::Int(n) => Some(u64::try_from(*n).unwrap_or(0)),
+            _ => None,
+        };
+        let Value::Array(parts) = reply else {
+            return None;
+        };
+        let [now, before, Value::Array(flat)] = <[Value; 3]>::try_from(parts).ok()? else {
+            return None;
+        };
+        let nodes = flat
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [Value::BulkString(name), until] => {
+                    Some((String::from_utf8_lossy(name).into_owned(), int(until)?))
+                }
+                _ => None,
+            })
+            .collect();
+        Some(Beat {
+            now: int(&now)?,
+            before: int(&before)?,
+            nodes,
+        })
+    }
+}
+
+/// Clears the broker's readiness when the engine ends, however it ends.
+struct Unready(Arc<AtomicBool>);
+
+impl Drop for Unready {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// A Redis answer that takes longer than [`REDIS_TIMEOUT`] is an error.

@@ -22,16 +22,24 @@ use crate::stream::new_epoch;
 /// Commands per pipeline sent to Redis, at most.
 const PUBLISH_BATCH: usize = 512;
 
+/// Why the publisher stopped: the error, and the rooms whose presence records may not have
+/// reached Redis (to be written whole at the next connection).
+pub struct Failed {
+    pub error: RedisError,
+    pub rooms: Vec<Arc<str>>,
+}
+
 /// Sends what is queued until stopped or a pipeline fails; returns the queues (for the next
-/// connection) with the error. A room message Redis refused is refused to its sender; one whose
-/// fate is unknown (the connection failed on the way) is reported as such.
+/// connection), and why it failed. A room message Redis refused is refused to its sender; one
+/// whose fate is unknown (the connection failed on the way) is reported as such. A presence or
+/// session record Redis refused ends the connection: the next one writes them whole.
 pub async fn publish_loop(
     mut conn: MultiplexedConnection,
     scripts: Arc<Scripts>,
     mut queues: Queues,
     node: Arc<Node>,
     stop: CancellationToken,
-) -> (Queues, Option<RedisError>) {
+) -> (Queues, Option<Failed>) {
     let mut records = Vec::with_capacity(PUBLISH_BATCH);
     let mut outgoing = Vec::with_capacity(PUBLISH_BATCH);
     loop {
@@ -65,23 +73,36 @@ pub async fn publish_loop(
             add_outgoing(&mut pipe, &scripts, &node, out);
         }
         let sent: RedisResult<Vec<Value>> = pipe.query_async(&mut conn).await;
-        records.clear();
+        let rooms = records.drain(..).filter_map(|record| match record {
+            Record::Presence { room, .. } => Some(room),
+            _ => None,
+        });
         match sent {
             Ok(answers) => {
+                let refused_record = answers[..first_outgoing]
+                    .iter()
+                    .any(|answer| matches!(answer, Value::ServerError(_)));
                 let answers = answers.into_iter().skip(first_outgoing);
                 for (out, answer) in outgoing.drain(..).zip(answers) {
                     if matches!(answer, Value::ServerError(_)) {
                         refuse(&node, out, ErrorReply::Unavailable);
                     }
                 }
+                if refused_record {
+                    let error = RedisError::from(std::io::Error::other(
+                        "Redis refused a presence or session record",
+                    ));
+                    let rooms = rooms.collect();
+                    return (queues, Some(Failed { error, rooms }));
+                }
             }
-            Err(e) => {
-                // Redis may have run any of them: the senders are told it is unknown. Records
-                // are written whole after the reconnection.
+            Err(error) => {
+                // Redis may have run any of them: the senders are told it is unknown.
                 for out in outgoing.drain(..) {
                     refuse(&node, out, ErrorReply::MaybeUnavailable);
                 }
-                return (queues, Some(e));
+                let rooms = rooms.collect();
+                return (queues, Some(Failed { error, rooms }));
             }
         }
     }

@@ -61,10 +61,12 @@ async fn sync_once(
     node: &Node,
     room: &Arc<RoomState>,
 ) -> RedisResult<()> {
-    // From the offset after the node's, in its epoch; or the most recent, at the first sync.
-    let from = {
-        let stream = room.stream();
-        stream.is_synced().then(|| stream.position())
+    // From the offset after the node's, in its epoch; or the most recent, at the first sync. The
+    // presence (a whole hash) only when needed.
+    let (from, with_presence) = {
+        let mut stream = room.stream();
+        let with_presence = !stream.is_synced() || std::mem::take(&mut stream.presence_stale);
+        (stream.is_synced().then(|| stream.position()), with_presence)
     };
     let limits = node.rooms.history_limits();
     let reply: Value = ::redis::cmd("EVALSHA")
@@ -79,6 +81,7 @@ async fn sync_once(
         .arg(from.as_ref().map_or(0, |p| p.offset + 1))
         .arg(limits.size.max(1))
         .arg(from.as_ref().map_or("", |p| &*p.epoch))
+        .arg(if with_presence { "1" } else { "0" })
         .query_async(conn)
         .await?;
     let Some(read) = SyncReply::parse(reply, from.is_none()) else {
@@ -91,7 +94,8 @@ async fn sync_once(
             .broker_malformed
             .fetch_add(read.malformed, Ordering::Relaxed);
     }
-    routing::catch_up_stream(node, room, read.position, read.history, read.presence);
+    let presence = with_presence.then_some(read.presence);
+    routing::catch_up_stream(node, room, read.position, read.history, presence);
     Ok(())
 }
 
@@ -122,8 +126,10 @@ impl SyncReply {
         let Value::Array(parts) = reply else {
             return None;
         };
-        let [top, epoch, history, presence] = <[Value; 4]>::try_from(parts).ok()?;
-        let (Value::Int(top), Value::BulkString(epoch)) = (top, epoch) else {
+        let [top, epoch, history, presence, deleted] = <[Value; 5]>::try_from(parts).ok()?;
+        let (Value::Int(top), Value::BulkString(epoch), Value::Int(deleted)) =
+            (top, epoch, deleted)
+        else {
             return None;
         };
         let (Value::Array(history), Value::Array(presence)) = (history, presence) else {
@@ -144,12 +150,15 @@ impl SyncReply {
         let (presence, bad) = nodes_presence(presence);
         Some(SyncReply {
             position: Position {
-                offset: u64::try_from(top).ok()?,
-                epoch: Arc::from(String::from_utf8(epoch).ok()?),
+                // The script reads offsets as counts (a bad one starts the room over).
+                offset: u64::try_from(top).unwrap_or(0),
+                // Only compared: one that is not UTF-8 (not wsgate's) still compares.
+                epoch: Arc::from(String::from_utf8_lossy(&epoch)),
             },
             history: kept,
             presence,
-            malformed: malformed + bad,
+            // Fields the script deleted as not wsgate's, and entries skipped here.
+            malformed: malformed + bad + u64::try_from(deleted).unwrap_or(0),
         })
     }
 }
@@ -243,6 +252,7 @@ mod tests {
                 bulk("n1\x1fhuge"),
                 bulk(r#"{"user":"huge","name":"H","conns":4294967295}"#),
             ]),
+            Value::Int(2),
         ]);
         let read = SyncReply::parse(reply, true).unwrap();
         assert_eq!(read.position.offset, 7);

@@ -265,8 +265,8 @@ mod tests {
         let (node, seq, entries) = &read.presence[0];
         assert_eq!((&**node, *seq, entries.len()), ("n1", 3, 1));
         assert_eq!(
-            read.malformed, 4,
-            "a history id, an entry, a number, a count"
+            read.malformed, 6,
+            "two deleted by the script, a history id, an entry, a number, a count"
         );
         assert!(SyncReply::parse(Value::Int(1), false).is_none());
     }

@@ -338,7 +338,8 @@ fn left_room(shard: &Shard, key: usize, room: Arc<str>, id: ClientId, identity: 
         shard.node.broker.last_member_left(&room);
     }
     let (user_left, members) = change_presence(&shard.node, &state, id, identity, -1);
-    if user_left == 0 && members > 0 && members <= shard.node.config.presence_max_members {
+    // The room's size before the leave, as for a join after it: at most `presence_max_members`.
+    if user_left == 0 && members > 0 && members < shard.node.config.presence_max_members {
         let notice = ServerMessage::UserLeft {
             room: &room,
             username: &identity.username,

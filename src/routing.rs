@@ -219,10 +219,13 @@ pub fn publish_from_broker(node: &Node, target: Target, json: &[u8]) {
 /// Tells this node's members of `room` who left it (`gone`) and who joined it (`came`) on other
 /// nodes, as far as notices go (`presence_max_members`).
 pub fn tell_presence(node: &Node, room: &Arc<RoomState>, gone: &[Entry], came: &[Entry]) {
+    // As on the node where it happens: a room of at most `presence_max_members` connections
+    // counting the one that joins or leaves.
+    let total = room.presence().total();
+    let max = node.config.presence_max_members;
+    let gone = if total < max { gone } else { &[] };
+    let came = if total <= max { came } else { &[] };
     if gone.is_empty() && came.is_empty() {
-        return;
-    }
-    if room.presence().total() > node.config.presence_max_members {
         return;
     }
     let shards: Vec<usize> = room.shards_with_members().collect();

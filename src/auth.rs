@@ -222,6 +222,7 @@ impl Authenticator {
                     return Err("jwt_secret and jwt_public_key_file: set only one".into());
                 }
                 (Some(secret), None) => {
+                    let secret = secret.expose();
                     if secret.len() < 16 {
                         return Err("jwt_secret: must be at least 16 bytes".into());
                     }

@@ -409,7 +409,7 @@ fn typing<'i>(
     }
     .encode();
     let publication = Publication::to_room(speaker.room.name.clone(), frame).excluding(speaker.id);
-    routing::share(&shard.node, &publication);
+    let _ = routing::share(&shard.node, &publication);
     routing::publish(shard, publication);
     Ok(())
 }

@@ -55,7 +55,7 @@ pub struct Config {
     /// (rooms, their order and history shared through the Redis at `redis_url`).
     pub broker: BrokerKind,
     /// The Redis of `broker = "redis"`. Default `redis://127.0.0.1:6379/`.
-    pub redis_url: String,
+    pub redis_url: RedisUrl,
     /// How long a node stays subscribed to a room after its last local member left (a member
     /// that comes back meanwhile costs no resubscription). Default 2 s.
     #[serde(with = "humantime_serde")]
@@ -136,7 +136,7 @@ pub struct Config {
     pub max_shard_inbox_bytes: usize,
     /// Shared secret for HS256/384/512 tokens (at least 16 bytes). With neither this nor
     /// `jwt_public_key_file`, the gateway runs in dev mode: a random key and `GET /dev/token`.
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret>,
     /// PEM public key (RSA, EC P-256/P-384, or Ed25519) for RS*/ES*/EdDSA tokens.
     pub jwt_public_key_file: Option<PathBuf>,
     /// Algorithms accepted, e.g. `["RS256"]`. Default: every algorithm of the key's kind.
@@ -160,8 +160,75 @@ pub struct Config {
     /// Include the refusal counters in `/healthz` (anyone who can reach it can read them).
     /// Default true.
     pub healthz_detail: bool,
+    /// The server API's key: backends call `/api/…` with `Authorization: Bearer <api_key>`. At
+    /// least 16 characters. Unset (default): the API is off (404).
+    pub api_key: Option<Secret>,
+    /// Run without a token key (dev mode: a random key and `GET /dev/token` for anyone) on an
+    /// address other than loopback. Default false: dev mode serves loopback only.
+    pub dev_mode: bool,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `wsgate=debug`. Default `info`.
     pub log: String,
+    /// `text` (default; colours only on a terminal) or `json` (one object per line).
+    pub log_format: LogFormat,
+}
+
+/// The cluster's Redis URL, which may hold a password: `Debug` and `--print-config` show it
+/// without its credentials.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL without its credentials, for logs.
+    pub fn redacted(&self) -> String {
+        redacted_url(&self.0)
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl<S: Into<String>> From<S> for RedisUrl {
+    fn from(url: S) -> Self {
+        RedisUrl(url.into())
+    }
+}
+
+/// A secret setting (a key): shown as `<redacted>` by `Debug` and `--print-config`, never logged.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(secret: &str) -> Self {
+        Secret(secret.to_owned())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Default for Config {
@@ -215,7 +282,10 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             echo_endpoint: true,
             healthz_detail: true,
+            api_key: None,
+            dev_mode: false,
             log: "info".to_owned(),
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -241,6 +311,8 @@ pub struct FlagOverrides {
     pub listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shards: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dev_mode: Option<bool>,
 }
 
 /// A configuration problem, worded to name the key: start-up prints it on one line, exits 2.
@@ -305,9 +377,9 @@ impl Config {
             return bad("redis_publish_queue", &0, "must be at least 1");
         }
         if self.broker == BrokerKind::Redis
-            && let Err(e) = redis::IntoConnectionInfo::into_connection_info(self.redis_url.as_str())
+            && let Err(e) = redis::IntoConnectionInfo::into_connection_info(self.redis_url.expose())
         {
-            return bad("redis_url", &redacted_url(&self.redis_url), &e.to_string());
+            return bad("redis_url", &self.redis_url.redacted(), &e.to_string());
         }
         if self.max_header_bytes < 8192 {
             return bad(
@@ -383,8 +455,22 @@ impl Config {
         if let Err(e) = self.log.parse::<tracing_subscriber::EnvFilter>() {
             return bad("log", &format!("{:?}", self.log), &e.to_string());
         }
+        if let Some(key) = &self.api_key
+            && key.expose().chars().count() < 16
+        {
+            return bad("api_key", &"<redacted>", "must be at least 16 characters");
+        }
         // Reads the key file, so a missing or wrong key stops start-up here.
-        Authenticator::from_config(self).map_err(ConfigError)?;
+        let auth = Authenticator::from_config(self).map_err(ConfigError)?;
+        if auth.dev_mode() && !self.listen.ip().is_loopback() && !self.dev_mode {
+            return bad(
+                "listen",
+                &self.listen,
+                "dev mode (no jwt_secret or jwt_public_key_file: anyone may get a token at \
+                 /dev/token) serves loopback addresses only; configure a key, or set \
+                 dev_mode = true (--dev) to expose it anyway",
+            );
+        }
         Ok(())
     }
 
@@ -398,10 +484,12 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.rate_limit_burst_bytes = Some(self.rate_limit_burst_bytes());
-        if shown.jwt_secret.is_some() {
-            shown.jwt_secret = Some("<redacted>".into());
+        for secret in [&mut shown.jwt_secret, &mut shown.api_key] {
+            if secret.is_some() {
+                *secret = Some("<redacted>".into());
+            }
         }
-        shown.redis_url = redacted_url(&self.redis_url);
+        shown.redis_url = RedisUrl(self.redis_url.redacted());
         toml::to_string(&shown).expect("config serializes to TOML")
     }
 }
@@ -477,6 +565,25 @@ fn line_of(path: &Path, key: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let config = Config {
+            jwt_secret: Some("jwt-secret-0123456789".into()),
+            api_key: Some("api-key-0123456789".into()),
+            redis_url: "redis://:redis-password@127.0.0.1:6379/".into(),
+            ..Config::default()
+        };
+        let shown = format!("{config:?}");
+        for secret in [
+            "jwt-secret-0123456789",
+            "api-key-0123456789",
+            "redis-password",
+        ] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
 
     #[test]
     fn defaults_validate_and_round_trip_through_toml() {

@@ -398,8 +398,11 @@ pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
 }
 
 /// Encodes a close frame with a status code and a reason (truncated to fit a control frame).
+/// The longest close reason, in bytes: a control frame's payload less the code.
+pub const MAX_CLOSE_REASON: usize = MAX_CONTROL_PAYLOAD - 2;
+
 pub fn encode_close(code: CloseCode, reason: &str) -> Bytes {
-    let mut cut = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+    let mut cut = reason.len().min(MAX_CLOSE_REASON);
     while !reason.is_char_boundary(cut) {
         cut -= 1;
     }

@@ -9,7 +9,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
-use wsgate::config::{Config, FlagOverrides};
+use wsgate::config::{Config, FlagOverrides, LogFormat};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -28,6 +28,9 @@ struct Cli {
     /// Number of shards (threads) [default: number of cores].
     #[arg(long)]
     shards: Option<usize>,
+    /// Dev mode (no token key configured) on a non-loopback address too (dev_mode = true).
+    #[arg(long)]
+    dev: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -99,7 +102,7 @@ fn mint_token(config: &Config, args: &TokenArgs) -> Result<String, String> {
                 Some(name) => name.parse().map_err(|_| format!("--alg: unknown {name}"))?,
                 None => Algorithm::HS256,
             };
-            (EncodingKey::from_secret(secret.as_bytes()), alg)
+            (EncodingKey::from_secret(secret.expose().as_bytes()), alg)
         }
     };
     let mut claims = wsgate::auth::claims_for(&args.user, args.username.as_deref(), args.ttl);
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
     let flags = FlagOverrides {
         listen: cli.listen,
         shards: cli.shards,
+        dev_mode: cli.dev.then_some(true),
     };
     let config = match Config::load(cli.config.as_deref(), &flags) {
         Ok(config) => config,
@@ -140,12 +144,14 @@ fn main() -> ExitCode {
         };
     }
     // Logs go to stderr; stdout carries only the "listening on" line (and `token`'s output).
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(&config.log))
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => logs.json().init(),
         // Colour codes only on a terminal: in files and log collectors they are noise.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     raise_open_files_limit();
 
     let signals = match Signals::install() {

@@ -377,6 +377,14 @@ pub enum ServerMessage<'a> {
         room: &'a str,
         reason: &'a str,
     },
+    /// What a backend published through the server API: to a room's members (`room`), or to
+    /// every chat client.
+    Publication {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a str>,
+        data: &'a serde_json::Value,
+        timestamp: u64,
+    },
     /// Answer to `refresh`: the connection now runs on the new token.
     TokenRefreshed {
         #[serde(rename = "expiresAt")]

@@ -163,29 +163,7 @@ impl RoomDirectory {
         since: Option<&Position>,
     ) -> Result<Joining, RoomsFull> {
         let mut rooms = self.stripe(room);
-        let state = match rooms.get(room) {
-            Some(state) => state.clone(),
-            None => {
-                if self.rooms.fetch_add(1, Ordering::AcqRel) >= self.max_rooms {
-                    self.rooms.fetch_sub(1, Ordering::AcqRel);
-                    return Err(RoomsFull);
-                }
-                let name: Arc<str> = Arc::from(room);
-                let state = Arc::new(RoomState {
-                    name: name.clone(),
-                    per_shard: (0..self.shards).map(|_| AtomicU32::new(0)).collect(),
-                    total: AtomicU32::new(0),
-                    presence: Mutex::default(),
-                    stream: Mutex::new(if self.shared {
-                        Stream::unsynced()
-                    } else {
-                        Stream::new()
-                    }),
-                });
-                rooms.insert(name, state.clone());
-                state
-            }
-        };
+        let state = self.get_or_create(&mut rooms, room)?;
         let mut stream = state.stream();
         state.per_shard[shard].fetch_add(1, Ordering::AcqRel);
         state.total.fetch_add(1, Ordering::AcqRel);
@@ -195,6 +173,67 @@ impl RoomDirectory {
             joining.subscribe = true;
         }
         Ok(joining)
+    }
+
+    fn get_or_create(
+        &self,
+        rooms: &mut HashMap<Arc<str>, Arc<RoomState>>,
+        room: &str,
+    ) -> Result<Arc<RoomState>, RoomsFull> {
+        if let Some(state) = rooms.get(room) {
+            return Ok(state.clone());
+        }
+        if self.rooms.fetch_add(1, Ordering::AcqRel) >= self.max_rooms {
+            self.rooms.fetch_sub(1, Ordering::AcqRel);
+            return Err(RoomsFull);
+        }
+        let name: Arc<str> = Arc::from(room);
+        let state = Arc::new(RoomState {
+            name: name.clone(),
+            per_shard: (0..self.shards).map(|_| AtomicU32::new(0)).collect(),
+            total: AtomicU32::new(0),
+            presence: Mutex::default(),
+            stream: Mutex::new(if self.shared {
+                Stream::unsynced()
+            } else {
+                Stream::new()
+            }),
+        });
+        rooms.insert(name, state.clone());
+        Ok(state)
+    }
+
+    /// A room to publish to from outside (the server API), with the memory broker: created when
+    /// it has neither members nor history, so the message is kept for members who join with
+    /// `since` (a room without members is forgotten when its history expires).
+    pub fn for_publish(&self, room: &str) -> Result<Arc<RoomState>, RoomsFull> {
+        debug_assert!(!self.shared, "with a broker, its stream gives the offsets");
+        self.get_or_create(&mut self.stripe(room), room)
+    }
+
+    /// Rooms with members, sorted by name, after the name `after`: at most `limit` of them with
+    /// their connections (across all nodes, as far as this node knows), and whether more follow.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<(Arc<str>, u32)>, bool) {
+        let mut rooms: Vec<Arc<RoomState>> = Vec::new();
+        for stripe in &self.stripes {
+            let stripe = stripe.lock().unwrap_or_else(|e| e.into_inner());
+            rooms.extend(
+                stripe
+                    .values()
+                    .filter(|state| state.total() > 0)
+                    .filter(|state| after.is_none_or(|after| &*state.name > after))
+                    .cloned(),
+            );
+        }
+        rooms.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        let more = rooms.len() > limit;
+        rooms.truncate(limit);
+        // Presence is read outside the directory's locks (never taken inside them).
+        let page = rooms
+            .into_iter()
+            .map(|state| (state.name.clone(), state.presence().total()))
+            .collect();
+        (page, more)
     }
 
     /// Whether a room without members can be forgotten: no history left, and (with a broker)

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tracing::debug;
 
 use crate::broker::redis::NodesPresence;
-use crate::broker::{Broker, Unavailable};
+use crate::broker::{Broker, Publisher, RedisBroker, Unavailable};
 use crate::bus;
 use crate::chat;
 use crate::client_id::ClientId;
@@ -117,6 +117,22 @@ impl Disconnect {
     }
 }
 
+/// Closes every connection of `disconnect.user` on this node and (with Redis) every other; false
+/// when the other nodes could not be told (Redis away or behind; counted).
+pub fn disconnect_everywhere(node: &Node, disconnect: Arc<Disconnect>) -> bool {
+    let told = match &node.broker {
+        Broker::Redis(redis) => redis.control(&disconnect),
+        Broker::Memory => true,
+    };
+    if !told {
+        node.counters
+            .broker_notices_dropped
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    disconnect_here(node, disconnect);
+    told
+}
+
 /// Closes every connection of `disconnect.user` on this node's shards.
 pub fn disconnect_here(node: &Node, disconnect: Arc<Disconnect>) {
     let all: Vec<usize> = (0..node.shards()).collect();
@@ -180,19 +196,32 @@ pub fn publish(shard: &Shard, publication: Publication) {
 }
 
 /// Hands a publication to the other nodes (with a shared broker); what cannot be is counted.
-/// Lists of clients are this node's: a publication with an `include` list stays here.
-pub fn share(node: &Node, publication: &Publication) {
-    if let Broker::Redis(redis) = &node.broker
-        && publication.include.is_none()
-        && !redis.share(
+/// Lists of clients are this node's: a publication with an `include` list stays here. False when
+/// the other nodes could not be reached.
+pub fn share(node: &Node, publication: &Publication) -> bool {
+    let shared = match &node.broker {
+        Broker::Redis(redis) if publication.include.is_none() => redis.share(
             &publication.target,
             frame::server_payload(&publication.frame),
-        )
-    {
+        ),
+        _ => true,
+    };
+    if !shared {
         node.counters
             .broker_notices_dropped
             .fetch_add(1, Ordering::Relaxed);
     }
+    shared
+}
+
+/// Publishes from outside the shards (the server API, embedding applications): every shard
+/// delivers to its own recipients, and every other node to its own (see [`share`]). False when
+/// the other nodes could not be reached.
+pub fn publish_from_outside(node: &Node, publication: Publication) -> bool {
+    let shared = share(node, &publication);
+    let all: Vec<usize> = (0..node.shards()).collect();
+    node.forward(&all, Delivery::Publication(Arc::new(publication)));
+    shared
 }
 
 /// Delivers a publication another node shared (`json`, its text) to this node's recipients.
@@ -270,14 +299,39 @@ pub fn publish_to_stream(
 ) -> Result<(), Unavailable> {
     let node = &shard.node;
     if let Broker::Redis(redis) = &node.broker {
-        let queued = redis.publish(room.name.clone(), message, from);
-        if queued.is_err() {
-            node.counters
-                .broker_unavailable
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        return queued;
+        return publish_to_redis(
+            node,
+            redis,
+            room.name.clone(),
+            message,
+            Publisher::Client(from),
+        );
     }
+    append_to_stream(shard, room, message);
+    Ok(())
+}
+
+/// Queues a room message for Redis, which gives it its offset; counts it when it cannot be.
+pub fn publish_to_redis(
+    node: &Node,
+    redis: &RedisBroker,
+    room: Arc<str>,
+    message: Vec<u8>,
+    from: Publisher,
+) -> Result<(), Unavailable> {
+    let queued = redis.publish(room, message, from);
+    if queued.is_err() {
+        node.counters
+            .broker_unavailable
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    queued
+}
+
+/// With the memory broker: appends `message` to this node's stream of `room` and hands it to
+/// every shard with members; returns its offset.
+pub fn append_to_stream(shard: &Shard, room: &Arc<RoomState>, message: Vec<u8>) -> u64 {
+    let node = &shard.node;
     let limits = node.rooms.history_limits();
     let mut stream = room.stream();
     let (offset, frame) = stream.append(
@@ -294,7 +348,7 @@ pub fn publish_to_stream(
         frame,
     };
     node.forward(&route, Delivery::Stream(Arc::new(message)));
-    Ok(())
+    offset
 }
 
 /// Hands the stream message `offset` of `room` to the shards with members. Called under the

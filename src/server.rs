@@ -16,7 +16,6 @@ use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::broker::Broker;
 use crate::bus::Inbox;
 use crate::config::Config;
 use crate::limits::Refusal;
@@ -89,6 +88,13 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
              random key, and anyone can get one at GET /dev/token?user=NAME. Configure a key \
              before exposing this gateway."
         );
+        if !local_addr.ip().is_loopback() {
+            warn!(
+                %local_addr,
+                "DEV MODE IS EXPOSED (dev_mode = true): anyone who can reach this address can \
+                 get a token for any user"
+            );
+        }
     }
     let shutdown = CancellationToken::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -170,33 +176,23 @@ impl Gateway {
 
     /// Publishes from outside the shards (embedding applications, admin tools): every shard
     /// delivers to its own matching clients, and (with a shared broker, and no `include` list,
-    /// whose client ids are this node's) every other node to its own.
-    pub fn publish(&self, publication: Publication) {
-        routing::share(&self.node, &publication);
-        let all: Vec<usize> = (0..self.node.shards()).collect();
-        self.node
-            .forward(&all, routing::Delivery::Publication(Arc::new(publication)));
+    /// whose client ids are this node's) every other node to its own. False when the other nodes
+    /// could not be reached (counted).
+    pub fn publish(&self, publication: Publication) -> bool {
+        routing::publish_from_outside(&self.node, publication)
     }
 
     /// Closes every connection of `user` with `code` (4000–4999) and `reason`, on this node and,
-    /// with the Redis broker, on every node.
+    /// with the Redis broker, on every node. `Ok(false)`: the other nodes could not be told
+    /// (counted).
     pub fn disconnect_user(
         &self,
         user: &str,
         code: u16,
         reason: &str,
-    ) -> Result<(), routing::NotAnApplicationCode> {
+    ) -> Result<bool, routing::NotAnApplicationCode> {
         let disconnect = Arc::new(routing::Disconnect::new(user, code, reason)?);
-        if let Broker::Redis(redis) = &self.node.broker
-            && !redis.control(&disconnect)
-        {
-            self.node
-                .counters
-                .broker_notices_dropped
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        routing::disconnect_here(&self.node, disconnect);
-        Ok(())
+        Ok(routing::disconnect_everywhere(&self.node, disconnect))
     }
 
     /// Starts a graceful shutdown: upgrades are refused and `/readyz` fails; each shard delivers

@@ -36,9 +36,37 @@ fn defaults_need_no_file() {
 }
 
 #[test]
-fn the_secret_is_never_printed() {
-    let config = print_config(wsgate().env("WSGATE_JWT_SECRET", "a-very-secret-value-123"));
+fn secrets_are_never_printed() {
+    let config = print_config(
+        wsgate()
+            .env("WSGATE_JWT_SECRET", "a-very-secret-value-123")
+            .env("WSGATE_API_KEY", "an-api-key-0123456789"),
+    );
     assert_eq!(config["jwt_secret"].as_str(), Some("<redacted>"));
+    assert_eq!(config["api_key"].as_str(), Some("<redacted>"));
+    let err = refused(wsgate().env("WSGATE_API_KEY", "short-key"));
+    assert!(err.contains("api_key") && err.contains("16"), "{err}");
+    assert!(!err.contains("short-key"), "{err}");
+}
+
+#[test]
+fn dev_mode_serves_loopback_unless_told_otherwise() {
+    // No key configured: a non-loopback address is refused at start-up...
+    let err = refused(wsgate().args(["--listen", "0.0.0.0:0"]));
+    assert!(
+        err.contains("dev mode") && err.contains("dev_mode"),
+        "{err}"
+    );
+    // ...unless asked for (checked without binding: --print-config validates and stops there).
+    let config = print_config(wsgate().args(["--listen", "0.0.0.0:0", "--dev"]));
+    assert_eq!(config["dev_mode"].as_bool(), Some(true));
+    // With a key, any address.
+    let config = print_config(
+        wsgate()
+            .args(["--listen", "0.0.0.0:0"])
+            .env("WSGATE_JWT_SECRET", "a-very-secret-value-123"),
+    );
+    assert_eq!(config["listen"].as_str(), Some("0.0.0.0:0"));
 }
 
 #[test]

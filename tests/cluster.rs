@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::redis_server::RedisServer;
-use support::{Client, PATIENCE, TestGateway, http_get};
+use support::{Client, PATIENCE, TestGateway, api, http_get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wsgate::config::BrokerKind;
 
@@ -22,9 +22,10 @@ fn node(redis: &RedisServer, shards: usize) -> TestGateway {
     TestGateway::start_with(
         move |config| {
             config.broker = BrokerKind::Redis;
-            config.redis_url = url;
+            config.redis_url = url.into();
             config.redis_unsubscribe_grace = Duration::from_millis(200);
             config.history_size = 1000;
+            config.api_key = Some(support::API_KEY.into());
         },
         shards,
     )
@@ -442,12 +443,7 @@ async fn killed_subscriptions_catch_up_with_no_loss_and_no_duplicate() {
 }
 
 async fn user_on(gw: &TestGateway, user: &str) -> Client {
-    Client::connect(&format!(
-        "{}?token={}",
-        gw.url("/ws"),
-        support::token_for(user)
-    ))
-    .await
+    gw.client_as(user).await
 }
 
 /// The presence notices `client` gets until it answers an echo (so none is missed).
@@ -839,7 +835,7 @@ async fn a_wedged_subscription_is_found_by_the_probe_and_replaced() {
     let wedged_node = TestGateway::start_with(
         move |config| {
             config.broker = BrokerKind::Redis;
-            config.redis_url = url;
+            config.redis_url = url.into();
         },
         1,
     );
@@ -897,4 +893,60 @@ async fn disconnecting_a_user_closes_its_connections_on_every_node() {
     carol.expect_silence().await;
     assert_eq!(counter(&nodes[0], "users_disconnected").await, 1);
     assert_eq!(counter(&nodes[1], "users_disconnected").await, 1);
+}
+
+#[tokio::test]
+async fn the_server_api_publishes_and_broadcasts_to_every_node() {
+    let mut redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1]).await;
+    let mut member = nodes[1].client().await;
+    member.join("news").await;
+    let mut other = nodes[1].client().await;
+    // Published on a node without members: Redis gives the offset, the member's node delivers.
+    for n in 1..=2u64 {
+        let (status, answer) = api(
+            nodes[0].addr,
+            "POST",
+            "/api/publish",
+            json!({"room": "news", "data": {"n": n}}),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["offset"], n);
+        let publication = member.expect("publication").await;
+        assert_eq!(
+            (
+                publication["data"]["n"].as_u64(),
+                publication["offset"].as_u64()
+            ),
+            (Some(n), Some(n))
+        );
+    }
+    let (status, answer) = api(
+        nodes[0].addr,
+        "POST",
+        "/api/broadcast",
+        json!({"data": "to all"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    for client in [&mut member, &mut other] {
+        assert_eq!(client.expect("publication").await["data"], "to all");
+    }
+    // Without Redis nothing is half done: both are refused with 503.
+    redis.kill();
+    wait_readiness(&nodes[0], 503).await;
+    for (path, body) in [
+        ("/api/publish", json!({"room": "news", "data": 3})),
+        ("/api/broadcast", json!({"data": 3})),
+        ("/api/disconnect", json!({"user": "bob"})),
+    ] {
+        let (status, answer) = api(nodes[0].addr, "POST", path, body).await;
+        assert_eq!(status, 503, "{path}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("retry"),
+            "{answer}"
+        );
+    }
+    member.expect_silence().await;
 }

@@ -56,3 +56,43 @@ async fn a_storm_of_refusals_is_logged_as_counts() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let gateway = GatewayProcess::start(
+        &[],
+        &[
+            ("WSGATE_LOG", "info"),
+            ("WSGATE_LOG_FORMAT", "json"),
+            ("WSGATE_JWT_SECRET", support::TEST_SECRET),
+        ],
+        None,
+    );
+    let (status, _, _) = http_get(gateway.addr, "/ws?token=garbage", UPGRADE).await;
+    assert_eq!(status, 401);
+    // The start-up lines, and the refusal's interval line once it is written.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let logs = gateway.logs();
+        let lines: Vec<serde_json::Value> = logs
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect();
+        let refusal = lines.iter().find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("auth_refused.malformed_token=1"))
+        });
+        if let Some(refusal) = refusal {
+            assert_eq!(refusal["level"], "INFO", "{refusal}");
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l["fields"]["message"] == "wsgate listening")
+            );
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{logs}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

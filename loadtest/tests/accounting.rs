@@ -354,7 +354,7 @@ fn cluster(redis: &redis_server::RedisServer) -> Vec<Gateway> {
         .map(|_| {
             gateway(|c| {
                 c.broker = wsgate::config::BrokerKind::Redis;
-                c.redis_url = redis.url();
+                c.redis_url = redis.url().into();
             })
         })
         .collect();

@@ -15,7 +15,11 @@ pub mod redis;
 
 use std::sync::Arc;
 
+use tokio::sync::oneshot;
+
+use crate::client_id::ClientId;
 use crate::config::{BrokerKind, Config};
+use crate::protocol::ErrorReply;
 use crate::rooms::RoomState;
 
 pub use self::redis::{Engine, RedisBroker};
@@ -28,6 +32,15 @@ pub enum Broker {
 /// A room message could not be handed to the broker: the client is told to retry.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Unavailable;
+
+/// Who published a room message through the broker, to be told what became of it.
+#[derive(Debug)]
+pub enum Publisher {
+    /// A client: told only when the message could not be published (an error reply).
+    Client(ClientId),
+    /// A server API request, waiting for the message's offset or the error.
+    Api(oneshot::Sender<Result<u64, ErrorReply<'static>>>),
+}
 
 impl Broker {
     /// The broker `config` asks for, and (for Redis) the engine to run on its own thread.

@@ -8,6 +8,7 @@
 //! | `GET /healthz` | liveness, gauges and (`healthz_detail`) refusal counters, as JSON |
 //! | `GET /readyz`  | readiness: 503 once shutdown has begun, or while Redis is away (`broker = "redis"`) |
 //! | `GET /dev/token?user=NAME` | dev mode only (no key configured): a 1-hour token |
+//! | `/api/…` | the server API for backends, with `api_key` (see [`api`]) |
 //!
 //! Every accepted socket is admitted first (per-address cap, file descriptors; see
 //! [`crate::limits::Admission`]). Its first request head is read by [`head`] (bounded in size and
@@ -18,6 +19,7 @@
 //! bytes hyper had read past the handshake, and the connection task takes over with its own
 //! framing: no per-connection read buffer survives the handshake.
 
+pub mod api;
 pub mod head;
 pub mod idle;
 
@@ -33,6 +35,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
+use futures_util::future::Either;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
@@ -104,22 +107,31 @@ async fn serve_http(shard: &Rc<Shard>, stream: TcpStream, peer: IpAddr, upgraded
         Err(HeadError::Closed) => return,
     };
     let requests = Cell::new(0u32);
-    let service = service_fn(|req| {
+    let service = service_fn(|req: Request<Incoming>| {
         registered.busy();
-        let mut response = route(shard, req, peer);
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            // The socket now belongs to the WebSocket connection, admission and all.
-            upgraded.set(true);
+        // Only the API reads bodies (and may wait for Redis); the rest answers at once.
+        let routed = if api::is_api(req.uri().path()) {
+            Either::Left(api::serve(shard.clone(), req))
         } else {
-            registered.idle();
-            requests.set(requests.get() + 1);
-            if requests.get() >= MAX_REQUESTS_PER_CONNECTION {
-                response
-                    .headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            Either::Right(std::future::ready(route(shard, req, peer)))
+        };
+        let (registered, upgraded, requests) = (&registered, upgraded, &requests);
+        async move {
+            let mut response = routed.await;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                // The socket now belongs to the WebSocket connection, admission and all.
+                upgraded.set(true);
+            } else {
+                registered.idle();
+                requests.set(requests.get() + 1);
+                if requests.get() >= MAX_REQUESTS_PER_CONNECTION {
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
             }
+            Ok::<_, Infallible>(response)
         }
-        async { Ok::<_, Infallible>(response) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -219,6 +231,13 @@ fn health(shard: &Shard) -> serde_json::Value {
         health["refused"] = node.counters.snapshot();
     }
     health
+}
+
+/// `/api/stats`: what `/healthz` shows, with every counter whatever `healthz_detail` says.
+fn stats(shard: &Shard) -> serde_json::Value {
+    let mut stats = health(shard);
+    stats["refused"] = shard.node.counters.snapshot();
+    stats
 }
 
 fn broker_health(broker: &Broker) -> serde_json::Value {

@@ -92,6 +92,11 @@ impl TestGateway {
         Client::connect(&self.url("/ws")).await
     }
 
+    /// A chat client with a token for `user`, past its greeting.
+    pub async fn client_as(&self, user: &str) -> Client {
+        Client::connect(&format!("{}?token={}", self.url("/ws"), token_for(user))).await
+    }
+
     /// A chat client whose connection landed on `shard` (the kernel picks the shard; retry).
     pub async fn client_on_shard(&self, shard: u16) -> Client {
         for _ in 0..200 {
@@ -424,12 +429,59 @@ pub async fn http_get_from(
     path: &str,
     extra_headers: &str,
 ) -> (u16, String, String) {
+    http_request_from(source, addr, "GET", path, extra_headers, b"").await
+}
+
+/// The server API key of tests that turn the API on.
+pub const API_KEY: &str = "backend-key-0123456789";
+
+/// Calls the server API with [`API_KEY`] (a null `body` sends none); returns (status, body as
+/// JSON).
+pub async fn api(addr: SocketAddr, method: &str, path: &str, body: Value) -> (u16, Value) {
+    let body = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let auth = format!("Authorization: Bearer {API_KEY}\r\n");
+    let (status, _, answer) = http_request(addr, method, path, &auth, &body).await;
+    let answer = serde_json::from_str(&answer).unwrap_or_else(|_| panic!("JSON: {answer}"));
+    (status, answer)
+}
+
+/// A plain HTTP/1.1 request with `body` (and its `Content-Length`, when not empty); returns
+/// (status, headers, body).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+    body: &[u8],
+) -> (u16, String, String) {
+    http_request_from([127, 0, 0, 1], addr, method, path, extra_headers, body).await
+}
+
+async fn http_request_from(
+    source: [u8; 4],
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+    body: &[u8],
+) -> (u16, String, String) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::from((source, 0))).unwrap();
     let mut stream = socket.connect(addr).await.unwrap();
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra_headers}\r\n");
+    let length = if body.is_empty() {
+        String::new()
+    } else {
+        format!("Content-Length: {}\r\n", body.len())
+    };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{length}{extra_headers}\r\n"
+    );
     stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
     let mut response = Vec::new();
     tokio::time::timeout(PATIENCE, async {
         let mut chunk = [0u8; 4096];

@@ -53,9 +53,8 @@ use self::keys::{
 use self::publisher::{entry_json, publish_loop, refuse};
 pub use self::sync::NodesPresence;
 use self::sync::catch_up;
-use super::Unavailable;
-use crate::client_id::ClientId;
-use crate::config::{Config, redacted_url};
+use super::{Publisher, Unavailable};
+use crate::config::{Config, RedisUrl};
 use crate::node::Node;
 use crate::presence::{Entry, Fit, Presence};
 use crate::protocol::{self, ErrorReply};
@@ -98,11 +97,11 @@ enum Command {
 
 /// What goes to Redis, in the order it was sent.
 enum Outgoing {
-    /// A room message (JSON text), from a client.
+    /// A room message (JSON text), from a client or the server API.
     Message {
         room: Arc<str>,
         message: Vec<u8>,
-        from: ClientId,
+        from: Publisher,
     },
     /// A publication for the other nodes (JSON text): a room's, or every chat client's.
     Notice {
@@ -229,7 +228,7 @@ impl RedisBroker {
         &self,
         room: Arc<str>,
         message: Vec<u8>,
-        from: ClientId,
+        from: Publisher,
     ) -> Result<(), Unavailable> {
         if !self.is_ready() {
             return Err(Unavailable);
@@ -271,7 +270,7 @@ impl RedisBroker {
 
 /// The broker's side: one Redis connection for commands, one for subscriptions.
 pub struct Engine {
-    url: String,
+    url: RedisUrl,
     grace: Duration,
     node_id: Arc<str>,
     ready: Arc<AtomicBool>,
@@ -331,7 +330,7 @@ impl Engine {
     pub async fn run(mut self, node: Arc<Node>, stop: CancellationToken) {
         // Not ready once the engine is gone, however it ends (a panic included).
         let _unready = Unready(self.ready.clone());
-        let client = match Client::open(self.url.as_str()) {
+        let client = match Client::open(self.url.expose()) {
             Ok(client) => client,
             // The URL was checked with the configuration.
             Err(e) => return warn!(error = %e, "invalid redis_url"),
@@ -345,7 +344,7 @@ impl Engine {
             };
             match connected {
                 Ok(session) => {
-                    info!(url = %redacted_url(&self.url), rooms = self.followed.len(), "connected to Redis");
+                    info!(url = %self.url.redacted(), rooms = self.followed.len(), "connected to Redis");
                     backoff = BACKOFF.0;
                     failures = 0;
                     let reason = self.serve(session, &node, &stop).await;
@@ -358,7 +357,7 @@ impl Engine {
                     failures += 1;
                     // The first failure, then one line in ten while Redis stays away.
                     if failures % 10 == 1 {
-                        warn!(error = %e, url = %redacted_url(&self.url), failures, "cannot reach Redis");
+                        warn!(error = %e, url = %self.url.redacted(), failures, "cannot reach Redis");
                     }
                 }
             }

@@ -13,6 +13,7 @@ use super::keys::{
     sessions_key,
 };
 use super::{META_TTL, NODE_TTL, Outgoing, Queues, Record};
+use crate::broker::Publisher;
 use crate::node::Node;
 use crate::presence::Entry;
 use crate::protocol::{ErrorReply, ServerMessage};
@@ -84,8 +85,19 @@ pub async fn publish_loop(
                     .any(|answer| matches!(answer, Value::ServerError(_)));
                 let answers = answers.into_iter().skip(first_outgoing);
                 for (out, answer) in outgoing.drain(..).zip(answers) {
-                    if matches!(answer, Value::ServerError(_)) {
-                        refuse(&node, out, ErrorReply::Unavailable);
+                    match (out, answer) {
+                        (out, Value::ServerError(_)) => refuse(&node, out, ErrorReply::Unavailable),
+                        // The API waits for the offset (the script's answer).
+                        (
+                            Outgoing::Message {
+                                from: Publisher::Api(reply),
+                                ..
+                            },
+                            Value::Int(offset),
+                        ) => {
+                            let _ = reply.send(Ok(offset as u64));
+                        }
+                        _ => {}
                     }
                 }
                 if refused_record {
@@ -174,13 +186,20 @@ pub fn entry_json(entry: &Entry) -> Vec<u8> {
 }
 
 /// Tells the sender of a room message `error`; counts a notice not shared.
-pub fn refuse(node: &Node, out: Outgoing, error: ErrorReply<'_>) {
+pub fn refuse(node: &Node, out: Outgoing, error: ErrorReply<'static>) {
     match out {
         Outgoing::Message { from, .. } => {
             node.counters
                 .broker_unavailable
                 .fetch_add(1, Ordering::Relaxed);
-            routing::reply(node, from, ServerMessage::Error { error }.encode());
+            match from {
+                Publisher::Client(client) => {
+                    routing::reply(node, client, ServerMessage::Error { error }.encode());
+                }
+                Publisher::Api(reply) => {
+                    let _ = reply.send(Err(error));
+                }
+            }
         }
         Outgoing::Notice { .. } | Outgoing::Control { .. } => {
             node.counters

@@ -1,0 +1,345 @@
+//! The server API, for backends: JSON over HTTP under `/api/`, allowed with
+//! `Authorization: Bearer <api_key>`; without an `api_key` configured, the API is off (404).
+//!
+//! | route | body / query | answer |
+//! |-------|--------------|--------|
+//! | `POST /api/publish` | `{"room":R,"data":<JSON>}` | `{"room":R,"offset":N}` |
+//! | `POST /api/broadcast` | `{"data":<JSON>}` | `{"published":true}` |
+//! | `POST /api/disconnect` | `{"user":U,"code":4000-4999,"reason":"…"}` | `{"disconnected":U}` |
+//! | `GET /api/rooms` | `?after=R&limit=N` | `{"rooms":[{"room":R,"members":N}],"next":R}` |
+//! | `GET /api/rooms/{room}` | `?after=U&limit=N` | `{"room":R,"members":N,"users":[…],"next":U}` |
+//! | `GET /api/stats` | | what `/healthz` shows, with every counter |
+//!
+//! A publication takes the path of a chat message: serialized once, framed once; a room's gets
+//! the room's next offset (from Redis, with the Redis broker, which the request waits for) and is
+//! kept in its history, so members that reconnect with `since` get it too.
+//!
+//! Errors are `{"error": "…"}` with 400 (bad body or query), 401 (no or wrong key), 404, 405,
+//! 413 (body over `max_message_size`), 503 (Redis away or behind: retry).
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, WWW_AUTHENTICATE};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use super::{Body, error_response, json};
+use crate::broker::{Broker, Publisher};
+use crate::frame;
+use crate::protocol::{ErrorReply, ServerMessage, now_ms};
+use crate::rooms::is_valid_room_name;
+use crate::routing::{self, Disconnect, Publication, Target};
+use crate::shard::Shard;
+
+/// Rooms or users per page, by default and at most.
+const PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+/// How long a publication through Redis may take before the request gives up waiting (the
+/// message may still be published).
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether a request is for the API (served by [`serve`]).
+pub fn is_api(path: &str) -> bool {
+    path == "/api" || path.starts_with("/api/")
+}
+
+/// Answers one API request.
+pub async fn serve(shard: Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
+    let config = &shard.node.config;
+    let Some(key) = &config.api_key else {
+        return error_response(StatusCode::NOT_FOUND, "not found");
+    };
+    if !authorized(req.headers(), key.expose()) {
+        let mut res = error_response(
+            StatusCode::UNAUTHORIZED,
+            "the server API needs Authorization: Bearer <api_key>",
+        );
+        res.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+        return res;
+    }
+    let (method, path, query) = (
+        req.method().clone(),
+        req.uri().path().to_owned(),
+        req.uri().query().unwrap_or_default().to_owned(),
+    );
+    let route = path.trim_start_matches("/api/");
+    let answer = match (&method, route) {
+        (&Method::POST, "publish") => match read_json(&shard, req).await {
+            Ok(body) => publish(&shard, body).await,
+            Err(res) => Err(res),
+        },
+        (&Method::POST, "broadcast") => match read_json(&shard, req).await {
+            Ok(body) => broadcast(&shard, body),
+            Err(res) => Err(res),
+        },
+        (&Method::POST, "disconnect") => match read_json(&shard, req).await {
+            Ok(body) => disconnect(&shard, body),
+            Err(res) => Err(res),
+        },
+        (&Method::GET, "rooms") => rooms(&shard, &query),
+        (&Method::GET, "stats") => Ok(json(StatusCode::OK, &super::stats(&shard))),
+        (&Method::GET, room) if room.starts_with("rooms/") => {
+            room_users(&shard, &room["rooms/".len()..], &query)
+        }
+        (_, "publish" | "broadcast" | "disconnect" | "rooms" | "stats") => Err(Refused(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed".into(),
+        )),
+        _ => Err(Refused(StatusCode::NOT_FOUND, "no such API route".into())),
+    };
+    answer.unwrap_or_else(Refused::into_response)
+}
+
+/// The key compared in constant time (for keys of the configured length).
+fn authorized(headers: &HeaderMap, key: &str) -> bool {
+    let Some(given) = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    given.len() == key.len()
+        && given
+            .iter()
+            .zip(key.as_bytes())
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
+}
+
+/// A refused API request: its status and what the error body says.
+struct Refused(StatusCode, String);
+
+impl Refused {
+    fn into_response(self) -> Response<Body> {
+        error_response(self.0, &self.1)
+    }
+}
+
+type Answer = Result<Response<Body>, Refused>;
+
+fn bad_request(problem: impl std::fmt::Display) -> Refused {
+    Refused(StatusCode::BAD_REQUEST, problem.to_string())
+}
+
+fn unavailable(problem: impl std::fmt::Display) -> Refused {
+    Refused(StatusCode::SERVICE_UNAVAILABLE, problem.to_string())
+}
+
+/// Reads a JSON body of at most `max_message_size` bytes, within `handshake_timeout`.
+async fn read_json<T: for<'de> Deserialize<'de>>(
+    shard: &Shard,
+    req: Request<Incoming>,
+) -> Result<T, Refused> {
+    let config = &shard.node.config;
+    let limit = config.max_message_size;
+    let too_large = || {
+        Refused(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body over max_message_size ({limit} bytes)"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    let reading = Limited::new(req.into_body(), limit).collect();
+    let body: Bytes = match tokio::time::timeout(config.handshake_timeout, reading).await {
+        Err(_) => return Err(bad_request("body not received within handshake_timeout")),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Ok(Err(e)) => return Err(bad_request(format!("cannot read the body: {e}"))),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    serde_json::from_slice(&body).map_err(|e| bad_request(format!("invalid body: {e}")))
+}
+
+#[derive(Deserialize)]
+struct PublishBody {
+    room: String,
+    data: Value,
+}
+
+async fn publish(shard: &Shard, body: PublishBody) -> Answer {
+    let room = body.room.as_str();
+    if !is_valid_room_name(room) {
+        return Err(bad_request(ErrorReply::InvalidRoomName));
+    }
+    let node = &shard.node;
+    let message = ServerMessage::Publication {
+        room: Some(room),
+        data: &body.data,
+        timestamp: now_ms(),
+    }
+    .to_json();
+    let offset = match &node.broker {
+        Broker::Memory => {
+            let state = node.rooms.for_publish(room).map_err(|_| {
+                node.counters
+                    .rooms_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                unavailable("room limit reached (max_rooms)")
+            })?;
+            routing::append_to_stream(shard, &state, message)
+        }
+        Broker::Redis(redis) => {
+            let (reply, offset) = oneshot::channel();
+            routing::publish_to_redis(node, redis, Arc::from(room), message, Publisher::Api(reply))
+                .map_err(|_| unavailable(ErrorReply::Unavailable))?;
+            match tokio::time::timeout(PUBLISH_TIMEOUT, offset).await {
+                Ok(Ok(Ok(offset))) => offset,
+                Ok(Ok(Err(error))) => return Err(unavailable(error)),
+                // Dropped unanswered (the node is stopping), or Redis is slow.
+                Ok(Err(_)) | Err(_) => return Err(unavailable(ErrorReply::MaybeUnavailable)),
+            }
+        }
+    };
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "room": room, "offset": offset }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct BroadcastBody {
+    data: Value,
+}
+
+fn broadcast(shard: &Shard, body: BroadcastBody) -> Answer {
+    let node = &shard.node;
+    // Refused whole rather than delivered on this node only.
+    if !node.broker.is_ready() {
+        return Err(unavailable(ErrorReply::Unavailable));
+    }
+    let frame = ServerMessage::Publication {
+        room: None,
+        data: &body.data,
+        timestamp: now_ms(),
+    }
+    .encode();
+    let publication = Publication {
+        target: Target::All,
+        frame,
+        include: None,
+        exclude: Vec::new(),
+    };
+    if !routing::publish_from_outside(node, publication) {
+        return Err(unavailable(
+            "published on this node only: the other nodes could not be reached (Redis behind)",
+        ));
+    }
+    Ok(json(StatusCode::OK, &json!({ "published": true })))
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody {
+    user: String,
+    #[serde(default = "default_disconnect_code")]
+    code: u16,
+    #[serde(default)]
+    reason: String,
+}
+
+fn default_disconnect_code() -> u16 {
+    4000
+}
+
+fn disconnect(shard: &Shard, body: DisconnectBody) -> Answer {
+    let node = &shard.node;
+    if body.reason.len() > frame::MAX_CLOSE_REASON {
+        return Err(bad_request(format!(
+            "reason: at most {} bytes (it goes in the close frame)",
+            frame::MAX_CLOSE_REASON
+        )));
+    }
+    let disconnect = Disconnect::new(&body.user, body.code, &body.reason).map_err(bad_request)?;
+    if !node.broker.is_ready() {
+        return Err(unavailable(ErrorReply::Unavailable));
+    }
+    if !routing::disconnect_everywhere(node, Arc::new(disconnect)) {
+        return Err(unavailable(
+            "disconnected on this node only: the other nodes could not be told (retry)",
+        ));
+    }
+    Ok(json(StatusCode::OK, &json!({ "disconnected": body.user })))
+}
+
+/// `after` and `limit` from a query string.
+fn page_query(query: &str) -> Result<(Option<String>, usize), Refused> {
+    let mut after = None;
+    let mut limit = PAGE;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_encoding::percent_decode_str(value)
+            .decode_utf8()
+            .map_err(|_| bad_request(format!("{name}: not UTF-8")))?;
+        match name {
+            "after" => after = Some(value.into_owned()),
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| bad_request(format!("limit: 1 to {MAX_PAGE}")))?;
+            }
+            _ => return Err(bad_request(format!("unknown query parameter {name}"))),
+        }
+    }
+    Ok((after, limit))
+}
+
+fn rooms(shard: &Shard, query: &str) -> Answer {
+    let (after, limit) = page_query(query)?;
+    let (rooms, more) = shard.node.rooms.page(after.as_deref(), limit);
+    let next = more
+        .then(|| rooms.last().map(|(name, _)| name.clone()))
+        .flatten();
+    let rooms: Vec<Value> = rooms
+        .iter()
+        .map(|(room, members)| json!({ "room": &**room, "members": members }))
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "rooms": rooms, "next": next.as_deref() }),
+    ))
+}
+
+fn room_users(shard: &Shard, room: &str, query: &str) -> Answer {
+    let room = percent_encoding::percent_decode_str(room)
+        .decode_utf8()
+        .map_err(|_| bad_request(ErrorReply::InvalidRoomName))?;
+    if !is_valid_room_name(&room) {
+        return Err(bad_request(ErrorReply::InvalidRoomName));
+    }
+    let (after, limit) = page_query(query)?;
+    let (members, users, next) = match shard.node.rooms.get(&room) {
+        None => (0, Vec::new(), None),
+        Some(state) => {
+            let mut presence = state.presence();
+            let (users, more) = presence.page(after.as_deref(), limit);
+            let next = more
+                .then(|| users.last().map(|e| e.user_id.clone()))
+                .flatten();
+            let users: Vec<Value> = users
+                .iter()
+                .map(|e| json!({ "userId": e.shown_id(), "username": &*e.username }))
+                .collect();
+            (presence.total(), users, next)
+        }
+    };
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "room": &*room, "members": members, "users": users, "next": next.as_deref() }),
+    ))
+}

@@ -1,0 +1,280 @@
+//! The server API over real HTTP: publishing to a room and to everyone, disconnecting a user,
+//! listing rooms and their users, and every refusal (key, body, size, route, method).
+
+mod support;
+
+use serde_json::{Value, json};
+use support::{API_KEY, Client, TestGateway, api, http_get, http_request};
+
+fn gateway(shards: usize) -> TestGateway {
+    TestGateway::start_with(|c| c.api_key = Some(API_KEY.into()), shards)
+}
+
+async fn call(gw: &TestGateway, method: &str, path: &str, body: Value) -> (u16, Value) {
+    api(gw.addr, method, path, body).await
+}
+
+/// The next publication, past presence notices.
+async fn next_publication(client: &mut Client) -> Value {
+    loop {
+        let msg = client.recv().await;
+        match msg["type"].as_str() {
+            Some("user_joined" | "user_left") => continue,
+            _ => {
+                assert_eq!(msg["type"], "publication", "{msg}");
+                return msg;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn without_a_key_configured_the_api_is_not_there() {
+    let gw = TestGateway::start(1);
+    let auth = format!("Authorization: Bearer {API_KEY}\r\n");
+    let (status, _, body) = http_get(gw.addr, "/api/stats", &auth).await;
+    assert_eq!(status, 404, "{body}");
+}
+
+#[tokio::test]
+async fn a_missing_or_wrong_key_is_refused_with_401() {
+    let gw = gateway(1);
+    for auth in [
+        String::new(),
+        "Authorization: Bearer wrong-key-0123456789xx\r\n".to_owned(),
+        format!("Authorization: Bearer {API_KEY}x\r\n"),
+        format!("Authorization: Basic {API_KEY}\r\n"),
+    ] {
+        let (status, head, body) = http_get(gw.addr, "/api/stats", &auth).await;
+        assert_eq!(status, 401, "{auth}: {body}");
+        assert!(head.contains("www-authenticate: Bearer"), "{head}");
+        let error: Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            error["error"].as_str().unwrap().contains("api_key"),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_publication_reaches_every_member_in_order_and_is_kept_for_recovery() {
+    let gw = gateway(2);
+    let mut members = vec![gw.client_on_shard(0).await, gw.client_on_shard(1).await];
+    let epoch = members[0].join_room_epoch("news").await;
+    members[1].join("news").await;
+    let mut outsider = gw.client().await;
+    for n in 1..=3 {
+        let (status, answer) = call(
+            &gw,
+            "POST",
+            "/api/publish",
+            json!({"room": "news", "data": {"n": n, "text": "héllo"}}),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["room"], "news");
+        assert_eq!(answer["offset"], n);
+    }
+    for member in &mut members {
+        for n in 1..=3 {
+            let publication = next_publication(member).await;
+            assert_eq!(publication["room"], "news");
+            assert_eq!(publication["data"], json!({"n": n, "text": "héllo"}));
+            assert_eq!(publication["offset"], n);
+            assert!(publication["timestamp"].is_u64(), "{publication}");
+        }
+    }
+    outsider.expect_silence().await;
+
+    // A member coming back with `since` gets what was published meanwhile.
+    let mut back = gw.client().await;
+    back.send(
+        "join_room",
+        json!({"room": "news", "since": {"offset": 1, "epoch": epoch}}),
+    )
+    .await;
+    let joined = back.expect("room_joined").await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    for n in 2..=3 {
+        assert_eq!(back.expect("publication").await["data"]["n"], n);
+    }
+}
+
+#[tokio::test]
+async fn a_publication_to_a_room_without_members_is_kept_for_those_who_join_with_since() {
+    let gw = gateway(1);
+    let (status, answer) = call(
+        &gw,
+        "POST",
+        "/api/publish",
+        json!({"room": "empty", "data": [1, 2]}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["offset"].as_u64()),
+        (200, Some(1)),
+        "{answer}"
+    );
+    let mut first = gw.client().await;
+    let epoch = first.join_room_epoch("empty").await;
+    let mut late = gw.client().await;
+    late.send(
+        "join_room",
+        json!({"room": "empty", "since": {"offset": 0, "epoch": epoch}}),
+    )
+    .await;
+    assert_eq!(late.expect("room_joined").await["recovered"], true);
+    assert_eq!(late.expect("publication").await["data"], json!([1, 2]));
+}
+
+#[tokio::test]
+async fn a_broadcast_reaches_every_chat_client_on_every_shard() {
+    let gw = gateway(2);
+    let mut clients = vec![gw.client_on_shard(0).await, gw.client_on_shard(1).await];
+    let (status, answer) = call(
+        &gw,
+        "POST",
+        "/api/broadcast",
+        json!({"data": {"alert": "maintenance at 5"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    for client in &mut clients {
+        let publication = client.expect("publication").await;
+        assert_eq!(publication["data"]["alert"], "maintenance at 5");
+        assert!(publication.get("room").is_none(), "{publication}");
+    }
+}
+
+#[tokio::test]
+async fn disconnecting_a_user_closes_only_its_connections_with_the_code_and_reason() {
+    let gw = gateway(2);
+    let mut bobs = vec![gw.client_as("bob").await, gw.client_as("bob").await];
+    let mut carol = gw.client_as("carol").await;
+    let (status, answer) = call(
+        &gw,
+        "POST",
+        "/api/disconnect",
+        json!({"user": "bob", "code": 4003, "reason": "banned"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    for bob in &mut bobs {
+        let close = bob.expect_close().await.expect("a close frame");
+        assert_eq!((u16::from(close.code), &*close.reason), (4003, "banned"));
+    }
+    carol.expect_silence().await;
+    let (_, stats) = call(&gw, "GET", "/api/stats", Value::Null).await;
+    assert_eq!(stats["refused"]["users_disconnected"], 2, "{stats}");
+}
+
+#[tokio::test]
+async fn bad_requests_get_a_status_and_a_json_error() {
+    let gw = TestGateway::start_with(
+        |c| {
+            c.api_key = Some(API_KEY.into());
+            c.max_message_size = 1024;
+        },
+        1,
+    );
+    let cases: Vec<(&str, &str, Value, u16, &str)> = vec![
+        (
+            "POST",
+            "/api/publish",
+            json!({"room": "r"}),
+            400,
+            "missing field `data`",
+        ),
+        (
+            "POST",
+            "/api/publish",
+            json!({"room": "no spaces", "data": 1}),
+            400,
+            "room",
+        ),
+        (
+            "POST",
+            "/api/publish",
+            json!({"room": "r", "data": "x".repeat(2000)}),
+            413,
+            "max_message_size",
+        ),
+        (
+            "POST",
+            "/api/disconnect",
+            json!({"user": "bob", "code": 1000}),
+            400,
+            "4000-4999",
+        ),
+        (
+            "POST",
+            "/api/disconnect",
+            json!({"user": "bob", "reason": "x".repeat(124)}),
+            400,
+            "reason",
+        ),
+        ("GET", "/api/publish", Value::Null, 405, "method"),
+        ("GET", "/api/nothing", Value::Null, 404, "no such"),
+        ("GET", "/api/rooms?limit=0", Value::Null, 400, "limit"),
+        ("GET", "/api/rooms?colour=red", Value::Null, 400, "colour"),
+    ];
+    for (method, path, body, status, says) in cases {
+        let (got, answer) = call(&gw, method, path, body).await;
+        assert_eq!(got, status, "{method} {path}: {answer}");
+        let error = answer["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{answer}"));
+        assert!(error.contains(says), "{method} {path}: {error}");
+    }
+    // Not JSON at all.
+    let auth = format!("Authorization: Bearer {API_KEY}\r\n");
+    let (status, _, body) = http_request(gw.addr, "POST", "/api/broadcast", &auth, b"{oops").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid body"), "{body}");
+}
+
+#[tokio::test]
+async fn rooms_and_their_users_are_listed_a_page_at_a_time() {
+    let gw = gateway(2);
+    let mut clients: Vec<Client> = Vec::new();
+    for (user, rooms) in [
+        ("ann", &["a", "b", "c"][..]),
+        ("bob", &["b"]),
+        ("cid", &["b"]),
+    ] {
+        let mut client = gw.client_as(user).await;
+        for room in rooms {
+            client.join(room).await;
+        }
+        clients.push(client);
+    }
+    let (status, first) = call(&gw, "GET", "/api/rooms?limit=2", Value::Null).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(
+        first,
+        json!({"rooms": [{"room": "a", "members": 1}, {"room": "b", "members": 3}], "next": "b"})
+    );
+    let (_, rest) = call(&gw, "GET", "/api/rooms?limit=2&after=b", Value::Null).await;
+    assert_eq!(
+        rest,
+        json!({"rooms": [{"room": "c", "members": 1}], "next": null})
+    );
+
+    let (_, page) = call(&gw, "GET", "/api/rooms/b?limit=2", Value::Null).await;
+    assert_eq!(page["members"], 3);
+    assert_eq!(page["next"], "bob");
+    let users: Vec<&str> = page["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["userId"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["ann", "bob"]);
+    let (_, last) = call(&gw, "GET", "/api/rooms/b?after=bob", Value::Null).await;
+    assert_eq!(last["users"], json!([{"userId": "cid", "username": "cid"}]));
+    assert_eq!(last["next"], Value::Null);
+
+    let (status, nobody) = call(&gw, "GET", "/api/rooms/nobody-here", Value::Null).await;
+    assert_eq!(status, 200);
+    assert_eq!(nobody["members"], 0);
+}

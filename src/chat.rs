@@ -94,6 +94,9 @@ fn refresh<'i>(shard: &Shard, key: usize, token: &str) -> Result<(), ErrorReply<
     }
     let expires_at = fresh.expires_at.unwrap_or(0);
     let previous = std::mem::replace(&mut conn.identity, Arc::new(fresh));
+    if anonymous {
+        state.users.insert(&conn.identity.user_id, key);
+    }
     shard
         .heartbeats()
         .expire_by(key, conn.id.generation, &mut conn.liveness, expires_at);

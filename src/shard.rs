@@ -5,6 +5,7 @@
 //! takes no lock: handlers borrow the shard's state, queue frames and return.
 
 use std::cell::{Cell, Ref, RefCell, RefMut};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -67,8 +68,69 @@ pub struct ShardState {
     /// Bytes queued across all of `conns`, held against this shard's share of
     /// `max_total_queued_bytes`.
     pub queued: QueueTotal,
+    /// Each user's chat connections here, for closing them all without a scan.
+    pub(crate) users: UserConnections,
     /// Generation of the next connection; makes client ids unique even when slab slots are reused.
     next_generation: u32,
+}
+
+/// Each user's chat connections on one shard (slab keys), found without looking at every
+/// connection. Anonymous connections are no one's and are not listed. One map entry per user,
+/// with the usual single connection inline.
+#[derive(Default)]
+pub(crate) struct UserConnections(HashMap<Arc<str>, Keys>);
+
+enum Keys {
+    One(u32),
+    Many(Box<[u32]>),
+}
+
+impl Keys {
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            Keys::One(key) => std::slice::from_ref(key),
+            Keys::Many(keys) => keys,
+        }
+    }
+}
+
+impl UserConnections {
+    pub(crate) fn insert(&mut self, user: &Arc<str>, key: usize) {
+        let key = key as u32;
+        match self.0.get_mut(user) {
+            None => {
+                self.0.insert(user.clone(), Keys::One(key));
+            }
+            Some(keys) => {
+                let more = [keys.as_slice(), &[key]].concat();
+                *keys = Keys::Many(more.into_boxed_slice());
+            }
+        }
+    }
+
+    fn remove(&mut self, user: &str, key: usize) {
+        let key = key as u32;
+        let Some(keys) = self.0.get_mut(user) else {
+            return;
+        };
+        let rest: Vec<u32> = keys
+            .as_slice()
+            .iter()
+            .copied()
+            .filter(|&k| k != key)
+            .collect();
+        match rest[..] {
+            [] => {
+                self.0.remove(user);
+            }
+            [one] => *keys = Keys::One(one),
+            _ => *keys = Keys::Many(rest.into_boxed_slice()),
+        }
+    }
+
+    fn of(&self, user: &str) -> &[u32] {
+        self.0.get(user).map_or(&[], Keys::as_slice)
+    }
 }
 
 pub struct Shard {
@@ -97,6 +159,7 @@ impl Shard {
                 conns: Slab::new(),
                 rooms: LocalRooms::default(),
                 queued: QueueTotal::default(),
+                users: UserConnections::default(),
                 next_generation: 0,
             }),
             read_buf: RefCell::new(vec![0; READ_BUF_SIZE].into_boxed_slice()),
@@ -170,6 +233,9 @@ impl Shard {
             connected_at: (now_ms() / 1000) as u32,
         };
         if endpoint == Endpoint::Chat {
+            if !Arc::ptr_eq(&conn.identity, &self.node.anonymous) {
+                state.users.insert(&conn.identity.user_id, entry.key());
+            }
             self.session_opened(&conn);
             let hello = ServerMessage::Connected {
                 client_id: NodeClientId {
@@ -219,12 +285,9 @@ impl Shard {
         let mut guard = self.state();
         let state = &mut *guard;
         let mut closed = 0;
-        for (_, conn) in state.conns.iter_mut() {
-            if conn.endpoint == Endpoint::Chat
-                && conn.identity.user_id == disconnect.user
-                && !Arc::ptr_eq(&conn.identity, &self.node.anonymous)
-                && !conn.outbound.is_closing()
-            {
+        for &key in state.users.of(&disconnect.user) {
+            let conn = &mut state.conns[key as usize];
+            if !conn.outbound.is_closing() {
                 conn.outbound.push_close(close.clone(), &mut state.queued);
                 closed += 1;
             }
@@ -252,6 +315,9 @@ impl Shard {
         let removed = state.conns.try_remove(key);
         if let Some(mut conn) = removed {
             conn.outbound.clear(&mut state.queued);
+            if conn.endpoint == Endpoint::Chat {
+                state.users.remove(&conn.identity.user_id, key);
+            }
             drop(guard);
             if let Broker::Redis(redis) = &self.node.broker
                 && conn.endpoint == Endpoint::Chat

@@ -150,7 +150,15 @@ async fn a_broadcast_reaches_every_chat_client_on_every_shard() {
 async fn disconnecting_a_user_closes_only_its_connections_with_the_code_and_reason() {
     let gw = gateway(2);
     let mut bobs = vec![gw.client_as("bob").await, gw.client_as("bob").await];
+    // Anonymous until it refreshes to bob's token: bob's from then on.
+    let mut became_bob = gw.client().await;
+    became_bob
+        .send("refresh", json!({"token": support::token_for("bob")}))
+        .await;
+    became_bob.expect("token_refreshed").await;
+    bobs.push(became_bob);
     let mut carol = gw.client_as("carol").await;
+    let mut anonymous = gw.client().await;
     let (status, answer) = call(
         &gw,
         "POST",
@@ -164,8 +172,26 @@ async fn disconnecting_a_user_closes_only_its_connections_with_the_code_and_reas
         assert_eq!((u16::from(close.code), &*close.reason), (4003, "banned"));
     }
     carol.expect_silence().await;
+    anonymous.expect_silence().await;
     let (_, stats) = call(&gw, "GET", "/api/stats", Value::Null).await;
-    assert_eq!(stats["refused"]["users_disconnected"], 2, "{stats}");
+    assert_eq!(stats["refused"]["users_disconnected"], 3, "{stats}");
+    // Gone connections are gone from the index: once bob's have ended, new connections take
+    // their slab slots, and disconnecting bob again closes none of them.
+    gw.wait_for_connections(2).await;
+    let mut newcomers = Vec::new();
+    for _ in 0..4 {
+        newcomers.push(gw.client().await);
+    }
+    let (status, _) = call(&gw, "POST", "/api/disconnect", json!({"user": "bob"})).await;
+    assert_eq!(status, 200);
+    for client in [&mut carol, &mut anonymous]
+        .into_iter()
+        .chain(&mut newcomers)
+    {
+        client.expect_silence().await;
+    }
+    let (_, stats) = call(&gw, "GET", "/api/stats", Value::Null).await;
+    assert_eq!(stats["refused"]["users_disconnected"], 3, "{stats}");
 }
 
 #[tokio::test]

@@ -29,6 +29,9 @@ cargo test --workspace --all-targets
 step "Test page in headless Chromium"
 scripts/browser-test.sh
 
+step "/metrics read by the Prometheus client's OpenMetrics parser"
+scripts/metrics-check.sh
+
 step "Autobahn TestSuite against /echo (release build)"
 scripts/autobahn.sh
 

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -24,9 +25,12 @@ fn cost(delivery: &Delivery) -> usize {
     outbound::cost(delivery.frame()) + 64
 }
 
+/// A delivery, with when it was handed to the bus (for the delivery latency metric).
+pub type Sent = (Delivery, Instant);
+
 /// One shard's side of the bus.
 pub struct Inbox {
-    receiver: UnboundedReceiver<Delivery>,
+    receiver: UnboundedReceiver<Sent>,
     /// Bytes waiting, shared with the senders.
     pending: Arc<AtomicUsize>,
 }
@@ -34,7 +38,7 @@ pub struct Inbox {
 impl Inbox {
     /// Waits for publications and moves the next batch of them into `batch`. Returns false once
     /// every sender is gone and the inbox is empty.
-    pub async fn recv_batch(&mut self, batch: &mut Vec<Delivery>) -> bool {
+    pub async fn recv_batch(&mut self, batch: &mut Vec<Sent>) -> bool {
         let Some(first) = self.receiver.recv().await else {
             return false;
         };
@@ -44,26 +48,26 @@ impl Inbox {
     }
 
     /// Moves what is waiting (up to a batch) into `batch` without waiting.
-    pub fn try_recv_batch(&mut self, batch: &mut Vec<Delivery>) {
-        let mut bytes: usize = batch.iter().map(|d| d.frame().len()).sum();
+    pub fn try_recv_batch(&mut self, batch: &mut Vec<Sent>) {
+        let mut bytes: usize = batch.iter().map(|(d, _)| d.frame().len()).sum();
         while batch.len() < BATCH_PUBLICATIONS && bytes < BATCH_BYTES {
             let Ok(next) = self.receiver.try_recv() else {
                 return;
             };
-            bytes += next.frame().len();
+            bytes += next.0.frame().len();
             self.take(next, batch);
         }
     }
 
-    fn take(&self, delivery: Delivery, batch: &mut Vec<Delivery>) {
+    fn take(&self, sent: Sent, batch: &mut Vec<Sent>) {
         // From here the publication is the shard's to deliver: its space is given back.
-        self.pending.fetch_sub(cost(&delivery), Ordering::AcqRel);
-        batch.push(delivery);
+        self.pending.fetch_sub(cost(&sent.0), Ordering::AcqRel);
+        batch.push(sent);
     }
 }
 
 pub struct Bus {
-    inboxes: Vec<(UnboundedSender<Delivery>, Arc<AtomicUsize>)>,
+    inboxes: Vec<(UnboundedSender<Sent>, Arc<AtomicUsize>)>,
     /// Deliveries dropped for each shard (its inbox was full).
     dropped: Box<[AtomicU64]>,
     max_pending: usize,
@@ -96,6 +100,7 @@ impl Bus {
     /// it could not be handed to (their inboxes were full), for the caller to count.
     pub fn send(&self, shards: &[usize], delivery: Delivery) -> usize {
         let cost = cost(&delivery);
+        let now = Instant::now();
         let mut dropped = 0;
         for &shard in shards {
             let (sender, pending) = &self.inboxes[shard];
@@ -106,7 +111,7 @@ impl Bus {
                 continue;
             }
             // A send fails only once that shard has stopped, when nobody is left to deliver to.
-            if sender.send(delivery.clone()).is_err() {
+            if sender.send((delivery.clone(), now)).is_err() {
                 pending.fetch_sub(cost, Ordering::AcqRel);
             }
         }
@@ -118,10 +123,11 @@ impl Bus {
     /// number of rooms and clients rather than by traffic.
     pub fn send_always(&self, shards: &[usize], delivery: Delivery) {
         let cost = cost(&delivery);
+        let now = Instant::now();
         for &shard in shards {
             let (sender, pending) = &self.inboxes[shard];
             pending.fetch_add(cost, Ordering::AcqRel);
-            if sender.send(delivery.clone()).is_err() {
+            if sender.send((delivery.clone(), now)).is_err() {
                 pending.fetch_sub(cost, Ordering::AcqRel);
             }
         }

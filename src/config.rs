@@ -163,6 +163,9 @@ pub struct Config {
     /// The server API's key: backends call `/api/…` with `Authorization: Bearer <api_key>`. At
     /// least 16 characters. Unset (default): the API is off (404).
     pub api_key: Option<Secret>,
+    /// Prometheus's key for `GET /metrics` (`Authorization: Bearer <metrics_key>`), 16+
+    /// characters. Unset (default): `/metrics` answers loopback callers only.
+    pub metrics_key: Option<Secret>,
     /// Run without a token key (dev mode: a random key and `GET /dev/token` for anyone) on an
     /// address other than loopback. Default false: dev mode serves loopback only.
     pub dev_mode: bool,
@@ -283,6 +286,7 @@ impl Default for Config {
             echo_endpoint: true,
             healthz_detail: true,
             api_key: None,
+            metrics_key: None,
             dev_mode: false,
             log: "info".to_owned(),
             log_format: LogFormat::Text,
@@ -455,10 +459,16 @@ impl Config {
         if let Err(e) = self.log.parse::<tracing_subscriber::EnvFilter>() {
             return bad("log", &format!("{:?}", self.log), &e.to_string());
         }
-        if let Some(key) = &self.api_key
-            && key.expose().chars().count() < 16
-        {
-            return bad("api_key", &"<redacted>", "must be at least 16 characters");
+        for (name, key) in [
+            ("api_key", &self.api_key),
+            ("metrics_key", &self.metrics_key),
+        ] {
+            if key
+                .as_ref()
+                .is_some_and(|k| k.expose().chars().count() < 16)
+            {
+                return bad(name, &"<redacted>", "must be at least 16 characters");
+            }
         }
         // Reads the key file, so a missing or wrong key stops start-up here.
         let auth = Authenticator::from_config(self).map_err(ConfigError)?;
@@ -484,7 +494,11 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.rate_limit_burst_bytes = Some(self.rate_limit_burst_bytes());
-        for secret in [&mut shown.jwt_secret, &mut shown.api_key] {
+        for secret in [
+            &mut shown.jwt_secret,
+            &mut shown.api_key,
+            &mut shown.metrics_key,
+        ] {
             if secret.is_some() {
                 *secret = Some("<redacted>".into());
             }

@@ -200,7 +200,10 @@ impl Connection {
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            outbound.advance(written, &mut state.queued);
+            let frames = outbound.advance(written, &mut state.queued);
+            let metrics = self.shard.metrics();
+            metrics.frames_sent.add(frames);
+            metrics.bytes_sent.add(written as u64);
         }
         Poll::Ready(Ok(()))
     }
@@ -223,7 +226,10 @@ impl Connection {
         });
         let n = match (got, tried) {
             (Some(0), _) => return Err(End::Gone),
-            (Some(n), _) => n,
+            (Some(n), _) => {
+                shard.metrics().bytes_received.add(n as u64);
+                n
+            }
             (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             (None, _) => return Err(End::Gone),
         };
@@ -317,6 +323,7 @@ impl Connection {
             };
             match event {
                 Event::Message { text, mut payload } => {
+                    self.shard.metrics().messages_received.add(1);
                     let handled = if within_rate {
                         self.on_message(text, payload.as_mut_slice())
                     } else {

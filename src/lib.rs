@@ -31,6 +31,7 @@ pub mod frame;
 pub mod heartbeat;
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod node;
 pub mod outbound;
 pub mod presence;

@@ -16,6 +16,7 @@ use crate::close::CloseCode;
 use crate::config::Config;
 use crate::http::idle::HttpConnections;
 use crate::limits::{Admission, Refusal};
+use crate::metrics::ShardMetrics;
 use crate::rooms::RoomDirectory;
 use crate::routing::Delivery;
 use crate::stream::HistoryLimits;
@@ -38,6 +39,8 @@ pub struct Node {
     /// The identity of token-less connections when `allow_anonymous` is on (shared by all).
     pub anonymous: Arc<Identity>,
     pub counters: Counters,
+    /// Per-message metrics, one block per shard (each written by its shard only).
+    pub metrics: Box<[ShardMetrics]>,
     pub admission: Admission,
     /// Plain HTTP connections, for closing the longest idle first when descriptors run short.
     pub http: HttpConnections,
@@ -72,6 +75,9 @@ impl Node {
             auth: Authenticator::from_config(&config)?,
             anonymous: Arc::new(Identity::anonymous()),
             counters: Counters::default(),
+            metrics: (0..config.shards)
+                .map(|_| ShardMetrics::default())
+                .collect(),
             admission: Admission::new(&config, max_sockets),
             http: HttpConnections::default(),
             draining: AtomicBool::new(false),
@@ -213,66 +219,207 @@ impl Counters {
         self.auth_refused[at].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Every counter but the per-reason authentication refusals, by its public name.
-    fn named(&self) -> [(&'static str, &AtomicU64); 31] {
+    /// Every counter but the per-reason authentication refusals: its public name, what it
+    /// counts (the metric's help), and the counter.
+    pub fn described(&self) -> [(&'static str, &'static str, &AtomicU64); 31] {
         [
-            ("origin_refused", &self.origin_refused),
-            ("draining_refused", &self.draining_refused),
-            ("server_full", &self.server_full),
-            ("ip_connections_refused", &self.ip_connections_refused),
-            ("ip_handshakes_refused", &self.ip_handshakes_refused),
-            ("rate_limited_messages", &self.rate_limited),
-            ("frames_rate_limited", &self.frames_rate_limited),
-            ("memory_pressure", &self.memory_pressure),
-            ("inbox_dropped", &self.inbox_dropped),
-            ("resyncs", &self.resyncs),
-            ("broker_unavailable", &self.broker_unavailable),
-            ("broker_notices_dropped", &self.broker_notices_dropped),
-            ("broker_disconnects", &self.broker_disconnects),
-            ("broker_probe_failures", &self.broker_probe_failures),
-            ("broker_catch_ups", &self.broker_catch_ups),
-            ("broker_malformed", &self.broker_malformed),
-            ("http_evicted", &self.http_evicted),
-            ("http_expired", &self.http_expired),
-            ("rooms_refused", &self.rooms_refused),
-            ("bad_requests", &self.bad_requests),
-            ("handshake_timeouts", &self.handshake_timeouts),
-            ("accept_errors", &self.accept_errors),
-            ("flood_closed", &self.flood_closed),
-            ("slow_consumers_closed", &self.slow_consumers),
-            ("dropped_messages", &self.dropped_messages),
-            ("heartbeat_timeouts", &self.heartbeat_timeouts),
-            ("tokens_expired", &self.tokens_expired),
-            ("users_disconnected", &self.users_disconnected),
-            ("protocol_errors", &self.protocol_errors),
-            ("invalid_utf8", &self.invalid_utf8),
-            ("messages_too_big", &self.messages_too_big),
+            (
+                "origin_refused",
+                "Upgrades refused (403): Origin not allowed",
+                &self.origin_refused,
+            ),
+            (
+                "draining_refused",
+                "Upgrades refused (503) while shutting down",
+                &self.draining_refused,
+            ),
+            (
+                "server_full",
+                "Sockets or upgrades refused (503): server full",
+                &self.server_full,
+            ),
+            (
+                "ip_connections_refused",
+                "Sockets refused (429): max_connections_per_ip",
+                &self.ip_connections_refused,
+            ),
+            (
+                "ip_handshakes_refused",
+                "Upgrades refused (429): max_handshakes_per_ip",
+                &self.ip_handshakes_refused,
+            ),
+            (
+                "rate_limited_messages",
+                "Data messages refused by the per-connection rate limits",
+                &self.rate_limited,
+            ),
+            (
+                "frames_rate_limited",
+                "Frames over the per-connection frame rate",
+                &self.frames_rate_limited,
+            ),
+            (
+                "memory_pressure",
+                "Slow-consumer verdicts reached over a shard's share of max_total_queued_bytes",
+                &self.memory_pressure,
+            ),
+            (
+                "inbox_dropped",
+                "Publications dropped: a shard's inbox was full",
+                &self.inbox_dropped,
+            ),
+            (
+                "resyncs",
+                "Rooms whose members were told to resync",
+                &self.resyncs,
+            ),
+            (
+                "broker_unavailable",
+                "Room messages refused: Redis away or behind",
+                &self.broker_unavailable,
+            ),
+            (
+                "broker_notices_dropped",
+                "Notices not shared with other nodes: Redis away or behind",
+                &self.broker_notices_dropped,
+            ),
+            (
+                "broker_disconnects",
+                "Connections to Redis lost or never made",
+                &self.broker_disconnects,
+            ),
+            (
+                "broker_probe_failures",
+                "Redis subscriptions restarted: the probe did not come back",
+                &self.broker_probe_failures,
+            ),
+            (
+                "broker_catch_ups",
+                "Rooms caught up from their Redis history",
+                &self.broker_catch_ups,
+            ),
+            (
+                "broker_malformed",
+                "Publications or keys in Redis that were not wsgate's, skipped",
+                &self.broker_malformed,
+            ),
+            (
+                "http_evicted",
+                "Idle plain HTTP connections closed to make room",
+                &self.http_evicted,
+            ),
+            (
+                "http_expired",
+                "Plain HTTP connections closed at http_max_lifetime",
+                &self.http_expired,
+            ),
+            (
+                "rooms_refused",
+                "New rooms refused at max_rooms",
+                &self.rooms_refused,
+            ),
+            (
+                "bad_requests",
+                "Requests answered 400 or 431",
+                &self.bad_requests,
+            ),
+            (
+                "handshake_timeouts",
+                "Connections without a request head within handshake_timeout",
+                &self.handshake_timeouts,
+            ),
+            (
+                "accept_errors",
+                "accept() failures (out of file descriptors)",
+                &self.accept_errors,
+            ),
+            (
+                "flood_closed",
+                "Connections closed with 1008 for flooding",
+                &self.flood_closed,
+            ),
+            (
+                "slow_consumers_closed",
+                "Connections closed with 1008: outbound queue past max_queued_bytes",
+                &self.slow_consumers,
+            ),
+            (
+                "dropped_messages",
+                "Broadcasts dropped for slow readers (slow_consumer_policy = drop)",
+                &self.dropped_messages,
+            ),
+            (
+                "heartbeat_timeouts",
+                "Connections closed: no answer to a ping within heartbeat_timeout",
+                &self.heartbeat_timeouts,
+            ),
+            (
+                "tokens_expired",
+                "Connections closed with 4001: token expired",
+                &self.tokens_expired,
+            ),
+            (
+                "users_disconnected",
+                "Connections closed by a disconnect of their user",
+                &self.users_disconnected,
+            ),
+            (
+                "protocol_errors",
+                "Connections closed with 1002: protocol error",
+                &self.protocol_errors,
+            ),
+            (
+                "invalid_utf8",
+                "Connections closed with 1007: text not UTF-8",
+                &self.invalid_utf8,
+            ),
+            (
+                "messages_too_big",
+                "Connections closed with 1009: message over max_message_size",
+                &self.messages_too_big,
+            ),
         ]
+    }
+
+    /// A counter by its public name (0 for an unknown name).
+    pub fn get(&self, name: &str) -> u64 {
+        self.described()
+            .iter()
+            .find(|(n, ..)| *n == name)
+            .map_or(0, |(.., c)| c.load(Ordering::Relaxed))
+    }
+
+    /// Upgrades refused with 401, by reason.
+    pub fn auth_refused_counts(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        AuthError::ALL
+            .iter()
+            .zip(&self.auth_refused)
+            .map(|(e, c)| (e.code(), c.load(Ordering::Relaxed)))
     }
 
     /// Every counter's value, flat (`auth_refused.<reason>` for authentication refusals).
     pub fn values(&self) -> Vec<(String, u64)> {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let auth = AuthError::ALL
-            .iter()
-            .zip(&self.auth_refused)
-            .map(|(e, c)| (format!("auth_refused.{}", e.code()), get(c)));
-        let named = self.named().map(|(name, c)| (name.to_owned(), get(c)));
+        let auth = self
+            .auth_refused_counts()
+            .map(|(reason, n)| (format!("auth_refused.{reason}"), n));
+        let named = self
+            .described()
+            .map(|(name, _, c)| (name.to_owned(), get(c)));
         auth.chain(named).collect()
     }
 
     /// The counters as JSON, for `/healthz`.
     pub fn snapshot(&self) -> Value {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let auth: serde_json::Map<String, Value> = AuthError::ALL
-            .iter()
-            .zip(&self.auth_refused)
-            .map(|(e, c)| (e.code().to_owned(), get(c).into()))
+        let auth: serde_json::Map<String, Value> = self
+            .auth_refused_counts()
+            .map(|(reason, n)| (reason.to_owned(), n.into()))
             .collect();
         let mut snapshot: serde_json::Map<String, Value> = self
-            .named()
+            .described()
             .iter()
-            .map(|(name, c)| ((*name).to_owned(), get(c).into()))
+            .map(|(name, _, c)| ((*name).to_owned(), get(c).into()))
             .collect();
         snapshot.insert("auth_refused".into(), auth.into());
         snapshot.into()
@@ -285,7 +432,13 @@ impl Counters {
 /// disconnect, per-event lines would let a client drive the log volume and stall the shards on
 /// the log writer's lock.
 pub async fn housekeeping(node: Arc<Node>, every: Duration) {
-    let mut last: Vec<(String, u64)> = node.counters.values();
+    // From zero, not from the values now: refusals before this task first runs are logged too.
+    let mut last: Vec<(String, u64)> = node
+        .counters
+        .values()
+        .into_iter()
+        .map(|(name, _)| (name, 0))
+        .collect();
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

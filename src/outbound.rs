@@ -108,8 +108,9 @@ pub struct Outbound {
     queued: u32,
     /// Charged bytes the socket refused at the last write attempt that are still queued.
     stale: u32,
-    /// Our close frame is queued: nothing may follow it on the wire.
-    closing: bool,
+    /// The code of our close frame once it is queued (nothing may follow it on the wire); 0
+    /// before.
+    close_code: u16,
 }
 
 impl Outbound {
@@ -127,7 +128,7 @@ impl Outbound {
     /// Queues the answer to a ping; with [`MAX_QUEUED_PONGS`] waiting already, it replaces the
     /// last one's payload instead.
     pub fn push_pong(&mut self, frame: Bytes, total: &mut QueueTotal) {
-        if self.closing {
+        if self.is_closing() {
             return;
         }
         let full = self
@@ -148,7 +149,7 @@ impl Outbound {
     }
 
     fn enqueue(&mut self, frame: Bytes, kind: Kind, total: &mut QueueTotal) {
-        if self.closing {
+        if self.is_closing() {
             return;
         }
         let charge = cost(&frame);
@@ -230,15 +231,25 @@ impl Outbound {
     /// Queues our close frame: the last frame this connection will send. Always wakes the task,
     /// which may be asleep on a full socket, so it starts the (time-bounded) close.
     pub fn push_close(&mut self, frame: Bytes, total: &mut QueueTotal) {
+        // The code is the payload's first two bytes, after a two-byte header (a close frame's
+        // payload is at most 125 bytes).
+        let code = frame
+            .get(2..4)
+            .map_or(1005, |c| u16::from_be_bytes([c[0], c[1]]));
         self.push(frame, total);
-        self.closing = true;
+        self.close_code = code.max(1);
         if let Some(waker) = &self.waker {
             waker.wake_by_ref();
         }
     }
 
     pub fn is_closing(&self) -> bool {
-        self.closing
+        self.close_code != 0
+    }
+
+    /// The code of the close frame queued for the peer, if any.
+    pub fn close_code(&self) -> Option<u16> {
+        self.is_closing().then_some(self.close_code)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -275,9 +286,9 @@ impl Outbound {
         n
     }
 
-    /// Drops `written` bytes from the front of the queue.
-    pub fn advance(&mut self, mut written: usize, total: &mut QueueTotal) {
-        let mut freed = 0;
+    /// Drops `written` bytes from the front of the queue; returns how many frames they completed.
+    pub fn advance(&mut self, mut written: usize, total: &mut QueueTotal) -> u64 {
+        let (mut freed, mut frames) = (0, 0);
         while let Some(front) = self.head.as_mut() {
             if front.len() > written {
                 front.advance(written);
@@ -287,6 +298,7 @@ impl Outbound {
             }
             written -= front.len();
             freed += front.len() + ITEM_OVERHEAD;
+            frames += 1;
             self.head = self.backlog.as_mut().and_then(|b| b.pop_front());
         }
         debug_assert_eq!(written, 0, "wrote more than was queued");
@@ -301,6 +313,7 @@ impl Outbound {
                 self.push(ServerMessage::Dropped { count: dropped }.encode(), total);
             }
         }
+        frames
     }
 
     /// Who to wake when a frame arrives in an empty queue.

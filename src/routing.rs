@@ -2,6 +2,7 @@
 //! handed to the other shards with recipients over the [`crate::bus`] (and to the other nodes
 //! through the [`crate::broker`]), each recipient's queue bounded by the slow-consumer policy.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -505,6 +506,8 @@ fn resync(shard: &Shard, room: &Arc<RoomState>, top: u64) {
 /// policy to readers that are behind.
 struct Queuer<'a> {
     shard: &'a Shard,
+    /// Frames queued, added to the shard's metrics once, when done.
+    delivered: Cell<u64>,
     max_queued: usize,
     /// A reader that keeps up may still hold this much between two of its turns: a backlog
     /// within its bound, a bound's worth of same-shard broadcasts, and one inbox batch.
@@ -517,6 +520,7 @@ impl<'a> Queuer<'a> {
         let max_queued = shard.node.config.max_queued_bytes;
         Queuer {
             shard,
+            delivered: Cell::new(0),
             max_queued,
             burst_cap: 2 * max_queued + bus::BATCH_BYTES,
             over_budget: queued.over(shard.queue_budget),
@@ -539,6 +543,7 @@ impl<'a> Queuer<'a> {
                 || (self.over_budget && out.stale_bytes() > 0));
         if !slow {
             out.push_broadcast(frame.clone(), queued);
+            self.delivered.set(self.delivered.get() + 1);
             return;
         }
         let counters = &self.shard.node.counters;
@@ -561,6 +566,7 @@ impl<'a> Queuer<'a> {
                 };
                 if fits {
                     out.push_broadcast(frame.clone(), queued);
+                    self.delivered.set(self.delivered.get() + 1);
                 } else {
                     out.note_dropped(1);
                     dropped += 1;
@@ -570,6 +576,12 @@ impl<'a> Queuer<'a> {
                     .fetch_add(dropped, Ordering::Relaxed);
             }
         }
+    }
+}
+
+impl Drop for Queuer<'_> {
+    fn drop(&mut self) {
+        self.shard.metrics().deliveries.add(self.delivered.get());
     }
 }
 

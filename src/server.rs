@@ -16,11 +16,11 @@ use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::bus::Inbox;
+use crate::bus::{Inbox, Sent};
 use crate::config::Config;
 use crate::limits::Refusal;
 use crate::node::{self, Node};
-use crate::routing::{self, Publication};
+use crate::routing::{self, Delivery, Publication};
 use crate::shard::Shard;
 use crate::{heartbeat, http};
 
@@ -291,11 +291,21 @@ async fn deliver_until(shard: &Shard, inbox: &mut Inbox, shutdown: &Cancellation
         if !more {
             return;
         }
-        for delivery in batch.drain(..) {
-            routing::deliver_from_bus(shard, &delivery);
-        }
+        deliver_batch(shard, &mut batch);
         // Let the connections write this batch before the next one lands in their queues.
         tokio::task::yield_now().await;
+    }
+}
+
+/// Delivers a batch from the inbox; the latency of each publication (from the bus to its
+/// recipients' queues) goes to the shard's metrics.
+fn deliver_batch(shard: &Shard, batch: &mut Vec<Sent>) {
+    let latency = &shard.metrics().delivery_latency;
+    for (delivery, sent) in batch.drain(..) {
+        routing::deliver_from_bus(shard, &delivery);
+        if matches!(delivery, Delivery::Publication(_) | Delivery::Stream(_)) {
+            latency.observe(sent.elapsed());
+        }
     }
 }
 
@@ -309,9 +319,7 @@ async fn drain(shard: &Shard, inbox: &mut Inbox) {
         if batch.is_empty() {
             break;
         }
-        for delivery in batch.drain(..) {
-            routing::deliver_from_bus(shard, &delivery);
-        }
+        deliver_batch(shard, &mut batch);
         tokio::task::yield_now().await;
         if tokio::time::Instant::now() >= deadline {
             break;

@@ -21,6 +21,7 @@ use crate::close::CloseCode;
 use crate::frame;
 use crate::heartbeat::{Heartbeats, Liveness};
 use crate::limits::{Charge, RateLimiter, RateLimits, Verdict};
+use crate::metrics::ShardMetrics;
 use crate::node::Node;
 use crate::outbound::{Outbound, QueueTotal};
 use crate::protocol::{ErrorReply, JsonParser, NodeClientId, ServerMessage, now_ms};
@@ -254,7 +255,13 @@ impl Shard {
         let key = entry.key();
         entry.insert(conn);
         self.node.connections[self.index].fetch_add(1, Ordering::Relaxed);
+        self.metrics().accepted.add(1);
         key
+    }
+
+    /// This shard's own metrics (written by this thread only).
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.node.metrics[self.index]
     }
 
     /// The id clients see: with the node's name.
@@ -314,6 +321,7 @@ impl Shard {
         let state = &mut *guard;
         let removed = state.conns.try_remove(key);
         if let Some(mut conn) = removed {
+            self.metrics().closed(conn.outbound.close_code());
             conn.outbound.clear(&mut state.queued);
             if conn.endpoint == Endpoint::Chat {
                 state.users.remove(&conn.identity.user_id, key);

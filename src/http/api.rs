@@ -100,8 +100,9 @@ pub async fn serve(shard: Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
     answer.unwrap_or_else(Refused::into_response)
 }
 
-/// The key compared in constant time (for keys of the configured length).
-fn authorized(headers: &HeaderMap, key: &str) -> bool {
+/// Whether the request carries `Authorization: Bearer <key>`, compared in constant time (for
+/// keys of the configured length).
+pub fn authorized(headers: &HeaderMap, key: &str) -> bool {
     let Some(given) = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))

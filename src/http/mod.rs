@@ -6,6 +6,7 @@
 //! | `GET /ws`  | WebSocket upgrade: the JSON chat protocol                    |
 //! | `GET /echo`| WebSocket upgrade: raw echo (RFC 6455 conformance target; `echo_endpoint`) |
 //! | `GET /healthz` | liveness, gauges and (`healthz_detail`) refusal counters, as JSON |
+//! | `GET /metrics` | Prometheus metrics (see [`crate::metrics`]): `metrics_key`, or loopback |
 //! | `GET /readyz`  | readiness: 503 once shutdown has begun, or while Redis is away (`broker = "redis"`) |
 //! | `GET /dev/token?user=NAME` | dev mode only (no key configured): a 1-hour token |
 //! | `/api/…` | the server API for backends, with `api_key` (see [`api`]) |
@@ -193,6 +194,7 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>, peer: IpAddr) -> Response<Bo
             upgrade(shard, req, Endpoint::Echo, peer)
         }
         (&Method::GET, "/healthz") => json(StatusCode::OK, &health(shard)),
+        (&Method::GET, "/metrics") => metrics(shard, &req, peer),
         (&Method::GET, "/dev/token") if shard.node.auth.dev_mode() => dev_token(shard, req.uri()),
         (&Method::GET, "/readyz") if shard.node.is_draining() => error_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -203,7 +205,7 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>, peer: IpAddr) -> Response<Bo
             "broker unavailable: Redis cannot be reached (or its rooms are being caught up)",
         ),
         (&Method::GET, "/readyz") => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
-        (_, "/" | "/ws" | "/healthz" | "/readyz") => {
+        (_, "/" | "/ws" | "/healthz" | "/readyz" | "/metrics") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         (_, "/echo") if config.echo_endpoint => {
@@ -231,6 +233,30 @@ fn health(shard: &Shard) -> serde_json::Value {
         health["refused"] = node.counters.snapshot();
     }
     health
+}
+
+/// `/metrics`: with `metrics_key`, for callers that send it; without, for loopback callers only.
+fn metrics(shard: &Shard, req: &Request<Incoming>, peer: IpAddr) -> Response<Body> {
+    let allowed = match &shard.node.config.metrics_key {
+        Some(key) => api::authorized(req.headers(), key.expose()),
+        None => peer.is_loopback(),
+    };
+    if !allowed {
+        let mut res = error_response(
+            StatusCode::FORBIDDEN,
+            "metrics: send Authorization: Bearer <metrics_key> (without a metrics_key, only \
+             loopback callers are served)",
+        );
+        res.headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return res;
+    }
+    let mut res = Response::new(Full::new(Bytes::from(crate::metrics::render(&shard.node))));
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    res
 }
 
 /// `/api/stats`: what `/healthz` shows, with every counter whatever `healthz_detail` says.

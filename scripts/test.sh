@@ -32,6 +32,9 @@ scripts/browser-test.sh
 step "/metrics read by the Prometheus client's OpenMetrics parser"
 scripts/metrics-check.sh
 
+step "Deploy files: hadolint, systemd-analyze, the binary run as the image runs it"
+scripts/deploy-check.sh
+
 step "Autobahn TestSuite against /echo (release build)"
 scripts/autobahn.sh
 

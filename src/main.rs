@@ -42,6 +42,9 @@ struct Cli {
 enum Command {
     /// Mint a token with the configured jwt_secret (or --private-key), for scripts and tests.
     Token(TokenArgs),
+    /// GET an http:// URL (default: this gateway's /readyz); exit 0 on a 2xx answer, 1 otherwise.
+    /// For container health checks, where no curl is installed.
+    Probe { url: Option<String> },
 }
 
 #[derive(Args)]
@@ -131,6 +134,22 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
+    if let Some(Command::Probe { url }) = &cli.command {
+        let url = url.clone().unwrap_or_else(|| {
+            let mut addr = config.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}/readyz")
+        });
+        return match probe(&url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wsgate probe {url}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Token(args)) = &cli.command {
         return match mint_token(&config, args) {
             Ok(token) => {
@@ -178,6 +197,40 @@ fn main() -> ExitCode {
     gateway.join();
     info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// One GET of `url` (`http://host:port/path`), answered 2xx within two seconds.
+fn probe(url: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs are probed")?;
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(host)
+        .map_err(|e| format!("{host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host}: no address"))?;
+    let timeout = Duration::from_secs(2);
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut status = [0u8; 12];
+    stream.read_exact(&mut status).map_err(|e| e.to_string())?;
+    match &status[..10] {
+        [b'H', b'T', b'T', b'P', b'/', _, _, _, b' ', b'2'] => Ok(()),
+        _ => Err(format!(
+            "answered {}",
+            String::from_utf8_lossy(&status[9..])
+        )),
+    }
 }
 
 /// Raises the soft open-files limit to the hard limit: each connection is one file descriptor.

@@ -185,3 +185,22 @@ fn raising_the_message_size_alone_just_works() {
     assert_eq!(config["max_message_size"].as_integer(), Some(1 << 20));
     assert_eq!(config["rate_limit_burst_bytes"].as_integer(), Some(1 << 20));
 }
+
+#[test]
+fn probe_fails_when_nothing_answers() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = wsgate()
+        .args(["probe", &format!("http://127.0.0.1:{port}/readyz")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("wsgate probe"), "{stderr}");
+    let out = wsgate().args(["probe", "https://example.com/"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "only http://");
+}

@@ -36,6 +36,10 @@ for name in nodes:
     assert env["WSGATE_BROKER"] == "redis" and env["WSGATE_REDIS_URL"].startswith("redis://redis:"), env
     assert services[name]["ulimits"]["nofile"]["soft"] >= 65536
 assert "redis" in services and "nginx" in services
+# The nodes trust exactly nginx's fixed address for X-Forwarded-For.
+nginx_ip = services["nginx"]["networks"]["default"]["ipv4_address"]
+for name in nodes:
+    assert services[name]["environment"]["WSGATE_TRUSTED_PROXIES"] == f'["{nginx_ip}"]', name
 print(f"compose: {len(nodes)} nodes on redis behind nginx")
 PY
 

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Authenticator;
 use crate::heartbeat::HeartbeatMode;
+use crate::http::forwarded::TrustedProxies;
 
 /// The largest `max_message_size` accepted: a message is buffered whole before it is handled.
 const MAX_MESSAGE_SIZE_LIMIT: usize = 1 << 30;
@@ -163,6 +164,13 @@ pub struct Config {
     /// The server API's key: backends call `/api/…` with `Authorization: Bearer <api_key>`. At
     /// least 16 characters. Unset (default): the API is off (404).
     pub api_key: Option<Secret>,
+    /// Proxies whose word on the client's address is taken (CIDR blocks or addresses, e.g.
+    /// `["10.0.0.0/8", "127.0.0.1"]`): from them, `Forwarded`/`X-Forwarded-For` (or the PROXY
+    /// header) name the client that per-IP limits and logs see. Default: none.
+    pub trusted_proxies: Vec<String>,
+    /// Trusted proxies start every connection with a PROXY protocol header (v1 or v2), which
+    /// names the client. Default false.
+    pub proxy_protocol: bool,
     /// Prometheus's key for `GET /metrics` (`Authorization: Bearer <metrics_key>`), 16+
     /// characters. Unset (default): `/metrics` answers loopback callers only.
     pub metrics_key: Option<Secret>,
@@ -286,6 +294,8 @@ impl Default for Config {
             echo_endpoint: true,
             healthz_detail: true,
             api_key: None,
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             metrics_key: None,
             dev_mode: false,
             log: "info".to_owned(),
@@ -469,6 +479,15 @@ impl Config {
             {
                 return bad(name, &"<redacted>", "must be at least 16 characters");
             }
+        }
+        let proxies = TrustedProxies::parse(&self.trusted_proxies)
+            .map_err(|e| ConfigError(format!("trusted_proxies: {e}")))?;
+        if self.proxy_protocol && proxies.is_empty() {
+            return bad(
+                "proxy_protocol",
+                &true,
+                "needs trusted_proxies: the proxies whose PROXY headers are read",
+            );
         }
         // Reads the key file, so a missing or wrong key stops start-up here.
         let auth = Authenticator::from_config(self).map_err(ConfigError)?;

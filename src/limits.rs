@@ -283,37 +283,73 @@ impl Admission {
         f(entry, now_ms)
     }
 
-    /// Admits a freshly accepted socket from `ip`, or says why not. The caller must
-    /// [`release_socket`] an admitted socket when it closes.
+    /// Admits a freshly accepted socket from `ip` (`None`: from a trusted proxy, whose client is
+    /// not known yet and is counted by [`claim_ip`] once it is), or says why not. The caller must
+    /// [`release_socket`] (or, for a proxy's socket never claimed, [`release_proxied_socket`])
+    /// an admitted socket when it closes.
     ///
+    /// [`claim_ip`]: Admission::claim_ip
     /// [`release_socket`]: Admission::release_socket
-    pub fn admit_socket(&self, ip: IpAddr) -> Result<(), Refusal> {
+    /// [`release_proxied_socket`]: Admission::release_proxied_socket
+    pub fn admit_socket(&self, ip: Option<IpAddr>) -> Result<(), Refusal> {
         self.admit_socket_within(ip, self.max_sockets)
     }
 
     /// Admits a socket in the place of one being closed to make room for it (an idle HTTP
     /// connection just evicted), which may not have given its place back yet.
-    pub fn admit_socket_replacing(&self, ip: IpAddr) -> Result<(), Refusal> {
+    pub fn admit_socket_replacing(&self, ip: Option<IpAddr>) -> Result<(), Refusal> {
         self.admit_socket_within(ip, usize::MAX)
     }
 
-    fn admit_socket_within(&self, ip: IpAddr, max_sockets: usize) -> Result<(), Refusal> {
+    fn admit_socket_within(&self, ip: Option<IpAddr>, max_sockets: usize) -> Result<(), Refusal> {
+        let Some(ip) = ip else {
+            return self.take_socket(max_sockets);
+        };
         self.with_entry(ip, |entry, _| {
             if entry.sockets >= self.max_per_ip {
                 return Err(Refusal::TooManyConnections);
             }
-            if self.sockets.fetch_add(1, Ordering::AcqRel) >= max_sockets {
-                self.sockets.fetch_sub(1, Ordering::AcqRel);
-                return Err(Refusal::ServerFull);
+            self.take_socket(max_sockets)?;
+            entry.sockets += 1;
+            Ok(())
+        })
+    }
+
+    fn take_socket(&self, max_sockets: usize) -> Result<(), Refusal> {
+        if self.sockets.fetch_add(1, Ordering::AcqRel) >= max_sockets {
+            self.sockets.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::ServerFull);
+        }
+        Ok(())
+    }
+
+    /// Counts a proxy's admitted socket against its client's address, once known (the PROXY
+    /// header, or a forwarded upgrade): `max_connections_per_ip` applies to the client. From
+    /// then on the socket is released with [`release_socket`](Admission::release_socket) of
+    /// that address.
+    pub fn claim_ip(&self, ip: IpAddr) -> Result<(), Refusal> {
+        self.with_entry(ip, |entry, _| {
+            if entry.sockets >= self.max_per_ip {
+                return Err(Refusal::TooManyConnections);
             }
             entry.sockets += 1;
             Ok(())
         })
     }
 
+    /// Gives back the place of a proxy's socket that was never claimed for a client.
+    pub fn release_proxied_socket(&self) {
+        self.sockets.fetch_sub(1, Ordering::AcqRel);
+    }
+
     /// Gives back an admitted socket's place.
     pub fn release_socket(&self, ip: IpAddr) {
         self.sockets.fetch_sub(1, Ordering::AcqRel);
+        self.unclaim_ip(ip);
+    }
+
+    /// Takes back a [`claim_ip`](Admission::claim_ip) of a socket that stays the proxy's.
+    pub fn unclaim_ip(&self, ip: IpAddr) {
         let ip = ip_key(ip);
         let mut stripe = self.stripe(&ip).lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = stripe.get_mut(&ip) {
@@ -422,20 +458,23 @@ mod tests {
         };
         let admission = Admission::new(&config, 3);
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        admission.admit_socket(a).unwrap();
-        admission.admit_socket(a).unwrap();
-        assert_eq!(admission.admit_socket(a), Err(Refusal::TooManyConnections));
-        admission.admit_socket(b).unwrap();
-        assert_eq!(admission.admit_socket(b), Err(Refusal::ServerFull));
-        // In the place of an evicted socket, even at the limit (the per-address cap holds).
-        admission.admit_socket_replacing(b).unwrap();
+        admission.admit_socket(Some(a)).unwrap();
+        admission.admit_socket(Some(a)).unwrap();
         assert_eq!(
-            admission.admit_socket_replacing(a),
+            admission.admit_socket(Some(a)),
+            Err(Refusal::TooManyConnections)
+        );
+        admission.admit_socket(Some(b)).unwrap();
+        assert_eq!(admission.admit_socket(Some(b)), Err(Refusal::ServerFull));
+        // In the place of an evicted socket, even at the limit (the per-address cap holds).
+        admission.admit_socket_replacing(Some(b)).unwrap();
+        assert_eq!(
+            admission.admit_socket_replacing(Some(a)),
             Err(Refusal::TooManyConnections)
         );
         admission.release_socket(a);
         admission.release_socket(b);
-        assert!(admission.admit_socket(a).is_ok());
+        assert!(admission.admit_socket(Some(a)).is_ok());
         // Upgrades: the WebSocket cap is separate.
         admission.admit_upgrade(a).unwrap();
         admission.admit_upgrade(b).unwrap();

@@ -14,6 +14,7 @@ use crate::broker::{Broker, Engine};
 use crate::bus::{Bus, Inbox};
 use crate::close::CloseCode;
 use crate::config::Config;
+use crate::http::forwarded::TrustedProxies;
 use crate::http::idle::HttpConnections;
 use crate::limits::{Admission, Refusal};
 use crate::metrics::ShardMetrics;
@@ -42,6 +43,8 @@ pub struct Node {
     /// Per-message metrics, one block per shard (each written by its shard only).
     pub metrics: Box<[ShardMetrics]>,
     pub admission: Admission,
+    /// The proxies whose word on a client's address is taken (`trusted_proxies`).
+    pub proxies: TrustedProxies,
     /// Plain HTTP connections, for closing the longest idle first when descriptors run short.
     pub http: HttpConnections,
     /// Set when shutdown begins: upgrades are refused, `/readyz` fails, connections get 1001.
@@ -80,6 +83,7 @@ impl Node {
                 .collect(),
             admission: Admission::new(&config, max_sockets),
             http: HttpConnections::default(),
+            proxies: TrustedProxies::parse(&config.trusted_proxies)?,
             draining: AtomicBool::new(false),
             config,
             broker,

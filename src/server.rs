@@ -373,9 +373,11 @@ fn admit(shard: &Rc<Shard>, stream: TcpStream, ip: IpAddr) {
     if node.config.socket_send_buffer > 0 {
         let _ = SockRef::from(&stream).set_send_buffer_size(node.config.socket_send_buffer);
     }
-    let admitted = match node.admission.admit_socket(ip) {
+    // A trusted proxy's socket counts against its client once the client is known.
+    let counted_as = (!node.proxies.trusts(ip)).then_some(ip);
+    let admitted = match node.admission.admit_socket(counted_as) {
         Err(Refusal::ServerFull) if node.http.evict_oldest_idle() => {
-            node.admission.admit_socket_replacing(ip)
+            node.admission.admit_socket_replacing(counted_as)
         }
         admitted => admitted,
     };

@@ -201,6 +201,9 @@ fn probe_fails_when_nothing_answers() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("wsgate probe"), "{stderr}");
-    let out = wsgate().args(["probe", "https://example.com/"]).output().unwrap();
+    let out = wsgate()
+        .args(["probe", "https://example.com/"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1), "only http://");
 }

@@ -95,10 +95,15 @@ async fn a_join_during_traffic_starts_right_after_its_replys_offset() {
     let mut talker = gw.client_on_shard(0).await;
     talker.join("busy").await;
     let (joined_tx, mut joined_rx) = tokio::sync::oneshot::channel::<()>();
-    // Talks until 100 messages after the join, to a bound of 10,000.
+    // Talks until 100 messages after the join, to a bound of 1,000,000 messages or 20 s (under
+    // a loaded machine, finding a client on shard 1 takes a while).
     let talking = tokio::spawn(async move {
         let mut after_join = None;
-        for i in 0..10_000u32 {
+        let deadline = tokio::time::Instant::now() + 4 * support::PATIENCE;
+        for i in 0..1_000_000u32 {
+            if tokio::time::Instant::now() > deadline {
+                break;
+            }
             chat(&mut talker, "busy", &i.to_string()).await;
             if after_join.is_none() && joined_rx.try_recv().is_ok() {
                 after_join = Some(i);

@@ -27,7 +27,7 @@ fuzz_target!(|ops: Vec<(u8, u8)>| {
         let ip = IpAddr::from([10, 0, 0, who % 4]);
         let (open, upgraded) = sockets.entry(ip).or_default();
         match op % 4 {
-            0 => match admission.admit_socket(ip) {
+            0 => match admission.admit_socket(Some(ip)) {
                 Ok(()) => *open += 1,
                 Err(Refusal::TooManyConnections) => assert_eq!(*open, MAX_PER_IP),
                 Err(refusal) => assert_eq!(refusal, Refusal::ServerFull),

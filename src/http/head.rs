@@ -5,6 +5,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -12,6 +13,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+
+use super::proxy_header::{self, Parsed};
 
 /// Headers a request may have (as hyper's default).
 pub const MAX_HEADERS: usize = 100;
@@ -27,19 +30,34 @@ pub enum HeadError {
     TimedOut,
     /// The client hung up, or the socket failed.
     Closed,
+    /// A PROXY protocol header was expected (`proxy_protocol`) and is missing or broken: 400.
+    BadProxyHeader,
 }
 
-/// Reads from `stream` up to the end of the first request head; returns what was read (the head,
-/// and any bytes the client sent after it). Reads go through `scratch` (the shard's shared read
-/// buffer) and only what arrived is kept, in an allocation of its size: thousands of handshakes
-/// in flight do not each hold a buffer sized for the largest head.
+/// A connection's first bytes, as read by [`read_first`].
+pub struct First {
+    /// The first request head and whatever followed it (past any PROXY header).
+    pub bytes: Bytes,
+    /// The client a PROXY header named, if one was read and named one.
+    pub source: Option<IpAddr>,
+}
+
+/// Reads from `stream` up to the end of the first request head (after a PROXY protocol header,
+/// when `proxy_header`); returns what was read (the head, and any bytes the client sent after
+/// it). Reads go through `scratch` (the shard's shared read buffer) and only what arrived is
+/// kept, in an allocation of its size: thousands of handshakes in flight do not each hold a
+/// buffer sized for the largest head.
 pub async fn read_first(
     stream: &TcpStream,
     scratch: &RefCell<Box<[u8]>>,
     max_bytes: usize,
     timeout: Duration,
-) -> Result<Bytes, HeadError> {
+    proxy_header: bool,
+) -> Result<First, HeadError> {
     let mut head = BytesMut::new();
+    // Where the request starts (past the PROXY header), once that header is read.
+    let mut start = (!proxy_header).then_some(0);
+    let mut source = None;
     let reading = async {
         loop {
             stream.readable().await.map_err(|_| HeadError::Closed)?;
@@ -53,8 +71,22 @@ pub async fn read_first(
                     Err(_) => return Err(HeadError::Closed),
                 }
             }
-            match check(&head) {
-                Ok(Some(_)) => return Ok(()),
+            let skip = match start {
+                Some(skip) => skip,
+                None => match proxy_header::parse(&head) {
+                    Ok(Parsed::Complete { len, source: named }) => {
+                        source = named;
+                        *start.insert(len)
+                    }
+                    Ok(Parsed::Incomplete) if head.len() > max_bytes => {
+                        return Err(HeadError::BadProxyHeader);
+                    }
+                    Ok(Parsed::Incomplete) => continue,
+                    Err(_) => return Err(HeadError::BadProxyHeader),
+                },
+            };
+            match check(&head[skip..]) {
+                Ok(Some(_)) => return Ok(skip),
                 Ok(None) if head.len() > max_bytes => return Err(HeadError::TooLarge),
                 Ok(None) => {}
                 Err(e) => return Err(e),
@@ -62,7 +94,10 @@ pub async fn read_first(
         }
     };
     match tokio::time::timeout(timeout, reading).await {
-        Ok(Ok(())) => Ok(head.freeze()),
+        Ok(Ok(skip)) => Ok(First {
+            bytes: head.freeze().slice(skip..),
+            source,
+        }),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(HeadError::TimedOut),
     }

@@ -21,8 +21,10 @@
 //! framing: no per-connection read buffer survives the handshake.
 
 pub mod api;
+pub mod forwarded;
 pub mod head;
 pub mod idle;
+pub mod proxy_header;
 
 use crate::broker::Broker;
 
@@ -62,16 +64,38 @@ type Body = Full<Bytes>;
 /// Serves one accepted, admitted TCP connection until it closes or is upgraded, and gives its
 /// admission back unless a WebSocket connection took it over.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: IpAddr) {
+    // The address the socket's place is counted against: a trusted proxy's socket has none
+    // until its client is known (see `Admission::claim_ip`).
+    let counted_as = Cell::new((!shard.node.proxies.trusts(peer)).then_some(peer));
     let upgraded = Cell::new(false);
-    serve_http(&shard, stream, peer, &upgraded).await;
+    serve_http(&shard, stream, peer, &counted_as, &upgraded).await;
     if !upgraded.get() {
-        shard.node.admission.release_socket(peer);
+        let admission = &shard.node.admission;
+        match counted_as.get() {
+            Some(ip) => admission.release_socket(ip),
+            None => admission.release_proxied_socket(),
+        }
     }
 }
 
-async fn serve_http(shard: &Rc<Shard>, stream: TcpStream, peer: IpAddr, upgraded: &Cell<bool>) {
+/// Whose a request is: the client's address (behind a trusted proxy, the one it forwarded),
+/// and whether the socket is a proxy's not yet counted against any client.
+#[derive(Clone, Copy)]
+struct Origin {
+    client: IpAddr,
+    proxied: bool,
+}
+
+async fn serve_http(
+    shard: &Rc<Shard>,
+    stream: TcpStream,
+    peer: IpAddr,
+    counted_as: &Cell<Option<IpAddr>>,
+    upgraded: &Cell<bool>,
+) {
     let node = &shard.node;
     let config = &node.config;
+    let proxy_header = config.proxy_protocol && counted_as.get().is_none();
     let registered = node.http.register();
     let evicted = || {
         node.counters.http_evicted.fetch_add(1, Ordering::Relaxed);
@@ -83,11 +107,30 @@ async fn serve_http(shard: &Rc<Shard>, stream: TcpStream, peer: IpAddr, upgraded
             shard.read_buf_cell(),
             config.max_header_bytes,
             config.handshake_timeout,
+            proxy_header,
         ) => head,
         _ = registered.evict.notified() => return evicted(),
     };
     let prefix = match first {
-        Ok(prefix) => prefix,
+        Ok(head::First { bytes, source }) => {
+            // The PROXY header named the client: the socket is the client's from here on.
+            if let Some(client) = source {
+                if let Err(refusal) = node.admission.claim_ip(client) {
+                    node.counters.admission_refused(refusal);
+                    let (status, reason) = refusal.status();
+                    let response = head::error_response(status, reason, refusal.message());
+                    return head::answer_and_close(stream, &response).await;
+                }
+                counted_as.set(Some(client));
+            }
+            bytes
+        }
+        Err(HeadError::BadProxyHeader) => {
+            node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            let message = "expected a PROXY protocol header (proxy_protocol)";
+            let response = head::error_response(400, "Bad Request", message);
+            return head::answer_and_close(stream, &response).await;
+        }
         Err(HeadError::TooLarge) => {
             node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
             let message = "request head too large (see max_header_bytes)";
@@ -111,10 +154,16 @@ async fn serve_http(shard: &Rc<Shard>, stream: TcpStream, peer: IpAddr, upgraded
     let service = service_fn(|req: Request<Incoming>| {
         registered.busy();
         // Only the API reads bodies (and may wait for Redis); the rest answers at once.
-        let routed = if api::is_api(req.uri().path()) {
-            Either::Left(api::serve(shard.clone(), req))
-        } else {
-            Either::Right(std::future::ready(route(shard, req, peer)))
+        let routed = match origin(shard, &req, peer, counted_as.get()) {
+            Err(problem) => {
+                node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                Either::Right(std::future::ready(error_response(
+                    StatusCode::BAD_REQUEST,
+                    problem,
+                )))
+            }
+            Ok(_) if api::is_api(req.uri().path()) => Either::Left(api::serve(shard.clone(), req)),
+            Ok(origin) => Either::Right(std::future::ready(route(shard, req, origin))),
         };
         let (registered, upgraded, requests) = (&registered, upgraded, &requests);
         async move {
@@ -155,6 +204,32 @@ async fn serve_http(shard: &Rc<Shard>, stream: TcpStream, peer: IpAddr, upgraded
     }
 }
 
+/// Whose request `req` is, on a socket from `peer` counted against `counted_as`: a socket
+/// counted against an address is that client's (directly, or named by a PROXY header); a
+/// trusted proxy's socket carries requests of the clients its forwarding headers name.
+fn origin(
+    shard: &Shard,
+    req: &Request<Incoming>,
+    peer: IpAddr,
+    counted_as: Option<IpAddr>,
+) -> Result<Origin, &'static str> {
+    Ok(match counted_as {
+        Some(client) => Origin {
+            client,
+            proxied: false,
+        },
+        None if shard.node.config.proxy_protocol => Origin {
+            // A PROXY header that named nobody: the proxy's own request (a health check).
+            client: peer,
+            proxied: true,
+        },
+        None => Origin {
+            client: shard.node.proxies.client(req.headers(), peer)?,
+            proxied: true,
+        },
+    })
+}
+
 /// Requests one plain HTTP connection serves; the last answer says `Connection: close`.
 const MAX_REQUESTS_PER_CONNECTION: u32 = 100;
 
@@ -174,12 +249,12 @@ pub async fn refuse(shard: Rc<Shard>, stream: TcpStream, refusal: Refusal) {
     }
 }
 
-fn route(shard: &Rc<Shard>, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+fn route(shard: &Rc<Shard>, req: Request<Incoming>, origin: Origin) -> Response<Body> {
     let path = req.uri().path();
     let config = &shard.node.config;
     match (req.method(), path) {
         (&Method::GET, "/") if fastwebsockets::upgrade::is_upgrade_request(&req) => {
-            upgrade(shard, req, Endpoint::Chat, peer)
+            upgrade(shard, req, Endpoint::Chat, origin)
         }
         (&Method::GET, "/") => {
             let mut res = Response::new(Full::new(Bytes::from_static(TEST_PAGE.as_bytes())));
@@ -189,12 +264,12 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>, peer: IpAddr) -> Response<Bo
             );
             res
         }
-        (&Method::GET, "/ws") => upgrade(shard, req, Endpoint::Chat, peer),
+        (&Method::GET, "/ws") => upgrade(shard, req, Endpoint::Chat, origin),
         (&Method::GET, "/echo") if config.echo_endpoint => {
-            upgrade(shard, req, Endpoint::Echo, peer)
+            upgrade(shard, req, Endpoint::Echo, origin)
         }
         (&Method::GET, "/healthz") => json(StatusCode::OK, &health(shard)),
-        (&Method::GET, "/metrics") => metrics(shard, &req, peer),
+        (&Method::GET, "/metrics") => metrics(shard, &req, origin.client),
         (&Method::GET, "/dev/token") if shard.node.auth.dev_mode() => dev_token(shard, req.uri()),
         (&Method::GET, "/readyz") if shard.node.is_draining() => error_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -282,8 +357,9 @@ fn upgrade(
     shard: &Rc<Shard>,
     req: Request<Incoming>,
     endpoint: Endpoint,
-    peer: IpAddr,
+    origin: Origin,
 ) -> Response<Body> {
+    let peer = origin.client;
     let node = &shard.node;
     if node.is_draining() {
         node.counters
@@ -305,7 +381,17 @@ fn upgrade(
         return error_response(StatusCode::BAD_REQUEST, problem);
     }
     // Before the (costlier) token check: the per-IP handshake rate protects it too.
-    if let Err(refusal) = node.admission.admit_upgrade(peer) {
+    // A proxy's socket becomes its client's WebSocket: the client's connection cap applies.
+    let admitted = node.admission.admit_upgrade(peer).and_then(|()| {
+        if origin.proxied {
+            node.admission
+                .claim_ip(peer)
+                .inspect_err(|_| node.admission.release_upgrade())
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(refusal) = admitted {
         node.counters.admission_refused(refusal);
         debug!(%peer, reason = refusal.message(), "upgrade refused");
         let status = StatusCode::from_u16(refusal.status().0).expect("a valid status");
@@ -314,6 +400,9 @@ fn upgrade(
     let response = upgrade_admitted(shard, req, endpoint, peer);
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         node.admission.release_upgrade();
+        if origin.proxied {
+            node.admission.unclaim_ip(peer);
+        }
     }
     response
 }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Authenticator;
 use crate::heartbeat::HeartbeatMode;
 use crate::http::forwarded::TrustedProxies;
+use crate::tls::Tls;
 
 /// The largest `max_message_size` accepted: a message is buffered whole before it is handled.
 const MAX_MESSAGE_SIZE_LIMIT: usize = 1 << 30;
@@ -164,6 +165,11 @@ pub struct Config {
     /// The server API's key: backends call `/api/…` with `Authorization: Bearer <api_key>`. At
     /// least 16 characters. Unset (default): the API is off (404).
     pub api_key: Option<Secret>,
+    /// TLS: the certificate chain (PEM, leaf first) and its private key (PEM: PKCS#8, PKCS#1 or
+    /// SEC1). With both, the listener speaks only TLS (wss://, https://). Reloaded on SIGHUP and
+    /// when either file changes. Default: none (plain TCP).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     /// Proxies whose word on the client's address is taken (CIDR blocks or addresses, e.g.
     /// `["10.0.0.0/8", "127.0.0.1"]`): from them, `Forwarded`/`X-Forwarded-For` (or the PROXY
     /// header) name the client that per-IP limits and logs see. Default: none.
@@ -294,6 +300,8 @@ impl Default for Config {
             echo_endpoint: true,
             healthz_detail: true,
             api_key: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
             metrics_key: None,
@@ -488,6 +496,27 @@ impl Config {
                 &true,
                 "needs trusted_proxies: the proxies whose PROXY headers are read",
             );
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                Tls::load(cert, key).map_err(ConfigError)?;
+                if self.proxy_protocol {
+                    return bad(
+                        "proxy_protocol",
+                        &true,
+                        "not with TLS here yet: let the proxy terminate TLS, or use \
+                         X-Forwarded-For",
+                    );
+                }
+            }
+            (None, None) => {}
+            _ => {
+                return bad(
+                    "tls_cert_file",
+                    &"…",
+                    "set both tls_cert_file and tls_key_file, or neither",
+                );
+            }
         }
         // Reads the key file, so a missing or wrong key stops start-up here.
         let auth = Authenticator::from_config(self).map_err(ConfigError)?;

@@ -5,7 +5,7 @@
 //! of a read; everything other connections may touch lives in the shard's slab entry.
 
 use std::future::poll_fn;
-use std::io::{self, IoSlice, Read};
+use std::io::{self, IoSlice};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -14,10 +14,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use socket2::SockRef;
-use tokio::io::Interest;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::auth::Identity;
@@ -27,6 +24,7 @@ use crate::frame::{self, Decoded, Decoder, Event, FrameError, OpCode};
 use crate::limits::{Charge, Verdict};
 use crate::protocol::ErrorReply;
 use crate::shard::{Endpoint, Shard};
+use crate::transport::Stream;
 
 /// Reads handled per turn before the task yields, so one busy client cannot hog the shard.
 const READS_PER_POLL: usize = 16;
@@ -53,7 +51,7 @@ struct Connection {
     shard: Rc<Shard>,
     key: usize,
     endpoint: Endpoint,
-    stream: TcpStream,
+    stream: Stream,
     decoder: Decoder,
     /// Bytes read but not yet decoded: an incomplete frame left at the end of a read, or the rest
     /// of a read whose decoding paused (empty, unallocated, when idle).
@@ -71,7 +69,7 @@ struct Connection {
 /// every idle connection's memory.
 pub fn serve(
     shard: Rc<Shard>,
-    stream: TcpStream,
+    stream: Stream,
     preread: Bytes,
     endpoint: Endpoint,
     identity: Arc<Identity>,
@@ -155,14 +153,10 @@ impl Connection {
                 }
                 continue;
             }
-            match self.stream.poll_read_ready(cx) {
+            match self.read(cx) {
                 Poll::Pending => return self.park(cx),
-                Poll::Ready(Err(_)) => return Poll::Ready(End::Gone),
-                Poll::Ready(Ok(())) => {
-                    if let Err(end) = self.read() {
-                        return Poll::Ready(end);
-                    }
-                }
+                Poll::Ready(Err(end)) => return Poll::Ready(end),
+                Poll::Ready(Ok(())) => {}
             }
         }
         // Out of budget: write what the reads produced, then let the other connections run.
@@ -205,45 +199,31 @@ impl Connection {
             metrics.frames_sent.add(frames);
             metrics.bytes_sent.add(written as u64);
         }
-        Poll::Ready(Ok(()))
+        // TLS may hold records the socket did not take yet (a no-op on plain TCP).
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     /// One read from the socket, and the frames it completes.
-    fn read(&mut self) -> Result<(), End> {
+    fn read(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), End>> {
         let shard = self.shard.clone();
         let mut buf = shard.read_buf();
-        let mut got = None;
-        let tried = self.stream.try_io(Interest::READABLE, || {
-            let n = (&*SockRef::from(&self.stream)).read(&mut buf)?;
-            got = Some(n);
-            if n > 0 && n < buf.len() {
-                // A short read drained the socket. Saying "would block" makes tokio clear the
-                // readiness now (as its own poll_read does), so the next read waits for epoll
-                // instead of a recv that fails with EAGAIN: one syscall less per message.
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        let n = match (got, tried) {
-            (Some(0), _) => return Err(End::Gone),
-            (Some(n), _) => {
-                shard.metrics().bytes_received.add(n as u64);
-                n
-            }
-            (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            (None, _) => return Err(End::Gone),
+        let n = match self.stream.poll_read_into(cx, &mut buf) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(End::Gone)),
+            Poll::Ready(Ok(n)) => n,
         };
-        if self.leftover.is_empty() {
+        shard.metrics().bytes_received.add(n as u64);
+        Poll::Ready(if self.leftover.is_empty() {
             // The common case: frames are decoded straight out of the shared buffer, and only
             // an incomplete frame (or what a paused decoding left) is kept.
-            let consumed = self.decode_frames(&mut buf[..n])?;
-            self.keep_undecoded(&buf[consumed..n]);
-            Ok(())
+            self.decode_frames(&mut buf[..n]).map(|consumed| {
+                self.keep_undecoded(&buf[consumed..n]);
+            })
         } else {
             drop(buf);
             self.keep_undecoded(&shard.read_buf()[..n]);
             self.process_leftover()
-        }
+        })
     }
 
     /// Appends to `leftover`, growing it to what the incomplete frame at its front needs (its
@@ -436,15 +416,15 @@ impl Connection {
             drained: 0,
         };
         loop {
-            if self.stream.readable().await.is_err() {
-                return;
-            }
-            let read = self.stream.try_read(&mut self.shard.read_buf()[..]);
+            let read = poll_fn(|cx| {
+                let shard = self.shard.clone();
+                let mut buf = shard.read_buf();
+                self.stream.poll_read_into(cx, &mut buf)
+            })
+            .await;
             let n = match read {
-                Ok(0) => return,
+                Ok(0) | Err(_) => return,
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => return,
             };
             if drain.pass(&self.shard.read_buf()[..n]) {
                 return;

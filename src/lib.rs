@@ -41,6 +41,8 @@ pub mod routing;
 pub mod server;
 pub mod shard;
 pub mod stream;
+pub mod tls;
+pub mod transport;
 pub mod wheel;
 
 pub use config::Config;

@@ -180,6 +180,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let config_has_tls = config.tls_cert_file.is_some();
     let gateway = match wsgate::start(config) {
         Ok(gateway) => gateway,
         Err(e) => {
@@ -187,8 +188,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("wsgate listening on http://{}/", gateway.local_addr());
-    signals.wait();
+    let scheme = if config_has_tls { "https" } else { "http" };
+    println!("wsgate listening on {scheme}://{}/", gateway.local_addr());
+    // SIGHUP reloads the TLS certificate; SIGTERM or SIGINT stop.
+    signals.wait(|| match gateway.reload_tls() {
+        Ok(true) => info!("TLS certificate reloaded (SIGHUP)"),
+        Ok(false) => info!("SIGHUP: nothing to reload (no TLS configured)"),
+        Err(e) => {
+            warn!(error = %e, "SIGHUP: cannot reload the TLS certificate; keeping the current one")
+        }
+    });
     info!(
         connections = gateway.connection_count(),
         "shutting down: closing connections with 1001"
@@ -251,6 +260,7 @@ struct Signals {
     runtime: tokio::runtime::Runtime,
     terminate: Signal,
     interrupt: Signal,
+    hangup: Signal,
 }
 
 impl Signals {
@@ -258,24 +268,30 @@ impl Signals {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (terminate, interrupt) = runtime.block_on(async {
+        let (terminate, interrupt, hangup) = runtime.block_on(async {
             Ok::<_, std::io::Error>((
                 signal(SignalKind::terminate())?,
                 signal(SignalKind::interrupt())?,
+                signal(SignalKind::hangup())?,
             ))
         })?;
         Ok(Signals {
             runtime,
             terminate,
             interrupt,
+            hangup,
         })
     }
 
-    fn wait(mut self) {
+    /// Waits for SIGTERM or SIGINT, calling `on_hangup` at each SIGHUP meanwhile.
+    fn wait(mut self, on_hangup: impl Fn()) {
         self.runtime.block_on(async {
-            tokio::select! {
-                _ = self.terminate.recv() => {}
-                _ = self.interrupt.recv() => {}
+            loop {
+                tokio::select! {
+                    _ = self.terminate.recv() => return,
+                    _ = self.interrupt.recv() => return,
+                    _ = self.hangup.recv() => on_hangup(),
+                }
             }
         });
     }

@@ -106,7 +106,8 @@ impl ShardMetrics {
 }
 
 /// Node counters that refuse a connection before it is a WebSocket: one family, by reason.
-const HANDSHAKE_REFUSALS: [(&str, &str); 7] = [
+const HANDSHAKE_REFUSALS: [(&str, &str); 8] = [
+    ("tls_handshake_failures", "tls"),
     ("origin_refused", "origin"),
     ("draining_refused", "draining"),
     ("server_full", "server_full"),

@@ -21,6 +21,7 @@ use crate::metrics::ShardMetrics;
 use crate::rooms::RoomDirectory;
 use crate::routing::Delivery;
 use crate::stream::HistoryLimits;
+use crate::tls::Tls;
 
 pub struct Node {
     /// This node's name among the nodes of a cluster: 8 random hex digits, new at each start.
@@ -43,6 +44,8 @@ pub struct Node {
     /// Per-message metrics, one block per shard (each written by its shard only).
     pub metrics: Box<[ShardMetrics]>,
     pub admission: Admission,
+    /// The listener's TLS, with `tls_cert_file` and `tls_key_file`.
+    pub tls: Option<Tls>,
     /// The proxies whose word on a client's address is taken (`trusted_proxies`).
     pub proxies: TrustedProxies,
     /// Plain HTTP connections, for closing the longest idle first when descriptors run short.
@@ -84,6 +87,10 @@ impl Node {
             admission: Admission::new(&config, max_sockets),
             http: HttpConnections::default(),
             proxies: TrustedProxies::parse(&config.trusted_proxies)?,
+            tls: match (&config.tls_cert_file, &config.tls_key_file) {
+                (Some(cert), Some(key)) => Some(Tls::load(cert, key)?),
+                _ => None,
+            },
             draining: AtomicBool::new(false),
             config,
             broker,
@@ -194,6 +201,8 @@ pub struct Counters {
     /// Connections closed because their user was disconnected (`Gateway::disconnect_user`, on
     /// any node).
     pub users_disconnected: AtomicU64,
+    /// TLS handshakes that failed (not TLS, no shared version or cipher, a bad certificate).
+    pub tls_handshake_failures: AtomicU64,
 }
 
 impl Counters {
@@ -225,7 +234,7 @@ impl Counters {
 
     /// Every counter but the per-reason authentication refusals: its public name, what it
     /// counts (the metric's help), and the counter.
-    pub fn described(&self) -> [(&'static str, &'static str, &AtomicU64); 31] {
+    pub fn described(&self) -> [(&'static str, &'static str, &AtomicU64); 32] {
         [
             (
                 "origin_refused",
@@ -329,8 +338,13 @@ impl Counters {
             ),
             (
                 "handshake_timeouts",
-                "Connections without a request head within handshake_timeout",
+                "Connections without a request head (or TLS handshake) within handshake_timeout",
                 &self.handshake_timeouts,
+            ),
+            (
+                "tls_handshake_failures",
+                "TLS handshakes that failed",
+                &self.tls_handshake_failures,
             ),
             (
                 "accept_errors",
@@ -448,6 +462,9 @@ pub async fn housekeeping(node: Arc<Node>, every: Duration) {
     loop {
         ticker.tick().await;
         node.rooms.sweep();
+        if let Some(tls) = &node.tls {
+            tls.reload_if_changed();
+        }
         let now = node.counters.values();
         let changed: Vec<String> = now
             .iter()

@@ -195,6 +195,15 @@ impl Gateway {
         Ok(routing::disconnect_everywhere(&self.node, disconnect))
     }
 
+    /// Reads the TLS certificate and key files again, for new handshakes (connections up keep
+    /// theirs). `Ok(false)`: the listener has no TLS. On an error the current certificate stays.
+    pub fn reload_tls(&self) -> Result<bool, String> {
+        match &self.node.tls {
+            Some(tls) => tls.reload().map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     /// Starts a graceful shutdown: upgrades are refused and `/readyz` fails; each shard delivers
     /// what was published before, then closes its connections with 1001 and waits (up to
     /// `drain_timeout`) for their close handshakes. [`Gateway::join`] waits for the end.

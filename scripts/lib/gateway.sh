@@ -55,7 +55,7 @@ start_gateway() {
     kill -0 "$GATEWAY_PID" 2>/dev/null || break
     sleep 0.1
   done
-  GATEWAY_ADDR=$(sed -n 's|.*listening on http://\([^/]*\)/.*|\1|p' "$log")
+  GATEWAY_ADDR=$(sed -n 's|.*listening on https\{0,1\}://\([^/]*\)/.*|\1|p' "$log")
   if [ -z "$GATEWAY_ADDR" ]; then
     echo "wsgate did not start:" >&2
     cat "$log" >&2

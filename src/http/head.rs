@@ -10,11 +10,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::proxy_header::{self, Parsed};
+use crate::transport::Stream;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
-
-use super::proxy_header::{self, Parsed};
 
 /// Headers a request may have (as hyper's default).
 pub const MAX_HEADERS: usize = 100;
@@ -48,7 +47,7 @@ pub struct First {
 /// kept, in an allocation of its size: thousands of handshakes in flight do not each hold a
 /// buffer sized for the largest head.
 pub async fn read_first(
-    stream: &TcpStream,
+    stream: &mut Stream,
     scratch: &RefCell<Box<[u8]>>,
     max_bytes: usize,
     timeout: Duration,
@@ -60,16 +59,17 @@ pub async fn read_first(
     let mut source = None;
     let reading = async {
         loop {
-            stream.readable().await.map_err(|_| HeadError::Closed)?;
-            {
+            let read = std::future::poll_fn(|cx| {
                 let mut scratch = scratch.borrow_mut();
                 let room = scratch.len().min(max_bytes + 1 - head.len().min(max_bytes));
-                match stream.try_read(&mut scratch[..room]) {
-                    Ok(0) => return Err(HeadError::Closed),
-                    Ok(n) => head.extend_from_slice(&scratch[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(_) => return Err(HeadError::Closed),
-                }
+                let n = std::task::ready!(stream.poll_read_into(cx, &mut scratch[..room]))?;
+                head.extend_from_slice(&scratch[..n]);
+                Poll::Ready(io::Result::Ok(n))
+            })
+            .await;
+            match read {
+                Ok(0) | Err(_) => return Err(HeadError::Closed),
+                Ok(_) => {}
             }
             let skip = match start {
                 Some(skip) => skip,
@@ -161,7 +161,7 @@ pub fn error_response(status: u16, reason: &str, message: &str) -> Vec<u8> {
 /// Writes `response` and closes the connection, reading (and discarding) what the client still
 /// sends for a moment first: closing a socket with unread input resets it, which can destroy the
 /// answer before the client reads it. Bounded in time and bytes: a client gets no more of ours.
-pub async fn answer_and_close(mut stream: TcpStream, response: &[u8]) {
+pub async fn answer_and_close(mut stream: Stream, response: &[u8]) {
     let linger = async {
         stream.write_all(response).await?;
         stream.shutdown().await?;
@@ -184,19 +184,19 @@ pub async fn answer_and_close(mut stream: TcpStream, response: &[u8]) {
 const LINGER_TIME: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 64 * 1024;
 
-/// A `TcpStream` with bytes already read from it put back in front.
+/// A stream with bytes already read from it put back in front.
 pub struct Prefixed {
     prefix: Bytes,
-    stream: TcpStream,
+    stream: Stream,
 }
 
 impl Prefixed {
-    pub fn new(prefix: Bytes, stream: TcpStream) -> Self {
+    pub fn new(prefix: Bytes, stream: Stream) -> Self {
         Prefixed { prefix, stream }
     }
 
     /// The stream, and what of the prefix has not been read.
-    pub fn into_parts(self) -> (TcpStream, Bytes) {
+    pub fn into_parts(self) -> (Stream, Bytes) {
         (self.stream, self.prefix)
     }
 }

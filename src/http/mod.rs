@@ -54,6 +54,7 @@ use tracing::{debug, error};
 
 use crate::limits::Refusal;
 use crate::shard::{Endpoint, SHUTDOWN_REASON, Shard};
+use crate::transport::Stream;
 use crate::{auth, conn};
 use head::{HeadError, Prefixed};
 
@@ -63,17 +64,44 @@ type Body = Full<Bytes>;
 
 /// Serves one accepted, admitted TCP connection until it closes or is upgraded, and gives its
 /// admission back unless a WebSocket connection took it over.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: IpAddr) {
+pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, peer: IpAddr) {
     // The address the socket's place is counted against: a trusted proxy's socket has none
     // until its client is known (see `Admission::claim_ip`).
     let counted_as = Cell::new((!shard.node.proxies.trusts(peer)).then_some(peer));
     let upgraded = Cell::new(false);
-    serve_http(&shard, stream, peer, &counted_as, &upgraded).await;
+    if let Some(stream) = handshake(&shard, tcp).await {
+        serve_http(&shard, stream, peer, &counted_as, &upgraded).await;
+    }
     if !upgraded.get() {
         let admission = &shard.node.admission;
         match counted_as.get() {
             Some(ip) => admission.release_socket(ip),
             None => admission.release_proxied_socket(),
+        }
+    }
+}
+
+/// The TLS handshake, when the listener has TLS, within `handshake_timeout`; `None` when it
+/// failed (counted).
+async fn handshake(shard: &Shard, tcp: TcpStream) -> Option<Stream> {
+    let node = &shard.node;
+    let Some(tls) = &node.tls else {
+        return Some(Stream::Plain(tcp));
+    };
+    match tokio::time::timeout(node.config.handshake_timeout, tls.acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => Some(Stream::Tls(Box::new(stream))),
+        Ok(Err(e)) => {
+            node.counters
+                .tls_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            node.counters
+                .handshake_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            None
         }
     }
 }
@@ -88,7 +116,7 @@ struct Origin {
 
 async fn serve_http(
     shard: &Rc<Shard>,
-    stream: TcpStream,
+    mut stream: Stream,
     peer: IpAddr,
     counted_as: &Cell<Option<IpAddr>>,
     upgraded: &Cell<bool>,
@@ -103,7 +131,7 @@ async fn serve_http(
     };
     let first = tokio::select! {
         head = head::read_first(
-            &stream,
+            &mut stream,
             shard.read_buf_cell(),
             config.max_header_bytes,
             config.handshake_timeout,
@@ -237,6 +265,12 @@ const MAX_REQUESTS_PER_CONNECTION: u32 = 100;
 /// still sends (so the answer is not lost to a reset), while few refused sockets are lingering;
 /// at once when descriptors are what is short, or many are.
 pub async fn refuse(shard: Rc<Shard>, stream: TcpStream, refusal: Refusal) {
+    if shard.node.tls.is_some() {
+        // An answer would need a TLS handshake first: under the load that makes refusals, the
+        // socket is just closed.
+        return;
+    }
+    let stream = Stream::Plain(stream);
     let (status, reason) = refusal.status();
     let response = head::error_response(status, reason, refusal.message());
     let admission = &shard.node.admission;
@@ -245,7 +279,7 @@ pub async fn refuse(shard: Rc<Shard>, stream: TcpStream, refusal: Refusal) {
         admission.end_linger();
     } else {
         // One try, without waiting: the socket's buffer takes a short answer.
-        let _ = stream.try_write(&response);
+        let _ = stream.tcp().try_write(&response);
     }
 }
 

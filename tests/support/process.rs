@@ -39,7 +39,9 @@ impl GatewayProcess {
             .unwrap();
         let addr = line
             .trim()
-            .strip_prefix("wsgate listening on http://")
+            .strip_prefix("wsgate listening on ")
+            .and_then(|url| url.split_once("://"))
+            .map(|(_, rest)| rest)
             .and_then(|a| a.strip_suffix('/'))
             .unwrap_or_else(|| {
                 let stderr = std::fs::read_to_string(&log).unwrap_or_default();

@@ -1,0 +1,135 @@
+//! TLS (wss://, https://) with rustls: the certificate chain and key from PEM files
+//! (`tls_cert_file`, `tls_key_file`), reloaded without a restart — on SIGHUP, or when either
+//! file changes — for new handshakes only: connections already up keep their session.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use rustls::ServerConfig;
+use rustls::crypto::aws_lc_rs;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+/// The listener's TLS: what accepts handshakes, and the certificate it presents.
+pub struct Tls {
+    pub acceptor: TlsAcceptor,
+    certificate: Arc<Certificate>,
+}
+
+/// The certificate presented to new handshakes, swapped whole on reload.
+#[derive(Debug)]
+struct Certificate {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    current: RwLock<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    /// The files' modification times when they were read (a change triggers a reload).
+    stamps: (Option<SystemTime>, Option<SystemTime>),
+}
+
+impl ResolvesServerCert for Certificate {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .key
+                .clone(),
+        )
+    }
+}
+
+impl Tls {
+    /// Reads the chain and key; the error names the file at fault.
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Self, String> {
+        let loaded = load(cert_file, key_file)?;
+        let certificate = Arc::new(Certificate {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            current: RwLock::new(loaded),
+        });
+        let mut config =
+            ServerConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS: {e}"))?
+                .with_no_client_auth()
+                .with_cert_resolver(certificate.clone());
+        // WebSocket is HTTP/1.1 only.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Tls {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            certificate,
+        })
+    }
+
+    /// Reads the files again and presents them to new handshakes; on an error the certificate in
+    /// use stays.
+    pub fn reload(&self) -> Result<(), String> {
+        let cert = &self.certificate;
+        let loaded = load(&cert.cert_file, &cert.key_file)?;
+        *cert.current.write().unwrap_or_else(|e| e.into_inner()) = loaded;
+        Ok(())
+    }
+
+    /// Reloads when either file changed since it was read (logged either way).
+    pub fn reload_if_changed(&self) {
+        let cert = &self.certificate;
+        let now = stamps(&cert.cert_file, &cert.key_file);
+        let before = cert
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .stamps;
+        if now == before {
+            return;
+        }
+        match self.reload() {
+            Ok(()) => {
+                info!(cert = %cert.cert_file.display(), "TLS certificate reloaded (the files changed)")
+            }
+            Err(e) => {
+                warn!(error = %e, "TLS certificate files changed but cannot be loaded: keeping the current one");
+                // Not retried until they change again.
+                cert.current
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .stamps = now;
+            }
+        }
+    }
+}
+
+fn stamps(cert_file: &Path, key_file: &Path) -> (Option<SystemTime>, Option<SystemTime>) {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    (modified(cert_file), modified(key_file))
+}
+
+fn load(cert_file: &Path, key_file: &Path) -> Result<Loaded, String> {
+    let stamps = stamps(cert_file, key_file);
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| format!("tls_cert_file {}: {e}", cert_file.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "tls_cert_file {}: no certificate in it (PEM \"BEGIN CERTIFICATE\")",
+            cert_file.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("tls_key_file {}: {e}", key_file.display()))?;
+    let key = CertifiedKey::from_der(chain, key, &aws_lc_rs::default_provider())
+        .map_err(|e| format!("tls_key_file {}: {e}", key_file.display()))?;
+    Ok(Loaded {
+        key: Arc::new(key),
+        stamps,
+    })
+}

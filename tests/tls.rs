@@ -1,0 +1,279 @@
+//! TLS over real sockets with a real TLS client (tokio-rustls, and tokio-tungstenite over it): a
+//! CA made by the test signs the gateway's certificate; wss:// chat and echo, https:// probes,
+//! reloads that leave open connections alone, and what is not TLS.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::RootCertStore;
+use rustls::pki_types::ServerName;
+use serde_json::{Value, json};
+use support::{PATIENCE, TestGateway};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// A CA, and a certificate for `localhost` it signed, written where the gateway reads them.
+struct Pki {
+    ca_pem: String,
+}
+
+impl Pki {
+    /// Makes a new CA and server certificate, and writes the certificate and key to `files`.
+    fn issue(files: &(PathBuf, PathBuf)) -> Pki {
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
+        // The chain as servers send it: the leaf, then the CA.
+        std::fs::write(&files.0, format!("{}{}", cert.pem(), ca.pem())).unwrap();
+        std::fs::write(&files.1, key.serialize_pem()).unwrap();
+        Pki { ca_pem: ca.pem() }
+    }
+
+    fn connector(&self) -> TlsConnector {
+        let mut roots = RootCertStore::empty();
+        let ca = rustls::pki_types::CertificateDer::from_pem_slice(self.ca_pem.as_bytes());
+        roots.add(ca.unwrap()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        TlsConnector::from(Arc::new(config))
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(addr).await?;
+        let name = ServerName::try_from("localhost").unwrap();
+        self.connector().connect(name, tcp).await
+    }
+
+    async fn websocket(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+    ) -> tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>> {
+        let tls = self.connect(addr).await.expect("TLS handshake");
+        let request = format!("wss://localhost:{}{path}", addr.port())
+            .into_client_request()
+            .unwrap();
+        tokio_tungstenite::client_async(request, tls)
+            .await
+            .unwrap()
+            .0
+    }
+}
+
+use rustls::pki_types::pem::PemObject;
+
+fn pem_files(name: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("wsgate-tls-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    (dir.join("cert.pem"), dir.join("key.pem"))
+}
+
+fn gateway(files: &(PathBuf, PathBuf)) -> TestGateway {
+    let (cert, key) = files.clone();
+    TestGateway::start_with(
+        move |c| {
+            c.tls_cert_file = Some(cert);
+            c.tls_key_file = Some(key);
+        },
+        2,
+    )
+}
+
+async fn next_json<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let msg = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("a message in time")
+            .unwrap()
+            .unwrap();
+        if let Message::Text(text) = msg {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}
+
+/// GET over TLS; the status code.
+async fn https_get(pki: &Pki, addr: SocketAddr, path: &str) -> u16 {
+    let mut tls = pki.connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, tls.read_to_end(&mut response)).await;
+    String::from_utf8_lossy(&response[9..12]).parse().unwrap()
+}
+
+#[tokio::test]
+async fn chat_and_echo_work_over_wss_and_probes_over_https() {
+    let files = pem_files("serve");
+    let pki = Pki::issue(&files);
+    let gw = gateway(&files);
+    let mut alice = pki.websocket(gw.addr, "/ws").await;
+    assert_eq!(next_json(&mut alice).await["type"], "connected");
+    let mut bob = pki.websocket(gw.addr, "/ws").await;
+    next_json(&mut bob).await;
+    for ws in [&mut alice, &mut bob] {
+        let join = json!({"type": "join_room", "payload": {"room": "tls"}});
+        ws.send(Message::text(join.to_string())).await.unwrap();
+        assert_eq!(next_json(ws).await["type"], "room_joined");
+    }
+    let chat = json!({"type": "chat_message", "payload": {"room": "tls", "message": "hi"}});
+    alice.send(Message::text(chat.to_string())).await.unwrap();
+    for ws in [&mut alice, &mut bob] {
+        let mut msg = next_json(ws).await;
+        while msg["type"] == "user_joined" {
+            msg = next_json(ws).await;
+        }
+        assert_eq!(
+            (msg["type"].as_str(), msg["message"].as_str()),
+            (Some("chat_message"), Some("hi"))
+        );
+    }
+    // A message of many TLS records, both ways.
+    let mut echo = pki.websocket(gw.addr, "/echo").await;
+    let big: Vec<u8> = (0..60_000u32).map(|i| i as u8).collect();
+    echo.send(Message::binary(big.clone())).await.unwrap();
+    let back = tokio::time::timeout(PATIENCE, echo.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.into_data().as_ref(), big.as_slice());
+    assert_eq!(https_get(&pki, gw.addr, "/healthz").await, 200);
+    assert_eq!(https_get(&pki, gw.addr, "/readyz").await, 200);
+}
+
+#[tokio::test]
+async fn what_is_not_tls_is_closed_and_counted() {
+    let files = pem_files("plain");
+    let pki = Pki::issue(&files);
+    let gw = gateway(&files);
+    let mut plain = TcpStream::connect(gw.addr).await.unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, plain.read_to_end(&mut answer)).await;
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 200"),
+        "no plain HTTP on a TLS listener"
+    );
+    // A client that does not trust the certificate fails its handshake too.
+    let stranger = Pki::issue(&pem_files("stranger"));
+    assert!(stranger.connect(gw.addr).await.is_err());
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let metrics = {
+            let mut tls = pki.connect(gw.addr).await.unwrap();
+            let request = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+            tls.write_all(request.as_bytes()).await.unwrap();
+            let mut body = String::new();
+            let _ = tokio::time::timeout(PATIENCE, tls.read_to_string(&mut body)).await;
+            body
+        };
+        if metrics.contains("wsgate_handshakes_refused_total{reason=\"tls\"} 2") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_reload_serves_the_new_certificate_and_keeps_open_connections() {
+    let files = pem_files("reload");
+    let first = Pki::issue(&files);
+    let gw = gateway(&files);
+    let mut open = first.websocket(gw.addr, "/echo").await;
+    let second = Pki::issue(&files);
+    assert_eq!(gw.gateway().reload_tls(), Ok(true));
+    assert!(second.connect(gw.addr).await.is_ok(), "the new certificate");
+    assert!(first.connect(gw.addr).await.is_err(), "not the old one");
+    open.send(Message::text("still here")).await.unwrap();
+    let back = tokio::time::timeout(PATIENCE, open.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.into_text().unwrap().as_str(), "still here");
+    // Files that cannot be loaded: the current certificate stays.
+    std::fs::write(&files.1, "not a key").unwrap();
+    assert!(
+        gw.gateway()
+            .reload_tls()
+            .unwrap_err()
+            .contains("tls_key_file")
+    );
+    assert!(second.connect(gw.addr).await.is_ok());
+    // Changed files are picked up without being told (checked every second).
+    let third = Pki::issue(&files);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while third.connect(gw.addr).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "never reloaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn missing_or_mismatched_files_stop_start_up_naming_the_file() {
+    let files = pem_files("bad");
+    Pki::issue(&files);
+    let other = files_with_other_key(&files);
+    for (cert, key, says) in [
+        (
+            Path::new("/nonexistent/cert.pem"),
+            files.1.as_path(),
+            "tls_cert_file",
+        ),
+        (
+            files.0.as_path(),
+            Path::new("/nonexistent/key.pem"),
+            "tls_key_file",
+        ),
+        (files.0.as_path(), other.as_path(), "tls_key_file"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .env("WSGATE_TLS_CERT_FILE", cert)
+            .env("WSGATE_TLS_KEY_FILE", key)
+            .arg("--print-config")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(says) && err.lines().count() == 1, "{err}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .env("WSGATE_TLS_CERT_FILE", &files.0)
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "one file without the other");
+}
+
+/// A key that is not the certificate's.
+fn files_with_other_key(files: &(PathBuf, PathBuf)) -> PathBuf {
+    let other = files.1.with_file_name("other-key.pem");
+    std::fs::write(&other, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    other
+}

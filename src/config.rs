@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Authenticator;
 use crate::heartbeat::HeartbeatMode;
-use crate::http::forwarded::TrustedProxies;
+use crate::http::forwarded::{ForwardedHeader, TrustedProxies};
 use crate::tls::Tls;
 
 /// The largest `max_message_size` accepted: a message is buffered whole before it is handled.
@@ -174,6 +174,9 @@ pub struct Config {
     /// `["10.0.0.0/8", "127.0.0.1"]`): from them, `Forwarded`/`X-Forwarded-For` (or the PROXY
     /// header) name the client that per-IP limits and logs see. Default: none.
     pub trusted_proxies: Vec<String>,
+    /// The header trusted proxies name the client in: `x-forwarded-for` (default) or
+    /// `forwarded` (RFC 7239). Only that one is read.
+    pub forwarded_header: ForwardedHeader,
     /// Trusted proxies start every connection with a PROXY protocol header (v1 or v2), which
     /// names the client. Default false.
     pub proxy_protocol: bool,
@@ -303,6 +306,7 @@ impl Default for Config {
             tls_cert_file: None,
             tls_key_file: None,
             trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::XForwardedFor,
             proxy_protocol: false,
             metrics_key: None,
             dev_mode: false,
@@ -360,8 +364,47 @@ impl Config {
             .merge(Serialized::defaults(flags))
             .extract()
             .map_err(|e| ConfigError(describe(e)))?;
+        let config = config.without_empty_values();
         config.validate()?;
         Ok(config)
+    }
+
+    /// The configuration as [`Config::load`] reads it, unchecked: for `wsgate probe`, which only
+    /// needs the address and must not fail on what the gateway's own flags would have fixed.
+    pub fn load_unchecked(file: Option<&Path>, flags: &FlagOverrides) -> Config {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file(path));
+        }
+        figment
+            .merge(Env::prefixed("WSGATE_").ignore(&["config"]))
+            .merge(Serialized::defaults(flags))
+            .extract()
+            .unwrap_or_default()
+    }
+
+    /// Optional keys and files set to an empty value (`WSGATE_API_KEY=` in an environment file,
+    /// `${VAR:-}` in compose) are unset, not a key of zero characters.
+    fn without_empty_values(mut self) -> Config {
+        for secret in [
+            &mut self.jwt_secret,
+            &mut self.api_key,
+            &mut self.metrics_key,
+        ] {
+            if secret.as_ref().is_some_and(|s| s.expose().is_empty()) {
+                *secret = None;
+            }
+        }
+        for file in [
+            &mut self.jwt_public_key_file,
+            &mut self.tls_cert_file,
+            &mut self.tls_key_file,
+        ] {
+            if file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+                *file = None;
+            }
+        }
+        self
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -488,7 +531,7 @@ impl Config {
                 return bad(name, &"<redacted>", "must be at least 16 characters");
             }
         }
-        let proxies = TrustedProxies::parse(&self.trusted_proxies)
+        let proxies = TrustedProxies::parse(&self.trusted_proxies, self.forwarded_header)
             .map_err(|e| ConfigError(format!("trusted_proxies: {e}")))?;
         if self.proxy_protocol && proxies.is_empty() {
             return bad(

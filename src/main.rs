@@ -123,20 +123,11 @@ fn main() -> ExitCode {
         shards: cli.shards,
         dev_mode: cli.dev.then_some(true),
     };
-    let config = match Config::load(cli.config.as_deref(), &flags) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("wsgate: configuration error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if cli.print_config {
-        print!("{}", config.to_toml());
-        return ExitCode::SUCCESS;
-    }
     if let Some(Command::Probe { url }) = &cli.command {
+        // Only the address is needed: the flags the gateway runs with are not the probe's (a
+        // container's HEALTHCHECK sees its environment only).
         let url = url.clone().unwrap_or_else(|| {
-            let mut addr = config.listen;
+            let mut addr = Config::load_unchecked(cli.config.as_deref(), &flags).listen;
             if addr.ip().is_unspecified() {
                 addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
@@ -149,6 +140,17 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    let config = match Config::load(cli.config.as_deref(), &flags) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("wsgate: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
     }
     if let Some(Command::Token(args)) = &cli.command {
         return match mint_token(&config, args) {

@@ -63,10 +63,9 @@ impl LocalHistogram {
 
 /// Close codes counted by value; other application codes are counted as `4xxx`, anything else
 /// as `other`, and a connection that ended without a close frame (the peer vanished) as `none`.
-const CLOSE_CODES: [u16; 10] = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 4001, 1005];
+const CLOSE_CODES: [u16; 9] = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 4001];
 const CLOSE_LABELS: [&str; CLOSE_CODES.len() + 3] = [
-    "1000", "1001", "1002", "1003", "1007", "1008", "1009", "1011", "4001", "1005", "4xxx",
-    "other", "none",
+    "1000", "1001", "1002", "1003", "1007", "1008", "1009", "1011", "4001", "4xxx", "other", "none",
 ];
 
 /// What one shard counts per message, connection and delivery.

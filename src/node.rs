@@ -86,7 +86,7 @@ impl Node {
                 .collect(),
             admission: Admission::new(&config, max_sockets),
             http: HttpConnections::default(),
-            proxies: TrustedProxies::parse(&config.trusted_proxies)?,
+            proxies: TrustedProxies::parse(&config.trusted_proxies, config.forwarded_header)?,
             tls: match (&config.tls_cert_file, &config.tls_key_file) {
                 (Some(cert), Some(key)) => Some(Tls::load(cert, key)?),
                 _ => None,

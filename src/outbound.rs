@@ -231,13 +231,17 @@ impl Outbound {
     /// Queues our close frame: the last frame this connection will send. Always wakes the task,
     /// which may be asleep on a full socket, so it starts the (time-bounded) close.
     pub fn push_close(&mut self, frame: Bytes, total: &mut QueueTotal) {
-        // The code is the payload's first two bytes, after a two-byte header (a close frame's
-        // payload is at most 125 bytes).
-        let code = frame
-            .get(2..4)
-            .map_or(1005, |c| u16::from_be_bytes([c[0], c[1]]));
-        self.push(frame, total);
-        self.close_code = code.max(1);
+        // A second close is not sent (nothing follows the first on the wire): the first's code
+        // stands.
+        if !self.is_closing() {
+            // The code is the payload's first two bytes, after a two-byte header (a close
+            // frame's payload is at most 125 bytes).
+            let code = frame
+                .get(2..4)
+                .map_or(1005, |c| u16::from_be_bytes([c[0], c[1]]));
+            self.push(frame, total);
+            self.close_code = code.max(1);
+        }
         if let Some(waker) = &self.waker {
             waker.wake_by_ref();
         }
@@ -389,6 +393,24 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!((out.queued_bytes(), total.bytes()), (0, 0));
         assert!(out.backlog.is_none());
+    }
+
+    #[test]
+    fn only_the_first_close_is_queued_and_its_code_is_the_one_kept() {
+        use crate::close::CloseCode;
+        let mut total = QueueTotal::default();
+        let mut out = Outbound::default();
+        assert_eq!(out.close_code(), None);
+        let slow = crate::frame::encode_close(CloseCode::POLICY_VIOLATION, "slow consumer");
+        out.push_close(slow.clone(), &mut total);
+        out.push_close(
+            crate::frame::encode_close(CloseCode::GOING_AWAY, ""),
+            &mut total,
+        );
+        out.push(frame(3), &mut total);
+        assert_eq!(out.close_code(), Some(1008));
+        assert_eq!(pending(&out), vec![slow.to_vec()]);
+        assert_eq!(out.advance(slow.len(), &mut total), 1, "one frame written");
     }
 
     #[test]

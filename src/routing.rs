@@ -216,13 +216,15 @@ pub fn share(node: &Node, publication: &Publication) -> bool {
 }
 
 /// Publishes from outside the shards (the server API, embedding applications): every shard
-/// delivers to its own recipients, and every other node to its own (see [`share`]). False when
-/// the other nodes could not be reached.
+/// delivers to its own recipients, and every other node to its own (see [`share`]). False, and
+/// delivered nowhere, when the other nodes could not be reached: a retry does not duplicate it.
 pub fn publish_from_outside(node: &Node, publication: Publication) -> bool {
-    let shared = share(node, &publication);
+    if !share(node, &publication) {
+        return false;
+    }
     let all: Vec<usize> = (0..node.shards()).collect();
     node.forward(&all, Delivery::Publication(Arc::new(publication)));
-    shared
+    true
 }
 
 /// Delivers a publication another node shared (`json`, its text) to this node's recipients.

@@ -177,7 +177,7 @@ impl Gateway {
     /// Publishes from outside the shards (embedding applications, admin tools): every shard
     /// delivers to its own matching clients, and (with a shared broker, and no `include` list,
     /// whose client ids are this node's) every other node to its own. False when the other nodes
-    /// could not be reached (counted).
+    /// could not be reached (counted): then it is delivered nowhere, and can be retried.
     pub fn publish(&self, publication: Publication) -> bool {
         routing::publish_from_outside(&self.node, publication)
     }

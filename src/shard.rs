@@ -83,7 +83,7 @@ pub(crate) struct UserConnections(HashMap<Arc<str>, Keys>);
 
 enum Keys {
     One(u32),
-    Many(Box<[u32]>),
+    Many(Vec<u32>),
 }
 
 impl Keys {
@@ -102,10 +102,11 @@ impl UserConnections {
             None => {
                 self.0.insert(user.clone(), Keys::One(key));
             }
-            Some(keys) => {
-                let more = [keys.as_slice(), &[key]].concat();
-                *keys = Keys::Many(more.into_boxed_slice());
+            Some(keys @ Keys::One(_)) => {
+                let first = keys.as_slice()[0];
+                *keys = Keys::Many(vec![first, key]);
             }
+            Some(Keys::Many(keys)) => keys.push(key),
         }
     }
 
@@ -114,18 +115,15 @@ impl UserConnections {
         let Some(keys) = self.0.get_mut(user) else {
             return;
         };
-        let rest: Vec<u32> = keys
-            .as_slice()
-            .iter()
-            .copied()
-            .filter(|&k| k != key)
-            .collect();
-        match rest[..] {
-            [] => {
-                self.0.remove(user);
-            }
-            [one] => *keys = Keys::One(one),
-            _ => *keys = Keys::Many(rest.into_boxed_slice()),
+        let Keys::Many(many) = keys else {
+            self.0.remove(user);
+            return;
+        };
+        if let Some(at) = many.iter().position(|&k| k == key) {
+            many.swap_remove(at);
+        }
+        if let [one] = many[..] {
+            *keys = Keys::One(one);
         }
     }
 

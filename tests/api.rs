@@ -241,6 +241,7 @@ async fn bad_requests_get_a_status_and_a_json_error() {
         ),
         ("GET", "/api/publish", Value::Null, 405, "method"),
         ("GET", "/api/nothing", Value::Null, 404, "no such"),
+        ("POST", "/api/rooms/r", Value::Null, 405, "method"),
         ("GET", "/api/rooms?limit=0", Value::Null, 400, "limit"),
         ("GET", "/api/rooms?colour=red", Value::Null, 400, "colour"),
     ];

@@ -44,6 +44,9 @@ fn secrets_are_never_printed() {
     );
     assert_eq!(config["jwt_secret"].as_str(), Some("<redacted>"));
     assert_eq!(config["api_key"].as_str(), Some("<redacted>"));
+    // An empty value is no key (an environment file's `WSGATE_API_KEY=`), not a short one.
+    let config = print_config(wsgate().env("WSGATE_API_KEY", ""));
+    assert!(config.get("api_key").is_none(), "{config:?}");
     let err = refused(wsgate().env("WSGATE_API_KEY", "short-key"));
     assert!(err.contains("api_key") && err.contains("16"), "{err}");
     assert!(!err.contains("short-key"), "{err}");

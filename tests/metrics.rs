@@ -130,11 +130,11 @@ async fn traffic_connections_and_refusals_are_counted_over_every_shard() {
 async fn with_a_metrics_key_only_callers_that_send_it_are_served() {
     let gw = TestGateway::start_with(|c| c.metrics_key = Some(METRICS_KEY.into()), 1);
     let (status, head, body) = http_get(gw.addr, "/metrics", "").await;
-    assert_eq!(status, 403, "even from loopback: {body}");
+    assert_eq!(status, 401, "even from loopback: {body}");
     assert!(head.contains("www-authenticate: Bearer"), "{head}");
     assert!(body.contains("metrics_key"), "{body}");
     let wrong = "Authorization: Bearer not-the-key-0123456789\r\n";
-    assert_eq!(http_get(gw.addr, "/metrics", wrong).await.0, 403);
+    assert_eq!(http_get(gw.addr, "/metrics", wrong).await.0, 401);
     let right = format!("Authorization: Bearer {METRICS_KEY}\r\n");
     let (status, _, body) = http_get(gw.addr, "/metrics", &right).await;
     assert_eq!(status, 200);

@@ -65,7 +65,7 @@ async fn behind_a_trusted_proxy_limits_count_the_forwarded_client() {
     ];
     // Alice is at her cap; the proxy itself is not (it carries everyone).
     assert_eq!(websocket(PROXY, gw.addr, &alice).await.err(), Some(429));
-    let bob = [("forwarded", "for=\"[2001:db8::9]:4711\"")];
+    let bob = [("x-forwarded-for", "2001:db8::9")];
     let _bob = websocket(PROXY, gw.addr, &bob).await.unwrap();
     let _idle: Vec<TcpStream> =
         futures_util::future::join_all((0..3).map(|_| connect_from(PROXY, gw.addr))).await;

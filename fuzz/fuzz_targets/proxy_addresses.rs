@@ -7,11 +7,14 @@ use std::net::IpAddr;
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use wsgate::http::forwarded::TrustedProxies;
+use wsgate::http::forwarded::{ForwardedHeader, TrustedProxies};
 use wsgate::http::proxy_header::{Parsed, parse};
 
-static PROXIES: LazyLock<TrustedProxies> =
-    LazyLock::new(|| TrustedProxies::parse(&["10.0.0.0/8".into(), "::1".into()]).unwrap());
+static PROXIES: LazyLock<[TrustedProxies; 2]> = LazyLock::new(|| {
+    let trusted = ["10.0.0.0/8".to_owned(), "::1".to_owned()];
+    [ForwardedHeader::XForwardedFor, ForwardedHeader::Forwarded]
+        .map(|header| TrustedProxies::parse(&trusted, header).unwrap())
+});
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(Parsed::Complete { len, source }) = parse(data) {
@@ -25,9 +28,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let peer = IpAddr::from([10, 1, 2, 3]);
-    for name in ["x-forwarded-for", "forwarded"] {
+    for (name, proxies) in ["x-forwarded-for", "forwarded"].iter().zip(PROXIES.iter()) {
         let mut headers = hyper::HeaderMap::new();
-        headers.insert(name, value.clone());
-        let _ = PROXIES.client(&headers, peer);
+        headers.insert(*name, value.clone());
+        let _ = proxies.client(&headers, peer);
     }
 });

@@ -15,7 +15,7 @@
 //! kept in its history, so members that reconnect with `since` get it too.
 //!
 //! Errors are `{"error": "…"}` with 400 (bad body or query), 401 (no or wrong key), 404, 405,
-//! 413 (body over `max_message_size`), 503 (Redis away or behind: retry).
+//! 408 (body too slow), 413 (body over `max_message_size`), 503 (Redis away or behind: retry).
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -95,6 +95,10 @@ pub async fn serve(shard: Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed".into(),
         )),
+        (_, room) if room.starts_with("rooms/") => Err(Refused(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed".into(),
+        )),
         _ => Err(Refused(StatusCode::NOT_FOUND, "no such API route".into())),
     };
     answer.unwrap_or_else(Refused::into_response)
@@ -158,7 +162,12 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
     }
     let reading = Limited::new(req.into_body(), limit).collect();
     let body: Bytes = match tokio::time::timeout(config.handshake_timeout, reading).await {
-        Err(_) => return Err(bad_request("body not received within handshake_timeout")),
+        Err(_) => {
+            return Err(Refused(
+                StatusCode::REQUEST_TIMEOUT,
+                "body not received within handshake_timeout".into(),
+            ));
+        }
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
         Ok(Err(e)) => return Err(bad_request(format!("cannot read the body: {e}"))),
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -236,9 +245,7 @@ fn broadcast(shard: &Shard, body: BroadcastBody) -> Answer {
         exclude: Vec::new(),
     };
     if !routing::publish_from_outside(node, publication) {
-        return Err(unavailable(
-            "published on this node only: the other nodes could not be reached (Redis behind)",
-        ));
+        return Err(unavailable(ErrorReply::Unavailable));
     }
     Ok(json(StatusCode::OK, &json!({ "published": true })))
 }

@@ -7,60 +7,75 @@ use std::net::IpAddr;
 use hyper::HeaderMap;
 use ipnet::IpNet;
 
-/// The peers whose word on the client's address is taken.
+/// Which header the trusted proxies write the chain in (`forwarded_header`). Only that one is
+/// read: proxies pass the other through as the client wrote it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For` (nginx's `$proxy_add_x_forwarded_for`, HAProxy's `option forwardfor`).
+    #[default]
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239).
+    Forwarded,
+}
+
+/// The peers whose word on the client's address is taken, and the header they say it in.
 #[derive(Debug, Default)]
-pub struct TrustedProxies(Vec<IpNet>);
+pub struct TrustedProxies {
+    nets: Vec<IpNet>,
+    header: ForwardedHeader,
+}
 
 impl TrustedProxies {
     /// Parses `trusted_proxies`: CIDR blocks (`10.0.0.0/8`, `fd00::/8`) or single addresses.
-    pub fn parse(list: &[String]) -> Result<Self, String> {
-        list.iter()
+    pub fn parse(list: &[String], header: ForwardedHeader) -> Result<Self, String> {
+        let nets = list
+            .iter()
             .map(|entry| {
                 entry
                     .parse::<IpNet>()
                     .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
                     .map_err(|_| format!("{entry:?} is not an address or a CIDR block"))
             })
-            .collect::<Result<_, _>>()
-            .map(TrustedProxies)
+            .collect::<Result<_, _>>()?;
+        Ok(TrustedProxies { nets, header })
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.nets.is_empty()
     }
 
     pub fn trusts(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
-        self.0.iter().any(|net| net.contains(&ip))
+        self.nets.iter().any(|net| net.contains(&ip))
     }
 
     /// The client a request from `peer` is for: `peer` itself unless it is a trusted proxy; else
-    /// the nearest address in the forwarding chain (`Forwarded`, or else `X-Forwarded-For`,
-    /// read from the right) that is not a trusted proxy — the first one any client could have
-    /// written is not believed. A hop that hid its address (`unknown`, an obfuscated name) stops
-    /// the walk at the proxy that reported it. A chain that cannot be read is an error.
+    /// the nearest address of the forwarding chain (read from the right) that is not a trusted
+    /// proxy — what the client itself wrote at the left is not believed. A request from a
+    /// trusted proxy without the header is the proxy's own. A chain that cannot be read, or
+    /// that hides the client (`for=unknown`, an obfuscated name, no `for=`), is an error.
     pub fn client(&self, headers: &HeaderMap, peer: IpAddr) -> Result<IpAddr, &'static str> {
         if !self.trusts(peer) {
             return Ok(peer);
         }
-        let hops = match forwarded_for(headers) {
-            Some(hops) => hops?,
-            None => match x_forwarded_for(headers) {
-                Some(hops) => hops?,
-                None => return Ok(peer),
-            },
+        let hops = match self.header {
+            ForwardedHeader::XForwardedFor => x_forwarded_for(headers),
+            ForwardedHeader::Forwarded => forwarded_for(headers),
         };
-        let mut client = peer;
+        let Some(hops) = hops else {
+            return Ok(peer);
+        };
+        let hops = hops?;
+        let mut client = Err("the forwarding chain names no client address");
         for hop in hops.iter().rev() {
-            let Some(address) = hop else {
-                return Ok(client);
-            };
-            client = *address;
-            if !self.trusts(client) {
+            let address = hop.ok_or("the forwarding chain hides the client's address")?;
+            client = Ok(address);
+            if !self.trusts(address) {
                 break;
             }
         }
-        Ok(client)
+        client
     }
 }
 
@@ -160,7 +175,11 @@ mod tests {
 
     #[test]
     fn only_trusted_peers_are_believed() {
-        let proxies = TrustedProxies::parse(&["10.0.0.0/8".into(), "192.0.2.9".into()]).unwrap();
+        let proxies = TrustedProxies::parse(
+            &["10.0.0.0/8".into(), "192.0.2.9".into()],
+            ForwardedHeader::XForwardedFor,
+        )
+        .unwrap();
         let xff = headers(&[("x-forwarded-for", "203.0.113.7")]);
         assert_eq!(proxies.client(&xff, ip("10.1.2.3")), Ok(ip("203.0.113.7")));
         assert_eq!(proxies.client(&xff, ip("192.0.2.9")), Ok(ip("203.0.113.7")));
@@ -182,7 +201,8 @@ mod tests {
 
     #[test]
     fn the_nearest_untrusted_hop_is_the_client_whatever_the_client_wrote() {
-        let proxies = TrustedProxies::parse(&["10.0.0.0/8".into()]).unwrap();
+        let proxies =
+            TrustedProxies::parse(&["10.0.0.0/8".into()], ForwardedHeader::XForwardedFor).unwrap();
         // The client claimed 1.1.1.1; the edge proxy appended the address it saw; an inner
         // proxy appended the edge's.
         let chain = headers(&[
@@ -196,11 +216,21 @@ mod tests {
         // Every hop trusted: the leftmost.
         let inside = headers(&[("x-forwarded-for", "10.0.0.1, 10.0.0.2")]);
         assert_eq!(proxies.client(&inside, ip("10.0.0.6")), Ok(ip("10.0.0.1")));
+        // The header the proxies do not write is the client's own: ignored.
+        let forged = headers(&[
+            ("forwarded", "for=198.51.100.9"),
+            ("x-forwarded-for", "203.0.113.7"),
+        ]);
+        assert_eq!(
+            proxies.client(&forged, ip("10.0.0.6")),
+            Ok(ip("203.0.113.7"))
+        );
     }
 
     #[test]
-    fn forwarded_is_read_first_with_ports_brackets_and_hidden_hops() {
-        let proxies = TrustedProxies::parse(&["10.0.0.0/8".into()]).unwrap();
+    fn forwarded_is_read_with_ports_and_brackets_when_chosen() {
+        let proxies =
+            TrustedProxies::parse(&["10.0.0.0/8".into()], ForwardedHeader::Forwarded).unwrap();
         let both = headers(&[
             (
                 "forwarded",
@@ -211,28 +241,38 @@ mod tests {
         assert_eq!(proxies.client(&both, ip("10.0.0.6")), Ok(ip("2001:db8::7")));
         let port = headers(&[("forwarded", "for=192.0.2.60:47011;by=10.0.0.5")]);
         assert_eq!(proxies.client(&port, ip("10.0.0.6")), Ok(ip("192.0.2.60")));
-        // A hop that hid the address before it: the proxy that reported it is the client.
-        let hidden = headers(&[("forwarded", "for=unknown, for=10.0.0.5")]);
-        assert_eq!(proxies.client(&hidden, ip("10.0.0.6")), Ok(ip("10.0.0.5")));
-        let obfuscated = headers(&[("forwarded", "for=_gazonk")]);
-        assert_eq!(
-            proxies.client(&obfuscated, ip("10.0.0.6")),
-            Ok(ip("10.0.0.6"))
-        );
+        // A chain that hides the client, or names none, does not make it the proxy.
+        for hidden in ["for=unknown, for=10.0.0.5", "for=_gazonk", "proto=https"] {
+            let headers = headers(&[("forwarded", hidden)]);
+            assert!(
+                proxies.client(&headers, ip("10.0.0.6")).is_err(),
+                "{hidden}"
+            );
+        }
     }
 
     #[test]
     fn unreadable_chains_are_errors_and_bad_config_is_refused() {
-        let proxies = TrustedProxies::parse(&["10.0.0.0/8".into()]).unwrap();
-        for bad in [
-            headers(&[("x-forwarded-for", "203.0.113.7, not-an-address")]),
-            headers(&[("x-forwarded-for", "")]),
-            headers(&[("forwarded", "for=\"[2001:db8::7\"")]),
-            headers(&[("forwarded", "for=999.1.1.1")]),
+        for (header, name, value) in [
+            (
+                ForwardedHeader::XForwardedFor,
+                "x-forwarded-for",
+                "203.0.113.7, not-an-address",
+            ),
+            (ForwardedHeader::XForwardedFor, "x-forwarded-for", ""),
+            (
+                ForwardedHeader::Forwarded,
+                "forwarded",
+                "for=\"[2001:db8::7\"",
+            ),
+            (ForwardedHeader::Forwarded, "forwarded", "for=999.1.1.1"),
         ] {
-            assert!(proxies.client(&bad, ip("10.0.0.6")).is_err(), "{bad:?}");
+            let proxies = TrustedProxies::parse(&["10.0.0.0/8".into()], header).unwrap();
+            let headers = headers(&[(name, value)]);
+            assert!(proxies.client(&headers, ip("10.0.0.6")).is_err(), "{value}");
         }
-        assert!(TrustedProxies::parse(&["10.0.0.0/33".into()]).is_err());
-        assert!(TrustedProxies::parse(&["proxy.local".into()]).is_err());
+        let xff = ForwardedHeader::XForwardedFor;
+        assert!(TrustedProxies::parse(&["10.0.0.0/33".into()], xff).is_err());
+        assert!(TrustedProxies::parse(&["proxy.local".into()], xff).is_err());
     }
 }

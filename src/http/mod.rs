@@ -346,19 +346,23 @@ fn health(shard: &Shard) -> serde_json::Value {
 
 /// `/metrics`: with `metrics_key`, for callers that send it; without, for loopback callers only.
 fn metrics(shard: &Shard, req: &Request<Incoming>, peer: IpAddr) -> Response<Body> {
-    let allowed = match &shard.node.config.metrics_key {
-        Some(key) => api::authorized(req.headers(), key.expose()),
-        None => peer.is_loopback(),
-    };
-    if !allowed {
-        let mut res = error_response(
-            StatusCode::FORBIDDEN,
-            "metrics: send Authorization: Bearer <metrics_key> (without a metrics_key, only \
-             loopback callers are served)",
-        );
-        res.headers_mut()
-            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return res;
+    match &shard.node.config.metrics_key {
+        Some(key) if !api::authorized(req.headers(), key.expose()) => {
+            let mut res = error_response(
+                StatusCode::UNAUTHORIZED,
+                "metrics: send Authorization: Bearer <metrics_key>",
+            );
+            res.headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return res;
+        }
+        None if !peer.is_loopback() => {
+            return error_response(
+                StatusCode::FORBIDDEN,
+                "metrics: only loopback callers are served without a metrics_key",
+            );
+        }
+        _ => {}
     }
     let mut res = Response::new(Full::new(Bytes::from(crate::metrics::render(&shard.node))));
     res.headers_mut().insert(

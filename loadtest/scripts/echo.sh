@@ -19,4 +19,4 @@ start_server "$server"
 echo "server: $server, $n connections x $payload B, $duration"
 taskset -c 1 "$TARGET_DIR/release/loadtest" echo --target "$GATEWAY_ADDR" --path "$ECHO_PATH" \
   -n "$n" --payload "$payload" --duration "$duration" --gateway-pid "$GATEWAY_PID" \
-  --json "${JSON:-/dev/null}"
+  --json "${JSON:-/dev/null}" "${LOADTEST_TLS[@]}"

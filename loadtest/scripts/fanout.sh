@@ -22,4 +22,4 @@ WSGATE_LOG=warn start_gateway --shards 2
 "$TARGET_DIR/release/loadtest" fanout --target "$GATEWAY_ADDR" --token "$TOKEN" -n "$subscribers" \
   --rooms "$rooms" --publishers "$publishers" --publish-rate "$rate" --duration "$duration" \
   --source-ips 127.0.0.1-127.0.0.4 --gateway-pid "$GATEWAY_PID" --procs "$procs" \
-  --json "${JSON:-/dev/null}"
+  --json "${JSON:-/dev/null}" "${LOADTEST_TLS[@]}"

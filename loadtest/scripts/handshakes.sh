@@ -18,4 +18,4 @@ start_server "$server"
 echo "server: $server, $n handshakes"
 taskset -c 1 "$TARGET_DIR/release/loadtest" connect --target "$GATEWAY_ADDR" --path "$ECHO_PATH" \
   -n "$n" --rate "$rate" --hold 1s --source-ips 127.0.0.1-127.0.0.4 \
-  --gateway-pid "$GATEWAY_PID" --json "${JSON:-/dev/null}"
+  --gateway-pid "$GATEWAY_PID" --json "${JSON:-/dev/null}" "${LOADTEST_TLS[@]}"

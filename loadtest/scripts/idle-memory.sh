@@ -15,4 +15,4 @@ prepare_load_test
 WSGATE_LOG=warn start_gateway --shards 2
 # Four source addresses: 10k+ connections from one address would crowd its ephemeral ports.
 "$TARGET_DIR/release/loadtest" connect --target "$GATEWAY_ADDR" --token "$TOKEN" -n "$n" --rate 5000 \
-  --hold 3s --source-ips 127.0.0.1-127.0.0.4 --gateway-pid "$GATEWAY_PID" "$@"
+  --hold 3s --source-ips 127.0.0.1-127.0.0.4 --gateway-pid "$GATEWAY_PID" "$@" "${LOADTEST_TLS[@]}"

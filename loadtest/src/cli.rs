@@ -42,6 +42,9 @@ pub struct Common {
     /// A token to present (as `?token=`), e.g. from `wsgate token --user loadtest`.
     #[arg(long)]
     pub token: Option<String>,
+    /// Speak TLS (wss://), trusting this CA certificate (PEM); the name checked is `localhost`.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
     /// Local source addresses, as a range (127.0.0.1-127.0.0.8) or a comma list: each source
     /// address has its own ~28k ephemeral ports.
     #[arg(long, default_value = "127.0.0.1", value_parser = parse_sources)]

@@ -3,6 +3,8 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use fastwebsockets::{FragmentCollector, Frame, OpCode, Payload};
@@ -11,8 +13,11 @@ use hyper::Request;
 use hyper::header::{CONNECTION, HOST, UPGRADE};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
 use tokio::net::TcpSocket;
+use tokio_rustls::TlsConnector;
 
 pub type Ws = FragmentCollector<TokioIo<Upgraded>>;
 
@@ -49,7 +54,39 @@ where
     }
 }
 
-/// Connects to `target` from `source` and completes the upgrade on `path`.
+/// The TLS client every connection of this process uses (`--tls-ca`), if any.
+static TLS: OnceLock<Option<TlsConnector>> = OnceLock::new();
+
+/// Sets up TLS for this process's connections: with `ca`, every connection speaks TLS and trusts
+/// that CA. Call once, before connecting.
+pub fn init_tls(ca: Option<&Path>) -> Result<(), String> {
+    let connector = match ca {
+        None => None,
+        Some(path) => {
+            let pem =
+                std::fs::read(path).map_err(|e| format!("--tls-ca {}: {e}", path.display()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| format!("--tls-ca {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("--tls-ca {}: {e}", path.display()))?;
+            }
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Some(TlsConnector::from(Arc::new(config)))
+        }
+    };
+    TLS.set(connector)
+        .map_err(|_| "TLS set up twice".to_owned())
+}
+
+/// Connects to `target` from `source` and completes the upgrade on `path` (over TLS with
+/// `--tls-ca`).
 pub async fn connect(source: IpAddr, target: SocketAddr, path: &str) -> Result<Ws, Failure> {
     let socket = match target {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
@@ -88,9 +125,18 @@ pub async fn connect(source: IpAddr, target: SocketAddr, path: &str) -> Result<W
         .header("Sec-WebSocket-Version", "13")
         .body(Empty::<Bytes>::new())
         .map_err(|_| Failure::Handshake)?;
-    let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, request, stream)
-        .await
-        .map_err(|_| Failure::Handshake)?;
+    let (ws, _) = match TLS.get().and_then(Option::as_ref) {
+        Some(tls) => {
+            let name = ServerName::try_from("localhost").expect("a valid name");
+            let stream = tls
+                .connect(name, stream)
+                .await
+                .map_err(|_| Failure::Handshake)?;
+            fastwebsockets::handshake::client(&SpawnExecutor, request, stream).await
+        }
+        None => fastwebsockets::handshake::client(&SpawnExecutor, request, stream).await,
+    }
+    .map_err(|_| Failure::Handshake)?;
     Ok(FragmentCollector::new(ws))
 }
 

@@ -30,6 +30,16 @@ pub fn main_with(cli: Cli) -> ExitCode {
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         eprintln!("loadtest: cannot raise the open-files limit: {e}");
     }
+    let common = match &cli.scenario {
+        ScenarioArgs::Connect(args) => &args.common,
+        ScenarioArgs::Echo(args) => &args.common,
+        ScenarioArgs::Fanout(args) => &args.common,
+        ScenarioArgs::Churn(args) => &args.common,
+    };
+    if let Err(e) = client::init_tls(common.tls_ca.as_deref()) {
+        eprintln!("loadtest: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -159,8 +159,8 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Serve the raw echo endpoint `/echo` (the RFC 6455 conformance target). Default true.
     pub echo_endpoint: bool,
-    /// Include the refusal counters in `/healthz` (anyone who can reach it can read them).
-    /// Default true.
+    /// Include the refusal counters in `/healthz`, for the callers `/metrics` serves (loopback,
+    /// or with `metrics_key`). Default true.
     pub healthz_detail: bool,
     /// The server API's key: backends call `/api/…` with `Authorization: Bearer <api_key>`. At
     /// least 16 characters. Unset (default): the API is off (404).

@@ -139,6 +139,13 @@ async fn with_a_metrics_key_only_callers_that_send_it_are_served() {
     let (status, _, body) = http_get(gw.addr, "/metrics", &right).await;
     assert_eq!(status, 200);
     assert!(body.contains("# TYPE wsgate_connections gauge"), "{body}");
+    // /healthz's counters follow the same rule; its liveness is for everyone.
+    let health = |body: String| serde_json::from_str::<serde_json::Value>(&body).unwrap();
+    let anyone = health(http_get(gw.addr, "/healthz", "").await.2);
+    assert_eq!(anyone["status"], "ok");
+    assert!(anyone.get("refused").is_none(), "{anyone}");
+    let scraper = health(http_get(gw.addr, "/healthz", &right).await.2);
+    assert!(scraper["refused"]["auth_refused"].is_object(), "{scraper}");
 }
 
 #[tokio::test]

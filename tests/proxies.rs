@@ -136,6 +136,11 @@ async fn metrics_see_the_forwarded_client_not_a_local_proxy() {
     );
     let (status, _, _) = http_get(gw.addr, "/metrics", "").await;
     assert_eq!(status, 200, "the proxy's own request");
+    let (_, _, health) = http_get(gw.addr, "/healthz", "X-Forwarded-For: 203.0.113.7\r\n").await;
+    assert!(
+        !health.contains("refused"),
+        "no counters for a remote client: {health}"
+    );
 }
 
 const UPGRADE: &str = "GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\

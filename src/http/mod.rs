@@ -5,7 +5,7 @@
 //! | `GET /`    | the test client page; a WebSocket upgrade here is the chat protocol |
 //! | `GET /ws`  | WebSocket upgrade: the JSON chat protocol                    |
 //! | `GET /echo`| WebSocket upgrade: raw echo (RFC 6455 conformance target; `echo_endpoint`) |
-//! | `GET /healthz` | liveness, gauges and (`healthz_detail`) refusal counters, as JSON |
+//! | `GET /healthz` | liveness, gauges and (`healthz_detail`, for who may read `/metrics`) refusal counters, as JSON |
 //! | `GET /metrics` | Prometheus metrics (see [`crate::metrics`]): `metrics_key`, or loopback |
 //! | `GET /readyz`  | readiness: 503 once shutdown has begun, or while Redis is away (`broker = "redis"`) |
 //! | `GET /dev/token?user=NAME` | dev mode only (no key configured): a 1-hour token |
@@ -302,7 +302,12 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>, origin: Origin) -> Response<
         (&Method::GET, "/echo") if config.echo_endpoint => {
             upgrade(shard, req, Endpoint::Echo, origin)
         }
-        (&Method::GET, "/healthz") => json(StatusCode::OK, &health(shard)),
+        (&Method::GET, "/healthz") => {
+            // The counters only to who may read /metrics: they tell an attacker what works.
+            let detail =
+                config.healthz_detail && counters_refusal(shard, &req, origin.client).is_none();
+            json(StatusCode::OK, &health(shard, detail))
+        }
         (&Method::GET, "/metrics") => metrics(shard, &req, origin.client),
         (&Method::GET, "/dev/token") if shard.node.auth.dev_mode() => dev_token(shard, req.uri()),
         (&Method::GET, "/readyz") if shard.node.is_draining() => error_response(
@@ -324,8 +329,8 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>, origin: Origin) -> Response<
     }
 }
 
-/// `/healthz`: liveness, gauges, and the refusal counters when `healthz_detail` is on.
-fn health(shard: &Shard) -> serde_json::Value {
+/// `/healthz`: liveness, gauges, and (`detail`) the refusal counters.
+fn health(shard: &Shard, detail: bool) -> serde_json::Value {
     let node = &shard.node;
     let mut health = serde_json::json!({
         "status": "ok",
@@ -338,14 +343,19 @@ fn health(shard: &Shard) -> serde_json::Value {
         "shards": node.shards(),
         "broker": broker_health(&node.broker),
     });
-    if node.config.healthz_detail {
+    if detail {
         health["refused"] = node.counters.snapshot();
     }
     health
 }
 
-/// `/metrics`: with `metrics_key`, for callers that send it; without, for loopback callers only.
-fn metrics(shard: &Shard, req: &Request<Incoming>, peer: IpAddr) -> Response<Body> {
+/// Who may read the counters (`/metrics`, `/healthz`'s detail): with `metrics_key`, callers that
+/// send it; without, loopback callers only. The refusal for anyone else.
+fn counters_refusal(
+    shard: &Shard,
+    req: &Request<Incoming>,
+    client: IpAddr,
+) -> Option<Response<Body>> {
     match &shard.node.config.metrics_key {
         Some(key) if !api::authorized(req.headers(), key.expose()) => {
             let mut res = error_response(
@@ -354,15 +364,20 @@ fn metrics(shard: &Shard, req: &Request<Incoming>, peer: IpAddr) -> Response<Bod
             );
             res.headers_mut()
                 .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return res;
+            Some(res)
         }
-        None if !peer.is_loopback() => {
-            return error_response(
-                StatusCode::FORBIDDEN,
-                "metrics: only loopback callers are served without a metrics_key",
-            );
-        }
-        _ => {}
+        None if !client.is_loopback() => Some(error_response(
+            StatusCode::FORBIDDEN,
+            "metrics: only loopback callers are served without a metrics_key",
+        )),
+        _ => None,
+    }
+}
+
+/// `/metrics`, for who may read the counters.
+fn metrics(shard: &Shard, req: &Request<Incoming>, client: IpAddr) -> Response<Body> {
+    if let Some(refused) = counters_refusal(shard, req, client) {
+        return refused;
     }
     let mut res = Response::new(Full::new(Bytes::from(crate::metrics::render(&shard.node))));
     res.headers_mut().insert(
@@ -374,9 +389,7 @@ fn metrics(shard: &Shard, req: &Request<Incoming>, peer: IpAddr) -> Response<Bod
 
 /// `/api/stats`: what `/healthz` shows, with every counter whatever `healthz_detail` says.
 fn stats(shard: &Shard) -> serde_json::Value {
-    let mut stats = health(shard);
-    stats["refused"] = shard.node.counters.snapshot();
-    stats
+    health(shard, true)
 }
 
 fn broker_health(broker: &Broker) -> serde_json::Value {

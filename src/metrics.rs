@@ -15,6 +15,7 @@ use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::broker::Broker;
 use crate::node::Node;
 
 /// A counter written by one thread only (its shard's): adding is a load and a store, with no
@@ -381,6 +382,23 @@ impl NodeCollector {
              connected and caught up",
             flag(node.broker.is_ready()),
         )?;
+        if let Broker::Redis(redis) = &node.broker {
+            if let Some(round_trip) = redis.probe_round_trip() {
+                one(
+                    e,
+                    "wsgate_redis_probe_round_trip_seconds",
+                    "The last probe's round trip through Redis (PUBLISH, then delivery on this \
+                     node's subscription): how far behind the subscription runs",
+                    Value::Gauge(round_trip.as_secs_f64()),
+                )?;
+            }
+            one(
+                e,
+                "wsgate_redis_publish_queue",
+                "Room messages waiting to be sent to Redis (at most redis_publish_queue)",
+                gauge(redis.publish_queue_len()),
+            )?;
+        }
         // Every other refusal and forced close, one counter each (the inbox's is by shard, above).
         let counters = node.counters.described();
         let rest = counters.iter().filter(|(name, ..)| {

@@ -950,3 +950,36 @@ async fn the_server_api_publishes_and_broadcasts_to_every_node() {
     }
     member.expect_silence().await;
 }
+
+#[tokio::test]
+async fn metrics_show_the_redis_round_trip_and_readiness() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1]).await;
+    // The probe goes out every second: its round trip shows once one came back.
+    let sample = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .map(|value| value.parse::<f64>().unwrap())
+    };
+    let text = eventually_async(|| async {
+        let (_, _, text) = http_get(nodes[0].addr, "/metrics", "").await;
+        sample(&text, "wsgate_redis_probe_round_trip_seconds").map(|_| text)
+    })
+    .await;
+    let round_trip = sample(&text, "wsgate_redis_probe_round_trip_seconds").unwrap();
+    assert!(round_trip > 0.0 && round_trip < 1.0, "{round_trip}");
+    assert_eq!(sample(&text, "wsgate_broker_ready"), Some(1.0));
+    assert_eq!(sample(&text, "wsgate_redis_publish_queue"), Some(0.0));
+}
+
+/// Polls `read` until it gives something (within a few probe intervals).
+async fn eventually_async<T, F: Future<Output = Option<T>>>(mut read: impl FnMut() -> F) -> T {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = read().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never came");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -33,7 +33,7 @@ pub mod sync;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ::redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
@@ -147,6 +147,33 @@ pub struct RedisBroker {
     outgoing: Sender<Outgoing>,
     records: UnboundedSender<Record>,
     ready: Arc<AtomicBool>,
+    probe: Arc<ProbeClock>,
+}
+
+/// The probe's round trip through Redis (PUBLISH on the command connection, delivery on the
+/// subscription): how far behind the subscription runs.
+struct ProbeClock {
+    /// What the probes carry: microseconds since `epoch`.
+    epoch: Instant,
+    /// The last round trip, in microseconds (`u64::MAX`: none yet).
+    last_micros: AtomicU64,
+}
+
+impl ProbeClock {
+    fn now_micros(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// A probe sent at `sent` (its payload) came back now.
+    fn came_back(&self, payload: &[u8]) {
+        let sent = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|p| p.parse::<u64>().ok());
+        if let Some(sent) = sent {
+            let round_trip = self.now_micros().saturating_sub(sent);
+            self.last_micros.store(round_trip, Ordering::Relaxed);
+        }
+    }
 }
 
 impl RedisBroker {
@@ -155,12 +182,17 @@ impl RedisBroker {
         let (outgoing, outgoing_rx) = mpsc::channel(config.redis_publish_queue);
         let (records, records_rx) = mpsc::unbounded_channel();
         let ready = Arc::new(AtomicBool::new(false));
+        let probe = Arc::new(ProbeClock {
+            epoch: Instant::now(),
+            last_micros: AtomicU64::new(u64::MAX),
+        });
         let broker = RedisBroker {
             node_id: node_id.clone(),
             commands,
             outgoing,
             records,
             ready: ready.clone(),
+            probe: probe.clone(),
         };
         let engine = Engine {
             url: config.redis_url.clone(),
@@ -177,12 +209,24 @@ impl RedisBroker {
             rewrite: HashSet::new(),
             nodes: Nodes::default(),
             judge_after: Instant::now(),
+            probe,
         };
         (broker, engine)
     }
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// The last probe's round trip through Redis, if one came back yet.
+    pub fn probe_round_trip(&self) -> Option<Duration> {
+        let micros = self.probe.last_micros.load(Ordering::Relaxed);
+        (micros != u64::MAX).then(|| Duration::from_micros(micros))
+    }
+
+    /// Room messages waiting to be sent to Redis.
+    pub fn publish_queue_len(&self) -> usize {
+        self.outgoing.max_capacity() - self.outgoing.capacity()
     }
 
     pub fn node_id(&self) -> &str {
@@ -274,6 +318,7 @@ pub struct Engine {
     grace: Duration,
     node_id: Arc<str>,
     ready: Arc<AtomicBool>,
+    probe: Arc<ProbeClock>,
     commands: UnboundedReceiver<Command>,
     /// Lent to the publisher while connected.
     queues: Option<Queues>,
@@ -526,11 +571,12 @@ impl Engine {
                     }
                     let mut commands = session.commands.clone();
                     let channel = session.probe_channel.clone();
+                    let sent = self.probe.now_micros();
                     // A failure shows as a probe that does not come back.
                     tokio::spawn(async move {
                         let _: RedisResult<i64> = ::redis::cmd("PUBLISH")
                             .arg(channel)
-                            .arg("probe")
+                            .arg(sent)
                             .query_async(&mut commands)
                             .await;
                     });
@@ -636,6 +682,7 @@ impl Engine {
         let payload = message.get_payload_bytes();
         if channel == session.probe_channel {
             session.last_probe = Instant::now();
+            self.probe.came_back(payload);
             return;
         }
         let delivered = if channel == BROADCAST_CHANNEL {

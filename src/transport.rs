@@ -56,14 +56,6 @@ impl Stream {
             }
         }
     }
-
-    /// The TCP socket under the stream.
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(stream) => stream,
-            Stream::Tls(stream) => stream.get_ref().0,
-        }
-    }
 }
 
 impl AsyncRead for Stream {

@@ -16,16 +16,9 @@ async fn call(gw: &TestGateway, method: &str, path: &str, body: Value) -> (u16, 
 
 /// The next publication, past presence notices.
 async fn next_publication(client: &mut Client) -> Value {
-    loop {
-        let msg = client.recv().await;
-        match msg["type"].as_str() {
-            Some("user_joined" | "user_left") => continue,
-            _ => {
-                assert_eq!(msg["type"], "publication", "{msg}");
-                return msg;
-            }
-        }
-    }
+    let msg = client.next_not_presence().await;
+    assert_eq!(msg["type"], "publication", "{msg}");
+    msg
 }
 
 #[tokio::test]
@@ -88,12 +81,7 @@ async fn a_publication_reaches_every_member_in_order_and_is_kept_for_recovery() 
 
     // A member coming back with `since` gets what was published meanwhile.
     let mut back = gw.client().await;
-    back.send(
-        "join_room",
-        json!({"room": "news", "since": {"offset": 1, "epoch": epoch}}),
-    )
-    .await;
-    let joined = back.expect("room_joined").await;
+    let joined = back.join_since("news", Some((1, &epoch))).await;
     assert_eq!(joined["recovered"], true, "{joined}");
     for n in 2..=3 {
         assert_eq!(back.expect("publication").await["data"]["n"], n);
@@ -118,12 +106,8 @@ async fn a_publication_to_a_room_without_members_is_kept_for_those_who_join_with
     let mut first = gw.client().await;
     let epoch = first.join_room_epoch("empty").await;
     let mut late = gw.client().await;
-    late.send(
-        "join_room",
-        json!({"room": "empty", "since": {"offset": 0, "epoch": epoch}}),
-    )
-    .await;
-    assert_eq!(late.expect("room_joined").await["recovered"], true);
+    let joined = late.join_since("empty", Some((0, &epoch))).await;
+    assert_eq!(joined["recovered"], true);
     assert_eq!(late.expect("publication").await["data"], json!([1, 2]));
 }
 

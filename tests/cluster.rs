@@ -55,60 +55,18 @@ async fn cluster(redis: &RedisServer, shards: &[usize]) -> Vec<TestGateway> {
     nodes
 }
 
-async fn chat(client: &mut Client, room: &str, message: &str) {
-    client
-        .send("chat_message", json!({"room": room, "message": message}))
-        .await;
-}
-
 async fn send_all(client: &mut Client, tag: &str, count: usize) {
     for i in 0..count {
-        chat(client, "order", &format!("{tag}{i}")).await;
+        client.chat("order", &format!("{tag}{i}")).await;
     }
-}
-
-/// The next `n` chat messages of `client` as (offset, message), skipping presence notices.
-async fn chats(client: &mut Client, n: usize) -> Vec<(u64, String)> {
-    let mut got = Vec::new();
-    while got.len() < n {
-        let msg = client.recv().await;
-        match msg["type"].as_str() {
-            Some("chat_message") => got.push((
-                msg["offset"].as_u64().expect("an offset"),
-                msg["message"].as_str().unwrap().to_owned(),
-            )),
-            Some("user_joined" | "user_left") => {}
-            _ => panic!("unexpected {msg}"),
-        }
-    }
-    got
-}
-
-/// The next message that is not a presence notice.
-async fn next_not_presence(client: &mut Client) -> Value {
-    loop {
-        let msg = client.recv().await;
-        if !matches!(msg["type"].as_str(), Some("user_joined" | "user_left")) {
-            return msg;
-        }
-    }
-}
-
-async fn join_since(client: &mut Client, room: &str, since: Option<(u64, &str)>) -> Value {
-    let mut payload = json!({"room": room});
-    if let Some((offset, epoch)) = since {
-        payload["since"] = json!({"offset": offset, "epoch": epoch});
-    }
-    client.send("join_room", payload).await;
-    client.expect("room_joined").await
 }
 
 /// Sends `message` until it is published: the sender is a member, so it sees its own message
 /// come back; "Service unavailable: retry" means try again.
 async fn publish_surely(client: &mut Client, room: &str, message: &str) -> u64 {
     loop {
-        chat(client, room, message).await;
-        let reply = next_not_presence(client).await;
+        client.chat(room, message).await;
+        let reply = client.next_not_presence().await;
         match reply["type"].as_str() {
             Some("chat_message") if reply["message"] == message => {
                 return reply["offset"].as_u64().unwrap();
@@ -181,7 +139,7 @@ async fn members_on_three_nodes_get_every_message_once_in_one_order() {
     members.extend([p0, p1, p2]);
     let mut seen = Vec::new();
     for member in &mut members {
-        seen.push(chats(member, 3 * EACH).await);
+        seen.push(member.chats(3 * EACH).await);
     }
     for (offset, expected) in seen[0].iter().map(|(o, _)| *o).zip(1..) {
         assert_eq!(offset, expected, "gap-free offsets from 1");
@@ -252,9 +210,9 @@ async fn only_nodes_with_members_follow_a_room_and_notices_cross_nodes() {
         .await;
     let typing = bob.expect("typing").await;
     assert_eq!(typing["userId"], "alice");
-    chat(&mut alice, "t", "hello").await;
-    assert_eq!(chats(&mut bob, 1).await, vec![(1, "hello".to_owned())]);
-    assert_eq!(chats(&mut alice, 1).await, vec![(1, "hello".to_owned())]);
+    alice.chat("t", "hello").await;
+    assert_eq!(bob.chats(1).await, vec![(1, "hello".to_owned())]);
+    assert_eq!(alice.chats(1).await, vec![(1, "hello".to_owned())]);
     alice.expect_silence().await;
     carol.expect_silence().await;
 
@@ -275,7 +233,7 @@ async fn only_nodes_with_members_follow_a_room_and_notices_cross_nodes() {
     .await;
     // Following it again later starts from where the room is.
     let mut dave = nodes[2].client().await;
-    let rejoined = join_since(&mut dave, "t", None).await;
+    let rejoined = dave.join_since("t", None).await;
     assert_eq!(rejoined["offset"], 1, "{rejoined}");
     assert_eq!(redis.subscribers(channel), 1);
 }
@@ -287,30 +245,30 @@ async fn a_client_reconnecting_to_another_node_with_since_gets_exactly_what_it_m
     let mut speaker = nodes[1].client().await;
     speaker.join("r").await;
     let mut client = nodes[0].client().await;
-    let joined = join_since(&mut client, "r", None).await;
+    let joined = client.join_since("r", None).await;
     let epoch = joined["epoch"].as_str().unwrap().to_owned();
     for i in 1..=3 {
-        chat(&mut speaker, "r", &format!("m{i}")).await;
+        speaker.chat("r", &format!("m{i}")).await;
     }
-    let got = chats(&mut client, 3).await;
+    let got = client.chats(3).await;
     assert_eq!(got.last().unwrap().0, 3);
     drop(client);
     for i in 4..=6 {
-        chat(&mut speaker, "r", &format!("m{i}")).await;
+        speaker.chat("r", &format!("m{i}")).await;
     }
-    chats(&mut speaker, 6).await;
+    speaker.chats(6).await;
 
     let mut back = nodes[2].client().await;
-    let rejoined = join_since(&mut back, "r", Some((3, &epoch))).await;
+    let rejoined = back.join_since("r", Some((3, &epoch))).await;
     assert_eq!(rejoined["recovered"], true, "{rejoined}");
     assert_eq!(rejoined["offset"], 6);
     assert_eq!(rejoined["epoch"], epoch);
     let expected: Vec<(u64, String)> = (4..=6).map(|i| (i, format!("m{i}"))).collect();
-    assert_eq!(chats(&mut back, 3).await, expected);
+    assert_eq!(back.chats(3).await, expected);
     back.expect_silence().await;
 
     let mut stale = nodes[2].client().await;
-    let refused = join_since(&mut stale, "r", Some((3, "not-this-epoch"))).await;
+    let refused = stale.join_since("r", Some((3, "not-this-epoch"))).await;
     assert_eq!(refused["recovered"], false);
     stale.expect_silence().await;
 }
@@ -326,15 +284,15 @@ async fn a_redis_outage_keeps_sockets_refuses_publishing_and_a_lost_room_resyncs
     // Anonymous connections are each their own presence, shown as "anonymous".
     let joined = alice.expect("user_joined").await;
     assert_eq!(joined["userId"], "anonymous");
-    chat(&mut alice, "r", "before").await;
-    assert_eq!(chats(&mut bob, 1).await, vec![(1, "before".to_owned())]);
-    assert_eq!(chats(&mut alice, 1).await, vec![(1, "before".to_owned())]);
+    alice.chat("r", "before").await;
+    assert_eq!(bob.chats(1).await, vec![(1, "before".to_owned())]);
+    assert_eq!(alice.chats(1).await, vec![(1, "before".to_owned())]);
 
     redis.kill();
     for n in &nodes {
         wait_readiness(n, 503).await;
     }
-    chat(&mut alice, "r", "during").await;
+    alice.chat("r", "during").await;
     alice.expect_error("Service unavailable: retry").await;
     // The sockets stay open and served.
     bob.send("echo", json!("still here")).await;
@@ -352,11 +310,11 @@ async fn a_redis_outage_keeps_sockets_refuses_publishing_and_a_lost_room_resyncs
         redis.query::<i64>(redis::cmd("HEXISTS").arg(sessions).arg(&alice.id)) == 1
     })
     .await;
-    assert_eq!(next_not_presence(&mut bob).await["type"], "resync");
-    assert_eq!(next_not_presence(&mut alice).await["type"], "resync");
+    assert_eq!(bob.next_not_presence().await["type"], "resync");
+    assert_eq!(alice.next_not_presence().await["type"], "resync");
     let offset = publish_surely(&mut alice, "r", "after").await;
     assert_eq!(offset, 1, "a new epoch starts from 1");
-    assert_eq!(chats(&mut bob, 1).await, vec![(1, "after".to_owned())]);
+    assert_eq!(bob.chats(1).await, vec![(1, "after".to_owned())]);
     bob.expect_silence().await;
     // Nobody left: the nodes that lost Redis together are not taken for dead when it is back
     // (past the time a node is judged in, and a beat).
@@ -378,9 +336,9 @@ async fn a_persistent_redis_restart_loses_nothing() {
     let mut bob = nodes[1].client().await;
     let epoch = alice.join_room_epoch("r").await;
     bob.join("r").await;
-    chat(&mut alice, "r", "before").await;
-    assert_eq!(chats(&mut bob, 1).await, vec![(1, "before".to_owned())]);
-    assert_eq!(chats(&mut alice, 1).await, vec![(1, "before".to_owned())]);
+    alice.chat("r", "before").await;
+    assert_eq!(bob.chats(1).await, vec![(1, "before".to_owned())]);
+    assert_eq!(alice.chats(1).await, vec![(1, "before".to_owned())]);
 
     let mut before = Vec::new();
     for n in &nodes {
@@ -401,13 +359,13 @@ async fn a_persistent_redis_restart_loses_nothing() {
     }
     let offset = publish_surely(&mut alice, "r", "after").await;
     assert_eq!(offset, 2, "the same stream goes on");
-    assert_eq!(chats(&mut bob, 1).await, vec![(2, "after".to_owned())]);
+    assert_eq!(bob.chats(1).await, vec![(2, "after".to_owned())]);
     bob.expect_silence().await;
     // A newcomer recovers from before the restart.
     let mut carol = nodes[1].client().await;
-    let joined = join_since(&mut carol, "r", Some((0, &epoch))).await;
+    let joined = carol.join_since("r", Some((0, &epoch))).await;
     assert_eq!(joined["recovered"], true);
-    assert_eq!(chats(&mut carol, 2).await.len(), 2);
+    assert_eq!(carol.chats(2).await.len(), 2);
 }
 
 #[tokio::test]
@@ -437,7 +395,7 @@ async fn killed_subscriptions_catch_up_with_no_loss_and_no_duplicate() {
     let expected: Vec<(u64, String)> = (0..MESSAGES)
         .map(|i| (i as u64 + 1, format!("m{i}")))
         .collect();
-    assert_eq!(chats(&mut reader, MESSAGES).await, expected);
+    assert_eq!(reader.chats(MESSAGES).await, expected);
     reader.expect_silence().await;
     assert!(counter(&nodes[0], "broker_disconnects").await >= 1);
 }
@@ -497,7 +455,7 @@ async fn a_user_on_two_nodes_is_one_presence_and_counts_are_the_clusters() {
     let mut carol = user_on(&nodes[1], "carol").await;
     assert_eq!(carol.join("p").await, 5);
     carol.send("presence", json!({"room": "p"})).await;
-    let page = next_not_presence(&mut carol).await;
+    let page = carol.next_not_presence().await;
     assert_eq!(page["type"], "presence", "{page}");
     assert_eq!(page["members"], 5);
     let users: Vec<&str> = page["users"]
@@ -512,7 +470,7 @@ async fn a_user_on_two_nodes_is_one_presence_and_counts_are_the_clusters() {
     carol
         .send("presence", json!({"room": "p", "after": "carol"}))
         .await;
-    let rest = next_not_presence(&mut carol).await;
+    let rest = carol.next_not_presence().await;
     assert_eq!(
         rest["users"],
         json!([{"userId": "olga", "username": "olga"}, {"userId": "oscar", "username": "oscar"}])
@@ -598,7 +556,7 @@ async fn a_killed_node_leaves_every_room_within_the_node_ttl() {
     let mut late = user_on(&survivor, "lee").await;
     assert_eq!(late.join("k").await, 2, "olga and lee: no ghost");
     late.send("presence", json!({"room": "k"})).await;
-    let page = next_not_presence(&mut late).await;
+    let page = late.next_not_presence().await;
     assert_eq!(page["users"].as_array().unwrap().len(), 2, "{page}");
 }
 
@@ -663,11 +621,8 @@ async fn what_is_not_wsgates_on_its_channels_and_keys_is_skipped_and_counted() {
             .any(|f| f.contains("mallory") || f == "no separator"),
         "{fields:?}"
     );
-    chat(&mut bob, "m", "still fine").await;
-    assert_eq!(
-        chats(&mut alice, 1).await,
-        vec![(1, "still fine".to_owned())]
-    );
+    bob.chat("m", "still fine").await;
+    assert_eq!(alice.chats(1).await, vec![(1, "still fine".to_owned())]);
     wait_readiness(&nodes[0], 200).await;
 }
 
@@ -683,7 +638,7 @@ async fn during_an_outage_joins_of_rooms_the_node_does_not_follow_are_refused() 
     bob.send("join_room", json!({"room": "new"})).await;
     bob.expect_error("Service unavailable: retry").await;
     // A room the node follows is joined from what the node knows.
-    let joined = join_since(&mut bob, "followed", None).await;
+    let joined = bob.join_since("followed", None).await;
     assert_eq!(joined["members"], 2);
     redis.restart();
     wait_readiness(&nodes[0], 200).await;
@@ -704,12 +659,12 @@ async fn a_member_joining_on_a_new_node_during_traffic_gets_every_message_after_
         // The second node does not follow the room yet: it subscribes and reads it while
         // messages keep coming.
         let mut late = nodes[1].client().await;
-        let joined = join_since(&mut late, "busy", None).await;
+        let joined = late.join_since("busy", None).await;
         (late, joined["offset"].as_u64().unwrap())
     };
     let publishing = async {
         for i in 0..MESSAGES {
-            chat(&mut publisher, "busy", &format!("m{i}")).await;
+            publisher.chat("busy", &format!("m{i}")).await;
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     };
@@ -719,7 +674,7 @@ async fn a_member_joining_on_a_new_node_during_traffic_gets_every_message_after_
         "the join came during the traffic: {joined_at}"
     );
     let expected = MESSAGES - joined_at as usize;
-    let got = chats(&mut late, expected).await;
+    let got = late.chats(expected).await;
     let offsets: Vec<u64> = got.iter().map(|(o, _)| *o).collect();
     assert_eq!(
         offsets,
@@ -846,11 +801,11 @@ async fn a_wedged_subscription_is_found_by_the_probe_and_replaced() {
     reader.join("w").await;
     let mut writer = other.client().await;
     writer.join("w").await;
-    chat(&mut writer, "w", "before").await;
-    assert_eq!(chats(&mut reader, 1).await, vec![(1, "before".to_owned())]);
+    writer.chat("w", "before").await;
+    assert_eq!(reader.chats(1).await, vec![(1, "before".to_owned())]);
     // From now on the node's subscription receives nothing, though its connection is up.
     proxy.wedge_subscriptions();
-    chat(&mut writer, "w", "while wedged").await;
+    writer.chat("w", "while wedged").await;
     let deadline = tokio::time::Instant::now() + 2 * PATIENCE;
     while counter(&wedged_node, "broker_probe_failures").await == 0 {
         assert!(
@@ -861,9 +816,9 @@ async fn a_wedged_subscription_is_found_by_the_probe_and_replaced() {
     }
     // The new subscription connection is not wedged; the room is caught up, nothing lost.
     wait_readiness(&wedged_node, 200).await;
-    chat(&mut writer, "w", "after").await;
+    writer.chat("w", "after").await;
     assert_eq!(
-        chats(&mut reader, 2).await,
+        reader.chats(2).await,
         vec![(2, "while wedged".to_owned()), (3, "after".to_owned())]
     );
 }

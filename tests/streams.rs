@@ -8,38 +8,6 @@ mod support;
 use serde_json::{Value, json};
 use support::{Client, TestGateway, http_get};
 
-async fn chat(client: &mut Client, room: &str, message: &str) {
-    client
-        .send("chat_message", json!({"room": room, "message": message}))
-        .await;
-}
-
-/// The next `n` chat messages of `client` as (offset, message), skipping presence notices.
-async fn chats(client: &mut Client, n: usize) -> Vec<(u64, String)> {
-    let mut got = Vec::new();
-    while got.len() < n {
-        let msg = client.recv().await;
-        match msg["type"].as_str() {
-            Some("chat_message") => got.push((
-                msg["offset"].as_u64().expect("an offset"),
-                msg["message"].as_str().unwrap().to_owned(),
-            )),
-            Some("user_joined" | "user_left") => {}
-            _ => panic!("unexpected {msg}"),
-        }
-    }
-    got
-}
-
-async fn join_since(client: &mut Client, room: &str, since: Option<(u64, &str)>) -> Value {
-    let mut payload = json!({"room": room});
-    if let Some((offset, epoch)) = since {
-        payload["since"] = json!({"offset": offset, "epoch": epoch});
-    }
-    client.send("join_room", payload).await;
-    client.expect("room_joined").await
-}
-
 #[tokio::test]
 async fn concurrent_publishers_on_every_shard_give_every_member_the_same_order() {
     const EACH: usize = 100;
@@ -55,12 +23,12 @@ async fn concurrent_publishers_on_every_shard_give_every_member_the_same_order()
     let sending = tokio::join!(
         async {
             for i in 0..EACH {
-                chat(&mut p0, "order", &format!("a{i}")).await;
+                p0.chat("order", &format!("a{i}")).await;
             }
         },
         async {
             for i in 0..EACH {
-                chat(&mut p1, "order", &format!("b{i}")).await;
+                p1.chat("order", &format!("b{i}")).await;
             }
         }
     );
@@ -69,7 +37,7 @@ async fn concurrent_publishers_on_every_shard_give_every_member_the_same_order()
     members.push(p1);
     let mut seen = Vec::new();
     for member in &mut members {
-        seen.push(chats(member, 2 * EACH).await);
+        seen.push(member.chats(2 * EACH).await);
     }
     for (offsets, expected) in seen[0].iter().map(|(o, _)| *o).zip(1..) {
         assert_eq!(offsets, expected, "gap-free offsets from 1");
@@ -104,7 +72,7 @@ async fn a_join_during_traffic_starts_right_after_its_replys_offset() {
             if tokio::time::Instant::now() > deadline {
                 break;
             }
-            chat(&mut talker, "busy", &i.to_string()).await;
+            talker.chat("busy", &i.to_string()).await;
             if after_join.is_none() && joined_rx.try_recv().is_ok() {
                 after_join = Some(i);
             }
@@ -120,7 +88,7 @@ async fn a_join_during_traffic_starts_right_after_its_replys_offset() {
     // Join from the other shard while messages flow.
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let mut late = gw.client_on_shard(1).await;
-    let joined = join_since(&mut late, "busy", None).await;
+    let joined = late.join_since("busy", None).await;
     joined_tx.send(()).unwrap();
     let start = joined["offset"].as_u64().unwrap();
     assert!(start > 0, "messages were flowing");
@@ -131,7 +99,7 @@ async fn a_join_during_traffic_starts_right_after_its_replys_offset() {
     );
     let (sent, _talker) = talking.await.unwrap();
     let sent = u64::from(sent);
-    let got = chats(&mut late, (sent - start) as usize).await;
+    let got = late.chats((sent - start) as usize).await;
     let offsets: Vec<u64> = got.iter().map(|(o, _)| *o).collect();
     assert_eq!(
         offsets,
@@ -146,22 +114,22 @@ async fn a_reconnecting_client_gets_exactly_what_it_missed() {
     let mut stays = gw.client_on_shard(0).await;
     stays.join("r").await;
     let mut leaves = gw.client_on_shard(1).await;
-    let joined = join_since(&mut leaves, "r", None).await;
+    let joined = leaves.join_since("r", None).await;
     let epoch = joined["epoch"].as_str().unwrap().to_owned();
-    chat(&mut stays, "r", "before").await;
-    let last_seen = chats(&mut leaves, 1).await[0].0;
+    stays.chat("r", "before").await;
+    let last_seen = leaves.chats(1).await[0].0;
     drop(leaves);
     for i in 0..3 {
-        chat(&mut stays, "r", &format!("missed {i}")).await;
+        stays.chat("r", &format!("missed {i}")).await;
     }
-    chats(&mut stays, 4).await;
+    stays.chats(4).await;
 
     // Back, on either shard, with where it was.
     let mut back = gw.client().await;
-    let rejoined = join_since(&mut back, "r", Some((last_seen, &epoch))).await;
+    let rejoined = back.join_since("r", Some((last_seen, &epoch))).await;
     assert_eq!(rejoined["recovered"], true, "{rejoined}");
     assert_eq!(rejoined["offset"], last_seen + 3);
-    let missed = chats(&mut back, 3).await;
+    let missed = back.chats(3).await;
     assert_eq!(
         missed,
         (0..3)
@@ -169,9 +137,9 @@ async fn a_reconnecting_client_gets_exactly_what_it_missed() {
             .collect::<Vec<_>>()
     );
     // Then live messages, none twice.
-    chat(&mut stays, "r", "live").await;
+    stays.chat("r", "live").await;
     assert_eq!(
-        chats(&mut back, 1).await,
+        back.chats(1).await,
         vec![(last_seen + 4, "live".to_owned())]
     );
     back.expect_silence().await;
@@ -183,32 +151,32 @@ async fn what_cannot_be_recovered_whole_is_not_recovered_at_all() {
     let mut a = gw.client().await;
     let epoch = a.join_room_epoch("r").await;
     for i in 0..5 {
-        chat(&mut a, "r", &i.to_string()).await;
+        a.chat("r", &i.to_string()).await;
     }
-    chats(&mut a, 5).await;
+    a.chats(5).await;
     let mut b = gw.client().await;
     // Offsets 2..=5 missed, but only 4 and 5 are kept: no partial replay.
-    let joined = join_since(&mut b, "r", Some((1, &epoch))).await;
+    let joined = b.join_since("r", Some((1, &epoch))).await;
     assert_eq!(
         (&joined["recovered"], &joined["offset"]),
         (&json!(false), &json!(5))
     );
     // Another epoch (the stream started over): nothing either.
     let mut c = gw.client().await;
-    let joined = join_since(&mut c, "r", Some((4, "0bad0bad"))).await;
+    let joined = c.join_since("r", Some((4, "0bad0bad"))).await;
     assert_eq!(joined["recovered"], false);
     // What is still kept is given.
     let mut d = gw.client().await;
-    let joined = join_since(&mut d, "r", Some((3, &epoch))).await;
+    let joined = d.join_since("r", Some((3, &epoch))).await;
     assert_eq!(joined["recovered"], true);
     assert_eq!(
-        chats(&mut d, 2).await,
+        d.chats(2).await,
         vec![(4, "3".to_owned()), (5, "4".to_owned())]
     );
     // Nothing else was replayed to anyone: the next message each gets is the live one.
-    chat(&mut a, "r", "live").await;
+    a.chat("r", "live").await;
     for client in [&mut b, &mut c, &mut d] {
-        assert_eq!(chats(client, 1).await, vec![(6, "live".to_owned())]);
+        assert_eq!(client.chats(1).await, vec![(6, "live".to_owned())]);
     }
 }
 
@@ -217,20 +185,20 @@ async fn a_room_keeps_its_history_after_its_last_member_left() {
     let gw = TestGateway::start(1);
     let mut a = gw.client().await;
     let epoch = a.join_room_epoch("quiet").await;
-    chat(&mut a, "quiet", "one").await;
-    chats(&mut a, 1).await;
+    a.chat("quiet", "one").await;
+    a.chats(1).await;
     drop(a);
     gw.wait_for_connections(0).await;
     let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
     let health: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["rooms"], 0, "no room with members");
     let mut b = gw.client().await;
-    let joined = join_since(&mut b, "quiet", Some((0, &epoch))).await;
+    let joined = b.join_since("quiet", Some((0, &epoch))).await;
     assert_eq!(
         (&joined["recovered"], &joined["epoch"]),
         (&json!(true), &json!(epoch))
     );
-    assert_eq!(chats(&mut b, 1).await, vec![(1, "one".to_owned())]);
+    assert_eq!(b.chats(1).await, vec![(1, "one".to_owned())]);
 }
 
 /// A sender on shard 0 and a receiver on shard 1 in room "burst", with a small inbox per shard.
@@ -256,10 +224,10 @@ async fn burst_room(history: usize) -> (TestGateway, Client, Client) {
 async fn burst(sender: &mut Client, receiver: &mut Client, marker: &str) -> (Vec<u64>, bool) {
     let text = "x".repeat(200);
     for _ in 0..100 {
-        chat(sender, "burst", &text).await;
+        sender.chat("burst", &text).await;
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    chat(sender, "burst", marker).await;
+    sender.chat("burst", marker).await;
     let (mut offsets, mut resynced) = (Vec::new(), false);
     loop {
         let msg = receiver.recv().await;

@@ -24,13 +24,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, WWW_AUTHENTICATE};
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use super::{Body, error_response, json};
+use super::{Body, error_response, json, unauthorized};
 use crate::broker::{Broker, Publisher};
 use crate::frame;
 use crate::protocol::{ErrorReply, ServerMessage, now_ms};
@@ -57,15 +57,9 @@ pub async fn serve(shard: Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
         return error_response(StatusCode::NOT_FOUND, "not found");
     };
     if !authorized(req.headers(), key.expose()) {
-        let mut res = error_response(
-            StatusCode::UNAUTHORIZED,
-            "the server API needs Authorization: Bearer <api_key>",
+        return unauthorized(
+            json!({ "error": "the server API needs Authorization: Bearer <api_key>" }),
         );
-        res.headers_mut().insert(
-            WWW_AUTHENTICATE,
-            hyper::header::HeaderValue::from_static("Bearer"),
-        );
-        return res;
     }
     let (method, path, query) = (
         req.method().clone(),
@@ -76,29 +70,32 @@ pub async fn serve(shard: Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
     let answer = match (&method, route) {
         (&Method::POST, "publish") => match read_json(&shard, req).await {
             Ok(body) => publish(&shard, body).await,
-            Err(res) => Err(res),
+            Err(refused) => Err(refused),
         },
-        (&Method::POST, "broadcast") => match read_json(&shard, req).await {
-            Ok(body) => broadcast(&shard, body),
-            Err(res) => Err(res),
-        },
-        (&Method::POST, "disconnect") => match read_json(&shard, req).await {
-            Ok(body) => disconnect(&shard, body),
-            Err(res) => Err(res),
-        },
+        (&Method::POST, "broadcast") => {
+            let body = read_json(&shard, req).await;
+            body.and_then(|body| broadcast(&shard, body))
+        }
+        (&Method::POST, "disconnect") => {
+            let body = read_json(&shard, req).await;
+            body.and_then(|body| disconnect(&shard, body))
+        }
         (&Method::GET, "rooms") => rooms(&shard, &query),
         (&Method::GET, "stats") => Ok(json(StatusCode::OK, &super::stats(&shard))),
         (&Method::GET, room) if room.starts_with("rooms/") => {
             room_users(&shard, &room["rooms/".len()..], &query)
         }
-        (_, "publish" | "broadcast" | "disconnect" | "rooms" | "stats") => Err(Refused(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed".into(),
-        )),
-        (_, room) if room.starts_with("rooms/") => Err(Refused(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed".into(),
-        )),
+        (_, route)
+            if matches!(
+                route,
+                "publish" | "broadcast" | "disconnect" | "rooms" | "stats"
+            ) || route.starts_with("rooms/") =>
+        {
+            Err(Refused(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed".into(),
+            ))
+        }
         _ => Err(Refused(StatusCode::NOT_FOUND, "no such API route".into())),
     };
     answer.unwrap_or_else(Refused::into_response)

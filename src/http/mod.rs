@@ -270,16 +270,15 @@ pub async fn refuse(shard: Rc<Shard>, stream: TcpStream, refusal: Refusal) {
         // socket is just closed.
         return;
     }
-    let stream = Stream::Plain(stream);
     let (status, reason) = refusal.status();
     let response = head::error_response(status, reason, refusal.message());
     let admission = &shard.node.admission;
     if refusal != Refusal::ServerFull && admission.start_linger() {
-        head::answer_and_close(stream, &response).await;
+        head::answer_and_close(Stream::Plain(stream), &response).await;
         admission.end_linger();
     } else {
         // One try, without waiting: the socket's buffer takes a short answer.
-        let _ = stream.tcp().try_write(&response);
+        let _ = stream.try_write(&response);
     }
 }
 
@@ -357,15 +356,9 @@ fn counters_refusal(
     client: IpAddr,
 ) -> Option<Response<Body>> {
     match &shard.node.config.metrics_key {
-        Some(key) if !api::authorized(req.headers(), key.expose()) => {
-            let mut res = error_response(
-                StatusCode::UNAUTHORIZED,
-                "metrics: send Authorization: Bearer <metrics_key>",
-            );
-            res.headers_mut()
-                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            Some(res)
-        }
+        Some(key) if !api::authorized(req.headers(), key.expose()) => Some(unauthorized(
+            serde_json::json!({ "error": "metrics: send Authorization: Bearer <metrics_key>" }),
+        )),
         None if !client.is_loopback() => Some(error_response(
             StatusCode::FORBIDDEN,
             "metrics: only loopback callers are served without a metrics_key",
@@ -513,13 +506,9 @@ fn upgrade_admitted(
                 node.counters.auth_refused(e);
                 // The reason only: the token itself is never logged.
                 debug!(reason = e.code(), "upgrade refused (401)");
-                let mut res = json(
-                    StatusCode::UNAUTHORIZED,
-                    &serde_json::json!({ "error": e.message(), "reason": e.code() }),
+                return unauthorized(
+                    serde_json::json!({ "error": e.message(), "reason": e.code() }),
                 );
-                res.headers_mut()
-                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return res;
             }
         },
     };
@@ -613,6 +602,14 @@ fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     *res.status_mut() = status;
     res.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+/// 401 with `body`, asking for a bearer token.
+fn unauthorized(body: serde_json::Value) -> Response<Body> {
+    let mut res = json(StatusCode::UNAUTHORIZED, &body);
+    res.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     res
 }
 

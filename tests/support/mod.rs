@@ -266,6 +266,46 @@ impl Client {
         joined
     }
 
+    /// Joins `room`, with `since` (offset, epoch) when given; returns its `room_joined`.
+    pub async fn join_since(&mut self, room: &str, since: Option<(u64, &str)>) -> Value {
+        let mut payload = json!({"room": room});
+        if let Some((offset, epoch)) = since {
+            payload["since"] = json!({"offset": offset, "epoch": epoch});
+        }
+        self.send("join_room", payload).await;
+        self.expect("room_joined").await
+    }
+
+    /// Sends a chat message to `room`.
+    pub async fn chat(&mut self, room: &str, message: &str) {
+        self.send("chat_message", json!({"room": room, "message": message}))
+            .await;
+    }
+
+    /// The next message that is not a presence notice.
+    pub async fn next_not_presence(&mut self) -> Value {
+        loop {
+            let msg = self.recv().await;
+            if !matches!(msg["type"].as_str(), Some("user_joined" | "user_left")) {
+                return msg;
+            }
+        }
+    }
+
+    /// The next `n` chat messages as (offset, message), skipping presence notices.
+    pub async fn chats(&mut self, n: usize) -> Vec<(u64, String)> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let msg = self.next_not_presence().await;
+            assert_eq!(msg["type"], "chat_message", "unexpected {msg}");
+            got.push((
+                msg["offset"].as_u64().expect("an offset"),
+                msg["message"].as_str().unwrap().to_owned(),
+            ));
+        }
+        got
+    }
+
     /// Reads until the server's close frame; returns it.
     pub async fn expect_close(&mut self) -> Option<CloseFrame> {
         loop {

@@ -3,7 +3,7 @@
 # tokio-tungstenite as the independent client), benches compiled and run once, the test page in
 # headless Chromium, the Autobahn RFC 6455 conformance suite against a release build, and every
 # fuzz target for a bounded time. Needs: Rust >= 1.95, Node.js with npm, python3, and root (or
-# sudo) for apt-get (redis-server, Chromium, Python 2.7 for Autobahn) on first use.
+# sudo) for apt-get (redis-server, nginx, Chromium, Python 2.7 for Autobahn) on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,12 +15,15 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "redis-server (the cluster tests start their own)"
-if ! command -v redis-server >/dev/null; then
+step "redis-server and nginx (the cluster and proxy tests start their own)"
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 step "cargo test (unit, integration, benches in test mode)"

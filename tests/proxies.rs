@@ -6,10 +6,9 @@ mod support;
 
 use std::net::SocketAddr;
 
-use support::{TestGateway, http_get, http_get_from};
+use support::{TestGateway, connect_from, http_get, http_get_from, websocket_from};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// The trusted proxy's address; the tests' other clients come from 127.0.0.2.
 const PROXY: [u8; 4] = [127, 0, 0, 1];
@@ -26,51 +25,25 @@ fn gateway(proxy_protocol: bool) -> TestGateway {
     )
 }
 
-async fn connect_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::from((source, 0))).unwrap();
-    socket.connect(addr).await.unwrap()
-}
-
-/// A WebSocket opened from `source` with `headers` (e.g. `X-Forwarded-For`), or the HTTP status
-/// it was refused with.
-async fn websocket(
-    source: [u8; 4],
-    addr: SocketAddr,
-    headers: &[(&'static str, &str)],
-) -> Result<support::Ws, u16> {
-    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
-    for (name, value) in headers {
-        request.headers_mut().insert(*name, value.parse().unwrap());
-    }
-    let stream = connect_from(source, addr).await;
-    match tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-        .await
-    {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            Err(response.status().as_u16())
-        }
-        Err(e) => panic!("{e}"),
-    }
-}
-
 #[tokio::test]
 async fn behind_a_trusted_proxy_limits_count_the_forwarded_client() {
     let gw = gateway(false);
     let alice = [("x-forwarded-for", "203.0.113.7")];
     let _held = [
-        websocket(PROXY, gw.addr, &alice).await.unwrap(),
-        websocket(PROXY, gw.addr, &alice).await.unwrap(),
+        websocket_from(PROXY, gw.addr, &alice).await.unwrap(),
+        websocket_from(PROXY, gw.addr, &alice).await.unwrap(),
     ];
     // Alice is at her cap; the proxy itself is not (it carries everyone).
-    assert_eq!(websocket(PROXY, gw.addr, &alice).await.err(), Some(429));
+    assert_eq!(
+        websocket_from(PROXY, gw.addr, &alice).await.err(),
+        Some(429)
+    );
     let bob = [("x-forwarded-for", "2001:db8::9")];
-    let _bob = websocket(PROXY, gw.addr, &bob).await.unwrap();
+    let _bob = websocket_from(PROXY, gw.addr, &bob).await.unwrap();
     let _idle: Vec<TcpStream> =
         futures_util::future::join_all((0..3).map(|_| connect_from(PROXY, gw.addr))).await;
     let carol = [("x-forwarded-for", "198.51.100.3")];
-    let _carol = websocket(PROXY, gw.addr, &carol).await.unwrap();
+    let _carol = websocket_from(PROXY, gw.addr, &carol).await.unwrap();
     // A chain a proxy cannot have written is refused.
     let (status, _, body) = http_get_from(
         PROXY,
@@ -94,8 +67,8 @@ async fn behind_a_trusted_proxy_limits_count_the_forwarded_client() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let _again = [
-        websocket(PROXY, gw.addr, &alice).await.unwrap(),
-        websocket(PROXY, gw.addr, &alice).await.unwrap(),
+        websocket_from(PROXY, gw.addr, &alice).await.unwrap(),
+        websocket_from(PROXY, gw.addr, &alice).await.unwrap(),
     ];
 }
 
@@ -103,14 +76,14 @@ async fn behind_a_trusted_proxy_limits_count_the_forwarded_client() {
 async fn from_anyone_else_forwarding_headers_are_ignored() {
     let gw = gateway(false);
     // Two clients that claim to be two people are two connections from 127.0.0.2.
-    let _first = websocket(OTHER, gw.addr, &[("x-forwarded-for", "203.0.113.1")])
+    let _first = websocket_from(OTHER, gw.addr, &[("x-forwarded-for", "203.0.113.1")])
         .await
         .unwrap();
-    let _second = websocket(OTHER, gw.addr, &[("x-forwarded-for", "203.0.113.2")])
+    let _second = websocket_from(OTHER, gw.addr, &[("x-forwarded-for", "203.0.113.2")])
         .await
         .unwrap();
     assert_eq!(
-        websocket(OTHER, gw.addr, &[("x-forwarded-for", "203.0.113.3")])
+        websocket_from(OTHER, gw.addr, &[("x-forwarded-for", "203.0.113.3")])
             .await
             .err(),
         Some(429)

@@ -5,6 +5,7 @@
 
 mod client_frame;
 pub mod flood;
+pub mod nginx;
 pub mod process;
 pub mod redis_server;
 pub use client_frame::client_frame;
@@ -509,9 +510,7 @@ async fn http_request_from(
     extra_headers: &str,
     body: &[u8],
 ) -> (u16, String, String) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::from((source, 0))).unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
+    let mut stream = connect_from(source, addr).await;
     let length = if body.is_empty() {
         String::new()
     } else {
@@ -543,4 +542,33 @@ async fn http_request_from(
         .expect("a complete response");
     let status = head[9..12].parse().unwrap();
     (status, head.to_owned(), body.to_owned())
+}
+
+/// A TCP connection to `addr` from the loopback address `source`.
+pub async fn connect_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// A WebSocket to `/ws` opened from `source` with `headers` (e.g. `X-Forwarded-For`), or the
+/// HTTP status it was refused with.
+pub async fn websocket_from(
+    source: [u8; 4],
+    addr: SocketAddr,
+    headers: &[(&'static str, &str)],
+) -> Result<Ws, u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(*name, value.parse().unwrap());
+    }
+    let stream = connect_from(source, addr).await;
+    match tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("{e}"),
+    }
 }

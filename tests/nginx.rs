@@ -1,0 +1,116 @@
+//! The shipped nginx configuration (`deploy/compose/nginx.conf`) in front of real gateways: the
+//! upgrade passes through, a cluster behind it chats across nodes, per-address limits count the
+//! client nginx names (not nginx, and not what the client claims), and what is for the inside
+//! (`/metrics`, `/api/`) is not served outside.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::nginx::Nginx;
+use support::redis_server::RedisServer;
+use support::{Client, TestGateway, http_get, websocket_from};
+use wsgate::config::BrokerKind;
+
+/// nginx's own address, the only trusted proxy.
+const NGINX: &str = "127.0.0.1/32";
+
+fn node(customize: impl FnOnce(&mut wsgate::Config)) -> TestGateway {
+    TestGateway::start_with(
+        |c| {
+            c.trusted_proxies = vec![NGINX.into()];
+            customize(c);
+        },
+        1,
+    )
+}
+
+async fn client_from(source: [u8; 4], nginx: SocketAddr) -> Client {
+    Client::from_stream(websocket_from(source, nginx, &[]).await.unwrap()).await
+}
+
+#[tokio::test]
+async fn a_cluster_behind_nginx_chats_across_its_nodes() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let nodes: Vec<TestGateway> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            node(move |c| {
+                c.broker = BrokerKind::Redis;
+                c.redis_url = url.into();
+            })
+        })
+        .collect();
+    let nginx = Nginx::start(&nodes.iter().map(|n| n.addr).collect::<Vec<_>>());
+    for n in &nodes {
+        let deadline = tokio::time::Instant::now() + 2 * support::PATIENCE;
+        while http_get(n.addr, "/readyz", "").await.0 != 200 {
+            assert!(tokio::time::Instant::now() < deadline, "node not ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // least_conn spreads held connections over the three nodes.
+    let mut clients = Vec::new();
+    for source in 2..8u8 {
+        let mut client = client_from([127, 0, 0, source], nginx.addr).await;
+        client.join("lobby").await;
+        clients.push(client);
+    }
+    let busy_nodes = nodes
+        .iter()
+        .filter(|n| n.gateway().connection_count() > 0)
+        .count();
+    assert_eq!(busy_nodes, 3, "nginx used every upstream");
+    clients[0].chat("lobby", "through nginx").await;
+    for client in &mut clients {
+        loop {
+            let message = client.next_not_presence().await;
+            if message["type"] == "chat_message" {
+                assert_eq!(message["message"], "through nginx", "{message}");
+                break;
+            }
+        }
+    }
+    // The inside stays inside: nginx answers for /metrics and /api/ itself.
+    for path in ["/metrics", "/api/stats"] {
+        let (status, _, _) = http_get(nginx.addr, path, "").await;
+        assert_eq!(status, 404, "{path} through nginx");
+    }
+    let (status, _, health) = http_get(nginx.addr, "/healthz", "").await;
+    assert_eq!(status, 200, "{health}\n{}", nginx.error_log());
+}
+
+#[tokio::test]
+async fn behind_nginx_limits_count_the_client_nginx_names() {
+    let gw = node(|c| c.max_connections_per_ip = 2);
+    let nginx = Nginx::start(&[gw.addr]);
+    let alice = [127, 0, 0, 2];
+    let _held = [
+        websocket_from(alice, nginx.addr, &[]).await.unwrap(),
+        websocket_from(alice, nginx.addr, &[]).await.unwrap(),
+    ];
+    // nginx's 429 is the gateway's, passed through.
+    assert_eq!(
+        websocket_from(alice, nginx.addr, &[]).await.err(),
+        Some(429)
+    );
+    // Claiming to be someone else does not help: nginx appends the address it saw, and the
+    // gateway reads the chain from the right.
+    let spoofed = [("x-forwarded-for", "203.0.113.9")];
+    assert_eq!(
+        websocket_from(alice, nginx.addr, &spoofed).await.err(),
+        Some(429)
+    );
+    // Another client behind the same nginx is not at alice's cap.
+    let _bob = websocket_from([127, 0, 0, 3], nginx.addr, &[])
+        .await
+        .unwrap();
+    // Reaching the node past nginx, alice is still alice (her two places are taken), whatever
+    // she claims.
+    assert_eq!(
+        websocket_from(alice, gw.addr, &spoofed).await.err(),
+        Some(429)
+    );
+}

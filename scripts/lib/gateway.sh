@@ -3,22 +3,14 @@
 # sets GATEWAY_ADDR (host:port) and GATEWAY_PID, appends them to GATEWAY_ADDRS and GATEWAY_PIDS
 # (call it again for more nodes), and stops every node it started when the script exits.
 source "$(dirname "${BASH_SOURCE[0]}")/target-dir.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/test-ca.sh"
 # With TLS=1 the gateways this script starts speak TLS, with a P-256 certificate for localhost
-# signed by a CA made for the run (openssl), and LOADTEST_TLS holds the loadtest flag that
+# (scripts/lib/test-ca.sh) signed by a CA made for the run (openssl), and LOADTEST_TLS holds the loadtest flag that
 # trusts that CA (append "${LOADTEST_TLS[@]}" to loadtest's arguments).
 LOADTEST_TLS=()
 if [ "${TLS:-0}" = 1 ]; then
   tls_dir=$(mktemp -d)
-  (
-    cd "$tls_dir"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
-      -subj /CN=wsgate-load-test-ca -keyout ca.key -out ca.pem 2>/dev/null
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost \
-      -keyout key.pem -out leaf.csr 2>/dev/null
-    printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' >leaf.ext
-    openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
-      -extfile leaf.ext -out cert.pem 2>/dev/null
-  )
+  make_test_ca "$tls_dir"
   export WSGATE_TLS_CERT_FILE="$tls_dir/cert.pem" WSGATE_TLS_KEY_FILE="$tls_dir/key.pem"
   LOADTEST_TLS=(--tls-ca "$tls_dir/ca.pem")
 fi

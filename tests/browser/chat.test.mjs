@@ -1,6 +1,6 @@
 // The test client page, driven in headless Chromium like a person would: two tabs connect, join a
-// room, see each other typing, chat, and see an error reply rendered.
-import { test, before, after } from 'node:test';
+// room, see each other typing, chat, and see an error reply rendered; over http and https.
+import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { chromium } from 'playwright-core';
@@ -8,19 +8,20 @@ import { chromium } from 'playwright-core';
 const BIN = process.env.GATEWAY_BIN ?? new URL('../../target/release/wsgate', import.meta.url).pathname;
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 
-let gateway;
-let baseUrl;
 let browser;
+const gateways = [];
 
-before(async () => {
-  gateway = spawn(BIN, ['--listen', '127.0.0.1:0', '--shards', '2'], {
-    env: { ...process.env, WSGATE_LOG: 'warn' },
+// A gateway started with `env`; resolves to its base URL once it listens.
+async function startGateway(env) {
+  const gateway = spawn(BIN, ['--listen', '127.0.0.1:0', '--shards', '2'], {
+    env: { ...process.env, WSGATE_LOG: 'warn', ...env },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
-  baseUrl = await new Promise((resolve, reject) => {
+  gateways.push(gateway);
+  return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error('gateway did not start')), 10_000);
     gateway.stdout.on('data', (chunk) => {
-      const match = /listening on (http:\/\/\S+)/.exec(chunk.toString());
+      const match = /listening on (https?:\/\/\S+)/.exec(chunk.toString());
       if (match) {
         clearTimeout(timer);
         resolve(match[1]);
@@ -28,8 +29,13 @@ before(async () => {
     });
     gateway.on('exit', (code) => reject(new Error(`gateway exited with ${code}`)));
   });
+}
+
+before(async () => {
   browser = await chromium.launch({
     executablePath: CHROMIUM,
+    // BROWSER_HOME holds the NSS database that trusts the run's CA (scripts/browser-test.sh).
+    env: { ...process.env, HOME: process.env.BROWSER_HOME ?? process.env.HOME },
     args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
@@ -37,10 +43,10 @@ before(async () => {
 
 after(async () => {
   await browser?.close();
-  gateway?.kill();
+  for (const gateway of gateways) gateway.kill();
 });
 
-async function openAndJoin(name) {
+async function openAndJoin(baseUrl, name) {
   const page = await browser.newPage();
   page.on('pageerror', (err) => assert.fail(`${name}: page error ${err}`));
   await page.goto(baseUrl);
@@ -55,53 +61,74 @@ async function openAndJoin(name) {
   return page;
 }
 
-test('two tabs chat through the test page', async () => {
-  const alice = await openAndJoin('alice');
-  const bob = await openAndJoin('bob');
-  // Alice saw Bob join; the member count is in Bob's room list.
-  await alice.locator('#log', { hasText: 'bob joined #general' }).waitFor();
-  assert.equal(await bob.locator('.room.active small').textContent(), '2');
-  assert.equal(await alice.locator('.room.active small').textContent(), '2');
+// The same suite over plain http and over https (wss: from the page), each on its own gateway.
+const schemes = {
+  http: {},
+  https: {
+    WSGATE_TLS_CERT_FILE: process.env.TLS_CERT_FILE,
+    WSGATE_TLS_KEY_FILE: process.env.TLS_KEY_FILE,
+  },
+};
+for (const [scheme, env] of Object.entries(schemes)) {
+  describe(scheme, () => {
+    let baseUrl;
+    before(async () => {
+      if (scheme === 'https') {
+        assert.ok(env.WSGATE_TLS_CERT_FILE, 'run through scripts/browser-test.sh (it makes the CA)');
+      }
+      baseUrl = await startGateway(env);
+      assert.ok(baseUrl.startsWith(`${scheme}://`), baseUrl);
+    });
 
-  await alice.fill('#message', 'hello from alice');
-  await bob.locator('#typing', { hasText: 'typing' }).waitFor();
-  await alice.click('#sendForm button:has-text("Send")');
-  await bob.locator('#log', { hasText: '#general alice: hello from alice' }).waitFor();
-  await alice.locator('#log', { hasText: '#general alice: hello from alice' }).waitFor();
-  await bob.locator('#typing', { hasText: /^$/ }).waitFor();
+  test(`two tabs chat through the test page (${scheme})`, async () => {
+    const alice = await openAndJoin(baseUrl, 'alice');
+    const bob = await openAndJoin(baseUrl, 'bob');
+    // Alice saw Bob join; the member count is in Bob's room list.
+    await alice.locator('#log', { hasText: 'bob joined #general' }).waitFor();
+    assert.equal(await bob.locator('.room.active small').textContent(), '2');
+    assert.equal(await alice.locator('.room.active small').textContent(), '2');
 
-  // An error reply is shown, and the connection stays usable.
-  await bob.fill('#roomName', 'not a valid room');
-  await bob.click('#joinForm button');
-  await bob.locator('#log .err', { hasText: 'error: Invalid room name' }).waitFor();
-  await bob.fill('#message', 'still here');
-  await bob.click('#sendForm button:has-text("Send")');
-  await alice.locator('#log', { hasText: 'bob: still here' }).waitFor();
+    await alice.fill('#message', 'hello from alice');
+    await bob.locator('#typing', { hasText: 'typing' }).waitFor();
+    await alice.click('#sendForm button:has-text("Send")');
+    await bob.locator('#log', { hasText: '#general alice: hello from alice' }).waitFor();
+    await alice.locator('#log', { hasText: '#general alice: hello from alice' }).waitFor();
+    await bob.locator('#typing', { hasText: /^$/ }).waitFor();
 
-  // Leaving tells the other tab.
-  await bob.click('#leave');
-  await alice.locator('#log', { hasText: 'bob left #general' }).waitFor();
-  assert.equal(await alice.locator('.room.active small').textContent(), '1');
-  await alice.screenshot({ path: new URL('../../target/test-page.png', import.meta.url).pathname });
-});
+    // An error reply is shown, and the connection stays usable.
+    await bob.fill('#roomName', 'not a valid room');
+    await bob.click('#joinForm button');
+    await bob.locator('#log .err', { hasText: 'error: Invalid room name' }).waitFor();
+    await bob.fill('#message', 'still here');
+    await bob.click('#sendForm button:has-text("Send")');
+    await alice.locator('#log', { hasText: 'bob: still here' }).waitFor();
 
-test('a tab that reconnects gets what it missed', async () => {
-  const carol = await openAndJoin('carol');
-  const dave = await openAndJoin('dave');
-  await carol.fill('#message', 'before the break');
-  await carol.click('#sendForm button:has-text("Send")');
-  await dave.locator('#log', { hasText: 'carol: before the break' }).waitFor();
+    // Leaving tells the other tab.
+    await bob.click('#leave');
+    await alice.locator('#log', { hasText: 'bob left #general' }).waitFor();
+    assert.equal(await alice.locator('.room.active small').textContent(), '1');
+    await alice.screenshot({ path: new URL(`../../target/test-page-${scheme}.png`, import.meta.url).pathname });
+  });
 
-  await dave.click('#connect'); // disconnect
-  await dave.locator('#status', { hasText: 'disconnected' }).waitFor();
-  await carol.locator('#log', { hasText: 'dave left #general' }).waitFor();
-  await carol.fill('#message', 'while you were away');
-  await carol.click('#sendForm button:has-text("Send")');
-  await carol.locator('#log', { hasText: 'carol: while you were away' }).waitFor();
+  test(`a tab that reconnects gets what it missed (${scheme})`, async () => {
+    const carol = await openAndJoin(baseUrl, 'carol');
+    const dave = await openAndJoin(baseUrl, 'dave');
+    await carol.fill('#message', 'before the break');
+    await carol.click('#sendForm button:has-text("Send")');
+    await dave.locator('#log', { hasText: 'carol: before the break' }).waitFor();
 
-  await dave.click('#connect'); // back: the page rejoins with `since`
-  await dave.locator('#log', { hasText: 'rejoined #general: what you missed follows' }).waitFor();
-  await dave.locator('#log', { hasText: 'carol: while you were away' }).waitFor();
-  // Once: the message from before the break is not replayed.
-  assert.equal(await dave.locator('#log div', { hasText: 'carol: before the break' }).count(), 1);
-});
+    await dave.click('#connect'); // disconnect
+    await dave.locator('#status', { hasText: 'disconnected' }).waitFor();
+    await carol.locator('#log', { hasText: 'dave left #general' }).waitFor();
+    await carol.fill('#message', 'while you were away');
+    await carol.click('#sendForm button:has-text("Send")');
+    await carol.locator('#log', { hasText: 'carol: while you were away' }).waitFor();
+
+    await dave.click('#connect'); // back: the page rejoins with `since`
+    await dave.locator('#log', { hasText: 'rejoined #general: what you missed follows' }).waitFor();
+    await dave.locator('#log', { hasText: 'carol: while you were away' }).waitFor();
+    // Once: the message from before the break is not replayed.
+    assert.equal(await dave.locator('#log div', { hasText: 'carol: before the break' }).count(), 1);
+  });
+  });
+}

@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod node;
 pub mod outbound;
 pub mod presence;
+pub mod probe;
 pub mod protocol;
 pub mod rooms;
 pub mod routing;

@@ -10,6 +10,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use wsgate::config::{Config, FlagOverrides, LogFormat};
+use wsgate::probe::Trust;
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -42,9 +43,22 @@ struct Cli {
 enum Command {
     /// Mint a token with the configured jwt_secret (or --private-key), for scripts and tests.
     Token(TokenArgs),
-    /// GET an http:// URL (default: this gateway's /readyz); exit 0 on a 2xx answer, 1 otherwise.
-    /// For container health checks, where no curl is installed.
-    Probe { url: Option<String> },
+    /// GET an http:// or https:// URL (default: this gateway's /readyz, over TLS when it serves
+    /// TLS); exit 0 on a 2xx answer, 1 otherwise. For container health checks, where no curl is
+    /// installed.
+    Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    url: Option<String>,
+    /// Trust the CA certificates in this PEM file for an https:// URL (default: the system's).
+    #[arg(long, conflicts_with = "insecure")]
+    ca: Option<PathBuf>,
+    /// Believe any certificate an https:// URL presents (the connection is still encrypted).
+    /// Implied when probing this gateway's own listener.
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Args)]
@@ -123,17 +137,9 @@ fn main() -> ExitCode {
         shards: cli.shards,
         dev_mode: cli.dev.then_some(true),
     };
-    if let Some(Command::Probe { url }) = &cli.command {
-        // Only the address is needed: the flags the gateway runs with are not the probe's (a
-        // container's HEALTHCHECK sees its environment only).
-        let url = url.clone().unwrap_or_else(|| {
-            let mut addr = Config::load_unchecked(cli.config.as_deref(), &flags).listen;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            format!("http://{addr}/readyz")
-        });
-        return match probe(&url) {
+    if let Some(Command::Probe(args)) = &cli.command {
+        let (url, trust) = probe_target(args, &cli, &flags);
+        return match wsgate::probe::probe(&url, &trust) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("wsgate probe {url}: {e}");
@@ -210,38 +216,30 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// One GET of `url` (`http://host:port/path`), answered 2xx within two seconds.
-fn probe(url: &str) -> Result<(), String> {
-    use std::io::{Read, Write};
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or("only http:// URLs are probed")?;
-    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let path = if path.is_empty() { "/" } else { path };
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(host)
-        .map_err(|e| format!("{host}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{host}: no address"))?;
-    let timeout = Duration::from_secs(2);
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(|e| e.to_string())?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut status = [0u8; 12];
-    stream.read_exact(&mut status).map_err(|e| e.to_string())?;
-    match &status[..10] {
-        [b'H', b'T', b'T', b'P', b'/', _, _, _, b' ', b'2'] => Ok(()),
-        _ => Err(format!(
-            "answered {}",
-            String::from_utf8_lossy(&status[9..])
-        )),
+/// What `wsgate probe` GETs, and whom it believes over TLS.
+fn probe_target(args: &ProbeArgs, cli: &Cli, flags: &FlagOverrides) -> (String, Trust) {
+    if let Some(url) = &args.url {
+        let trust = match (&args.ca, args.insecure) {
+            (Some(ca), _) => Trust::CaFile(ca.clone().into_boxed_path()),
+            (None, true) => Trust::Anyone,
+            (None, false) => Trust::System,
+        };
+        return (url.clone(), trust);
     }
+    // This gateway's own /readyz. Only the address and whether it serves TLS are needed: the
+    // flags the gateway runs with are not the probe's (a container's HEALTHCHECK sees its
+    // environment only). Its certificate names the public host, not loopback: any is believed.
+    let config = Config::load_unchecked(cli.config.as_deref(), flags);
+    let mut addr = config.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let scheme = if config.tls_cert_file.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    (format!("{scheme}://{addr}/readyz"), Trust::Anyone)
 }
 
 /// Raises the soft open-files limit to the hard limit: each connection is one file descriptor.

@@ -205,8 +205,8 @@ fn probe_fails_when_nothing_answers() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("wsgate probe"), "{stderr}");
     let out = wsgate()
-        .args(["probe", "https://example.com/"])
+        .args(["probe", "ftp://127.0.0.1/"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "only http://");
+    assert_eq!(out.status.code(), Some(1), "only http:// and https://");
 }

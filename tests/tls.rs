@@ -277,3 +277,62 @@ fn files_with_other_key(files: &(PathBuf, PathBuf)) -> PathBuf {
     std::fs::write(&other, KeyPair::generate().unwrap().serialize_pem()).unwrap();
     other
 }
+
+/// Runs `wsgate probe ARGS` with only `env` among the WSGATE_* variables; (exit code, stderr).
+fn run_probe(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> (Option<i32>, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"));
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("WSGATE_")) {
+        cmd.env_remove(key);
+    }
+    let out = cmd
+        .arg("probe")
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn wsgate_probe_checks_a_tls_listener() {
+    let files = pem_files("probe");
+    let pki = Pki::issue(&files);
+    let gw = gateway(&files);
+    let ca = files.0.with_file_name("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let listen = gw.addr.to_string();
+    // The health check's form: no URL, the gateway's own settings. With TLS configured it
+    // speaks TLS; a plain-HTTP probe of this listener fails.
+    let own = [
+        ("WSGATE_LISTEN", listen.as_ref()),
+        ("WSGATE_TLS_CERT_FILE", files.0.as_os_str()),
+        ("WSGATE_TLS_KEY_FILE", files.1.as_os_str()),
+    ];
+    assert_eq!(run_probe(&[], &own).0, Some(0));
+    let (code, stderr) = run_probe(&[], &own[..1]);
+    assert_eq!(code, Some(1), "{stderr}");
+    // A URL is verified: against the CA given, by name, or against the system's CAs (which do
+    // not know this one) unless told to believe anyone.
+    let by_name = format!("https://localhost:{}/readyz", gw.addr.port());
+    let ca_flag = ca.to_str().unwrap();
+    assert_eq!(run_probe(&[&by_name, "--ca", ca_flag], &[]).0, Some(0));
+    let (code, stderr) = run_probe(&[&by_name], &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("certificate"), "{stderr}");
+    assert_eq!(run_probe(&[&by_name, "--insecure"], &[]).0, Some(0));
+    let by_address = format!("https://{}/readyz", gw.addr);
+    let (code, stderr) = run_probe(&[&by_address, "--ca", ca_flag], &[]);
+    assert_eq!(
+        code,
+        Some(1),
+        "the certificate names localhost only: {stderr}"
+    );
+    // And what answers non-2xx fails the probe.
+    let missing = format!("https://localhost:{}/nothing-here", gw.addr.port());
+    let (code, stderr) = run_probe(&[&missing, "--ca", ca_flag], &[]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("answered 404"), "{stderr}");
+}

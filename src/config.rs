@@ -540,14 +540,6 @@ impl Config {
         match (&self.tls_cert_file, &self.tls_key_file) {
             (Some(cert), Some(key)) => {
                 Tls::load(cert, key).map_err(ConfigError)?;
-                if self.proxy_protocol {
-                    return bad(
-                        "proxy_protocol",
-                        &true,
-                        "not with TLS here yet: let the proxy terminate TLS, or use \
-                         X-Forwarded-For",
-                    );
-                }
             }
             (None, None) => {}
             _ => {

@@ -119,14 +119,6 @@ async fn metrics_see_the_forwarded_client_not_a_local_proxy() {
 const UPGRADE: &str = "GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
 
-fn proxy_v2(source: [u8; 4]) -> Vec<u8> {
-    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    header.extend_from_slice(&[0x21, 0x11, 0, 12]);
-    header.extend_from_slice(&source);
-    header.extend_from_slice(&[10, 0, 0, 1, 0x30, 0x39, 0x1F, 0x90]);
-    header
-}
-
 /// Sends `bytes` from `source`; returns the status line's code and the open stream.
 async fn send_first(source: [u8; 4], addr: SocketAddr, bytes: &[u8]) -> (u16, TcpStream) {
     let mut stream = connect_from(source, addr).await;
@@ -143,7 +135,11 @@ async fn send_first(source: [u8; 4], addr: SocketAddr, bytes: &[u8]) -> (u16, Tc
 #[tokio::test]
 async fn the_proxy_protocol_names_the_client_in_either_version() {
     let gw = gateway(true);
-    let v2 = [proxy_v2([198, 51, 100, 7]), UPGRADE.as_bytes().to_vec()].concat();
+    let v2 = [
+        support::proxy_v2([198, 51, 100, 7]),
+        UPGRADE.as_bytes().to_vec(),
+    ]
+    .concat();
     let (first, _a) = send_first(PROXY, gw.addr, &v2).await;
     let (second, _b) = send_first(PROXY, gw.addr, &v2).await;
     assert_eq!((first, second), (101, 101));

@@ -57,25 +57,31 @@ impl Pki {
     }
 
     async fn connect(&self, addr: SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
-        let tcp = TcpStream::connect(addr).await?;
+        self.connect_over(TcpStream::connect(addr).await?).await
+    }
+
+    /// A TLS session over `tcp` (on which the test may have sent something first).
+    async fn connect_over(&self, tcp: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
         let name = ServerName::try_from("localhost").unwrap();
         self.connector().connect(name, tcp).await
     }
 
-    async fn websocket(
-        &self,
-        addr: SocketAddr,
-        path: &str,
-    ) -> tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>> {
+    async fn websocket(&self, addr: SocketAddr, path: &str) -> Wss {
         let tls = self.connect(addr).await.expect("TLS handshake");
-        let request = format!("wss://localhost:{}{path}", addr.port())
-            .into_client_request()
-            .unwrap();
-        tokio_tungstenite::client_async(request, tls)
-            .await
-            .unwrap()
-            .0
+        upgrade(tls, path).await
     }
+}
+
+type Wss = tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>;
+
+async fn upgrade(tls: TlsStream<TcpStream>, path: &str) -> Wss {
+    let request = format!("wss://localhost{path}")
+        .into_client_request()
+        .unwrap();
+    tokio_tungstenite::client_async(request, tls)
+        .await
+        .unwrap()
+        .0
 }
 
 use rustls::pki_types::pem::PemObject;
@@ -335,4 +341,75 @@ async fn wsgate_probe_checks_a_tls_listener() {
     let (code, stderr) = run_probe(&[&missing, "--ca", ca_flag], &[]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("answered 404"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_proxy_protocol_in_front_of_tls_names_the_client() {
+    let files = pem_files("proxy");
+    let pki = Pki::issue(&files);
+    let (cert, key) = files.clone();
+    let gw = TestGateway::start_with(
+        move |c| {
+            c.tls_cert_file = Some(cert);
+            c.tls_key_file = Some(key);
+            c.trusted_proxies = vec!["127.0.0.1/32".into()];
+            c.proxy_protocol = true;
+            c.max_connections_per_ip = 2;
+        },
+        1,
+    );
+    // As a TCP-mode load balancer sends it: the header, then the client's TLS bytes.
+    let behind_proxy = async |header: Vec<u8>| {
+        let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
+        tcp.write_all(&header).await.unwrap();
+        pki.connect_over(tcp).await
+    };
+    let client = [198, 51, 100, 7];
+    let first = upgrade(
+        behind_proxy(support::proxy_v2(client)).await.unwrap(),
+        "/ws",
+    )
+    .await;
+    // A header that arrives in pieces is read whole, and not a byte of TLS with it.
+    let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let v1 = b"PROXY TCP4 198.51.100.7 10.0.0.1 5000 443\r\n";
+    tcp.write_all(&v1[..9]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tcp.write_all(&v1[9..]).await.unwrap();
+    let second = upgrade(pki.connect_over(tcp).await.unwrap(), "/ws").await;
+    // That client's cap is reached: closed before the handshake.
+    assert!(behind_proxy(support::proxy_v2(client)).await.is_err());
+    let other = behind_proxy(support::proxy_v2([198, 51, 100, 8])).await;
+    let _other = upgrade(other.unwrap(), "/ws").await;
+    // The proxy's own connection (LOCAL) is served; one without a header is not.
+    let local = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00".to_vec();
+    let mut health = behind_proxy(local).await.unwrap();
+    health
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(PATIENCE, health.read_to_string(&mut answer)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        pki.connect(gw.addr).await.is_err(),
+        "no header from the proxy"
+    );
+    // Not from the trusted proxy: no header is read, TLS starts at once.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from(([127, 0, 0, 2], 0))).unwrap();
+    let direct = pki
+        .connect_over(socket.connect(gw.addr).await.unwrap())
+        .await;
+    let _direct = upgrade(direct.unwrap(), "/ws").await;
+    // Places are given back when that client's connections close.
+    drop((first, second));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while behind_proxy(support::proxy_v2(client)).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "places not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

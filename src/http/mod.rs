@@ -69,7 +69,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, peer: IpAddr) {
     // until its client is known (see `Admission::claim_ip`).
     let counted_as = Cell::new((!shard.node.proxies.trusts(peer)).then_some(peer));
     let upgraded = Cell::new(false);
-    if let Some(stream) = handshake(&shard, tcp).await {
+    if let Some(stream) = handshake(&shard, tcp, &counted_as).await {
         serve_http(&shard, stream, peer, &counted_as, &upgraded).await;
     }
     if !upgraded.get() {
@@ -81,22 +81,52 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, peer: IpAddr) {
     }
 }
 
-/// The TLS handshake, when the listener has TLS, within `handshake_timeout`; `None` when it
-/// failed (counted).
-async fn handshake(shard: &Shard, tcp: TcpStream) -> Option<Stream> {
+/// The TLS handshake, when the listener has TLS, within `handshake_timeout` (a PROXY header in
+/// front of it read first, from a trusted proxy with `proxy_protocol`); `None` when it failed
+/// (counted). Nothing is answered: an HTTP answer would need the handshake done.
+async fn handshake(
+    shard: &Shard,
+    mut tcp: TcpStream,
+    counted_as: &Cell<Option<IpAddr>>,
+) -> Option<Stream> {
     let node = &shard.node;
     let Some(tls) = &node.tls else {
         return Some(Stream::Plain(tcp));
     };
-    match tokio::time::timeout(node.config.handshake_timeout, tls.acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => Some(Stream::Tls(Box::new(stream))),
-        Ok(Err(e)) => {
-            node.counters
-                .tls_handshake_failures
-                .fetch_add(1, Ordering::Relaxed);
-            debug!(error = %e, "TLS handshake failed");
-            None
+    let proxy_header = node.config.proxy_protocol && counted_as.get().is_none();
+    let handshake = async {
+        if proxy_header {
+            match proxy_header::read_exactly(&mut tcp, node.config.max_header_bytes).await {
+                Ok(Some(client)) => {
+                    if let Err(refusal) = node.admission.claim_ip(client) {
+                        node.counters.admission_refused(refusal);
+                        return None;
+                    }
+                    counted_as.set(Some(client));
+                }
+                // The proxy's own connection (a health check).
+                Ok(None) => {}
+                Err(proxy_header::ReadError::Invalid) => {
+                    node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                    debug!("no valid PROXY protocol header in front of TLS");
+                    return None;
+                }
+                Err(proxy_header::ReadError::Io(_)) => return None,
+            }
         }
+        match tls.acceptor.accept(tcp).await {
+            Ok(stream) => Some(Stream::Tls(Box::new(stream))),
+            Err(e) => {
+                node.counters
+                    .tls_handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(error = %e, "TLS handshake failed");
+                None
+            }
+        }
+    };
+    match tokio::time::timeout(node.config.handshake_timeout, handshake).await {
+        Ok(stream) => stream,
         Err(_) => {
             node.counters
                 .handshake_timeouts
@@ -123,7 +153,8 @@ async fn serve_http(
 ) {
     let node = &shard.node;
     let config = &node.config;
-    let proxy_header = config.proxy_protocol && counted_as.get().is_none();
+    // Over TLS the PROXY header came before the handshake.
+    let proxy_header = config.proxy_protocol && node.tls.is_none() && counted_as.get().is_none();
     let registered = node.http.register();
     let evicted = || {
         node.counters.http_evicted.fetch_add(1, Ordering::Relaxed);

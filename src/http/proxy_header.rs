@@ -2,7 +2,11 @@
 //! before the client's bytes, saying whose connection it is. Read only from `trusted_proxies`
 //! when `proxy_protocol` is on.
 
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
 /// The version 2 header starts with these 12 bytes.
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -30,6 +34,46 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, Invalid> {
         parse_v2(buf)
     } else {
         parse_v1(buf)
+    }
+}
+
+/// Why [`read_exactly`] found no header.
+#[derive(Debug)]
+pub enum ReadError {
+    /// Not a PROXY header, a broken one, or one over the size allowed.
+    Invalid,
+    /// The socket closed or failed first.
+    Io(io::Error),
+}
+
+/// Reads the PROXY header at the front of `tcp` and not one byte more, for what follows is read
+/// by someone else (rustls, from the socket): peeks, and consumes only bytes the header is known
+/// to own — all of an incomplete header (every prefix of one is incomplete, never complete),
+/// and of a complete one its length. Returns the client it names.
+pub async fn read_exactly(
+    tcp: &mut TcpStream,
+    max_bytes: usize,
+) -> Result<Option<IpAddr>, ReadError> {
+    let mut header = Vec::new();
+    let mut peeked = vec![0u8; 256];
+    loop {
+        let n = tcp.peek(&mut peeked).await.map_err(ReadError::Io)?;
+        if n == 0 {
+            return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        let before = header.len();
+        header.extend_from_slice(&peeked[..n]);
+        let (own, done) = match parse(&header) {
+            Ok(Parsed::Complete { len, source }) => (len - before, Some(source)),
+            Ok(Parsed::Incomplete) if header.len() < max_bytes => (n, None),
+            Ok(Parsed::Incomplete) | Err(Invalid) => return Err(ReadError::Invalid),
+        };
+        tcp.read_exact(&mut peeked[..own])
+            .await
+            .map_err(ReadError::Io)?;
+        if let Some(source) = done {
+            return Ok(source);
+        }
     }
 }
 

@@ -572,3 +572,12 @@ pub async fn websocket_from(
         Err(e) => panic!("{e}"),
     }
 }
+
+/// A PROXY protocol v2 header naming `source` (TCP over IPv4, to 10.0.0.1:8080).
+pub fn proxy_v2(source: [u8; 4]) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    header.extend_from_slice(&source);
+    header.extend_from_slice(&[10, 0, 0, 1, 0x30, 0x39, 0x1F, 0x90]);
+    header
+}

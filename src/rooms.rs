@@ -75,6 +75,14 @@ const STRIPES: usize = 64;
 
 type Stripe = Mutex<HashMap<Arc<str>, Arc<RoomState>>>;
 
+/// A page of rooms with their members (connections), and the room to ask for the next page
+/// after, when more may follow.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RoomsPage {
+    pub rooms: Vec<(Arc<str>, u32)>,
+    pub next: Option<Arc<str>>,
+}
+
 /// Process-wide rooms, lock-striped by room name. A room stays while it has members, or history
 /// that is not yet expired (so clients can recover after everyone left).
 pub struct RoomDirectory {
@@ -212,8 +220,8 @@ impl RoomDirectory {
     }
 
     /// Rooms with members, sorted by name, after the name `after`: at most `limit` of them with
-    /// their connections (across all nodes, as far as this node knows), and whether more follow.
-    pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<(Arc<str>, u32)>, bool) {
+    /// their connections (across all nodes, as far as this node knows).
+    pub fn page(&self, after: Option<&str>, limit: usize) -> RoomsPage {
         let mut rooms: Vec<Arc<RoomState>> = Vec::new();
         for stripe in &self.stripes {
             let stripe = stripe.lock().unwrap_or_else(|e| e.into_inner());
@@ -229,11 +237,14 @@ impl RoomDirectory {
         let more = rooms.len() > limit;
         rooms.truncate(limit);
         // Presence is read outside the directory's locks (never taken inside them).
-        let page = rooms
-            .into_iter()
-            .map(|state| (state.name.clone(), state.presence().total()))
-            .collect();
-        (page, more)
+        let next = more.then(|| rooms.last().map(|state| state.name.clone()));
+        RoomsPage {
+            rooms: rooms
+                .into_iter()
+                .map(|state| (state.name.clone(), state.presence().total()))
+                .collect(),
+            next: next.flatten(),
+        }
     }
 
     /// Whether a room without members can be forgotten: no history left, and (with a broker)

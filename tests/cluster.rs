@@ -938,3 +938,104 @@ async fn eventually_async<T, F: Future<Output = Option<T>>>(mut read: impl FnMut
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `GET path` on `gw`'s API once the answer satisfies `done` (Redis is written asynchronously).
+async fn api_until(gw: &TestGateway, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    eventually_async(|| async {
+        let (status, answer) = api(gw.addr, "GET", path, Value::Null).await;
+        assert_eq!(status, 200, "{answer}");
+        done(&answer).then_some(answer)
+    })
+    .await
+}
+
+fn room_list(answer: &Value) -> Vec<(String, u64)> {
+    answer["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["room"].as_str().unwrap().to_owned(),
+                r["members"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_server_api_lists_rooms_and_members_across_the_cluster() {
+    let mut redis = RedisServer::start();
+    let mut nodes = cluster(&redis, &[1, 1, 1]).await;
+    let mut alice = nodes[0].client_as("alice").await;
+    alice.join("a").await;
+    alice.join("b").await;
+    // Bob is in "b" from two nodes; carol is alone in "c".
+    let mut bob_here = nodes[0].client_as("bob").await;
+    bob_here.join("b").await;
+    let mut bob_there = nodes[1].client_as("bob").await;
+    bob_there.join("b").await;
+    let mut carol = nodes[1].client_as("carol").await;
+    carol.join("c").await;
+    // The third node has no member anywhere, and still sees every room.
+    let expected = |rooms: &[(&str, u64)]| {
+        rooms
+            .iter()
+            .map(|(r, n)| (r.to_string(), *n))
+            .collect::<Vec<_>>()
+    };
+    let all = expected(&[("a", 1), ("b", 3), ("c", 1)]);
+    api_until(&nodes[2], "/api/rooms", |a| room_list(a) == all).await;
+    let (_, first) = api(nodes[2].addr, "GET", "/api/rooms?limit=2", Value::Null).await;
+    assert_eq!(room_list(&first), expected(&[("a", 1), ("b", 3)]));
+    assert_eq!(first["next"], "b");
+    let (_, rest) = api(nodes[2].addr, "GET", "/api/rooms?after=b", Value::Null).await;
+    assert_eq!(room_list(&rest), expected(&[("c", 1)]));
+    assert_eq!(rest["next"], Value::Null);
+    // Who is in "b": each user once, their connections on every node counted.
+    let (_, b) = api(nodes[2].addr, "GET", "/api/rooms/b", Value::Null).await;
+    assert_eq!(b["members"], 3, "{b}");
+    let users: Vec<&str> = b["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["userId"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["alice", "bob"]);
+    let (_, page) = api(nodes[2].addr, "GET", "/api/rooms/b?limit=1", Value::Null).await;
+    assert_eq!(
+        (page["users"][0]["userId"].as_str(), page["next"].as_str()),
+        (Some("alice"), Some("alice"))
+    );
+    // Leaving takes a room out; a node that stops takes its members with it.
+    carol.send("leave_room", json!({"room": "c"})).await;
+    api_until(&nodes[2], "/api/rooms", |a| {
+        room_list(a) == expected(&[("a", 1), ("b", 3)])
+    })
+    .await;
+    nodes[1].stop().await;
+    api_until(&nodes[2], "/api/rooms", |a| {
+        room_list(a) == expected(&[("a", 1), ("b", 2)])
+    })
+    .await;
+    // Counts of a node that is not alive (killed, say) are not members, and such a room leaves
+    // the index as a page passes it.
+    redis.query::<i64>(
+        redis::cmd("HSET")
+            .arg("wsgate:members:{ghost}")
+            .arg("dead-node")
+            .arg(5),
+    );
+    redis.query::<i64>(redis::cmd("ZADD").arg("wsgate:rooms").arg(0).arg("ghost"));
+    let (_, listed) = api(nodes[2].addr, "GET", "/api/rooms", Value::Null).await;
+    assert_eq!(room_list(&listed), expected(&[("a", 1), ("b", 2)]));
+    let indexed: Vec<String> = redis.query(redis::cmd("ZRANGE").arg("wsgate:rooms").arg(0).arg(-1));
+    assert_eq!(indexed, ["a", "b"]);
+    // Without Redis the cluster's rooms cannot be read: 503, not this node's partial view.
+    redis.kill();
+    wait_readiness(&nodes[0], 503).await;
+    for path in ["/api/rooms", "/api/rooms/b"] {
+        let (status, answer) = api(nodes[0].addr, "GET", path, Value::Null).await;
+        assert_eq!(status, 503, "{path}: {answer}");
+    }
+}

@@ -33,6 +33,7 @@ use tokio::sync::oneshot;
 use super::{Body, error_response, json, unauthorized};
 use crate::broker::{Broker, Publisher};
 use crate::frame;
+use crate::presence::Presence;
 use crate::protocol::{ErrorReply, ServerMessage, now_ms};
 use crate::rooms::is_valid_room_name;
 use crate::routing::{self, Disconnect, Publication, Target};
@@ -80,10 +81,10 @@ pub async fn serve(shard: Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
             let body = read_json(&shard, req).await;
             body.and_then(|body| disconnect(&shard, body))
         }
-        (&Method::GET, "rooms") => rooms(&shard, &query),
+        (&Method::GET, "rooms") => rooms(&shard, &query).await,
         (&Method::GET, "stats") => Ok(json(StatusCode::OK, &super::stats(&shard))),
         (&Method::GET, room) if room.starts_with("rooms/") => {
-            room_users(&shard, &room["rooms/".len()..], &query)
+            room_users(&shard, &room["rooms/".len()..], &query).await
         }
         (_, route)
             if matches!(
@@ -304,23 +305,36 @@ fn page_query(query: &str) -> Result<(Option<String>, usize), Refused> {
     Ok((after, limit))
 }
 
-fn rooms(shard: &Shard, query: &str) -> Answer {
+/// Rooms with members and their connections: this node's directory on one node; with Redis,
+/// the cluster's rooms index (a node knows only the rooms it has members in).
+async fn rooms(shard: &Shard, query: &str) -> Answer {
     let (after, limit) = page_query(query)?;
-    let (rooms, more) = shard.node.rooms.page(after.as_deref(), limit);
-    let next = more
-        .then(|| rooms.last().map(|(name, _)| name.clone()))
-        .flatten();
-    let rooms: Vec<Value> = rooms
+    let page = match &shard.node.broker {
+        Broker::Memory => shard.node.rooms.page(after.as_deref(), limit),
+        Broker::Redis(redis) => {
+            let lookup = redis
+                .lookup()
+                .ok_or_else(|| unavailable(ErrorReply::Unavailable))?;
+            lookup
+                .rooms(after.as_deref(), limit)
+                .await
+                .map_err(|_| unavailable(ErrorReply::Unavailable))?
+        }
+    };
+    let rooms: Vec<Value> = page
+        .rooms
         .iter()
         .map(|(room, members)| json!({ "room": &**room, "members": members }))
         .collect();
     Ok(json(
         StatusCode::OK,
-        &json!({ "rooms": rooms, "next": next.as_deref() }),
+        &json!({ "rooms": rooms, "next": page.next.as_deref() }),
     ))
 }
 
-fn room_users(shard: &Shard, room: &str, query: &str) -> Answer {
+/// Who is in a room: the room's presence as this node holds it (cluster-wide for the rooms it
+/// follows), or with Redis as Redis holds it (whichever nodes the members are on).
+async fn room_users(shard: &Shard, room: &str, query: &str) -> Answer {
     let room = percent_encoding::percent_decode_str(room)
         .decode_utf8()
         .map_err(|_| bad_request(ErrorReply::InvalidRoomName))?;
@@ -328,19 +342,31 @@ fn room_users(shard: &Shard, room: &str, query: &str) -> Answer {
         return Err(bad_request(ErrorReply::InvalidRoomName));
     }
     let (after, limit) = page_query(query)?;
-    let (members, users, next) = match shard.node.rooms.get(&room) {
-        None => (0, Vec::new(), None),
-        Some(state) => {
-            let mut presence = state.presence();
-            let (users, more) = presence.page(after.as_deref(), limit);
-            let next = more
-                .then(|| users.last().map(|e| e.user_id.clone()))
-                .flatten();
-            let users: Vec<Value> = users
-                .iter()
-                .map(|e| json!({ "userId": e.shown_id(), "username": &*e.username }))
-                .collect();
-            (presence.total(), users, next)
+    let page = |presence: &mut Presence| {
+        let (users, more) = presence.page(after.as_deref(), limit);
+        let next = more
+            .then(|| users.last().map(|e| e.user_id.clone()))
+            .flatten();
+        let users: Vec<Value> = users
+            .iter()
+            .map(|e| json!({ "userId": e.shown_id(), "username": &*e.username }))
+            .collect();
+        (presence.total(), users, next)
+    };
+    let (members, users, next) = match &shard.node.broker {
+        Broker::Memory => match shard.node.rooms.get(&room) {
+            None => (0, Vec::new(), None),
+            Some(state) => page(&mut state.presence()),
+        },
+        Broker::Redis(redis) => {
+            let lookup = redis
+                .lookup()
+                .ok_or_else(|| unavailable(ErrorReply::Unavailable))?;
+            let mut presence = lookup
+                .presence(&room)
+                .await
+                .map_err(|_| unavailable(ErrorReply::Unavailable))?;
+            page(&mut presence)
         }
     };
     Ok(json(

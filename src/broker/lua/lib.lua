@@ -40,3 +40,57 @@ local function ms(value)
   end
   return math.floor(n)
 end
+
+-- The connections a presence entry (JSON, or nil) counts; 0 for one that is not wsgate's.
+local function entry_conns(entry)
+  if not entry then
+    return 0
+  end
+  local ok, decoded = pcall(cjson.decode, entry)
+  if not ok or type(decoded) ~= "table" then
+    return 0
+  end
+  local n = tonumber(decoded["conns"]) or 0
+  if n ~= n or n < 0 then
+    return 0
+  end
+  return math.floor(n)
+end
+
+-- A room's members hash (node -> its connections in the room) changed for `node`: by `delta`, or
+-- set to `total`. The room is in the rooms index (a sorted set, all scores 0, read in name
+-- order) while any node has connections in it, and the hash lives `ttl` seconds past its last
+-- change, as the presence hash does. Counting here lets the server API count a room's members
+-- per node instead of reading every user's entry.
+local function count_members(members, index, room, node, delta, total, ttl)
+  as_kind(members, "hash")
+  as_kind(index, "zset")
+  local conns = total
+  if not conns then
+    conns = (tonumber(redis.call("hget", members, node)) or 0) + delta
+  end
+  if conns > 0 then
+    redis.call("hset", members, node, conns)
+    redis.call("expire", members, ttl)
+    redis.call("zadd", index, 0, room)
+  else
+    redis.call("hdel", members, node)
+    if redis.call("hlen", members) == 0 then
+      redis.call("zrem", index, room)
+    end
+  end
+end
+
+-- Which nodes are alive (node -> true), from the nodes hash (see beat.lua).
+local function alive_nodes(nodes_key)
+  as_kind(nodes_key, "hash")
+  local now = now_ms()
+  local alive = {}
+  local nodes = redis.call("hgetall", nodes_key)
+  for i = 1, #nodes, 2 do
+    if ms(nodes[i + 1]) >= now then
+      alive[nodes[i]] = true
+    end
+  end
+  return alive
+end

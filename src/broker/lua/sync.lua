@@ -24,15 +24,7 @@ local presence = {}
 local malformed = 0
 if ARGV[6] == "1" then
   as_kind(KEYS[3], "hash")
-  as_kind(KEYS[4], "hash")
-  local now = now_ms()
-  local alive = {}
-  local nodes = redis.call("hgetall", KEYS[4])
-  for i = 1, #nodes, 2 do
-    if ms(nodes[i + 1]) >= now then
-      alive[nodes[i]] = true
-    end
-  end
+  local alive = alive_nodes(KEYS[4])
   local fields = redis.call("hgetall", KEYS[3])
   for i = 1, #fields, 2 do
     local field = fields[i]

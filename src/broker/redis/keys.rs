@@ -5,9 +5,11 @@
 //! - `wsgate:history:{R}`: a stream of its recent messages, entry ids `<offset>-0`;
 //! - `wsgate:presence:{R}`: per node and user, the user's connections there (`<node>\x1f<user>` →
 //!   an entry as JSON), and each node's last change number (`#<node>`);
+//! - `wsgate:members:{R}`: per node, its connections in the room (what the server API counts);
 //! - `wsgate:room:{R}`: the channel its messages, presence changes and notices are published on.
 //!
-//! Per cluster: `wsgate:nodes` (node → alive until, in ms of Redis's clock), `wsgate:broadcast`
+//! Per cluster: `wsgate:nodes` (node → alive until, in ms of Redis's clock), `wsgate:rooms` (the
+//! rooms with members, a sorted set read in name order), `wsgate:broadcast`
 //! (notices for every chat client), and per node `wsgate:sessions:<node>` (client id → its
 //! session) and `wsgate:probe:<node>` (the node's probe channel).
 
@@ -18,6 +20,7 @@ pub const BROADCAST_CHANNEL: &str = "wsgate:broadcast";
 /// Orders for every node (`<node>\n<JSON>`): disconnect a user everywhere.
 pub const CONTROL_CHANNEL: &str = "wsgate:control";
 pub const NODES_KEY: &str = "wsgate:nodes";
+pub const ROOMS_KEY: &str = "wsgate:rooms";
 
 pub fn room_channel(room: &str) -> String {
     format!("wsgate:room:{{{room}}}")
@@ -33,6 +36,11 @@ pub fn history_key(room: &str) -> String {
 
 pub fn presence_key(room: &str) -> String {
     format!("wsgate:presence:{{{room}}}")
+}
+
+/// Also spelled out in rooms_page.lua, which names it from the rooms index.
+pub fn members_key(room: &str) -> String {
+    format!("wsgate:members:{{{room}}}")
 }
 
 /// A node's sessions: client id → `{"user","node","connectedAt"}`, expiring with the node's
@@ -67,6 +75,10 @@ pub struct Scripts {
     pub beat: String,
     /// Takes a stopping node out.
     pub goodbye: String,
+    /// Reads a page of the rooms with members (server API).
+    pub rooms_page: String,
+    /// Reads a room's presence on live nodes (server API).
+    pub presence_read: String,
 }
 
 impl Scripts {
@@ -86,6 +98,8 @@ impl Scripts {
             presence_node: load(include_str!("../lua/presence_node.lua")).await?,
             beat: load(include_str!("../lua/beat.lua")).await?,
             goodbye: load(include_str!("../lua/goodbye.lua")).await?,
+            rooms_page: load(include_str!("../lua/rooms_page.lua")).await?,
+            presence_read: load(include_str!("../lua/presence_read.lua")).await?,
         })
     }
 }
@@ -121,5 +135,13 @@ mod tests {
     fn channels_name_their_room() {
         assert_eq!(room_of(&room_channel("a:b")), Some("a:b"));
         assert_eq!(room_of(BROADCAST_CHANNEL), None);
+    }
+
+    #[test]
+    fn the_rooms_page_script_names_members_hashes_as_rust_does() {
+        let script = include_str!("../lua/rooms_page.lua");
+        let spelled = r#""wsgate:members:{" .. room .. "}""#;
+        assert!(script.contains(spelled));
+        assert_eq!(members_key("r"), "wsgate:members:{r}");
     }
 }

@@ -26,6 +26,7 @@
 //!
 //! [`Stream`]: crate::stream::Stream
 
+mod directory;
 pub mod envelope;
 pub mod keys;
 mod publisher;
@@ -46,9 +47,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
+pub use self::directory::Lookup;
+use self::directory::LookupSlot;
 use self::keys::{
-    BROADCAST_CHANNEL, CONTROL_CHANNEL, NODES_KEY, Scripts, presence_key, probe_channel,
-    room_channel, room_of, sessions_key,
+    BROADCAST_CHANNEL, CONTROL_CHANNEL, NODES_KEY, ROOMS_KEY, Scripts, members_key, presence_key,
+    probe_channel, room_channel, room_of, sessions_key,
 };
 use self::publisher::{entry_json, publish_loop, refuse};
 pub use self::sync::NodesPresence;
@@ -148,6 +151,7 @@ pub struct RedisBroker {
     records: UnboundedSender<Record>,
     ready: Arc<AtomicBool>,
     probe: Arc<ProbeClock>,
+    lookup: Arc<LookupSlot>,
 }
 
 /// The probe's round trip through Redis (PUBLISH on the command connection, delivery on the
@@ -186,6 +190,7 @@ impl RedisBroker {
             epoch: Instant::now(),
             last_micros: AtomicU64::new(u64::MAX),
         });
+        let lookup = Arc::new(LookupSlot::default());
         let broker = RedisBroker {
             node_id: node_id.clone(),
             commands,
@@ -193,6 +198,7 @@ impl RedisBroker {
             records,
             ready: ready.clone(),
             probe: probe.clone(),
+            lookup: lookup.clone(),
         };
         let engine = Engine {
             url: config.redis_url.clone(),
@@ -210,6 +216,7 @@ impl RedisBroker {
             nodes: Nodes::default(),
             judge_after: Instant::now(),
             probe,
+            lookup,
         };
         (broker, engine)
     }
@@ -231,6 +238,11 @@ impl RedisBroker {
 
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// Reads of the cluster's rooms for the server API, while connected to Redis.
+    pub fn lookup(&self) -> Option<Lookup> {
+        self.is_ready().then(|| self.lookup.get()).flatten()
     }
 
     pub(super) fn follow(&self, room: Arc<RoomState>) {
@@ -330,6 +342,7 @@ pub struct Engine {
     /// away, or in a pipeline that failed): written whole at the next connection.
     rewrite: HashSet<Arc<str>>,
     nodes: Nodes,
+    lookup: Arc<LookupSlot>,
     /// No node is judged dead before then: after this node (re)connects, or finds it had lapsed
     /// itself, the others need a beat's time to be heard.
     judge_after: Instant,
@@ -501,6 +514,8 @@ impl Engine {
             session.catch_ups.shutdown().await;
             return Err(e);
         }
+        self.lookup
+            .set(Some((session.commands.clone(), session.scripts.clone())));
         self.ready.store(true, Ordering::Release);
         let all: Vec<usize> = (0..node.shards()).collect();
         node.bus.send_always(&all, Delivery::ResendSessions);
@@ -620,6 +635,7 @@ impl Engine {
             }
         };
         self.ready.store(false, Ordering::Release);
+        self.lookup.set(None);
         stop_publisher.cancel();
         let queues = match publisher_done {
             Some(queues) => queues,
@@ -1033,12 +1049,15 @@ fn add_presence_write(
     let write = pipe
         .cmd("EVALSHA")
         .arg(&scripts.presence_node)
-        .arg(1)
+        .arg(3)
         .arg(presence_key(room))
+        .arg(members_key(room))
+        .arg(ROOMS_KEY)
         .arg(node_id)
         .arg(seq)
         .arg(room_channel(room))
-        .arg(META_TTL.as_secs());
+        .arg(META_TTL.as_secs())
+        .arg(room);
     for entry in entries {
         write.arg(&*entry.user_id).arg(entry_json(entry));
     }

@@ -9,8 +9,8 @@ use ::redis::{RedisError, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{
-    BROADCAST_CHANNEL, CONTROL_CHANNEL, Scripts, history_key, meta_key, presence_key, room_channel,
-    sessions_key,
+    BROADCAST_CHANNEL, CONTROL_CHANNEL, ROOMS_KEY, Scripts, history_key, members_key, meta_key,
+    presence_key, room_channel, sessions_key,
 };
 use super::{META_TTL, NODE_TTL, Outgoing, Queues, Record};
 use crate::broker::Publisher;
@@ -125,15 +125,18 @@ fn add_record(pipe: &mut ::redis::Pipeline, scripts: &Scripts, node_id: &str, re
         Record::Presence { room, entry, seq } => {
             pipe.cmd("EVALSHA")
                 .arg(&scripts.presence)
-                .arg(1)
+                .arg(3)
                 .arg(presence_key(room))
+                .arg(members_key(room))
+                .arg(ROOMS_KEY)
                 .arg(node_id)
                 .arg(&*entry.user_id)
                 .arg(entry_json(entry))
                 .arg(entry.conns)
                 .arg(seq)
                 .arg(room_channel(room))
-                .arg(META_TTL.as_secs());
+                .arg(META_TTL.as_secs())
+                .arg(&**room);
         }
         Record::SessionOpened { client_id, record } => {
             let sessions = sessions_key(node_id);

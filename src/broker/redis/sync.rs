@@ -181,7 +181,7 @@ fn history_entry(entry: Value) -> Option<(u64, Vec<u8>)> {
 /// Each node's presence in a room from the flat fields of its presence hash (`#<node>` → its
 /// last change number, `<node>\x1f<user>` → an entry); returns it and how many fields were not
 /// wsgate's.
-fn nodes_presence(fields: Vec<Value>) -> (NodesPresence, u64) {
+pub(super) fn nodes_presence(fields: Vec<Value>) -> (NodesPresence, u64) {
     let mut nodes: HashMap<Arc<str>, (u64, Vec<Entry>)> = HashMap::new();
     let mut malformed = 0;
     let mut fields = fields.into_iter();

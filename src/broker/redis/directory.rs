@@ -1,0 +1,126 @@
+//! The server API's view of rooms across the cluster, read from Redis: which rooms have members
+//! on live nodes, how many, and who is in one. Each node keeps cluster-wide presence only for the
+//! rooms it follows; these reads cover the rooms it does not.
+
+use std::sync::{Arc, Mutex};
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{RedisResult, Value};
+
+use super::keys::{NODES_KEY, ROOMS_KEY, Scripts, presence_key};
+use super::sync::nodes_presence;
+use crate::presence::Presence;
+use crate::rooms::RoomsPage;
+
+/// The Redis connection the engine has now (lent to API requests: queries are multiplexed on
+/// it), with its scripts.
+#[derive(Clone)]
+pub struct Lookup {
+    commands: MultiplexedConnection,
+    scripts: Arc<Scripts>,
+}
+
+/// Where the engine leaves its [`Lookup`] while connected.
+#[derive(Default)]
+pub struct LookupSlot(Mutex<Option<Lookup>>);
+
+impl LookupSlot {
+    pub(super) fn set(&self, lookup: Option<(MultiplexedConnection, Arc<Scripts>)>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
+            lookup.map(|(commands, scripts)| Lookup { commands, scripts });
+    }
+
+    pub(super) fn get(&self) -> Option<Lookup> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// How many rooms one page may look at, per room returned: rooms whose nodes all died are taken
+/// out of the index as a page passes them, and this bounds that work in one script call.
+const LOOKED_AT_PER_ROOM: usize = 10;
+
+impl Lookup {
+    /// Rooms with members on live nodes, in name order after `after`: at most `limit`, each with
+    /// its connections across the cluster, and the room to continue after when more may follow.
+    pub async fn rooms(&self, after: Option<&str>, limit: usize) -> RedisResult<RoomsPage> {
+        let reply: Value = ::redis::cmd("EVALSHA")
+            .arg(&self.scripts.rooms_page)
+            .arg(2)
+            .arg(NODES_KEY)
+            .arg(ROOMS_KEY)
+            .arg(after.unwrap_or(""))
+            .arg(limit)
+            .arg(limit * LOOKED_AT_PER_ROOM)
+            .query_async(&mut self.commands.clone())
+            .await?;
+        parse_rooms_page(reply).ok_or_else(|| {
+            ::redis::RedisError::from(std::io::Error::other("unexpected rooms_page reply"))
+        })
+    }
+
+    /// Who is in `room` on live nodes.
+    pub async fn presence(&self, room: &str) -> RedisResult<Presence> {
+        let fields: Vec<Value> = ::redis::cmd("EVALSHA")
+            .arg(&self.scripts.presence_read)
+            .arg(2)
+            .arg(presence_key(room))
+            .arg(NODES_KEY)
+            .query_async(&mut self.commands.clone())
+            .await?;
+        let (nodes, _malformed) = nodes_presence(fields);
+        let mut presence = Presence::default();
+        // No node is this one's own here: every node's entries are taken.
+        presence.replace_others("", nodes);
+        Ok(presence)
+    }
+}
+
+/// `[[room, members, ...], next]`; `next` empty when no room follows.
+fn parse_rooms_page(reply: Value) -> Option<RoomsPage> {
+    let Value::Array(parts) = reply else {
+        return None;
+    };
+    let [Value::Array(flat), Value::BulkString(next)] = <[Value; 2]>::try_from(parts).ok()? else {
+        return None;
+    };
+    let mut rooms = Vec::with_capacity(flat.len() / 2);
+    let mut flat = flat.into_iter();
+    while let (Some(Value::BulkString(room)), Some(Value::Int(members))) =
+        (flat.next(), flat.next())
+    {
+        rooms.push((
+            Arc::from(String::from_utf8(room).ok()?),
+            u32::try_from(members).unwrap_or(u32::MAX),
+        ));
+    }
+    let next = String::from_utf8(next).ok()?;
+    Some(RoomsPage {
+        rooms,
+        next: (!next.is_empty()).then(|| Arc::from(next)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rooms_page_reply_is_read_whole() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::BulkString(b"a".to_vec()),
+                Value::Int(3),
+                Value::BulkString(b"b".to_vec()),
+                Value::Int(1),
+            ]),
+            Value::BulkString(b"b".to_vec()),
+        ]);
+        let page = parse_rooms_page(reply).unwrap();
+        assert_eq!(page.rooms, [("a".into(), 3), ("b".into(), 1)]);
+        assert_eq!(page.next.as_deref(), Some("b"));
+        let last = Value::Array(vec![Value::Array(vec![]), Value::BulkString(Vec::new())]);
+        let page = parse_rooms_page(last).unwrap();
+        assert!(page.rooms.is_empty() && page.next.is_none());
+        assert_eq!(parse_rooms_page(Value::Nil), None);
+    }
+}

@@ -150,8 +150,22 @@ async fn with_a_metrics_key_only_callers_that_send_it_are_served() {
 
 #[tokio::test]
 async fn the_grafana_dashboard_uses_only_metrics_that_exist() {
-    let gw = TestGateway::start(1);
-    let text = scrape(&gw).await;
+    // A single node, and a cluster node (the Redis gauges, once its first probe came back).
+    let single = TestGateway::start(1);
+    let redis = support::redis_server::RedisServer::start();
+    let url = redis.url();
+    let clustered = TestGateway::start_with(
+        |c| {
+            c.broker = wsgate::config::BrokerKind::Redis;
+            c.redis_url = url.into();
+        },
+        1,
+    );
+    let text = scrape(&single).await
+        + &scrape_until(&clustered, |text| {
+            text.contains("wsgate_redis_probe_round_trip_seconds ")
+        })
+        .await;
     let series: std::collections::HashSet<&str> = text
         .lines()
         .filter(|line| !line.starts_with('#'))

@@ -19,4 +19,7 @@ WSGATE_MAX_MESSAGE_SIZE=16777216 WSGATE_ALLOW_ANONYMOUS=true \
   WSGATE_RATE_LIMIT_FRAMES=1000000 WSGATE_RATE_LIMIT_FRAME_BURST=1000000 \
   WSGATE_RATE_LIMIT_BYTES=1000000000000 WSGATE_LOG=warn \
   start_gateway
-scripts/lib/autobahn-run.sh "ws://$GATEWAY_ADDR/echo" wsgate
+# With TLS=1 the same cases run over wss:// (the suite does not check the certificate).
+scheme=ws
+[ "${TLS:-0}" = 1 ] && scheme=wss
+scripts/lib/autobahn-run.sh "$scheme://$GATEWAY_ADDR/echo" "wsgate-$scheme"

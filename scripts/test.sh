@@ -38,8 +38,9 @@ scripts/metrics-check.sh
 step "Deploy files: hadolint, systemd-analyze, the binary run as the image runs it"
 scripts/deploy-check.sh
 
-step "Autobahn TestSuite against /echo (release build)"
+step "Autobahn TestSuite against /echo (release build), over ws:// and over wss://"
 scripts/autobahn.sh
+TLS=1 scripts/autobahn.sh
 
 step "Fuzz targets, ${FUZZ_SECONDS:-30}s each"
 scripts/fuzz.sh

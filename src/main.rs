@@ -10,7 +10,8 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use wsgate::config::{Config, FlagOverrides, LogFormat};
-use wsgate::probe::Trust;
+use wsgate::http::forwarded::TrustedProxies;
+use wsgate::probe::{Probe, Trust};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -53,11 +54,11 @@ enum Command {
 struct ProbeArgs {
     url: Option<String>,
     /// Trust the CA certificates in this PEM file for an https:// URL (default: the system's).
-    #[arg(long, conflicts_with = "insecure")]
+    #[arg(long, conflicts_with = "insecure", requires = "url")]
     ca: Option<PathBuf>,
     /// Believe any certificate an https:// URL presents (the connection is still encrypted).
     /// Implied when probing this gateway's own listener.
-    #[arg(long)]
+    #[arg(long, requires = "url")]
     insecure: bool,
 }
 
@@ -138,8 +139,8 @@ fn main() -> ExitCode {
         dev_mode: cli.dev.then_some(true),
     };
     if let Some(Command::Probe(args)) = &cli.command {
-        let (url, trust) = probe_target(args, &cli, &flags);
-        return match wsgate::probe::probe(&url, &trust) {
+        let (url, how) = probe_target(args, &cli, &flags);
+        return match wsgate::probe::probe(&url, &how) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("wsgate probe {url}: {e}");
@@ -216,19 +217,24 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// What `wsgate probe` GETs, and whom it believes over TLS.
-fn probe_target(args: &ProbeArgs, cli: &Cli, flags: &FlagOverrides) -> (String, Trust) {
+/// What `wsgate probe` GETs, and how.
+fn probe_target(args: &ProbeArgs, cli: &Cli, flags: &FlagOverrides) -> (String, Probe) {
     if let Some(url) = &args.url {
         let trust = match (&args.ca, args.insecure) {
             (Some(ca), _) => Trust::CaFile(ca.clone().into_boxed_path()),
             (None, true) => Trust::Anyone,
             (None, false) => Trust::System,
         };
-        return (url.clone(), trust);
+        let how = Probe {
+            trust,
+            proxy_header: false,
+        };
+        return (url.clone(), how);
     }
-    // This gateway's own /readyz. Only the address and whether it serves TLS are needed: the
-    // flags the gateway runs with are not the probe's (a container's HEALTHCHECK sees its
-    // environment only). Its certificate names the public host, not loopback: any is believed.
+    // This gateway's own /readyz. Only its address, whether it serves TLS and whether loopback
+    // must send a PROXY header are needed: the flags the gateway runs with are not the probe's
+    // (a container's HEALTHCHECK sees its environment only). Its certificate names the public
+    // host, not loopback: any is believed.
     let config = Config::load_unchecked(cli.config.as_deref(), flags);
     let mut addr = config.listen;
     if addr.ip().is_unspecified() {
@@ -239,7 +245,14 @@ fn probe_target(args: &ProbeArgs, cli: &Cli, flags: &FlagOverrides) -> (String, 
     } else {
         "http"
     };
-    (format!("{scheme}://{addr}/readyz"), Trust::Anyone)
+    let loopback_is_a_proxy =
+        TrustedProxies::parse(&config.trusted_proxies, config.forwarded_header)
+            .is_ok_and(|proxies| proxies.trusts(addr.ip()));
+    let how = Probe {
+        trust: Trust::Anyone,
+        proxy_header: config.proxy_protocol && loopback_is_a_proxy,
+    };
+    (format!("{scheme}://{addr}/readyz"), how)
 }
 
 /// Raises the soft open-files limit to the hard limit: each connection is one file descriptor.

@@ -25,8 +25,16 @@ pub enum Trust {
     Anyone,
 }
 
+/// How `wsgate probe` asks.
+pub struct Probe {
+    pub trust: Trust,
+    /// Start with a PROXY protocol header naming no client (`PROXY UNKNOWN`): the gateway takes
+    /// the probe for a trusted proxy's own connection (its settings say loopback is one).
+    pub proxy_header: bool,
+}
+
 /// GETs `url` (`http://` or `https://host:port/path`); Ok on a 2xx answer within two seconds.
-pub fn probe(url: &str, trust: &Trust) -> Result<(), String> {
+pub fn probe(url: &str, how: &Probe) -> Result<(), String> {
     let (tls, rest) = if let Some(rest) = url.strip_prefix("http://") {
         (false, rest)
     } else if let Some(rest) = url.strip_prefix("https://") {
@@ -37,16 +45,20 @@ pub fn probe(url: &str, trust: &Trust) -> Result<(), String> {
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
     let default_port = if tls { 443 } else { 80 };
-    let (host, addr) = resolve(authority, default_port)?;
+    let (host, addrs) = resolve(authority, default_port)?;
     let timeout = Duration::from_secs(2);
-    let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    let mut tcp = connect(&addrs, timeout)?;
     tcp.set_read_timeout(Some(timeout))
         .and_then(|()| tcp.set_write_timeout(Some(timeout)))
         .map_err(|e| e.to_string())?;
+    if how.proxy_header {
+        tcp.write_all(b"PROXY UNKNOWN\r\n")
+            .map_err(|e| e.to_string())?;
+    }
     let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
     let status = if tls {
         let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("{host}: {e}"))?;
-        let connection = rustls::ClientConnection::new(client_config(trust)?, name)
+        let connection = rustls::ClientConnection::new(client_config(&how.trust)?, name)
             .map_err(|e| e.to_string())?;
         exchange(rustls::StreamOwned::new(connection, tcp), &request)
     } else {
@@ -61,8 +73,8 @@ pub fn probe(url: &str, trust: &Trust) -> Result<(), String> {
     }
 }
 
-/// The host (without brackets or port) and the first address it resolves to.
-fn resolve(authority: &str, default_port: u16) -> Result<(&str, SocketAddr), String> {
+/// The host (without brackets or port) and the addresses it resolves to.
+fn resolve(authority: &str, default_port: u16) -> Result<(&str, Vec<SocketAddr>), String> {
     let (host, with_port) = match authority.strip_prefix('[') {
         Some(v6) => {
             let end = v6.find(']').ok_or("unclosed [ in the URL")?;
@@ -74,16 +86,30 @@ fn resolve(authority: &str, default_port: u16) -> Result<(&str, SocketAddr), Str
             (host, authority.contains(':'))
         }
     };
-    let mut addrs = if with_port {
+    let addrs: Vec<SocketAddr> = if with_port {
         authority.to_socket_addrs()
     } else {
         (host, default_port).to_socket_addrs()
     }
-    .map_err(|e| format!("{authority}: {e}"))?;
-    let addr = addrs
-        .next()
-        .ok_or_else(|| format!("{authority}: no address"))?;
-    Ok((host, addr))
+    .map_err(|e| format!("{authority}: {e}"))?
+    .collect();
+    if addrs.is_empty() {
+        return Err(format!("{authority}: no address"));
+    }
+    Ok((host, addrs))
+}
+
+/// A connection to the first of `addrs` that accepts one (`localhost` may name ::1 first, and
+/// the gateway listen on 127.0.0.1 only).
+fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, String> {
+    let mut failures = Vec::new();
+    for addr in addrs {
+        match TcpStream::connect_timeout(addr, timeout) {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => failures.push(format!("{addr}: {e}")),
+        }
+    }
+    Err(failures.join("; "))
 }
 
 /// Writes the request; returns the first 12 bytes of the answer ("HTTP/1.1 200").

@@ -12,12 +12,12 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-/// The listener's TLS: what accepts handshakes, and the certificate it presents.
+/// The listener's TLS: the configuration handshakes are accepted with (see
+/// [`crate::transport::tls::accept`]), and the certificate it presents.
 pub struct Tls {
-    pub acceptor: TlsAcceptor,
+    pub config: Arc<ServerConfig>,
     certificate: Arc<Certificate>,
 }
 
@@ -66,7 +66,7 @@ impl Tls {
         // WebSocket is HTTP/1.1 only.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Tls {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            config: Arc::new(config),
             certificate,
         })
     }

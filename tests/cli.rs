@@ -209,4 +209,7 @@ fn probe_fails_when_nothing_answers() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "only http:// and https://");
+    // Flags about a URL's certificate without a URL are a usage error, not ignored.
+    let out = wsgate().args(["probe", "--insecure"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }

@@ -1002,6 +1002,9 @@ async fn the_server_api_lists_rooms_and_members_across_the_cluster() {
         .map(|u| u["userId"].as_str().unwrap())
         .collect();
     assert_eq!(users, ["alice", "bob"]);
+    // A node that follows the room answers from its own copy, the same.
+    let (_, from_member_node) = api(nodes[0].addr, "GET", "/api/rooms/b", Value::Null).await;
+    assert_eq!(from_member_node, b);
     let (_, page) = api(nodes[2].addr, "GET", "/api/rooms/b?limit=1", Value::Null).await;
     assert_eq!(
         (page["users"][0]["userId"].as_str(), page["next"].as_str()),
@@ -1031,6 +1034,8 @@ async fn the_server_api_lists_rooms_and_members_across_the_cluster() {
     assert_eq!(room_list(&listed), expected(&[("a", 1), ("b", 2)]));
     let indexed: Vec<String> = redis.query(redis::cmd("ZRANGE").arg("wsgate:rooms").arg(0).arg(-1));
     assert_eq!(indexed, ["a", "b"]);
+    let ghost: i64 = redis.query(redis::cmd("EXISTS").arg("wsgate:members:{ghost}"));
+    assert_eq!(ghost, 0, "the dead node's count is deleted");
     // Without Redis the cluster's rooms cannot be read: 503, not this node's partial view.
     redis.kill();
     wait_readiness(&nodes[0], 503).await;

@@ -20,6 +20,8 @@ fn node(customize: impl FnOnce(&mut wsgate::Config)) -> TestGateway {
     TestGateway::start_with(
         |c| {
             c.trusted_proxies = vec![NGINX.into()];
+            // With the API on, a request nginx passed would get the gateway's 401, not a 404.
+            c.api_key = Some(support::API_KEY.into());
             customize(c);
         },
         1,
@@ -73,10 +75,13 @@ async fn a_cluster_behind_nginx_chats_across_its_nodes() {
             }
         }
     }
-    // The inside stays inside: nginx answers for /metrics and /api/ itself.
+    // The inside stays inside: nginx answers for /metrics and /api/ itself (the nodes would
+    // serve /metrics to their loopback peer, and answer /api/ 401 without the key).
     for path in ["/metrics", "/api/stats"] {
         let (status, _, _) = http_get(nginx.addr, path, "").await;
         assert_eq!(status, 404, "{path} through nginx");
+        let (direct, _, _) = http_get(nodes[0].addr, path, "").await;
+        assert_ne!(direct, 404, "{path} on the node");
     }
     let (status, _, health) = http_get(nginx.addr, "/healthz", "").await;
     assert_eq!(status, 200, "{health}\n{}", nginx.error_log());

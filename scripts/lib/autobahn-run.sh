@@ -4,7 +4,7 @@
 # test command works from any fresh clone; scripts/autobahn.sh drives it against wsgate.
 #
 # Usage:
-#   autobahn-run.sh [options] ws://127.0.0.1:PORT[/path] AGENT
+#   autobahn-run.sh [options] ws[s]://127.0.0.1:PORT[/path] AGENT
 #   autobahn-run.sh --install-only
 #
 # Options:
@@ -227,10 +227,10 @@ fi
 URL="${POS[0]}"; AGENT="${POS[1]}"
 
 # Loopback only.
-if [[ "$URL" =~ ^ws://(127\.[0-9]+\.[0-9]+\.[0-9]+|localhost|\[::1\]):([0-9]+)(/.*)?$ ]]; then
+if [[ "$URL" =~ ^wss?://(127\.[0-9]+\.[0-9]+\.[0-9]+|localhost|\[::1\]):([0-9]+)(/.*)?$ ]]; then
   HOST="${BASH_REMATCH[1]}"; PORT="${BASH_REMATCH[2]}"
 else
-  die "URL must be ws://127.x.x.x:PORT[/path], ws://localhost:PORT or ws://[::1]:PORT (loopback only)"
+  die "URL must be ws[s]://127.x.x.x:PORT[/path], ws[s]://localhost:PORT or ws[s]://[::1]:PORT (loopback only)"
 fi
 HOST="${HOST#[}"; HOST="${HOST%]}"
 [[ "$AGENT" =~ ^[A-Za-z0-9._-]+$ ]] || die "agent name must match [A-Za-z0-9._-]+"

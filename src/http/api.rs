@@ -332,8 +332,8 @@ async fn rooms(shard: &Shard, query: &str) -> Answer {
     ))
 }
 
-/// Who is in a room: the room's presence as this node holds it (cluster-wide for the rooms it
-/// follows), or with Redis as Redis holds it (whichever nodes the members are on).
+/// Who is in a room: the room's presence as this node holds it — cluster-wide for the rooms it
+/// follows with Redis — or, for a room it does not follow, as Redis holds it.
 async fn room_users(shard: &Shard, room: &str, query: &str) -> Answer {
     let room = percent_encoding::percent_decode_str(room)
         .decode_utf8()
@@ -353,19 +353,27 @@ async fn room_users(shard: &Shard, room: &str, query: &str) -> Answer {
             .collect();
         (presence.total(), users, next)
     };
-    let (members, users, next) = match &shard.node.broker {
-        Broker::Memory => match shard.node.rooms.get(&room) {
-            None => (0, Vec::new(), None),
-            Some(state) => page(&mut state.presence()),
-        },
-        Broker::Redis(redis) => {
+    let node = &shard.node;
+    let local = node.rooms.get(&room).filter(|state| match node.broker {
+        Broker::Memory => true,
+        // Synced: its copy of the other nodes' presence is Redis's, kept up to date (while
+        // Redis is there: else the answer is 503, as for any room).
+        Broker::Redis(ref redis) => redis.is_ready() && state.stream().is_synced(),
+    });
+    let (members, users, next) = match (&node.broker, local) {
+        (_, Some(state)) => page(&mut state.presence()),
+        (Broker::Memory, None) => (0, Vec::new(), None),
+        (Broker::Redis(redis), None) => {
             let lookup = redis
                 .lookup()
                 .ok_or_else(|| unavailable(ErrorReply::Unavailable))?;
-            let mut presence = lookup
+            let (mut presence, malformed) = lookup
                 .presence(&room)
                 .await
                 .map_err(|_| unavailable(ErrorReply::Unavailable))?;
+            node.counters
+                .broker_malformed
+                .fetch_add(malformed, std::sync::atomic::Ordering::Relaxed);
             page(&mut presence)
         }
     };

@@ -114,7 +114,7 @@ async fn handshake(
                 Err(proxy_header::ReadError::Io(_)) => return None,
             }
         }
-        match tls.acceptor.accept(tcp).await {
+        match crate::transport::tls::accept(tcp, tls.config.clone()).await {
             Ok(stream) => Some(Stream::Tls(Box::new(stream))),
             Err(e) => {
                 node.counters

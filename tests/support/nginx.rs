@@ -1,7 +1,7 @@
 #![allow(dead_code)] // shared by test binaries, each using its part
 //! A real nginx running the shipped `deploy/compose/nginx.conf`, rewritten only where a test must
-//! (loopback addresses, a temporary prefix, one worker in the foreground). `.ci/run` installs
-//! nginx when the machine has none.
+//! (loopback addresses, a temporary prefix, one worker in the foreground). `scripts/test.sh`
+//! installs nginx when the machine has none.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;

@@ -71,14 +71,25 @@ local function count_members(members, index, room, node, delta, total, ttl)
   end
   if conns > 0 then
     redis.call("hset", members, node, conns)
-    redis.call("expire", members, ttl)
     redis.call("zadd", index, 0, room)
   else
     redis.call("hdel", members, node)
-    if redis.call("hlen", members) == 0 then
-      redis.call("zrem", index, room)
-    end
   end
+  -- It lives as long as the presence hash, whose every change refreshes both.
+  if redis.call("hlen", members) > 0 then
+    redis.call("expire", members, ttl)
+  else
+    redis.call("zrem", index, room)
+  end
+end
+
+-- The node a presence field is of ("#<node>" or "<node>\31<user>"); nil for a field that is not
+-- wsgate's.
+local function field_node(field)
+  if string.sub(field, 1, 1) == "#" then
+    return string.sub(field, 2)
+  end
+  return string.match(field, "^([^\31]*)\31")
 end
 
 -- Which nodes are alive (node -> true), from the nodes hash (see beat.lua).

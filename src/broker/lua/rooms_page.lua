@@ -1,6 +1,6 @@
 -- One page of the rooms that have members on live nodes, in name order, with their members
--- (connections) counted from each room's members hash (see lib.lua's count_members). Rooms left
--- with no member on a live node (their nodes died) are taken out of the index on the way.
+-- (connections) counted from each room's members hash (see lib.lua's count_members). Counts of
+-- dead nodes are deleted on the way, and rooms left with none taken out of the index.
 -- KEYS[1]: the nodes hash; KEYS[2]: the rooms index.
 -- ARGV: the room to start after ("": from the first), most rooms returned, most rooms looked at
 --       (bounds the work of one call).
@@ -34,6 +34,10 @@ while true do
     for i = 1, #counts, 2 do
       if alive[counts[i]] then
         members = members + (tonumber(counts[i + 1]) or 0)
+      else
+        -- A dead node's count (a node that only lapsed writes its counts again when it finds
+        -- out, with presence_node.lua).
+        redis.call("hdel", key, counts[i])
       end
     end
     if members > 0 then

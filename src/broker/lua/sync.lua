@@ -28,12 +28,7 @@ if ARGV[6] == "1" then
   local fields = redis.call("hgetall", KEYS[3])
   for i = 1, #fields, 2 do
     local field = fields[i]
-    local node
-    if string.sub(field, 1, 1) == "#" then
-      node = string.sub(field, 2)
-    else
-      node = string.match(field, "^([^\31]*)\31")
-    end
+    local node = field_node(field)
     local entry_ok = string.sub(field, 1, 1) == "#" or pcall(cjson.decode, fields[i + 1])
     if node and alive[node] and entry_ok then
       table.insert(presence, field)

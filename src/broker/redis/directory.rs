@@ -58,8 +58,9 @@ impl Lookup {
         })
     }
 
-    /// Who is in `room` on live nodes.
-    pub async fn presence(&self, room: &str) -> RedisResult<Presence> {
+    /// Who is in `room` on live nodes, and how many records were not wsgate's (skipped). Reads
+    /// the whole room: for rooms this node does not follow.
+    pub async fn presence(&self, room: &str) -> RedisResult<(Presence, u64)> {
         let fields: Vec<Value> = ::redis::cmd("EVALSHA")
             .arg(&self.scripts.presence_read)
             .arg(2)
@@ -67,11 +68,11 @@ impl Lookup {
             .arg(NODES_KEY)
             .query_async(&mut self.commands.clone())
             .await?;
-        let (nodes, _malformed) = nodes_presence(fields);
+        let (nodes, malformed) = nodes_presence(fields);
         let mut presence = Presence::default();
         // No node is this one's own here: every node's entries are taken.
         presence.replace_others("", nodes);
-        Ok(presence)
+        Ok((presence, malformed))
     }
 }
 

@@ -1,6 +1,8 @@
 //! A connection's byte stream: plain TCP, or TLS over TCP. Plain TCP keeps its fast path (one
-//! `recv` into the shard's buffer per read, readiness cleared by a short read); TLS goes through
-//! tokio-rustls.
+//! `recv` into the shard's buffer per read, readiness cleared by a short read); TLS ([`tls`])
+//! reads the same way into the thread's scratch buffer and decrypts there.
+
+pub mod tls;
 
 use std::io::{self, IoSlice, Read};
 use std::pin::Pin;
@@ -9,12 +11,13 @@ use std::task::{Context, Poll, ready};
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
+
+use self::tls::TlsStream;
 
 pub enum Stream {
     Plain(TcpStream),
     /// Boxed: a TLS session is large, and this enum is in every plain connection too.
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream>),
 }
 
 impl Stream {
@@ -26,34 +29,39 @@ impl Stream {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         match self {
-            Stream::Plain(stream) => loop {
-                ready!(stream.poll_read_ready(cx))?;
-                let mut got = None;
-                let tried = stream.try_io(Interest::READABLE, || {
-                    let n = (&*SockRef::from(&*stream)).read(buf)?;
-                    got = Some(n);
-                    if n > 0 && n < buf.len() {
-                        // A short read drained the socket. Saying "would block" makes tokio
-                        // clear the readiness now (as its own poll_read does), so the next read
-                        // waits for epoll instead of a recv that fails with EAGAIN: one syscall
-                        // less per message.
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    Ok(n)
-                });
-                match (got, tried) {
-                    (Some(n), _) => return Poll::Ready(Ok(n)),
-                    // Readiness was stale: cleared, wait again.
-                    (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    (None, Err(e)) => return Poll::Ready(Err(e)),
-                    (None, Ok(_)) => unreachable!("a read that returned reports its count"),
-                }
-            },
-            Stream::Tls(stream) => {
-                let mut read = ReadBuf::new(buf);
-                ready!(Pin::new(stream.as_mut()).poll_read(cx, &mut read))?;
-                Poll::Ready(Ok(read.filled().len()))
+            Stream::Plain(stream) => read_clearing_readiness(stream, cx, buf),
+            Stream::Tls(stream) => stream.poll_read_plain(cx, buf),
+        }
+    }
+}
+
+/// One `recv` from `stream` into `buf` when it is readable: `Ready(Ok(0))` at EOF, `Pending` (the
+/// task woken by the socket) when nothing is there.
+fn read_clearing_readiness(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut [u8],
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(stream.poll_read_ready(cx))?;
+        let mut got = None;
+        let tried = stream.try_io(Interest::READABLE, || {
+            let n = (&*SockRef::from(stream)).read(buf)?;
+            got = Some(n);
+            if n > 0 && n < buf.len() {
+                // A short read drained the socket. Saying "would block" makes tokio clear the
+                // readiness now (as its own poll_read does), so the next read waits for epoll
+                // instead of a recv that fails with EAGAIN: one syscall less per message.
+                return Err(io::ErrorKind::WouldBlock.into());
             }
+            Ok(n)
+        });
+        match (got, tried) {
+            (Some(n), _) => return Poll::Ready(Ok(n)),
+            // Readiness was stale: cleared, wait again.
+            (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            (None, Err(e)) => return Poll::Ready(Err(e)),
+            (None, Ok(_)) => unreachable!("a read that returned reports its count"),
         }
     }
 }
@@ -66,7 +74,11 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+            Stream::Tls(stream) => {
+                let n = ready!(stream.poll_read_plain(cx, buf.initialize_unfilled()))?;
+                buf.advance(n);
+                Poll::Ready(Ok(()))
+            }
         }
     }
 }
@@ -79,7 +91,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+            Stream::Tls(stream) => stream.poll_write_plain(cx, &[IoSlice::new(buf)]),
         }
     }
 
@@ -90,7 +102,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Tls(stream) => stream.poll_write_plain(cx, bufs),
         }
     }
 
@@ -102,14 +114,14 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+            Stream::Tls(stream) => stream.poll_flush_plain(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+            Stream::Tls(stream) => stream.poll_shutdown_plain(cx),
         }
     }
 }

@@ -1,0 +1,480 @@
+//! TLS over a connection's socket with rustls's unbuffered API: the session holds only its
+//! cryptographic state, and the buffers are wsgate's. Records are read into the shard thread's
+//! scratch buffer and decrypted there; a connection keeps bytes only while it must — the start
+//! of a record that has not all arrived, ciphertext the socket has not taken yet, plaintext its
+//! reader had no room for — and gives them back once used. An idle TLS connection holds no
+//! buffer (rustls's buffered connection keeps at least 4 KiB for reading, per connection).
+
+use std::cell::RefCell;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use rustls::ServerConfig;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use super::read_clearing_readiness;
+
+/// The largest TLS record on the wire: header, 16 KiB of plaintext, and what the cipher adds.
+const MAX_RECORD: usize = 5 + (1 << 14) + 256;
+/// Plaintext gathered from a vectored write into one record: many small frames (a fan-out's)
+/// cost one encryption and 22 bytes of record overhead, not one each.
+const RECORD_PLAINTEXT: usize = 1 << 14;
+/// The largest handshake flight a client may send before the handshake completes.
+const MAX_HANDSHAKE_BYTES: usize = 64 * 1024;
+/// Ciphertext a client may send without any application data in it (empty records, padding):
+/// past that it is a flood that costs decryption and that no message limit would see.
+const MAX_BARREN_BYTES: usize = 1 << 20;
+/// Socket reads one poll makes while they yield no application data, before giving the other
+/// connections of the shard their turn.
+const READS_PER_POLL: u32 = 4;
+
+/// A TLS session on a socket, after its handshake.
+pub struct TlsStream {
+    tcp: TcpStream,
+    session: UnbufferedServerConnection,
+    /// Received ciphertext not processed yet: the start of a record.
+    incoming: Vec<u8>,
+    /// Ciphertext waiting for the socket.
+    outgoing: Vec<u8>,
+    /// Decrypted bytes the last reader had no room for, from `plaintext_at`.
+    plaintext: Vec<u8>,
+    plaintext_at: usize,
+    /// The peer sent close_notify (or the socket ended): reads return 0 from now on.
+    read_closed: bool,
+    /// Ciphertext processed since the last application data (see [`MAX_BARREN_BYTES`]).
+    barren: usize,
+    close_notify_sent: bool,
+}
+
+/// Per thread (each shard is one), the buffers TLS works in, lent to one connection at a time.
+struct Scratch {
+    /// Ciphertext being read: a connection's unfinished record, then what the socket had.
+    read: Box<[u8]>,
+    /// Plaintext gathered from a vectored write.
+    plain: Vec<u8>,
+    /// Ciphertext being written.
+    cipher: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        read: vec![0; 4 * MAX_RECORD].into_boxed_slice(),
+        plain: Vec::with_capacity(RECORD_PLAINTEXT),
+        cipher: Vec::with_capacity(MAX_RECORD),
+    });
+}
+
+fn tls_error(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Runs `encode` into `out`'s end, growing it to what it asks for.
+fn encode_into<E>(
+    out: &mut Vec<u8>,
+    mut encode: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    too_small: impl Fn(&E) -> Option<usize>,
+) -> io::Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let start = out.len();
+    let mut room = 256;
+    loop {
+        out.resize(start + room, 0);
+        match encode(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return Ok(());
+            }
+            Err(e) => match too_small(&e) {
+                Some(needed) if needed > room => room = needed,
+                _ => {
+                    out.truncate(start);
+                    return Err(tls_error(e));
+                }
+            },
+        }
+    }
+}
+
+fn encode_too_small(e: &EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(*required_size)
+        }
+        _ => None,
+    }
+}
+
+fn encrypt_too_small(e: &EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(*required_size)
+        }
+        _ => None,
+    }
+}
+
+/// Where [`TlsStream::process`] stopped.
+#[derive(PartialEq, Eq)]
+enum Stop {
+    /// Every complete record was processed; application data may be written.
+    Writable,
+    /// The handshake needs more from the peer.
+    Blocked,
+    /// The peer closed its side.
+    Closed,
+}
+
+/// Where decrypted application data goes: the reader's buffer, then (what does not fit) the
+/// connection's own.
+struct PlainSink<'a> {
+    out: &'a mut [u8],
+    filled: usize,
+}
+
+/// Runs the session over `input` until it has processed every complete record in it: handshake
+/// records answered (into `outgoing`), application data given to `sink` (overflow into
+/// `plaintext`). Returns how much of `input` was consumed and why it stopped. A free function
+/// over the stream's fields, so that `input` may be the thread's scratch buffer while the
+/// stream's own buffers are written.
+fn process(
+    session: &mut UnbufferedServerConnection,
+    outgoing: &mut Vec<u8>,
+    plaintext: &mut Vec<u8>,
+    input: &mut [u8],
+    mut sink: Option<&mut PlainSink<'_>>,
+) -> io::Result<(usize, Stop)> {
+    let mut consumed = 0;
+    loop {
+        let status = session.process_tls_records(&mut input[consumed..]);
+        let discard = status.discard;
+        let stop = match status.state.map_err(tls_error)? {
+            ConnectionState::ReadTraffic(mut traffic) => {
+                while let Some(record) = traffic.next_record() {
+                    let payload = record.map_err(tls_error)?.payload;
+                    match sink.as_deref_mut() {
+                        Some(sink) => {
+                            let fits = payload.len().min(sink.out.len() - sink.filled);
+                            sink.out[sink.filled..sink.filled + fits]
+                                .copy_from_slice(&payload[..fits]);
+                            sink.filled += fits;
+                            plaintext.extend_from_slice(&payload[fits..]);
+                        }
+                        None => plaintext.extend_from_slice(payload),
+                    }
+                }
+                None
+            }
+            ConnectionState::EncodeTlsData(mut encode) => {
+                encode_into(outgoing, |buf| encode.encode(buf), encode_too_small)?;
+                None
+            }
+            // Sent by whoever flushes `outgoing` next, before anything else is written.
+            ConnectionState::TransmitTlsData(transmit) => {
+                transmit.done();
+                None
+            }
+            ConnectionState::WriteTraffic(_) => Some(Stop::Writable),
+            ConnectionState::BlockedHandshake => Some(Stop::Blocked),
+            ConnectionState::PeerClosed | ConnectionState::Closed => Some(Stop::Closed),
+            // Early data is not enabled; anything else is a state this code does not know.
+            _ => return Err(io::Error::other("unexpected TLS state")),
+        };
+        consumed += discard;
+        if let Some(stop) = stop {
+            return Ok((consumed, stop));
+        }
+    }
+}
+
+/// Handshakes with the client on `tcp`.
+pub async fn accept(mut tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsStream> {
+    let mut session = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+    let mut incoming = Vec::new();
+    let mut outgoing = Vec::new();
+    let mut plaintext = Vec::new();
+    loop {
+        let (consumed, stop) = process(
+            &mut session,
+            &mut outgoing,
+            &mut plaintext,
+            &mut incoming,
+            None,
+        )?;
+        incoming.drain(..consumed);
+        if !outgoing.is_empty() {
+            tokio::io::AsyncWriteExt::write_all(&mut tcp, &outgoing).await?;
+            outgoing.clear();
+        }
+        match stop {
+            Stop::Writable => break,
+            Stop::Closed => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Stop::Blocked if incoming.len() >= MAX_HANDSHAKE_BYTES => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "TLS handshake too large",
+                ));
+            }
+            Stop::Blocked => {
+                incoming.reserve(4096);
+                if tcp.read_buf(&mut incoming).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+        }
+    }
+    // The handshake's buffers go; what the client sent after it (its request) stays.
+    Ok(TlsStream {
+        tcp,
+        session,
+        incoming: shrunk(incoming),
+        outgoing: Vec::new(),
+        plaintext: shrunk(plaintext),
+        plaintext_at: 0,
+        read_closed: false,
+        barren: 0,
+        close_notify_sent: false,
+    })
+}
+
+/// `bytes` in an allocation of their size (none when empty).
+fn shrunk(mut bytes: Vec<u8>) -> Vec<u8> {
+    bytes.shrink_to_fit();
+    bytes
+}
+
+impl TlsStream {
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Reads decrypted bytes into `out`: `Ready(Ok(0))` once the peer closed, `Pending` (the
+    /// task woken by the socket) while nothing is available.
+    pub fn poll_read_plain(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.plaintext_at < self.plaintext.len() {
+            let pending = &self.plaintext[self.plaintext_at..];
+            let n = pending.len().min(out.len());
+            out[..n].copy_from_slice(&pending[..n]);
+            self.plaintext_at += n;
+            if self.plaintext_at == self.plaintext.len() {
+                self.plaintext = Vec::new();
+                self.plaintext_at = 0;
+            }
+            return Poll::Ready(Ok(n));
+        }
+        if self.read_closed || out.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        SCRATCH.with_borrow_mut(|scratch| self.read_into(cx, &mut scratch.read, out))
+    }
+
+    fn read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        work: &mut [u8],
+        out: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        // The unfinished record first, then what the socket has after it; records already
+        // complete in it (sent with the handshake's end) are processed before any read.
+        let mut filled = self.incoming.len();
+        work[..filled].copy_from_slice(&self.incoming);
+        let mut read_first = filled == 0;
+        let mut sink = PlainSink { out, filled: 0 };
+        let mut reads = 0;
+        let result = loop {
+            if read_first && reads == READS_PER_POLL {
+                cx.waker().wake_by_ref();
+                break Poll::Pending;
+            }
+            if read_first {
+                reads += 1;
+                match read_clearing_readiness(&self.tcp, cx, &mut work[filled..]) {
+                    Poll::Pending => break Poll::Pending,
+                    Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                    // The socket ended without close_notify: an end all the same (what was
+                    // received was authenticated record by record).
+                    Poll::Ready(Ok(0)) => {
+                        self.read_closed = true;
+                        filled = 0;
+                        break Poll::Ready(Ok(sink.filled));
+                    }
+                    Poll::Ready(Ok(n)) => filled += n,
+                }
+            }
+            read_first = true;
+            let processed = process(
+                &mut self.session,
+                &mut self.outgoing,
+                &mut self.plaintext,
+                &mut work[..filled],
+                Some(&mut sink),
+            );
+            let (consumed, stop) = match processed {
+                Ok(done) => done,
+                Err(e) => break Poll::Ready(Err(e)),
+            };
+            work.copy_within(consumed..filled, 0);
+            filled -= consumed;
+            self.barren = if sink.filled > 0 || !self.plaintext.is_empty() {
+                0
+            } else {
+                self.barren + consumed
+            };
+            if self.barren > MAX_BARREN_BYTES {
+                break Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "TLS records without application data",
+                )));
+            }
+            if stop == Stop::Closed {
+                self.read_closed = true;
+            }
+            // A key update's answer (or tickets) to send: tried now, else at the next flush.
+            if let Poll::Ready(Err(e)) = self.poll_send_outgoing(cx) {
+                break Poll::Ready(Err(e));
+            }
+            if sink.filled > 0 || self.read_closed {
+                break Poll::Ready(Ok(sink.filled));
+            }
+        };
+        // Only an unfinished record is kept: processing stops at the first incomplete one.
+        if filled == 0 {
+            self.incoming = Vec::new();
+        } else {
+            self.incoming.clear();
+            self.incoming.extend_from_slice(&work[..filled]);
+        }
+        result
+    }
+
+    /// Writes what waits in `outgoing`; `Ready(Ok)` once all of it is sent.
+    fn poll_send_outgoing(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut sent = 0;
+        let result = loop {
+            if sent == self.outgoing.len() {
+                break Poll::Ready(Ok(()));
+            }
+            match self.tcp.poll_write_ready(cx) {
+                Poll::Pending => break Poll::Pending,
+                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            match self.tcp.try_write(&self.outgoing[sent..]) {
+                Ok(0) => break Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => break Poll::Ready(Err(e)),
+            }
+        };
+        if sent == self.outgoing.len() {
+            self.outgoing = Vec::new();
+        } else {
+            self.outgoing.drain(..sent);
+        }
+        result
+    }
+
+    /// Encrypts what `bufs` hold (as much as one record takes, gathered) and sends it; what the
+    /// socket does not take waits in `outgoing`, written before anything else. Returns the
+    /// plaintext bytes taken.
+    pub fn poll_write_plain(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_send_outgoing(cx))?;
+        ready!(self.tcp.poll_write_ready(cx))?;
+        let taken = SCRATCH.with_borrow_mut(|scratch| -> io::Result<usize> {
+            let Scratch { plain, cipher, .. } = scratch;
+            plain.clear();
+            for buf in bufs {
+                let room = RECORD_PLAINTEXT - plain.len();
+                if room == 0 {
+                    break;
+                }
+                plain.extend_from_slice(&buf[..buf.len().min(room)]);
+            }
+            if plain.is_empty() {
+                return Ok(0);
+            }
+            cipher.clear();
+            self.encrypt(plain, cipher)?;
+            let sent = match self.tcp.try_write(cipher) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            self.outgoing.extend_from_slice(&cipher[sent..]);
+            Ok(plain.len())
+        })?;
+        Poll::Ready(Ok(taken))
+    }
+
+    /// Encrypts `plain` into `cipher`, after anything the session must send first.
+    fn encrypt(&mut self, plain: &[u8], cipher: &mut Vec<u8>) -> io::Result<()> {
+        loop {
+            let status = self.session.process_tls_records(&mut []);
+            match status.state.map_err(tls_error)? {
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    return encode_into(
+                        cipher,
+                        |buf| traffic.encrypt(plain, buf),
+                        encrypt_too_small,
+                    );
+                }
+                // Anything the session must send first (a key update) goes first.
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    encode_into(cipher, |buf| encode.encode(buf), encode_too_small)?;
+                }
+                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                // Plaintext decrypted with the handshake's end is read before anything else
+                // is processed.
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    while let Some(record) = traffic.next_record() {
+                        self.plaintext
+                            .extend_from_slice(record.map_err(tls_error)?.payload);
+                    }
+                }
+                _ => return Err(io::ErrorKind::BrokenPipe.into()),
+            }
+        }
+    }
+
+    /// Sends whatever waits for the socket.
+    pub fn poll_flush_plain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_send_outgoing(cx)
+    }
+
+    /// Sends close_notify (once), then ends the socket's sending side.
+    pub fn poll_shutdown_plain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.close_notify_sent {
+            self.close_notify_sent = true;
+            let status = self.session.process_tls_records(&mut []);
+            if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state {
+                encode_into(
+                    &mut self.outgoing,
+                    |buf| traffic.queue_close_notify(buf),
+                    encrypt_too_small,
+                )?;
+            }
+        }
+        ready!(self.poll_send_outgoing(cx))?;
+        let mut tcp = std::pin::Pin::new(&mut self.tcp);
+        tokio::io::AsyncWrite::poll_shutdown(tcp.as_mut(), cx)
+    }
+}
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream").finish_non_exhaustive()
+    }
+}

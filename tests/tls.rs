@@ -526,3 +526,97 @@ async fn records_in_pieces_large_messages_and_key_updates_pass() {
     let end = tokio::time::timeout(PATIENCE, ws.next()).await.unwrap();
     assert!(matches!(end, None | Some(Ok(Message::Close(_)))), "{end:?}");
 }
+
+#[tokio::test]
+async fn a_flood_of_records_without_data_is_closed() {
+    use rustls::crypto::cipher::{OutboundChunks, OutboundPlainMessage};
+    use rustls::crypto::{CryptoProvider, aws_lc_rs};
+    let files = pem_files("barren");
+    let pki = Pki::issue(&files);
+    let gw = gateway(&files);
+    // A client whose keys the test can take over (one cipher suite, to know their kind; aws-lc's
+    // AES-GCM sealing keys insist on starting at record 0, ChaCha20's do not).
+    let suite = aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256;
+    let provider = CryptoProvider {
+        cipher_suites: vec![suite],
+        ..aws_lc_rs::default_provider()
+    };
+    let mut roots = RootCertStore::empty();
+    let ca = rustls::pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes());
+    roots.add(ca.unwrap()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.enable_secret_extraction = true;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    // A WebSocket connection, upgraded by hand: after it, only records.
+    let upgrade = "GET /echo HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+                   Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                   Sec-WebSocket-Version: 13\r\n\r\n";
+    tls.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut answer = [0u8; 12];
+    tls.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 101");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (mut tcp, session) = tls.into_inner();
+    let (mut seq, secrets) = session.dangerous_extract_secrets().unwrap().tx;
+    let rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } = secrets else {
+        panic!("ChaCha20-Poly1305 was the only suite offered");
+    };
+    let mut encrypter = suite.tls13().unwrap().aead_alg.encrypter(key, iv);
+    let mut record = |payload: &[u8]| {
+        let message = OutboundPlainMessage {
+            typ: rustls::ContentType::ApplicationData,
+            version: rustls::ProtocolVersion::TLSv1_2,
+            payload: OutboundChunks::Single(payload),
+        };
+        let encrypted = encrypter.encrypt(message, seq).unwrap().encode();
+        seq += 1;
+        encrypted
+    };
+    // First the keys are shown to work: a few empty records between pings are taken, and the
+    // connection stays open.
+    let ping = support::client_frame(true, 0x9, b"hi", Some([1, 2, 3, 4]));
+    for _ in 0..50 {
+        let mut some = Vec::new();
+        for _ in 0..8 {
+            some.extend(record(&[]));
+        }
+        some.extend(record(&ping));
+        tcp.write_all(&some).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tcp.write_all(&record(&ping)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tcp.write_all(&record(&ping))
+        .await
+        .expect("still open after valid records");
+    // Then records with no data only (each costs the gateway a decryption, and no message
+    // limit sees them), as fast as it takes them: the session ends within a few (rustls counts
+    // consecutive empty records).
+    let mut sent = 0usize;
+    let closed = loop {
+        let mut batch = Vec::new();
+        for _ in 0..2000 {
+            batch.extend(record(&[]));
+        }
+        let write = tokio::time::timeout(PATIENCE, tcp.write_all(&batch)).await;
+        match write.expect("the gateway reads or closes") {
+            Ok(()) => sent += batch.len(),
+            Err(_) => break true,
+        }
+        if sent > 16 << 20 {
+            break false;
+        }
+    };
+    assert!(closed, "{sent} bytes of empty records taken");
+    // The first batches may sit in socket buffers before the gateway reads them.
+    assert!(sent < 1 << 20, "closed only after {sent} bytes");
+}

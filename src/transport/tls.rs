@@ -68,7 +68,8 @@ fn tls_error(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// Runs `encode` into `out`'s end, growing it to what it asks for.
+/// Runs `encode` into `out`'s end, growing it to what it asks for (first trying the room its
+/// allocation has: the thread's cipher buffer is sized for a whole record).
 fn encode_into<E>(
     out: &mut Vec<u8>,
     mut encode: impl FnMut(&mut [u8]) -> Result<usize, E>,
@@ -78,7 +79,7 @@ where
     E: std::error::Error + Send + Sync + 'static,
 {
     let start = out.len();
-    let mut room = 256;
+    let mut room = (out.capacity() - start).max(256);
     loop {
         out.resize(start + room, 0);
         match encode(&mut out[start..]) {

@@ -121,12 +121,20 @@ where
 
 /// GET over TLS; the status code.
 async fn https_get(pki: &Pki, addr: SocketAddr, path: &str) -> u16 {
+    https_request(pki, addr, path).await.0
+}
+
+/// GET over TLS; the status code and the body.
+async fn https_request(pki: &Pki, addr: SocketAddr, path: &str) -> (u16, String) {
     let mut tls = pki.connect(addr).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     tls.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
     let _ = tokio::time::timeout(PATIENCE, tls.read_to_end(&mut response)).await;
-    String::from_utf8_lossy(&response[9..12]).parse().unwrap()
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    (status, body.to_owned())
 }
 
 #[tokio::test]
@@ -527,60 +535,80 @@ async fn records_in_pieces_large_messages_and_key_updates_pass() {
     assert!(matches!(end, None | Some(Ok(Message::Close(_)))), "{end:?}");
 }
 
+/// A TLS 1.3 client whose keys the test takes over after the handshake, to send records no TLS
+/// library would: empty ones, handshake fragments.
+struct HandRolled {
+    encrypter: Box<dyn rustls::crypto::cipher::MessageEncrypter>,
+    seq: u64,
+}
+
+impl HandRolled {
+    /// Handshakes with the gateway, sends `first` (an HTTP request) and reads the answer's status
+    /// line through rustls, then hands back the socket and the keys.
+    async fn connect(pki: &Pki, addr: SocketAddr, first: &[u8]) -> (TcpStream, HandRolled) {
+        use rustls::crypto::{CryptoProvider, aws_lc_rs};
+        // One suite, to know the keys' kind: aws-lc's AES-GCM sealing keys insist on starting at
+        // record 0, ChaCha20's do not.
+        let suite = aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256;
+        let provider = CryptoProvider {
+            cipher_suites: vec![suite],
+            ..aws_lc_rs::default_provider()
+        };
+        let mut roots = RootCertStore::empty();
+        let ca = rustls::pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes());
+        roots.add(ca.unwrap()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.enable_secret_extraction = true;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        tls.write_all(first).await.unwrap();
+        let mut answer = [0u8; 12];
+        tls.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer[..9], b"HTTP/1.1 ", "{answer:?}");
+        // What else the answer had is left unread: only what the test sends matters from here.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (tcp, session) = tls.into_inner();
+        let (seq, secrets) = session.dangerous_extract_secrets().unwrap().tx;
+        let rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } = secrets else {
+            panic!("ChaCha20-Poly1305 was the only suite offered");
+        };
+        let encrypter = suite.tls13().unwrap().aead_alg.encrypter(key, iv);
+        (tcp, HandRolled { encrypter, seq })
+    }
+
+    /// The next record, of content type `typ`, carrying `payload`.
+    fn seal(&mut self, typ: rustls::ContentType, payload: &[u8]) -> Vec<u8> {
+        use rustls::crypto::cipher::{OutboundChunks, OutboundPlainMessage};
+        let message = OutboundPlainMessage {
+            typ,
+            version: rustls::ProtocolVersion::TLSv1_2,
+            payload: OutboundChunks::Single(payload),
+        };
+        let sealed = self.encrypter.encrypt(message, self.seq).unwrap().encode();
+        self.seq += 1;
+        sealed
+    }
+}
+
 #[tokio::test]
 async fn a_flood_of_records_without_data_is_closed() {
-    use rustls::crypto::cipher::{OutboundChunks, OutboundPlainMessage};
-    use rustls::crypto::{CryptoProvider, aws_lc_rs};
     let files = pem_files("barren");
     let pki = Pki::issue(&files);
     let gw = gateway(&files);
-    // A client whose keys the test can take over (one cipher suite, to know their kind; aws-lc's
-    // AES-GCM sealing keys insist on starting at record 0, ChaCha20's do not).
-    let suite = aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256;
-    let provider = CryptoProvider {
-        cipher_suites: vec![suite],
-        ..aws_lc_rs::default_provider()
-    };
-    let mut roots = RootCertStore::empty();
-    let ca = rustls::pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes());
-    roots.add(ca.unwrap()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.enable_secret_extraction = true;
-    let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
-    let mut tls = TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .unwrap();
     // A WebSocket connection, upgraded by hand: after it, only records.
     let upgrade = "GET /echo HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
                    Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
                    Sec-WebSocket-Version: 13\r\n\r\n";
-    tls.write_all(upgrade.as_bytes()).await.unwrap();
-    let mut answer = [0u8; 12];
-    tls.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"HTTP/1.1 101");
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let (mut tcp, session) = tls.into_inner();
-    let (mut seq, secrets) = session.dangerous_extract_secrets().unwrap().tx;
-    let rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } = secrets else {
-        panic!("ChaCha20-Poly1305 was the only suite offered");
-    };
-    let mut encrypter = suite.tls13().unwrap().aead_alg.encrypter(key, iv);
-    let mut record = |payload: &[u8]| {
-        let message = OutboundPlainMessage {
-            typ: rustls::ContentType::ApplicationData,
-            version: rustls::ProtocolVersion::TLSv1_2,
-            payload: OutboundChunks::Single(payload),
-        };
-        let encrypted = encrypter.encrypt(message, seq).unwrap().encode();
-        seq += 1;
-        encrypted
-    };
+    let (mut tcp, mut records) = HandRolled::connect(&pki, gw.addr, upgrade.as_bytes()).await;
+    let mut record = |payload: &[u8]| records.seal(rustls::ContentType::ApplicationData, payload);
     // First the keys are shown to work: a few empty records between pings are taken, and the
     // connection stays open.
     let ping = support::client_frame(true, 0x9, b"hi", Some([1, 2, 3, 4]));
@@ -619,4 +647,85 @@ async fn a_flood_of_records_without_data_is_closed() {
     assert!(closed, "{sent} bytes of empty records taken");
     // The first batches may sit in socket buffers before the gateway reads them.
     assert!(sent < 1 << 20, "closed only after {sent} bytes");
+}
+
+#[tokio::test]
+async fn half_a_handshake_message_after_the_handshake_costs_nothing_and_leaks_nothing() {
+    let files = pem_files("fragment");
+    let pki = Pki::issue(&files);
+    let gw = gateway(&files);
+    let health = || async {
+        let (_, body) = https_request(&pki, gw.addr, "/healthz").await;
+        serde_json::from_str::<Value>(&body).unwrap()["sockets"].clone()
+    };
+    let before = health().await;
+    // A panic in a shard's task is contained (the connection is dropped), so it is counted here.
+    static SHARD_PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        if thread.name().is_some_and(|n| n.starts_with("wsgate-shard")) {
+            SHARD_PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        default_hook(info);
+    }));
+    for _ in 0..5 {
+        let request = b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n";
+        let (mut tcp, mut records) = HandRolled::connect(&pki, gw.addr, request).await;
+        // A request, then the start of a key update that claims 50 bytes and brings 10: rustls
+        // holds it (in the connection's buffer) while the gateway answers the request.
+        let mut bytes = records.seal(rustls::ContentType::ApplicationData, request);
+        let fragment = [24, 0, 0, 50, 1, 2, 3, 4, 5, 6];
+        bytes.extend(records.seal(rustls::ContentType::Handshake, &fragment));
+        tcp.write_all(&bytes).await.unwrap();
+        // The answer comes (ciphertext: not read further).
+        let mut answer = [0u8; 64];
+        let n = tokio::time::timeout(PATIENCE, tcp.read(&mut answer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "the gateway closed instead of answering");
+        // Hanging up while the fragment is held: the gateway still closes its side cleanly.
+        tcp.shutdown().await.unwrap();
+    }
+    // Every place is given back once those connections are gone, and nothing panicked.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while health().await != before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sockets {} vs {before}",
+            health().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(SHARD_PANICS.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn the_tls_handshake_and_the_request_head_share_one_timeout() {
+    let files = pem_files("deadline");
+    let pki = Pki::issue(&files);
+    let (cert, key) = files.clone();
+    let gw = TestGateway::start_with(
+        move |c| {
+            c.tls_cert_file = Some(cert);
+            c.tls_key_file = Some(key);
+            c.handshake_timeout = Duration::from_secs(2);
+        },
+        1,
+    );
+    let started = tokio::time::Instant::now();
+    let mut tls = pki.connect(gw.addr).await.unwrap();
+    // Most of the time goes by after the TLS handshake; then the head starts and never ends.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tls.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(2 * PATIENCE, tls.read_to_end(&mut rest)).await;
+    let closed_after = started.elapsed();
+    // Closed at the 2 s from connecting, not 2 s after the TLS handshake (3.5 s).
+    assert!(
+        closed_after < Duration::from_millis(3000),
+        "closed after {closed_after:?}"
+    );
+    assert!(closed_after >= Duration::from_secs(2), "{closed_after:?}");
 }

@@ -42,7 +42,7 @@ pub struct First {
 }
 
 /// Reads from `stream` up to the end of the first request head (after a PROXY protocol header,
-/// when `proxy_header`); returns what was read (the head, and any bytes the client sent after
+/// when `proxy_header`), by `deadline`; returns what was read (the head, and any bytes the client sent after
 /// it). Reads go through `scratch` (the shard's shared read buffer) and only what arrived is
 /// kept, in an allocation of its size: thousands of handshakes in flight do not each hold a
 /// buffer sized for the largest head.
@@ -50,7 +50,7 @@ pub async fn read_first(
     stream: &mut Stream,
     scratch: &RefCell<Box<[u8]>>,
     max_bytes: usize,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
     proxy_header: bool,
 ) -> Result<First, HeadError> {
     let mut head = BytesMut::new();
@@ -93,7 +93,7 @@ pub async fn read_first(
             }
         }
     };
-    match tokio::time::timeout(timeout, reading).await {
+    match tokio::time::timeout_at(deadline, reading).await {
         Ok(Ok(skip)) => Ok(First {
             bytes: head.freeze().slice(skip..),
             source,

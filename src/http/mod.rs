@@ -65,29 +65,47 @@ type Body = Full<Bytes>;
 /// Serves one accepted, admitted TCP connection until it closes or is upgraded, and gives its
 /// admission back unless a WebSocket connection took it over.
 pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, peer: IpAddr) {
-    // The address the socket's place is counted against: a trusted proxy's socket has none
-    // until its client is known (see `Admission::claim_ip`).
-    let counted_as = Cell::new((!shard.node.proxies.trusts(peer)).then_some(peer));
-    let upgraded = Cell::new(false);
-    if let Some(stream) = handshake(&shard, tcp, &counted_as).await {
-        serve_http(&shard, stream, peer, &counted_as, &upgraded).await;
+    let place = SocketPlace {
+        shard: &shard,
+        counted_as: Cell::new((!shard.node.proxies.trusts(peer)).then_some(peer)),
+        upgraded: Cell::new(false),
+    };
+    let deadline = tokio::time::Instant::now() + shard.node.config.handshake_timeout;
+    if let Some(stream) = handshake(&shard, tcp, &place.counted_as, deadline).await {
+        serve_http(&shard, stream, peer, &place, deadline).await;
     }
-    if !upgraded.get() {
-        let admission = &shard.node.admission;
-        match counted_as.get() {
-            Some(ip) => admission.release_socket(ip),
-            None => admission.release_proxied_socket(),
+}
+
+/// An accepted socket's place in the admission counts, given back when its task ends however
+/// it ends (a panic included) unless a WebSocket connection took it over.
+struct SocketPlace<'a> {
+    shard: &'a Shard,
+    /// The address the place is counted against: a trusted proxy's socket has none until its
+    /// client is known (see `Admission::claim_ip`).
+    counted_as: Cell<Option<IpAddr>>,
+    upgraded: Cell<bool>,
+}
+
+impl Drop for SocketPlace<'_> {
+    fn drop(&mut self) {
+        if !self.upgraded.get() {
+            let admission = &self.shard.node.admission;
+            match self.counted_as.get() {
+                Some(ip) => admission.release_socket(ip),
+                None => admission.release_proxied_socket(),
+            }
         }
     }
 }
 
-/// The TLS handshake, when the listener has TLS, within `handshake_timeout` (a PROXY header in
-/// front of it read first, from a trusted proxy with `proxy_protocol`); `None` when it failed
-/// (counted). Nothing is answered: an HTTP answer would need the handshake done.
+/// The TLS handshake, when the listener has TLS, by `deadline` (a PROXY header in front of it
+/// read first, from a trusted proxy with `proxy_protocol`); `None` when it failed (counted).
+/// Nothing is answered: an HTTP answer would need the handshake done.
 async fn handshake(
     shard: &Shard,
     mut tcp: TcpStream,
     counted_as: &Cell<Option<IpAddr>>,
+    deadline: tokio::time::Instant,
 ) -> Option<Stream> {
     let node = &shard.node;
     let Some(tls) = &node.tls else {
@@ -125,7 +143,7 @@ async fn handshake(
             }
         }
     };
-    match tokio::time::timeout(node.config.handshake_timeout, handshake).await {
+    match tokio::time::timeout_at(deadline, handshake).await {
         Ok(stream) => stream,
         Err(_) => {
             node.counters
@@ -144,13 +162,16 @@ struct Origin {
     proxied: bool,
 }
 
+/// Serves HTTP on an accepted (and, with TLS, handshaken) socket; its first request head must
+/// be complete by `deadline` (`handshake_timeout` from accept, shared with the TLS handshake).
 async fn serve_http(
     shard: &Rc<Shard>,
     mut stream: Stream,
     peer: IpAddr,
-    counted_as: &Cell<Option<IpAddr>>,
-    upgraded: &Cell<bool>,
+    place: &SocketPlace<'_>,
+    deadline: tokio::time::Instant,
 ) {
+    let (counted_as, upgraded) = (&place.counted_as, &place.upgraded);
     let node = &shard.node;
     let config = &node.config;
     // Over TLS the PROXY header came before the handshake.
@@ -165,7 +186,7 @@ async fn serve_http(
             &mut stream,
             shard.read_buf_cell(),
             config.max_header_bytes,
-            config.handshake_timeout,
+            deadline,
             proxy_header,
         ) => head,
         _ = registered.evict.notified() => return evicted(),

@@ -104,7 +104,7 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, Invalid> {
         )),
         (1, 0x11 | 0x21) => return Err(Invalid),
         // UDP, Unix sockets, unspecified: no client address to use.
-        (1, _) => None,
+        (1, 0x00 | 0x12 | 0x22 | 0x31 | 0x32) => None,
         _ => return Err(Invalid),
     };
     Ok(Parsed::Complete { len, source })
@@ -134,10 +134,10 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, Invalid> {
                     (Some(s), Some(d), Some(sp), Some(dp)) => (s, d, sp, dp),
                     _ => return Err(Invalid),
                 };
-            if fields.next().is_some()
-                || source_port.parse::<u16>().is_err()
-                || destination_port.parse::<u16>().is_err()
-            {
+            let port = |digits: &str| {
+                digits.bytes().all(|b| b.is_ascii_digit()) && digits.parse::<u16>().is_ok()
+            };
+            if fields.next().is_some() || !port(source_port) || !port(destination_port) {
                 return Err(Invalid);
             }
             let parse = |addr: &str| -> Result<IpAddr, Invalid> {
@@ -230,6 +230,7 @@ mod tests {
             b"PROXY TCP4 203.0.113.9 10.0.0.1 1 99999\r\n",
             b"PROXY TCP4 203.0.113.9 10.0.0.1 1 2\n",
             b"PROXY TCP9 203.0.113.9 10.0.0.1 1 2\r\n",
+            b"PROXY TCP4 203.0.113.9 10.0.0.1 +1 2\r\n",
             b"\r\n\r\n\0\r\nQUIX\n",
         ] {
             assert_eq!(
@@ -247,5 +248,13 @@ mod tests {
         wrong_version[12] = 0x11;
         assert_eq!(parse(&wrong_version), Err(Invalid));
         assert_eq!(parse(&v2(1, 0x11, &[1, 2, 3], &[])), Err(Invalid));
+        // Families the specification does not define.
+        for family in [0x13, 0x41, 0x01, 0x10] {
+            assert_eq!(
+                parse(&v2(1, family, &[0; 12], &[])),
+                Err(Invalid),
+                "{family:#x}"
+            );
+        }
     }
 }

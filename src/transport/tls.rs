@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use rustls::ServerConfig;
-use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, WriteTraffic,
+};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -29,6 +31,12 @@ const MAX_HANDSHAKE_BYTES: usize = 64 * 1024;
 /// updates), before giving the other connections of the shard their turn. (Records that carry
 /// nothing are rustls's to refuse: a few in a row end the session.)
 const READS_PER_POLL: u32 = 4;
+/// Records one poll processes: what one read holds is ~4 full records, but up to ~3,000 one-byte
+/// ones, each a decryption; the rest waits for the next poll (the connection's turn has 16).
+const RECORDS_PER_POLL: usize = 256;
+/// Bytes a connection may hold of what is not yet a whole message: the start of one record, or
+/// the records of a post-handshake message being joined (a key update fits in one).
+const MAX_HELD: usize = MAX_RECORD;
 
 /// A TLS session on a socket, after its handshake.
 pub struct TlsStream {
@@ -62,6 +70,13 @@ thread_local! {
         plain: Vec::with_capacity(RECORD_PLAINTEXT),
         cipher: Vec::with_capacity(MAX_RECORD),
     });
+}
+
+fn too_much_held() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "TLS: more than a record held without a message completing",
+    )
 }
 
 fn tls_error(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
@@ -125,6 +140,8 @@ enum Stop {
     Blocked,
     /// The peer closed its side.
     Closed,
+    /// The record budget ran out: complete records may be left.
+    Budget,
 }
 
 /// Where decrypted application data goes: the reader's buffer, then (what does not fit) the
@@ -134,20 +151,26 @@ struct PlainSink<'a> {
     filled: usize,
 }
 
-/// Runs the session over `input` until it has processed every complete record in it: handshake
-/// records answered (into `outgoing`), application data given to `sink` (overflow into
-/// `plaintext`). Returns how much of `input` was consumed and why it stopped. A free function
-/// over the stream's fields, so that `input` may be the thread's scratch buffer while the
-/// stream's own buffers are written.
+/// Runs the session over `input` until it has processed every complete record in it (or
+/// `budget` records): handshake records answered (into `outgoing`), application data given to
+/// `sink` (overflow into `plaintext`). Returns how much of `input` was consumed and why it
+/// stopped. `input` must start with what the last call did not consume: rustls keeps positions
+/// in it while it joins a handshake message. A free function over the stream's fields, so that
+/// `input` may be the thread's scratch buffer while the stream's own buffers are written.
 fn process(
     session: &mut UnbufferedServerConnection,
     outgoing: &mut Vec<u8>,
     plaintext: &mut Vec<u8>,
     input: &mut [u8],
     mut sink: Option<&mut PlainSink<'_>>,
+    budget: &mut usize,
 ) -> io::Result<(usize, Stop)> {
     let mut consumed = 0;
     loop {
+        if *budget == 0 {
+            return Ok((consumed, Stop::Budget));
+        }
+        *budget -= 1;
         let status = session.process_tls_records(&mut input[consumed..]);
         let discard = status.discard;
         let stop = match status.state.map_err(tls_error)? {
@@ -202,6 +225,8 @@ pub async fn accept(mut tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result
             &mut plaintext,
             &mut incoming,
             None,
+            // Bounded by MAX_HANDSHAKE_BYTES.
+            &mut usize::MAX.clone(),
         )?;
         incoming.drain(..consumed);
         if !outgoing.is_empty() {
@@ -210,7 +235,7 @@ pub async fn accept(mut tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result
         }
         match stop {
             Stop::Writable => break,
-            Stop::Closed => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Stop::Closed | Stop::Budget => return Err(io::ErrorKind::UnexpectedEof.into()),
             Stop::Blocked if incoming.len() >= MAX_HANDSHAKE_BYTES => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -279,40 +304,60 @@ impl TlsStream {
         work: &mut [u8],
         out: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        // The unfinished record first, then what the socket has after it; records already
-        // complete in it (sent with the handshake's end) are processed before any read.
+        let mut sink = PlainSink { out, filled: 0 };
+        let mut budget = RECORDS_PER_POLL;
+        // What is held first, where it is: records left by the budget or with the handshake's end
+        // (the client's request), or the start of one.
+        if !self.incoming.is_empty() {
+            let processed = process(
+                &mut self.session,
+                &mut self.outgoing,
+                &mut self.plaintext,
+                &mut self.incoming,
+                Some(&mut sink),
+                &mut budget,
+            );
+            let (consumed, stop) = processed?;
+            self.incoming.drain(..consumed);
+            if let Some(done) = self.after_processing(cx, stop, &sink) {
+                if self.incoming.is_empty() {
+                    self.incoming = Vec::new();
+                }
+                return done;
+            }
+        }
+        if self.incoming.len() > MAX_HELD {
+            return Poll::Ready(Err(too_much_held()));
+        }
+        // Then the socket: after what is held (at most MAX_HELD, so there is room to read).
         let mut filled = self.incoming.len();
         work[..filled].copy_from_slice(&self.incoming);
-        let mut read_first = filled == 0;
-        let mut sink = PlainSink { out, filled: 0 };
         let mut reads = 0;
         let result = loop {
-            if read_first && reads == READS_PER_POLL {
+            if reads == READS_PER_POLL {
                 cx.waker().wake_by_ref();
                 break Poll::Pending;
             }
-            if read_first {
-                reads += 1;
-                match read_clearing_readiness(&self.tcp, cx, &mut work[filled..]) {
-                    Poll::Pending => break Poll::Pending,
-                    Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
-                    // The socket ended without close_notify: an end all the same (what was
-                    // received was authenticated record by record).
-                    Poll::Ready(Ok(0)) => {
-                        self.read_closed = true;
-                        filled = 0;
-                        break Poll::Ready(Ok(sink.filled));
-                    }
-                    Poll::Ready(Ok(n)) => filled += n,
+            reads += 1;
+            match read_clearing_readiness(&self.tcp, cx, &mut work[filled..]) {
+                Poll::Pending => break Poll::Pending,
+                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                // The socket ended without close_notify: an end all the same (what was received
+                // was authenticated record by record). What is held stays: the session may
+                // keep positions in it, and is still asked to write (close_notify).
+                Poll::Ready(Ok(0)) => {
+                    self.read_closed = true;
+                    break Poll::Ready(Ok(0));
                 }
+                Poll::Ready(Ok(n)) => filled += n,
             }
-            read_first = true;
             let processed = process(
                 &mut self.session,
                 &mut self.outgoing,
                 &mut self.plaintext,
                 &mut work[..filled],
                 Some(&mut sink),
+                &mut budget,
             );
             let (consumed, stop) = match processed {
                 Ok(done) => done,
@@ -320,18 +365,13 @@ impl TlsStream {
             };
             work.copy_within(consumed..filled, 0);
             filled -= consumed;
-            if stop == Stop::Closed {
-                self.read_closed = true;
+            if stop != Stop::Budget && filled > MAX_HELD {
+                break Poll::Ready(Err(too_much_held()));
             }
-            // A key update's answer (or tickets) to send: tried now, else at the next flush.
-            if let Poll::Ready(Err(e)) = self.poll_send_outgoing(cx) {
-                break Poll::Ready(Err(e));
-            }
-            if sink.filled > 0 || self.read_closed {
-                break Poll::Ready(Ok(sink.filled));
+            if let Some(done) = self.after_processing(cx, stop, &sink) {
+                break done;
             }
         };
-        // Only an unfinished record is kept: processing stops at the first incomplete one.
         if filled == 0 {
             self.incoming = Vec::new();
         } else {
@@ -339,6 +379,32 @@ impl TlsStream {
             self.incoming.extend_from_slice(&work[..filled]);
         }
         result
+    }
+
+    /// After records were processed: sends what they made the session answer (a key update),
+    /// and says what the read returns, if it is done.
+    fn after_processing(
+        &mut self,
+        cx: &mut Context<'_>,
+        stop: Stop,
+        sink: &PlainSink<'_>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        if stop == Stop::Closed {
+            self.read_closed = true;
+        }
+        // Tried now, else at the next flush.
+        if let Poll::Ready(Err(e)) = self.poll_send_outgoing(cx) {
+            return Some(Poll::Ready(Err(e)));
+        }
+        if sink.filled > 0 || self.read_closed {
+            return Some(Poll::Ready(Ok(sink.filled)));
+        }
+        if stop == Stop::Budget {
+            // Only records without data so far: the rest at the next poll.
+            cx.waker().wake_by_ref();
+            return Some(Poll::Pending);
+        }
+        None
     }
 
     /// Writes what waits in `outgoing`; `Ready(Ok)` once all of it is sent.
@@ -392,7 +458,9 @@ impl TlsStream {
                 return Ok(0);
             }
             cipher.clear();
-            self.encrypt(plain, cipher)?;
+            self.write_with(cipher, |traffic, cipher| {
+                encode_into(cipher, |buf| traffic.encrypt(plain, buf), encrypt_too_small)
+            })?;
             let sent = match self.tcp.try_write(cipher) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
@@ -404,32 +472,45 @@ impl TlsStream {
         Poll::Ready(Ok(taken))
     }
 
-    /// Encrypts `plain` into `cipher`, after anything the session must send first.
-    fn encrypt(&mut self, plain: &[u8], cipher: &mut Vec<u8>) -> io::Result<()> {
+    /// Gets the session to where it may write, then writes with `write` into `out`: anything the
+    /// session must send first (a key update) goes into `out` before. The session is asked for
+    /// its state over the bytes the connection holds, never over an empty buffer: it may be
+    /// keeping positions in them (a handshake message being joined).
+    fn write_with(
+        &mut self,
+        out: &mut Vec<u8>,
+        mut write: impl FnMut(
+            &mut WriteTraffic<'_, ServerConnectionData>,
+            &mut Vec<u8>,
+        ) -> io::Result<()>,
+    ) -> io::Result<()> {
         loop {
-            let status = self.session.process_tls_records(&mut []);
-            match status.state.map_err(tls_error)? {
-                ConnectionState::WriteTraffic(mut traffic) => {
-                    return encode_into(
-                        cipher,
-                        |buf| traffic.encrypt(plain, buf),
-                        encrypt_too_small,
-                    );
-                }
-                // Anything the session must send first (a key update) goes first.
+            let status = self.session.process_tls_records(&mut self.incoming);
+            let discard = status.discard;
+            let done = match status.state.map_err(tls_error)? {
+                ConnectionState::WriteTraffic(mut traffic) => Some(write(&mut traffic, out)),
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    encode_into(cipher, |buf| encode.encode(buf), encode_too_small)?;
+                    encode_into(out, |buf| encode.encode(buf), encode_too_small)?;
+                    None
                 }
-                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                // Plaintext decrypted with the handshake's end is read before anything else
-                // is processed.
+                ConnectionState::TransmitTlsData(transmit) => {
+                    transmit.done();
+                    None
+                }
+                // Records held unprocessed (the read budget ran out): their data is kept for
+                // the reader, in order.
                 ConnectionState::ReadTraffic(mut traffic) => {
                     while let Some(record) = traffic.next_record() {
                         self.plaintext
                             .extend_from_slice(record.map_err(tls_error)?.payload);
                     }
+                    None
                 }
-                _ => return Err(io::ErrorKind::BrokenPipe.into()),
+                _ => Some(Err(io::ErrorKind::BrokenPipe.into())),
+            };
+            self.incoming.drain(..discard);
+            if let Some(done) = done {
+                return done;
             }
         }
     }
@@ -443,14 +524,16 @@ impl TlsStream {
     pub fn poll_shutdown_plain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.close_notify_sent {
             self.close_notify_sent = true;
-            let status = self.session.process_tls_records(&mut []);
-            if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state {
+            let mut outgoing = std::mem::take(&mut self.outgoing);
+            let queued = self.write_with(&mut outgoing, |traffic, out| {
                 encode_into(
-                    &mut self.outgoing,
+                    out,
                     |buf| traffic.queue_close_notify(buf),
                     encrypt_too_small,
-                )?;
-            }
+                )
+            });
+            self.outgoing = outgoing;
+            queued?;
         }
         ready!(self.poll_send_outgoing(cx))?;
         let mut tcp = std::pin::Pin::new(&mut self.tcp);

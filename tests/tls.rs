@@ -659,16 +659,7 @@ async fn half_a_handshake_message_after_the_handshake_costs_nothing_and_leaks_no
         serde_json::from_str::<Value>(&body).unwrap()["sockets"].clone()
     };
     let before = health().await;
-    // A panic in a shard's task is contained (the connection is dropped), so it is counted here.
-    static SHARD_PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let thread = std::thread::current();
-        if thread.name().is_some_and(|n| n.starts_with("wsgate-shard")) {
-            SHARD_PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        default_hook(info);
-    }));
+    let panics_before = shard_panics();
     for _ in 0..5 {
         let request = b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n";
         let (mut tcp, mut records) = HandRolled::connect(&pki, gw.addr, request).await;
@@ -698,7 +689,51 @@ async fn half_a_handshake_message_after_the_handshake_costs_nothing_and_leaks_no
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(SHARD_PANICS.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(shard_panics(), panics_before);
+}
+
+/// Panics in the gateway's shard threads so far (in this test process). A panic in a shard's
+/// task is contained — the connection is dropped — so tests count them to see them.
+fn shard_panics() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static PANICS: AtomicUsize = AtomicUsize::new(0);
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current();
+            if thread.name().is_some_and(|n| n.starts_with("wsgate-shard")) {
+                PANICS.fetch_add(1, Ordering::Relaxed);
+            }
+            default_hook(info);
+        }));
+    });
+    PANICS.load(Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn a_corrupted_record_gets_an_alert_and_ends_the_session() {
+    let files = pem_files("corrupt");
+    let pki = Pki::issue(&files);
+    let gw = gateway(&files);
+    let panics_before = shard_panics();
+    // An HTTPS keep-alive connection, idle after its first answer.
+    let request = b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let (mut tcp, mut records) = HandRolled::connect(&pki, gw.addr, request).await;
+    let mut bad = records.seal(rustls::ContentType::ApplicationData, request);
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    tcp.write_all(&bad).await.unwrap();
+    // The gateway answers with an (encrypted) alert, then closes.
+    let mut after = Vec::new();
+    tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut after))
+        .await
+        .expect("closed")
+        .unwrap();
+    assert!(!after.is_empty(), "no alert before the close");
+    assert_eq!(after[0], 0x17, "a TLS 1.3 record");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(shard_panics(), panics_before);
 }
 
 #[tokio::test]

@@ -1,21 +1,26 @@
 //! TLS over a connection's socket with rustls's unbuffered API: the session holds only its
 //! cryptographic state, and the buffers are wsgate's. Records are read into the shard thread's
-//! scratch buffer and decrypted there; a connection keeps bytes only while it must — the start
-//! of a record that has not all arrived, ciphertext the socket has not taken yet, plaintext its
-//! reader had no room for — and gives them back once used. An idle TLS connection holds no
-//! buffer (rustls's buffered connection keeps at least 4 KiB for reading, per connection).
+//! scratch buffer and decrypted there; a connection keeps bytes only while it must — what rustls
+//! has not released of what was received (the start of a record, or the records of a handshake
+//! message being joined: at most one record's worth), ciphertext the socket has not taken yet,
+//! plaintext its reader had no room for — and gives them back once used. An idle TLS connection
+//! holds no buffer (rustls's buffered connection keeps at least 4 KiB for reading).
+//!
+//! rustls keeps positions in the received bytes while it joins a handshake message, so it is
+//! always driven over exactly what it has not discarded, and never again once it has failed.
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use bytes::BufMut;
 use rustls::ServerConfig;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, InsufficientSizeError, WriteTraffic,
 };
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::read_clearing_readiness;
@@ -27,36 +32,40 @@ const MAX_RECORD: usize = 5 + (1 << 14) + 256;
 const RECORD_PLAINTEXT: usize = 1 << 14;
 /// The largest handshake flight a client may send before the handshake completes.
 const MAX_HANDSHAKE_BYTES: usize = 64 * 1024;
-/// Socket reads one poll makes while they yield no application data (half records, key
-/// updates), before giving the other connections of the shard their turn. (Records that carry
-/// nothing are rustls's to refuse: a few in a row end the session.)
-const READS_PER_POLL: u32 = 4;
-/// Records one poll processes: what one read holds is ~4 full records, but up to ~3,000 one-byte
-/// ones, each a decryption; the rest waits for the next poll (the connection's turn has 16).
-const RECORDS_PER_POLL: usize = 256;
+/// What one read takes from the socket: a record's worth. It bounds the decryptions of one read
+/// whatever the records' sizes (at most ~750 records of one byte, or key updates), as the
+/// connection's turn bounds its reads.
+const READ_WINDOW: usize = MAX_RECORD;
 /// Bytes a connection may hold of what is not yet a whole message: the start of one record, or
 /// the records of a post-handshake message being joined (a key update fits in one).
 const MAX_HELD: usize = MAX_RECORD;
+/// Socket reads one poll makes while they yield no application data (half records, key
+/// updates), before giving the other connections of the shard their turn. (Records that carry
+/// nothing are rustls's to refuse: a few dozen in a row end the session.)
+const READS_PER_POLL: u32 = 4;
 
 /// A TLS session on a socket, after its handshake.
 pub struct TlsStream {
     tcp: TcpStream,
     session: UnbufferedServerConnection,
-    /// Received ciphertext not processed yet: the start of a record.
+    /// What rustls has not discarded of what was received (see the module's documentation).
+    /// After the handshake it may also hold complete records the client sent with its end.
     incoming: Vec<u8>,
     /// Ciphertext waiting for the socket.
     outgoing: Vec<u8>,
-    /// Decrypted bytes the last reader had no room for, from `plaintext_at`.
+    /// Decrypted bytes no reader has taken yet, from `plaintext_at`.
     plaintext: Vec<u8>,
     plaintext_at: usize,
     /// The peer sent close_notify (or the socket ended): reads return 0 from now on.
     read_closed: bool,
+    /// The session failed (its alert, if any, is in `outgoing`): it is not driven again.
+    failed: bool,
     close_notify_sent: bool,
 }
 
 /// Per thread (each shard is one), the buffers TLS works in, lent to one connection at a time.
 struct Scratch {
-    /// Ciphertext being read: a connection's unfinished record, then what the socket had.
+    /// Ciphertext being read: what a connection holds, then what the socket had.
     read: Box<[u8]>,
     /// Plaintext gathered from a vectored write.
     plain: Vec<u8>,
@@ -66,7 +75,7 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
-        read: vec![0; 4 * MAX_RECORD].into_boxed_slice(),
+        read: vec![0; MAX_HELD + READ_WINDOW].into_boxed_slice(),
         plain: Vec::with_capacity(RECORD_PLAINTEXT),
         cipher: Vec::with_capacity(MAX_RECORD),
     });
@@ -77,6 +86,10 @@ fn too_much_held() -> io::Error {
         io::ErrorKind::InvalidData,
         "TLS: more than a record held without a message completing",
     )
+}
+
+fn failed_before() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the TLS session failed")
 }
 
 fn tls_error(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
@@ -131,7 +144,7 @@ fn encrypt_too_small(e: &EncryptError) -> Option<usize> {
     }
 }
 
-/// Where [`TlsStream::process`] stopped.
+/// Where [`process`] stopped.
 #[derive(PartialEq, Eq)]
 enum Stop {
     /// Every complete record was processed; application data may be written.
@@ -140,8 +153,6 @@ enum Stop {
     Blocked,
     /// The peer closed its side.
     Closed,
-    /// The record budget ran out: complete records may be left.
-    Budget,
 }
 
 /// Where decrypted application data goes: the reader's buffer, then (what does not fit) the
@@ -151,32 +162,37 @@ struct PlainSink<'a> {
     filled: usize,
 }
 
-/// Runs the session over `input` until it has processed every complete record in it (or
-/// `budget` records): handshake records answered (into `outgoing`), application data given to
-/// `sink` (overflow into `plaintext`). Returns how much of `input` was consumed and why it
-/// stopped. `input` must start with what the last call did not consume: rustls keeps positions
-/// in it while it joins a handshake message. A free function over the stream's fields, so that
-/// `input` may be the thread's scratch buffer while the stream's own buffers are written.
+/// Runs the session over `input` until it has processed every complete record in it: handshake
+/// records answered (into `outgoing`), application data given to `sink` (overflow, or all
+/// without a sink, into `plaintext`). Returns how much of `input` rustls discarded and why it
+/// stopped. On an error the session's alert is put in `outgoing`; the session must not be
+/// driven again. A free function over the stream's fields, so that `input` may be the thread's
+/// scratch buffer while the stream's own buffers are written.
 fn process(
     session: &mut UnbufferedServerConnection,
     outgoing: &mut Vec<u8>,
     plaintext: &mut Vec<u8>,
     input: &mut [u8],
     mut sink: Option<&mut PlainSink<'_>>,
-    budget: &mut usize,
 ) -> io::Result<(usize, Stop)> {
     let mut consumed = 0;
     loop {
-        if *budget == 0 {
-            return Ok((consumed, Stop::Budget));
-        }
-        *budget -= 1;
         let status = session.process_tls_records(&mut input[consumed..]);
-        let discard = status.discard;
-        let stop = match status.state.map_err(tls_error)? {
+        let mut discard = status.discard;
+        let state = match status.state {
+            Ok(state) => state,
+            Err(e) => {
+                consumed += discard;
+                take_alert(session, outgoing, &mut input[consumed..]);
+                return Err(tls_error(e));
+            }
+        };
+        let stop = match state {
             ConnectionState::ReadTraffic(mut traffic) => {
                 while let Some(record) = traffic.next_record() {
-                    let payload = record.map_err(tls_error)?.payload;
+                    let record = record.map_err(tls_error)?;
+                    discard += record.discard;
+                    let payload = record.payload;
                     match sink.as_deref_mut() {
                         Some(sink) => {
                             let fits = payload.len().min(sink.out.len() - sink.filled);
@@ -212,6 +228,15 @@ fn process(
     }
 }
 
+/// After an error: the fatal alert rustls queued, into `outgoing` (the session hands out what
+/// it has to send before it looks at `input` again).
+fn take_alert(session: &mut UnbufferedServerConnection, outgoing: &mut Vec<u8>, input: &mut [u8]) {
+    if let Ok(ConnectionState::EncodeTlsData(mut alert)) = session.process_tls_records(input).state
+    {
+        let _ = encode_into(outgoing, |buf| alert.encode(buf), encode_too_small);
+    }
+}
+
 /// Handshakes with the client on `tcp`.
 pub async fn accept(mut tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsStream> {
     let mut session = UnbufferedServerConnection::new(config).map_err(tls_error)?;
@@ -219,23 +244,31 @@ pub async fn accept(mut tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result
     let mut outgoing = Vec::new();
     let mut plaintext = Vec::new();
     loop {
-        let (consumed, stop) = process(
+        let processed = process(
             &mut session,
             &mut outgoing,
             &mut plaintext,
             &mut incoming,
             None,
-            // Bounded by MAX_HANDSHAKE_BYTES.
-            &mut usize::MAX.clone(),
-        )?;
-        incoming.drain(..consumed);
+        );
+        let stop = match processed {
+            Ok((consumed, stop)) => {
+                incoming.drain(..consumed);
+                stop
+            }
+            Err(e) => {
+                // The alert, so the client learns why (no shared version or cipher suite).
+                let _ = tcp.write_all(&outgoing).await;
+                return Err(e);
+            }
+        };
         if !outgoing.is_empty() {
-            tokio::io::AsyncWriteExt::write_all(&mut tcp, &outgoing).await?;
+            tcp.write_all(&outgoing).await?;
             outgoing.clear();
         }
         match stop {
             Stop::Writable => break,
-            Stop::Closed | Stop::Budget => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Stop::Closed => return Err(io::ErrorKind::UnexpectedEof.into()),
             Stop::Blocked if incoming.len() >= MAX_HANDSHAKE_BYTES => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -243,8 +276,7 @@ pub async fn accept(mut tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result
                 ));
             }
             Stop::Blocked => {
-                incoming.reserve(4096);
-                if tcp.read_buf(&mut incoming).await? == 0 {
+                if tcp.read_buf(&mut (&mut incoming).limit(4096)).await? == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
             }
@@ -259,6 +291,7 @@ pub async fn accept(mut tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result
         plaintext: shrunk(plaintext),
         plaintext_at: 0,
         read_closed: false,
+        failed: false,
         close_notify_sent: false,
     })
 }
@@ -270,10 +303,6 @@ fn shrunk(mut bytes: Vec<u8>) -> Vec<u8> {
 }
 
 impl TlsStream {
-    pub fn tcp(&self) -> &TcpStream {
-        &self.tcp
-    }
-
     /// Reads decrypted bytes into `out`: `Ready(Ok(0))` once the peer closed, `Pending` (the
     /// task woken by the socket) while nothing is available.
     pub fn poll_read_plain(
@@ -292,10 +321,19 @@ impl TlsStream {
             }
             return Poll::Ready(Ok(n));
         }
+        if self.failed {
+            return Poll::Ready(Err(failed_before()));
+        }
         if self.read_closed || out.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        SCRATCH.with_borrow_mut(|scratch| self.read_into(cx, &mut scratch.read, out))
+        let read = SCRATCH.with_borrow_mut(|scratch| self.read_into(cx, &mut scratch.read, out));
+        if let Poll::Ready(Err(_)) = &read {
+            self.failed = true;
+            // The alert, if there is one, now (best effort: the connection is ending).
+            let _ = self.poll_send_outgoing(cx);
+        }
+        read
     }
 
     fn read_into(
@@ -305,19 +343,16 @@ impl TlsStream {
         out: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let mut sink = PlainSink { out, filled: 0 };
-        let mut budget = RECORDS_PER_POLL;
-        // What is held first, where it is: records left by the budget or with the handshake's end
-        // (the client's request), or the start of one.
+        // What is held first, where it is: records the client sent with the handshake's end
+        // (its request), or the start of one.
         if !self.incoming.is_empty() {
-            let processed = process(
+            let (consumed, stop) = process(
                 &mut self.session,
                 &mut self.outgoing,
                 &mut self.plaintext,
                 &mut self.incoming,
                 Some(&mut sink),
-                &mut budget,
-            );
-            let (consumed, stop) = processed?;
+            )?;
             self.incoming.drain(..consumed);
             if let Some(done) = self.after_processing(cx, stop, &sink) {
                 if self.incoming.is_empty() {
@@ -325,11 +360,11 @@ impl TlsStream {
                 }
                 return done;
             }
+            if self.incoming.len() > MAX_HELD {
+                return Poll::Ready(Err(too_much_held()));
+            }
         }
-        if self.incoming.len() > MAX_HELD {
-            return Poll::Ready(Err(too_much_held()));
-        }
-        // Then the socket: after what is held (at most MAX_HELD, so there is room to read).
+        // Then the socket, a record's worth at a time, after what is held.
         let mut filled = self.incoming.len();
         work[..filled].copy_from_slice(&self.incoming);
         let mut reads = 0;
@@ -339,12 +374,13 @@ impl TlsStream {
                 break Poll::Pending;
             }
             reads += 1;
-            match read_clearing_readiness(&self.tcp, cx, &mut work[filled..]) {
+            let window = filled..filled + READ_WINDOW;
+            match read_clearing_readiness(&self.tcp, cx, &mut work[window]) {
                 Poll::Pending => break Poll::Pending,
                 Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
                 // The socket ended without close_notify: an end all the same (what was received
-                // was authenticated record by record). What is held stays: the session may
-                // keep positions in it, and is still asked to write (close_notify).
+                // was authenticated record by record). What is held stays: the session may keep
+                // positions in it, and is still asked to write (close_notify).
                 Poll::Ready(Ok(0)) => {
                     self.read_closed = true;
                     break Poll::Ready(Ok(0));
@@ -357,7 +393,6 @@ impl TlsStream {
                 &mut self.plaintext,
                 &mut work[..filled],
                 Some(&mut sink),
-                &mut budget,
             );
             let (consumed, stop) = match processed {
                 Ok(done) => done,
@@ -365,7 +400,7 @@ impl TlsStream {
             };
             work.copy_within(consumed..filled, 0);
             filled -= consumed;
-            if stop != Stop::Budget && filled > MAX_HELD {
+            if filled > MAX_HELD {
                 break Poll::Ready(Err(too_much_held()));
             }
             if let Some(done) = self.after_processing(cx, stop, &sink) {
@@ -381,8 +416,9 @@ impl TlsStream {
         result
     }
 
-    /// After records were processed: sends what they made the session answer (a key update),
-    /// and says what the read returns, if it is done.
+    /// After records were processed: sends what they made the session send (an alert; a key
+    /// update's answer goes with the next record written), and says what the read returns, if
+    /// it is done.
     fn after_processing(
         &mut self,
         cx: &mut Context<'_>,
@@ -396,15 +432,7 @@ impl TlsStream {
         if let Poll::Ready(Err(e)) = self.poll_send_outgoing(cx) {
             return Some(Poll::Ready(Err(e)));
         }
-        if sink.filled > 0 || self.read_closed {
-            return Some(Poll::Ready(Ok(sink.filled)));
-        }
-        if stop == Stop::Budget {
-            // Only records without data so far: the rest at the next poll.
-            cx.waker().wake_by_ref();
-            return Some(Poll::Pending);
-        }
-        None
+        (sink.filled > 0 || self.read_closed).then_some(Poll::Ready(Ok(sink.filled)))
     }
 
     /// Writes what waits in `outgoing`; `Ready(Ok)` once all of it is sent.
@@ -473,9 +501,8 @@ impl TlsStream {
     }
 
     /// Gets the session to where it may write, then writes with `write` into `out`: anything the
-    /// session must send first (a key update) goes into `out` before. The session is asked for
-    /// its state over the bytes the connection holds, never over an empty buffer: it may be
-    /// keeping positions in them (a handshake message being joined).
+    /// session must send first goes into `out` before. Driven over the bytes the connection
+    /// holds (see the module's documentation); their data, if any, is kept for the reader.
     fn write_with(
         &mut self,
         out: &mut Vec<u8>,
@@ -484,10 +511,17 @@ impl TlsStream {
             &mut Vec<u8>,
         ) -> io::Result<()>,
     ) -> io::Result<()> {
+        if self.failed {
+            return Err(failed_before());
+        }
         loop {
             let status = self.session.process_tls_records(&mut self.incoming);
-            let discard = status.discard;
-            let done = match status.state.map_err(tls_error)? {
+            let mut discard = status.discard;
+            let Ok(state) = status.state else {
+                self.failed = true;
+                return Err(failed_before());
+            };
+            let done = match state {
                 ConnectionState::WriteTraffic(mut traffic) => Some(write(&mut traffic, out)),
                 ConnectionState::EncodeTlsData(mut encode) => {
                     encode_into(out, |buf| encode.encode(buf), encode_too_small)?;
@@ -497,13 +531,17 @@ impl TlsStream {
                     transmit.done();
                     None
                 }
-                // Records held unprocessed (the read budget ran out): their data is kept for
-                // the reader, in order.
                 ConnectionState::ReadTraffic(mut traffic) => {
                     while let Some(record) = traffic.next_record() {
-                        self.plaintext
-                            .extend_from_slice(record.map_err(tls_error)?.payload);
+                        let record = record.map_err(tls_error)?;
+                        discard += record.discard;
+                        self.plaintext.extend_from_slice(record.payload);
                     }
+                    None
+                }
+                // Said once: the reader learns it from `read_closed`.
+                ConnectionState::PeerClosed => {
+                    self.read_closed = true;
                     None
                 }
                 _ => Some(Err(io::ErrorKind::BrokenPipe.into())),
@@ -520,12 +558,13 @@ impl TlsStream {
         self.poll_send_outgoing(cx)
     }
 
-    /// Sends close_notify (once), then ends the socket's sending side.
+    /// Sends close_notify (once, unless the session failed), then ends the socket's sending side.
     pub fn poll_shutdown_plain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.close_notify_sent {
+        if !self.close_notify_sent && !self.failed {
             self.close_notify_sent = true;
             let mut outgoing = std::mem::take(&mut self.outgoing);
-            let queued = self.write_with(&mut outgoing, |traffic, out| {
+            // A session that cannot say it (it failed meanwhile) is closed without it.
+            let _ = self.write_with(&mut outgoing, |traffic, out| {
                 encode_into(
                     out,
                     |buf| traffic.queue_close_notify(buf),
@@ -533,7 +572,6 @@ impl TlsStream {
                 )
             });
             self.outgoing = outgoing;
-            queued?;
         }
         ready!(self.poll_send_outgoing(cx))?;
         let mut tcp = std::pin::Pin::new(&mut self.tcp);

@@ -93,13 +93,23 @@ fn pem_files(name: &str) -> (PathBuf, PathBuf) {
 }
 
 fn gateway(files: &(PathBuf, PathBuf)) -> TestGateway {
+    gateway_with(files, 2, |_| {})
+}
+
+/// A gateway serving TLS with `files`, on `shards` shards, with `customize`'s settings.
+fn gateway_with(
+    files: &(PathBuf, PathBuf),
+    shards: usize,
+    customize: impl FnOnce(&mut wsgate::Config),
+) -> TestGateway {
     let (cert, key) = files.clone();
     TestGateway::start_with(
         move |c| {
             c.tls_cert_file = Some(cert);
             c.tls_key_file = Some(key);
+            customize(c);
         },
-        2,
+        shards,
     )
 }
 
@@ -359,17 +369,11 @@ async fn wsgate_probe_checks_a_tls_listener() {
 async fn the_proxy_protocol_in_front_of_tls_names_the_client() {
     let files = pem_files("proxy");
     let pki = Pki::issue(&files);
-    let (cert, key) = files.clone();
-    let gw = TestGateway::start_with(
-        move |c| {
-            c.tls_cert_file = Some(cert);
-            c.tls_key_file = Some(key);
-            c.trusted_proxies = vec!["127.0.0.1/32".into()];
-            c.proxy_protocol = true;
-            c.max_connections_per_ip = 2;
-        },
-        1,
-    );
+    let gw = gateway_with(&files, 1, |c| {
+        c.trusted_proxies = vec!["127.0.0.1/32".into()];
+        c.proxy_protocol = true;
+        c.max_connections_per_ip = 2;
+    });
     // As a TCP-mode load balancer sends it: the header, then the client's TLS bytes.
     let behind_proxy = async |header: Vec<u8>| {
         let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
@@ -740,15 +744,7 @@ async fn a_corrupted_record_gets_an_alert_and_ends_the_session() {
 async fn the_tls_handshake_and_the_request_head_share_one_timeout() {
     let files = pem_files("deadline");
     let pki = Pki::issue(&files);
-    let (cert, key) = files.clone();
-    let gw = TestGateway::start_with(
-        move |c| {
-            c.tls_cert_file = Some(cert);
-            c.tls_key_file = Some(key);
-            c.handshake_timeout = Duration::from_secs(2);
-        },
-        1,
-    );
+    let gw = gateway_with(&files, 1, |c| c.handshake_timeout = Duration::from_secs(2));
     let started = tokio::time::Instant::now();
     let mut tls = pki.connect(gw.addr).await.unwrap();
     // Most of the time goes by after the TLS handshake; then the head starts and never ends.

@@ -42,8 +42,8 @@ pub struct First {
 }
 
 /// Reads from `stream` up to the end of the first request head (after a PROXY protocol header,
-/// when `proxy_header`), by `deadline`; returns what was read (the head, and any bytes the client sent after
-/// it). Reads go through `scratch` (the shard's shared read buffer) and only what arrived is
+/// when `proxy_header`), by `deadline`; returns what was read (the head, and any bytes the client
+/// sent after it). Reads go through `scratch` (the shard's shared read buffer) and only what arrived is
 /// kept, in an allocation of its size: thousands of handshakes in flight do not each hold a
 /// buffer sized for the largest head.
 pub async fn read_first(

@@ -71,7 +71,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, peer: IpAddr) {
         upgraded: Cell::new(false),
     };
     let deadline = tokio::time::Instant::now() + shard.node.config.handshake_timeout;
-    if let Some(stream) = handshake(&shard, tcp, &place.counted_as, deadline).await {
+    if let Some(stream) = handshake(&shard, tcp, &place, deadline).await {
         serve_http(&shard, stream, peer, &place, deadline).await;
     }
 }
@@ -84,6 +84,25 @@ struct SocketPlace<'a> {
     /// client is known (see `Admission::claim_ip`).
     counted_as: Cell<Option<IpAddr>>,
     upgraded: Cell<bool>,
+}
+
+impl SocketPlace<'_> {
+    /// Whether the socket must start with a PROXY protocol header: a trusted proxy's, with
+    /// `proxy_protocol` on (its client not known yet).
+    fn expects_proxy_header(&self) -> bool {
+        self.shard.node.config.proxy_protocol && self.counted_as.get().is_none()
+    }
+
+    /// A PROXY header named `client`: the socket is the client's from here on, if the client
+    /// has room under its cap (a refusal is counted).
+    fn claim(&self, client: IpAddr) -> Result<(), Refusal> {
+        let node = &self.shard.node;
+        node.admission.claim_ip(client).inspect_err(|&refusal| {
+            node.counters.admission_refused(refusal);
+        })?;
+        self.counted_as.set(Some(client));
+        Ok(())
+    }
 }
 
 impl Drop for SocketPlace<'_> {
@@ -104,24 +123,17 @@ impl Drop for SocketPlace<'_> {
 async fn handshake(
     shard: &Shard,
     mut tcp: TcpStream,
-    counted_as: &Cell<Option<IpAddr>>,
+    place: &SocketPlace<'_>,
     deadline: tokio::time::Instant,
 ) -> Option<Stream> {
     let node = &shard.node;
     let Some(tls) = &node.tls else {
         return Some(Stream::Plain(tcp));
     };
-    let proxy_header = node.config.proxy_protocol && counted_as.get().is_none();
     let handshake = async {
-        if proxy_header {
+        if place.expects_proxy_header() {
             match proxy_header::read_exactly(&mut tcp, node.config.max_header_bytes).await {
-                Ok(Some(client)) => {
-                    if let Err(refusal) = node.admission.claim_ip(client) {
-                        node.counters.admission_refused(refusal);
-                        return None;
-                    }
-                    counted_as.set(Some(client));
-                }
+                Ok(Some(client)) => place.claim(client).ok()?,
                 // The proxy's own connection (a health check).
                 Ok(None) => {}
                 Err(proxy_header::ReadError::Invalid) => {
@@ -175,7 +187,7 @@ async fn serve_http(
     let node = &shard.node;
     let config = &node.config;
     // Over TLS the PROXY header came before the handshake.
-    let proxy_header = config.proxy_protocol && node.tls.is_none() && counted_as.get().is_none();
+    let proxy_header = node.tls.is_none() && place.expects_proxy_header();
     let registered = node.http.register();
     let evicted = || {
         node.counters.http_evicted.fetch_add(1, Ordering::Relaxed);
@@ -194,14 +206,12 @@ async fn serve_http(
     let prefix = match first {
         Ok(head::First { bytes, source }) => {
             // The PROXY header named the client: the socket is the client's from here on.
-            if let Some(client) = source {
-                if let Err(refusal) = node.admission.claim_ip(client) {
-                    node.counters.admission_refused(refusal);
-                    let (status, reason) = refusal.status();
-                    let response = head::error_response(status, reason, refusal.message());
-                    return head::answer_and_close(stream, &response).await;
-                }
-                counted_as.set(Some(client));
+            if let Some(client) = source
+                && let Err(refusal) = place.claim(client)
+            {
+                let (status, reason) = refusal.status();
+                let response = head::error_response(status, reason, refusal.message());
+                return head::answer_and_close(stream, &response).await;
             }
             bytes
         }

@@ -274,12 +274,7 @@ async fn rooms_and_their_users_are_listed_a_page_at_a_time() {
     let (_, page) = call(&gw, "GET", "/api/rooms/b?limit=2", Value::Null).await;
     assert_eq!(page["members"], 3);
     assert_eq!(page["next"], "bob");
-    let users: Vec<&str> = page["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["userId"].as_str().unwrap())
-        .collect();
+    let users = support::user_ids(&page);
     assert_eq!(users, ["ann", "bob"]);
     let (_, last) = call(&gw, "GET", "/api/rooms/b?after=bob", Value::Null).await;
     assert_eq!(last["users"], json!([{"userId": "cid", "username": "cid"}]));

@@ -458,12 +458,7 @@ async fn a_user_on_two_nodes_is_one_presence_and_counts_are_the_clusters() {
     let page = carol.next_not_presence().await;
     assert_eq!(page["type"], "presence", "{page}");
     assert_eq!(page["members"], 5);
-    let users: Vec<&str> = page["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["userId"].as_str().unwrap())
-        .collect();
+    let users = support::user_ids(&page);
     assert_eq!(users, ["bob", "carol", "olga", "oscar"]);
     assert!(page.get("next").is_none(), "one page");
     // Past the page, `next` names where the next one starts.
@@ -995,12 +990,7 @@ async fn the_server_api_lists_rooms_and_members_across_the_cluster() {
     // Who is in "b": each user once, their connections on every node counted.
     let (_, b) = api(nodes[2].addr, "GET", "/api/rooms/b", Value::Null).await;
     assert_eq!(b["members"], 3, "{b}");
-    let users: Vec<&str> = b["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["userId"].as_str().unwrap())
-        .collect();
+    let users = support::user_ids(&b);
     assert_eq!(users, ["alice", "bob"]);
     // A node that follows the room answers from its own copy, the same.
     let (_, from_member_node) = api(nodes[0].addr, "GET", "/api/rooms/b", Value::Null).await;

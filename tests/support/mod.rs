@@ -581,3 +581,13 @@ pub fn proxy_v2(source: [u8; 4]) -> Vec<u8> {
     header.extend_from_slice(&[10, 0, 0, 1, 0x30, 0x39, 0x1F, 0x90]);
     header
 }
+
+/// The user ids of a page of users (a `presence` reply, `/api/rooms/{room}`), in order.
+pub fn user_ids(page: &Value) -> Vec<&str> {
+    page["users"]
+        .as_array()
+        .expect("a list of users")
+        .iter()
+        .map(|u| u["userId"].as_str().unwrap())
+        .collect()
+}

@@ -172,6 +172,15 @@ fn join<'i>(
         if conn.rooms.len() >= max_rooms && !conn.rooms.iter().any(|r| &**r == room) {
             return Err(ErrorReply::TooManyRooms(max_rooms));
         }
+        // A room the node holds nothing of is new: it costs the user and the address a room of
+        // their budgets (a race with another join of it costs one more, never less).
+        let anonymous = Arc::ptr_eq(&conn.identity, &shard.node.anonymous);
+        let user = (!anonymous).then_some(&conn.identity.user_id);
+        if shard.node.rooms.get(room).is_none() && !shard.node.room_creation.take(user, conn.peer) {
+            let counters = &shard.node.counters;
+            counters.rooms_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(ErrorReply::RoomCreationLimited);
+        }
         let joined = state
             .rooms
             .join(&shard.node.rooms, shard.index, room, key, since.as_ref())

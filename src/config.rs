@@ -47,6 +47,11 @@ pub struct Config {
     /// Rooms this node holds at once (with members, or with history not yet expired); joining a
     /// new room past it is refused. Default 100,000.
     pub max_rooms: usize,
+    /// New rooms (rooms this node holds nothing of) each user and each address may join, per
+    /// second, after a burst of `room_creation_burst`: one client cannot fill `max_rooms` (or
+    /// Redis) for everyone. Default 2/s, burst 200.
+    pub room_creation_rate: f32,
+    pub room_creation_burst: u32,
     /// Messages each room keeps for clients that reconnect (`join_room` with `since`); 0 keeps
     /// none. Default 100.
     pub history_size: usize,
@@ -263,6 +268,8 @@ impl Default for Config {
             max_chat_message_chars: 1000,
             max_rooms_per_connection: 100,
             max_rooms: 100_000,
+            room_creation_rate: 2.0,
+            room_creation_burst: 200,
             history_size: 100,
             history_ttl: Duration::from_secs(300),
             broker: BrokerKind::Memory,
@@ -435,6 +442,9 @@ impl Config {
         if self.max_rooms == 0 {
             return bad("max_rooms", &0, "must be at least 1");
         }
+        if self.room_creation_burst == 0 {
+            return bad("room_creation_burst", &0, "must be at least 1");
+        }
         if self.redis_publish_queue == 0 {
             return bad("redis_publish_queue", &0, "must be at least 1");
         }
@@ -457,6 +467,13 @@ impl Config {
                 "max_handshakes_per_ip",
                 &self.max_handshakes_per_ip,
                 "must be at least 1",
+            );
+        }
+        if !at_least(self.room_creation_rate, f32::MIN_POSITIVE) {
+            return bad(
+                "room_creation_rate",
+                &self.room_creation_rate,
+                "must be above 0",
             );
         }
         if !at_least(self.rate_limit_messages, f32::MIN_POSITIVE) {

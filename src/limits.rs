@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::config::Config;
@@ -401,6 +401,88 @@ impl Admission {
     /// Open sockets (plain HTTP and WebSocket).
     pub fn sockets(&self) -> usize {
         self.sockets.load(Ordering::Acquire)
+    }
+}
+
+/// Who a new room is charged to: a user (across its connections), and the address it comes
+/// from (anonymous connections have only that).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Creator {
+    User(Arc<str>),
+    Address(IpAddr),
+}
+
+/// How many new rooms each user and each address may make this node hold: a token bucket each
+/// (`room_creation_burst`, refilled at `room_creation_rate` per second). A room is new when the
+/// node holds nothing of it; joining a room the node holds costs nothing. One client cycling
+/// connections through fresh room names thereby cannot fill `max_rooms` (or Redis) for everyone.
+pub struct RoomCreation {
+    rate: f32,
+    burst: f32,
+    stripes: Box<[Mutex<HashMap<Creator, Bucket>>]>,
+    epoch: Instant,
+}
+
+impl RoomCreation {
+    pub fn new(config: &Config) -> Self {
+        RoomCreation {
+            rate: config.room_creation_rate,
+            burst: config.room_creation_burst as f32,
+            stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Takes one new room from the budgets of `user` (`None`: anonymous) and of the address
+    /// `ip`; returns false, taking nothing, when either is spent.
+    pub fn take(&self, user: Option<&Arc<str>>, ip: IpAddr) -> bool {
+        let now_ms = self.epoch.elapsed().as_millis() as u32;
+        let address = Creator::Address(ip_key(ip));
+        let user = user.map(|u| Creator::User(u.clone()));
+        // Each budget is checked under its own stripe's lock; the user's is given back if the
+        // address's is spent, so a refusal costs neither.
+        if let Some(user) = &user
+            && !self.take_one(user, now_ms)
+        {
+            return false;
+        }
+        if self.take_one(&address, now_ms) {
+            return true;
+        }
+        if let Some(user) = &user {
+            self.give_back(user);
+        }
+        false
+    }
+
+    fn stripe(&self, creator: &Creator) -> MutexGuard<'_, HashMap<Creator, Bucket>> {
+        let mut h = DefaultHasher::new();
+        creator.hash(&mut h);
+        self.stripes[h.finish() as usize % STRIPES]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take_one(&self, creator: &Creator, now_ms: u32) -> bool {
+        let (rate, burst) = (self.rate, self.burst);
+        let mut stripe = self.stripe(creator);
+        if stripe.len() > SWEEP_AT {
+            // Budgets back to full are forgotten: a new entry starts full anyway.
+            stripe.retain(|_, bucket| {
+                let mut probe = *bucket;
+                !probe.take(burst, rate, burst, now_ms)
+            });
+        }
+        stripe
+            .entry(creator.clone())
+            .or_insert_with(|| Bucket::full(burst, now_ms))
+            .take(1.0, rate, burst, now_ms)
+    }
+
+    fn give_back(&self, creator: &Creator) {
+        if let Some(bucket) = self.stripe(creator).get_mut(creator) {
+            bucket.tokens = (bucket.tokens + 1.0).min(self.burst);
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use crate::close::CloseCode;
 use crate::config::Config;
 use crate::http::forwarded::TrustedProxies;
 use crate::http::idle::HttpConnections;
-use crate::limits::{Admission, Refusal};
+use crate::limits::{Admission, Refusal, RoomCreation};
 use crate::metrics::ShardMetrics;
 use crate::rooms::RoomDirectory;
 use crate::routing::Delivery;
@@ -44,6 +44,8 @@ pub struct Node {
     /// Per-message metrics, one block per shard (each written by its shard only).
     pub metrics: Box<[ShardMetrics]>,
     pub admission: Admission,
+    /// Each user's and address's budget of new rooms.
+    pub room_creation: RoomCreation,
     /// The listener's TLS, with `tls_cert_file` and `tls_key_file`.
     pub tls: Option<Tls>,
     /// The proxies whose word on a client's address is taken (`trusted_proxies`).
@@ -85,6 +87,7 @@ impl Node {
                 .map(|_| ShardMetrics::default())
                 .collect(),
             admission: Admission::new(&config, max_sockets),
+            room_creation: RoomCreation::new(&config),
             http: HttpConnections::default(),
             proxies: TrustedProxies::parse(&config.trusted_proxies, config.forwarded_header)?,
             tls: match (&config.tls_cert_file, &config.tls_key_file) {
@@ -167,6 +170,9 @@ pub struct Counters {
     pub broker_probe_failures: AtomicU64,
     /// Rooms caught up from their Redis history (after a reconnect or a lost message).
     pub broker_catch_ups: AtomicU64,
+    /// New cluster generations this node started: Redis had lost data or gone back in time, and
+    /// every room started over under a new epoch.
+    pub broker_generations: AtomicU64,
     /// Publications from Redis that were not wsgate's, ignored.
     pub broker_malformed: AtomicU64,
     /// Rooms whose members were told to `resync`: stream messages were lost on the way to them
@@ -234,7 +240,7 @@ impl Counters {
 
     /// Every counter but the per-reason authentication refusals: its public name, what it
     /// counts (the metric's help), and the counter.
-    pub fn described(&self) -> [(&'static str, &'static str, &AtomicU64); 32] {
+    pub fn described(&self) -> [(&'static str, &'static str, &AtomicU64); 33] {
         [
             (
                 "origin_refused",
@@ -310,6 +316,11 @@ impl Counters {
                 "broker_catch_ups",
                 "Rooms caught up from their Redis history",
                 &self.broker_catch_ups,
+            ),
+            (
+                "broker_generations",
+                "New cluster generations started: Redis lost data or went back in time",
+                &self.broker_generations,
             ),
             (
                 "broker_malformed",

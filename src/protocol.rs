@@ -87,6 +87,8 @@ pub enum ErrorReply<'a> {
     RateLimited,
     /// Joining a new room, with the node holding `max_rooms` already.
     ServerRoomLimit,
+    /// Joining a new room, with the user's or the address's `room_creation_rate` spent.
+    RoomCreationLimited,
     /// An answer (an echo) would be bigger than `max_message_size`.
     ReplyTooLarge(usize),
     /// A room message could not be handed to the broker (Redis away, or behind): not sent.
@@ -131,6 +133,9 @@ impl fmt::Display for ErrorReply<'_> {
             ErrorReply::RateLimited => f.write_str("Rate limit exceeded: slow down"),
             ErrorReply::ServerRoomLimit => {
                 f.write_str("Room limit reached on this server: try an existing room")
+            }
+            ErrorReply::RoomCreationLimited => {
+                f.write_str("Too many new rooms: join an existing room or retry later")
             }
             ErrorReply::ReplyTooLarge(max) => write!(f, "Reply too large (max {max} bytes)"),
             ErrorReply::Unavailable => f.write_str("Service unavailable: retry"),

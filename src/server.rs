@@ -322,6 +322,9 @@ fn deliver_batch(shard: &Shard, batch: &mut Vec<Sent>) {
 /// connection gets 1001 after its queue, and the shard waits for the close handshakes.
 async fn drain(shard: &Shard, inbox: &mut Inbox) {
     let deadline = tokio::time::Instant::now() + shard.node.config.drain_timeout;
+    // Room messages on their way to Redis are answered first (published, or refused), and the
+    // answers delivered below, before the connections close.
+    let _ = tokio::time::timeout_at(deadline, shard.node.broker.settled()).await;
     let mut batch = Vec::new();
     loop {
         inbox.try_recv_batch(&mut batch);
@@ -356,7 +359,9 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = ACCEPT_BACKOFF.0;
-                admit(&shard, stream, peer.ip());
+                // On a dual-stack listener IPv4 clients come as ::ffff:a.b.c.d: every rule
+                // (loopback, per-IP caps, trusted proxies, logs) sees them as the IPv4 they are.
+                admit(&shard, stream, peer.ip().to_canonical());
             }
             Err(e) => {
                 // Typically EMFILE, out of file descriptors: make room by closing the longest

@@ -11,108 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::cluster::*;
 use support::redis_server::RedisServer;
 use support::{Client, PATIENCE, TestGateway, api, http_get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wsgate::config::BrokerKind;
-
-/// A node of the cluster on `redis`.
-fn node(redis: &RedisServer, shards: usize) -> TestGateway {
-    let url = redis.url();
-    TestGateway::start_with(
-        move |config| {
-            config.broker = BrokerKind::Redis;
-            config.redis_url = url.into();
-            config.redis_unsubscribe_grace = Duration::from_millis(200);
-            config.history_size = 1000;
-            config.api_key = Some(support::API_KEY.into());
-        },
-        shards,
-    )
-}
-
-/// Waits until `/readyz` answers `status`.
-async fn wait_readiness(gw: &TestGateway, status: u16) {
-    let deadline = tokio::time::Instant::now() + 2 * PATIENCE;
-    loop {
-        let (got, _, body) = http_get(gw.addr, "/readyz", "").await;
-        if got == status {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz still {got} ({body}), expected {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn cluster(redis: &RedisServer, shards: &[usize]) -> Vec<TestGateway> {
-    let nodes: Vec<TestGateway> = shards.iter().map(|&s| node(redis, s)).collect();
-    for n in &nodes {
-        wait_readiness(n, 200).await;
-    }
-    nodes
-}
-
-async fn send_all(client: &mut Client, tag: &str, count: usize) {
-    for i in 0..count {
-        client.chat("order", &format!("{tag}{i}")).await;
-    }
-}
-
-/// Sends `message` until it is published: the sender is a member, so it sees its own message
-/// come back; "Service unavailable: retry" means try again.
-async fn publish_surely(client: &mut Client, room: &str, message: &str) -> u64 {
-    loop {
-        client.chat(room, message).await;
-        let reply = client.next_not_presence().await;
-        match reply["type"].as_str() {
-            Some("chat_message") if reply["message"] == message => {
-                return reply["offset"].as_u64().unwrap();
-            }
-            Some("error") if reply["error"] == "Service unavailable: retry" => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            _ => panic!("unexpected {reply}"),
-        }
-    }
-}
-
-async fn counter(gw: &TestGateway, name: &str) -> u64 {
-    let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
-    let health: Value = serde_json::from_str(&body).unwrap();
-    health["refused"][name].as_u64().unwrap()
-}
-
-/// Polls `read` until it gives something (within the patience window).
-async fn eventually<T>(mut read: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = read() {
-            return value;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never came");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn wait_until(what: &str, done: impl FnMut() -> bool) {
-    wait_until_for(what, PATIENCE, done).await;
-}
-
-/// [`wait_until`], for what takes a node's time-to-live.
-async fn wait_until_slowly(what: &str, done: impl FnMut() -> bool) {
-    wait_until_for(what, Duration::from_secs(12), done).await;
-}
-
-async fn wait_until_for(what: &str, patience: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + patience;
-    while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test]
 async fn members_on_three_nodes_get_every_message_once_in_one_order() {
@@ -159,7 +62,7 @@ async fn members_on_three_nodes_get_every_message_once_in_one_order() {
     // The offsets are the room's stream in Redis.
     let history: Vec<(String, Vec<(String, String)>)> = redis.query(
         redis::cmd("XRANGE")
-            .arg("wsgate:history:{order}")
+            .arg(redis.room_key("history", "order"))
             .arg("-")
             .arg("+"),
     );
@@ -400,32 +303,6 @@ async fn killed_subscriptions_catch_up_with_no_loss_and_no_duplicate() {
     assert!(counter(&nodes[0], "broker_disconnects").await >= 1);
 }
 
-async fn user_on(gw: &TestGateway, user: &str) -> Client {
-    gw.client_as(user).await
-}
-
-/// The presence notices `client` gets until it answers an echo (so none is missed).
-async fn notices(client: &mut Client) -> Vec<(String, String)> {
-    client.send("echo", json!("sync")).await;
-    let mut seen = Vec::new();
-    loop {
-        let msg = client.recv().await;
-        match msg["type"].as_str() {
-            Some(kind @ ("user_joined" | "user_left")) => {
-                seen.push((kind.to_owned(), msg["userId"].as_str().unwrap().to_owned()))
-            }
-            Some("echo") => return seen,
-            _ => panic!("unexpected {msg}"),
-        }
-    }
-}
-
-/// Long enough for a change on another node to arrive through Redis, before a check that
-/// nothing (more) came.
-async fn settle() {
-    tokio::time::sleep(Duration::from_millis(300)).await;
-}
-
 #[tokio::test]
 async fn a_user_on_two_nodes_is_one_presence_and_counts_are_the_clusters() {
     let redis = RedisServer::start();
@@ -434,7 +311,7 @@ async fn a_user_on_two_nodes_is_one_presence_and_counts_are_the_clusters() {
     assert_eq!(observer.join("p").await, 1);
     // Node 2 writes olga's presence on its own time: node 0 reads the room after that.
     wait_until("olga's presence is in Redis", || {
-        redis.query::<u64>(redis::cmd("HLEN").arg("wsgate:presence:{p}")) >= 2
+        redis.query::<u64>(redis::cmd("HLEN").arg(redis.room_key("presence", "p"))) >= 2
     })
     .await;
     let mut local_observer = user_on(&nodes[0], "oscar").await;
@@ -588,7 +465,7 @@ async fn what_is_not_wsgates_on_its_channels_and_keys_is_skipped_and_counted() {
     ] {
         let _: i64 = redis.query(
             redis::cmd("HSET")
-                .arg("wsgate:presence:{m}")
+                .arg(redis.room_key("presence", "m"))
                 .arg(field)
                 .arg(value),
         );
@@ -609,7 +486,7 @@ async fn what_is_not_wsgates_on_its_channels_and_keys_is_skipped_and_counted() {
         assert!(tokio::time::Instant::now() < deadline, "counted {counted}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let fields: Vec<String> = redis.query(redis::cmd("HKEYS").arg("wsgate:presence:{m}"));
+    let fields: Vec<String> = redis.query(redis::cmd("HKEYS").arg(redis.room_key("presence", "m")));
     assert!(
         !fields
             .iter()
@@ -923,41 +800,6 @@ async fn metrics_show_the_redis_round_trip_and_readiness() {
 }
 
 /// Polls `read` until it gives something (within a few probe intervals).
-async fn eventually_async<T, F: Future<Output = Option<T>>>(mut read: impl FnMut() -> F) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = read().await {
-            return value;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never came");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// `GET path` on `gw`'s API once the answer satisfies `done` (Redis is written asynchronously).
-async fn api_until(gw: &TestGateway, path: &str, done: impl Fn(&Value) -> bool) -> Value {
-    eventually_async(|| async {
-        let (status, answer) = api(gw.addr, "GET", path, Value::Null).await;
-        assert_eq!(status, 200, "{answer}");
-        done(&answer).then_some(answer)
-    })
-    .await
-}
-
-fn room_list(answer: &Value) -> Vec<(String, u64)> {
-    answer["rooms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["room"].as_str().unwrap().to_owned(),
-                r["members"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn the_server_api_lists_rooms_and_members_across_the_cluster() {
     let mut redis = RedisServer::start();
@@ -1015,16 +857,22 @@ async fn the_server_api_lists_rooms_and_members_across_the_cluster() {
     // the index as a page passes it.
     redis.query::<i64>(
         redis::cmd("HSET")
-            .arg("wsgate:members:{ghost}")
+            .arg(redis.room_key("members", "ghost"))
             .arg("dead-node")
             .arg(5),
     );
-    redis.query::<i64>(redis::cmd("ZADD").arg("wsgate:rooms").arg(0).arg("ghost"));
+    redis.query::<i64>(
+        redis::cmd("ZADD")
+            .arg(redis.rooms_key())
+            .arg(0)
+            .arg("ghost"),
+    );
     let (_, listed) = api(nodes[2].addr, "GET", "/api/rooms", Value::Null).await;
     assert_eq!(room_list(&listed), expected(&[("a", 1), ("b", 2)]));
-    let indexed: Vec<String> = redis.query(redis::cmd("ZRANGE").arg("wsgate:rooms").arg(0).arg(-1));
+    let indexed: Vec<String> =
+        redis.query(redis::cmd("ZRANGE").arg(redis.rooms_key()).arg(0).arg(-1));
     assert_eq!(indexed, ["a", "b"]);
-    let ghost: i64 = redis.query(redis::cmd("EXISTS").arg("wsgate:members:{ghost}"));
+    let ghost: i64 = redis.query(redis::cmd("EXISTS").arg(redis.room_key("members", "ghost")));
     assert_eq!(ghost, 0, "the dead node's count is deleted");
     // Without Redis the cluster's rooms cannot be read: 503, not this node's partial view.
     redis.kill();

@@ -182,3 +182,64 @@ async fn a_reconnecting_client_rejoins_all_its_rooms_at_once() {
     }
     assert_eq!(refused(&gw).await["rate_limited_messages"], 0);
 }
+
+/// A chat client on `gw` from the loopback address `source`, as `user` (`None`: anonymous).
+async fn client_from(gw: &TestGateway, source: [u8; 4], user: Option<&str>) -> Client {
+    let token = user.map(|u| format!("Bearer {}", support::token_for(u)));
+    let headers: Vec<(&'static str, &str)> = token
+        .iter()
+        .map(|t| ("authorization", t.as_str()))
+        .collect();
+    let ws = support::websocket_from(source, gw.addr, &headers)
+        .await
+        .expect("upgraded");
+    Client::from_stream(ws).await
+}
+
+async fn try_join(client: &mut Client, room: &str) -> Value {
+    client.send("join_room", json!({"room": room})).await;
+    client.recv().await
+}
+
+#[tokio::test]
+async fn new_rooms_are_budgeted_per_user_and_per_address() {
+    let gw = TestGateway::start_with(
+        |c| {
+            c.room_creation_burst = 3;
+            c.room_creation_rate = 0.001;
+        },
+        1,
+    );
+    const FULL: &str = "Too many new rooms: join an existing room or retry later";
+    // One user, cycling connections through fresh room names, from 127.0.0.2.
+    for round in 0..3 {
+        let mut mallory = client_from(&gw, [127, 0, 0, 2], Some("mallory")).await;
+        let joined = try_join(&mut mallory, &format!("fresh-{round}")).await;
+        assert_eq!(joined["type"], "room_joined", "{joined}");
+    }
+    let mut mallory = client_from(&gw, [127, 0, 0, 2], Some("mallory")).await;
+    let refused = try_join(&mut mallory, "fresh-3").await;
+    assert_eq!(refused, json!({"type": "error", "error": FULL}));
+    // The same user from another address: its own budget is spent too.
+    let mut elsewhere = client_from(&gw, [127, 0, 0, 3], Some("mallory")).await;
+    assert_eq!(try_join(&mut elsewhere, "fresh-4").await["error"], FULL);
+    // Another user at mallory's address shares the address's budget; anonymous connections
+    // there have only that one.
+    let mut neighbour = client_from(&gw, [127, 0, 0, 2], Some("nina")).await;
+    assert_eq!(try_join(&mut neighbour, "fresh-5").await["error"], FULL);
+    let mut anonymous = client_from(&gw, [127, 0, 0, 2], None).await;
+    assert_eq!(try_join(&mut anonymous, "fresh-6").await["error"], FULL);
+    // Other users at other addresses are not affected.
+    let mut alice = client_from(&gw, [127, 0, 0, 4], Some("alice")).await;
+    assert_eq!(try_join(&mut alice, "alices").await["type"], "room_joined");
+    // Rooms the node holds cost nothing: everyone still joins them.
+    assert_eq!(
+        try_join(&mut neighbour, "alices").await["type"],
+        "room_joined"
+    );
+    assert_eq!(refused_rooms(&gw).await, 4);
+}
+
+async fn refused_rooms(gw: &TestGateway) -> u64 {
+    refused(gw).await["rooms_refused"].as_u64().unwrap()
+}

@@ -195,3 +195,23 @@ async fn the_grafana_dashboard_uses_only_metrics_that_exist() {
         "the dashboard reads the gateway's metrics: {used}"
     );
 }
+
+#[tokio::test]
+async fn a_dual_stack_listener_serves_ipv4_loopback_scrapes() {
+    // IPv4 clients of `[::]` arrive as ::ffff:127.0.0.1: still loopback.
+    let gw = TestGateway::start_with(|c| c.listen = "[::]:0".parse().unwrap(), 1);
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], gw.addr.port()));
+    let (status, _, body) = http_get(v4, "/metrics", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("# TYPE wsgate_connections gauge"), "{body}");
+    let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, gw.addr.port()));
+    let mut stream = tokio::net::TcpStream::connect(v6).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

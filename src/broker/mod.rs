@@ -67,6 +67,14 @@ impl Broker {
         }
     }
 
+    /// Once stopping: waits until every room message handed to the broker has been answered
+    /// (published, or refused to its sender), so that connections close after their answers.
+    pub async fn settled(&self) {
+        if let Broker::Redis(redis) = self {
+            redis.settled().await;
+        }
+    }
+
     /// The node has a first member in a room whose stream it does not follow yet.
     pub fn follow(&self, room: &Arc<RoomState>) {
         if let Broker::Redis(redis) = self {

@@ -46,7 +46,7 @@ impl TrustedProxies {
     }
 
     pub fn trusts(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
+        let ip = ip.to_canonical();
         self.nets.iter().any(|net| net.contains(&ip))
     }
 
@@ -76,14 +76,6 @@ impl TrustedProxies {
             }
         }
         client
-    }
-}
-
-/// IPv4-mapped IPv6 addresses as the IPv4 addresses they are.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        IpAddr::V4(_) => ip,
     }
 }
 
@@ -117,31 +109,97 @@ fn x_forwarded_for(headers: &HeaderMap) -> Option<Hops> {
 fn forwarded_for(headers: &HeaderMap) -> Option<Hops> {
     let values = joined(headers, "forwarded")?;
     let mut hops = Vec::new();
-    for element in values.iter().flat_map(|v| v.split(',')) {
-        let node = element.split(';').find_map(|pair| {
-            let (key, value) = pair.trim().split_once('=')?;
-            key.eq_ignore_ascii_case("for").then_some(value)
-        });
-        let Some(node) = node else {
-            // An element without `for=` says nothing of the address.
-            continue;
+    for value in values {
+        let Some(elements) = forwarded_elements(value) else {
+            return Some(Err("malformed Forwarded header"));
         };
-        let node = node.trim().trim_matches('"');
-        if node.eq_ignore_ascii_case("unknown") || node.starts_with('_') {
-            hops.push(None);
-            continue;
-        }
-        match node_address(node) {
-            Some(address) => hops.push(Some(address)),
-            None => return Some(Err("malformed Forwarded header")),
+        // An element without `for=` says nothing of the address.
+        for node in elements.into_iter().flatten() {
+            if node.eq_ignore_ascii_case("unknown") || node.starts_with('_') {
+                hops.push(None);
+                continue;
+            }
+            match node_address(&node) {
+                Some(address) => hops.push(Some(address)),
+                None => return Some(Err("malformed Forwarded header")),
+            }
         }
     }
     Some(Ok(hops))
 }
 
+/// The `for=` value of each element of a `Forwarded` header value, as RFC 7239 writes them:
+/// elements separated by commas and pairs by semicolons outside quoted strings, a quoted value
+/// with its escapes undone. `None` where the value is not of that grammar (an unterminated quote,
+/// a pair without `=`, a parameter twice in one element, stray characters). Unquoted values may
+/// hold `:` and `[]` too, as some proxies write ports and IPv6 addresses unquoted.
+fn forwarded_elements(value: &str) -> Option<Vec<Option<String>>> {
+    let is_token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    let mut chars = value.chars().peekable();
+    let mut elements = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
+    let mut node = None;
+    loop {
+        while chars.next_if(|c| *c == ' ' || *c == '\t').is_some() {}
+        match chars.peek() {
+            None => {
+                elements.push(node.take());
+                return Some(elements);
+            }
+            Some(',') => {
+                chars.next();
+                elements.push(node.take());
+                seen.clear();
+                continue;
+            }
+            Some(';') => {
+                chars.next();
+                continue;
+            }
+            Some(_) => {}
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| is_token(*c)) {
+            key.push(c.to_ascii_lowercase());
+        }
+        if key.is_empty() || chars.next() != Some('=') || seen.contains(&key) {
+            return None;
+        }
+        let mut pair_value = String::new();
+        if chars.next_if_eq(&'"').is_some() {
+            loop {
+                match chars.next()? {
+                    '"' => break,
+                    '\\' => pair_value.push(chars.next()?),
+                    c => pair_value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| is_token(*c) || matches!(c, ':' | '[' | ']')) {
+                pair_value.push(c);
+            }
+            if pair_value.is_empty() {
+                return None;
+            }
+        }
+        while chars.next_if(|c| *c == ' ' || *c == '\t').is_some() {}
+        if !matches!(chars.peek(), None | Some(',' | ';')) {
+            return None;
+        }
+        if key == "for" {
+            node = Some(pair_value);
+        }
+        seen.push(key);
+    }
+}
+
 /// An address as proxies write them: `192.0.2.1`, `192.0.2.1:4711`, `2001:db8::1`,
-/// `[2001:db8::1]`, `[2001:db8::1]:4711`.
+/// `[2001:db8::1]`, `[2001:db8::1]:4711`; an IPv4-mapped one as the IPv4 address it is.
 fn node_address(node: &str) -> Option<IpAddr> {
+    written_address(node).map(|ip| ip.to_canonical())
+}
+
+fn written_address(node: &str) -> Option<IpAddr> {
     if let Some(rest) = node.strip_prefix('[') {
         let (address, port) = rest.split_once(']')?;
         if !(port.is_empty() || port.strip_prefix(':')?.parse::<u16>().is_ok()) {
@@ -249,6 +307,44 @@ mod tests {
                 "{hidden}"
             );
         }
+    }
+
+    #[test]
+    fn forwarded_is_split_outside_quoted_strings_only() {
+        let parse =
+            |v: &str| forwarded_elements(v).map(|e| e.into_iter().flatten().collect::<Vec<_>>());
+        // A comma or semicolon inside a quoted string is part of the value.
+        assert_eq!(
+            parse(r#"for="198.51.100.1";by="a,b;c", for=192.0.2.1"#),
+            Some(vec!["198.51.100.1".to_owned(), "192.0.2.1".to_owned()])
+        );
+        assert_eq!(
+            parse(r#"for="\[2001:db8::1\]:80""#),
+            Some(vec!["[2001:db8::1]:80".to_owned()])
+        );
+        assert_eq!(
+            parse("For=192.0.2.1 ; proto=http"),
+            Some(vec!["192.0.2.1".to_owned()])
+        );
+        assert_eq!(parse("proto=https"), Some(vec![]));
+        for bad in [
+            r#"for="9.9.9.1"#,
+            "for=",
+            "for",
+            "for=1.2.3.4;for=5.6.7.8",
+            r#"for="1.2.3.4"x"#,
+            "for=1.2.3.4 5.6.7.8",
+            "=x",
+        ] {
+            assert_eq!(parse(bad), None, "{bad}");
+        }
+        // A quoted comma does not split the chain into a forged hop.
+        let proxies =
+            TrustedProxies::parse(&["10.0.0.0/8".into()], ForwardedHeader::Forwarded).unwrap();
+        let quoted = headers(&[("forwarded", r#"for="10.0.0.1,203.0.113.9""#)]);
+        assert!(proxies.client(&quoted, ip("10.0.0.6")).is_err());
+        let unterminated = headers(&[("forwarded", r#"for="9.9.9.1"#)]);
+        assert!(proxies.client(&unterminated, ip("10.0.0.6")).is_err());
     }
 
     #[test]

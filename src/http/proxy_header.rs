@@ -107,7 +107,10 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, Invalid> {
         (1, 0x00 | 0x12 | 0x22 | 0x31 | 0x32) => None,
         _ => return Err(Invalid),
     };
-    Ok(Parsed::Complete { len, source })
+    Ok(Parsed::Complete {
+        len,
+        source: source.map(|ip| ip.to_canonical()),
+    })
 }
 
 fn parse_v1(buf: &[u8]) -> Result<Parsed, Invalid> {
@@ -154,7 +157,7 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, Invalid> {
     };
     Ok(Parsed::Complete {
         len: end + 1,
-        source,
+        source: source.map(|ip| ip.to_canonical()),
     })
 }
 

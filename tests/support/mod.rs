@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 mod client_frame;
+pub mod cluster;
 pub mod flood;
 pub mod nginx;
 pub mod process;
@@ -69,6 +70,8 @@ impl TestGateway {
             rate_limit_burst_bytes: Some(1 << 40),
             rate_limit_frames: 1e6,
             rate_limit_frame_burst: 1_000_000,
+            room_creation_rate: 1e6,
+            room_creation_burst: 1_000_000,
             ..Config::default()
         };
         customize(&mut config);

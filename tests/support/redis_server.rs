@@ -82,7 +82,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port (and, when persistent, with its data).
+    /// Starts it again on the same port (and, when persistent, with its data; otherwise with its
+    /// last `save`, if any).
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
@@ -97,6 +98,47 @@ impl RedisServer {
     /// Runs one command.
     pub fn query<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
         self.try_query(cmd).expect("redis answers")
+    }
+
+    /// The cluster's generation (see `era.lua`).
+    pub fn generation(&self) -> String {
+        self.query(redis::cmd("HGET").arg("wsgate:era").arg("gen"))
+    }
+
+    /// The name of a room's key of `kind` (`meta`, `history`, `presence`, `members`) in the
+    /// cluster's generation.
+    pub fn room_key(&self, kind: &str, room: &str) -> String {
+        format!("wsgate:{}:{kind}:{{{room}}}", self.generation())
+    }
+
+    /// The index of rooms with members, in the cluster's generation.
+    pub fn rooms_key(&self) -> String {
+        format!("wsgate:{}:rooms", self.generation())
+    }
+
+    /// `SAVE`: a snapshot that a restart loads (the data written after it is lost then).
+    pub fn save(&self) {
+        let _: String = self.query(&mut redis::cmd("SAVE"));
+    }
+
+    /// Stops the process (SIGSTOP): connections stay open and nothing is answered.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Continues it (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
     }
 
     /// Clients subscribed to `channel`.

@@ -2,8 +2,11 @@
 -- long, and reads the nodes and until when each is alive (with Redis's clock, the same for all).
 -- Also returns until when this node was alive before this beat (0: not listed): a node that
 -- finds it had lapsed rewrites its presence and sessions.
--- KEYS[1]: the nodes hash: node -> alive until (ms); KEYS[2]: the node's sessions hash.
--- ARGV: node, TTL (ms), how long after its end a node is forgotten (ms).
+-- Also reads the era (see era.lua): whether the node's generation is still the cluster's, and
+-- the era's clock (lower than what the node saw: Redis went back in time).
+-- KEYS[1]: the nodes hash: node -> alive until (ms); KEYS[2]: the node's sessions hash;
+-- KEYS[3]: the era hash.
+-- ARGV: node, TTL (ms), how long after its end a node is forgotten (ms), the node's generation.
 as_kind(KEYS[1], "hash")
 as_kind(KEYS[2], "hash")
 local now = now_ms()
@@ -21,4 +24,9 @@ for i = 1, #nodes, 2 do
     table.insert(kept, until_ms)
   end
 end
-return {now, before, kept}
+local same_era = 0
+if era_is(KEYS[3], ARGV[4]) then
+  same_era = 1
+end
+local clock = tonumber(redis.call("hget", KEYS[3], "clock") or "0") or 0
+return {now, before, kept, same_era, clock}

@@ -83,6 +83,20 @@ local function count_members(members, index, room, node, delta, total, ttl)
   end
 end
 
+-- A room's keys live while it has members (`with_members` seconds past each change), then
+-- `empty` seconds (its history's time-to-live): a room nobody is in goes with its history,
+-- whatever its name, and its presence hash with its last member. Members are those the members
+-- hash counts (see count_members).
+local function room_lifetime(meta, presence, members, with_members, empty)
+  if redis.call("exists", members) == 1 then
+    redis.call("expire", presence, with_members)
+    redis.call("expire", meta, with_members)
+  else
+    redis.call("del", presence)
+    redis.call("expire", meta, empty)
+  end
+end
+
 -- The node a presence field is of ("#<node>" or "<node>\31<user>"); nil for a field that is not
 -- wsgate's.
 local function field_node(field)
@@ -105,3 +119,18 @@ local function alive_nodes(nodes_key)
   end
   return alive
 end
+
+-- Whether `gen` is the cluster's generation (see era.lua): every script that writes a room's
+-- keys checks it first, so that no node writes under a generation Redis no longer has (after a
+-- flush, or a restart that went back in time, the node reconnects and reads the new one).
+local function era_is(era, gen)
+  return redis.call("type", era)["ok"] == "hash" and redis.call("hget", era, "gen") == gen
+end
+
+-- Counts one write of the generation; returns the count (the era's clock). Each node remembers
+-- the highest clock its writes got: a Redis whose clock is lower has lost writes.
+local function era_tick(era)
+  return redis.call("hincrby", era, "clock", 1)
+end
+
+local ERA_CHANGED = "WSGATE_ERA the cluster's generation changed: reconnect"

@@ -1,15 +1,26 @@
 -- Publishes one room message: gives it the room's next offset, keeps it in the room's history and
 -- publishes it to the room's channel, atomically, so every node sees the room's messages in one
 -- order with gap-free offsets.
--- KEYS[1]: the room's meta hash (offset, epoch); KEYS[2]: its history stream.
--- ARGV: message (a JSON object), history size, history TTL (s), meta TTL (s), channel,
---       an epoch for a room that has none.
+-- KEYS[1]: the room's meta hash (offset, epoch); KEYS[2]: its history stream; KEYS[3]: the era
+--          hash (see era.lua); KEYS[4]: the room's members hash.
+-- ARGV: message (a JSON object), history size, history TTL (s), meta TTL while the room has
+--       members (s; without, the history's), channel, an epoch for a room that has none, the
+--       node's generation.
+-- Returns {offset, the era's clock}; an ERA_CHANGED error (nothing written) under a generation
+-- that is not the cluster's.
+if not era_is(KEYS[3], ARGV[7]) then
+  return redis.error_reply(ERA_CHANGED)
+end
 local epoch = room_epoch(KEYS[1], KEYS[2], ARGV[6])
 local offset = redis.call("hincrby", KEYS[1], "offset", 1)
-redis.call("expire", KEYS[1], ARGV[4])
+if redis.call("exists", KEYS[4]) == 1 then
+  redis.call("expire", KEYS[1], ARGV[4])
+else
+  redis.call("expire", KEYS[1], ARGV[3])
+end
 if tonumber(ARGV[2]) > 0 then
   redis.call("xadd", KEYS[2], "maxlen", ARGV[2], offset .. "-0", "m", ARGV[1])
   redis.call("expire", KEYS[2], ARGV[3])
 end
 redis.call("publish", ARGV[5], "s" .. offset .. " " .. epoch .. "\n" .. ARGV[1])
-return offset
+return {offset, era_tick(KEYS[3])}

@@ -3,9 +3,9 @@
 -- dead nodes are deleted on the way, and rooms left with none taken out of the index.
 -- KEYS[1]: the nodes hash; KEYS[2]: the rooms index.
 -- ARGV: the room to start after ("": from the first), most rooms returned, most rooms looked at
---       (bounds the work of one call).
+--       (bounds the work of one call), the generation's key prefix ("wsgate:<gen>:").
 -- Returns {room, members, room, members, ...} and the room to continue after ("": none left).
--- A room's members hash is "wsgate:members:{<room>}" (keys.rs), named here from the index.
+-- A room's members hash is "<prefix>members:{<room>}" (keys.rs), named here from the index.
 local alive = alive_nodes(KEYS[1])
 as_kind(KEYS[2], "zset")
 local limit = tonumber(ARGV[2])
@@ -27,7 +27,7 @@ while true do
     end
     budget = budget - 1
     start = "(" .. room
-    local key = "wsgate:members:{" .. room .. "}"
+    local key = ARGV[4] .. "members:{" .. room .. "}"
     as_kind(key, "hash")
     local counts = redis.call("hgetall", key)
     local members = 0

@@ -1,13 +1,23 @@
 -- Reads where a room's stream is (offset, epoch), its history and who is in it on live nodes.
 -- KEYS[1]: the room's meta hash; KEYS[2]: its history stream; KEYS[3]: its presence hash (see
--- presence.lua); KEYS[4]: the nodes hash (see beat.lua).
+-- presence.lua); KEYS[4]: the nodes hash (see beat.lua); KEYS[5]: the era hash (see era.lua);
+-- KEYS[6]: its members hash.
 -- ARGV: an epoch for a room that has none, meta TTL (s), first offset wanted (0: the most
 --       recent messages), most messages returned, the epoch of that offset ("": none), whether
---       to read the presence ("1") or not ("0": an empty list is returned).
+--       to read the presence ("1") or not ("0": an empty list is returned), the node's
+--       generation (an ERA_CHANGED error, nothing read or written, when it is not the cluster's),
+--       meta TTL when the room has no member (s).
 -- Presence fields of nodes that are not alive, and fields that are not wsgate's, are deleted on
 -- the way; the reply says how many of the latter there were.
+if not era_is(KEYS[5], ARGV[7]) then
+  return redis.error_reply(ERA_CHANGED)
+end
 local epoch = room_epoch(KEYS[1], KEYS[2], ARGV[1])
-redis.call("expire", KEYS[1], ARGV[2])
+if redis.call("exists", KEYS[6]) == 1 then
+  redis.call("expire", KEYS[1], ARGV[2])
+else
+  redis.call("expire", KEYS[1], ARGV[8])
+end
 local top = tonumber(redis.call("hget", KEYS[1], "offset") or "0")
 local from = tonumber(ARGV[3]) or 0
 if from > 0 and ARGV[5] ~= epoch then

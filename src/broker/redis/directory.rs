@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{RedisResult, Value};
 
-use super::keys::{NODES_KEY, ROOMS_KEY, Scripts, presence_key};
+use super::keys::{NODES_KEY, Scripts};
 use super::sync::nodes_presence;
 use crate::presence::Presence;
 use crate::rooms::RoomsPage;
@@ -47,10 +47,11 @@ impl Lookup {
             .arg(&self.scripts.rooms_page)
             .arg(2)
             .arg(NODES_KEY)
-            .arg(ROOMS_KEY)
+            .arg(self.scripts.keys.rooms())
             .arg(after.unwrap_or(""))
             .arg(limit)
             .arg(limit * LOOKED_AT_PER_ROOM)
+            .arg(self.scripts.keys.prefix())
             .query_async(&mut self.commands.clone())
             .await?;
         parse_rooms_page(reply).ok_or_else(|| {
@@ -64,7 +65,7 @@ impl Lookup {
         let fields: Vec<Value> = ::redis::cmd("EVALSHA")
             .arg(&self.scripts.presence_read)
             .arg(2)
-            .arg(presence_key(room))
+            .arg(self.scripts.keys.presence(room))
             .arg(NODES_KEY)
             .query_async(&mut self.commands.clone())
             .await?;

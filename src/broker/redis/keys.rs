@@ -1,17 +1,22 @@
 //! What wsgate keeps in Redis, by name, and the Lua scripts that change it.
 //!
-//! Per room `R` (a room's keys and channel share the `{R}` hash tag):
-//! - `wsgate:meta:{R}`: a hash with the room's last `offset` and its `epoch`;
-//! - `wsgate:history:{R}`: a stream of its recent messages, entry ids `<offset>-0`;
-//! - `wsgate:presence:{R}`: per node and user, the user's connections there (`<node>\x1f<user>` →
-//!   an entry as JSON), and each node's last change number (`#<node>`);
-//! - `wsgate:members:{R}`: per node, its connections in the room (what the server API counts);
+//! Room state is named under the cluster's generation `G` (see [`Keys`] and `era.lua`), so that
+//! a new generation, started when Redis lost data or went back in time, starts every room over at
+//! once. Per room `R` (a room's keys and channel share the `{R}` hash tag):
+//! - `wsgate:G:meta:{R}`: a hash with the room's last `offset` and its `epoch`;
+//! - `wsgate:G:history:{R}`: a stream of its recent messages, entry ids `<offset>-0`;
+//! - `wsgate:G:presence:{R}`: per node and user, the user's connections there
+//!   (`<node>\x1f<user>` → an entry as JSON), and each node's last change number (`#<node>`);
+//! - `wsgate:G:members:{R}`: per node, its connections in the room (what the server API counts);
 //! - `wsgate:room:{R}`: the channel its messages, presence changes and notices are published on.
 //!
-//! Per cluster: `wsgate:nodes` (node → alive until, in ms of Redis's clock), `wsgate:rooms` (the
-//! rooms with members, a sorted set read in name order), `wsgate:broadcast`
-//! (notices for every chat client), and per node `wsgate:sessions:<node>` (client id → its
-//! session) and `wsgate:probe:<node>` (the node's probe channel).
+//! Per cluster: `wsgate:era` (the generation `generation` and its `clock`, a count of its writes),
+//! `wsgate:G:rooms` (the rooms with members, a sorted set read in name order), `wsgate:nodes`
+//! (node → alive until, in ms of Redis's clock), `wsgate:broadcast` (notices for every chat
+//! client), and per node `wsgate:sessions:<node>` (client id → its session) and
+//! `wsgate:probe:<node>` (the node's probe channel).
+
+use std::sync::Arc;
 
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{RedisError, RedisResult};
@@ -20,27 +25,65 @@ pub const BROADCAST_CHANNEL: &str = "wsgate:broadcast";
 /// Orders for every node (`<node>\n<JSON>`): disconnect a user everywhere.
 pub const CONTROL_CHANNEL: &str = "wsgate:control";
 pub const NODES_KEY: &str = "wsgate:nodes";
-pub const ROOMS_KEY: &str = "wsgate:rooms";
+/// The cluster's generation and its clock (see `era.lua`).
+pub const ERA_KEY: &str = "wsgate:era";
+/// The error code of a script run under a generation that is not the cluster's (nothing was
+/// written): the node reconnects and reads the new one.
+pub const ERA_CHANGED: &str = "WSGATE_ERA";
 
 pub fn room_channel(room: &str) -> String {
     format!("wsgate:room:{{{room}}}")
 }
 
-pub fn meta_key(room: &str) -> String {
-    format!("wsgate:meta:{{{room}}}")
+/// The names of the keys of one generation's room state.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    generation: Arc<str>,
+    /// `wsgate:<generation>:`
+    prefix: String,
 }
 
-pub fn history_key(room: &str) -> String {
-    format!("wsgate:history:{{{room}}}")
-}
+impl Keys {
+    pub fn new(generation: Arc<str>) -> Self {
+        let prefix = format!("wsgate:{generation}:");
+        Keys { generation, prefix }
+    }
 
-pub fn presence_key(room: &str) -> String {
-    format!("wsgate:presence:{{{room}}}")
-}
+    pub fn generation(&self) -> &str {
+        &self.generation
+    }
 
-/// Also spelled out in rooms_page.lua, which names it from the rooms index.
-pub fn members_key(room: &str) -> String {
-    format!("wsgate:members:{{{room}}}")
+    /// What every key of the generation starts with (rooms_page.lua names members hashes with
+    /// it; a replaced generation's keys are found by it).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn room(&self, kind: &str, room: &str) -> String {
+        format!("{}{kind}:{{{room}}}", self.prefix)
+    }
+
+    pub fn meta(&self, room: &str) -> String {
+        self.room("meta", room)
+    }
+
+    pub fn history(&self, room: &str) -> String {
+        self.room("history", room)
+    }
+
+    pub fn presence(&self, room: &str) -> String {
+        self.room("presence", room)
+    }
+
+    /// Also spelled out in rooms_page.lua, which names it from the rooms index.
+    pub fn members(&self, room: &str) -> String {
+        self.room("members", room)
+    }
+
+    /// The rooms with members.
+    pub fn rooms(&self) -> String {
+        format!("{}rooms", self.prefix)
+    }
 }
 
 /// A node's sessions: client id → `{"user","node","connectedAt"}`, expiring with the node's
@@ -61,8 +104,10 @@ pub fn room_of(channel: &str) -> Option<&str> {
 /// Functions the scripts share, loaded in front of each.
 const LIB_LUA: &str = include_str!("../lua/lib.lua");
 
-/// The scripts, as loaded into Redis (by SHA1, after `SCRIPT LOAD`).
+/// The scripts, as loaded into Redis (by SHA1, after `SCRIPT LOAD`), and the names of the keys
+/// they write in the generation the node has.
 pub struct Scripts {
+    pub keys: Keys,
     /// Publishes a room message: offset, history, PUBLISH in one step.
     pub publish: String,
     /// Reads a room's position, history and presence.
@@ -82,8 +127,8 @@ pub struct Scripts {
 }
 
 impl Scripts {
-    pub async fn load(conn: &mut MultiplexedConnection) -> RedisResult<Self> {
-        check_version(conn).await?;
+    /// Loads the scripts, naming keys under generation `generation`.
+    pub async fn load(conn: &mut MultiplexedConnection, generation: Arc<str>) -> RedisResult<Self> {
         let mut load = async |script: &str| -> RedisResult<String> {
             ::redis::cmd("SCRIPT")
                 .arg("LOAD")
@@ -92,6 +137,7 @@ impl Scripts {
                 .await
         };
         Ok(Scripts {
+            keys: Keys::new(generation),
             publish: load(include_str!("../lua/publish.lua")).await?,
             sync: load(include_str!("../lua/sync.lua")).await?,
             presence: load(include_str!("../lua/presence.lua")).await?,
@@ -101,6 +147,78 @@ impl Scripts {
             rooms_page: load(include_str!("../lua/rooms_page.lua")).await?,
             presence_read: load(include_str!("../lua/presence_read.lua")).await?,
         })
+    }
+}
+
+/// The cluster's generation as a node (re)connecting reads it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Era {
+    pub generation: Arc<str>,
+    /// Writes made in it so far.
+    pub clock: u64,
+    /// The generation this read replaced (a new one was started), if any.
+    pub replaced: Option<Arc<str>>,
+}
+
+/// Reads the cluster's generation, starting a new one where Redis has none, or has the node's
+/// (`known`) with fewer writes than the node saw in it (`seen`), or where `force`d (see
+/// `era.lua`). Run once per connection, before the scripts are loaded under it.
+pub async fn read_era(
+    conn: &mut MultiplexedConnection,
+    known: Option<&str>,
+    seen: u64,
+    force: bool,
+) -> RedisResult<Era> {
+    check_version(conn).await?;
+    let (generation, clock, replaced): (String, u64, String) = ::redis::cmd("EVAL")
+        .arg(format!("{LIB_LUA}\n{}", include_str!("../lua/era.lua")))
+        .arg(1)
+        .arg(ERA_KEY)
+        .arg(known.unwrap_or(""))
+        .arg(seen)
+        .arg(&*crate::stream::new_epoch())
+        .arg(if force { "1" } else { "0" })
+        .query_async(conn)
+        .await?;
+    Ok(Era {
+        generation: Arc::from(generation),
+        clock,
+        replaced: (!replaced.is_empty()).then(|| Arc::from(replaced)),
+    })
+}
+
+/// Deletes the keys of a generation that was replaced (nobody reads or writes them any more),
+/// a batch at a time; what a failure leaves expires with its TTL.
+pub async fn delete_generation(mut conn: MultiplexedConnection, generation: Arc<str>) {
+    let pattern = format!("{}*", Keys::new(generation.clone()).prefix());
+    let mut cursor = 0u64;
+    let mut deleted = 0usize;
+    loop {
+        let scanned: RedisResult<(u64, Vec<String>)> = ::redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await;
+        let Ok((next, keys)) = scanned else {
+            return tracing::warn!(generation = %generation, "stopped deleting a replaced generation's keys");
+        };
+        if !keys.is_empty() {
+            deleted += keys.len();
+            let unlinked: RedisResult<i64> = ::redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await;
+            if unlinked.is_err() {
+                return tracing::warn!(generation = %generation, "stopped deleting a replaced generation's keys");
+            }
+        }
+        if next == 0 {
+            return tracing::info!(generation = %generation, deleted, "deleted a replaced generation's keys");
+        }
+        cursor = next;
     }
 }
 
@@ -140,8 +258,16 @@ mod tests {
     #[test]
     fn the_rooms_page_script_names_members_hashes_as_rust_does() {
         let script = include_str!("../lua/rooms_page.lua");
-        let spelled = r#""wsgate:members:{" .. room .. "}""#;
+        let spelled = r#"ARGV[4] .. "members:{" .. room .. "}""#;
         assert!(script.contains(spelled));
-        assert_eq!(members_key("r"), "wsgate:members:{r}");
+        let keys = Keys::new(Arc::from("0a1b2c3d"));
+        assert_eq!(keys.members("r"), format!("{}members:{{r}}", keys.prefix()));
+        assert_eq!(keys.members("r"), "wsgate:0a1b2c3d:members:{r}");
+    }
+
+    #[test]
+    fn scripts_name_the_era_error_as_rust_does() {
+        let lib = include_str!("../lua/lib.lua");
+        assert!(lib.contains(&format!(r#"local ERA_CHANGED = "{ERA_CHANGED} "#)));
     }
 }

@@ -50,12 +50,12 @@ use tracing::{debug, info, warn};
 pub use self::directory::Lookup;
 use self::directory::LookupSlot;
 use self::keys::{
-    BROADCAST_CHANNEL, CONTROL_CHANNEL, NODES_KEY, ROOMS_KEY, Scripts, members_key, presence_key,
-    probe_channel, room_channel, room_of, sessions_key,
+    BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_KEY, NODES_KEY, Scripts, probe_channel, room_channel,
+    room_of, sessions_key,
 };
 use self::publisher::{entry_json, publish_loop, refuse};
 pub use self::sync::NodesPresence;
-use self::sync::catch_up;
+use self::sync::{CatchUpError, catch_up};
 use super::{Publisher, Unavailable};
 use crate::config::{Config, RedisUrl};
 use crate::node::Node;
@@ -63,7 +63,7 @@ use crate::presence::{Entry, Fit, Presence};
 use crate::protocol::{self, ErrorReply};
 use crate::rooms::RoomState;
 use crate::routing::{self, Delivery, Disconnect, Target};
-use crate::stream::Arrival;
+use crate::stream::{Arrival, HistoryLimits};
 
 /// Channels per SUBSCRIBE or UNSUBSCRIBE command, at most.
 const SUBSCRIBE_BATCH: usize = 512;
@@ -78,6 +78,12 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::fro
 /// How long a room's offset, epoch and presence stay in Redis after their last change or read:
 /// past it, a room starts over under a new epoch (its clients are told they cannot recover).
 const META_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long a room's keys live in Redis once it has no member: as long as its history is kept
+/// (`history_ttl`), at least a second.
+fn empty_room_ttl(history: HistoryLimits) -> u64 {
+    history.ttl.as_secs().max(1)
+}
+
 /// How often rooms past their unsubscribe grace are looked at.
 const GRACE_TICK: Duration = Duration::from_millis(250);
 /// How often a node says it is alive, and how long after its last word it counts as dead (its
@@ -152,6 +158,9 @@ pub struct RedisBroker {
     ready: Arc<AtomicBool>,
     probe: Arc<ProbeClock>,
     lookup: Arc<LookupSlot>,
+    /// Cancelled once the engine has stopped and every room message queued for Redis was sent
+    /// or refused (their senders answered).
+    settled: CancellationToken,
 }
 
 /// The probe's round trip through Redis (PUBLISH on the command connection, delivery on the
@@ -191,6 +200,7 @@ impl RedisBroker {
             last_micros: AtomicU64::new(u64::MAX),
         });
         let lookup = Arc::new(LookupSlot::default());
+        let settled = CancellationToken::new();
         let broker = RedisBroker {
             node_id: node_id.clone(),
             commands,
@@ -199,6 +209,7 @@ impl RedisBroker {
             ready: ready.clone(),
             probe: probe.clone(),
             lookup: lookup.clone(),
+            settled: settled.clone(),
         };
         let engine = Engine {
             url: config.redis_url.clone(),
@@ -217,12 +228,25 @@ impl RedisBroker {
             judge_after: Instant::now(),
             probe,
             lookup,
+            generation: None,
+            clock: Arc::new(AtomicU64::new(0)),
+            force_new_era: false,
+            settled,
+            empty_room_ttl: empty_room_ttl(HistoryLimits {
+                size: config.history_size,
+                ttl: config.history_ttl,
+            }),
         };
         (broker, engine)
     }
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Waits until the stopped engine has answered every room message queued for Redis.
+    pub async fn settled(&self) {
+        self.settled.cancelled().await;
     }
 
     /// The last probe's round trip through Redis, if one came back yet.
@@ -346,6 +370,16 @@ pub struct Engine {
     /// No node is judged dead before then: after this node (re)connects, or finds it had lapsed
     /// itself, the others need a beat's time to be heard.
     judge_after: Instant,
+    /// The cluster's generation as this node last read it (see `era.lua`), and the highest era
+    /// clock its writes got in it.
+    generation: Option<Arc<str>>,
+    clock: Arc<AtomicU64>,
+    /// A followed room was found behind what this node saw of it: the next connection starts a
+    /// new generation.
+    force_new_era: bool,
+    settled: CancellationToken,
+    /// See [`empty_room_ttl`].
+    empty_room_ttl: u64,
 }
 
 /// Which other nodes are alive, as the beats tell.
@@ -358,11 +392,30 @@ struct Nodes {
 }
 
 /// What a beat read: Redis's clock, until when this node was alive before it (0: not listed),
-/// and until when each node is alive.
+/// until when each node is alive, and the era.
 struct Beat {
     now: u64,
     before: u64,
     nodes: Vec<(String, u64)>,
+    /// Whether the node's generation is still the cluster's.
+    same_era: bool,
+    /// The era's clock, and the highest this node had seen when it sent the beat: lower means
+    /// Redis went back in time.
+    era_clock: u64,
+    seen_clock: u64,
+}
+
+impl Beat {
+    /// Why this node's generation is not to be written any more, if it is not.
+    fn era_trouble(&self) -> Option<&'static str> {
+        if !self.same_era {
+            Some("the cluster's generation changed (Redis lost or replaced its data)")
+        } else if self.era_clock < self.seen_clock {
+            Some("Redis went back in time (it has fewer writes than this node saw)")
+        } else {
+            None
+        }
+    }
 }
 
 /// One connection to Redis and what depends on it.
@@ -374,7 +427,7 @@ struct Session {
     /// Rooms SUBSCRIBEd on this connection.
     subscribed: HashSet<Arc<str>>,
     /// Catch-ups running.
-    catch_ups: JoinSet<RedisResult<()>>,
+    catch_ups: JoinSet<Result<(), CatchUpError>>,
     /// Beats, from their own task (so a long reconnection still beats).
     beats: Receiver<RedisResult<Beat>>,
     _beater: AbortOnDropHandle<()>,
@@ -384,10 +437,26 @@ struct Session {
 
 impl Engine {
     /// Runs until `stop`: connects, serves, and reconnects after any failure; says goodbye when
-    /// stopped while connected.
+    /// stopped while connected. Room messages still queued then are sent if Redis answers, else
+    /// refused, before the broker counts as settled.
     pub async fn run(mut self, node: Arc<Node>, stop: CancellationToken) {
-        // Not ready once the engine is gone, however it ends (a panic included).
-        let _unready = Unready(self.ready.clone());
+        // Not ready and settled once the engine is gone, however it ends (a panic included).
+        let _stopped = Stopped {
+            ready: self.ready.clone(),
+            settled: self.settled.clone(),
+        };
+        self.run_until(&node, &stop).await;
+        // Not sent, so not published: refused, not dropped in silence.
+        if let Some(queues) = self.queues.as_mut() {
+            queues.outgoing.close();
+            while let Ok(out) = queues.outgoing.try_recv() {
+                refuse(&node, out, ErrorReply::Unavailable);
+            }
+        }
+    }
+
+    async fn run_until(&mut self, node: &Arc<Node>, stop: &CancellationToken) {
+        let node = node.clone();
         let client = match Client::open(self.url.expose()) {
             Ok(client) => client,
             // The URL was checked with the configuration.
@@ -405,7 +474,7 @@ impl Engine {
                     info!(url = %self.url.redacted(), rooms = self.followed.len(), "connected to Redis");
                     backoff = BACKOFF.0;
                     failures = 0;
-                    let reason = self.serve(session, &node, &stop).await;
+                    let reason = self.serve(session, &node, stop).await;
                     if stop.is_cancelled() {
                         return;
                     }
@@ -467,11 +536,13 @@ impl Engine {
         let mut commands = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        let scripts = Arc::new(Scripts::load(&mut commands).await?);
+        self.read_era(&mut commands, node).await?;
+        let generation = self.generation.clone().expect("read above");
+        let scripts = Arc::new(Scripts::load(&mut commands, generation).await?);
         // Alive before anything of this node's is read by others, and beating from here on. The
         // others may have lost Redis too: they get a beat's time to be heard before any is
         // judged dead.
-        let first = beat(&mut commands, &scripts, &self.node_id).await?;
+        let first = beat(&mut commands, &scripts, &self.node_id, &self.clock).await?;
         self.judge_after = Instant::now() + NODE_TTL + BEAT_INTERVAL;
         self.on_beat(node, first, None);
         let (beat_tx, beats) = mpsc::channel(4);
@@ -479,6 +550,7 @@ impl Engine {
             commands.clone(),
             scripts.clone(),
             self.node_id.clone(),
+            self.clock.clone(),
             beat_tx,
         )));
         // What the shards recorded while Redis was away is superseded by the whole rewrite below.
@@ -522,6 +594,44 @@ impl Engine {
         Ok(session)
     }
 
+    /// Reads the cluster's generation (see `era.lua`); a new one (Redis lost data, or went back
+    /// in time) starts every room over, and the keys of the one it replaced are deleted in the
+    /// background.
+    async fn read_era(
+        &mut self,
+        commands: &mut MultiplexedConnection,
+        node: &Node,
+    ) -> RedisResult<()> {
+        let seen = self.clock.load(Ordering::Relaxed);
+        let era = keys::read_era(
+            commands,
+            self.generation.as_deref(),
+            seen,
+            self.force_new_era,
+        )
+        .await?;
+        self.force_new_era = false;
+        if let Some(replaced) = &era.replaced {
+            node.counters
+                .broker_generations
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(
+                generation = %era.generation,
+                %replaced,
+                "Redis lost data or went back in time: a new generation starts every room over \
+                 (members are told to resync)"
+            );
+            tokio::spawn(keys::delete_generation(commands.clone(), replaced.clone()));
+        } else if self.generation.as_ref() != Some(&era.generation) {
+            info!(generation = %era.generation, "joined the cluster's generation");
+        }
+        if self.generation.as_ref() != Some(&era.generation) {
+            self.clock.store(era.clock, Ordering::Relaxed);
+        }
+        self.generation = Some(era.generation);
+        Ok(())
+    }
+
     /// Resubscribes every room the node follows, writes its presence in each whole, and catches
     /// each up; messages arriving meanwhile wait in the subscription.
     async fn restore(&mut self, session: &mut Session, node: &Arc<Node>) -> RedisResult<()> {
@@ -538,9 +648,25 @@ impl Engine {
             );
         }
         while let Some(done) = session.catch_ups.join_next().await {
-            done.map_err(|e| RedisError::from(std::io::Error::other(e)))??;
+            let done = done.map_err(|e| RedisError::from(std::io::Error::other(e)))?;
+            self.caught_up(done)?;
         }
         Ok(())
+    }
+
+    /// What a catch-up ended with: a room found behind what this node saw of it asks for a new
+    /// generation at the next connection.
+    fn caught_up(&mut self, done: Result<(), CatchUpError>) -> RedisResult<()> {
+        match done {
+            Ok(()) => Ok(()),
+            Err(CatchUpError::Redis(e)) => Err(e),
+            Err(CatchUpError::WentBack(room)) => {
+                self.force_new_era = true;
+                Err(RedisError::from(std::io::Error::other(format!(
+                    "Redis went back in time: room {room:?} is behind what this node saw"
+                ))))
+            }
+        }
     }
 
     /// Serves one connection until it fails (returns why) or `stop`.
@@ -560,6 +686,7 @@ impl Engine {
             session.scripts.clone(),
             queues,
             node.clone(),
+            self.clock.clone(),
             stop_publisher.clone(),
         ));
         let mut probe = tokio::time::interval(PROBE_INTERVAL);
@@ -598,6 +725,9 @@ impl Engine {
                 }
                 beat = session.beats.recv() => match beat {
                     Some(Ok(beat)) => {
+                        if let Some(trouble) = beat.era_trouble() {
+                            break trouble.to_owned();
+                        }
                         if self.on_beat(node, beat, Some(&mut session)) {
                             warn!("this node had lapsed in Redis: writing its presence and sessions again");
                             if let Err(e) = self.rewrite_presence(&mut session).await {
@@ -616,7 +746,9 @@ impl Engine {
                     }
                 }
                 Some(done) = session.catch_ups.join_next() => {
-                    if let Ok(Err(e)) = done {
+                    if let Ok(done) = done
+                        && let Err(e) = self.caught_up(done)
+                    {
                         break format!("catching a room up: {e}");
                     }
                 }
@@ -636,6 +768,7 @@ impl Engine {
         };
         self.ready.store(false, Ordering::Release);
         self.lookup.set(None);
+        // Stopping: the publisher sends what is queued (see `publish_loop`) and then ends.
         stop_publisher.cancel();
         let queues = match publisher_done {
             Some(queues) => queues,
@@ -645,12 +778,6 @@ impl Engine {
         // Abandoned catch-ups give their rooms back (see `sync::catch_up`).
         session.catch_ups.shutdown().await;
         if stop.is_cancelled() {
-            // Messages not yet sent are refused, not dropped in silence.
-            if let Some(queues) = self.queues.as_mut() {
-                while let Ok(out) = queues.outgoing.try_recv() {
-                    refuse(node, out, ErrorReply::Unavailable);
-                }
-            }
             self.goodbye(&mut session).await;
         }
         reason
@@ -681,6 +808,7 @@ impl Engine {
                     &room.name,
                     seq,
                     &[],
+                    self.empty_room_ttl,
                 );
             }
             pipe.query_async::<()>(&mut session.commands).await
@@ -826,16 +954,20 @@ impl Engine {
                 ended.insert(other);
             }
         }
-        let forgotten = self
-            .nodes
-            .alive
-            .difference(&alive)
-            .filter(|n| !ended.contains(*n));
-        let dead: HashSet<Arc<str>> = ended.iter().chain(forgotten).cloned().collect();
         if Instant::now() < self.judge_after {
             self.nodes.alive = alive;
             return lapsed && session.is_some();
         }
+        // Dead: every node this node knows of (alive at the last beat, listed as ended, or with
+        // entries in a room it follows) that is not alive now. Known from the copies, not only
+        // from earlier beats: after Redis lost its data a crashed node is listed nowhere, and
+        // its members would otherwise stay in the copies for good.
+        let mut known: HashSet<Arc<str>> = self.nodes.alive.iter().chain(&ended).cloned().collect();
+        for room in self.followed.values() {
+            known.extend(room.presence().nodes().cloned());
+        }
+        known.remove(&self.node_id);
+        let dead: HashSet<Arc<str>> = known.into_iter().filter(|n| !alive.contains(n)).collect();
         for gone in dead.difference(&self.nodes.dead) {
             warn!(node = %gone, "a node stopped beating: its presence leaves every room");
         }
@@ -857,7 +989,7 @@ impl Engine {
                 }
             }
         }
-        // Dead until Redis forgets them (they are not listed any more), unless back.
+        // Dead while known, unless back.
         self.nodes.dead = dead;
         self.nodes.alive = alive;
         false
@@ -898,6 +1030,7 @@ impl Engine {
                     name,
                     *seq,
                     entries,
+                    self.empty_room_ttl,
                 );
             }
             pipe.query_async::<()>(&mut session.commands).await?;
@@ -1045,19 +1178,25 @@ fn add_presence_write(
     room: &str,
     seq: u64,
     entries: &[Entry],
+    empty_room_ttl: u64,
 ) {
+    let keys = &scripts.keys;
     let write = pipe
         .cmd("EVALSHA")
         .arg(&scripts.presence_node)
-        .arg(3)
-        .arg(presence_key(room))
-        .arg(members_key(room))
-        .arg(ROOMS_KEY)
+        .arg(5)
+        .arg(keys.presence(room))
+        .arg(keys.members(room))
+        .arg(keys.rooms())
+        .arg(ERA_KEY)
+        .arg(keys.meta(room))
         .arg(node_id)
         .arg(seq)
         .arg(room_channel(room))
         .arg(META_TTL.as_secs())
-        .arg(room);
+        .arg(room)
+        .arg(keys.generation())
+        .arg(empty_room_ttl);
     for entry in entries {
         write.arg(&*entry.user_id).arg(entry_json(entry));
     }
@@ -1069,13 +1208,14 @@ async fn beat_forever(
     mut conn: MultiplexedConnection,
     scripts: Arc<Scripts>,
     node_id: Arc<str>,
+    clock: Arc<AtomicU64>,
     beats: Sender<RedisResult<Beat>>,
 ) {
     let mut ticks = tokio::time::interval(BEAT_INTERVAL);
     ticks.tick().await;
     loop {
         ticks.tick().await;
-        match beat(&mut conn, &scripts, &node_id).await {
+        match beat(&mut conn, &scripts, &node_id, &clock).await {
             // A full channel: the engine is busy, and the next beat says the same.
             Ok(beat) => {
                 let _ = beats.try_send(Ok(beat));
@@ -1088,23 +1228,29 @@ async fn beat_forever(
     }
 }
 
-/// Says this node is alive (until `NODE_TTL` from now) and reads until when each node is.
+/// Says this node is alive (until `NODE_TTL` from now) and reads until when each node is, and
+/// the era against `clock` (the highest this node saw: its writes answered before this beat was
+/// sent ran before it, on this one connection).
 async fn beat(
     conn: &mut MultiplexedConnection,
     scripts: &Scripts,
     node_id: &str,
+    clock: &AtomicU64,
 ) -> RedisResult<Beat> {
+    let seen_clock = clock.load(Ordering::Relaxed);
     let reply: ::redis::Value = ::redis::cmd("EVALSHA")
         .arg(&scripts.beat)
-        .arg(2)
+        .arg(3)
         .arg(NODES_KEY)
         .arg(sessions_key(node_id))
+        .arg(ERA_KEY)
         .arg(node_id)
         .arg(NODE_TTL.as_millis() as u64)
         .arg(NODE_FORGOTTEN_AFTER.as_millis() as u64)
+        .arg(scripts.keys.generation())
         .query_async(conn)
         .await?;
-    Beat::parse(reply).ok_or_else(|| {
+    Beat::parse(reply, seen_clock).ok_or_else(|| {
         RedisError::from(std::io::Error::other(
             "unexpected answer to the beat script",
         ))
@@ -1112,9 +1258,9 @@ async fn beat(
 }
 
 impl Beat {
-    /// `[now, before, [node, until, …]]`; a name that is not UTF-8 is read lossily (it is
-    /// only ever compared).
-    fn parse(reply: ::redis::Value) -> Option<Self> {
+    /// `[now, before, [node, until, …], same era, era clock]`; a name that is not UTF-8 is read
+    /// lossily (it is only ever compared).
+    fn parse(reply: ::redis::Value, seen_clock: u64) -> Option<Self> {
         use ::redis::Value;
         let int = |v: &Value| match v {
             Value::Int(n) => Some(u64::try_from(*n).unwrap_or(0)),
@@ -1123,7 +1269,9 @@ impl Beat {
         let Value::Array(parts) = reply else {
             return None;
         };
-        let [now, before, Value::Array(flat)] = <[Value; 3]>::try_from(parts).ok()? else {
+        let [now, before, Value::Array(flat), same_era, era_clock] =
+            <[Value; 5]>::try_from(parts).ok()?
+        else {
             return None;
         };
         let nodes = flat
@@ -1139,16 +1287,23 @@ impl Beat {
             now: int(&now)?,
             before: int(&before)?,
             nodes,
+            same_era: int(&same_era)? == 1,
+            era_clock: int(&era_clock)?,
+            seen_clock,
         })
     }
 }
 
-/// Clears the broker's readiness when the engine ends, however it ends.
-struct Unready(Arc<AtomicBool>);
+/// Clears the broker's readiness and says it settled when the engine ends, however it ends.
+struct Stopped {
+    ready: Arc<AtomicBool>,
+    settled: CancellationToken,
+}
 
-impl Drop for Unready {
+impl Drop for Stopped {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.ready.store(false, Ordering::Release);
+        self.settled.cancel();
     }
 }
 

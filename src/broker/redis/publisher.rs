@@ -2,17 +2,16 @@
 //! notices, in pipelines of up to [`PUBLISH_BATCH`] commands, in the order queued.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ::redis::aio::MultiplexedConnection;
-use ::redis::{RedisError, RedisResult, Value};
+use ::redis::{FromRedisValue, RedisError, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{
-    BROADCAST_CHANNEL, CONTROL_CHANNEL, ROOMS_KEY, Scripts, history_key, members_key, meta_key,
-    presence_key, room_channel, sessions_key,
+    BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_CHANGED, ERA_KEY, Scripts, room_channel, sessions_key,
 };
-use super::{META_TTL, NODE_TTL, Outgoing, Queues, Record};
+use super::{META_TTL, NODE_TTL, Outgoing, Queues, Record, empty_room_ttl};
 use crate::broker::Publisher;
 use crate::node::Node;
 use crate::presence::Entry;
@@ -33,30 +32,44 @@ pub struct Failed {
 /// Sends what is queued until stopped or a pipeline fails; returns the queues (for the next
 /// connection), and why it failed. A room message Redis refused is refused to its sender; one
 /// whose fate is unknown (the connection failed on the way) is reported as such. A presence or
-/// session record Redis refused ends the connection: the next one writes them whole.
+/// session record Redis refused ends the connection: the next one writes them whole. So does a
+/// script run under a generation that is no longer the cluster's (its message is refused:
+/// nothing was written). Once `stop`ped, the room messages already queued are still sent (their
+/// senders get an answer before the node closes their connections); records are not (the
+/// node's goodbye supersedes them).
+///
+/// `clock` is raised to the highest era clock the writes got (see `era.lua`).
 pub async fn publish_loop(
     mut conn: MultiplexedConnection,
     scripts: Arc<Scripts>,
     mut queues: Queues,
     node: Arc<Node>,
+    clock: Arc<AtomicU64>,
     stop: CancellationToken,
 ) -> (Queues, Option<Failed>) {
     let mut records = Vec::with_capacity(PUBLISH_BATCH);
     let mut outgoing = Vec::with_capacity(PUBLISH_BATCH);
     loop {
-        let taken = tokio::select! {
-            _ = stop.cancelled() => return (queues, None),
-            taken = queues.records.recv_many(&mut records, PUBLISH_BATCH) => taken,
-            taken = queues.outgoing.recv_many(&mut outgoing, PUBLISH_BATCH) => taken,
-        };
-        if taken == 0 {
-            // Every sender is gone: the node is stopping.
-            return (queues, None);
-        }
-        while records.len() < PUBLISH_BATCH
-            && let Ok(record) = queues.records.try_recv()
-        {
-            records.push(record);
+        if stop.is_cancelled() {
+            records.clear();
+            if queues.outgoing.is_empty() {
+                return (queues, None);
+            }
+        } else {
+            let taken = tokio::select! {
+                _ = stop.cancelled() => continue,
+                taken = queues.records.recv_many(&mut records, PUBLISH_BATCH) => taken,
+                taken = queues.outgoing.recv_many(&mut outgoing, PUBLISH_BATCH) => taken,
+            };
+            if taken == 0 {
+                // Every sender is gone: the node is stopping.
+                return (queues, None);
+            }
+            while records.len() < PUBLISH_BATCH
+                && let Ok(record) = queues.records.try_recv()
+            {
+                records.push(record);
+            }
         }
         while outgoing.len() < PUBLISH_BATCH
             && let Ok(out) = queues.outgoing.try_recv()
@@ -66,7 +79,7 @@ pub async fn publish_loop(
         let mut pipe = ::redis::pipe();
         pipe.ignore_errors();
         for record in &records {
-            add_record(&mut pipe, &scripts, &node.id, record);
+            add_record(&mut pipe, &scripts, &node, record);
         }
         // Where each room message's answer is in the pipeline's.
         let first_outgoing = pipe.len();
@@ -78,36 +91,8 @@ pub async fn publish_loop(
             Record::Presence { room, .. } => Some(room),
             _ => None,
         });
-        match sent {
-            Ok(answers) => {
-                let refused_record = answers[..first_outgoing]
-                    .iter()
-                    .any(|answer| matches!(answer, Value::ServerError(_)));
-                let answers = answers.into_iter().skip(first_outgoing);
-                for (out, answer) in outgoing.drain(..).zip(answers) {
-                    match (out, answer) {
-                        (out, Value::ServerError(_)) => refuse(&node, out, ErrorReply::Unavailable),
-                        // The API waits for the offset (the script's answer).
-                        (
-                            Outgoing::Message {
-                                from: Publisher::Api(reply),
-                                ..
-                            },
-                            Value::Int(offset),
-                        ) => {
-                            let _ = reply.send(Ok(offset as u64));
-                        }
-                        _ => {}
-                    }
-                }
-                if refused_record {
-                    let error = RedisError::from(std::io::Error::other(
-                        "Redis refused a presence or session record",
-                    ));
-                    let rooms = rooms.collect();
-                    return (queues, Some(Failed { error, rooms }));
-                }
-            }
+        let answers = match sent {
+            Ok(answers) => answers,
             Err(error) => {
                 // Redis may have run any of them: the senders are told it is unknown.
                 for out in outgoing.drain(..) {
@@ -116,19 +101,73 @@ pub async fn publish_loop(
                 let rooms = rooms.collect();
                 return (queues, Some(Failed { error, rooms }));
             }
+        };
+        let mut failure = None;
+        for answer in &answers[..first_outgoing] {
+            match answer {
+                Value::ServerError(error) => failure = Some(error.clone()),
+                // The presence scripts' answer: the era's clock.
+                Value::Int(written) => raise(&clock, *written),
+                _ => {}
+            }
+        }
+        let answers = answers.into_iter().skip(first_outgoing);
+        for (out, answer) in outgoing.drain(..).zip(answers) {
+            match answer {
+                Value::ServerError(error) => {
+                    if error.code() == ERA_CHANGED {
+                        failure = Some(error);
+                    }
+                    refuse(&node, out, ErrorReply::Unavailable);
+                }
+                answer => {
+                    // The publish script's answer: the offset and the era's clock.
+                    let offset = match <(u64, i64)>::from_redis_value(answer) {
+                        Ok((offset, written)) => {
+                            raise(&clock, written);
+                            Some(offset)
+                        }
+                        Err(_) => None,
+                    };
+                    if let Outgoing::Message {
+                        from: Publisher::Api(reply),
+                        ..
+                    } = out
+                    {
+                        let _ = reply.send(offset.ok_or(ErrorReply::MaybeUnavailable));
+                    }
+                }
+            }
+        }
+        if let Some(error) = failure {
+            let error = RedisError::from(std::io::Error::other(format!(
+                "Redis refused a write ({}): reconnecting",
+                error.details().unwrap_or(error.code())
+            )));
+            let rooms = rooms.collect();
+            return (queues, Some(Failed { error, rooms }));
         }
     }
 }
 
-fn add_record(pipe: &mut ::redis::Pipeline, scripts: &Scripts, node_id: &str, record: &Record) {
+/// Raises the highest era clock seen to `written`.
+fn raise(clock: &AtomicU64, written: i64) {
+    clock.fetch_max(u64::try_from(written).unwrap_or(0), Ordering::Relaxed);
+}
+
+fn add_record(pipe: &mut ::redis::Pipeline, scripts: &Scripts, node: &Node, record: &Record) {
+    let node_id = &*node.id;
     match record {
         Record::Presence { room, entry, seq } => {
+            let keys = &scripts.keys;
             pipe.cmd("EVALSHA")
                 .arg(&scripts.presence)
-                .arg(3)
-                .arg(presence_key(room))
-                .arg(members_key(room))
-                .arg(ROOMS_KEY)
+                .arg(5)
+                .arg(keys.presence(room))
+                .arg(keys.members(room))
+                .arg(keys.rooms())
+                .arg(ERA_KEY)
+                .arg(keys.meta(room))
                 .arg(node_id)
                 .arg(&*entry.user_id)
                 .arg(entry_json(entry))
@@ -136,7 +175,9 @@ fn add_record(pipe: &mut ::redis::Pipeline, scripts: &Scripts, node_id: &str, re
                 .arg(seq)
                 .arg(room_channel(room))
                 .arg(META_TTL.as_secs())
-                .arg(&**room);
+                .arg(&**room)
+                .arg(keys.generation())
+                .arg(empty_room_ttl(node.rooms.history_limits()));
         }
         Record::SessionOpened { client_id, record } => {
             let sessions = sessions_key(node_id);
@@ -156,17 +197,21 @@ fn add_outgoing(pipe: &mut ::redis::Pipeline, scripts: &Scripts, node: &Node, ou
     match out {
         Outgoing::Message { room, message, .. } => {
             let limits = node.rooms.history_limits();
+            let keys = &scripts.keys;
             pipe.cmd("EVALSHA")
                 .arg(&scripts.publish)
-                .arg(2)
-                .arg(meta_key(room))
-                .arg(history_key(room))
+                .arg(4)
+                .arg(keys.meta(room))
+                .arg(keys.history(room))
+                .arg(ERA_KEY)
+                .arg(keys.members(room))
                 .arg(message.as_slice())
                 .arg(limits.size)
                 .arg(limits.ttl.as_secs().max(1))
                 .arg(META_TTL.as_secs())
                 .arg(room_channel(room))
-                .arg(&*new_epoch());
+                .arg(&*new_epoch())
+                .arg(keys.generation());
         }
         Outgoing::Notice { room, payload } => {
             let (channel, kind): (String, &[u8]) = match room {

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use ::redis::aio::MultiplexedConnection;
-use ::redis::{RedisError, RedisResult, Value};
+use ::redis::{RedisError, Value};
 use tokio::task::JoinSet;
 
-use super::META_TTL;
 use super::envelope::parse_u64;
-use super::keys::{NODES_KEY, Scripts, history_key, meta_key, presence_key};
+use super::keys::{ERA_KEY, NODES_KEY, Scripts};
+use super::{META_TTL, empty_room_ttl};
 use crate::node::Node;
 use crate::presence::{Entry, MAX_CONNS};
 use crate::rooms::RoomState;
@@ -24,9 +24,25 @@ pub type History = Vec<(u64, Vec<u8>)>;
 /// A room's presence from Redis: per live node, its last change number and its entries.
 pub type NodesPresence = Vec<(Arc<str>, u64, Vec<Entry>)>;
 
+/// Why a catch-up did not complete.
+#[derive(Debug)]
+pub enum CatchUpError {
+    Redis(RedisError),
+    /// Redis has the room behind what this node saw of it, in the same epoch: it went back in
+    /// time (restarted from an older snapshot, or failed over to a lagging replica). Taking its
+    /// position would hand out offsets that members already had for other messages.
+    WentBack(Arc<str>),
+}
+
+impl From<RedisError> for CatchUpError {
+    fn from(e: RedisError) -> Self {
+        CatchUpError::Redis(e)
+    }
+}
+
 /// Starts catching `room` up, unless that is under way (then it runs once more when done).
 pub fn catch_up(
-    tasks: &mut JoinSet<RedisResult<()>>,
+    tasks: &mut JoinSet<Result<(), CatchUpError>>,
     conn: &MultiplexedConnection,
     scripts: &Arc<Scripts>,
     node: &Arc<Node>,
@@ -60,7 +76,7 @@ async fn sync_once(
     scripts: &Scripts,
     node: &Node,
     room: &Arc<RoomState>,
-) -> RedisResult<()> {
+) -> Result<(), CatchUpError> {
     // From the offset after the node's, in its epoch; or the most recent, at the first sync. The
     // presence (a whole hash) only when needed.
     let (from, with_presence) = {
@@ -69,26 +85,39 @@ async fn sync_once(
         (stream.is_synced().then(|| stream.position()), with_presence)
     };
     let limits = node.rooms.history_limits();
+    let keys = &scripts.keys;
     let reply: Value = ::redis::cmd("EVALSHA")
         .arg(&scripts.sync)
-        .arg(4)
-        .arg(meta_key(&room.name))
-        .arg(history_key(&room.name))
-        .arg(presence_key(&room.name))
+        .arg(6)
+        .arg(keys.meta(&room.name))
+        .arg(keys.history(&room.name))
+        .arg(keys.presence(&room.name))
         .arg(NODES_KEY)
+        .arg(ERA_KEY)
+        .arg(keys.members(&room.name))
         .arg(&*new_epoch())
         .arg(META_TTL.as_secs())
         .arg(from.as_ref().map_or(0, |p| p.offset + 1))
         .arg(limits.size.max(1))
         .arg(from.as_ref().map_or("", |p| &*p.epoch))
         .arg(if with_presence { "1" } else { "0" })
+        .arg(keys.generation())
+        .arg(empty_room_ttl(limits))
         .query_async(conn)
         .await?;
     let Some(read) = SyncReply::parse(reply, from.is_none()) else {
         return Err(RedisError::from(std::io::Error::other(
             "unexpected answer to the sync script",
-        )));
+        ))
+        .into());
     };
+    // Against where the stream was when the read was sent: what it took since may be past it.
+    if let Some(had) = &from
+        && had.epoch == read.position.epoch
+        && read.position.offset < had.offset
+    {
+        return Err(CatchUpError::WentBack(room.name.clone()));
+    }
     if read.malformed > 0 {
         node.counters
             .broker_malformed

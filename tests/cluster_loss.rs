@@ -1,0 +1,303 @@
+//! A cluster whose Redis loses data or goes back in time, and nodes that stop while Redis is
+//! stalled: nothing is lost or refused without the sender or the members being told.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use support::cluster::*;
+use support::redis_server::RedisServer;
+use support::{Client, PATIENCE, api};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The chat messages (offset, text) in a room's history in Redis.
+fn history(redis: &RedisServer, room: &str) -> Vec<(u64, String)> {
+    let entries: Vec<(String, Vec<(String, String)>)> = redis.query(
+        redis::cmd("XRANGE")
+            .arg(redis.room_key("history", room))
+            .arg("-")
+            .arg("+"),
+    );
+    entries
+        .into_iter()
+        .map(|(id, fields)| {
+            let message: Value = serde_json::from_str(&fields[0].1).unwrap();
+            (
+                id.strip_suffix("-0").unwrap().parse().unwrap(),
+                message["message"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_redis_restarted_from_an_older_snapshot_starts_every_room_over_and_says_so() {
+    let mut redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1]).await;
+    let mut alice = user_on(&nodes[0], "alice").await;
+    let mut bob = user_on(&nodes[1], "bob").await;
+    let epoch = alice.join_room_epoch("r").await;
+    bob.join("r").await;
+    alice.chat("r", "m1").await;
+    assert_eq!(bob.chats(1).await, vec![(1, "m1".to_owned())]);
+    assert_eq!(alice.chats(1).await, vec![(1, "m1".to_owned())]);
+    let generation = redis.generation();
+    redis.save();
+    for (i, text) in ["m2", "m3", "m4"].iter().enumerate() {
+        alice.chat("r", text).await;
+        assert_eq!(bob.chats(1).await, vec![(i as u64 + 2, text.to_string())]);
+        assert_eq!(alice.chats(1).await, vec![(i as u64 + 2, text.to_string())]);
+    }
+    // kill -9 and back on the snapshot: the room is at offset 1 again, under the same epoch.
+    redis.restart();
+    for n in &nodes {
+        wait_readiness(n, 200).await;
+    }
+    assert_ne!(redis.generation(), generation, "a new generation");
+    // Both members are told their stream started over; nothing is taken for seen.
+    assert_eq!(alice.next_not_presence().await["type"], "resync");
+    assert_eq!(bob.next_not_presence().await["type"], "resync");
+    let mut offsets = Vec::new();
+    for text in ["n1", "n2", "n3", "n4"] {
+        offsets.push(publish_surely(&mut alice, "r", text).await);
+    }
+    assert_eq!(offsets, [1, 2, 3, 4], "a new epoch, from 1");
+    let got = bob.chats(4).await;
+    assert_eq!(
+        got.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>(),
+        ["n1", "n2", "n3", "n4"],
+        "every message arrives"
+    );
+    bob.expect_silence().await;
+    assert_eq!(history(&redis, "r").len(), 4);
+    // A client holding a position of the old epoch is told it cannot recover, never handed the
+    // new epoch's messages as if they followed its own.
+    let mut carol = user_on(&nodes[1], "carol").await;
+    let joined = carol.join_since("r", Some((4, &epoch))).await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    assert_ne!(joined["epoch"], epoch.as_str());
+    let started: u64 = counter(&nodes[0], "broker_generations").await
+        + counter(&nodes[1], "broker_generations").await;
+    assert_eq!(
+        started, 1,
+        "one node started the new generation, the other joined it"
+    );
+    // The replaced generation's keys are deleted.
+    wait_until("the old generation's keys are gone", || {
+        let left: Vec<String> =
+            redis.query(redis::cmd("KEYS").arg(format!("wsgate:{generation}:*")));
+        left.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_flushed_redis_is_noticed_without_a_reconnection_and_rooms_start_over() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1]).await;
+    let mut alice = user_on(&nodes[0], "alice").await;
+    let mut bob = user_on(&nodes[1], "bob").await;
+    alice.join("f").await;
+    bob.join("f").await;
+    assert_eq!(publish_surely(&mut alice, "f", "before").await, 1);
+    assert_eq!(bob.chats(1).await, vec![(1, "before".to_owned())]);
+    let generation = redis.generation();
+    let _: String = redis.query(&mut redis::cmd("FLUSHALL"));
+    // The beats find the generation gone; the nodes read a new one and the room starts over.
+    assert_eq!(alice.next_not_presence().await["type"], "resync");
+    assert_eq!(bob.next_not_presence().await["type"], "resync");
+    assert_ne!(redis.generation(), generation);
+    assert_eq!(publish_surely(&mut alice, "f", "after").await, 1);
+    assert_eq!(bob.chats(1).await, vec![(1, "after".to_owned())]);
+    // Presence was written again under the new generation: counts are still right.
+    let mut carol = user_on(&nodes[1], "carol").await;
+    assert_eq!(carol.join("f").await, 3);
+}
+
+#[tokio::test]
+async fn a_node_that_dies_while_redis_loses_its_data_leaves_no_ghosts() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let env = [
+        ("WSGATE_BROKER", "redis"),
+        ("WSGATE_REDIS_URL", url.as_str()),
+        ("WSGATE_JWT_SECRET", support::TEST_SECRET),
+        ("WSGATE_SHARDS", "1"),
+        ("WSGATE_API_KEY", support::API_KEY),
+    ];
+    let doomed = support::process::GatewayProcess::start(&[], &env, None);
+    let survivor = node(&redis, 1);
+    wait_readiness(&survivor, 200).await;
+    let mut olga = user_on(&survivor, "olga").await;
+    olga.join("g").await;
+    let mut ghosts = Vec::new();
+    for user in ["g1", "g2", "g3"] {
+        let url = format!("ws://{}/ws?token={}", doomed.addr, support::token_for(user));
+        let mut client = Client::connect(&url).await;
+        client.join("g").await;
+        assert_eq!(olga.expect("user_joined").await["userId"], user);
+        ghosts.push(client);
+    }
+    // Redis comes back empty and the node with three members is killed meanwhile.
+    redis.kill();
+    drop(doomed);
+    drop(ghosts);
+    redis.restart();
+    wait_readiness(&survivor, 200).await;
+    // Within the node's time-to-live after the survivor's return, every user of the dead node
+    // leaves, as it would with Redis up.
+    // The room itself started over in Redis: the survivor's member is told that first.
+    assert_eq!(olga.expect("resync").await["room"], "g");
+    let mut left = Vec::new();
+    while left.len() < 3 {
+        let notice = olga
+            .expect_within("user_left", Duration::from_secs(25))
+            .await;
+        left.push(notice["userId"].as_str().unwrap().to_owned());
+    }
+    left.sort();
+    assert_eq!(left, ["g1", "g2", "g3"]);
+    let mut lee = user_on(&survivor, "lee").await;
+    assert_eq!(lee.join("g").await, 2, "olga and lee: no ghost");
+    assert_eq!(olga.expect("user_joined").await["userId"], "lee");
+    let (_, rooms) = api(survivor.addr, "GET", "/api/rooms", Value::Null).await;
+    assert_eq!(room_list(&rooms), [("g".to_owned(), 2)], "{rooms}");
+    let (_, room) = api(survivor.addr, "GET", "/api/rooms/g", Value::Null).await;
+    assert_eq!(support::user_ids(&room), ["lee", "olga"], "{room}");
+    // A ghost user back on the survivor joins and leaves with notices, as any user.
+    let mut g1 = user_on(&survivor, "g1").await;
+    g1.join("g").await;
+    assert_eq!(olga.expect("user_joined").await["userId"], "g1");
+    g1.send("leave_room", json!({"room": "g"})).await;
+    assert_eq!(olga.expect("user_left").await["userId"], "g1");
+}
+
+#[tokio::test]
+async fn messages_queued_for_a_stalled_redis_are_answered_before_a_stopping_node_closes() {
+    let redis = RedisServer::start();
+    let mut nodes = cluster(&redis, &[1]).await;
+    let mut alice = user_on(&nodes[0], "alice").await;
+    alice.join("s").await;
+    assert_eq!(publish_surely(&mut alice, "s", "before").await, 1);
+    redis.pause();
+    for i in 0..5 {
+        alice.chat("s", &format!("stalled{i}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = nodes.remove(0);
+    let stopped = tokio::spawn(async move {
+        let mut node = stopping;
+        node.stop().await;
+    });
+    // Every message gets an answer before the close: refused (not sent), or "maybe" for the one
+    // on its way when Redis stopped answering.
+    let mut answers = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(4 * PATIENCE, alice.ws.next())
+            .await
+            .expect("answers and a close")
+            .expect("a close frame before the end")
+            .expect("no error");
+        match msg {
+            Message::Text(text) => {
+                let reply: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(reply["type"], "error", "{reply}");
+                answers.push(reply["error"].as_str().unwrap().to_owned());
+            }
+            Message::Close(frame) => {
+                let code = frame.map(|f| u16::from(f.code));
+                assert_eq!(code, Some(1001), "closed going away");
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(answers.len(), 5, "{answers:?}");
+    let maybe = answers.iter().filter(|a| a.contains("may")).count();
+    assert!(
+        maybe <= 1,
+        "at most the one in flight is unknown: {answers:?}"
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|a| a == "Service unavailable: retry" || a.contains("may")),
+        "{answers:?}"
+    );
+    redis.resume();
+    stopped.await.unwrap();
+    // What was refused was never published: at most the one in flight reached Redis.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let published = history(&redis, "s");
+    assert!(published.len() <= 1 + maybe, "{published:?}");
+}
+
+/// The keys of the cluster's generation now (room state only: sessions and liveness are not
+/// under it).
+fn generation_keys(redis: &RedisServer) -> Vec<String> {
+    let mut keys: Vec<String> =
+        redis.query(redis::cmd("KEYS").arg(format!("wsgate:{}:*", redis.generation())));
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn a_room_nobody_is_in_leaves_redis_with_its_history() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let gw = support::TestGateway::start_with(
+        move |config| {
+            config.broker = wsgate::config::BrokerKind::Redis;
+            config.redis_url = url.into();
+            config.redis_unsubscribe_grace = Duration::from_millis(200);
+            config.history_ttl = Duration::from_secs(2);
+        },
+        1,
+    );
+    wait_readiness(&gw, 200).await;
+    // A member who stays, quietly, past the history's time-to-live.
+    let mut stays = user_on(&gw, "stays").await;
+    let epoch = stays.join_room_epoch("kept").await;
+    assert_eq!(publish_surely(&mut stays, "kept", "hello").await, 1);
+    // A client that joins fresh rooms (one with a message) and goes.
+    let mut passer = user_on(&gw, "passer").await;
+    for room in ["a1", "a2", "a3"] {
+        passer.join(room).await;
+    }
+    assert_eq!(publish_surely(&mut passer, "a1", "hi").await, 1);
+    drop(passer);
+    // Its rooms' presence and member counts go with their last member; what is left (their
+    // position and history) expires with the history.
+    wait_until("the abandoned rooms' presence is gone", || {
+        let keys = generation_keys(&redis);
+        !keys.iter().any(|k| {
+            (k.contains(":presence:") || k.contains(":members:")) && !k.ends_with("{kept}")
+        })
+    })
+    .await;
+    for room in ["a1", "a2", "a3"] {
+        let ttl: i64 = redis.query(redis::cmd("TTL").arg(redis.room_key("meta", room)));
+        assert!((1..=2).contains(&ttl), "{room}: {ttl}");
+    }
+    wait_until_for(
+        "the abandoned rooms leave Redis",
+        Duration::from_secs(6),
+        || {
+            generation_keys(&redis)
+                .iter()
+                .all(|k| k.contains("{kept}") || k.ends_with(":rooms"))
+        },
+    )
+    .await;
+    let indexed: Vec<String> =
+        redis.query(redis::cmd("ZRANGE").arg(redis.rooms_key()).arg(0).arg(-1));
+    assert_eq!(indexed, ["kept"]);
+    // The room with a member kept its position: no new epoch, no resync, the stream goes on.
+    let ttl: i64 = redis.query(redis::cmd("TTL").arg(redis.room_key("meta", "kept")));
+    assert!(ttl > 3600, "{ttl}");
+    assert_eq!(publish_surely(&mut stays, "kept", "still").await, 2);
+    let mut late = user_on(&gw, "late").await;
+    assert_eq!(late.join_room_epoch("kept").await, epoch);
+}

@@ -12,13 +12,13 @@ use crate::client_id::ClientId;
 use crate::frame;
 use crate::limits::{Charge, Verdict};
 use crate::node::Node;
-use crate::outbound::{Outbound, QueueTotal};
+use crate::outbound::QueueTotal;
 use crate::protocol::{
     ClientMessage, ErrorReply, PresentUser, ServerMessage, Since, encode_echo, now_ms,
 };
 use crate::rooms::{Joined, Joining, PENDING, RoomState, is_valid_room_name};
 use crate::routing::{self, Publication};
-use crate::shard::{Shard, ShardState};
+use crate::shard::{ConnEntry, Shard, ShardState};
 use crate::stream::Position;
 
 /// Handles one text message from a chat client. Errors are answered, never fatal; a client that
@@ -204,7 +204,8 @@ fn join<'i>(
         let members = joining.state.presence().total();
         // Until the node has synced a room it did not follow, the join waits (`complete_joins`).
         answer_join(
-            &mut conn.outbound,
+            shard,
+            conn,
             &mut state.queued,
             joining,
             members,
@@ -240,9 +241,12 @@ fn join<'i>(
 }
 
 /// Answers a join with `room_joined` and what the client missed (before anything after its
-/// join: never a partial replay) — unless the join waits for the room's sync.
+/// join: never a partial replay) — unless the join waits for the room's sync. What it missed is
+/// replayed within the connection's replay budget ([`Shard::take_replay`]); past it the join
+/// says `recovered: false`, as when the history no longer has it.
 fn answer_join(
-    out: &mut Outbound,
+    shard: &Shard,
+    conn: &mut ConnEntry,
     queued: &mut QueueTotal,
     joining: &Joining,
     members: u32,
@@ -251,16 +255,20 @@ fn answer_join(
     let Some(position) = &joining.position else {
         return;
     };
+    let missed = joining
+        .missed
+        .as_deref()
+        .filter(|missed| shard.take_replay(&mut conn.limiter, missed));
     let reply = ServerMessage::RoomJoined {
         room: &joining.state.name,
         members,
         offset: position.offset,
         epoch: &position.epoch,
-        recovered: since.then_some(joining.missed.is_some()),
+        recovered: since.then_some(missed.is_some()),
     };
-    out.push(reply.encode(), queued);
-    for frame in joining.missed.iter().flatten() {
-        out.push(frame.clone(), queued);
+    conn.outbound.push(reply.encode(), queued);
+    for frame in missed.into_iter().flatten() {
+        conn.outbound.push(frame.clone(), queued);
     }
 }
 
@@ -296,8 +304,8 @@ pub fn complete_joins(shard: &Shard, room: &Arc<RoomState>) {
             if *joined_at == PENDING {
                 *joined_at = position.offset;
             }
-            let out = &mut conns[join.key].outbound;
-            answer_join(out, queued, &joining, members, join.since.is_some());
+            let conn = &mut conns[join.key];
+            answer_join(shard, conn, queued, &joining, members, join.since.is_some());
         }
     }
 }

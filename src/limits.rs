@@ -70,7 +70,7 @@ pub enum Charge {
     RoomOp,
 }
 
-/// Per-connection rate limits, in 24 bytes: five token buckets sharing one refill time. Over a
+/// Per-connection rate limits, in 28 bytes: six token buckets sharing one refill time. Over a
 /// limit, a frame or message is refused and costs a strike; strikes refill at one per second, and
 /// a client out of strikes is closed with 1008.
 pub struct RateLimiter {
@@ -78,6 +78,8 @@ pub struct RateLimiter {
     messages: f32,
     bytes: f32,
     room_ops: f32,
+    /// Bytes of history that may be replayed to the connection (`join_room` with `since`).
+    replay: f32,
     strikes: f32,
     /// Milliseconds (on the shard's clock) of the last refill.
     at_ms: u32,
@@ -98,6 +100,7 @@ pub struct RateLimits {
     messages: (f32, f32),
     bytes: (f32, f32),
     room_ops: (f32, f32),
+    replay: (f32, f32),
     strikes: f32,
 }
 
@@ -118,6 +121,12 @@ impl RateLimits {
                 config.rate_limit_messages,
                 (2 * config.max_rooms_per_connection).max(config.rate_limit_burst as usize) as f32,
             ),
+            // A replay may fill the connection's outbound queue once, then goes at the byte rate
+            // the client may send at: rejoining with `since` is no amplifier.
+            replay: (
+                config.rate_limit_bytes as f32,
+                config.max_queued_bytes as f32,
+            ),
             strikes: config.rate_limit_strikes as f32,
         }
     }
@@ -130,12 +139,13 @@ impl RateLimiter {
             messages: limits.messages.1,
             bytes: limits.bytes.1,
             room_ops: limits.room_ops.1,
+            replay: limits.replay.1,
             strikes: limits.strikes,
             at_ms: now_ms,
         }
     }
 
-    pub fn check(&mut self, limits: &RateLimits, charge: Charge, now_ms: u32) -> Verdict {
+    fn refill(&mut self, limits: &RateLimits, now_ms: u32) {
         // The clock is read once per turn: only the turn's first charge has anything to refill.
         if now_ms != self.at_ms {
             let elapsed = seconds_since(self.at_ms, now_ms);
@@ -144,8 +154,27 @@ impl RateLimiter {
             refill(&mut self.messages, elapsed, limits.messages);
             refill(&mut self.bytes, elapsed, limits.bytes);
             refill(&mut self.room_ops, elapsed, limits.room_ops);
+            refill(&mut self.replay, elapsed, limits.replay);
             refill(&mut self.strikes, elapsed, (1.0, limits.strikes));
         }
+    }
+
+    /// Takes `bytes` of replayed history from the replay budget, if there are enough. A replay
+    /// past it is not given (the join answers `recovered: false`) and costs no strike: asking
+    /// for what one missed is no flood.
+    pub fn take_replay(&mut self, limits: &RateLimits, bytes: usize, now_ms: u32) -> bool {
+        self.refill(limits, now_ms);
+        let cost = bytes as f32;
+        if self.replay >= cost {
+            self.replay -= cost;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn check(&mut self, limits: &RateLimits, charge: Charge, now_ms: u32) -> Verdict {
+        self.refill(limits, now_ms);
         let (bucket, cost) = match charge {
             Charge::Frame => (&mut self.frames, 1.0),
             Charge::Bytes(len) => (&mut self.bytes, len as f32),

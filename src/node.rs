@@ -184,6 +184,9 @@ pub struct Counters {
     pub http_expired: AtomicU64,
     /// Joins of a new room refused at `max_rooms`.
     pub rooms_refused: AtomicU64,
+    /// Joins with `since` answered `recovered: false` because the connection's replay budget
+    /// was spent (the history still had what it missed).
+    pub replays_refused: AtomicU64,
     /// Requests answered 400 or 431: a malformed or oversized head, a malformed upgrade.
     pub bad_requests: AtomicU64,
     /// Connections dropped for not sending a request head within `handshake_timeout`.
@@ -240,7 +243,7 @@ impl Counters {
 
     /// Every counter but the per-reason authentication refusals: its public name, what it
     /// counts (the metric's help), and the counter.
-    pub fn described(&self) -> [(&'static str, &'static str, &AtomicU64); 33] {
+    pub fn described(&self) -> [(&'static str, &'static str, &AtomicU64); 34] {
         [
             (
                 "origin_refused",
@@ -316,6 +319,11 @@ impl Counters {
                 "broker_catch_ups",
                 "Rooms caught up from their Redis history",
                 &self.broker_catch_ups,
+            ),
+            (
+                "replays_refused",
+                "Joins with since not replayed: the connection's replay budget was spent",
+                &self.replays_refused,
             ),
             (
                 "broker_generations",

@@ -355,6 +355,20 @@ impl Shard {
         verdict
     }
 
+    /// Whether `frames` of history may be replayed to a connection (`limiter`): charged to its
+    /// replay budget, counted (`replays_refused`) when refused.
+    pub fn take_replay(&self, limiter: &mut RateLimiter, frames: &[Bytes]) -> bool {
+        let bytes = frames.iter().map(|f| f.len()).sum();
+        let taken = limiter.take_replay(&self.limits, bytes, self.clock_ms());
+        if !taken {
+            self.node
+                .counters
+                .replays_refused
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        taken
+    }
+
     /// Closes a connection that kept flooding past its strikes: 1008 "rate limit exceeded".
     pub fn close_flooder(&self, key: usize) {
         debug!(key, "closing (1008): rate limit exceeded");

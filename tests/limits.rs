@@ -243,3 +243,38 @@ async fn new_rooms_are_budgeted_per_user_and_per_address() {
 async fn refused_rooms(gw: &TestGateway) -> u64 {
     refused(gw).await["rooms_refused"].as_u64().unwrap()
 }
+
+#[tokio::test]
+async fn replayed_history_is_charged_to_a_replay_budget() {
+    let gw = TestGateway::start_with(
+        |c| {
+            c.max_queued_bytes = 8192;
+            c.rate_limit_bytes = 4096;
+        },
+        1,
+    );
+    let mut writer = gw.client().await;
+    let epoch = writer.join_room_epoch("h").await;
+    let text = "x".repeat(200);
+    for _ in 0..20 {
+        writer.chat("h", &text).await;
+    }
+    writer.chats(20).await;
+    // ~5 KB of history: the first replay fits the budget (one outbound queue's worth).
+    let mut reader = gw.client().await;
+    let joined = reader.join_since("h", Some((0, &epoch))).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(reader.chats(20).await.len(), 20);
+    // Leaving and rejoining from the start at once would replay it again: refused, told.
+    reader.send("leave_room", json!({"room": "h"})).await;
+    let joined = reader.join_since("h", Some((0, &epoch))).await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    reader.expect_silence().await;
+    assert_eq!(refused(&gw).await["replays_refused"], 1);
+    // It refills at the byte rate: later, the same replay is given.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    reader.send("leave_room", json!({"room": "h"})).await;
+    let joined = reader.join_since("h", Some((0, &epoch))).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(reader.chats(20).await.len(), 20);
+}

@@ -760,3 +760,55 @@ async fn the_tls_handshake_and_the_request_head_share_one_timeout() {
     );
     assert!(closed_after >= Duration::from_secs(2), "{closed_after:?}");
 }
+
+#[tokio::test]
+async fn half_open_tls_handshakes_are_evicted_like_idle_connections() {
+    let files = pem_files("half-open");
+    let pki = Pki::issue(&files);
+    let (cert, key) = (files.0.to_str().unwrap(), files.1.to_str().unwrap());
+    // 300 descriptors: room for ~230 sockets once the reserve is taken.
+    let gateway = support::process::GatewayProcess::start(
+        &["--shards", "1"],
+        &[
+            ("WSGATE_ALLOW_ANONYMOUS", "true"),
+            ("WSGATE_TLS_CERT_FILE", cert),
+            ("WSGATE_TLS_KEY_FILE", key),
+        ],
+        Some(300),
+    );
+    let addr = gateway.addr;
+    // 300 sockets from one address, half of them with part of a ClientHello, none finishing.
+    let mut held = Vec::new();
+    for i in 0..300 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from(([127, 0, 0, 2], 0))).unwrap();
+        let Ok(mut tcp) = socket.connect(addr).await else {
+            continue;
+        };
+        if i % 2 == 0 {
+            let _ = tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await;
+        }
+        held.push(tcp);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // A wss:// client from another address still gets in, and so does an https:// probe.
+    let tcp = support::connect_from([127, 0, 0, 3], addr).await;
+    let tls = tokio::time::timeout(PATIENCE, pki.connect_over(tcp))
+        .await
+        .expect("the handshake is answered within seconds")
+        .expect("the handshake succeeds");
+    let mut ws = upgrade(tls, "/ws").await;
+    assert_eq!(next_json(&mut ws).await["type"], "connected");
+    ws.send(Message::text(r#"{"type":"echo","payload":"in"}"#))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["payload"], "in");
+    let (status, body) = https_request(&pki, addr, "/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        health["refused"]["http_evicted"].as_u64().unwrap() >= 2,
+        "{health}"
+    );
+    drop(held);
+}

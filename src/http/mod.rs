@@ -53,10 +53,12 @@ use tokio::net::TcpStream;
 use tracing::{debug, error};
 
 use crate::limits::Refusal;
+use crate::node::Node;
 use crate::shard::{Endpoint, SHUTDOWN_REASON, Shard};
 use crate::transport::Stream;
 use crate::{auth, conn};
 use head::{HeadError, Prefixed};
+use idle::Registered;
 
 const TEST_PAGE: &str = include_str!("../page/index.html");
 
@@ -71,9 +73,25 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, peer: IpAddr) {
         upgraded: Cell::new(false),
     };
     let deadline = tokio::time::Instant::now() + shard.node.config.handshake_timeout;
-    if let Some(stream) = handshake(&shard, tcp, &place, deadline).await {
-        serve_http(&shard, stream, peer, &place, deadline).await;
+    // Idle from accept: a socket that sends nothing, or half a TLS handshake, is closed to make
+    // room like any idle HTTP connection (else a few hundred of them lock every client out).
+    let registered = shard.node.http.register();
+    let handshaken = tokio::select! {
+        stream = handshake(&shard, tcp, &place, deadline) => stream,
+        _ = registered.evict.notified() => {
+            evicted(&shard.node, peer);
+            None
+        }
+    };
+    if let Some(stream) = handshaken {
+        serve_http(&shard, stream, peer, &place, &registered, deadline).await;
     }
+}
+
+/// An idle connection was closed to make room.
+fn evicted(node: &Node, peer: IpAddr) {
+    node.counters.http_evicted.fetch_add(1, Ordering::Relaxed);
+    debug!(%peer, "idle HTTP connection closed to make room");
 }
 
 /// An accepted socket's place in the admission counts, given back when its task ends however
@@ -181,6 +199,7 @@ async fn serve_http(
     mut stream: Stream,
     peer: IpAddr,
     place: &SocketPlace<'_>,
+    registered: &Registered<'_>,
     deadline: tokio::time::Instant,
 ) {
     let (counted_as, upgraded) = (&place.counted_as, &place.upgraded);
@@ -188,11 +207,7 @@ async fn serve_http(
     let config = &node.config;
     // Over TLS the PROXY header came before the handshake.
     let proxy_header = node.tls.is_none() && place.expects_proxy_header();
-    let registered = node.http.register();
-    let evicted = || {
-        node.counters.http_evicted.fetch_add(1, Ordering::Relaxed);
-        debug!(%peer, "idle HTTP connection closed to make room");
-    };
+    let evicted = || evicted(node, peer);
     let first = tokio::select! {
         head = head::read_first(
             &mut stream,

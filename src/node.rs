@@ -481,9 +481,6 @@ pub async fn housekeeping(node: Arc<Node>, every: Duration) {
     loop {
         ticker.tick().await;
         node.rooms.sweep();
-        if let Some(tls) = &node.tls {
-            tls.reload_if_changed();
-        }
         let now = node.counters.values();
         let changed: Vec<String> = now
             .iter()

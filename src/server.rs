@@ -118,6 +118,16 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
             Err(e) => return Err(gateway.abort(e)),
         }
     }
+    if gateway.node.tls.is_some() {
+        let (node, stop) = (gateway.node.clone(), gateway.shutdown.clone());
+        let spawned = std::thread::Builder::new()
+            .name("wsgate-tls".into())
+            .spawn(move || watch_certificate(&node, &stop));
+        match spawned {
+            Ok(thread) => gateway.threads.push(thread),
+            Err(e) => return Err(gateway.abort(e)),
+        }
+    }
     if let Some(engine) = engine {
         let (node, stop) = (gateway.node.clone(), gateway.shutdown.clone());
         let spawned = std::thread::Builder::new()
@@ -284,6 +294,17 @@ fn run_shard(
             task.abort();
         }
     });
+}
+
+/// Reloads the TLS certificate when its files change, until `stop`: on a thread of its own, as
+/// reading the files may block (a slow disk, a network file system) and must never hold a shard.
+fn watch_certificate(node: &Node, stop: &CancellationToken) {
+    while !stop.is_cancelled() {
+        std::thread::sleep(HOUSEKEEPING_INTERVAL);
+        if let Some(tls) = &node.tls {
+            tls.reload_if_changed();
+        }
+    }
 }
 
 /// Delivers what other shards publish to this shard's clients, until shutdown, a batch at a

@@ -1,6 +1,9 @@
 //! TLS (wss://, https://) with rustls: the certificate chain and key from PEM files
 //! (`tls_cert_file`, `tls_key_file`), reloaded without a restart — on SIGHUP, or when either
-//! file changes — for new handshakes only: connections already up keep their session.
+//! file changes — for new handshakes only: connections already up keep their session. The files
+//! are read off the shard threads (the signal handler's thread, or the watcher's, see
+//! `server::start`), must be plain files (a FIFO in their place would block the reader), and
+//! are read up to [`MAX_PEM_BYTES`] each.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -13,6 +16,9 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::{info, warn};
+
+/// The largest certificate chain or key file read: a chain is a few KiB.
+pub const MAX_PEM_BYTES: u64 = 1 << 20;
 
 /// The listener's TLS: the configuration handshakes are accepted with (see
 /// [`crate::transport::tls::accept`]), and the certificate it presents.
@@ -113,23 +119,89 @@ fn stamps(cert_file: &Path, key_file: &Path) -> (Option<SystemTime>, Option<Syst
     (modified(cert_file), modified(key_file))
 }
 
+/// A PEM file's bytes, if it is a plain file of at most [`MAX_PEM_BYTES`].
+fn read_pem(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let plain = |meta: std::fs::Metadata| {
+        if !meta.is_file() {
+            return Err(std::io::Error::other("not a plain file"));
+        }
+        if meta.len() > MAX_PEM_BYTES {
+            return Err(std::io::Error::other(format!(
+                "larger than {MAX_PEM_BYTES} bytes"
+            )));
+        }
+        Ok(())
+    };
+    // Checked before opening (opening a FIFO for reading blocks until a writer comes), and the
+    // opened file checked again, and read no further than the bound whatever it says.
+    plain(std::fs::metadata(path)?)?;
+    let file = std::fs::File::open(path)?;
+    plain(file.metadata()?)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_PEM_BYTES} bytes"
+        )));
+    }
+    Ok(bytes)
+}
+
 fn load(cert_file: &Path, key_file: &Path) -> Result<Loaded, String> {
     let stamps = stamps(cert_file, key_file);
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
-        .and_then(|certs| certs.collect())
-        .map_err(|e| format!("tls_cert_file {}: {e}", cert_file.display()))?;
+    let cert_error =
+        |e: &dyn std::fmt::Display| format!("tls_cert_file {}: {e}", cert_file.display());
+    let key_error = |e: &dyn std::fmt::Display| format!("tls_key_file {}: {e}", key_file.display());
+    let cert_pem = read_pem(cert_file).map_err(|e| cert_error(&e))?;
+    let key_pem = read_pem(key_file).map_err(|e| key_error(&e))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| cert_error(&e))?;
     if chain.is_empty() {
         return Err(format!(
             "tls_cert_file {}: no certificate in it (PEM \"BEGIN CERTIFICATE\")",
             cert_file.display()
         ));
     }
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| format!("tls_key_file {}: {e}", key_file.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| key_error(&e))?;
     let key = CertifiedKey::from_der(chain, key, &aws_lc_rs::default_provider())
-        .map_err(|e| format!("tls_key_file {}: {e}", key_file.display()))?;
+        .map_err(|e| key_error(&e))?;
     Ok(Loaded {
         key: Arc::new(key),
         stamps,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_files_within_the_bound_are_read() {
+        let dir = std::env::temp_dir().join(format!("wsgate-pem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo.pem");
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // A FIFO nobody writes to: refused at once, not waited on.
+        let started = std::time::Instant::now();
+        let error = load(&fifo, &fifo).unwrap_err();
+        assert!(error.contains("not a plain file"), "{error}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let huge = dir.join("huge.pem");
+        std::fs::write(&huge, vec![b'x'; MAX_PEM_BYTES as usize + 1]).unwrap();
+        let error = load(&huge, &huge).unwrap_err();
+        assert!(
+            error.contains("tls_cert_file") && error.contains("larger than"),
+            "{error}"
+        );
+        let error = load(&dir, &dir).unwrap_err();
+        assert!(error.contains("not a plain file"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -812,3 +812,50 @@ async fn half_open_tls_handshakes_are_evicted_like_idle_connections() {
     );
     drop(held);
 }
+
+#[tokio::test]
+async fn certificate_files_that_are_not_plain_files_or_too_big_are_refused_without_stalling() {
+    let files = pem_files("fifo");
+    let pki = Pki::issue(&files);
+    let gw = gateway(&files);
+    let chain = std::fs::read_to_string(&files.0).unwrap();
+    let mut before = pki.websocket(gw.addr, "/ws").await;
+    assert_eq!(next_json(&mut before).await["type"], "connected");
+    // The certificate replaced by a FIFO nobody writes to: the watcher notices the change and
+    // refuses it at once; then by a valid chain followed by 2 MB of junk.
+    std::fs::remove_file(&files.0).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&files.0)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        gw.gateway()
+            .reload_tls()
+            .unwrap_err()
+            .contains("not a plain file"),
+        "SIGHUP's reload says why"
+    );
+    std::fs::remove_file(&files.0).unwrap();
+    let junk = chain + &"x".repeat(2 << 20);
+    std::fs::write(&files.0, junk).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        gw.gateway()
+            .reload_tls()
+            .unwrap_err()
+            .contains("larger than")
+    );
+    // Every shard kept serving, with the certificate it had: old and new connections work.
+    before
+        .send(Message::text(r#"{"type":"echo","payload":"still"}"#))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut before).await["payload"], "still");
+    for _ in 0..4 {
+        let mut ws = pki.websocket(gw.addr, "/ws").await;
+        assert_eq!(next_json(&mut ws).await["type"], "connected");
+    }
+    assert_eq!(https_get(&pki, gw.addr, "/healthz").await, 200);
+}

@@ -10,7 +10,7 @@ use crate::auth::Identity;
 use crate::broker::Broker;
 use crate::client_id::ClientId;
 use crate::frame;
-use crate::limits::{Charge, Verdict};
+use crate::limits::{Charge, Creator, Verdict};
 use crate::node::Node;
 use crate::outbound::QueueTotal;
 use crate::protocol::{
@@ -172,11 +172,12 @@ fn join<'i>(
         if conn.rooms.len() >= max_rooms && !conn.rooms.iter().any(|r| &**r == room) {
             return Err(ErrorReply::TooManyRooms(max_rooms));
         }
-        // A room the node holds nothing of is new: it costs the user and the address a room of
-        // their budgets (a race with another join of it costs one more, never less).
+        // A room the node holds nothing of is new: it costs the user (anonymous connections:
+        // their address) a room of its budget; a race with another join of it costs one more.
         let anonymous = Arc::ptr_eq(&conn.identity, &shard.node.anonymous);
-        let user = (!anonymous).then_some(&conn.identity.user_id);
-        if shard.node.rooms.get(room).is_none() && !shard.node.room_creation.take(user, conn.peer) {
+        let creator = Creator::of((!anonymous).then_some(&conn.identity.user_id), conn.peer);
+        let creates = shard.node.rooms.get(room).is_none();
+        if creates && !shard.node.room_creation.take(&creator) {
             let counters = &shard.node.counters;
             counters.rooms_refused.fetch_add(1, Ordering::Relaxed);
             return Err(ErrorReply::RoomCreationLimited);
@@ -185,6 +186,9 @@ fn join<'i>(
             .rooms
             .join(&shard.node.rooms, shard.index, room, key, since.as_ref())
             .map_err(|_| {
+                if creates {
+                    shard.node.room_creation.give_back(&creator);
+                }
                 let counters = &shard.node.counters;
                 counters.rooms_refused.fetch_add(1, Ordering::Relaxed);
                 ErrorReply::ServerRoomLimit

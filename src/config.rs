@@ -47,9 +47,9 @@ pub struct Config {
     /// Rooms this node holds at once (with members, or with history not yet expired); joining a
     /// new room past it is refused. Default 100,000.
     pub max_rooms: usize,
-    /// New rooms (rooms this node holds nothing of) each user and each address may join, per
-    /// second, after a burst of `room_creation_burst`: one client cannot fill `max_rooms` (or
-    /// Redis) for everyone. Default 2/s, burst 200.
+    /// New rooms (rooms this node holds nothing of) each user (anonymous connections: each
+    /// address) may join, per second, after a burst of `room_creation_burst`: one client cannot
+    /// fill `max_rooms` (or Redis) for everyone. Default 2/s, burst 200.
     pub room_creation_rate: f32,
     pub room_creation_burst: u32,
     /// Messages each room keeps for clients that reconnect (`join_room` with `since`); 0 keeps

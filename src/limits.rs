@@ -433,15 +433,26 @@ impl Admission {
     }
 }
 
-/// Who a new room is charged to: a user (across its connections), and the address it comes
-/// from (anonymous connections have only that).
+/// Who a new room is charged to: an authenticated user (across its connections and addresses),
+/// or for anonymous connections the address they come from. Authenticated users are not charged
+/// per address too: many users behind one NAT would share one budget.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum Creator {
+pub enum Creator {
     User(Arc<str>),
     Address(IpAddr),
 }
 
-/// How many new rooms each user and each address may make this node hold: a token bucket each
+impl Creator {
+    /// The user, or (`None`: anonymous) the address `ip`.
+    pub fn of(user: Option<&Arc<str>>, ip: IpAddr) -> Self {
+        match user {
+            Some(user) => Creator::User(user.clone()),
+            None => Creator::Address(ip_key(ip)),
+        }
+    }
+}
+
+/// How many new rooms each creator may make this node hold: a token bucket each
 /// (`room_creation_burst`, refilled at `room_creation_rate` per second). A room is new when the
 /// node holds nothing of it; joining a room the node holds costs nothing. One client cycling
 /// connections through fresh room names thereby cannot fill `max_rooms` (or Redis) for everyone.
@@ -462,26 +473,10 @@ impl RoomCreation {
         }
     }
 
-    /// Takes one new room from the budgets of `user` (`None`: anonymous) and of the address
-    /// `ip`; returns false, taking nothing, when either is spent.
-    pub fn take(&self, user: Option<&Arc<str>>, ip: IpAddr) -> bool {
+    /// Takes one new room from `creator`'s budget; false when it is spent.
+    pub fn take(&self, creator: &Creator) -> bool {
         let now_ms = self.epoch.elapsed().as_millis() as u32;
-        let address = Creator::Address(ip_key(ip));
-        let user = user.map(|u| Creator::User(u.clone()));
-        // Each budget is checked under its own stripe's lock; the user's is given back if the
-        // address's is spent, so a refusal costs neither.
-        if let Some(user) = &user
-            && !self.take_one(user, now_ms)
-        {
-            return false;
-        }
-        if self.take_one(&address, now_ms) {
-            return true;
-        }
-        if let Some(user) = &user {
-            self.give_back(user);
-        }
-        false
+        self.take_one(creator, now_ms)
     }
 
     fn stripe(&self, creator: &Creator) -> MutexGuard<'_, HashMap<Creator, Bucket>> {
@@ -508,7 +503,8 @@ impl RoomCreation {
             .take(1.0, rate, burst, now_ms)
     }
 
-    fn give_back(&self, creator: &Creator) {
+    /// Gives back a room taken for a join that was refused for another reason.
+    pub fn give_back(&self, creator: &Creator) {
         if let Some(bucket) = self.stripe(creator).get_mut(creator) {
             bucket.tokens = (bucket.tokens + 1.0).min(self.burst);
         }

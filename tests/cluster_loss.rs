@@ -215,11 +215,9 @@ async fn messages_queued_for_a_stalled_redis_are_answered_before_a_stopping_node
         }
     }
     assert_eq!(answers.len(), 5, "{answers:?}");
+    // "Maybe" for what was on its way when Redis stopped answering (one batch), "retry" for
+    // what was still queued.
     let maybe = answers.iter().filter(|a| a.contains("may")).count();
-    assert!(
-        maybe <= 1,
-        "at most the one in flight is unknown: {answers:?}"
-    );
     assert!(
         answers
             .iter()
@@ -228,10 +226,13 @@ async fn messages_queued_for_a_stalled_redis_are_answered_before_a_stopping_node
     );
     redis.resume();
     stopped.await.unwrap();
-    // What was refused was never published: at most the one in flight reached Redis.
+    // What was refused as not sent was never published: only "maybe" ones may have been.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let published = history(&redis, "s");
-    assert!(published.len() <= 1 + maybe, "{published:?}");
+    let stalled = history(&redis, "s")
+        .into_iter()
+        .filter(|(_, m)| m.starts_with("stalled"))
+        .count();
+    assert!(stalled <= maybe, "{stalled} published, {answers:?}");
 }
 
 /// The keys of the cluster's generation now (room state only: sessions and liveness are not
@@ -300,4 +301,192 @@ async fn a_room_nobody_is_in_leaves_redis_with_its_history() {
     assert_eq!(publish_surely(&mut stays, "kept", "still").await, 2);
     let mut late = user_on(&gw, "late").await;
     assert_eq!(late.join_room_epoch("kept").await, epoch);
+}
+
+#[tokio::test]
+async fn an_idle_cluster_keeps_its_generation() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1]).await;
+    let generation = redis.generation();
+    // Connections write sessions (not room state): no room write counts in the era's clock.
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(n.client().await);
+    }
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(redis.generation(), generation);
+    for n in &nodes {
+        assert_eq!(counter(n, "broker_generations").await, 0);
+        assert_eq!(counter(n, "broker_disconnects").await, 0);
+    }
+}
+
+#[tokio::test]
+async fn a_redis_restored_to_an_older_generation_starts_a_newer_one() {
+    let mut redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1]).await;
+    let mut alice = user_on(&nodes[0], "alice").await;
+    let mut bob = user_on(&nodes[1], "bob").await;
+    alice.join("o").await;
+    bob.join("o").await;
+    assert_eq!(publish_surely(&mut alice, "o", "first").await, 1);
+    assert_eq!(bob.chats(1).await, vec![(1, "first".to_owned())]);
+    let first = redis.generation();
+    assert!(first.starts_with("1-"), "{first}");
+    redis.save();
+    let _: String = redis.query(&mut redis::cmd("FLUSHALL"));
+    assert_eq!(alice.next_not_presence().await["type"], "resync");
+    assert_eq!(bob.next_not_presence().await["type"], "resync");
+    let second = redis.generation();
+    assert!(second.starts_with("2-"), "{second}");
+    assert_eq!(publish_surely(&mut alice, "o", "second").await, 1);
+    assert_eq!(bob.chats(1).await, vec![(1, "second".to_owned())]);
+    // Back on the snapshot of the first generation: not taken up again, a third one starts.
+    redis.restart();
+    assert_eq!(alice.next_not_presence().await["type"], "resync");
+    assert_eq!(bob.next_not_presence().await["type"], "resync");
+    let third = redis.generation();
+    assert!(third.starts_with("3-"), "{third}");
+    assert_eq!(publish_surely(&mut alice, "o", "third").await, 1);
+    assert_eq!(bob.chats(1).await, vec![(1, "third".to_owned())]);
+}
+
+#[tokio::test]
+async fn a_redis_that_goes_back_in_time_under_open_connections_hands_out_no_offset_twice() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1]).await;
+    let mut alice = user_on(&nodes[0], "alice").await;
+    let mut bob = user_on(&nodes[1], "bob").await;
+    alice.join("d").await;
+    bob.join("d").await;
+    assert_eq!(publish_surely(&mut alice, "d", "m1").await, 1);
+    assert_eq!(bob.chats(1).await, vec![(1, "m1".to_owned())]);
+    redis.save();
+    for (i, text) in ["m2", "m3"].iter().enumerate() {
+        assert_eq!(publish_surely(&mut alice, "d", text).await, i as u64 + 2);
+        assert_eq!(bob.chats(1).await, vec![(i as u64 + 2, text.to_string())]);
+    }
+    // Back on the snapshot in place: the nodes' connections stay open.
+    let _: String = redis.query(redis::cmd("DEBUG").arg("RELOAD").arg("NOSAVE"));
+    // The next message is refused (retry), never given offset 2 again; the room starts over.
+    // (A beat may notice first: then the message is refused as Redis is away.)
+    alice.chat("d", "n1").await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let reply = alice.next_not_presence().await;
+        got.push(match reply["type"].as_str() {
+            Some("error") => reply["error"].as_str().unwrap().to_owned(),
+            _ => reply["type"].as_str().unwrap().to_owned(),
+        });
+    }
+    got.sort();
+    assert_eq!(got, ["Service unavailable: retry", "resync"]);
+    assert_eq!(bob.next_not_presence().await["type"], "resync");
+    assert_eq!(publish_surely(&mut alice, "d", "n1").await, 1);
+    assert_eq!(bob.chats(1).await, vec![(1, "n1".to_owned())]);
+}
+
+#[tokio::test]
+async fn a_crashed_nodes_members_do_not_keep_a_room_in_redis() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let env = [
+        ("WSGATE_BROKER", "redis"),
+        ("WSGATE_REDIS_URL", url.as_str()),
+        ("WSGATE_JWT_SECRET", support::TEST_SECRET),
+        ("WSGATE_SHARDS", "1"),
+    ];
+    let doomed = support::process::GatewayProcess::start(&[], &env, None);
+    let survivor = node(&redis, 1);
+    wait_readiness(&survivor, 200).await;
+    let mut sam = user_on(&survivor, "sam").await;
+    sam.join("c").await;
+    let url = format!(
+        "ws://{}/ws?token={}",
+        doomed.addr,
+        support::token_for("vic")
+    );
+    let mut vic = Client::connect(&url).await;
+    vic.join("c").await;
+    assert_eq!(sam.expect("user_joined").await["userId"], "vic");
+    drop(doomed);
+    drop(vic);
+    let left = sam
+        .expect_within("user_left", Duration::from_secs(15))
+        .await;
+    assert_eq!(left["userId"], "vic");
+    // The last live member leaves: the dead node's count does not keep the room's keys.
+    sam.send("leave_room", json!({"room": "c"})).await;
+    wait_until("the room's presence and counts are gone", || {
+        let exists: i64 = redis.query(
+            redis::cmd("EXISTS")
+                .arg(redis.room_key("members", "c"))
+                .arg(redis.room_key("presence", "c")),
+        );
+        exists == 0
+    })
+    .await;
+    let ttl: i64 = redis.query(redis::cmd("TTL").arg(redis.room_key("meta", "c")));
+    assert!(
+        (1..=300).contains(&ttl),
+        "the history's time-to-live: {ttl}"
+    );
+    let indexed: Vec<String> =
+        redis.query(redis::cmd("ZRANGE").arg(redis.rooms_key()).arg(0).arg(-1));
+    assert!(indexed.is_empty(), "{indexed:?}");
+}
+
+#[tokio::test]
+async fn a_stopping_node_delivers_what_it_published_before_closing() {
+    let redis = RedisServer::start();
+    let mut nodes = cluster(&redis, &[1]).await;
+    let mut alice = user_on(&nodes[0], "alice").await;
+    alice.join("e").await;
+    for i in 0..50 {
+        alice.chat("e", &format!("m{i}")).await;
+    }
+    // Read by the node (an echo is answered in order, without Redis), then it stops.
+    alice.send("echo", json!("read")).await;
+    let mut answered = 0;
+    loop {
+        let msg = tokio::time::timeout(4 * PATIENCE, alice.ws.next())
+            .await
+            .expect("answers and the echo")
+            .expect("open")
+            .expect("no error");
+        let Message::Text(text) = msg else { continue };
+        let reply: Value = serde_json::from_str(&text).unwrap();
+        match reply["type"].as_str() {
+            Some("echo") => break,
+            Some("chat_message" | "error") => answered += 1,
+            _ => {}
+        }
+    }
+    let mut stopping = nodes.remove(0);
+    let stopped = tokio::spawn(async move { stopping.stop().await });
+    loop {
+        let msg = tokio::time::timeout(4 * PATIENCE, alice.ws.next())
+            .await
+            .expect("answers and a close")
+            .expect("a close frame before the end")
+            .expect("no error");
+        match msg {
+            Message::Text(text) => {
+                let reply: Value = serde_json::from_str(&text).unwrap();
+                if matches!(reply["type"].as_str(), Some("chat_message" | "error")) {
+                    answered += 1;
+                }
+            }
+            Message::Close(frame) => {
+                assert_eq!(frame.map(|f| u16::from(f.code)), Some(1001));
+                break;
+            }
+            _ => {}
+        }
+    }
+    stopped.await.unwrap();
+    assert_eq!(
+        answered, 50,
+        "every message answered: its echo, or an error"
+    );
 }

@@ -113,8 +113,13 @@ fn forwarded_for(headers: &HeaderMap) -> Option<Hops> {
         let Some(elements) = forwarded_elements(value) else {
             return Some(Err("malformed Forwarded header"));
         };
-        // An element without `for=` says nothing of the address.
-        for node in elements.into_iter().flatten() {
+        for node in elements {
+            // An element without `for=` (a proxy that added only `proto=`, say) hides the
+            // address of that hop: what is left of it was written by someone not trusted.
+            let Some(node) = node else {
+                hops.push(None);
+                continue;
+            };
             if node.eq_ignore_ascii_case("unknown") || node.starts_with('_') {
                 hops.push(None);
                 continue;
@@ -200,9 +205,19 @@ fn node_address(node: &str) -> Option<IpAddr> {
 }
 
 fn written_address(node: &str) -> Option<IpAddr> {
+    // A port, or an obfuscated one (RFC 7239 §6.3: `_` and letters, digits, `.`, `_`, `-`).
+    let is_port = |port: &str| {
+        port.parse::<u16>().is_ok()
+            || port.strip_prefix('_').is_some_and(|rest| {
+                !rest.is_empty()
+                    && rest
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            })
+    };
     if let Some(rest) = node.strip_prefix('[') {
         let (address, port) = rest.split_once(']')?;
-        if !(port.is_empty() || port.strip_prefix(':')?.parse::<u16>().is_ok()) {
+        if !(port.is_empty() || is_port(port.strip_prefix(':')?)) {
             return None;
         }
         return address.parse().ok();
@@ -211,7 +226,7 @@ fn written_address(node: &str) -> Option<IpAddr> {
         return Some(address);
     }
     let (address, port) = node.rsplit_once(':')?;
-    port.parse::<u16>().ok()?;
+    is_port(port).then_some(())?;
     address.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
@@ -345,6 +360,18 @@ mod tests {
         assert!(proxies.client(&quoted, ip("10.0.0.6")).is_err());
         let unterminated = headers(&[("forwarded", r#"for="9.9.9.1"#)]);
         assert!(proxies.client(&unterminated, ip("10.0.0.6")).is_err());
+        // A trusted proxy's element without `for=` does not let the client's own word through.
+        let spoof = headers(&[("forwarded", "for=1.1.1.1, proto=https")]);
+        assert!(proxies.client(&spoof, ip("10.0.0.6")).is_err());
+        // Obfuscated ports are RFC 7239's too.
+        let obfuscated = headers(&[(
+            "forwarded",
+            r#"for="192.0.2.1:_p1", for="[2001:db8::1]:_x""#,
+        )]);
+        assert_eq!(
+            proxies.client(&obfuscated, ip("10.0.0.6")),
+            Ok(ip("2001:db8::1"))
+        );
     }
 
     #[test]

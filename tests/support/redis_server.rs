@@ -52,6 +52,8 @@ impl RedisServer {
         let appendonly = if self.persistent { "yes" } else { "no" };
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            // DEBUG RELOAD: Redis back on its snapshot without dropping its clients.
+            .args(["--enable-debug-command", "local"])
             .args([
                 "--save",
                 "",

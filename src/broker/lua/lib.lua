@@ -58,13 +58,20 @@ local function entry_conns(entry)
 end
 
 -- A room's members hash (node -> its connections in the room) changed for `node`: by `delta`, or
--- set to `total`. The room is in the rooms index (a sorted set, all scores 0, read in name
+-- set to `total`; the counts of nodes not `alive` (a table, see alive_nodes) are dropped on the
+-- way, so a crashed node's members do not keep a room (and its keys) alive. The room is in the rooms index (a sorted set, all scores 0, read in name
 -- order) while any node has connections in it, and the hash lives `ttl` seconds past its last
 -- change, as the presence hash does. Counting here lets the server API count a room's members
 -- per node instead of reading every user's entry.
-local function count_members(members, index, room, node, delta, total, ttl)
+local function count_members(members, index, room, node, delta, total, ttl, alive)
   as_kind(members, "hash")
   as_kind(index, "zset")
+  local counts = redis.call("hgetall", members)
+  for i = 1, #counts, 2 do
+    if counts[i] ~= node and not alive[counts[i]] then
+      redis.call("hdel", members, counts[i])
+    end
+  end
   local conns = total
   if not conns then
     conns = (tonumber(redis.call("hget", members, node)) or 0) + delta
@@ -72,6 +79,9 @@ local function count_members(members, index, room, node, delta, total, ttl)
   if conns > 0 then
     redis.call("hset", members, node, conns)
     redis.call("zadd", index, 0, room)
+    -- Rooms leave the index with their last member; one whose counts expired (no change for
+    -- as long) is taken out as a page passes it, and the index itself goes when nothing changed.
+    redis.call("expire", index, ttl)
   else
     redis.call("hdel", members, node)
   end
@@ -120,11 +130,16 @@ local function alive_nodes(nodes_key)
   return alive
 end
 
--- Whether `gen` is the cluster's generation (see era.lua): every script that writes a room's
--- keys checks it first, so that no node writes under a generation Redis no longer has (after a
--- flush, or a restart that went back in time, the node reconnects and reads the new one).
-local function era_is(era, gen)
-  return redis.call("type", era)["ok"] == "hash" and redis.call("hget", era, "gen") == gen
+-- Whether `gen` is the cluster's generation (see era.lua), and (given `seen`, the highest clock
+-- the writing node saw) whether Redis has all the writes the node saw: every script that writes
+-- a room's keys checks it first, so that no node writes under a generation Redis no longer has,
+-- nor hands out offsets again after Redis went back in time (the node reconnects and reads the
+-- generation anew).
+local function era_is(era, gen, seen)
+  if redis.call("type", era)["ok"] ~= "hash" or redis.call("hget", era, "gen") ~= gen then
+    return false
+  end
+  return not seen or (tonumber(redis.call("hget", era, "clock")) or 0) >= tonumber(seen)
 end
 
 -- Counts one write of the generation; returns the count (the era's clock). Each node remembers

@@ -1,12 +1,13 @@
 -- Replaces everything a room's presence hash holds of one node (after the node reconnected: what
 -- changed while Redis was away was not recorded), and tells the nodes following the room.
 -- KEYS[1]: the room's presence hash (see presence.lua); KEYS[2]: its members hash; KEYS[3]: the
--- rooms index; KEYS[4]: the era hash (see era.lua); KEYS[5]: the room's meta hash.
+-- rooms index; KEYS[4]: the era hash (see era.lua); KEYS[5]: the room's meta hash; KEYS[6]: the
+-- nodes hash (see beat.lua).
 -- ARGV: node, change number, channel, TTL (s), room, the node's generation, TTL once the room
--- has no member (s, see lib.lua's room_lifetime), then the node's entries: user, entry (JSON),
--- ...
+-- has no member (s, see lib.lua's room_lifetime), the highest era clock the node saw, then the
+-- node's entries: user, entry (JSON), ...
 -- Returns the era's clock; an ERA_CHANGED error (nothing written) under another generation.
-if not era_is(KEYS[4], ARGV[6]) then
+if not era_is(KEYS[4], ARGV[6], ARGV[8]) then
   return redis.error_reply(ERA_CHANGED)
 end
 as_kind(KEYS[1], "hash")
@@ -18,13 +19,13 @@ for _, field in ipairs(redis.call("hkeys", KEYS[1])) do
 end
 local entries = {}
 local conns = 0
-for i = 8, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   redis.call("hset", KEYS[1], prefix .. ARGV[i], ARGV[i + 1])
   table.insert(entries, ARGV[i + 1])
   conns = conns + entry_conns(ARGV[i + 1])
 end
 redis.call("hset", KEYS[1], "#" .. ARGV[1], ARGV[2])
-count_members(KEYS[2], KEYS[3], ARGV[5], ARGV[1], nil, conns, ARGV[4])
+count_members(KEYS[2], KEYS[3], ARGV[5], ARGV[1], nil, conns, ARGV[4], alive_nodes(KEYS[6]))
 room_lifetime(KEYS[5], KEYS[1], KEYS[2], ARGV[4], ARGV[7])
 redis.call("publish", ARGV[3], "U" .. ARGV[1] .. " " .. ARGV[2] .. "\n[" .. table.concat(entries, ",") .. "]")
 return era_tick(KEYS[4])

@@ -5,10 +5,10 @@
 --          hash (see era.lua); KEYS[4]: the room's members hash.
 -- ARGV: message (a JSON object), history size, history TTL (s), meta TTL while the room has
 --       members (s; without, the history's), channel, an epoch for a room that has none, the
---       node's generation.
+--       node's generation, the highest era clock the node saw.
 -- Returns {offset, the era's clock}; an ERA_CHANGED error (nothing written) under a generation
 -- that is not the cluster's.
-if not era_is(KEYS[3], ARGV[7]) then
+if not era_is(KEYS[3], ARGV[7], ARGV[8]) then
   return redis.error_reply(ERA_CHANGED)
 end
 local epoch = room_epoch(KEYS[1], KEYS[2], ARGV[6])

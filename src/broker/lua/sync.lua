@@ -1,14 +1,15 @@
 -- Reads where a room's stream is (offset, epoch), its history and who is in it on live nodes.
 -- KEYS[1]: the room's meta hash; KEYS[2]: its history stream; KEYS[3]: its presence hash (see
 -- presence.lua); KEYS[4]: the nodes hash (see beat.lua); KEYS[5]: the era hash (see era.lua);
--- KEYS[6]: its members hash.
+-- KEYS[6]: its members hash; KEYS[7]: the rooms index.
 -- ARGV: an epoch for a room that has none, meta TTL (s), first offset wanted (0: the most
 --       recent messages), most messages returned, the epoch of that offset ("": none), whether
 --       to read the presence ("1") or not ("0": an empty list is returned), the node's
 --       generation (an ERA_CHANGED error, nothing read or written, when it is not the cluster's),
---       meta TTL when the room has no member (s).
--- Presence fields of nodes that are not alive, and fields that are not wsgate's, are deleted on
--- the way; the reply says how many of the latter there were.
+--       meta TTL when the room has no member (s), the room.
+-- Presence fields and member counts of nodes that are not alive, and fields that are not
+-- wsgate's, are deleted on the way (a room left with no member then lives as lib.lua's
+-- room_lifetime says); the reply says how many of the latter there were.
 if not era_is(KEYS[5], ARGV[7]) then
   return redis.error_reply(ERA_CHANGED)
 end
@@ -50,5 +51,17 @@ if ARGV[6] == "1" then
       redis.call("hdel", KEYS[3], field)
     end
   end
+  as_kind(KEYS[6], "hash")
+  local counts = redis.call("hgetall", KEYS[6])
+  for i = 1, #counts, 2 do
+    if not alive[counts[i]] then
+      redis.call("hdel", KEYS[6], counts[i])
+    end
+  end
+  if redis.call("exists", KEYS[6]) == 0 then
+    as_kind(KEYS[7], "zset")
+    redis.call("zrem", KEYS[7], ARGV[9])
+  end
+  room_lifetime(KEYS[1], KEYS[3], KEYS[6], ARGV[2], ARGV[8])
 end
 return {top, epoch, entries, presence, malformed}

@@ -156,7 +156,9 @@ pub struct Era {
     pub generation: Arc<str>,
     /// Writes made in it so far.
     pub clock: u64,
-    /// The generation this read replaced (a new one was started), if any.
+    /// Whether this read started a new generation.
+    pub started: bool,
+    /// The generation Redis had that the new one replaced, if any (its keys are to go).
     pub replaced: Option<Arc<str>>,
 }
 
@@ -170,12 +172,13 @@ pub async fn read_era(
     force: bool,
 ) -> RedisResult<Era> {
     check_version(conn).await?;
-    let (generation, clock, replaced): (String, u64, String) = ::redis::cmd("EVAL")
+    let (generation, clock, replaced, started): (String, u64, String, u8) = ::redis::cmd("EVAL")
         .arg(format!("{LIB_LUA}\n{}", include_str!("../lua/era.lua")))
         .arg(1)
         .arg(ERA_KEY)
         .arg(known.unwrap_or(""))
         .arg(seen)
+        // The random part of a new generation's name.
         .arg(&*crate::stream::new_epoch())
         .arg(if force { "1" } else { "0" })
         .query_async(conn)
@@ -183,6 +186,7 @@ pub async fn read_era(
     Ok(Era {
         generation: Arc::from(generation),
         clock,
+        started: started == 1,
         replaced: (!replaced.is_empty()).then(|| Arc::from(replaced)),
     })
 }

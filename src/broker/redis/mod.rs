@@ -54,6 +54,7 @@ use self::keys::{
     room_of, sessions_key,
 };
 use self::publisher::{entry_json, publish_loop, refuse};
+
 pub use self::sync::NodesPresence;
 use self::sync::{CatchUpError, catch_up};
 use super::{Publisher, Unavailable};
@@ -93,6 +94,10 @@ const BEAT_INTERVAL: Duration = Duration::from_secs(2);
 const NODE_TTL: Duration = Duration::from_secs(8);
 /// How long after its end a dead node is forgotten by Redis.
 const NODE_FORGOTTEN_AFTER: Duration = Duration::from_secs(60);
+/// What a stopping node publishes on its probe channel after its last messages, and how long it
+/// waits for it to come back.
+const FENCE: &str = "fence";
+const STOP_FENCE: Duration = Duration::from_secs(1);
 /// How long a stopping node may take to say goodbye.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -389,6 +394,8 @@ struct Nodes {
     alive: HashSet<Arc<str>>,
     /// Found dead: their presence left every room, and what they still publish is ignored.
     dead: HashSet<Arc<str>>,
+    /// Known only from the presence copies and not listed by the last beat.
+    unlisted: HashSet<Arc<str>>,
 }
 
 /// What a beat read: Redis's clock, until when this node was alive before it (0: not listed),
@@ -433,6 +440,8 @@ struct Session {
     _beater: AbortOnDropHandle<()>,
     last_probe: Instant,
     probe_channel: String,
+    /// The fence of a stopping node came back (see `Engine::finish_publishing`).
+    fenced: bool,
 }
 
 impl Engine {
@@ -440,19 +449,9 @@ impl Engine {
     /// stopped while connected. Room messages still queued then are sent if Redis answers, else
     /// refused, before the broker counts as settled.
     pub async fn run(mut self, node: Arc<Node>, stop: CancellationToken) {
-        // Not ready and settled once the engine is gone, however it ends (a panic included).
-        let _stopped = Stopped {
-            ready: self.ready.clone(),
-            settled: self.settled.clone(),
-        };
         self.run_until(&node, &stop).await;
         // Not sent, so not published: refused, not dropped in silence.
-        if let Some(queues) = self.queues.as_mut() {
-            queues.outgoing.close();
-            while let Ok(out) = queues.outgoing.try_recv() {
-                refuse(&node, out, ErrorReply::Unavailable);
-            }
-        }
+        self.refuse_queued(&node);
     }
 
     async fn run_until(&mut self, node: &Arc<Node>, stop: &CancellationToken) {
@@ -581,6 +580,7 @@ impl Engine {
             _beater: beater,
             last_probe: Instant::now(),
             probe_channel,
+            fenced: false,
         };
         if let Err(e) = self.restore(&mut session, node).await {
             session.catch_ups.shutdown().await;
@@ -612,16 +612,18 @@ impl Engine {
         .await?;
         self.force_new_era = false;
         if let Some(replaced) = &era.replaced {
+            tokio::spawn(keys::delete_generation(commands.clone(), replaced.clone()));
+        }
+        if era.started && self.generation.is_some() {
             node.counters
                 .broker_generations
                 .fetch_add(1, Ordering::Relaxed);
             warn!(
                 generation = %era.generation,
-                %replaced,
+                replaced = ?era.replaced,
                 "Redis lost data or went back in time: a new generation starts every room over \
                  (members are told to resync)"
             );
-            tokio::spawn(keys::delete_generation(commands.clone(), replaced.clone()));
         } else if self.generation.as_ref() != Some(&era.generation) {
             info!(generation = %era.generation, "joined the cluster's generation");
         }
@@ -772,15 +774,73 @@ impl Engine {
         stop_publisher.cancel();
         let queues = match publisher_done {
             Some(queues) => queues,
+            None if stop.is_cancelled() => {
+                self.finish_publishing(&mut session, node, publisher).await
+            }
             None => publisher.await.expect("the publisher does not panic").0,
         };
         self.queues = Some(queues);
         // Abandoned catch-ups give their rooms back (see `sync::catch_up`).
         session.catch_ups.shutdown().await;
         if stop.is_cancelled() {
+            // Answered before the goodbye (which may take its time): the shards close
+            // connections once the broker has settled.
+            self.refuse_queued(node);
+            self.settled.cancel();
             self.goodbye(&mut session).await;
         }
         reason
+    }
+
+    /// While stopping: waits for the publisher to send what was queued, delivering what comes
+    /// back meanwhile, and then for a fence published after it to come back through the
+    /// subscription: every message published before it has come back too, so its sender and
+    /// this node's members have it before their connections close. Bounded by `STOP_FENCE`.
+    async fn finish_publishing(
+        &mut self,
+        session: &mut Session,
+        node: &Arc<Node>,
+        mut publisher: tokio::task::JoinHandle<(Queues, Option<publisher::Failed>)>,
+    ) -> Queues {
+        let (queues, failed) = loop {
+            tokio::select! {
+                done = &mut publisher => break done.expect("the publisher does not panic"),
+                Some(message) = session.messages.next() => self.on_message(session, node, &message),
+            }
+        };
+        if failed.is_some() {
+            // Redis is not answering: nothing more will come back.
+            return queues;
+        }
+        let mut fence = ::redis::cmd("PUBLISH");
+        fence.arg(&session.probe_channel).arg(FENCE);
+        let deadline = tokio::time::sleep(STOP_FENCE);
+        tokio::pin!(deadline);
+        let sent =
+            tokio::time::timeout(STOP_FENCE, fence.query_async::<i64>(&mut session.commands));
+        if matches!(sent.await, Ok(Ok(_))) {
+            session.fenced = false;
+            while !session.fenced {
+                tokio::select! {
+                    _ = &mut deadline => break,
+                    message = session.messages.next() => match message {
+                        Some(message) => self.on_message(session, node, &message),
+                        None => break,
+                    },
+                }
+            }
+        }
+        queues
+    }
+
+    /// Refuses the room messages still queued for Redis (not sent: the senders may retry).
+    fn refuse_queued(&mut self, node: &Node) {
+        if let Some(queues) = self.queues.as_mut() {
+            queues.outgoing.close();
+            while let Ok(out) = queues.outgoing.try_recv() {
+                refuse(node, out, ErrorReply::Unavailable);
+            }
+        }
     }
 
     /// A stopping node leaves every room's presence (the others tell their members at once,
@@ -801,15 +861,7 @@ impl Engine {
             let mut pipe = ::redis::pipe();
             for room in self.followed.values() {
                 let seq = room.presence().next_seq(&self.node_id);
-                add_presence_write(
-                    &mut pipe,
-                    &session.scripts,
-                    &self.node_id,
-                    &room.name,
-                    seq,
-                    &[],
-                    self.empty_room_ttl,
-                );
+                self.add_presence_write(&mut pipe, &session.scripts, &room.name, seq, &[]);
             }
             pipe.query_async::<()>(&mut session.commands).await
         };
@@ -826,7 +878,11 @@ impl Engine {
         let payload = message.get_payload_bytes();
         if channel == session.probe_channel {
             session.last_probe = Instant::now();
-            self.probe.came_back(payload);
+            if payload == FENCE.as_bytes() {
+                session.fenced = true;
+            } else {
+                self.probe.came_back(payload);
+            }
             return;
         }
         let delivered = if channel == BROADCAST_CHANNEL {
@@ -958,16 +1014,37 @@ impl Engine {
             self.nodes.alive = alive;
             return lapsed && session.is_some();
         }
-        // Dead: every node this node knows of (alive at the last beat, listed as ended, or with
-        // entries in a room it follows) that is not alive now. Known from the copies, not only
-        // from earlier beats: after Redis lost its data a crashed node is listed nowhere, and
-        // its members would otherwise stay in the copies for good.
-        let mut known: HashSet<Arc<str>> = self.nodes.alive.iter().chain(&ended).cloned().collect();
+        // Dead: the nodes listed as ended, those alive at the last beat that Redis forgot, and
+        // those known only from the copies (entries in a room this node follows) that two beats
+        // in a row did not list: after Redis lost its data a crashed node is listed nowhere, and
+        // its members would otherwise stay in the copies for good. Two beats, as a node that just
+        // started may be in a copy before a beat read earlier is handled.
+        let mut unlisted = HashSet::new();
         for room in self.followed.values() {
-            known.extend(room.presence().nodes().cloned());
+            unlisted.extend(room.presence().nodes().cloned());
         }
-        known.remove(&self.node_id);
-        let dead: HashSet<Arc<str>> = known.into_iter().filter(|n| !alive.contains(n)).collect();
+        unlisted.retain(|n| {
+            *n != self.node_id
+                && !alive.contains(n)
+                && !ended.contains(n)
+                && !self.nodes.alive.contains(n)
+        });
+        let confirmed: Vec<Arc<str>> = unlisted
+            .intersection(&self.nodes.unlisted)
+            .cloned()
+            .collect();
+        self.nodes.unlisted = unlisted;
+        let forgotten = self
+            .nodes
+            .alive
+            .iter()
+            .filter(|n| !alive.contains(*n) && !ended.contains(*n));
+        let dead: HashSet<Arc<str>> = ended
+            .iter()
+            .chain(forgotten)
+            .chain(&confirmed)
+            .cloned()
+            .collect();
         for gone in dead.difference(&self.nodes.dead) {
             warn!(node = %gone, "a node stopped beating: its presence leaves every room");
         }
@@ -989,7 +1066,7 @@ impl Engine {
                 }
             }
         }
-        // Dead while known, unless back.
+        // Dead while Redis lists them as ended (or the copies hold them unlisted), unless back.
         self.nodes.dead = dead;
         self.nodes.alive = alive;
         false
@@ -1023,17 +1100,13 @@ impl Engine {
         for batch in rooms.chunks(SUBSCRIBE_BATCH) {
             let mut pipe = ::redis::pipe();
             for (name, seq, entries) in batch {
-                add_presence_write(
-                    &mut pipe,
-                    &session.scripts,
-                    &self.node_id,
-                    name,
-                    *seq,
-                    entries,
-                    self.empty_room_ttl,
-                );
+                self.add_presence_write(&mut pipe, &session.scripts, name, *seq, entries);
             }
-            pipe.query_async::<()>(&mut session.commands).await?;
+            // Each script answers the era's clock.
+            let written: Vec<i64> = pipe.query_async(&mut session.commands).await?;
+            for written in written {
+                self::publisher::raise(&self.clock, written);
+            }
         }
         self.rewrite.clear();
         Ok(())
@@ -1073,6 +1146,40 @@ impl Engine {
             session.catch_up(node, room);
         }
         Ok(())
+    }
+
+    /// Adds the writing of this node's whole presence in `room` (`entries`; none: it leaves),
+    /// change `seq`, to `pipe`.
+    fn add_presence_write(
+        &self,
+        pipe: &mut ::redis::Pipeline,
+        scripts: &Scripts,
+        room: &str,
+        seq: u64,
+        entries: &[Entry],
+    ) {
+        let keys = &scripts.keys;
+        let write = pipe
+            .cmd("EVALSHA")
+            .arg(&scripts.presence_node)
+            .arg(6)
+            .arg(keys.presence(room))
+            .arg(keys.members(room))
+            .arg(keys.rooms())
+            .arg(ERA_KEY)
+            .arg(keys.meta(room))
+            .arg(NODES_KEY)
+            .arg(&*self.node_id)
+            .arg(seq)
+            .arg(room_channel(room))
+            .arg(META_TTL.as_secs())
+            .arg(room)
+            .arg(keys.generation())
+            .arg(self.empty_room_ttl)
+            .arg(self.clock.load(Ordering::Relaxed));
+        for entry in entries {
+            write.arg(&*entry.user_id).arg(entry_json(entry));
+        }
     }
 
     /// Stops following the rooms whose grace has passed with no local member back.
@@ -1169,39 +1276,6 @@ fn on_room_message(session: &mut Session, node: &Arc<Node>, room: &str, envelope
     true
 }
 
-/// Adds the writing of this node's whole presence in `room` (`entries`; none: it leaves), change
-/// `seq`, to `pipe`.
-fn add_presence_write(
-    pipe: &mut ::redis::Pipeline,
-    scripts: &Scripts,
-    node_id: &str,
-    room: &str,
-    seq: u64,
-    entries: &[Entry],
-    empty_room_ttl: u64,
-) {
-    let keys = &scripts.keys;
-    let write = pipe
-        .cmd("EVALSHA")
-        .arg(&scripts.presence_node)
-        .arg(5)
-        .arg(keys.presence(room))
-        .arg(keys.members(room))
-        .arg(keys.rooms())
-        .arg(ERA_KEY)
-        .arg(keys.meta(room))
-        .arg(node_id)
-        .arg(seq)
-        .arg(room_channel(room))
-        .arg(META_TTL.as_secs())
-        .arg(room)
-        .arg(keys.generation())
-        .arg(empty_room_ttl);
-    for entry in entries {
-        write.arg(&*entry.user_id).arg(entry_json(entry));
-    }
-}
-
 /// Beats every [`BEAT_INTERVAL`] (the first was made at the connection) and hands each result to
 /// the engine; stops at the first failure (the engine then reconnects).
 async fn beat_forever(
@@ -1294,13 +1368,9 @@ impl Beat {
     }
 }
 
-/// Clears the broker's readiness and says it settled when the engine ends, however it ends.
-struct Stopped {
-    ready: Arc<AtomicBool>,
-    settled: CancellationToken,
-}
-
-impl Drop for Stopped {
+/// The broker is not ready, and has settled, once its engine is gone however it ends (a panic
+/// included, or never run: shards never wait for an engine that is not there).
+impl Drop for Engine {
     fn drop(&mut self) {
         self.ready.store(false, Ordering::Release);
         self.settled.cancel();

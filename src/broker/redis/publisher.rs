@@ -9,7 +9,8 @@ use ::redis::{FromRedisValue, RedisError, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{
-    BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_CHANGED, ERA_KEY, Scripts, room_channel, sessions_key,
+    BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_CHANGED, ERA_KEY, NODES_KEY, Scripts, room_channel,
+    sessions_key,
 };
 use super::{META_TTL, NODE_TTL, Outgoing, Queues, Record, empty_room_ttl};
 use crate::broker::Publisher;
@@ -76,15 +77,22 @@ pub async fn publish_loop(
         {
             outgoing.push(out);
         }
+        let seen = clock.load(Ordering::Relaxed);
         let mut pipe = ::redis::pipe();
         pipe.ignore_errors();
+        // Where the presence scripts' answers (the era's clock) are in the pipeline's; the
+        // sessions' commands answer counts of their own.
+        let mut clocks = Vec::with_capacity(records.len());
         for record in &records {
-            add_record(&mut pipe, &scripts, &node, record);
+            if matches!(record, Record::Presence { .. }) {
+                clocks.push(pipe.len());
+            }
+            add_record(&mut pipe, &scripts, &node, record, seen);
         }
         // Where each room message's answer is in the pipeline's.
         let first_outgoing = pipe.len();
         for out in &outgoing {
-            add_outgoing(&mut pipe, &scripts, &node, out);
+            add_outgoing(&mut pipe, &scripts, &node, out, seen);
         }
         let sent: RedisResult<Vec<Value>> = pipe.query_async(&mut conn).await;
         let rooms = records.drain(..).filter_map(|record| match record {
@@ -102,13 +110,15 @@ pub async fn publish_loop(
                 return (queues, Some(Failed { error, rooms }));
             }
         };
-        let mut failure = None;
-        for answer in &answers[..first_outgoing] {
-            match answer {
-                Value::ServerError(error) => failure = Some(error.clone()),
-                // The presence scripts' answer: the era's clock.
-                Value::Int(written) => raise(&clock, *written),
-                _ => {}
+        let mut failure = answers[..first_outgoing]
+            .iter()
+            .find_map(|answer| match answer {
+                Value::ServerError(error) => Some(error.clone()),
+                _ => None,
+            });
+        for &at in &clocks {
+            if let Value::Int(written) = answers[at] {
+                raise(&clock, written);
             }
         }
         let answers = answers.into_iter().skip(first_outgoing);
@@ -151,23 +161,31 @@ pub async fn publish_loop(
 }
 
 /// Raises the highest era clock seen to `written`.
-fn raise(clock: &AtomicU64, written: i64) {
+pub fn raise(clock: &AtomicU64, written: i64) {
     clock.fetch_max(u64::try_from(written).unwrap_or(0), Ordering::Relaxed);
 }
 
-fn add_record(pipe: &mut ::redis::Pipeline, scripts: &Scripts, node: &Node, record: &Record) {
+/// Adds `record` to `pipe`; `seen` is the highest era clock the node saw (see `era.lua`).
+fn add_record(
+    pipe: &mut ::redis::Pipeline,
+    scripts: &Scripts,
+    node: &Node,
+    record: &Record,
+    seen: u64,
+) {
     let node_id = &*node.id;
     match record {
         Record::Presence { room, entry, seq } => {
             let keys = &scripts.keys;
             pipe.cmd("EVALSHA")
                 .arg(&scripts.presence)
-                .arg(5)
+                .arg(6)
                 .arg(keys.presence(room))
                 .arg(keys.members(room))
                 .arg(keys.rooms())
                 .arg(ERA_KEY)
                 .arg(keys.meta(room))
+                .arg(NODES_KEY)
                 .arg(node_id)
                 .arg(&*entry.user_id)
                 .arg(entry_json(entry))
@@ -177,7 +195,8 @@ fn add_record(pipe: &mut ::redis::Pipeline, scripts: &Scripts, node: &Node, reco
                 .arg(META_TTL.as_secs())
                 .arg(&**room)
                 .arg(keys.generation())
-                .arg(empty_room_ttl(node.rooms.history_limits()));
+                .arg(empty_room_ttl(node.rooms.history_limits()))
+                .arg(seen);
         }
         Record::SessionOpened { client_id, record } => {
             let sessions = sessions_key(node_id);
@@ -193,7 +212,14 @@ fn add_record(pipe: &mut ::redis::Pipeline, scripts: &Scripts, node: &Node, reco
     }
 }
 
-fn add_outgoing(pipe: &mut ::redis::Pipeline, scripts: &Scripts, node: &Node, out: &Outgoing) {
+/// Adds `out` to `pipe`; `seen` as for [`add_record`].
+fn add_outgoing(
+    pipe: &mut ::redis::Pipeline,
+    scripts: &Scripts,
+    node: &Node,
+    out: &Outgoing,
+    seen: u64,
+) {
     match out {
         Outgoing::Message { room, message, .. } => {
             let limits = node.rooms.history_limits();
@@ -211,7 +237,8 @@ fn add_outgoing(pipe: &mut ::redis::Pipeline, scripts: &Scripts, node: &Node, ou
                 .arg(META_TTL.as_secs())
                 .arg(room_channel(room))
                 .arg(&*new_epoch())
-                .arg(keys.generation());
+                .arg(keys.generation())
+                .arg(seen);
         }
         Outgoing::Notice { room, payload } => {
             let (channel, kind): (String, &[u8]) = match room {

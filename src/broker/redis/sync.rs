@@ -88,13 +88,14 @@ async fn sync_once(
     let keys = &scripts.keys;
     let reply: Value = ::redis::cmd("EVALSHA")
         .arg(&scripts.sync)
-        .arg(6)
+        .arg(7)
         .arg(keys.meta(&room.name))
         .arg(keys.history(&room.name))
         .arg(keys.presence(&room.name))
         .arg(NODES_KEY)
         .arg(ERA_KEY)
         .arg(keys.members(&room.name))
+        .arg(keys.rooms())
         .arg(&*new_epoch())
         .arg(META_TTL.as_secs())
         .arg(from.as_ref().map_or(0, |p| p.offset + 1))
@@ -103,6 +104,7 @@ async fn sync_once(
         .arg(if with_presence { "1" } else { "0" })
         .arg(keys.generation())
         .arg(empty_room_ttl(limits))
+        .arg(&*room.name)
         .query_async(conn)
         .await?;
     let Some(read) = SyncReply::parse(reply, from.is_none()) else {

@@ -286,15 +286,22 @@ async fn a_room_nobody_is_in_leaves_redis_with_its_history() {
         "the abandoned rooms leave Redis",
         Duration::from_secs(6),
         || {
-            generation_keys(&redis)
-                .iter()
-                .all(|k| k.contains("{kept}") || k.ends_with(":rooms"))
+            generation_keys(&redis).iter().all(|k| {
+                k.contains("{kept}") || k.ends_with(":rooms") || k.contains(":node-rooms:")
+            })
         },
     )
     .await;
     let indexed: Vec<String> =
         redis.query(redis::cmd("ZRANGE").arg(redis.rooms_key()).arg(0).arg(-1));
     assert_eq!(indexed, ["kept"]);
+    // The node's own list of rooms with its members has only the room still in use.
+    let node_id = stays.id.split('.').next().unwrap().to_owned();
+    let listed: Vec<String> = redis.query(redis::cmd("SMEMBERS").arg(format!(
+        "wsgate:{}:node-rooms:{node_id}",
+        redis.generation()
+    )));
+    assert_eq!(listed, ["kept"]);
     // The room with a member kept its position: no new epoch, no resync, the stream goes on.
     let ttl: i64 = redis.query(redis::cmd("TTL").arg(redis.room_key("meta", "kept")));
     assert!(ttl > 3600, "{ttl}");
@@ -489,4 +496,69 @@ async fn a_stopping_node_delivers_what_it_published_before_closing() {
         answered, 50,
         "every message answered: its echo, or an error"
     );
+}
+
+#[tokio::test]
+async fn a_dead_node_leaves_the_rooms_nobody_reads_and_the_nodes_list() {
+    let redis = RedisServer::start();
+    // A node that died long ago, as Redis would still list it.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let _: i64 = redis.query(
+        redis::cmd("HSET")
+            .arg("wsgate:nodes")
+            .arg("long-gone")
+            .arg(now_ms - 600_000),
+    );
+    let url = redis.url();
+    let env = [
+        ("WSGATE_BROKER", "redis"),
+        ("WSGATE_REDIS_URL", url.as_str()),
+        ("WSGATE_JWT_SECRET", support::TEST_SECRET),
+        ("WSGATE_SHARDS", "1"),
+    ];
+    let doomed = support::process::GatewayProcess::start(&[], &env, None);
+    let survivor = node(&redis, 1);
+    wait_readiness(&survivor, 200).await;
+    let nodes: Vec<String> = redis.query(redis::cmd("HKEYS").arg("wsgate:nodes"));
+    assert!(
+        !nodes.contains(&"long-gone".to_owned()),
+        "forgotten: {nodes:?}"
+    );
+    // Members on the doomed node only: the survivor follows none of these rooms.
+    let url = format!(
+        "ws://{}/ws?token={}",
+        doomed.addr,
+        support::token_for("vic")
+    );
+    let mut vic = Client::connect(&url).await;
+    for room in ["x1", "x2", "x3"] {
+        vic.join(room).await;
+    }
+    let doomed_node = vic.id.split('.').next().unwrap().to_owned();
+    wait_until("its rooms are indexed", || {
+        let indexed: Vec<String> =
+            redis.query(redis::cmd("ZRANGE").arg(redis.rooms_key()).arg(0).arg(-1));
+        indexed.len() == 3
+    })
+    .await;
+    drop(doomed);
+    // The survivor finds it dead and sweeps its rooms: nothing of them is kept for it.
+    wait_until_slowly("the dead node's rooms are swept", || {
+        let keys = generation_keys(&redis);
+        !keys
+            .iter()
+            .any(|k| k.contains(":presence:") || k.contains(":members:"))
+            && !keys.iter().any(|k| k.contains(&doomed_node))
+    })
+    .await;
+    let indexed: Vec<String> =
+        redis.query(redis::cmd("ZRANGE").arg(redis.rooms_key()).arg(0).arg(-1));
+    assert!(indexed.is_empty(), "{indexed:?}");
+    for room in ["x1", "x2", "x3"] {
+        let ttl: i64 = redis.query(redis::cmd("TTL").arg(redis.room_key("meta", room)));
+        assert!((1..=300).contains(&ttl), "{room}: {ttl}");
+    }
 }

@@ -59,11 +59,13 @@ end
 
 -- A room's members hash (node -> its connections in the room) changed for `node`: by `delta`, or
 -- set to `total`; the counts of nodes not `alive` (a table, see alive_nodes) are dropped on the
--- way, so a crashed node's members do not keep a room (and its keys) alive. The room is in the rooms index (a sorted set, all scores 0, read in name
+-- way, so a crashed node's members do not keep a room (and its keys) alive. `node_rooms` (a set
+-- per node) lists the rooms where the node has members, for sweeping them if it dies (see
+-- forget_node.lua). The room is in the rooms index (a sorted set, all scores 0, read in name
 -- order) while any node has connections in it, and the hash lives `ttl` seconds past its last
 -- change, as the presence hash does. Counting here lets the server API count a room's members
 -- per node instead of reading every user's entry.
-local function count_members(members, index, room, node, delta, total, ttl, alive)
+local function count_members(members, index, room, node, delta, total, ttl, alive, node_rooms)
   as_kind(members, "hash")
   as_kind(index, "zset")
   local counts = redis.call("hgetall", members)
@@ -76,14 +78,18 @@ local function count_members(members, index, room, node, delta, total, ttl, aliv
   if not conns then
     conns = (tonumber(redis.call("hget", members, node)) or 0) + delta
   end
+  as_kind(node_rooms, "set")
   if conns > 0 then
     redis.call("hset", members, node, conns)
+    redis.call("sadd", node_rooms, room)
+    redis.call("expire", node_rooms, ttl)
     redis.call("zadd", index, 0, room)
     -- Rooms leave the index with their last member; one whose counts expired (no change for
     -- as long) is taken out as a page passes it, and the index itself goes when nothing changed.
     redis.call("expire", index, ttl)
   else
     redis.call("hdel", members, node)
+    redis.call("srem", node_rooms, room)
   end
   -- It lives as long as the presence hash, whose every change refreshes both.
   if redis.call("hlen", members) > 0 then

@@ -10,10 +10,11 @@
 //! - `wsgate:G:members:{R}`: per node, its connections in the room (what the server API counts);
 //! - `wsgate:room:{R}`: the channel its messages, presence changes and notices are published on.
 //!
-//! Per cluster: `wsgate:era` (the generation `generation` and its `clock`, a count of its writes),
+//! Per cluster: `wsgate:era` (the generation `gen` and its `clock`, a count of its room writes),
 //! `wsgate:G:rooms` (the rooms with members, a sorted set read in name order), `wsgate:nodes`
 //! (node → alive until, in ms of Redis's clock), `wsgate:broadcast` (notices for every chat
-//! client), and per node `wsgate:sessions:<node>` (client id → its session) and
+//! client), and per node `wsgate:sessions:<node>` (client id → its session),
+//! `wsgate:G:node-rooms:<node>` (the rooms it has members in, swept when it dies) and
 //! `wsgate:probe:<node>` (the node's probe channel).
 
 use std::sync::Arc;
@@ -84,6 +85,11 @@ impl Keys {
     pub fn rooms(&self) -> String {
         format!("{}rooms", self.prefix)
     }
+
+    /// The rooms where `node` has members (swept when it dies: forget_node.lua).
+    pub fn node_rooms(&self, node: &str) -> String {
+        format!("{}node-rooms:{node}", self.prefix)
+    }
 }
 
 /// A node's sessions: client id → `{"user","node","connectedAt"}`, expiring with the node's
@@ -120,6 +126,8 @@ pub struct Scripts {
     pub beat: String,
     /// Takes a stopping node out.
     pub goodbye: String,
+    /// Takes a dead node out of its rooms.
+    pub forget_node: String,
     /// Reads a page of the rooms with members (server API).
     pub rooms_page: String,
     /// Reads a room's presence on live nodes (server API).
@@ -144,6 +152,7 @@ impl Scripts {
             presence_node: load(include_str!("../lua/presence_node.lua")).await?,
             beat: load(include_str!("../lua/beat.lua")).await?,
             goodbye: load(include_str!("../lua/goodbye.lua")).await?,
+            forget_node: load(include_str!("../lua/forget_node.lua")).await?,
             rooms_page: load(include_str!("../lua/rooms_page.lua")).await?,
             presence_read: load(include_str!("../lua/presence_read.lua")).await?,
         })

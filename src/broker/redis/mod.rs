@@ -1047,6 +1047,14 @@ impl Engine {
             .collect();
         for gone in dead.difference(&self.nodes.dead) {
             warn!(node = %gone, "a node stopped beating: its presence leaves every room");
+            if let Some(session) = session.as_ref() {
+                tokio::spawn(forget_node(
+                    session.commands.clone(),
+                    session.scripts.clone(),
+                    gone.clone(),
+                    self.empty_room_ttl,
+                ));
+            }
         }
         // Every beat, not only the first: a read of a room made while a node was alive may
         // have brought it back into a copy since.
@@ -1162,13 +1170,14 @@ impl Engine {
         let write = pipe
             .cmd("EVALSHA")
             .arg(&scripts.presence_node)
-            .arg(6)
+            .arg(7)
             .arg(keys.presence(room))
             .arg(keys.members(room))
             .arg(keys.rooms())
             .arg(ERA_KEY)
             .arg(keys.meta(room))
             .arg(NODES_KEY)
+            .arg(keys.node_rooms(&self.node_id))
             .arg(&*self.node_id)
             .arg(seq)
             .arg(room_channel(room))
@@ -1274,6 +1283,41 @@ fn on_room_message(session: &mut Session, node: &Arc<Node>, room: &str, envelope
         Arrival::Missed => session.catch_up(node, room),
     }
     true
+}
+
+/// Takes a dead node out of every room it had members in, in Redis, a batch of rooms at a time
+/// (see `forget_node.lua`), so that rooms nobody reads again do not keep it; the copies of the
+/// rooms this node follows were cleaned by `on_beat`.
+async fn forget_node(
+    mut conn: MultiplexedConnection,
+    scripts: Arc<Scripts>,
+    dead: Arc<str>,
+    empty_room_ttl: u64,
+) {
+    const ROOMS_PER_CALL: usize = 256;
+    let keys = &scripts.keys;
+    loop {
+        let left: RedisResult<u64> = ::redis::cmd("EVALSHA")
+            .arg(&scripts.forget_node)
+            .arg(3)
+            .arg(keys.node_rooms(&dead))
+            .arg(NODES_KEY)
+            .arg(keys.rooms())
+            .arg(&*dead)
+            .arg(keys.prefix())
+            .arg(ROOMS_PER_CALL)
+            .arg(META_TTL.as_secs())
+            .arg(empty_room_ttl)
+            .query_async(&mut conn)
+            .await;
+        match left {
+            Ok(0) => return debug!(node = %dead, "a dead node's rooms swept"),
+            Ok(_) => {}
+            Err(e) => {
+                return warn!(node = %dead, error = %e, "stopped sweeping a dead node's rooms (they expire)");
+            }
+        }
+    }
 }
 
 /// Beats every [`BEAT_INTERVAL`] (the first was made at the connection) and hands each result to

@@ -370,24 +370,12 @@ async fn a_user_on_two_nodes_is_one_presence_and_counts_are_the_clusters() {
 #[tokio::test]
 async fn a_killed_node_leaves_every_room_within_the_node_ttl() {
     let redis = RedisServer::start();
-    let url = redis.url();
-    let env = [
-        ("WSGATE_BROKER", "redis"),
-        ("WSGATE_REDIS_URL", url.as_str()),
-        ("WSGATE_JWT_SECRET", support::TEST_SECRET),
-        ("WSGATE_SHARDS", "1"),
-    ];
-    let doomed = support::process::GatewayProcess::start(&[], &env, None);
+    let doomed = node_process(&redis);
     let survivor = node(&redis, 1);
     wait_readiness(&survivor, 200).await;
     let mut observer = user_on(&survivor, "olga").await;
     observer.join("k").await;
-    let mut victim = Client::connect(&format!(
-        "ws://{}/ws?token={}",
-        doomed.addr,
-        support::token_for("vic")
-    ))
-    .await; // a process, not a TestGateway: `user_on` does not apply
+    let mut victim = user_on_process(&doomed, "vic").await;
     assert_eq!(victim.join("k").await, 2);
     // Its session is recorded, in its node's sessions, which live while the node beats.
     let doomed_node = victim.id.split('.').next().unwrap().to_owned();

@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use wsgate::config::BrokerKind;
 
+use super::process::GatewayProcess;
 use super::redis_server::RedisServer;
 use super::{Client, PATIENCE, TestGateway, api, http_get};
 
@@ -21,6 +22,36 @@ pub fn node(redis: &RedisServer, shards: usize) -> TestGateway {
         },
         shards,
     )
+}
+
+/// A node of the cluster on `redis` as a process of its own (one shard), to be killed (`drop`):
+/// no goodbye, as a crash.
+pub fn node_process(redis: &RedisServer) -> GatewayProcess {
+    let url = redis.url();
+    let env = [
+        ("WSGATE_BROKER", "redis"),
+        ("WSGATE_REDIS_URL", url.as_str()),
+        ("WSGATE_JWT_SECRET", super::TEST_SECRET),
+        ("WSGATE_SHARDS", "1"),
+        ("WSGATE_API_KEY", super::API_KEY),
+    ];
+    GatewayProcess::start(&[], &env, None)
+}
+
+/// A client of a [`node_process`], as `user`.
+pub async fn user_on_process(node: &GatewayProcess, user: &str) -> Client {
+    let url = format!("ws://{}/ws?token={}", node.addr, super::token_for(user));
+    Client::connect(&url).await
+}
+
+/// Two nodes, and a user on each (`alice` on the first, `bob` on the second) in `room`.
+pub async fn two_members(redis: &RedisServer, room: &str) -> (Vec<TestGateway>, Client, Client) {
+    let nodes = cluster(redis, &[1, 1]).await;
+    let mut alice = user_on(&nodes[0], "alice").await;
+    let mut bob = user_on(&nodes[1], "bob").await;
+    alice.join(room).await;
+    bob.join(room).await;
+    (nodes, alice, bob)
 }
 
 /// Waits until `/readyz` answers `status`.

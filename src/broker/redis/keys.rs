@@ -86,6 +86,20 @@ impl Keys {
         format!("{}rooms", self.prefix)
     }
 
+    /// The keys the presence scripts (presence.lua, presence_node.lua) are given, in their
+    /// order, for `node`'s presence in `room`.
+    pub fn presence_writes(&self, room: &str, node: &str) -> [String; 7] {
+        [
+            self.presence(room),
+            self.members(room),
+            self.rooms(),
+            ERA_KEY.to_owned(),
+            self.meta(room),
+            NODES_KEY.to_owned(),
+            self.node_rooms(node),
+        ]
+    }
+
     /// The rooms where `node` has members (swept when it dies: forget_node.lua).
     pub fn node_rooms(&self, node: &str) -> String {
         format!("{}node-rooms:{node}", self.prefix)

@@ -1167,17 +1167,12 @@ impl Engine {
         entries: &[Entry],
     ) {
         let keys = &scripts.keys;
+        let written = keys.presence_writes(room, &self.node_id);
         let write = pipe
             .cmd("EVALSHA")
             .arg(&scripts.presence_node)
-            .arg(7)
-            .arg(keys.presence(room))
-            .arg(keys.members(room))
-            .arg(keys.rooms())
-            .arg(ERA_KEY)
-            .arg(keys.meta(room))
-            .arg(NODES_KEY)
-            .arg(keys.node_rooms(&self.node_id))
+            .arg(written.len())
+            .arg(&written)
             .arg(&*self.node_id)
             .arg(seq)
             .arg(room_channel(room))

@@ -9,8 +9,7 @@ use ::redis::{FromRedisValue, RedisError, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{
-    BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_CHANGED, ERA_KEY, NODES_KEY, Scripts, room_channel,
-    sessions_key,
+    BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_CHANGED, ERA_KEY, Scripts, room_channel, sessions_key,
 };
 use super::{META_TTL, NODE_TTL, Outgoing, Queues, Record, empty_room_ttl};
 use crate::broker::Publisher;
@@ -177,16 +176,11 @@ fn add_record(
     match record {
         Record::Presence { room, entry, seq } => {
             let keys = &scripts.keys;
+            let written = keys.presence_writes(room, node_id);
             pipe.cmd("EVALSHA")
                 .arg(&scripts.presence)
-                .arg(7)
-                .arg(keys.presence(room))
-                .arg(keys.members(room))
-                .arg(keys.rooms())
-                .arg(ERA_KEY)
-                .arg(keys.meta(room))
-                .arg(NODES_KEY)
-                .arg(keys.node_rooms(node_id))
+                .arg(written.len())
+                .arg(&written)
                 .arg(node_id)
                 .arg(&*entry.user_id)
                 .arg(entry_json(entry))

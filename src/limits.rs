@@ -147,7 +147,10 @@ impl RateLimiter {
 
     fn refill(&mut self, limits: &RateLimits, now_ms: u32) {
         // The clock is read once per turn: only the turn's first charge has anything to refill.
-        if now_ms != self.at_ms {
+        // A reading older than the last one (it wraps, so "older" is a difference past half its
+        // range) refills nothing: read as a jump of 49 days it would refill every bucket.
+        let ahead = now_ms.wrapping_sub(self.at_ms);
+        if ahead != 0 && ahead < u32::MAX / 2 {
             let elapsed = seconds_since(self.at_ms, now_ms);
             self.at_ms = now_ms;
             refill(&mut self.frames, elapsed, limits.frames);
@@ -159,13 +162,14 @@ impl RateLimiter {
         }
     }
 
-    /// Takes `bytes` of replayed history from the replay budget, if there are enough. A replay
-    /// past it is not given (the join answers `recovered: false`) and costs no strike: asking
-    /// for what one missed is no flood.
+    /// Takes `bytes` of replayed history from the replay budget, if there are enough — or if the
+    /// budget is full (a replay bigger than the whole budget is given once, and repaid before the
+    /// next). A replay past it is not given (the join answers `recovered: false`) and costs no
+    /// strike: asking for what one missed is no flood.
     pub fn take_replay(&mut self, limits: &RateLimits, bytes: usize, now_ms: u32) -> bool {
         self.refill(limits, now_ms);
         let cost = bytes as f32;
-        if self.replay >= cost {
+        if self.replay >= cost || self.replay >= limits.replay.1 {
             self.replay -= cost;
             true
         } else {
@@ -524,6 +528,42 @@ mod tests {
         assert!(b.take(1.0, 10.0, 2.0, 100));
         assert!(b.take(2.0, 10.0, 2.0, 10_000)); // capped at the burst
         assert!(!b.take(0.5, 10.0, 2.0, 10_000));
+    }
+
+    #[test]
+    fn replays_are_budgeted_and_a_clock_reading_from_the_past_refills_nothing() {
+        let config = Config {
+            max_queued_bytes: 1000,
+            rate_limit_bytes: 100,
+            rate_limit_frame_burst: 1,
+            rate_limit_strikes: 1,
+            ..Config::default()
+        };
+        let limits = RateLimits::new(&config);
+        let mut limiter = RateLimiter::new(&limits, 10_000);
+        // A replay bigger than the whole budget is given when the budget is full, then repaid.
+        assert!(limiter.take_replay(&limits, 5000, 10_000));
+        assert!(!limiter.take_replay(&limits, 1, 10_000));
+        assert!(
+            !limiter.take_replay(&limits, 1, 50_000),
+            "40 s repaid 4000 of 5000"
+        );
+        assert!(limiter.take_replay(&limits, 900, 70_000));
+        // An older reading refills nothing (it is not a 49-day jump): the frame budget and the
+        // strike spent stay spent.
+        assert_eq!(
+            limiter.check(&limits, Charge::Frame, 70_000),
+            Verdict::Allow
+        );
+        assert_eq!(
+            limiter.check(&limits, Charge::Frame, 69_000),
+            Verdict::Refuse
+        );
+        assert_eq!(
+            limiter.check(&limits, Charge::Frame, 69_000),
+            Verdict::Close
+        );
+        assert!(!limiter.take_replay(&limits, 1000, 69_500));
     }
 
     #[test]

@@ -124,7 +124,8 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
             .name("wsgate-tls".into())
             .spawn(move || watch_certificate(&node, &stop));
         match spawned {
-            Ok(thread) => gateway.threads.push(thread),
+            // Not joined: a read stuck on a file system must not hold up the shutdown.
+            Ok(_detached) => {}
             Err(e) => return Err(gateway.abort(e)),
         }
     }

@@ -23,7 +23,7 @@ use crate::heartbeat::{Heartbeats, Liveness};
 use crate::limits::{Charge, RateLimiter, RateLimits, Verdict};
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
-use crate::outbound::{Outbound, QueueTotal};
+use crate::outbound::{self, Outbound, QueueTotal};
 use crate::protocol::{ErrorReply, JsonParser, NodeClientId, ServerMessage, now_ms};
 use crate::rooms::LocalRooms;
 use crate::routing::Disconnect;
@@ -356,10 +356,12 @@ impl Shard {
     }
 
     /// Whether `frames` of history may be replayed to a connection (`limiter`): charged to its
-    /// replay budget, counted (`replays_refused`) when refused.
+    /// replay budget as they will cost its queue, counted (`replays_refused`) when refused.
     pub fn take_replay(&self, limiter: &mut RateLimiter, frames: &[Bytes]) -> bool {
-        let bytes = frames.iter().map(|f| f.len()).sum();
-        let taken = limiter.take_replay(&self.limits, bytes, self.clock_ms());
+        let bytes = frames.iter().map(outbound::cost).sum();
+        // The turn's clock, as every other charge (see `RateLimiter::refill`).
+        let now = self.turn_clock_ms.get();
+        let taken = limiter.take_replay(&self.limits, bytes, now);
         if !taken {
             self.node
                 .counters

@@ -122,6 +122,7 @@ fn stamps(cert_file: &Path, key_file: &Path) -> (Option<SystemTime>, Option<Syst
 /// A PEM file's bytes, if it is a plain file of at most [`MAX_PEM_BYTES`].
 fn read_pem(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let plain = |meta: std::fs::Metadata| {
         if !meta.is_file() {
             return Err(std::io::Error::other("not a plain file"));
@@ -133,10 +134,12 @@ fn read_pem(path: &Path) -> std::io::Result<Vec<u8>> {
         }
         Ok(())
     };
-    // Checked before opening (opening a FIFO for reading blocks until a writer comes), and the
-    // opened file checked again, and read no further than the bound whatever it says.
-    plain(std::fs::metadata(path)?)?;
-    let file = std::fs::File::open(path)?;
+    // Opened without waiting (opening a FIFO for reading would block until a writer comes),
+    // checked once open, and read no further than the bound whatever it says.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
     plain(file.metadata()?)?;
     let mut bytes = Vec::new();
     file.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes)?;

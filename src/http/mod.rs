@@ -218,6 +218,8 @@ async fn serve_http(
         ) => head,
         _ = registered.evict.notified() => return evicted(),
     };
+    // A head came: not idle while it is answered (the refusals below do not wait for eviction).
+    registered.busy();
     let prefix = match first {
         Ok(head::First { bytes, source }) => {
             // The PROXY header named the client: the socket is the client's from here on.

@@ -241,6 +241,7 @@ impl RedisBroker {
                 size: config.history_size,
                 ttl: config.history_ttl,
             }),
+            sweeps: HashMap::new(),
         };
         (broker, engine)
     }
@@ -385,6 +386,8 @@ pub struct Engine {
     settled: CancellationToken,
     /// See [`empty_room_ttl`].
     empty_room_ttl: u64,
+    /// Dead nodes being swept out of Redis's rooms (see [`forget_node`]).
+    sweeps: HashMap<Arc<str>, tokio::task::JoinHandle<()>>,
 }
 
 /// Which other nodes are alive, as the beats tell.
@@ -818,7 +821,8 @@ impl Engine {
         tokio::pin!(deadline);
         let sent =
             tokio::time::timeout(STOP_FENCE, fence.query_async::<i64>(&mut session.commands));
-        if matches!(sent.await, Ok(Ok(_))) {
+        // Its own subscription counts as one: none means nothing will come back.
+        if matches!(sent.await, Ok(Ok(subscribers)) if subscribers > 0) {
             session.fenced = false;
             while !session.fenced {
                 tokio::select! {
@@ -1047,13 +1051,25 @@ impl Engine {
             .collect();
         for gone in dead.difference(&self.nodes.dead) {
             warn!(node = %gone, "a node stopped beating: its presence leaves every room");
-            if let Some(session) = session.as_ref() {
-                tokio::spawn(forget_node(
-                    session.commands.clone(),
-                    session.scripts.clone(),
-                    gone.clone(),
-                    self.empty_room_ttl,
-                ));
+        }
+        // Swept out of Redis's rooms at every beat while dead (one call when done): a sweep cut
+        // short by an error is taken up again.
+        self.sweeps.retain(|gone, _| dead.contains(gone));
+        if let Some(session) = session.as_ref() {
+            for gone in &dead {
+                if self
+                    .sweeps
+                    .get(gone)
+                    .is_none_or(|sweep| sweep.is_finished())
+                {
+                    let sweep = tokio::spawn(forget_node(
+                        session.commands.clone(),
+                        session.scripts.clone(),
+                        gone.clone(),
+                        self.empty_room_ttl,
+                    ));
+                    self.sweeps.insert(gone.clone(), sweep);
+                }
             }
         }
         // Every beat, not only the first: a read of a room made while a node was alive may
@@ -1306,10 +1322,10 @@ async fn forget_node(
             .query_async(&mut conn)
             .await;
         match left {
-            Ok(0) => return debug!(node = %dead, "a dead node's rooms swept"),
+            Ok(0) => return,
             Ok(_) => {}
             Err(e) => {
-                return warn!(node = %dead, error = %e, "stopped sweeping a dead node's rooms (they expire)");
+                return debug!(node = %dead, error = %e, "sweeping a dead node's rooms: again at the next beat");
             }
         }
     }

@@ -58,22 +58,15 @@ local function entry_conns(entry)
 end
 
 -- A room's members hash (node -> its connections in the room) changed for `node`: by `delta`, or
--- set to `total`; the counts of nodes not `alive` (a table, see alive_nodes) are dropped on the
--- way, so a crashed node's members do not keep a room (and its keys) alive. `node_rooms` (a set
--- per node) lists the rooms where the node has members, for sweeping them if it dies (see
--- forget_node.lua). The room is in the rooms index (a sorted set, all scores 0, read in name
+-- set to `total`. `node_rooms` (a set per node) lists the rooms where the node has members, so
+-- that a node that dies is swept out of them (forget_node.lua) and its members do not keep a
+-- room (and its keys) alive. The room is in the rooms index (a sorted set, all scores 0, read in name
 -- order) while any node has connections in it, and the hash lives `ttl` seconds past its last
 -- change, as the presence hash does. Counting here lets the server API count a room's members
 -- per node instead of reading every user's entry.
-local function count_members(members, index, room, node, delta, total, ttl, alive, node_rooms)
+local function count_members(members, index, room, node, delta, total, ttl, node_rooms)
   as_kind(members, "hash")
   as_kind(index, "zset")
-  local counts = redis.call("hgetall", members)
-  for i = 1, #counts, 2 do
-    if counts[i] ~= node and not alive[counts[i]] then
-      redis.call("hdel", members, counts[i])
-    end
-  end
   local conns = total
   if not conns then
     conns = (tonumber(redis.call("hget", members, node)) or 0) + delta
@@ -142,10 +135,12 @@ end
 -- nor hands out offsets again after Redis went back in time (the node reconnects and reads the
 -- generation anew).
 local function era_is(era, gen, seen)
-  if redis.call("type", era)["ok"] ~= "hash" or redis.call("hget", era, "gen") ~= gen then
+  -- One read; a key that is not a hash is no generation (era.lua starts one over it).
+  local read = redis.pcall("hmget", era, "gen", "clock")
+  if read["err"] or read[1] ~= gen then
     return false
   end
-  return not seen or (tonumber(redis.call("hget", era, "clock")) or 0) >= tonumber(seen)
+  return not seen or (tonumber(read[2]) or 0) >= tonumber(seen)
 end
 
 -- Counts one write of the generation; returns the count (the era's clock). Each node remembers

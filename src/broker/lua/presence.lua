@@ -2,7 +2,7 @@
 -- KEYS[1]: the room's presence hash: "<node>\31<user>" -> entry (JSON), "#<node>" -> the node's
 --          last change number; KEYS[2]: the room's members hash (see lib.lua's count_members);
 --          KEYS[3]: the rooms index; KEYS[4]: the era hash (see era.lua); KEYS[5]: the room's
---          meta hash; KEYS[6]: the nodes hash (see beat.lua); KEYS[7]: the node's rooms.
+--          meta hash; KEYS[6]: the node's rooms (see lib.lua's count_members).
 -- ARGV: node, user, entry (JSON), connections, change number, channel, TTL (s), room, the
 --       node's generation, TTL once the room has no member (s, see lib.lua's room_lifetime), the
 --       highest era clock the node saw.
@@ -20,8 +20,7 @@ else
 end
 redis.call("hset", KEYS[1], "#" .. ARGV[1], ARGV[5])
 local delta = tonumber(ARGV[4]) - entry_conns(before)
-local alive = alive_nodes(KEYS[6])
-count_members(KEYS[2], KEYS[3], ARGV[8], ARGV[1], delta, nil, ARGV[7], alive, KEYS[7])
+count_members(KEYS[2], KEYS[3], ARGV[8], ARGV[1], delta, nil, ARGV[7], KEYS[6])
 room_lifetime(KEYS[5], KEYS[1], KEYS[2], ARGV[7], ARGV[10])
 redis.call("publish", ARGV[6], "u" .. ARGV[1] .. " " .. ARGV[5] .. "\n" .. ARGV[3])
 return era_tick(KEYS[4])

@@ -2,7 +2,7 @@
 -- changed while Redis was away was not recorded), and tells the nodes following the room.
 -- KEYS[1]: the room's presence hash (see presence.lua); KEYS[2]: its members hash; KEYS[3]: the
 -- rooms index; KEYS[4]: the era hash (see era.lua); KEYS[5]: the room's meta hash; KEYS[6]: the
--- nodes hash (see beat.lua); KEYS[7]: the node's rooms.
+-- node's rooms (see lib.lua's count_members).
 -- ARGV: node, change number, channel, TTL (s), room, the node's generation, TTL once the room
 -- has no member (s, see lib.lua's room_lifetime), the highest era clock the node saw, then the
 -- node's entries: user, entry (JSON), ...
@@ -25,7 +25,7 @@ for i = 9, #ARGV, 2 do
   conns = conns + entry_conns(ARGV[i + 1])
 end
 redis.call("hset", KEYS[1], "#" .. ARGV[1], ARGV[2])
-count_members(KEYS[2], KEYS[3], ARGV[5], ARGV[1], nil, conns, ARGV[4], alive_nodes(KEYS[6]), KEYS[7])
+count_members(KEYS[2], KEYS[3], ARGV[5], ARGV[1], nil, conns, ARGV[4], KEYS[6])
 room_lifetime(KEYS[5], KEYS[1], KEYS[2], ARGV[4], ARGV[7])
 redis.call("publish", ARGV[3], "U" .. ARGV[1] .. " " .. ARGV[2] .. "\n[" .. table.concat(entries, ",") .. "]")
 return era_tick(KEYS[4])

@@ -88,14 +88,13 @@ impl Keys {
 
     /// The keys the presence scripts (presence.lua, presence_node.lua) are given, in their
     /// order, for `node`'s presence in `room`.
-    pub fn presence_writes(&self, room: &str, node: &str) -> [String; 7] {
+    pub fn presence_writes(&self, room: &str, node: &str) -> [String; 6] {
         [
             self.presence(room),
             self.members(room),
             self.rooms(),
             ERA_KEY.to_owned(),
             self.meta(room),
-            NODES_KEY.to_owned(),
             self.node_rooms(node),
         ]
     }

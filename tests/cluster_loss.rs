@@ -505,3 +505,42 @@ async fn a_dead_node_leaves_the_rooms_nobody_reads_and_the_nodes_list() {
         assert!((1..=300).contains(&ttl), "{room}: {ttl}");
     }
 }
+
+#[tokio::test]
+async fn an_era_record_that_is_not_wsgates_is_replaced_once_and_nothing_is_published_twice() {
+    let redis = RedisServer::start();
+    let (nodes, mut alice, mut bob) = two_members(&redis, "z").await;
+    assert_eq!(publish_surely(&mut alice, "z", "first").await, 1);
+    assert_eq!(bob.chats(1).await, vec![(1, "first".to_owned())]);
+    let first = redis.generation();
+    // A clock HINCRBY cannot count on, then a forged generation name.
+    for (field, value) in [("clock", "1e3"), ("gen", "99999999999999999999-zz")] {
+        let _: i64 = redis.query(redis::cmd("HSET").arg("wsgate:era").arg(field).arg(value));
+        // The room starts over (once); a message refused meanwhile ("retry") was not published:
+        // sent again until it is, it reaches bob exactly once.
+        assert_eq!(alice.next_not_presence().await["type"], "resync");
+        assert_eq!(bob.next_not_presence().await["type"], "resync");
+        let offset = publish_surely(&mut alice, "z", value).await;
+        assert_eq!(bob.chats(1).await, vec![(offset, value.to_owned())]);
+        bob.expect_silence().await;
+    }
+    // It settled: the same generation for three beats, every node ready.
+    let settled = redis.generation();
+    assert_ne!(settled, first);
+    assert!(settled.starts_with("3-"), "{settled}");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(redis.generation(), settled);
+    for n in &nodes {
+        wait_readiness(n, 200).await;
+    }
+    let malformed =
+        counter(&nodes[0], "broker_malformed").await + counter(&nodes[1], "broker_malformed").await;
+    assert!(malformed >= 2, "{malformed}");
+    // Only the current generation's keys are left.
+    wait_until("earlier generations' keys are deleted", || {
+        let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("wsgate:[0-9]*"));
+        keys.iter()
+            .all(|k| k.starts_with(&format!("wsgate:{settled}:")))
+    })
+    .await;
+}

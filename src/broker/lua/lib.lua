@@ -129,18 +129,38 @@ local function alive_nodes(nodes_key)
   return alive
 end
 
+-- The era's clock as wsgate writes it, a count (digits only, far below 2^53 so that HINCRBY and
+-- Lua's numbers both hold it), or nil for anything else.
+local function era_clock(value)
+  if type(value) ~= "string" or #value > 15 or not string.match(value, "^%d+$") then
+    return nil
+  end
+  return tonumber(value)
+end
+
+-- A generation's sequence number, from its name as wsgate writes it ("<seq>-<hex>"), or nil.
+local function era_seq(gen)
+  local seq = type(gen) == "string" and string.match(gen, "^(%d+)%-%x+$")
+  if not seq or #seq > 15 then
+    return nil
+  end
+  return tonumber(seq)
+end
+
 -- Whether `gen` is the cluster's generation (see era.lua), and (given `seen`, the highest clock
 -- the writing node saw) whether Redis has all the writes the node saw: every script that writes
 -- a room's keys checks it first, so that no node writes under a generation Redis no longer has,
 -- nor hands out offsets again after Redis went back in time (the node reconnects and reads the
 -- generation anew).
 local function era_is(era, gen, seen)
-  -- One read; a key that is not a hash is no generation (era.lua starts one over it).
+  -- One read; a key that is not a hash, or a clock that is not a count, is no generation
+  -- (era.lua starts one over it).
   local read = redis.pcall("hmget", era, "gen", "clock")
   if read["err"] or read[1] ~= gen then
     return false
   end
-  return not seen or (tonumber(read[2]) or 0) >= tonumber(seen)
+  local clock = era_clock(read[2])
+  return clock ~= nil and (not seen or clock >= tonumber(seen))
 end
 
 -- Counts one write of the generation; returns the count (the era's clock). Each node remembers

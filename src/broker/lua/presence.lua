@@ -10,6 +10,8 @@
 if not era_is(KEYS[4], ARGV[9], ARGV[11]) then
   return redis.error_reply(ERA_CHANGED)
 end
+-- Counted first: nothing below can fail once the clock is known to be a count.
+local clock = era_tick(KEYS[4])
 as_kind(KEYS[1], "hash")
 local field = ARGV[1] .. "\31" .. ARGV[2]
 local before = redis.call("hget", KEYS[1], field)
@@ -23,4 +25,4 @@ local delta = tonumber(ARGV[4]) - entry_conns(before)
 count_members(KEYS[2], KEYS[3], ARGV[8], ARGV[1], delta, nil, ARGV[7], KEYS[6])
 room_lifetime(KEYS[5], KEYS[1], KEYS[2], ARGV[7], ARGV[10])
 redis.call("publish", ARGV[6], "u" .. ARGV[1] .. " " .. ARGV[5] .. "\n" .. ARGV[3])
-return era_tick(KEYS[4])
+return clock

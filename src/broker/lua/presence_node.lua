@@ -10,6 +10,8 @@
 if not era_is(KEYS[4], ARGV[6], ARGV[8]) then
   return redis.error_reply(ERA_CHANGED)
 end
+-- Counted first: nothing below can fail once the clock is known to be a count.
+local clock = era_tick(KEYS[4])
 as_kind(KEYS[1], "hash")
 local prefix = ARGV[1] .. "\31"
 for _, field in ipairs(redis.call("hkeys", KEYS[1])) do
@@ -28,4 +30,4 @@ redis.call("hset", KEYS[1], "#" .. ARGV[1], ARGV[2])
 count_members(KEYS[2], KEYS[3], ARGV[5], ARGV[1], nil, conns, ARGV[4], KEYS[6])
 room_lifetime(KEYS[5], KEYS[1], KEYS[2], ARGV[4], ARGV[7])
 redis.call("publish", ARGV[3], "U" .. ARGV[1] .. " " .. ARGV[2] .. "\n[" .. table.concat(entries, ",") .. "]")
-return era_tick(KEYS[4])
+return clock

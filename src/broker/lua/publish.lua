@@ -11,6 +11,8 @@
 if not era_is(KEYS[3], ARGV[7], ARGV[8]) then
   return redis.error_reply(ERA_CHANGED)
 end
+-- Counted first: nothing below can fail once the clock is known to be a count.
+local clock = era_tick(KEYS[3])
 local epoch = room_epoch(KEYS[1], KEYS[2], ARGV[6])
 local offset = redis.call("hincrby", KEYS[1], "offset", 1)
 if redis.call("exists", KEYS[4]) == 1 then
@@ -23,4 +25,4 @@ if tonumber(ARGV[2]) > 0 then
   redis.call("expire", KEYS[2], ARGV[3])
 end
 redis.call("publish", ARGV[5], "s" .. offset .. " " .. epoch .. "\n" .. ARGV[1])
-return {offset, era_tick(KEYS[3])}
+return {offset, clock}

@@ -180,8 +180,8 @@ pub struct Era {
     pub clock: u64,
     /// Whether this read started a new generation.
     pub started: bool,
-    /// The generation Redis had that the new one replaced, if any (its keys are to go).
-    pub replaced: Option<Arc<str>>,
+    /// Whether the record Redis had was not wsgate's (replaced by a new generation).
+    pub malformed: bool,
 }
 
 /// Reads the cluster's generation, starting a new one where Redis has none, or has the node's
@@ -194,7 +194,7 @@ pub async fn read_era(
     force: bool,
 ) -> RedisResult<Era> {
     check_version(conn).await?;
-    let (generation, clock, replaced, started): (String, u64, String, u8) = ::redis::cmd("EVAL")
+    let (generation, clock, started, malformed): (String, u64, u8, u8) = ::redis::cmd("EVAL")
         .arg(format!("{LIB_LUA}\n{}", include_str!("../lua/era.lua")))
         .arg(1)
         .arg(ERA_KEY)
@@ -209,28 +209,32 @@ pub async fn read_era(
         generation: Arc::from(generation),
         clock,
         started: started == 1,
-        replaced: (!replaced.is_empty()).then(|| Arc::from(replaced)),
+        malformed: malformed == 1,
     })
 }
 
-/// Deletes the keys of a generation that was replaced (nobody reads or writes them any more),
-/// a batch at a time; what a failure leaves expires with its TTL.
-pub async fn delete_generation(mut conn: MultiplexedConnection, generation: Arc<str>) {
-    let pattern = format!("{}*", Keys::new(generation.clone()).prefix());
-    let mut cursor = 0u64;
-    let mut deleted = 0usize;
+/// Deletes the keys of every generation but `current` (nobody reads or writes them any more: the
+/// scripts refuse to), a batch at a time; what a failure leaves expires with its TTL.
+pub async fn delete_stale_generations(mut conn: MultiplexedConnection, current: Arc<str>) {
+    // `wsgate:<seq>-<hex>:...`; no other key of wsgate's has a digit there.
+    let stale = |key: &Vec<u8>| {
+        let name = key
+            .strip_prefix(b"wsgate:")
+            .and_then(|rest| rest.split(|&b| b == b':').next());
+        name.is_some_and(|name| name != current.as_bytes() && is_generation(name))
+    };
+    let (mut cursor, mut deleted) = (0u64, 0usize);
     loop {
-        let scanned: RedisResult<(u64, Vec<String>)> = ::redis::cmd("SCAN")
+        let scanned: RedisResult<(u64, Vec<Vec<u8>>)> = ::redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
-            .arg(&pattern)
+            .arg("wsgate:[0-9]*")
             .arg("COUNT")
             .arg(1000)
             .query_async(&mut conn)
             .await;
-        let Ok((next, keys)) = scanned else {
-            return tracing::warn!(generation = %generation, "stopped deleting a replaced generation's keys");
-        };
+        let Ok((next, mut keys)) = scanned else { break };
+        keys.retain(stale);
         if !keys.is_empty() {
             deleted += keys.len();
             let unlinked: RedisResult<i64> = ::redis::cmd("UNLINK")
@@ -238,14 +242,27 @@ pub async fn delete_generation(mut conn: MultiplexedConnection, generation: Arc<
                 .query_async(&mut conn)
                 .await;
             if unlinked.is_err() {
-                return tracing::warn!(generation = %generation, "stopped deleting a replaced generation's keys");
+                break;
             }
         }
         if next == 0 {
-            return tracing::info!(generation = %generation, deleted, "deleted a replaced generation's keys");
+            return tracing::info!(generation = %current, deleted, "deleted earlier generations' keys");
         }
         cursor = next;
     }
+    tracing::warn!(generation = %current, deleted, "stopped deleting earlier generations' keys");
+}
+
+/// Whether `name` is a generation's name as era.lua writes them (`<seq>-<hex>`).
+fn is_generation(name: &[u8]) -> bool {
+    let Some(dash) = name.iter().position(|&b| b == b'-') else {
+        return false;
+    };
+    let (seq, hex) = (&name[..dash], &name[dash + 1..]);
+    !seq.is_empty()
+        && seq.iter().all(u8::is_ascii_digit)
+        && !hex.is_empty()
+        && hex.iter().all(u8::is_ascii_hexdigit)
 }
 
 /// The oldest Redis the scripts run on (`XADD` with an explicit id and `MAXLEN`, `TIME` in

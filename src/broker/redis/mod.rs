@@ -54,7 +54,6 @@ use self::keys::{
     room_of, sessions_key,
 };
 use self::publisher::{entry_json, publish_loop, refuse};
-
 pub use self::sync::NodesPresence;
 use self::sync::{CatchUpError, catch_up};
 use super::{Publisher, Unavailable};
@@ -76,8 +75,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnection back-off: from the first to the second, doubling, with jitter.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
-/// How long a room's offset, epoch and presence stay in Redis after their last change or read:
-/// past it, a room starts over under a new epoch (its clients are told they cannot recover).
+/// How long a room's keys stay in Redis past their last change or read while it has members (once
+/// it has none: [`empty_room_ttl`]); a room whose keys expired starts over under a new epoch (its
+/// clients are told they cannot recover).
 const META_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long a room's keys live in Redis once it has no member: as long as its history is kept
 /// (`history_ttl`), at least a second.
@@ -614,8 +614,17 @@ impl Engine {
         )
         .await?;
         self.force_new_era = false;
-        if let Some(replaced) = &era.replaced {
-            tokio::spawn(keys::delete_generation(commands.clone(), replaced.clone()));
+        if era.malformed {
+            node.counters
+                .broker_malformed
+                .fetch_add(1, Ordering::Relaxed);
+            warn!("wsgate:era held a record that is not wsgate's: a new generation replaces it");
+        }
+        if era.started {
+            tokio::spawn(keys::delete_stale_generations(
+                commands.clone(),
+                era.generation.clone(),
+            ));
         }
         if era.started && self.generation.is_some() {
             node.counters
@@ -623,7 +632,6 @@ impl Engine {
                 .fetch_add(1, Ordering::Relaxed);
             warn!(
                 generation = %era.generation,
-                replaced = ?era.replaced,
                 "Redis lost data or went back in time: a new generation starts every room over \
                  (members are told to resync)"
             );

@@ -199,12 +199,23 @@ fn main() -> ExitCode {
     };
     let scheme = if config_has_tls { "https" } else { "http" };
     println!("wsgate listening on {scheme}://{}/", gateway.local_addr());
-    // SIGHUP reloads the TLS certificate; SIGTERM or SIGINT stop.
-    signals.wait(|| match gateway.reload_tls() {
-        Ok(true) => info!("TLS certificate reloaded (SIGHUP)"),
-        Ok(false) => info!("SIGHUP: nothing to reload (no TLS configured)"),
-        Err(e) => {
-            warn!(error = %e, "SIGHUP: cannot reload the TLS certificate; keeping the current one")
+    // SIGHUP reloads the TLS certificate, on a thread of its own (a read stuck on a file system
+    // must not keep SIGTERM from being handled); SIGTERM or SIGINT stop.
+    let reload = std::sync::Arc::new(gateway.tls_reloader());
+    signals.wait(|| {
+        let reload = reload.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wsgate-reload".into())
+            .spawn(move || match reload() {
+                Ok(true) => info!("TLS certificate reloaded (SIGHUP)"),
+                Ok(false) => info!("SIGHUP: nothing to reload (no TLS configured)"),
+                Err(e) => warn!(
+                    error = %e,
+                    "SIGHUP: cannot reload the TLS certificate; keeping the current one"
+                ),
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "SIGHUP: cannot start the reload");
         }
     });
     info!(

@@ -209,10 +209,14 @@ impl Gateway {
     /// Reads the TLS certificate and key files again, for new handshakes (connections up keep
     /// theirs). `Ok(false)`: the listener has no TLS. On an error the current certificate stays.
     pub fn reload_tls(&self) -> Result<bool, String> {
-        match &self.node.tls {
-            Some(tls) => tls.reload().map(|()| true),
-            None => Ok(false),
-        }
+        reload_tls(&self.node)
+    }
+
+    /// [`Gateway::reload_tls`] for another thread: reading the files may block (a network file
+    /// system), so a signal handler hands it off rather than wait.
+    pub fn tls_reloader(&self) -> impl Fn() -> Result<bool, String> + Send + Sync + 'static {
+        let node = self.node.clone();
+        move || reload_tls(&node)
     }
 
     /// Starts a graceful shutdown: upgrades are refused and `/readyz` fails; each shard delivers
@@ -295,6 +299,13 @@ fn run_shard(
             task.abort();
         }
     });
+}
+
+fn reload_tls(node: &Node) -> Result<bool, String> {
+    match &node.tls {
+        Some(tls) => tls.reload().map(|()| true),
+        None => Ok(false),
+    }
 }
 
 /// Reloads the TLS certificate when its files change, until `stop`: on a thread of its own, as

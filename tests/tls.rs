@@ -859,3 +859,34 @@ async fn certificate_files_that_are_not_plain_files_or_too_big_are_refused_witho
     }
     assert_eq!(https_get(&pki, gw.addr, "/healthz").await, 200);
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_off_the_signal_thread() {
+    let files = pem_files("sighup");
+    Pki::issue(&files);
+    let (cert, key) = (files.0.to_str().unwrap(), files.1.to_str().unwrap());
+    let gateway = support::process::GatewayProcess::start(
+        &["--shards", "1"],
+        &[
+            ("WSGATE_TLS_CERT_FILE", cert),
+            ("WSGATE_TLS_KEY_FILE", key),
+            ("WSGATE_LOG", "info"),
+        ],
+        None,
+    );
+    // A new CA and certificate in the same files; SIGHUP takes them.
+    let renewed = Pki::issue(&files);
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &gateway.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !gateway.logs().contains("reloaded (SIGHUP)") {
+        assert!(tokio::time::Instant::now() < deadline, "{}", gateway.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(https_get(&renewed, gateway.addr, "/healthz").await, 200);
+    // And SIGTERM is still answered: a clean exit.
+    assert_eq!(gateway.terminate(), Some(0));
+}

@@ -6,7 +6,7 @@ mod client_frame;
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use wsgate::frame::{Decoded, Decoder, OpCode, encode};
+use wsgate::ws::frame::{Decoded, Decoder, OpCode, encode};
 
 fn masked_frame(payload: &[u8]) -> Vec<u8> {
     client_frame::client_frame(true, 0x1, payload, Some([1, 2, 3, 4]))

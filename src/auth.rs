@@ -9,60 +9,17 @@
 //! With no key configured the gateway runs in dev mode: a random secret, and `GET /dev/token`
 //! hands out tokens so the test page works at once.
 
-use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use hyper::header::{AUTHORIZATION, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::base::identity::Identity;
+use crate::base::time::now_secs;
 use crate::config::Config;
-
-/// The subprotocol wsgate speaks (its JSON protocol), for clients that name one.
-const OUR_PROTOCOL: &str = "wsgate";
-
-/// The prefix that marks a token among the offered subprotocols.
-const PROTOCOL_TOKEN_PREFIX: &str = "bearer.";
-
-/// Who is on a connection, from its token's claims.
-#[derive(Debug)]
-pub struct Identity {
-    pub user_id: Arc<str>,
-    /// The display name; the same allocation as `user_id` when the token has no `username`.
-    pub username: Arc<str>,
-    pub roles: Box<[Box<str>]>,
-    /// Room patterns this user may join (`None`: any room). A trailing `*` matches a prefix.
-    pub rooms: Option<Box<[Box<str>]>>,
-    /// When the token expires (Unix seconds); `None` for anonymous connections.
-    pub expires_at: Option<u64>,
-}
-
-/// The user id of token-less connections (`allow_anonymous`).
-pub const ANONYMOUS_USER_ID: &str = "anonymous";
-
-impl Identity {
-    pub fn anonymous() -> Self {
-        Identity {
-            user_id: ANONYMOUS_USER_ID.into(),
-            username: Arc::from("Anonymous"),
-            roles: Box::new([]),
-            rooms: None,
-            expires_at: None,
-        }
-    }
-
-    pub fn may_join(&self, room: &str) -> bool {
-        self.rooms.as_ref().is_none_or(|patterns| {
-            patterns.iter().any(|p| match p.strip_suffix('*') {
-                Some(prefix) => room.starts_with(prefix),
-                None => **p == *room,
-            })
-        })
-    }
-}
 
 /// The claims wsgate reads. Either `sub` or `userId` names the user.
 #[derive(Debug, Serialize, Deserialize)]
@@ -152,56 +109,6 @@ impl AuthError {
         AuthError::WrongAudience,
         AuthError::BadClaims,
     ];
-}
-
-/// A token found in an upgrade request, and the subprotocol to answer with.
-pub struct Presented<'a> {
-    /// Borrowed from the request, or percent-decoded from the query string.
-    pub token: Option<Cow<'a, str>>,
-    /// `wsgate`, when the client offered it; never the `bearer.<token>` entry, which would put the
-    /// token in every proxy's and browser's logs of the response.
-    pub protocol: Option<HeaderValue>,
-}
-
-/// Finds the token in `?token=`, `Authorization: Bearer`, or a `bearer.<token>` subprotocol.
-pub fn presented<B>(req: &hyper::Request<B>) -> Presented<'_> {
-    let offered: Vec<&str> = req
-        .headers()
-        .get_all(SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .collect();
-    let from_protocol = offered
-        .iter()
-        .find_map(|p| p.strip_prefix(PROTOCOL_TOKEN_PREFIX));
-    // RFC 6455 §4.2.2: answer with a protocol we speak, `wsgate`, when offered; nothing else is
-    // ever answered. (A browser that offers subprotocols fails the connection unless one comes
-    // back, so browsers offer `["wsgate", "bearer.<token>"]`, as the test page does.)
-    let protocol = offered
-        .contains(&OUR_PROTOCOL)
-        .then(|| HeaderValue::from_static(OUR_PROTOCOL));
-    let from_query = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|pair| pair.strip_prefix("token="))
-            .filter(|t| !t.is_empty())
-            .and_then(|t| percent_encoding::percent_decode_str(t).decode_utf8().ok())
-    });
-    let from_header = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            // The scheme is case-insensitive (RFC 7235).
-            let (scheme, token) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
-    Presented {
-        token: from_query.or(from_header.or(from_protocol).map(Cow::Borrowed)),
-        protocol,
-    }
 }
 
 pub struct Authenticator {
@@ -393,13 +300,6 @@ fn public_key(path: &Path) -> Result<(DecodingKey, Vec<Algorithm>), String> {
     ))
 }
 
-/// Unix time in seconds.
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Claims for a token for `user`, valid for `ttl`.
 pub fn claims_for(user: &str, username: Option<&str>, ttl: Duration) -> Claims {
     Claims {
@@ -411,60 +311,5 @@ pub fn claims_for(user: &str, username: Option<&str>, ttl: Duration) -> Claims {
         exp: now_secs() + ttl.as_secs(),
         iss: None,
         aud: None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn room_patterns() {
-        let mut id = Identity::anonymous();
-        assert!(id.may_join("anything"));
-        id.rooms = Some(vec!["general".into(), "team-*".into()].into_boxed_slice());
-        assert!(id.may_join("general"));
-        assert!(id.may_join("team-a"));
-        assert!(id.may_join("team-"));
-        assert!(!id.may_join("generalx"));
-        assert!(!id.may_join("team"));
-    }
-
-    #[test]
-    fn token_sources_and_the_answered_subprotocol() {
-        let req = |uri: &str, headers: &[(&str, &str)]| {
-            let mut b = hyper::Request::builder().uri(uri);
-            for (k, v) in headers {
-                b = b.header(*k, *v);
-            }
-            b.body(()).unwrap()
-        };
-        let token = |r: &hyper::Request<()>| presented(r).token.map(Cow::into_owned);
-        let r = req("/ws?a=1&token=abc", &[]);
-        assert_eq!(token(&r).as_deref(), Some("abc"));
-        let r = req("/ws?token=a%2Eb%2ec", &[]);
-        assert_eq!(token(&r).as_deref(), Some("a.b.c"), "percent-decoded");
-        let r = req("/ws", &[("authorization", "Bearer xyz")]);
-        assert_eq!(token(&r).as_deref(), Some("xyz"));
-        let r = req("/ws", &[("sec-websocket-protocol", "wsgate, bearer.t.o.k")]);
-        assert_eq!(token(&r).as_deref(), Some("t.o.k"));
-        assert_eq!(presented(&r).protocol.unwrap(), "wsgate");
-        for offer in ["bearer.t.o.k", "mqtt, bearer.t.o.k"] {
-            let r = req("/ws", &[("sec-websocket-protocol", offer)]);
-            assert_eq!(token(&r).as_deref(), Some("t.o.k"));
-            assert!(
-                presented(&r).protocol.is_none(),
-                "the token entry is never echoed back"
-            );
-        }
-        let r = req("/ws?token=abc", &[("sec-websocket-protocol", "mqtt")]);
-        assert!(
-            presented(&r).protocol.is_none(),
-            "a protocol we do not speak is not answered"
-        );
-        let r = req("/ws", &[("authorization", "BEARER xyz")]);
-        assert_eq!(token(&r).as_deref(), Some("xyz"));
-        let r = req("/ws", &[]);
-        assert!(presented(&r).token.is_none() && presented(&r).protocol.is_none());
     }
 }

@@ -6,20 +6,19 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::auth::Identity;
+use crate::base::client_id::ClientId;
+use crate::base::identity::Identity;
+use crate::base::time::now_ms;
 use crate::broker::Broker;
-use crate::client_id::ClientId;
-use crate::frame;
 use crate::limits::{Charge, Creator, Verdict};
 use crate::node::Node;
 use crate::outbound::QueueTotal;
-use crate::protocol::{
-    ClientMessage, ErrorReply, PresentUser, ServerMessage, Since, encode_echo, now_ms,
-};
+use crate::protocol::{ClientMessage, ErrorReply, PresentUser, ServerMessage, Since, encode_echo};
 use crate::rooms::{Joined, Joining, PENDING, RoomState, is_valid_room_name};
 use crate::routing::{self, Publication};
 use crate::shard::{ConnEntry, Shard, ShardState};
 use crate::stream::Position;
+use crate::ws::frame;
 
 /// Handles one text message from a chat client. Errors are answered, never fatal; a client that
 /// keeps flooding past its strikes is closed (the caller sees the connection closing).

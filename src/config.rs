@@ -11,11 +11,6 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Authenticator;
-use crate::heartbeat::HeartbeatMode;
-use crate::http::forwarded::{ForwardedHeader, TrustedProxies};
-use crate::tls::Tls;
-
 /// The largest `max_message_size` accepted: a message is buffered whole before it is handled.
 const MAX_MESSAGE_SIZE_LIMIT: usize = 1 << 30;
 
@@ -325,6 +320,28 @@ impl Default for Config {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum HeartbeatMode {
+    /// RFC 6455 ping frames.
+    Frame,
+    /// `{"type":"ping","timestamp":ms}` text messages, answered by `{"type":"pong"}` (the seed's
+    /// protocol). The echo endpoint always gets ping frames.
+    Json,
+}
+
+/// Which header the trusted proxies write the chain in (`forwarded_header`). Only that one is
+/// read: proxies pass the other through as the client wrote it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For` (nginx's `$proxy_add_x_forwarded_for`, HAProxy's `option forwardfor`).
+    #[default]
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239).
+    Forwarded,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BrokerKind {
     Memory,
     Redis,
@@ -352,6 +369,18 @@ pub struct FlagOverrides {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(String);
+
+impl ConfigError {
+    /// `key = value: problem`.
+    pub fn bad(key: &str, value: &dyn std::fmt::Display, problem: &str) -> Self {
+        ConfigError(format!("{key} = {value}: {problem}"))
+    }
+
+    /// A problem in words of its own (that name the key).
+    pub fn new(problem: String) -> Self {
+        ConfigError(problem)
+    }
+}
 
 impl Config {
     /// Loads the layered configuration (file, if given, must exist).
@@ -414,7 +443,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         // Names the key and echoes the value it was given.
         let bad = |key: &str, value: &dyn std::fmt::Display, problem: &str| {
-            Err(ConfigError(format!("{key} = {value}: {problem}")))
+            Err(ConfigError::bad(key, value, problem))
         };
         if !(1..=1024).contains(&self.shards) {
             return bad("shards", &self.shards, "must be between 1 and 1024");
@@ -447,11 +476,6 @@ impl Config {
         }
         if self.redis_publish_queue == 0 {
             return bad("redis_publish_queue", &0, "must be at least 1");
-        }
-        if self.broker == BrokerKind::Redis
-            && let Err(e) = redis::IntoConnectionInfo::into_connection_info(self.redis_url.expose())
-        {
-            return bad("redis_url", &self.redis_url.redacted(), &e.to_string());
         }
         if self.max_header_bytes < 8192 {
             return bad(
@@ -545,37 +569,11 @@ impl Config {
                 return bad(name, &"<redacted>", "must be at least 16 characters");
             }
         }
-        let proxies = TrustedProxies::parse(&self.trusted_proxies, self.forwarded_header)
-            .map_err(|e| ConfigError(format!("trusted_proxies: {e}")))?;
-        if self.proxy_protocol && proxies.is_empty() {
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return bad(
-                "proxy_protocol",
-                &true,
-                "needs trusted_proxies: the proxies whose PROXY headers are read",
-            );
-        }
-        match (&self.tls_cert_file, &self.tls_key_file) {
-            (Some(cert), Some(key)) => {
-                Tls::load(cert, key).map_err(ConfigError)?;
-            }
-            (None, None) => {}
-            _ => {
-                return bad(
-                    "tls_cert_file",
-                    &"…",
-                    "set both tls_cert_file and tls_key_file, or neither",
-                );
-            }
-        }
-        // Reads the key file, so a missing or wrong key stops start-up here.
-        let auth = Authenticator::from_config(self).map_err(ConfigError)?;
-        if auth.dev_mode() && !self.listen.ip().is_loopback() && !self.dev_mode {
-            return bad(
-                "listen",
-                &self.listen,
-                "dev mode (no jwt_secret or jwt_public_key_file: anyone may get a token at \
-                 /dev/token) serves loopback addresses only; configure a key, or set \
-                 dev_mode = true (--dev) to expose it anyway",
+                "tls_cert_file",
+                &"…",
+                "set both tls_cert_file and tls_key_file, or neither",
             );
         }
         Ok(())
@@ -722,15 +720,5 @@ mod tests {
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(printed.contains("redis://***@cache.internal:6379/0"));
         assert_eq!(redacted_url("redis://h:1/"), "redis://h:1/");
-        let bad = Config {
-            broker: BrokerKind::Redis,
-            redis_url: "nope://:hunter2@h".into(),
-            ..Config::default()
-        };
-        let error = bad.validate().unwrap_err().to_string();
-        assert!(
-            error.contains("redis_url") && !error.contains("hunter2"),
-            "{error}"
-        );
     }
 }

@@ -17,14 +17,14 @@ use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
-use crate::auth::Identity;
+use crate::base::identity::Identity;
 use crate::chat;
-use crate::close::{CloseCode, CloseFrame};
-use crate::frame::{self, Decoded, Decoder, Event, FrameError, OpCode};
 use crate::limits::{Charge, Verdict};
 use crate::protocol::ErrorReply;
 use crate::shard::{Endpoint, Shard};
 use crate::transport::Stream;
+use crate::ws::close::{CloseCode, CloseFrame, FrameError};
+use crate::ws::frame::{self, Decoded, Decoder, Event, OpCode};
 
 /// Reads handled per turn before the task yields, so one busy client cannot hog the shard.
 const READS_PER_POLL: usize = 16;
@@ -489,7 +489,7 @@ mod tests {
     use super::*;
 
     fn masked(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        crate::frame::client_frame::client_frame(fin, opcode, payload, Some([1, 2, 3, 4]))
+        crate::ws::frame::client_frame::client_frame(fin, opcode, payload, Some([1, 2, 3, 4]))
     }
 
     #[test]

@@ -17,26 +17,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use tracing::debug;
 
-use crate::auth;
-use crate::close::CloseCode;
-use crate::config::Config;
-use crate::frame::{self, OpCode};
-use crate::protocol::now_ms;
+use crate::base::time::{now_ms, now_secs};
+use crate::config::{Config, HeartbeatMode};
 use crate::shard::{Endpoint, Shard};
 use crate::wheel::{Tick, TimerWheel};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HeartbeatMode {
-    /// RFC 6455 ping frames.
-    Frame,
-    /// `{"type":"ping","timestamp":ms}` text messages, answered by `{"type":"pong"}` (the seed's
-    /// protocol). The echo endpoint always gets ping frames.
-    Json,
-}
+use crate::ws::close::CloseCode;
+use crate::ws::frame::{self, OpCode};
 
 /// A connection's liveness, in (truncated) ticks of its shard's wheel.
 #[derive(Default)]
@@ -132,7 +120,7 @@ impl Heartbeats {
             return Tick::MAX;
         };
         let until = exp.saturating_add(self.leeway_secs);
-        let left = Duration::from_secs(until.saturating_sub(auth::now_secs()));
+        let left = Duration::from_secs(until.saturating_sub(now_secs()));
         self.wheel.now() + (left.as_nanos() / self.tick.as_nanos()) as Tick + 1
     }
 }
@@ -162,7 +150,7 @@ fn on_tick(shard: &Shard, now: Tick) {
         return;
     }
     let now32 = now as u32;
-    let now_secs = auth::now_secs();
+    let now_secs = now_secs();
     let mut json_ping = None;
     let (mut timed_out, mut expired_tokens) = (0, 0);
     let mut guard = shard.state();
@@ -257,7 +245,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::auth::Identity;
+    use crate::base::identity::Identity;
     use crate::node::Node;
 
     /// A one-shard node with 30 s heartbeats and a 10 s timeout: one tick a second.
@@ -370,7 +358,7 @@ mod tests {
         // leeway already, and is due on the first tick.
         let shard = shard(HeartbeatMode::Frame);
         let expired = Identity {
-            expires_at: Some(auth::now_secs() - 11),
+            expires_at: Some(now_secs() - 11),
             ..Identity::anonymous()
         };
         let key = connect(&shard, Endpoint::Chat, expired);

@@ -20,14 +20,12 @@
 //!   [`config`] documents every setting.
 
 pub mod auth;
+pub mod base;
 pub mod broker;
 pub mod bus;
 pub mod chat;
-pub mod client_id;
-pub mod close;
 pub mod config;
 pub mod conn;
-pub mod frame;
 pub mod heartbeat;
 pub mod http;
 pub mod limits;
@@ -45,6 +43,7 @@ pub mod stream;
 pub mod tls;
 pub mod transport;
 pub mod wheel;
+pub mod ws;
 
 pub use config::Config;
 pub use server::{Gateway, start};

@@ -148,7 +148,9 @@ fn main() -> ExitCode {
             }
         };
     }
-    let config = match Config::load(cli.config.as_deref(), &flags) {
+    let config = match Config::load(cli.config.as_deref(), &flags)
+        .and_then(|config| wsgate::node::preflight(&config).map(|_| config))
+    {
         Ok(config) => config,
         Err(e) => {
             eprintln!("wsgate: configuration error: {e}");

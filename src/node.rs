@@ -9,11 +9,11 @@ use std::time::Duration;
 use serde_json::Value;
 use tracing::info;
 
-use crate::auth::{AuthError, Authenticator, Identity};
+use crate::auth::{AuthError, Authenticator};
+use crate::base::identity::Identity;
 use crate::broker::{Broker, Engine};
 use crate::bus::{Bus, Inbox};
-use crate::close::CloseCode;
-use crate::config::Config;
+use crate::config::{BrokerKind, Config, ConfigError};
 use crate::http::forwarded::TrustedProxies;
 use crate::http::idle::HttpConnections;
 use crate::limits::{Admission, Refusal, RoomCreation};
@@ -22,6 +22,49 @@ use crate::rooms::RoomDirectory;
 use crate::routing::Delivery;
 use crate::stream::HistoryLimits;
 use crate::tls::Tls;
+use crate::ws::close::CloseCode;
+
+/// What start-up builds from the configuration before anything listens: the checks that need
+/// more than the configuration's own values (key files, certificates, proxy lists, the Redis URL)
+/// are made by building what they configure.
+pub struct Preflight {
+    pub auth: Authenticator,
+    pub tls: Option<Tls>,
+    pub proxies: TrustedProxies,
+}
+
+/// Builds what `config` names, or says which setting is wrong (start-up prints it and exits 2).
+pub fn preflight(config: &Config) -> Result<Preflight, ConfigError> {
+    if config.broker == BrokerKind::Redis {
+        crate::broker::redis::check_url(&config.redis_url)
+            .map_err(|e| ConfigError::bad("redis_url", &config.redis_url.redacted(), &e))?;
+    }
+    let proxies = TrustedProxies::parse(&config.trusted_proxies, config.forwarded_header)
+        .map_err(|e| ConfigError::new(format!("trusted_proxies: {e}")))?;
+    if config.proxy_protocol && proxies.is_empty() {
+        return Err(ConfigError::bad(
+            "proxy_protocol",
+            &true,
+            "needs trusted_proxies: the proxies whose PROXY headers are read",
+        ));
+    }
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(Tls::load(cert, key).map_err(ConfigError::new)?),
+        _ => None,
+    };
+    // Reads the key file, so a missing or wrong key stops start-up here.
+    let auth = Authenticator::from_config(config).map_err(ConfigError::new)?;
+    if auth.dev_mode() && !config.listen.ip().is_loopback() && !config.dev_mode {
+        return Err(ConfigError::bad(
+            "listen",
+            &config.listen,
+            "dev mode (no jwt_secret or jwt_public_key_file: anyone may get a token at \
+             /dev/token) serves loopback addresses only; configure a key, or set \
+             dev_mode = true (--dev) to expose it anyway",
+        ));
+    }
+    Ok(Preflight { auth, tls, proxies })
+}
 
 pub struct Node {
     /// This node's name among the nodes of a cluster: 8 random hex digits, new at each start.
@@ -63,7 +106,8 @@ impl Node {
     pub fn new(
         config: Arc<Config>,
         max_sockets: usize,
-    ) -> Result<(Self, Vec<Inbox>, Option<Engine>), String> {
+    ) -> Result<(Self, Vec<Inbox>, Option<Engine>), ConfigError> {
+        let Preflight { auth, tls, proxies } = preflight(&config)?;
         let (bus, inboxes) = Bus::new(config.shards, config.max_shard_inbox_bytes);
         let id = crate::stream::new_epoch();
         let (broker, engine) = Broker::new(&config, id.clone());
@@ -80,7 +124,7 @@ impl Node {
             ),
             connections: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
             queued_bytes: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
-            auth: Authenticator::from_config(&config)?,
+            auth,
             anonymous: Arc::new(Identity::anonymous()),
             counters: Counters::default(),
             metrics: (0..config.shards)
@@ -89,11 +133,8 @@ impl Node {
             admission: Admission::new(&config, max_sockets),
             room_creation: RoomCreation::new(&config),
             http: HttpConnections::default(),
-            proxies: TrustedProxies::parse(&config.trusted_proxies, config.forwarded_header)?,
-            tls: match (&config.tls_cert_file, &config.tls_key_file) {
-                (Some(cert), Some(key)) => Some(Tls::load(cert, key)?),
-                _ => None,
-            },
+            proxies,
+            tls,
             draining: AtomicBool::new(false),
             config,
             broker,
@@ -496,5 +537,24 @@ pub async fn housekeeping(node: Arc<Node>, every: Duration) {
             );
         }
         last = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_a_bad_redis_url_are_never_printed() {
+        let bad = Config {
+            broker: BrokerKind::Redis,
+            redis_url: "nope://:hunter2@h".into(),
+            ..Config::default()
+        };
+        let error = preflight(&bad).err().expect("refused").to_string();
+        assert!(
+            error.contains("redis_url") && !error.contains("hunter2"),
+            "{error}"
+        );
     }
 }

@@ -397,14 +397,14 @@ mod tests {
 
     #[test]
     fn only_the_first_close_is_queued_and_its_code_is_the_one_kept() {
-        use crate::close::CloseCode;
+        use crate::ws::close::CloseCode;
         let mut total = QueueTotal::default();
         let mut out = Outbound::default();
         assert_eq!(out.close_code(), None);
-        let slow = crate::frame::encode_close(CloseCode::POLICY_VIOLATION, "slow consumer");
+        let slow = crate::ws::frame::encode_close(CloseCode::POLICY_VIOLATION, "slow consumer");
         out.push_close(slow.clone(), &mut total);
         out.push_close(
-            crate::frame::encode_close(CloseCode::GOING_AWAY, ""),
+            crate::ws::frame::encode_close(CloseCode::GOING_AWAY, ""),
             &mut total,
         );
         out.push(frame(3), &mut total);

@@ -40,7 +40,7 @@ impl Entry {
     /// connections).
     pub fn shown_id(&self) -> &str {
         if self.anonymous {
-            crate::auth::ANONYMOUS_USER_ID
+            crate::base::identity::ANONYMOUS_USER_ID
         } else {
             &self.user_id
         }

@@ -7,7 +7,6 @@
 //! Every error string a client can receive is in [`ErrorReply`].
 
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes};
 use serde::{Serialize, Serializer};
@@ -16,8 +15,8 @@ use simd_json::tape::Value;
 use simd_json::{Buffers, Tape};
 
 use crate::auth::AuthError;
-use crate::client_id::ClientId;
-use crate::frame::{FrameBuilder, OpCode};
+use crate::base::client_id::ClientId;
+use crate::ws::frame::{FrameBuilder, OpCode};
 
 /// A parsed client message. Strings borrow from the (unescaped-in-place) input buffer.
 #[derive(Debug)]
@@ -295,13 +294,6 @@ impl JsonParser {
         self.tape = Some(tape.reset());
         result
     }
-}
-
-/// Milliseconds since the Unix epoch, as the seed's `timestamp` fields.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Server → client messages. Field names and order follow the seed protocol exactly.

@@ -10,14 +10,12 @@ use std::time::Instant;
 use bytes::Bytes;
 use tracing::debug;
 
+use crate::base::client_id::ClientId;
 use crate::broker::redis::NodesPresence;
 use crate::broker::{Broker, Publisher, RedisBroker, Unavailable};
 use crate::bus;
 use crate::chat;
-use crate::client_id::ClientId;
-use crate::close::CloseCode;
 use crate::config::SlowConsumerPolicy;
-use crate::frame::{self, OpCode};
 use crate::node::Node;
 use crate::outbound::{self, QueueTotal};
 use crate::presence::Entry;
@@ -25,6 +23,8 @@ use crate::protocol::{self, ServerMessage};
 use crate::rooms::{PENDING, RoomState};
 use crate::shard::{ConnEntry, Endpoint, Shard, ShardState};
 use crate::stream::Position;
+use crate::ws::close::CloseCode;
+use crate::ws::frame::{self, OpCode};
 
 /// Who a publication is for.
 #[derive(Clone, Debug)]
@@ -261,7 +261,7 @@ pub fn tell_presence(node: &Node, room: &Arc<RoomState>, gone: &[Entry], came: &
         return;
     }
     let shards: Vec<usize> = room.shards_with_members().collect();
-    let timestamp = protocol::now_ms();
+    let timestamp = crate::base::time::now_ms();
     let notices = gone
         .iter()
         .map(|e| ServerMessage::UserLeft {

@@ -14,19 +14,20 @@ use bytes::Bytes;
 use slab::Slab;
 use tracing::debug;
 
-use crate::auth::Identity;
+use crate::base::client_id::ClientId;
+use crate::base::identity::Identity;
+use crate::base::time::now_ms;
 use crate::broker::Broker;
-use crate::client_id::ClientId;
-use crate::close::CloseCode;
-use crate::frame;
 use crate::heartbeat::{Heartbeats, Liveness};
 use crate::limits::{Charge, RateLimiter, RateLimits, Verdict};
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
 use crate::outbound::{self, Outbound, QueueTotal};
-use crate::protocol::{ErrorReply, JsonParser, NodeClientId, ServerMessage, now_ms};
+use crate::protocol::{ErrorReply, JsonParser, NodeClientId, ServerMessage};
 use crate::rooms::LocalRooms;
 use crate::routing::Disconnect;
+use crate::ws::close::CloseCode;
+use crate::ws::frame;
 
 /// Bytes read from a socket in one go. Shared by all of a shard's connections: an idle connection
 /// keeps no read buffer of its own.

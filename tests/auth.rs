@@ -13,8 +13,9 @@ use serde_json::{Value, json};
 use support::{Client, TEST_SECRET, TestGateway, http_get, token_for};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use wsgate::auth::{Claims, claims_for, now_secs};
-use wsgate::heartbeat::HeartbeatMode;
+use wsgate::auth::{Claims, claims_for};
+use wsgate::base::time::now_secs;
+use wsgate::config::HeartbeatMode;
 
 const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
                        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";

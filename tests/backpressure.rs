@@ -35,7 +35,7 @@ fn bulk(n: usize) -> Publication {
     let text = format!(r#"{{"type":"bulk","n":{n},"filler":"{filler}"}}"#);
     Publication::to_room(
         "room".into(),
-        wsgate::frame::encode(wsgate::frame::OpCode::Text, text.as_bytes()),
+        wsgate::ws::frame::encode(wsgate::ws::frame::OpCode::Text, text.as_bytes()),
     )
 }
 
@@ -214,7 +214,7 @@ async fn a_burst_through_a_full_inbox_is_dropped_and_counted_exactly_and_readers
         // The marker goes last, once the inbox has room again.
         let mut marker = Publication::to_room(
             "room".into(),
-            wsgate::frame::encode(wsgate::frame::OpCode::Text, br#"{"type":"marker"}"#),
+            wsgate::ws::frame::encode(wsgate::ws::frame::OpCode::Text, br#"{"type":"marker"}"#),
         );
         loop {
             let dropped_before = dropped(&gw).await;

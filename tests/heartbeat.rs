@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use support::{RawClient, TestGateway, http_get};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
-use wsgate::heartbeat::HeartbeatMode;
+use wsgate::config::HeartbeatMode;
 
 fn fast_heartbeats(mode: HeartbeatMode) -> impl FnOnce(&mut wsgate::Config) {
     move |c| {

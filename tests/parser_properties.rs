@@ -6,8 +6,8 @@
 mod client_frame;
 
 use proptest::prelude::*;
-use wsgate::frame::{Decoded, Decoder, Event};
 use wsgate::protocol::{ErrorReply, JsonParser};
+use wsgate::ws::frame::{Decoded, Decoder, Event};
 
 const MAX: usize = 4096;
 

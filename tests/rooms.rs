@@ -5,7 +5,7 @@ mod support;
 
 use serde_json::{Value, json};
 use support::{Client, TestGateway, http_get};
-use wsgate::client_id::ClientId;
+use wsgate::base::client_id::ClientId;
 use wsgate::routing::{Publication, Target};
 
 fn strip_timestamp(mut msg: Value) -> Value {
@@ -165,7 +165,7 @@ fn id(client: &Client) -> ClientId {
 }
 
 fn frame(text: &str) -> bytes::Bytes {
-    wsgate::frame::encode(wsgate::frame::OpCode::Text, text.as_bytes())
+    wsgate::ws::frame::encode(wsgate::ws::frame::OpCode::Text, text.as_bytes())
 }
 
 #[tokio::test]

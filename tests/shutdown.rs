@@ -69,7 +69,7 @@ async fn shutdown_delivers_what_was_published_then_closes_everyone_with_1001() {
     }
     gw.gateway().publish(Publication {
         target: Target::All,
-        frame: wsgate::frame::encode(wsgate::frame::OpCode::Text, br#"{"type":"last"}"#),
+        frame: wsgate::ws::frame::encode(wsgate::ws::frame::OpCode::Text, br#"{"type":"last"}"#),
         include: None,
         exclude: vec![],
     });

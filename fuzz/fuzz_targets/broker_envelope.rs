@@ -12,7 +12,7 @@ use wsgate::protocol::with_offset;
 fuzz_target!(|data: &[u8]| {
     if let Some((offset, _epoch, json)) = envelope::room_message(data) {
         let frame = with_offset(json, offset);
-        let payload = wsgate::frame::server_payload(&frame);
+        let payload = wsgate::ws::frame::server_payload(&frame);
         serde_json::from_slice::<IgnoredAny>(&payload).expect("a framed room message is JSON");
         let field = format!(",\"offset\":{offset}}}");
         assert!(payload.ends_with(field.as_bytes()), "with its offset last");

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wsgate::frame::{Decoded, Decoder, Event};
+use wsgate::ws::frame::{Decoded, Decoder, Event};
 
 const MAX_MESSAGE: usize = 4096;
 

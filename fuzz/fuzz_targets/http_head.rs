@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = check_upgrade_request(&request);
-    let presented = wsgate::auth::presented(&request);
+    let presented = wsgate::http::token::presented(&request);
     if let Some(protocol) = presented.protocol {
         assert_eq!(protocol, "wsgate", "only our own protocol is ever answered");
     }

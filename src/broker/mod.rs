@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use crate::client_id::ClientId;
+use crate::base::client_id::ClientId;
 use crate::config::{BrokerKind, Config};
 use crate::protocol::ErrorReply;
 use crate::rooms::RoomState;

@@ -31,13 +31,14 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use super::{Body, error_response, json, unauthorized};
+use crate::base::time::now_ms;
 use crate::broker::{Broker, Publisher};
-use crate::frame;
 use crate::presence::Presence;
-use crate::protocol::{ErrorReply, ServerMessage, now_ms};
+use crate::protocol::{ErrorReply, ServerMessage};
 use crate::rooms::is_valid_room_name;
 use crate::routing::{self, Disconnect, Publication, Target};
 use crate::shard::Shard;
+use crate::ws::frame;
 
 /// Rooms or users per page, by default and at most.
 const PAGE: usize = 100;

@@ -7,17 +7,7 @@ use std::net::IpAddr;
 use hyper::HeaderMap;
 use ipnet::IpNet;
 
-/// Which header the trusted proxies write the chain in (`forwarded_header`). Only that one is
-/// read: proxies pass the other through as the client wrote it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ForwardedHeader {
-    /// `X-Forwarded-For` (nginx's `$proxy_add_x_forwarded_for`, HAProxy's `option forwardfor`).
-    #[default]
-    XForwardedFor,
-    /// `Forwarded` (RFC 7239).
-    Forwarded,
-}
+use crate::config::ForwardedHeader;
 
 /// The peers whose word on the client's address is taken, and the header they say it in.
 #[derive(Debug, Default)]

@@ -25,6 +25,7 @@ pub mod forwarded;
 pub mod head;
 pub mod idle;
 pub mod proxy_header;
+pub mod token;
 
 use crate::broker::Broker;
 
@@ -576,7 +577,7 @@ fn upgrade_admitted(
         debug!(origin = ?origin, "upgrade refused (403): origin not allowed");
         return error_response(StatusCode::FORBIDDEN, "origin not allowed");
     }
-    let presented = auth::presented(&req);
+    let presented = token::presented(&req);
     let identity = match presented.token.as_deref() {
         None if node.config.allow_anonymous => node.anonymous.clone(),
         token => match node.auth.authenticate(token) {

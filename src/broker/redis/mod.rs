@@ -153,6 +153,13 @@ struct Queues {
     records: UnboundedReceiver<Record>,
 }
 
+/// Whether `url` is a Redis URL the client can use (checked at start-up, before any connection).
+pub fn check_url(url: &RedisUrl) -> Result<(), String> {
+    ::redis::IntoConnectionInfo::into_connection_info(url.expose())
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// The shards' handle on the Redis broker.
 pub struct RedisBroker {
     /// This node's name in its publications (it ignores its own).

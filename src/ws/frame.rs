@@ -7,7 +7,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::close::{CloseCode, CloseFrame};
+use super::close::{CloseCode, CloseFrame, FrameError};
 
 /// The largest server frame header: 2 bytes + 8-byte extended length (server frames are unmasked).
 pub const MAX_HEADER_LEN: usize = 10;
@@ -39,22 +39,6 @@ impl OpCode {
 
     fn is_control(self) -> bool {
         (self as u8) & 0x8 != 0
-    }
-}
-
-/// Why a connection must be failed: the close code and reason to send.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FrameError {
-    pub code: CloseCode,
-    pub reason: &'static str,
-}
-
-impl FrameError {
-    const fn protocol(reason: &'static str) -> Self {
-        FrameError {
-            code: CloseCode::PROTOCOL_ERROR,
-            reason,
-        }
     }
 }
 
@@ -414,7 +398,7 @@ pub fn encode_close(code: CloseCode, reason: &str) -> Bytes {
 }
 
 #[cfg(test)]
-#[path = "../tests/support/client_frame.rs"]
+#[path = "../../tests/support/client_frame.rs"]
 pub(crate) mod client_frame;
 
 #[cfg(test)]

@@ -12,7 +12,21 @@
 //! | 1009 | message too big   | a message over `max_message_size`                              |
 //! | 4001 | token expired     | the connection's JWT expired without a `refresh`               |
 
-use crate::frame::FrameError;
+/// Why a connection must be failed: the close code and reason to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: CloseCode,
+    pub reason: &'static str,
+}
+
+impl FrameError {
+    pub(super) const fn protocol(reason: &'static str) -> Self {
+        FrameError {
+            code: CloseCode::PROTOCOL_ERROR,
+            reason,
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CloseCode(pub u16);

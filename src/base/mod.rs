@@ -1,0 +1,6 @@
+//! What every layer uses and that imports nothing from the crate: who is connected, client ids,
+//! the clock.
+
+pub mod client_id;
+pub mod identity;
+pub mod time;

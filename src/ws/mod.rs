@@ -1,0 +1,4 @@
+//! The WebSocket wire (RFC 6455): frames and close codes. No I/O.
+
+pub mod close;
+pub mod frame;

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use wsgate::config::SlowConsumerPolicy;
-use wsgate::node::Node;
+use wsgate::conn::outbound;
+use wsgate::fanout::{self, Publication};
+use wsgate::node::{CHAT, Node};
 use wsgate::protocol::ServerMessage;
-use wsgate::routing::{self, Publication};
-use wsgate::shard::{Endpoint, Shard};
-use wsgate::{Config, outbound, rooms};
+use wsgate::runtime::shard::Shard;
+use wsgate::{Config, rooms};
 
 /// A one-shard node whose room "r" has `members` chat connections (no sockets: fan-out only
 /// touches the slab and the queues).
@@ -29,12 +30,12 @@ fn shard_with_room(members: usize) -> Shard {
 
 fn shard_with_room_under(members: usize, config: Config) -> Shard {
     let (node, _inboxes, _) = Node::new(Arc::new(config), 1 << 20).expect("node");
-    let node = Arc::new(node);
-    let shard = Shard::new(0, node.clone());
+    let shard = node.shard(0);
+    let shared = &node.shared;
     for _ in 0..members {
         let peer = std::net::IpAddr::from([127, 0, 0, 1]);
-        let key = shard.register(Endpoint::Chat, node.anonymous.clone(), peer);
-        let joined = shard.state().rooms.join(&node.rooms, 0, "r", key, None);
+        let key = shard.register(CHAT, shared.anonymous.clone(), peer);
+        let joined = shard.state().rooms.join(&shared.rooms, 0, "r", key, None);
         assert!(matches!(joined, Ok(rooms::Joined::Joined(_))));
     }
     drain(&shard);
@@ -85,7 +86,7 @@ fn fanout(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("encode-once", members), |b| {
             b.iter_custom(|iters| {
                 timed(&shard, iters, |shard| {
-                    routing::deliver(shard, &Publication::to_room("r".into(), message().encode()))
+                    fanout::deliver(shard, &Publication::to_room("r".into(), message().encode()))
                 })
             })
         });
@@ -122,7 +123,7 @@ fn drop_policy(c: &mut Criterion) {
         };
         let shard = shard_with_room_under(MEMBERS, config);
         for _ in 0..depth {
-            routing::deliver(&shard, &Publication::to_room("r".into(), frame.clone()));
+            fanout::deliver(&shard, &Publication::to_room("r".into(), frame.clone()));
         }
         // None of it was read: it is all the readers' backlog.
         for (_, conn) in shard.state().conns.iter_mut() {
@@ -130,9 +131,13 @@ fn drop_policy(c: &mut Criterion) {
         }
         group.throughput(Throughput::Elements(MEMBERS as u64));
         group.bench_function(BenchmarkId::from_parameter(depth), |b| {
-            b.iter(|| routing::deliver(&shard, &Publication::to_room("r".into(), frame.clone())))
+            b.iter(|| fanout::deliver(&shard, &Publication::to_room("r".into(), frame.clone())))
         });
-        let dropped = shard.node.counters.dropped_messages.load(Ordering::Relaxed);
+        let dropped = shard
+            .shared
+            .counters
+            .dropped_messages
+            .load(Ordering::Relaxed);
         assert!(dropped > 0, "the queues were full: broadcasts were dropped");
     }
     group.finish();

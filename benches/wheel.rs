@@ -3,7 +3,7 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use wsgate::wheel::TimerWheel;
+use wsgate::runtime::wheel::TimerWheel;
 
 /// Heartbeat-like horizon: 40 s of 100 ms ticks.
 const HORIZON: u64 = 400;

@@ -1,48 +1,54 @@
 //! wsgate: a WebSocket gateway built for massive connection counts.
 //!
-//! # Layout
+//! # Layers
 //!
-//! A connection's life, top to bottom:
+//! Each layer imports only from the layers below it (`tests/layers.rs` checks this map against
+//! every `crate::` path in `src/`, and that no two files import each other through any chain):
 //!
-//! - [`server`] binds one SO_REUSEPORT socket per shard and starts one thread with a
-//!   current-thread tokio runtime per shard ([`server::start`] returns a [`Gateway`]).
-//! - [`http`] serves HTTP/1.1 (hyper): the test page, `/healthz`, and the WebSocket upgrade
-//!   (authenticated by [`auth`]), after which it hands the raw `TcpStream` to [`conn`].
-//! - [`conn`] is one connection's task: reads into its [`shard`]'s shared buffer, decodes frames
-//!   in place ([`frame`]), charges each to the connection's rate limits ([`limits`]), passes
-//!   messages to the endpoint, and writes its [`outbound`] queue with vectored writes.
-//! - [`chat`] is the application: each [`protocol`] message's effect on [`rooms`].
-//! - [`shard`] owns the connections (a `slab`, ids in [`client_id`]); [`routing`] delivers
-//!   publications to them and hands them over the [`bus`] to the other shards; [`node`] is what
-//!   the shards share.
-//! - [`heartbeat`] finds dead peers with one [`wheel`] per shard.
-//! - [`close`] is the table of close codes, [`protocol::ErrorReply`] that of error replies;
-//!   [`config`] documents every setting.
+//! 1. base: `config`, `base` — settings as plain data with their range checks; who is connected,
+//!    client ids, the clock.
+//! 2. auth: `auth` — JWT verification and minting.
+//! 3. wire: `ws`, `protocol` — RFC 6455 frames and close codes; the typed JSON protocol. No I/O.
+//! 4. transport: `transport` — plain TCP and TLS streams, certificates.
+//! 5. state: `conn`, `rooms` — one connection's outbound queue and limits; rooms, their streams
+//!    (offsets, history) and presence. Data only.
+//! 6. runtime: `runtime` — the shard (connections in a slab, timer wheel, heartbeats), the bus
+//!    between shards, counters, the [`runtime::App`] trait, and the I/O [`runtime::driver`].
+//! 7. fanout: `fanout` — publications and stream messages to their recipients, in order, with
+//!    catch-up and the slow-consumer policy.
+//! 8. broker: `broker` — the [`broker::Broker`] trait and its engines (memory, Redis); it reports
+//!    up through [`broker::BrokerEvents`].
+//! 9. cluster: `cluster` — the publish path and the broker's events, tying broker to fan-out.
+//! 10. app: `app` — the applications (chat, echo), each an [`runtime::App`].
+//! 11. edge: `http` — HTTP, admission, the upgrade, the server API, `/metrics`.
+//! 12. process: `node`, `server`, `probe` — composition, start-up and shutdown, the probe.
+//!
+//! # A message's path
+//!
+//! A chat message read by a shard's [`runtime::driver`] is decoded by its
+//! [`runtime::input::Input`] and handed to its app ([`app::chat`]), which publishes it through
+//! [`cluster`] to the [`broker::Broker`]. The broker gives it its offset (this node's stream, or
+//! Redis) and reports it back — on every node following the room — through
+//! [`broker::BrokerEvents`]; [`cluster::Cluster`] hands it to [`fanout`], which sends it over the
+//! [`runtime::bus`] to each shard with members, where it is queued, as one shared `Bytes`, to
+//! each member's outbound queue, and the driver writes it.
 
+pub mod app;
 pub mod auth;
 pub mod base;
 pub mod broker;
-pub mod bus;
-pub mod chat;
+pub mod cluster;
 pub mod config;
 pub mod conn;
-pub mod heartbeat;
+pub mod fanout;
 pub mod http;
-pub mod limits;
-pub mod metrics;
 pub mod node;
-pub mod outbound;
-pub mod presence;
 pub mod probe;
 pub mod protocol;
 pub mod rooms;
-pub mod routing;
+pub mod runtime;
 pub mod server;
-pub mod shard;
-pub mod stream;
-pub mod tls;
 pub mod transport;
-pub mod wheel;
 pub mod ws;
 
 pub use config::Config;

@@ -2,7 +2,7 @@
 //! spreads new connections over the shards), one thread and current-thread runtime per shard.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,19 +10,20 @@ use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
 use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::bus::{Inbox, Sent};
+use crate::broker::{Disconnect, NotAnApplicationCode};
+use crate::cluster;
 use crate::config::Config;
-use crate::limits::Refusal;
+use crate::fanout::Publication;
+use crate::http::{self, ShardEdge};
 use crate::node::{self, Node};
-use crate::routing::{self, Delivery, Publication};
-use crate::shard::Shard;
-use crate::{heartbeat, http};
+use crate::runtime::bus::Inbox;
+use crate::runtime::driver;
 
 /// File descriptors kept back from the open-files limit for listeners, the runtime and logs.
 const RESERVED_FDS: u64 = 64;
@@ -49,10 +50,6 @@ pub fn connection_capacity() -> usize {
 
 /// How often refusals are logged (as counts by reason) and expired room histories forgotten.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Back-off after a failed `accept`, doubling up to the maximum while failures go on (short: a
-/// health probe waits in the backlog meanwhile).
-const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(100));
 
 /// A running gateway. Dropping it does not stop it: call [`Gateway::shutdown`] and [`Gateway::join`].
 pub struct Gateway {
@@ -82,7 +79,7 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
     let (node, inboxes, engine) =
         Node::new(config.clone(), socket_capacity()).map_err(io::Error::other)?;
     let node = Arc::new(node);
-    if node.auth.dev_mode() {
+    if node.edge.auth.dev_mode() {
         warn!(
             "DEV MODE: no jwt_secret or jwt_public_key_file configured. Tokens are signed with a \
              random key, and anyone can get one at GET /dev/token?user=NAME. Configure a key \
@@ -118,7 +115,7 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
             Err(e) => return Err(gateway.abort(e)),
         }
     }
-    if gateway.node.tls.is_some() {
+    if gateway.node.edge.tls.is_some() {
         let (node, stop) = (gateway.node.clone(), gateway.shutdown.clone());
         let spawned = std::thread::Builder::new()
             .name("wsgate-tls".into())
@@ -130,7 +127,7 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
         }
     }
     if let Some(engine) = engine {
-        let (node, stop) = (gateway.node.clone(), gateway.shutdown.clone());
+        let stop = gateway.shutdown.clone();
         let spawned = std::thread::Builder::new()
             .name("wsgate-broker".into())
             .spawn(move || {
@@ -138,7 +135,7 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
                     .enable_all()
                     .build();
                 match runtime {
-                    Ok(runtime) => runtime.block_on(engine.run(node, stop)),
+                    Ok(runtime) => runtime.block_on(engine(stop)),
                     Err(e) => warn!(error = %e, "cannot start the broker's runtime"),
                 }
             });
@@ -182,7 +179,7 @@ impl Gateway {
 
     /// Open WebSocket connections across all shards.
     pub fn connection_count(&self) -> usize {
-        self.node.connection_count()
+        self.node.shared.connection_count()
     }
 
     /// Publishes from outside the shards (embedding applications, admin tools): every shard
@@ -190,7 +187,8 @@ impl Gateway {
     /// whose client ids are this node's) every other node to its own. False when the other nodes
     /// could not be reached (counted): then it is delivered nowhere, and can be retried.
     pub fn publish(&self, publication: Publication) -> bool {
-        routing::publish_from_outside(&self.node, publication)
+        let node = &self.node;
+        cluster::publish_from_outside(&*node.broker, &node.shared, publication)
     }
 
     /// Closes every connection of `user` with `code` (4000–4999) and `reason`, on this node and,
@@ -201,9 +199,14 @@ impl Gateway {
         user: &str,
         code: u16,
         reason: &str,
-    ) -> Result<bool, routing::NotAnApplicationCode> {
-        let disconnect = Arc::new(routing::Disconnect::new(user, code, reason)?);
-        Ok(routing::disconnect_everywhere(&self.node, disconnect))
+    ) -> Result<bool, NotAnApplicationCode> {
+        let disconnect = Arc::new(Disconnect::new(user, code, reason)?);
+        let node = &self.node;
+        Ok(cluster::disconnect_everywhere(
+            &*node.broker,
+            &node.shared,
+            disconnect,
+        ))
     }
 
     /// Reads the TLS certificate and key files again, for new handshakes (connections up keep
@@ -223,7 +226,7 @@ impl Gateway {
     /// what was published before, then closes its connections with 1001 and waits (up to
     /// `drain_timeout`) for their close handshakes. [`Gateway::join`] waits for the end.
     pub fn shutdown(&self) {
-        self.node.draining.store(true, Ordering::Release);
+        self.node.shared.draining.store(true, Ordering::Release);
         self.shutdown.cancel();
     }
 
@@ -280,21 +283,22 @@ fn run_shard(
             }
         };
         let _ = ready.send(Ok(()));
-        let shard = Rc::new(Shard::new(index, node));
+        let shard = Rc::new(node.shard(index));
+        let edge = Rc::new(ShardEdge {
+            shard: shard.clone(),
+            node: node.edge.clone(),
+        });
         // The listener stays open while draining, so probes still get answers (`/readyz` 503).
-        let accepting = tokio::task::spawn_local(accept_loop(shard.clone(), listener));
-        let heartbeats = tokio::task::spawn_local(heartbeat::run(shard.clone()));
+        let accepting = tokio::task::spawn_local(http::accept_loop(edge, listener));
         // One shard does the node's chores.
         let housekeeping = (index == 0).then(|| {
             tokio::task::spawn_local(node::housekeeping(
-                shard.node.clone(),
+                node.shared.clone(),
                 HOUSEKEEPING_INTERVAL,
             ))
         });
-        deliver_until(&shard, &mut inbox, &shutdown).await;
-        drain(&shard, &mut inbox).await;
+        driver::run(&shard, &mut inbox, &shutdown, node.broker.settled()).await;
         accepting.abort();
-        heartbeats.abort();
         if let Some(task) = housekeeping {
             task.abort();
         }
@@ -302,7 +306,7 @@ fn run_shard(
 }
 
 fn reload_tls(node: &Node) -> Result<bool, String> {
-    match &node.tls {
+    match &node.edge.tls {
         Some(tls) => tls.reload().map(|()| true),
         None => Ok(false),
     }
@@ -313,128 +317,8 @@ fn reload_tls(node: &Node) -> Result<bool, String> {
 fn watch_certificate(node: &Node, stop: &CancellationToken) {
     while !stop.is_cancelled() {
         std::thread::sleep(HOUSEKEEPING_INTERVAL);
-        if let Some(tls) = &node.tls {
+        if let Some(tls) = &node.edge.tls {
             tls.reload_if_changed();
-        }
-    }
-}
-
-/// Delivers what other shards publish to this shard's clients, until shutdown, a batch at a
-/// time: connections write once per batch, and each is charged only for what it was given a chance
-/// to write and did not (see `outbound`), so a burst is not held against a fast reader.
-async fn deliver_until(shard: &Shard, inbox: &mut Inbox, shutdown: &CancellationToken) {
-    let mut batch = Vec::new();
-    loop {
-        let more = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            more = inbox.recv_batch(&mut batch) => more,
-        };
-        if !more {
-            return;
-        }
-        deliver_batch(shard, &mut batch);
-        // Let the connections write this batch before the next one lands in their queues.
-        tokio::task::yield_now().await;
-    }
-}
-
-/// Delivers a batch from the inbox; the latency of each publication (from the bus to its
-/// recipients' queues) goes to the shard's metrics.
-fn deliver_batch(shard: &Shard, batch: &mut Vec<Sent>) {
-    let latency = &shard.metrics().delivery_latency;
-    for (delivery, sent) in batch.drain(..) {
-        routing::deliver_from_bus(shard, &delivery);
-        if matches!(delivery, Delivery::Publication(_) | Delivery::Stream(_)) {
-            latency.observe(sent.elapsed());
-        }
-    }
-}
-
-/// Shutdown of one shard: what was published before the signal is delivered, then every
-/// connection gets 1001 after its queue, and the shard waits for the close handshakes.
-async fn drain(shard: &Shard, inbox: &mut Inbox) {
-    let deadline = tokio::time::Instant::now() + shard.node.config.drain_timeout;
-    // Room messages on their way to Redis are answered first (published, or refused), and the
-    // answers delivered below, before the connections close.
-    let _ = tokio::time::timeout_at(deadline, shard.node.broker.settled()).await;
-    let mut batch = Vec::new();
-    loop {
-        inbox.try_recv_batch(&mut batch);
-        if batch.is_empty() {
-            break;
-        }
-        deliver_batch(shard, &mut batch);
-        tokio::task::yield_now().await;
-        if tokio::time::Instant::now() >= deadline {
-            break;
-        }
-    }
-    let open = shard.connection_count();
-    shard.close_all_going_away();
-    while shard.connection_count() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let left = shard.connection_count();
-    if left > 0 {
-        warn!(
-            shard = shard.index,
-            open, left, "drain timeout: dropping connections"
-        );
-    } else {
-        info!(shard = shard.index, closed = open, "drained");
-    }
-}
-
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
-    let mut backoff = ACCEPT_BACKOFF.0;
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                backoff = ACCEPT_BACKOFF.0;
-                // On a dual-stack listener IPv4 clients come as ::ffff:a.b.c.d: every rule
-                // (loopback, per-IP caps, trusted proxies, logs) sees them as the IPv4 they are.
-                admit(&shard, stream, peer.ip().to_canonical());
-            }
-            Err(e) => {
-                // Typically EMFILE, out of file descriptors: make room by closing the longest
-                // idle HTTP connection, and back off instead of spinning; the pending connections
-                // wait in the backlog.
-                let node = &shard.node;
-                node.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
-                // (The evicted connection counts itself.)
-                node.http.evict_oldest_idle();
-                debug!(shard = shard.index, error = %e, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
-            }
-        }
-    }
-}
-
-/// Admits an accepted socket (closing the longest idle HTTP connection to make room when every
-/// descriptor is taken), or answers 429/503 and closes it.
-fn admit(shard: &Rc<Shard>, stream: TcpStream, ip: IpAddr) {
-    let _ = stream.set_nodelay(true);
-    let node = &shard.node;
-    if node.config.socket_send_buffer > 0 {
-        let _ = SockRef::from(&stream).set_send_buffer_size(node.config.socket_send_buffer);
-    }
-    // A trusted proxy's socket counts against its client once the client is known.
-    let counted_as = (!node.proxies.trusts(ip)).then_some(ip);
-    let admitted = match node.admission.admit_socket(counted_as) {
-        Err(Refusal::ServerFull) if node.http.evict_oldest_idle() => {
-            node.admission.admit_socket_replacing(counted_as)
-        }
-        admitted => admitted,
-    };
-    match admitted {
-        Ok(()) => {
-            tokio::task::spawn_local(http::serve(shard.clone(), stream, ip));
-        }
-        Err(refusal) => {
-            node.counters.admission_refused(refusal);
-            tokio::task::spawn_local(http::refuse(shard.clone(), stream, refusal));
         }
     }
 }

@@ -10,7 +10,7 @@ use serde_json::Value;
 use support::{RawClient, TestGateway, http_get};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
-use wsgate::routing::Publication;
+use wsgate::fanout::Publication;
 
 const QUEUE_LIMIT: usize = 64 * 1024;
 

@@ -6,7 +6,8 @@ mod support;
 use serde_json::{Value, json};
 use support::{Client, TestGateway, http_get};
 use wsgate::base::client_id::ClientId;
-use wsgate::routing::{Publication, Target};
+use wsgate::fanout::Publication;
+use wsgate::rooms::Target;
 
 fn strip_timestamp(mut msg: Value) -> Value {
     assert!(

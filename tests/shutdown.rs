@@ -12,7 +12,8 @@ use support::process::GatewayProcess;
 use support::{Client, RawClient, TestGateway, http_get};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use wsgate::routing::{Publication, Target};
+use wsgate::fanout::Publication;
+use wsgate::rooms::Target;
 
 /// Reads a client's stream to its end: the texts received (but `user_left` notices, which other
 /// clients' closes may cause during the drain), and the close frame.

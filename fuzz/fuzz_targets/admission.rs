@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use libfuzzer_sys::fuzz_target;
 use wsgate::Config;
-use wsgate::limits::{Admission, Refusal};
+use wsgate::conn::limits::{Admission, Refusal};
 
 const MAX_SOCKETS: usize = 8;
 const MAX_PER_IP: u32 = 3;

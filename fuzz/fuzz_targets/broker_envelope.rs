@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use serde::de::IgnoredAny;
 use wsgate::broker::redis::envelope;
-use wsgate::presence::MAX_CONNS;
+use wsgate::rooms::presence::MAX_CONNS;
 use wsgate::protocol::with_offset;
 
 fuzz_target!(|data: &[u8]| {

@@ -7,7 +7,8 @@ use std::net::IpAddr;
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use wsgate::http::forwarded::{ForwardedHeader, TrustedProxies};
+use wsgate::config::ForwardedHeader;
+use wsgate::http::forwarded::TrustedProxies;
 use wsgate::http::proxy_header::{Parsed, parse};
 
 static PROXIES: LazyLock<[TrustedProxies; 2]> = LazyLock::new(|| {

@@ -1,37 +1,65 @@
-//! The broker: what joins this node to the others.
+//! The broker: what joins this node to the others, behind one interface ([`Broker`]).
 //!
-//! - [`Broker::Memory`] (the default): one node. A room's stream lives in this process, which
-//!   gives its messages their offsets ([`crate::stream::Stream::append`]).
-//! - [`Broker::Redis`]: nodes joined by Redis. A room's messages get their offsets from Redis,
-//!   atomically with its history and the publication to every node following the room
-//!   ([`redis`]). A node follows (SUBSCRIBEs to) a room while it has local members, and keeps a
-//!   copy of the room's position and history to serve joins and recoveries without waiting.
+//! - [`memory::MemoryBroker`] (the default): one node. A room's stream lives in this process,
+//!   which gives its messages their offsets ([`crate::rooms::stream::Stream::append`]).
+//! - [`redis::RedisBroker`]: nodes joined by Redis. A room's messages get their offsets from
+//!   Redis, atomically with its history and the publication to every node following the room. A
+//!   node follows (SUBSCRIBEs to) a room while it has local members, and keeps a copy of the
+//!   room's position and history to serve joins and recoveries without waiting.
+//!
+//! A broker reports what reaches this node — publications, stream messages, presence changes,
+//! control messages, catch-ups — through the [`BrokerEvents`] it was given, implemented by the
+//! layer above ([`crate::cluster`]); it never delivers to connections itself. Another engine
+//! (NATS, Redis Cluster) is one more implementation of these two traits.
 //!
 //! Handlers never wait on the broker: what goes to Redis is queued to the broker's own thread,
 //! and a message that cannot be queued (Redis away, or the queue full) is refused at once with
 //! "Service unavailable: retry".
 
+pub mod memory;
 pub mod redis;
 
+use std::pin::Pin;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use crate::base::client_id::ClientId;
-use crate::config::{BrokerKind, Config};
 use crate::protocol::ErrorReply;
-use crate::rooms::RoomState;
+use crate::rooms::presence::{Entry, NodesPresence, Presence};
+use crate::rooms::stream::Position;
+use crate::rooms::{RoomState, RoomsPage, Target};
+use crate::runtime::Shared;
 
-pub use self::redis::{Engine, RedisBroker};
+/// A future a broker answers with on the calling thread.
+pub type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
-pub enum Broker {
-    Memory,
-    Redis(RedisBroker),
+/// What a broker needs run besides its handle (Redis's connections), on a thread of its own
+/// until the token is cancelled.
+pub type Engine = Box<dyn FnOnce(CancellationToken) -> LocalFuture<'static, ()> + Send>;
+
+/// What a broker is given of its node: the shards' shared state (room directory, counters) and
+/// where its events go.
+#[derive(Clone)]
+pub struct Host {
+    pub shared: Arc<Shared>,
+    pub events: Arc<dyn BrokerEvents>,
 }
 
 /// A room message could not be handed to the broker: the client is told to retry.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Unavailable;
+
+/// Why a room message was not published.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PublishError {
+    /// The broker cannot take it now (Redis away or behind): retry.
+    Unavailable,
+    /// A new room, and the node is at `max_rooms`.
+    RoomsFull,
+}
 
 /// Who published a room message through the broker, to be told what became of it.
 #[derive(Debug)]
@@ -42,50 +70,137 @@ pub enum Publisher {
     Api(oneshot::Sender<Result<u64, ErrorReply<'static>>>),
 }
 
-impl Broker {
-    /// The broker `config` asks for, and (for Redis) the engine to run on its own thread.
-    pub fn new(config: &Config, node_id: Arc<str>) -> (Self, Option<Engine>) {
-        match config.broker {
-            BrokerKind::Memory => (Broker::Memory, None),
-            BrokerKind::Redis => {
-                let (broker, engine) = RedisBroker::new(config, node_id);
-                (Broker::Redis(broker), Some(engine))
-            }
-        }
-    }
+/// The room a message is published to: its state when the publisher holds it (a member),
+/// else its name.
+pub enum RoomRef<'a> {
+    State(&'a Arc<RoomState>),
+    Name(&'a str),
+}
 
-    /// Whether room streams are the broker's rather than this node's.
-    pub fn is_shared(&self) -> bool {
-        matches!(self, Broker::Redis(_))
+/// Closing every connection of a user (on every node), with an application close code.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Disconnect {
+    pub user: Arc<str>,
+    /// 4000–4999.
+    pub code: u16,
+    pub reason: Arc<str>,
+}
+
+/// A disconnect asked with a code outside 4000–4999 (the range RFC 6455 leaves to applications).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("close code {0} is not an application code (4000-4999)")]
+pub struct NotAnApplicationCode(pub u16);
+
+impl Disconnect {
+    pub fn new(user: &str, code: u16, reason: &str) -> Result<Self, NotAnApplicationCode> {
+        if !(4000..=4999).contains(&code) {
+            return Err(NotAnApplicationCode(code));
+        }
+        Ok(Disconnect {
+            user: Arc::from(user),
+            code,
+            reason: Arc::from(reason),
+        })
     }
+}
+
+/// What joins this node to the others. Called from the shards (synchronously: a call queues,
+/// it never waits for the network) and from the server API.
+pub trait Broker: Send + Sync {
+    /// `/healthz`'s view of it: its kind, whether it is ready, and what else it can say.
+    fn health(&self) -> serde_json::Value;
 
     /// Whether the node can take part in rooms now (`/readyz`).
-    pub fn is_ready(&self) -> bool {
-        match self {
-            Broker::Memory => true,
-            Broker::Redis(redis) => redis.is_ready(),
-        }
+    fn is_ready(&self) -> bool;
+
+    /// What the broker measures of itself, for `/metrics`: (name, help, value) of each gauge.
+    fn gauges(&self) -> Vec<(&'static str, &'static str, f64)> {
+        Vec::new()
     }
 
-    /// Once stopping: waits until every room message handed to the broker has been answered
+    /// Once stopping: resolves when every room message handed to the broker has been answered
     /// (published, or refused to its sender), so that connections close after their answers.
-    pub async fn settled(&self) {
-        if let Broker::Redis(redis) = self {
-            redis.settled().await;
-        }
-    }
+    fn settled(&self) -> LocalFuture<'_, ()>;
 
     /// The node has a first member in a room whose stream it does not follow yet.
-    pub fn follow(&self, room: &Arc<RoomState>) {
-        if let Broker::Redis(redis) = self {
-            redis.follow(room.clone());
-        }
-    }
+    fn follow(&self, room: &Arc<RoomState>);
 
     /// The node's last member of `room` left.
-    pub fn last_member_left(&self, room: &Arc<str>) {
-        if let Broker::Redis(redis) = self {
-            redis.last_member_left(room.clone());
-        }
-    }
+    fn last_member_left(&self, room: &Arc<str>);
+
+    /// Publishes `message` (a JSON object) on `room`'s stream: it gets the room's next offset,
+    /// joins its history and comes back through [`BrokerEvents::stream_message`] (on every node
+    /// following the room). The publisher is told what became of it.
+    fn publish(
+        &self,
+        room: RoomRef<'_>,
+        message: Vec<u8>,
+        from: Publisher,
+    ) -> Result<(), PublishError>;
+
+    /// Shares a publication (`payload`, its JSON text) with the other nodes' recipients of
+    /// `target`. False when it could not be (counted by the caller): notices are not retried.
+    fn share(&self, target: &Target, payload: Bytes) -> bool;
+
+    /// Asks every other node to close a user's connections. False when it could not be.
+    fn control(&self, disconnect: &Disconnect) -> bool;
+
+    /// A user's connections here in `room` changed to `entry.conns` (`seq` numbers this node's
+    /// changes of the room).
+    fn presence_changed(&self, room: Arc<str>, entry: Entry, seq: u64);
+
+    /// A connection opened: its client id (as clients see it), its user, when (Unix ms).
+    fn session_opened(&self, client_id: String, user_id: &str, connected_at: u64);
+
+    fn session_closed(&self, client_id: String);
+
+    /// Rooms with members and their connections, across the nodes the broker joins.
+    fn rooms(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> LocalFuture<'_, Result<RoomsPage, Unavailable>>;
+
+    /// Whether this node's copy of `room`'s presence is the whole cluster's.
+    fn knows_presence(&self, room: &RoomState) -> bool;
+
+    /// The presence of a room this node does not know (see [`Broker::knows_presence`]), and how
+    /// many entries were malformed; `None` when the broker knows no more than the node.
+    fn presence(&self, room: &str)
+    -> LocalFuture<'_, Result<Option<(Presence, u64)>, Unavailable>>;
+}
+
+/// What a broker reports to its node, implemented by the layer above. Called on the broker's
+/// own thread (or, for the memory broker, on the publishing shard); each call hands work to the
+/// shards and returns.
+pub trait BrokerEvents: Send + Sync {
+    /// A publication another node shared (`json`, its text), for this node's recipients.
+    fn publication(&self, target: Target, json: &[u8]);
+
+    /// Message `offset` of `room`'s stream (`frame`, framed), for the room's members here.
+    /// Called under the stream's lock, which keeps every shard's inbox in offset order.
+    fn stream_message(&self, room: &Arc<RoomState>, offset: u64, frame: Bytes);
+
+    /// What the broker holds of a room's stream (its position, its history from the offset
+    /// after the node's or its most recent messages, as JSON) and, after a (re)subscription, of
+    /// its presence: the node syncs its copy and its members.
+    fn caught_up(
+        &self,
+        room: &Arc<RoomState>,
+        position: Position,
+        kept: Vec<(u64, Vec<u8>)>,
+        presence: Option<NodesPresence>,
+    );
+
+    /// Members of `room` left (`gone`) or joined (`came`) on other nodes.
+    fn presence(&self, room: &Arc<RoomState>, gone: &[Entry], came: &[Entry]);
+
+    /// Another node asks for a user's connections to be closed.
+    fn disconnect(&self, disconnect: Arc<Disconnect>);
+
+    /// A client's room message could not be published: it is told (`error`).
+    fn refused(&self, client: ClientId, error: ErrorReply<'static>);
+
+    /// The broker lost (or never had) the node's sessions: they are recorded again.
+    fn sessions_lost(&self);
 }

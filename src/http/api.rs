@@ -30,14 +30,14 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use super::{Body, error_response, json, unauthorized};
+use super::{Body, ShardEdge, error_response, json, unauthorized};
 use crate::base::time::now_ms;
-use crate::broker::{Broker, Publisher};
-use crate::presence::Presence;
+use crate::broker::{Disconnect, PublishError, Publisher, RoomRef};
+use crate::cluster;
+use crate::fanout::Publication;
 use crate::protocol::{ErrorReply, ServerMessage};
-use crate::rooms::is_valid_room_name;
-use crate::routing::{self, Disconnect, Publication, Target};
-use crate::shard::Shard;
+use crate::rooms::presence::Presence;
+use crate::rooms::{Target, is_valid_room_name};
 use crate::ws::frame;
 
 /// Rooms or users per page, by default and at most.
@@ -53,8 +53,8 @@ pub fn is_api(path: &str) -> bool {
 }
 
 /// Answers one API request.
-pub async fn serve(shard: Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
-    let config = &shard.node.config;
+pub async fn serve(shard: Rc<ShardEdge>, req: Request<Incoming>) -> Response<Body> {
+    let config = &shard.node.shared.config;
     let Some(key) = &config.api_key else {
         return error_response(StatusCode::NOT_FOUND, "not found");
     };
@@ -141,10 +141,10 @@ fn unavailable(problem: impl std::fmt::Display) -> Refused {
 
 /// Reads a JSON body of at most `max_message_size` bytes, within `handshake_timeout`.
 async fn read_json<T: for<'de> Deserialize<'de>>(
-    shard: &Shard,
+    shard: &ShardEdge,
     req: Request<Incoming>,
 ) -> Result<T, Refused> {
-    let config = &shard.node.config;
+    let config = &shard.node.shared.config;
     let limit = config.max_message_size;
     let too_large = || {
         Refused(
@@ -180,7 +180,7 @@ struct PublishBody {
     data: Value,
 }
 
-async fn publish(shard: &Shard, body: PublishBody) -> Answer {
+async fn publish(shard: &ShardEdge, body: PublishBody) -> Answer {
     let room = body.room.as_str();
     if !is_valid_room_name(room) {
         return Err(bad_request(ErrorReply::InvalidRoomName));
@@ -192,27 +192,26 @@ async fn publish(shard: &Shard, body: PublishBody) -> Answer {
         timestamp: now_ms(),
     }
     .to_json();
-    let offset = match &node.broker {
-        Broker::Memory => {
-            let state = node.rooms.for_publish(room).map_err(|_| {
-                node.counters
-                    .rooms_refused
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                unavailable("room limit reached (max_rooms)")
-            })?;
-            routing::append_to_stream(shard, &state, message)
+    let (reply, offset) = oneshot::channel();
+    let published = cluster::publish_to_stream(
+        &*node.broker,
+        &node.shared,
+        RoomRef::Name(room),
+        message,
+        Publisher::Api(reply),
+    );
+    match published {
+        Ok(()) => {}
+        Err(PublishError::RoomsFull) => {
+            return Err(unavailable("room limit reached (max_rooms)"));
         }
-        Broker::Redis(redis) => {
-            let (reply, offset) = oneshot::channel();
-            routing::publish_to_redis(node, redis, Arc::from(room), message, Publisher::Api(reply))
-                .map_err(|_| unavailable(ErrorReply::Unavailable))?;
-            match tokio::time::timeout(PUBLISH_TIMEOUT, offset).await {
-                Ok(Ok(Ok(offset))) => offset,
-                Ok(Ok(Err(error))) => return Err(unavailable(error)),
-                // Dropped unanswered (the node is stopping), or Redis is slow.
-                Ok(Err(_)) | Err(_) => return Err(unavailable(ErrorReply::MaybeUnavailable)),
-            }
-        }
+        Err(PublishError::Unavailable) => return Err(unavailable(ErrorReply::Unavailable)),
+    }
+    let offset = match tokio::time::timeout(PUBLISH_TIMEOUT, offset).await {
+        Ok(Ok(Ok(offset))) => offset,
+        Ok(Ok(Err(error))) => return Err(unavailable(error)),
+        // Dropped unanswered (the node is stopping), or Redis is slow.
+        Ok(Err(_)) | Err(_) => return Err(unavailable(ErrorReply::MaybeUnavailable)),
     };
     Ok(json(
         StatusCode::OK,
@@ -225,7 +224,7 @@ struct BroadcastBody {
     data: Value,
 }
 
-fn broadcast(shard: &Shard, body: BroadcastBody) -> Answer {
+fn broadcast(shard: &ShardEdge, body: BroadcastBody) -> Answer {
     let node = &shard.node;
     // Refused whole rather than delivered on this node only.
     if !node.broker.is_ready() {
@@ -243,7 +242,7 @@ fn broadcast(shard: &Shard, body: BroadcastBody) -> Answer {
         include: None,
         exclude: Vec::new(),
     };
-    if !routing::publish_from_outside(node, publication) {
+    if !cluster::publish_from_outside(&*node.broker, &node.shared, publication) {
         return Err(unavailable(ErrorReply::Unavailable));
     }
     Ok(json(StatusCode::OK, &json!({ "published": true })))
@@ -262,7 +261,7 @@ fn default_disconnect_code() -> u16 {
     4000
 }
 
-fn disconnect(shard: &Shard, body: DisconnectBody) -> Answer {
+fn disconnect(shard: &ShardEdge, body: DisconnectBody) -> Answer {
     let node = &shard.node;
     if body.reason.len() > frame::MAX_CLOSE_REASON {
         return Err(bad_request(format!(
@@ -274,7 +273,7 @@ fn disconnect(shard: &Shard, body: DisconnectBody) -> Answer {
     if !node.broker.is_ready() {
         return Err(unavailable(ErrorReply::Unavailable));
     }
-    if !routing::disconnect_everywhere(node, Arc::new(disconnect)) {
+    if !cluster::disconnect_everywhere(&*node.broker, &node.shared, Arc::new(disconnect)) {
         return Err(unavailable(
             "disconnected on this node only: the other nodes could not be told (retry)",
         ));
@@ -308,20 +307,14 @@ fn page_query(query: &str) -> Result<(Option<String>, usize), Refused> {
 
 /// Rooms with members and their connections: this node's directory on one node; with Redis,
 /// the cluster's rooms index (a node knows only the rooms it has members in).
-async fn rooms(shard: &Shard, query: &str) -> Answer {
+async fn rooms(shard: &ShardEdge, query: &str) -> Answer {
     let (after, limit) = page_query(query)?;
-    let page = match &shard.node.broker {
-        Broker::Memory => shard.node.rooms.page(after.as_deref(), limit),
-        Broker::Redis(redis) => {
-            let lookup = redis
-                .lookup()
-                .ok_or_else(|| unavailable(ErrorReply::Unavailable))?;
-            lookup
-                .rooms(after.as_deref(), limit)
-                .await
-                .map_err(|_| unavailable(ErrorReply::Unavailable))?
-        }
-    };
+    let page = shard
+        .node
+        .broker
+        .rooms(after.as_deref(), limit)
+        .await
+        .map_err(|_| unavailable(ErrorReply::Unavailable))?;
     let rooms: Vec<Value> = page
         .rooms
         .iter()
@@ -335,7 +328,7 @@ async fn rooms(shard: &Shard, query: &str) -> Answer {
 
 /// Who is in a room: the room's presence as this node holds it — cluster-wide for the rooms it
 /// follows with Redis — or, for a room it does not follow, as Redis holds it.
-async fn room_users(shard: &Shard, room: &str, query: &str) -> Answer {
+async fn room_users(shard: &ShardEdge, room: &str, query: &str) -> Answer {
     let room = percent_encoding::percent_decode_str(room)
         .decode_utf8()
         .map_err(|_| bad_request(ErrorReply::InvalidRoomName))?;
@@ -355,28 +348,24 @@ async fn room_users(shard: &Shard, room: &str, query: &str) -> Answer {
         (presence.total(), users, next)
     };
     let node = &shard.node;
-    let local = node.rooms.get(&room).filter(|state| match node.broker {
-        Broker::Memory => true,
-        // Synced: its copy of the other nodes' presence is Redis's, kept up to date (while
-        // Redis is there: else the answer is 503, as for any room).
-        Broker::Redis(ref redis) => redis.is_ready() && state.stream().is_synced(),
-    });
-    let (members, users, next) = match (&node.broker, local) {
-        (_, Some(state)) => page(&mut state.presence()),
-        (Broker::Memory, None) => (0, Vec::new(), None),
-        (Broker::Redis(redis), None) => {
-            let lookup = redis
-                .lookup()
-                .ok_or_else(|| unavailable(ErrorReply::Unavailable))?;
-            let (mut presence, malformed) = lookup
-                .presence(&room)
-                .await
-                .map_err(|_| unavailable(ErrorReply::Unavailable))?;
-            node.counters
-                .broker_malformed
-                .fetch_add(malformed, std::sync::atomic::Ordering::Relaxed);
-            page(&mut presence)
-        }
+    let local = node
+        .shared
+        .rooms
+        .get(&room)
+        .filter(|state| node.broker.knows_presence(state));
+    let (members, users, next) = match local {
+        Some(state) => page(&mut state.presence()),
+        None => match node.broker.presence(&room).await {
+            Ok(None) => (0, Vec::new(), None),
+            Ok(Some((mut presence, malformed))) => {
+                node.shared
+                    .counters
+                    .broker_malformed
+                    .fetch_add(malformed, std::sync::atomic::Ordering::Relaxed);
+                page(&mut presence)
+            }
+            Err(_) => return Err(unavailable(ErrorReply::Unavailable)),
+        },
     };
     Ok(json(
         StatusCode::OK,

@@ -6,13 +6,13 @@
 //! | `GET /ws`  | WebSocket upgrade: the JSON chat protocol                    |
 //! | `GET /echo`| WebSocket upgrade: raw echo (RFC 6455 conformance target; `echo_endpoint`) |
 //! | `GET /healthz` | liveness, gauges and (`healthz_detail`, for who may read `/metrics`) refusal counters, as JSON |
-//! | `GET /metrics` | Prometheus metrics (see [`crate::metrics`]): `metrics_key`, or loopback |
+//! | `GET /metrics` | Prometheus metrics (see [`metrics`]): `metrics_key`, or loopback |
 //! | `GET /readyz`  | readiness: 503 once shutdown has begun, or while Redis is away (`broker = "redis"`) |
 //! | `GET /dev/token?user=NAME` | dev mode only (no key configured): a 1-hour token |
 //! | `/api/…` | the server API for backends, with `api_key` (see [`api`]) |
 //!
 //! Every accepted socket is admitted first (per-address cap, file descriptors; see
-//! [`crate::limits::Admission`]). Its first request head is read by [`head`] (bounded in size and
+//! [`crate::conn::limits::Admission`]). Its first request head is read by [`head`] (bounded in size and
 //! time, answered in JSON when bad), then hyper serves it; plain HTTP connections are registered in
 //! [`idle::HttpConnections`] so the longest idle go first when descriptors run short.
 //!
@@ -24,10 +24,9 @@ pub mod api;
 pub mod forwarded;
 pub mod head;
 pub mod idle;
+pub mod metrics;
 pub mod proxy_header;
 pub mod token;
-
-use crate::broker::Broker;
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -50,30 +49,120 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use socket2::SockRef;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, error};
 
-use crate::limits::Refusal;
-use crate::node::Node;
-use crate::shard::{Endpoint, SHUTDOWN_REASON, Shard};
+use crate::auth::{self, Authenticator};
+use crate::broker::Broker;
+use crate::conn::limits::Refusal;
+use crate::runtime::driver::connection;
+use crate::runtime::shard::{SHUTDOWN_REASON, Shard};
+use crate::runtime::{AppId, Shared};
 use crate::transport::Stream;
-use crate::{auth, conn};
+use crate::transport::certificate::Tls;
+use forwarded::TrustedProxies;
 use head::{HeadError, Prefixed};
-use idle::Registered;
+use idle::{HttpConnections, Registered};
 
 const TEST_PAGE: &str = include_str!("../page/index.html");
 
 type Body = Full<Bytes>;
 
+/// What the HTTP edge of a node works with: the shards' shared state, the broker (readiness, the
+/// server API), token checking, TLS, the trusted proxies, its plain HTTP connections, and which
+/// app each WebSocket route leads to.
+pub struct Edge {
+    pub shared: Arc<Shared>,
+    pub broker: Arc<dyn Broker>,
+    pub auth: Arc<Authenticator>,
+    /// The listener's TLS, with `tls_cert_file` and `tls_key_file`.
+    pub tls: Option<Tls>,
+    /// The proxies whose word on a client's address is taken (`trusted_proxies`).
+    pub proxies: TrustedProxies,
+    /// Plain HTTP connections, for closing the longest idle first when descriptors run short.
+    pub http: HttpConnections,
+    /// The app of `/ws` and `/`, and of `/echo`.
+    pub chat: AppId,
+    pub echo: AppId,
+}
+
+/// The edge on one shard: that shard (whose connections upgrades become) and the node's edge.
+pub struct ShardEdge {
+    pub shard: Rc<Shard>,
+    pub node: Arc<Edge>,
+}
+
+/// Back-off after a failed `accept`, doubling up to the maximum while failures go on (short: a
+/// health probe waits in the backlog meanwhile).
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(100));
+
+/// Accepts sockets on one shard's listener, for ever (the caller aborts it).
+pub async fn accept_loop(shard: Rc<ShardEdge>, listener: TcpListener) {
+    let mut backoff = ACCEPT_BACKOFF.0;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff = ACCEPT_BACKOFF.0;
+                // On a dual-stack listener IPv4 clients come as ::ffff:a.b.c.d: every rule
+                // (loopback, per-IP caps, trusted proxies, logs) sees them as the IPv4 they are.
+                admit(&shard, stream, peer.ip().to_canonical());
+            }
+            Err(e) => {
+                // Typically EMFILE, out of file descriptors: make room by closing the longest
+                // idle HTTP connection, and back off instead of spinning; the pending connections
+                // wait in the backlog.
+                let node = &shard.node;
+                let errors = &node.shared.counters.accept_errors;
+                errors.fetch_add(1, Ordering::Relaxed);
+                // (The evicted connection counts itself.)
+                node.http.evict_oldest_idle();
+                debug!(shard = shard.shard.index, error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+            }
+        }
+    }
+}
+
+/// Admits an accepted socket (closing the longest idle HTTP connection to make room when every
+/// descriptor is taken), or answers 429/503 and closes it.
+fn admit(shard: &Rc<ShardEdge>, stream: TcpStream, ip: IpAddr) {
+    let _ = stream.set_nodelay(true);
+    let node = &shard.node;
+    let config = &node.shared.config;
+    if config.socket_send_buffer > 0 {
+        let _ = SockRef::from(&stream).set_send_buffer_size(config.socket_send_buffer);
+    }
+    // A trusted proxy's socket counts against its client once the client is known.
+    let counted_as = (!node.proxies.trusts(ip)).then_some(ip);
+    let admission = &node.shared.admission;
+    let admitted = match admission.admit_socket(counted_as) {
+        Err(Refusal::ServerFull) if node.http.evict_oldest_idle() => {
+            admission.admit_socket_replacing(counted_as)
+        }
+        admitted => admitted,
+    };
+    match admitted {
+        Ok(()) => {
+            tokio::task::spawn_local(serve(shard.clone(), stream, ip));
+        }
+        Err(refusal) => {
+            node.shared.counters.admission_refused(refusal);
+            tokio::task::spawn_local(refuse(shard.clone(), stream, refusal));
+        }
+    }
+}
+
 /// Serves one accepted, admitted TCP connection until it closes or is upgraded, and gives its
 /// admission back unless a WebSocket connection took it over.
-pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, peer: IpAddr) {
+pub async fn serve(shard: Rc<ShardEdge>, tcp: TcpStream, peer: IpAddr) {
     let place = SocketPlace {
         shard: &shard,
         counted_as: Cell::new((!shard.node.proxies.trusts(peer)).then_some(peer)),
         upgraded: Cell::new(false),
     };
-    let deadline = tokio::time::Instant::now() + shard.node.config.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + shard.node.shared.config.handshake_timeout;
     // Idle from accept: a socket that sends nothing, or half a TLS handshake, is closed to make
     // room like any idle HTTP connection (else a few hundred of them lock every client out).
     let registered = shard.node.http.register();
@@ -90,15 +179,18 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream, peer: IpAddr) {
 }
 
 /// An idle connection was closed to make room.
-fn evicted(node: &Node, peer: IpAddr) {
-    node.counters.http_evicted.fetch_add(1, Ordering::Relaxed);
+fn evicted(node: &Edge, peer: IpAddr) {
+    node.shared
+        .counters
+        .http_evicted
+        .fetch_add(1, Ordering::Relaxed);
     debug!(%peer, "idle HTTP connection closed to make room");
 }
 
 /// An accepted socket's place in the admission counts, given back when its task ends however
 /// it ends (a panic included) unless a WebSocket connection took it over.
 struct SocketPlace<'a> {
-    shard: &'a Shard,
+    shard: &'a ShardEdge,
     /// The address the place is counted against: a trusted proxy's socket has none until its
     /// client is known (see `Admission::claim_ip`).
     counted_as: Cell<Option<IpAddr>>,
@@ -109,16 +201,19 @@ impl SocketPlace<'_> {
     /// Whether the socket must start with a PROXY protocol header: a trusted proxy's, with
     /// `proxy_protocol` on (its client not known yet).
     fn expects_proxy_header(&self) -> bool {
-        self.shard.node.config.proxy_protocol && self.counted_as.get().is_none()
+        self.shard.node.shared.config.proxy_protocol && self.counted_as.get().is_none()
     }
 
     /// A PROXY header named `client`: the socket is the client's from here on, if the client
     /// has room under its cap (a refusal is counted).
     fn claim(&self, client: IpAddr) -> Result<(), Refusal> {
         let node = &self.shard.node;
-        node.admission.claim_ip(client).inspect_err(|&refusal| {
-            node.counters.admission_refused(refusal);
-        })?;
+        node.shared
+            .admission
+            .claim_ip(client)
+            .inspect_err(|&refusal| {
+                node.shared.counters.admission_refused(refusal);
+            })?;
         self.counted_as.set(Some(client));
         Ok(())
     }
@@ -127,7 +222,7 @@ impl SocketPlace<'_> {
 impl Drop for SocketPlace<'_> {
     fn drop(&mut self) {
         if !self.upgraded.get() {
-            let admission = &self.shard.node.admission;
+            let admission = &self.shard.node.shared.admission;
             match self.counted_as.get() {
                 Some(ip) => admission.release_socket(ip),
                 None => admission.release_proxied_socket(),
@@ -140,7 +235,7 @@ impl Drop for SocketPlace<'_> {
 /// read first, from a trusted proxy with `proxy_protocol`); `None` when it failed (counted).
 /// Nothing is answered: an HTTP answer would need the handshake done.
 async fn handshake(
-    shard: &Shard,
+    shard: &ShardEdge,
     mut tcp: TcpStream,
     place: &SocketPlace<'_>,
     deadline: tokio::time::Instant,
@@ -151,12 +246,15 @@ async fn handshake(
     };
     let handshake = async {
         if place.expects_proxy_header() {
-            match proxy_header::read_exactly(&mut tcp, node.config.max_header_bytes).await {
+            match proxy_header::read_exactly(&mut tcp, node.shared.config.max_header_bytes).await {
                 Ok(Some(client)) => place.claim(client).ok()?,
                 // The proxy's own connection (a health check).
                 Ok(None) => {}
                 Err(proxy_header::ReadError::Invalid) => {
-                    node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                    node.shared
+                        .counters
+                        .bad_requests
+                        .fetch_add(1, Ordering::Relaxed);
                     debug!("no valid PROXY protocol header in front of TLS");
                     return None;
                 }
@@ -166,7 +264,8 @@ async fn handshake(
         match crate::transport::tls::accept(tcp, tls.config.clone()).await {
             Ok(stream) => Some(Stream::Tls(Box::new(stream))),
             Err(e) => {
-                node.counters
+                node.shared
+                    .counters
                     .tls_handshake_failures
                     .fetch_add(1, Ordering::Relaxed);
                 debug!(error = %e, "TLS handshake failed");
@@ -177,7 +276,8 @@ async fn handshake(
     match tokio::time::timeout_at(deadline, handshake).await {
         Ok(stream) => stream,
         Err(_) => {
-            node.counters
+            node.shared
+                .counters
                 .handshake_timeouts
                 .fetch_add(1, Ordering::Relaxed);
             None
@@ -196,7 +296,7 @@ struct Origin {
 /// Serves HTTP on an accepted (and, with TLS, handshaken) socket; its first request head must
 /// be complete by `deadline` (`handshake_timeout` from accept, shared with the TLS handshake).
 async fn serve_http(
-    shard: &Rc<Shard>,
+    shard: &Rc<ShardEdge>,
     mut stream: Stream,
     peer: IpAddr,
     place: &SocketPlace<'_>,
@@ -205,14 +305,14 @@ async fn serve_http(
 ) {
     let (counted_as, upgraded) = (&place.counted_as, &place.upgraded);
     let node = &shard.node;
-    let config = &node.config;
+    let config = &node.shared.config;
     // Over TLS the PROXY header came before the handshake.
     let proxy_header = node.tls.is_none() && place.expects_proxy_header();
     let evicted = || evicted(node, peer);
     let first = tokio::select! {
         head = head::read_first(
             &mut stream,
-            shard.read_buf_cell(),
+            shard.shard.read_buf_cell(),
             config.max_header_bytes,
             deadline,
             proxy_header,
@@ -234,24 +334,34 @@ async fn serve_http(
             bytes
         }
         Err(HeadError::BadProxyHeader) => {
-            node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            node.shared
+                .counters
+                .bad_requests
+                .fetch_add(1, Ordering::Relaxed);
             let message = "expected a PROXY protocol header (proxy_protocol)";
             let response = head::error_response(400, "Bad Request", message);
             return head::answer_and_close(stream, &response).await;
         }
         Err(HeadError::TooLarge) => {
-            node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            node.shared
+                .counters
+                .bad_requests
+                .fetch_add(1, Ordering::Relaxed);
             let message = "request head too large (see max_header_bytes)";
             let response = head::error_response(431, "Request Header Fields Too Large", message);
             return head::answer_and_close(stream, &response).await;
         }
         Err(HeadError::Malformed) => {
-            node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            node.shared
+                .counters
+                .bad_requests
+                .fetch_add(1, Ordering::Relaxed);
             let response = head::error_response(400, "Bad Request", "malformed HTTP request");
             return head::answer_and_close(stream, &response).await;
         }
         Err(HeadError::TimedOut) => {
-            node.counters
+            node.shared
+                .counters
                 .handshake_timeouts
                 .fetch_add(1, Ordering::Relaxed);
             return;
@@ -264,7 +374,10 @@ async fn serve_http(
         // Only the API reads bodies (and may wait for Redis); the rest answers at once.
         let routed = match origin(shard, &req, peer, counted_as.get()) {
             Err(problem) => {
-                node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                node.shared
+                    .counters
+                    .bad_requests
+                    .fetch_add(1, Ordering::Relaxed);
                 Either::Right(std::future::ready(error_response(
                     StatusCode::BAD_REQUEST,
                     problem,
@@ -307,7 +420,7 @@ async fn serve_http(
         _ = registered.evict.notified() => evicted(),
         // However busy: a client that pipelines requests and never reads the answers is.
         _ = tokio::time::sleep(config.http_max_lifetime) => {
-            node.counters.http_expired.fetch_add(1, Ordering::Relaxed);
+            node.shared.counters.http_expired.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -316,7 +429,7 @@ async fn serve_http(
 /// counted against an address is that client's (directly, or named by a PROXY header); a
 /// trusted proxy's socket carries requests of the clients its forwarding headers name.
 fn origin(
-    shard: &Shard,
+    shard: &ShardEdge,
     req: &Request<Incoming>,
     peer: IpAddr,
     counted_as: Option<IpAddr>,
@@ -326,7 +439,7 @@ fn origin(
             client,
             proxied: false,
         },
-        None if shard.node.config.proxy_protocol => Origin {
+        None if shard.node.shared.config.proxy_protocol => Origin {
             // A PROXY header that named nobody: the proxy's own request (a health check).
             client: peer,
             proxied: true,
@@ -344,7 +457,7 @@ const MAX_REQUESTS_PER_CONNECTION: u32 = 100;
 /// Answers a socket refused at accept, and closes it: after a moment of reading what the client
 /// still sends (so the answer is not lost to a reset), while few refused sockets are lingering;
 /// at once when descriptors are what is short, or many are.
-pub async fn refuse(shard: Rc<Shard>, stream: TcpStream, refusal: Refusal) {
+pub async fn refuse(shard: Rc<ShardEdge>, stream: TcpStream, refusal: Refusal) {
     if shard.node.tls.is_some() {
         // An answer would need a TLS handshake first: under the load that makes refusals, the
         // socket is just closed.
@@ -352,7 +465,7 @@ pub async fn refuse(shard: Rc<Shard>, stream: TcpStream, refusal: Refusal) {
     }
     let (status, reason) = refusal.status();
     let response = head::error_response(status, reason, refusal.message());
-    let admission = &shard.node.admission;
+    let admission = &shard.node.shared.admission;
     if refusal != Refusal::ServerFull && admission.start_linger() {
         head::answer_and_close(Stream::Plain(stream), &response).await;
         admission.end_linger();
@@ -362,12 +475,12 @@ pub async fn refuse(shard: Rc<Shard>, stream: TcpStream, refusal: Refusal) {
     }
 }
 
-fn route(shard: &Rc<Shard>, req: Request<Incoming>, origin: Origin) -> Response<Body> {
+fn route(shard: &Rc<ShardEdge>, req: Request<Incoming>, origin: Origin) -> Response<Body> {
     let path = req.uri().path();
-    let config = &shard.node.config;
+    let config = &shard.node.shared.config;
     match (req.method(), path) {
         (&Method::GET, "/") if fastwebsockets::upgrade::is_upgrade_request(&req) => {
-            upgrade(shard, req, Endpoint::Chat, origin)
+            upgrade(shard, req, shard.node.chat, origin)
         }
         (&Method::GET, "/") => {
             let mut res = Response::new(Full::new(Bytes::from_static(TEST_PAGE.as_bytes())));
@@ -377,9 +490,9 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>, origin: Origin) -> Response<
             );
             res
         }
-        (&Method::GET, "/ws") => upgrade(shard, req, Endpoint::Chat, origin),
+        (&Method::GET, "/ws") => upgrade(shard, req, shard.node.chat, origin),
         (&Method::GET, "/echo") if config.echo_endpoint => {
-            upgrade(shard, req, Endpoint::Echo, origin)
+            upgrade(shard, req, shard.node.echo, origin)
         }
         (&Method::GET, "/healthz") => {
             // The counters only to who may read /metrics: they tell an attacker what works.
@@ -389,7 +502,7 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>, origin: Origin) -> Response<
         }
         (&Method::GET, "/metrics") => metrics(shard, &req, origin.client),
         (&Method::GET, "/dev/token") if shard.node.auth.dev_mode() => dev_token(shard, req.uri()),
-        (&Method::GET, "/readyz") if shard.node.is_draining() => error_response(
+        (&Method::GET, "/readyz") if shard.node.shared.is_draining() => error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining: the server is shutting down",
         ),
@@ -409,21 +522,21 @@ fn route(shard: &Rc<Shard>, req: Request<Incoming>, origin: Origin) -> Response<
 }
 
 /// `/healthz`: liveness, gauges, and (`detail`) the refusal counters.
-fn health(shard: &Shard, detail: bool) -> serde_json::Value {
+fn health(shard: &ShardEdge, detail: bool) -> serde_json::Value {
     let node = &shard.node;
     let mut health = serde_json::json!({
         "status": "ok",
-        "connections": node.connection_count(),
+        "connections": node.shared.connection_count(),
         "http_connections": node.http.len(),
-        "sockets": node.admission.sockets(),
-        "queued_bytes": node.queued_bytes(),
-        "inbox_dropped_by_shard": node.bus.dropped_by_shard(),
-        "rooms": node.rooms.room_count(),
-        "shards": node.shards(),
-        "broker": broker_health(&node.broker),
+        "sockets": node.shared.admission.sockets(),
+        "queued_bytes": node.shared.queued_bytes(),
+        "inbox_dropped_by_shard": node.shared.bus.dropped_by_shard(),
+        "rooms": node.shared.rooms.room_count(),
+        "shards": node.shared.shards(),
+        "broker": node.broker.health(),
     });
     if detail {
-        health["refused"] = node.counters.snapshot();
+        health["refused"] = node.shared.counters.snapshot();
     }
     health
 }
@@ -431,11 +544,11 @@ fn health(shard: &Shard, detail: bool) -> serde_json::Value {
 /// Who may read the counters (`/metrics`, `/healthz`'s detail): with `metrics_key`, callers that
 /// send it; without, loopback callers only. The refusal for anyone else.
 fn counters_refusal(
-    shard: &Shard,
+    shard: &ShardEdge,
     req: &Request<Incoming>,
     client: IpAddr,
 ) -> Option<Response<Body>> {
-    match &shard.node.config.metrics_key {
+    match &shard.node.shared.config.metrics_key {
         Some(key) if !api::authorized(req.headers(), key.expose()) => Some(unauthorized(
             serde_json::json!({ "error": "metrics: send Authorization: Bearer <metrics_key>" }),
         )),
@@ -448,45 +561,35 @@ fn counters_refusal(
 }
 
 /// `/metrics`, for who may read the counters.
-fn metrics(shard: &Shard, req: &Request<Incoming>, client: IpAddr) -> Response<Body> {
+fn metrics(shard: &ShardEdge, req: &Request<Incoming>, client: IpAddr) -> Response<Body> {
     if let Some(refused) = counters_refusal(shard, req, client) {
         return refused;
     }
-    let mut res = Response::new(Full::new(Bytes::from(crate::metrics::render(&shard.node))));
+    let mut res = Response::new(Full::new(Bytes::from(metrics::render(&shard.node))));
     res.headers_mut().insert(
         CONTENT_TYPE,
-        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        HeaderValue::from_static(metrics::CONTENT_TYPE),
     );
     res
 }
 
 /// `/api/stats`: what `/healthz` shows, with every counter whatever `healthz_detail` says.
-fn stats(shard: &Shard) -> serde_json::Value {
+fn stats(shard: &ShardEdge) -> serde_json::Value {
     health(shard, true)
-}
-
-fn broker_health(broker: &Broker) -> serde_json::Value {
-    match broker {
-        Broker::Memory => serde_json::json!({"kind": "memory", "ready": true}),
-        Broker::Redis(redis) => serde_json::json!({
-            "kind": "redis",
-            "ready": redis.is_ready(),
-            "node": redis.node_id(),
-        }),
-    }
 }
 
 /// Answers the upgrade and, once hyper lets go of the socket, runs the connection.
 fn upgrade(
-    shard: &Rc<Shard>,
+    shard: &Rc<ShardEdge>,
     req: Request<Incoming>,
-    endpoint: Endpoint,
+    app: AppId,
     origin: Origin,
 ) -> Response<Body> {
     let peer = origin.client;
     let node = &shard.node;
-    if node.is_draining() {
-        node.counters
+    if node.shared.is_draining() {
+        node.shared
+            .counters
             .draining_refused
             .fetch_add(1, Ordering::Relaxed);
         return error_response(StatusCode::SERVICE_UNAVAILABLE, SHUTDOWN_REASON);
@@ -501,31 +604,35 @@ fn upgrade(
         return res;
     }
     if let Err(problem) = check_upgrade_request(&req) {
-        node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+        node.shared
+            .counters
+            .bad_requests
+            .fetch_add(1, Ordering::Relaxed);
         return error_response(StatusCode::BAD_REQUEST, problem);
     }
     // Before the (costlier) token check: the per-IP handshake rate protects it too.
     // A proxy's socket becomes its client's WebSocket: the client's connection cap applies.
-    let admitted = node.admission.admit_upgrade(peer).and_then(|()| {
+    let admitted = node.shared.admission.admit_upgrade(peer).and_then(|()| {
         if origin.proxied {
-            node.admission
+            node.shared
+                .admission
                 .claim_ip(peer)
-                .inspect_err(|_| node.admission.release_upgrade())
+                .inspect_err(|_| node.shared.admission.release_upgrade())
         } else {
             Ok(())
         }
     });
     if let Err(refusal) = admitted {
-        node.counters.admission_refused(refusal);
+        node.shared.counters.admission_refused(refusal);
         debug!(%peer, reason = refusal.message(), "upgrade refused");
         let status = StatusCode::from_u16(refusal.status().0).expect("a valid status");
         return error_response(status, refusal.message());
     }
-    let response = upgrade_admitted(shard, req, endpoint, peer);
+    let response = upgrade_admitted(shard, req, app, peer);
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        node.admission.release_upgrade();
+        node.shared.admission.release_upgrade();
         if origin.proxied {
-            node.admission.unclaim_ip(peer);
+            node.shared.admission.unclaim_ip(peer);
         }
     }
     response
@@ -559,31 +666,35 @@ pub fn check_upgrade_request<B>(req: &Request<B>) -> Result<(), &'static str> {
 /// The upgrade of an admitted connection: the place is the connection's from here on, given back
 /// when it ends (or here, when the upgrade does not happen).
 fn upgrade_admitted(
-    shard: &Rc<Shard>,
+    shard: &Rc<ShardEdge>,
     mut req: Request<Incoming>,
-    endpoint: Endpoint,
+    app: AppId,
     peer: IpAddr,
 ) -> Response<Body> {
     let node = &shard.node;
     if let Some(origin) = req.headers().get(ORIGIN)
-        && !node.config.allowed_origins.is_empty()
+        && !node.shared.config.allowed_origins.is_empty()
         && !node
+            .shared
             .config
             .allowed_origins
             .iter()
             .any(|allowed| allowed.as_bytes() == origin.as_bytes())
     {
-        node.counters.origin_refused.fetch_add(1, Ordering::Relaxed);
+        node.shared
+            .counters
+            .origin_refused
+            .fetch_add(1, Ordering::Relaxed);
         debug!(origin = ?origin, "upgrade refused (403): origin not allowed");
         return error_response(StatusCode::FORBIDDEN, "origin not allowed");
     }
     let presented = token::presented(&req);
     let identity = match presented.token.as_deref() {
-        None if node.config.allow_anonymous => node.anonymous.clone(),
+        None if node.shared.config.allow_anonymous => node.shared.anonymous.clone(),
         token => match node.auth.authenticate(token) {
             Ok(identity) => Arc::new(identity),
             Err(e) => {
-                node.counters.auth_refused(e);
+                node.shared.counters.auth_refused(e);
                 // The reason only: the token itself is never logged.
                 debug!(reason = e.code(), "upgrade refused (401)");
                 return unauthorized(
@@ -596,7 +707,10 @@ fn upgrade_admitted(
     let (mut response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(fastwebsockets::WebSocketError::InvalidSecWebsocketVersion) => {
-            node.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            node.shared
+                .counters
+                .bad_requests
+                .fetch_add(1, Ordering::Relaxed);
             let mut res = error_response(
                 StatusCode::UPGRADE_REQUIRED,
                 "unsupported WebSocket version (need 13)",
@@ -631,7 +745,14 @@ fn upgrade_admitted(
                 // What hyper read past the handshake, then what it never read of our prefix.
                 let mut preread = BytesMut::from(parts.read_buf);
                 preread.extend_from_slice(&unread_prefix);
-                conn::serve(shard, stream, preread.freeze(), endpoint, identity, peer)
+                connection::serve(
+                    shard.shard.clone(),
+                    stream,
+                    preread.freeze(),
+                    app,
+                    identity,
+                    peer,
+                )
             }
             Err(_) => {
                 error!("upgraded connection is not the stream it was served on");
@@ -644,13 +765,13 @@ fn upgrade_admitted(
 }
 
 /// Gives back the admission of an upgrade that did not happen.
-fn give_back(shard: &Shard, peer: IpAddr) {
-    shard.node.admission.release_upgrade();
-    shard.node.admission.release_socket(peer);
+fn give_back(shard: &ShardEdge, peer: IpAddr) {
+    shard.node.shared.admission.release_upgrade();
+    shard.node.shared.admission.release_socket(peer);
 }
 
 /// Dev mode only: a one-hour token for `?user=NAME`, so the test page works without set-up.
-fn dev_token(shard: &Shard, uri: &hyper::Uri) -> Response<Body> {
+fn dev_token(shard: &ShardEdge, uri: &hyper::Uri) -> Response<Body> {
     let user = uri
         .query()
         .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("user=")))

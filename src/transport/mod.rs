@@ -2,6 +2,7 @@
 //! `recv` into the shard's buffer per read, readiness cleared by a short read); TLS ([`tls`])
 //! reads the same way into the thread's scratch buffer and decrypts there.
 
+pub mod certificate;
 pub mod tls;
 
 use std::io::{self, IoSlice, Read};

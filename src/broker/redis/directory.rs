@@ -9,8 +9,8 @@ use ::redis::{RedisResult, Value};
 
 use super::keys::{NODES_KEY, Scripts};
 use super::sync::nodes_presence;
-use crate::presence::Presence;
 use crate::rooms::RoomsPage;
+use crate::rooms::presence::Presence;
 
 /// The Redis connection the engine has now (lent to API requests: queries are multiplexed on
 /// it), with its scripts.

@@ -12,9 +12,9 @@
 
 use std::sync::Arc;
 
-use crate::presence::{Entry, MAX_CONNS};
+use crate::broker::Disconnect;
 use crate::protocol;
-use crate::routing::Disconnect;
+use crate::rooms::presence::{Entry, MAX_CONNS};
 
 /// A room message: its offset, its epoch and its JSON text.
 pub fn room_message(envelope: &[u8]) -> Option<(u64, &str, &[u8])> {

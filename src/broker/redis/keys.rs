@@ -201,7 +201,7 @@ pub async fn read_era(
         .arg(known.unwrap_or(""))
         .arg(seen)
         // The random part of a new generation's name.
-        .arg(&*crate::stream::new_epoch())
+        .arg(&*crate::rooms::stream::new_epoch())
         .arg(if force { "1" } else { "0" })
         .query_async(conn)
         .await?;

@@ -12,7 +12,7 @@
 //! told to `resync`.
 //!
 //! Presence: each node owns its entries and publishes each change, numbered per node and room;
-//! the others keep a copy ([`crate::presence`]). Nodes beat into Redis every [`BEAT_INTERVAL`];
+//! the others keep a copy ([`crate::rooms::presence`]). Nodes beat into Redis every [`BEAT_INTERVAL`];
 //! one silent for [`NODE_TTL`] leaves every room on every node.
 //!
 //! Outages: sockets stay open. Publishing is refused at once ("Service unavailable: retry") and
@@ -24,7 +24,7 @@
 //! Everything here runs on the broker's own thread ([`Engine::run`]); shards reach it through
 //! queues and never wait for it.
 //!
-//! [`Stream`]: crate::stream::Stream
+//! [`Stream`]: crate::rooms::stream::Stream
 
 mod directory;
 pub mod envelope;
@@ -54,16 +54,14 @@ use self::keys::{
     room_of, sessions_key,
 };
 use self::publisher::{entry_json, publish_loop, refuse};
-pub use self::sync::NodesPresence;
 use self::sync::{CatchUpError, catch_up};
-use super::{Publisher, Unavailable};
+use super::{Broker, Disconnect, Host, LocalFuture, PublishError, Publisher, RoomRef, Unavailable};
 use crate::config::{Config, RedisUrl};
-use crate::node::Node;
-use crate::presence::{Entry, Fit, Presence};
 use crate::protocol::{self, ErrorReply};
 use crate::rooms::RoomState;
-use crate::routing::{self, Delivery, Disconnect, Target};
-use crate::stream::{Arrival, HistoryLimits};
+use crate::rooms::presence::{Entry, Fit, Presence};
+use crate::rooms::stream::{Arrival, HistoryLimits};
+use crate::rooms::{RoomsPage, Target};
 
 /// Channels per SUBSCRIBE or UNSUBSCRIBE command, at most.
 const SUBSCRIBE_BATCH: usize = 512;
@@ -202,7 +200,9 @@ impl ProbeClock {
 }
 
 impl RedisBroker {
-    pub fn new(config: &Config, node_id: Arc<str>) -> (Self, Engine) {
+    /// The broker `config` names, for the node `host` describes, and its engine to run.
+    pub fn new(config: &Config, host: Host) -> (Self, super::Engine) {
+        let node_id = host.shared.id.clone();
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (outgoing, outgoing_rx) = mpsc::channel(config.redis_publish_queue);
         let (records, records_rx) = mpsc::unbounded_channel();
@@ -250,7 +250,8 @@ impl RedisBroker {
             }),
             sweeps: HashMap::new(),
         };
-        (broker, engine)
+        let run: super::Engine = Box::new(move |stop| Box::pin(engine.run(host, stop)));
+        (broker, run)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -281,26 +282,62 @@ impl RedisBroker {
     pub fn lookup(&self) -> Option<Lookup> {
         self.is_ready().then(|| self.lookup.get()).flatten()
     }
+}
 
-    pub(super) fn follow(&self, room: Arc<RoomState>) {
-        // Fails only once the engine has stopped (shutdown), when nothing is followed any more.
-        let _ = self.commands.send(Command::Follow(room));
+impl Broker for RedisBroker {
+    fn health(&self) -> serde_json::Value {
+        serde_json::json!({
+            "kind": "redis",
+            "ready": self.is_ready(),
+            "node": self.node_id(),
+        })
     }
 
-    pub(super) fn last_member_left(&self, room: Arc<str>) {
-        let _ = self.commands.send(Command::LastMemberLeft(room));
+    fn is_ready(&self) -> bool {
+        RedisBroker::is_ready(self)
+    }
+
+    fn gauges(&self) -> Vec<(&'static str, &'static str, f64)> {
+        let mut gauges = Vec::new();
+        if let Some(round_trip) = self.probe_round_trip() {
+            gauges.push((
+                "wsgate_redis_probe_round_trip_seconds",
+                "The last probe's round trip through Redis (PUBLISH, then delivery on this node's \
+                 subscription): how far behind the subscription runs",
+                round_trip.as_secs_f64(),
+            ));
+        }
+        gauges.push((
+            "wsgate_redis_publish_queue",
+            "Room messages waiting to be sent to Redis (at most redis_publish_queue)",
+            self.publish_queue_len() as f64,
+        ));
+        gauges
+    }
+
+    /// Resolves once the stopped engine has answered every room message queued for Redis.
+    fn settled(&self) -> LocalFuture<'_, ()> {
+        Box::pin(self.settled.cancelled())
+    }
+
+    fn follow(&self, room: &Arc<RoomState>) {
+        // Fails only once the engine has stopped (shutdown), when nothing is followed any more.
+        let _ = self.commands.send(Command::Follow(room.clone()));
+    }
+
+    fn last_member_left(&self, room: &Arc<str>) {
+        let _ = self.commands.send(Command::LastMemberLeft(room.clone()));
     }
 
     /// Queues a change of this node's presence in `room` for Redis (see
     /// [`Presence::change`]).
-    pub fn presence_changed(&self, room: Arc<str>, entry: Entry, seq: u64) {
+    fn presence_changed(&self, room: Arc<str>, entry: Entry, seq: u64) {
         let _ = self.records.send(Record::Presence { room, entry, seq });
     }
 
-    /// Records a session in Redis: `client_id` (as clients see it), its user and when it
-    /// connected (Unix ms). Sessions are kept in one hash per node, which lives while the node
-    /// beats.
-    pub fn session_opened(&self, client_id: String, user_id: &str, connected_at: u64) {
+    /// Records a session in Redis. Sessions are kept in one hash per node, which lives while the
+    /// node beats.
+    fn session_opened(&self, client_id: String, user_id: &str, connected_at: u64) {
         let record = serde_json::json!({
             "user": user_id,
             "node": &*self.node_id,
@@ -312,32 +349,35 @@ impl RedisBroker {
             .send(Record::SessionOpened { client_id, record });
     }
 
-    pub fn session_closed(&self, client_id: String) {
+    fn session_closed(&self, client_id: String) {
         let _ = self.records.send(Record::SessionClosed { client_id });
     }
 
-    /// Queues a room message for Redis; refused while Redis is away or the queue is full.
-    pub fn publish(
+    /// Queues a room message for Redis, which gives it its offset; refused while Redis is away or
+    /// the queue is full.
+    fn publish(
         &self,
-        room: Arc<str>,
+        room: RoomRef<'_>,
         message: Vec<u8>,
         from: Publisher,
-    ) -> Result<(), Unavailable> {
+    ) -> Result<(), PublishError> {
         if !self.is_ready() {
-            return Err(Unavailable);
+            return Err(PublishError::Unavailable);
         }
+        let room = match room {
+            RoomRef::State(state) => state.name.clone(),
+            RoomRef::Name(name) => Arc::from(name),
+        };
         self.outgoing
             .try_send(Outgoing::Message {
                 room,
                 message,
                 from,
             })
-            .map_err(|_| Unavailable)
+            .map_err(|_| PublishError::Unavailable)
     }
 
-    /// Asks every other node to close a user's connections. Returns false when it could not be
-    /// queued (Redis away or behind; counted by the caller).
-    pub fn control(&self, disconnect: &Disconnect) -> bool {
+    fn control(&self, disconnect: &Disconnect) -> bool {
         let payload = serde_json::to_vec(disconnect).expect("serializing to memory cannot fail");
         self.is_ready()
             && self
@@ -346,9 +386,7 @@ impl RedisBroker {
                 .is_ok()
     }
 
-    /// Queues a publication for the other nodes. Returns false when it could not be (counted by
-    /// the caller): notices are not retried.
-    pub fn share(&self, target: &Target, payload: Bytes) -> bool {
+    fn share(&self, target: &Target, payload: Bytes) -> bool {
         let room = match target {
             Target::All => None,
             Target::Room(room) => Some(room.clone()),
@@ -358,6 +396,40 @@ impl RedisBroker {
                 .outgoing
                 .try_send(Outgoing::Notice { room, payload })
                 .is_ok()
+    }
+
+    /// The cluster's rooms index (a node knows only the rooms it has members in).
+    fn rooms(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> LocalFuture<'_, Result<RoomsPage, Unavailable>> {
+        let after = after.map(str::to_owned);
+        Box::pin(async move {
+            let lookup = self.lookup().ok_or(Unavailable)?;
+            lookup
+                .rooms(after.as_deref(), limit)
+                .await
+                .map_err(|_| Unavailable)
+        })
+    }
+
+    /// Synced: its copy of the other nodes' presence is Redis's, kept up to date (while Redis is
+    /// there).
+    fn knows_presence(&self, room: &RoomState) -> bool {
+        self.is_ready() && room.stream().is_synced()
+    }
+
+    fn presence(
+        &self,
+        room: &str,
+    ) -> LocalFuture<'_, Result<Option<(Presence, u64)>, Unavailable>> {
+        let room = room.to_owned();
+        Box::pin(async move {
+            let lookup = self.lookup().ok_or(Unavailable)?;
+            let found = lookup.presence(&room).await.map_err(|_| Unavailable)?;
+            Ok(Some(found))
+        })
     }
 }
 
@@ -458,13 +530,13 @@ impl Engine {
     /// Runs until `stop`: connects, serves, and reconnects after any failure; says goodbye when
     /// stopped while connected. Room messages still queued then are sent if Redis answers, else
     /// refused, before the broker counts as settled.
-    pub async fn run(mut self, node: Arc<Node>, stop: CancellationToken) {
+    pub async fn run(mut self, node: Host, stop: CancellationToken) {
         self.run_until(&node, &stop).await;
         // Not sent, so not published: refused, not dropped in silence.
         self.refuse_queued(&node);
     }
 
-    async fn run_until(&mut self, node: &Arc<Node>, stop: &CancellationToken) {
+    async fn run_until(&mut self, node: &Host, stop: &CancellationToken) {
         let node = node.clone();
         let client = match Client::open(self.url.expose()) {
             Ok(client) => client,
@@ -498,7 +570,8 @@ impl Engine {
                 }
             }
             self.ready.store(false, Ordering::Release);
-            node.counters
+            node.shared
+                .counters
                 .broker_disconnects
                 .fetch_add(1, Ordering::Relaxed);
             let pause = jittered(backoff);
@@ -512,7 +585,7 @@ impl Engine {
 
     /// While away from Redis: refuses what was queued for it and keeps track of the rooms the
     /// node must follow once back.
-    async fn offline(&mut self, node: &Node, pause: Duration) {
+    async fn offline(&mut self, node: &Host, pause: Duration) {
         let deadline = tokio::time::sleep(pause);
         tokio::pin!(deadline);
         let queues = self.queues.as_mut().expect("returned by the publisher");
@@ -538,7 +611,7 @@ impl Engine {
         }
     }
 
-    async fn connect(&mut self, client: &Client, node: &Arc<Node>) -> RedisResult<Session> {
+    async fn connect(&mut self, client: &Client, node: &Host) -> RedisResult<Session> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(REDIS_TIMEOUT))
             .set_response_timeout(Some(REDIS_TIMEOUT));
@@ -599,8 +672,7 @@ impl Engine {
         self.lookup
             .set(Some((session.commands.clone(), session.scripts.clone())));
         self.ready.store(true, Ordering::Release);
-        let all: Vec<usize> = (0..node.shards()).collect();
-        node.bus.send_always(&all, Delivery::ResendSessions);
+        node.events.sessions_lost();
         Ok(session)
     }
 
@@ -610,7 +682,7 @@ impl Engine {
     async fn read_era(
         &mut self,
         commands: &mut MultiplexedConnection,
-        node: &Node,
+        node: &Host,
     ) -> RedisResult<()> {
         let seen = self.clock.load(Ordering::Relaxed);
         let era = keys::read_era(
@@ -622,7 +694,8 @@ impl Engine {
         .await?;
         self.force_new_era = false;
         if era.malformed {
-            node.counters
+            node.shared
+                .counters
                 .broker_malformed
                 .fetch_add(1, Ordering::Relaxed);
             warn!("wsgate:era held a record that is not wsgate's: a new generation replaces it");
@@ -634,7 +707,8 @@ impl Engine {
             ));
         }
         if era.started && self.generation.is_some() {
-            node.counters
+            node.shared
+                .counters
                 .broker_generations
                 .fetch_add(1, Ordering::Relaxed);
             warn!(
@@ -654,7 +728,7 @@ impl Engine {
 
     /// Resubscribes every room the node follows, writes its presence in each whole, and catches
     /// each up; messages arriving meanwhile wait in the subscription.
-    async fn restore(&mut self, session: &mut Session, node: &Arc<Node>) -> RedisResult<()> {
+    async fn restore(&mut self, session: &mut Session, node: &Host) -> RedisResult<()> {
         let rooms: Vec<Arc<RoomState>> = self.followed.values().cloned().collect();
         subscribe(session, rooms.iter().map(|r| &r.name)).await?;
         self.rewrite_presence(session).await?;
@@ -693,7 +767,7 @@ impl Engine {
     async fn serve(
         &mut self,
         mut session: Session,
-        node: &Arc<Node>,
+        node: &Host,
         stop: &CancellationToken,
     ) -> String {
         let stop_publisher = CancellationToken::new();
@@ -728,7 +802,7 @@ impl Engine {
                 }
                 _ = probe.tick() => {
                     if session.last_probe.elapsed() > PROBE_TIMEOUT {
-                        node.counters.broker_probe_failures.fetch_add(1, Ordering::Relaxed);
+                        node.shared.counters.broker_probe_failures.fetch_add(1, Ordering::Relaxed);
                         break "no probe came back: the subscription is not delivering".to_owned();
                     }
                     let mut commands = session.commands.clone();
@@ -753,8 +827,7 @@ impl Engine {
                             if let Err(e) = self.rewrite_presence(&mut session).await {
                                 break e.to_string();
                             }
-                            let all: Vec<usize> = (0..node.shards()).collect();
-                            node.bus.send_always(&all, Delivery::ResendSessions);
+                            node.events.sessions_lost();
                         }
                     }
                     Some(Err(e)) => break format!("beating: {e}"),
@@ -817,7 +890,7 @@ impl Engine {
     async fn finish_publishing(
         &mut self,
         session: &mut Session,
-        node: &Arc<Node>,
+        node: &Host,
         mut publisher: tokio::task::JoinHandle<(Queues, Option<publisher::Failed>)>,
     ) -> Queues {
         let (queues, failed) = loop {
@@ -853,7 +926,7 @@ impl Engine {
     }
 
     /// Refuses the room messages still queued for Redis (not sent: the senders may retry).
-    fn refuse_queued(&mut self, node: &Node) {
+    fn refuse_queued(&mut self, node: &Host) {
         if let Some(queues) = self.queues.as_mut() {
             queues.outgoing.close();
             while let Ok(out) = queues.outgoing.try_recv() {
@@ -892,7 +965,7 @@ impl Engine {
         }
     }
 
-    fn on_message(&self, session: &mut Session, node: &Arc<Node>, message: &Msg) {
+    fn on_message(&self, session: &mut Session, node: &Host, message: &Msg) {
         let channel = message.get_channel_name();
         let payload = message.get_payload_bytes();
         if channel == session.probe_channel {
@@ -918,7 +991,8 @@ impl Engine {
             })
         };
         if !delivered {
-            node.counters
+            node.shared
+                .counters
                 .broker_malformed
                 .fetch_add(1, Ordering::Relaxed);
             debug!(channel, "malformed publication from Redis ignored");
@@ -926,25 +1000,25 @@ impl Engine {
     }
 
     /// A notice from a node: `<origin node>\n<JSON text>`. Returns false when malformed.
-    fn on_notice(&self, node: &Node, target: Target, envelope: &[u8]) -> bool {
+    fn on_notice(&self, node: &Host, target: Target, envelope: &[u8]) -> bool {
         let Some((origin, json)) = envelope::notice(envelope) else {
             return false;
         };
         // Its own were delivered by this node when sent.
         if origin != self.node_id.as_bytes() {
-            routing::publish_from_broker(node, target, json);
+            node.events.publication(target, json);
         }
         true
     }
 
     /// An order from a node: `<origin node>\n<JSON>`. Returns false when malformed.
-    fn on_control(&self, node: &Node, envelope: &[u8]) -> bool {
+    fn on_control(&self, node: &Host, envelope: &[u8]) -> bool {
         let Some((origin, disconnect)) = envelope::control(envelope) else {
             return false;
         };
         // Its own were carried out by this node when given.
         if origin != self.node_id.as_bytes() {
-            routing::disconnect_here(node, Arc::new(disconnect));
+            node.events.disconnect(Arc::new(disconnect));
         }
         true
     }
@@ -954,7 +1028,7 @@ impl Engine {
     fn on_presence(
         &self,
         session: &mut Session,
-        node: &Arc<Node>,
+        node: &Host,
         room: &str,
         envelope: &[u8],
         whole: bool,
@@ -966,7 +1040,7 @@ impl Engine {
         if from == self.node_id || self.nodes.dead.contains(&from) {
             return true;
         }
-        let Some(room) = node.rooms.get(room) else {
+        let Some(room) = node.shared.rooms.get(room) else {
             return true;
         };
         {
@@ -983,7 +1057,7 @@ impl Engine {
         }
         if whole {
             let (gone, came) = room.presence().replace_node(&from, seq, entries);
-            routing::tell_presence(node, &room, &gone, &came);
+            node.events.presence(&room, &gone, &came);
             return true;
         }
         let entry = entries.into_iter().next().expect("one");
@@ -995,7 +1069,7 @@ impl Engine {
                     (1.., 0) => (std::slice::from_ref(&entry), &[][..]),
                     _ => (&[][..], &[][..]),
                 };
-                routing::tell_presence(node, &room, gone, came);
+                node.events.presence(&room, gone, came);
             }
             Fit::Seen => {}
             Fit::Missed => {
@@ -1011,7 +1085,7 @@ impl Engine {
     /// beats again is back, and the rooms are read again for its presence. Returns whether this
     /// node had lapsed itself (then it has to write its presence and sessions again, and nobody
     /// is judged until the others could be heard).
-    fn on_beat(&mut self, node: &Arc<Node>, beat: Beat, session: Option<&mut Session>) -> bool {
+    fn on_beat(&mut self, node: &Host, beat: Beat, session: Option<&mut Session>) -> bool {
         let lapsed = beat.before < beat.now;
         if lapsed && session.is_some() {
             self.judge_after = Instant::now() + NODE_TTL + BEAT_INTERVAL;
@@ -1092,7 +1166,7 @@ impl Engine {
         for gone in &dead {
             for room in self.followed.values() {
                 let left = room.presence().remove_node(gone);
-                routing::tell_presence(node, room, &left, &[]);
+                node.events.presence(room, &left, &[]);
             }
         }
         let back: Vec<&Arc<str>> = self.nodes.dead.intersection(&alive).collect();
@@ -1154,7 +1228,7 @@ impl Engine {
     async fn on_command(
         &mut self,
         session: &mut Session,
-        node: &Arc<Node>,
+        node: &Host,
         command: Command,
     ) -> RedisResult<()> {
         // Follows waiting behind this one go in the same SUBSCRIBE.
@@ -1257,7 +1331,7 @@ impl Engine {
 }
 
 impl Session {
-    fn catch_up(&mut self, node: &Arc<Node>, room: Arc<RoomState>) {
+    fn catch_up(&mut self, node: &Host, room: Arc<RoomState>) {
         catch_up(
             &mut self.catch_ups,
             &self.commands,
@@ -1285,12 +1359,12 @@ async fn subscribe<'a>(
 }
 
 /// A room message: `<offset> <epoch>\n<JSON text>`. Returns false when malformed.
-fn on_room_message(session: &mut Session, node: &Arc<Node>, room: &str, envelope: &[u8]) -> bool {
+fn on_room_message(session: &mut Session, node: &Host, room: &str, envelope: &[u8]) -> bool {
     let Some((offset, epoch, json)) = envelope::room_message(envelope) else {
         return false;
     };
     // Not followed any more (messages still on their way after an UNSUBSCRIBE): nobody here.
-    let Some(room) = node.rooms.get(room) else {
+    let Some(room) = node.shared.rooms.get(room) else {
         return true;
     };
     let arrival = room.stream().arrival(offset, epoch);
@@ -1300,9 +1374,9 @@ fn on_room_message(session: &mut Session, node: &Arc<Node>, room: &str, envelope
             let mut stream = room.stream();
             // Another path (a catch-up) may have taken it meanwhile.
             if stream.arrival(offset, epoch) == Arrival::Next {
-                let limits = node.rooms.history_limits();
+                let limits = node.shared.rooms.history_limits();
                 stream.push(offset, frame.clone(), limits, Instant::now());
-                routing::forward_stream(node, &room, offset, frame);
+                node.events.stream_message(&room, offset, frame);
             }
         }
         Arrival::Seen => {}

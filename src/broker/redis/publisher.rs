@@ -12,12 +12,10 @@ use super::keys::{
     BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_CHANGED, ERA_KEY, Scripts, room_channel, sessions_key,
 };
 use super::{META_TTL, NODE_TTL, Outgoing, Queues, Record, empty_room_ttl};
-use crate::broker::Publisher;
-use crate::node::Node;
-use crate::presence::Entry;
-use crate::protocol::{ErrorReply, ServerMessage};
-use crate::routing;
-use crate::stream::new_epoch;
+use crate::broker::{Host, Publisher};
+use crate::protocol::ErrorReply;
+use crate::rooms::presence::Entry;
+use crate::rooms::stream::new_epoch;
 
 /// Commands per pipeline sent to Redis, at most.
 const PUBLISH_BATCH: usize = 512;
@@ -43,7 +41,7 @@ pub async fn publish_loop(
     mut conn: MultiplexedConnection,
     scripts: Arc<Scripts>,
     mut queues: Queues,
-    node: Arc<Node>,
+    node: Host,
     clock: Arc<AtomicU64>,
     stop: CancellationToken,
 ) -> (Queues, Option<Failed>) {
@@ -168,11 +166,11 @@ pub fn raise(clock: &AtomicU64, written: i64) {
 fn add_record(
     pipe: &mut ::redis::Pipeline,
     scripts: &Scripts,
-    node: &Node,
+    node: &Host,
     record: &Record,
     seen: u64,
 ) {
-    let node_id = &*node.id;
+    let node_id = &*node.shared.id;
     match record {
         Record::Presence { room, entry, seq } => {
             let keys = &scripts.keys;
@@ -190,7 +188,7 @@ fn add_record(
                 .arg(META_TTL.as_secs())
                 .arg(&**room)
                 .arg(keys.generation())
-                .arg(empty_room_ttl(node.rooms.history_limits()))
+                .arg(empty_room_ttl(node.shared.rooms.history_limits()))
                 .arg(seen);
         }
         Record::SessionOpened { client_id, record } => {
@@ -211,13 +209,13 @@ fn add_record(
 fn add_outgoing(
     pipe: &mut ::redis::Pipeline,
     scripts: &Scripts,
-    node: &Node,
+    node: &Host,
     out: &Outgoing,
     seen: u64,
 ) {
     match out {
         Outgoing::Message { room, message, .. } => {
-            let limits = node.rooms.history_limits();
+            let limits = node.shared.rooms.history_limits();
             let keys = &scripts.keys;
             pipe.cmd("EVALSHA")
                 .arg(&scripts.publish)
@@ -240,11 +238,11 @@ fn add_outgoing(
                 Some(room) => (room_channel(room), b"p"),
                 None => (BROADCAST_CHANNEL.to_owned(), b""),
             };
-            let envelope = [kind, node.id.as_bytes(), b"\n", payload].concat();
+            let envelope = [kind, node.shared.id.as_bytes(), b"\n", payload].concat();
             pipe.cmd("PUBLISH").arg(channel).arg(envelope);
         }
         Outgoing::Control { payload } => {
-            let envelope = [node.id.as_bytes(), b"\n", payload].concat();
+            let envelope = [node.shared.id.as_bytes(), b"\n", payload].concat();
             pipe.cmd("PUBLISH").arg(CONTROL_CHANNEL).arg(envelope);
         }
     }
@@ -256,15 +254,16 @@ pub fn entry_json(entry: &Entry) -> Vec<u8> {
 }
 
 /// Tells the sender of a room message `error`; counts a notice not shared.
-pub fn refuse(node: &Node, out: Outgoing, error: ErrorReply<'static>) {
+pub fn refuse(node: &Host, out: Outgoing, error: ErrorReply<'static>) {
     match out {
         Outgoing::Message { from, .. } => {
-            node.counters
+            node.shared
+                .counters
                 .broker_unavailable
                 .fetch_add(1, Ordering::Relaxed);
             match from {
                 Publisher::Client(client) => {
-                    routing::reply(node, client, ServerMessage::Error { error }.encode());
+                    node.events.refused(client, error);
                 }
                 Publisher::Api(reply) => {
                     let _ = reply.send(Err(error));
@@ -272,7 +271,8 @@ pub fn refuse(node: &Node, out: Outgoing, error: ErrorReply<'static>) {
             }
         }
         Outgoing::Notice { .. } | Outgoing::Control { .. } => {
-            node.counters
+            node.shared
+                .counters
                 .broker_notices_dropped
                 .fetch_add(1, Ordering::Relaxed);
         }

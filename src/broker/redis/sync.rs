@@ -13,16 +13,13 @@ use tokio::task::JoinSet;
 use super::envelope::parse_u64;
 use super::keys::{ERA_KEY, NODES_KEY, Scripts};
 use super::{META_TTL, empty_room_ttl};
-use crate::node::Node;
-use crate::presence::{Entry, MAX_CONNS};
+use crate::broker::Host;
 use crate::rooms::RoomState;
-use crate::routing;
-use crate::stream::{Position, new_epoch};
+use crate::rooms::presence::{Entry, MAX_CONNS, NodesPresence};
+use crate::rooms::stream::{Position, new_epoch};
 
 /// A room's messages from Redis: (offset, JSON text), oldest first.
 pub type History = Vec<(u64, Vec<u8>)>;
-/// A room's presence from Redis: per live node, its last change number and its entries.
-pub type NodesPresence = Vec<(Arc<str>, u64, Vec<Entry>)>;
 
 /// Why a catch-up did not complete.
 #[derive(Debug)]
@@ -45,7 +42,7 @@ pub fn catch_up(
     tasks: &mut JoinSet<Result<(), CatchUpError>>,
     conn: &MultiplexedConnection,
     scripts: &Arc<Scripts>,
-    node: &Arc<Node>,
+    node: &Host,
     room: Arc<RoomState>,
 ) {
     if !room.stream().begin_catch_up() {
@@ -53,7 +50,8 @@ pub fn catch_up(
     }
     // Made before the task: a task dropped before it ever runs still gives the room back.
     let guard = CatchingUp(Some(room));
-    node.counters
+    node.shared
+        .counters
         .broker_catch_ups
         .fetch_add(1, Ordering::Relaxed);
     let (mut conn, scripts, node) = (conn.clone(), scripts.clone(), node.clone());
@@ -74,7 +72,7 @@ pub fn catch_up(
 async fn sync_once(
     conn: &mut MultiplexedConnection,
     scripts: &Scripts,
-    node: &Node,
+    node: &Host,
     room: &Arc<RoomState>,
 ) -> Result<(), CatchUpError> {
     // From the offset after the node's, in its epoch; or the most recent, at the first sync. The
@@ -84,7 +82,7 @@ async fn sync_once(
         let with_presence = !stream.is_synced() || std::mem::take(&mut stream.presence_stale);
         (stream.is_synced().then(|| stream.position()), with_presence)
     };
-    let limits = node.rooms.history_limits();
+    let limits = node.shared.rooms.history_limits();
     let keys = &scripts.keys;
     let reply: Value = ::redis::cmd("EVALSHA")
         .arg(&scripts.sync)
@@ -121,12 +119,14 @@ async fn sync_once(
         return Err(CatchUpError::WentBack(room.name.clone()));
     }
     if read.malformed > 0 {
-        node.counters
+        node.shared
+            .counters
             .broker_malformed
             .fetch_add(read.malformed, Ordering::Relaxed);
     }
     let presence = with_presence.then_some(read.presence);
-    routing::catch_up_stream(node, room, read.position, read.history, presence);
+    node.events
+        .caught_up(room, read.position, read.history, presence);
     Ok(())
 }
 

@@ -9,33 +9,25 @@
 //! The same pass closes connections whose token expired without a refresh (4001): an entry is
 //! due no later than its token's expiry.
 //!
-//! Pings are RFC 6455 ping frames (browsers answer them by themselves), encoded once, or in `json`
-//! mode the seed's `{"type":"ping","timestamp":…}`, encoded once per tick for all who get one.
+//! Pings are RFC 6455 ping frames (browsers answer them by themselves), encoded once, or the
+//! connection's app's own ping (the chat protocol's `{"type":"ping","timestamp":…}` in `json`
+//! mode), encoded once per tick for all who get one.
 
-use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
+use slab::Slab;
 use tracing::debug;
 
-use crate::base::time::{now_ms, now_secs};
-use crate::config::{Config, HeartbeatMode};
-use crate::shard::{Endpoint, Shard};
-use crate::wheel::{Tick, TimerWheel};
+use crate::base::time::now_secs;
+use crate::config::Config;
+use crate::conn::outbound::QueueTotal;
 use crate::ws::close::CloseCode;
 use crate::ws::frame::{self, OpCode};
 
-/// A connection's liveness, in (truncated) ticks of its shard's wheel.
-#[derive(Default)]
-pub struct Liveness {
-    /// The tick of the last read from the peer.
-    pub last_seen: u32,
-    /// The tick a ping went out and is still unanswered; 0 when none is.
-    pinged_at: u32,
-    /// The tick of the connection's live wheel entry; an entry filed for another tick is stale.
-    due: u32,
-}
+use super::AppId;
+use super::entry::{ConnEntry, Liveness};
+use super::wheel::{Tick, TimerWheel};
 
 /// The wheel's items: a connection (slab key, generation) and the tick it was filed for. One
 /// whose connection is gone, or that is not the connection's live entry, is skipped.
@@ -46,7 +38,6 @@ pub struct Heartbeats {
     tick: Duration,
     interval: u32,
     timeout: u32,
-    mode: HeartbeatMode,
     /// Tokens get this much grace past `exp`, as at the upgrade.
     leeway_secs: u64,
     ping_frame: Bytes,
@@ -69,7 +60,6 @@ impl Heartbeats {
             tick,
             interval,
             timeout,
-            mode: config.heartbeat_mode,
             leeway_secs: config.jwt_leeway.as_secs(),
             ping_frame: frame::encode(OpCode::Ping, b""),
             expired: Vec::new(),
@@ -125,110 +115,103 @@ impl Heartbeats {
     }
 }
 
-/// Drives a shard's wheel, one coarse tick at a time.
-pub async fn run(shard: Rc<Shard>) {
-    let tick = shard.heartbeats().tick;
-    let start = tokio::time::Instant::now();
-    let mut ticker = tokio::time::interval(tick);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        let now = (start.elapsed().as_nanos() / tick.as_nanos()) as Tick;
-        on_tick(&shard, now);
-    }
+/// What a tick closed, for the shard's counters.
+#[derive(Default, Debug, PartialEq, Eq)]
+pub struct Closed {
+    /// Connections that did not answer a ping within `heartbeat_timeout`.
+    pub timed_out: u64,
+    /// Connections whose token expired without a refresh (4001).
+    pub expired_tokens: u64,
 }
 
-fn on_tick(shard: &Shard, now: Tick) {
-    let queued = shard.state().queued.bytes();
-    shard.node.queued_bytes[shard.index].store(queued, Ordering::Relaxed);
-    let mut guard = shard.heartbeats();
-    let heartbeats = &mut *guard;
-    let mut expired = std::mem::take(&mut heartbeats.expired);
-    heartbeats.wheel.advance(now, &mut expired);
-    if expired.is_empty() {
-        heartbeats.expired = expired;
-        return;
+impl Heartbeats {
+    /// How long a tick of the wheel is: the driver advances it this often.
+    pub fn tick(&self) -> Duration {
+        self.tick
     }
-    let now32 = now as u32;
-    let now_secs = now_secs();
-    let mut json_ping = None;
-    let (mut timed_out, mut expired_tokens) = (0, 0);
-    let mut guard = shard.state();
-    let state = &mut *guard;
-    for (key, generation, filed_for) in expired.drain(..) {
-        let Some(conn) = state.conns.get_mut(key as usize) else {
-            continue;
-        };
-        if conn.id.generation != generation
-            || conn.liveness.due != filed_for
-            || conn.outbound.is_closing()
-        {
-            continue;
+
+    /// Advances the wheel to `now`: pings the idle connections of `conns` (with their app's ping,
+    /// `app_ping`, asked once per app per tick; an RFC 6455 ping frame when it has none), closes
+    /// those that did not answer the last one or whose token expired, and files each again.
+    pub fn on_tick(
+        &mut self,
+        now: Tick,
+        conns: &mut Slab<ConnEntry>,
+        queued: &mut QueueTotal,
+        mut app_ping: impl FnMut(AppId) -> Option<Bytes>,
+    ) -> Closed {
+        let mut expired = std::mem::take(&mut self.expired);
+        self.wheel.advance(now, &mut expired);
+        let mut closed = Closed::default();
+        if expired.is_empty() {
+            self.expired = expired;
+            return closed;
         }
-        let expires_at = conn
-            .identity
-            .expires_at
-            .map(|exp| exp.saturating_add(heartbeats.leeway_secs));
-        if expires_at.is_some_and(|exp| now_secs >= exp) {
-            expired_tokens += 1;
-            debug!(client = %conn.id, "closing (4001): token expired");
-            let close = frame::encode_close(CloseCode::TOKEN_EXPIRED, "token expired");
-            conn.outbound.push_close(close, &mut state.queued);
-            continue;
-        }
-        let live = &mut conn.liveness;
-        let due = if live.pinged_at != 0 {
-            if live.last_seen.wrapping_sub(live.pinged_at) as i32 >= 0 {
-                // Answered (any frame counts).
-                live.pinged_at = 0;
-                live.last_seen.wrapping_add(heartbeats.interval)
-            } else {
-                timed_out += 1;
-                debug!(client = %conn.id, "closing: heartbeat timeout");
-                let close = frame::encode_close(CloseCode::NORMAL, HEARTBEAT_TIMEOUT);
-                conn.outbound.push_close(close, &mut state.queued);
+        let now32 = now as u32;
+        let now_secs = now_secs();
+        // Each app's ping this tick, encoded once for all its connections that get one.
+        let mut pings: Vec<Option<Option<Bytes>>> = Vec::new();
+        for (key, generation, filed_for) in expired.drain(..) {
+            let Some(conn) = conns.get_mut(key as usize) else {
+                continue;
+            };
+            if conn.id.generation != generation
+                || conn.liveness.due != filed_for
+                || conn.outbound.is_closing()
+            {
                 continue;
             }
-        } else if now32.wrapping_sub(live.last_seen) < heartbeats.interval {
-            // Heard from recently: look again when it would have been idle long enough.
-            live.last_seen.wrapping_add(heartbeats.interval)
-        } else {
-            live.pinged_at = now32.max(1);
-            let ping = match (heartbeats.mode, conn.endpoint) {
-                (HeartbeatMode::Json, Endpoint::Chat) => json_ping
-                    .get_or_insert_with(|| {
-                        let ping = format!(r#"{{"type":"ping","timestamp":{}}}"#, now_ms());
-                        frame::encode(OpCode::Text, ping.as_bytes())
-                    })
-                    .clone(),
-                _ => heartbeats.ping_frame.clone(),
+            let expires_at = conn
+                .identity
+                .expires_at
+                .map(|exp| exp.saturating_add(self.leeway_secs));
+            if expires_at.is_some_and(|exp| now_secs >= exp) {
+                closed.expired_tokens += 1;
+                debug!(client = %conn.id, "closing (4001): token expired");
+                let close = frame::encode_close(CloseCode::TOKEN_EXPIRED, "token expired");
+                conn.outbound.push_close(close, queued);
+                continue;
+            }
+            let live = &mut conn.liveness;
+            let due = if live.pinged_at != 0 {
+                if live.last_seen.wrapping_sub(live.pinged_at) as i32 >= 0 {
+                    // Answered (any frame counts).
+                    live.pinged_at = 0;
+                    live.last_seen.wrapping_add(self.interval)
+                } else {
+                    closed.timed_out += 1;
+                    debug!(client = %conn.id, "closing: heartbeat timeout");
+                    let close = frame::encode_close(CloseCode::NORMAL, HEARTBEAT_TIMEOUT);
+                    conn.outbound.push_close(close, queued);
+                    continue;
+                }
+            } else if now32.wrapping_sub(live.last_seen) < self.interval {
+                // Heard from recently: look again when it would have been idle long enough.
+                live.last_seen.wrapping_add(self.interval)
+            } else {
+                live.pinged_at = now32.max(1);
+                let app = usize::from(conn.app.0);
+                if pings.len() <= app {
+                    pings.resize(app + 1, None);
+                }
+                let ping = pings[app]
+                    .get_or_insert_with(|| app_ping(conn.app))
+                    .clone()
+                    .unwrap_or_else(|| self.ping_frame.clone());
+                conn.outbound.push(ping, queued);
+                now32.wrapping_add(self.timeout)
             };
-            conn.outbound.push(ping, &mut state.queued);
-            now32.wrapping_add(heartbeats.timeout)
-        };
-        // Back to a full tick count (`due` is near `now`; overdue means the next tick).
-        let ahead = due.wrapping_sub(now32) as i32;
-        let due = now + u64::try_from(ahead).unwrap_or(0);
-        let by_expiry = expires_at.map_or(Tick::MAX, |exp| {
-            let left = Duration::from_secs(exp.saturating_sub(now_secs));
-            now + (left.as_nanos() / heartbeats.tick.as_nanos()) as Tick + 1
-        });
-        heartbeats.file(key, generation, &mut conn.liveness, due.min(by_expiry));
-    }
-    heartbeats.expired = expired;
-    if expired_tokens > 0 {
-        shard
-            .node
-            .counters
-            .tokens_expired
-            .fetch_add(expired_tokens, Ordering::Relaxed);
-    }
-    if timed_out > 0 {
-        shard
-            .node
-            .counters
-            .heartbeat_timeouts
-            .fetch_add(timed_out, Ordering::Relaxed);
+            // Back to a full tick count (`due` is near `now`; overdue means the next tick).
+            let ahead = due.wrapping_sub(now32) as i32;
+            let due = now + u64::try_from(ahead).unwrap_or(0);
+            let by_expiry = expires_at.map_or(Tick::MAX, |exp| {
+                let left = Duration::from_secs(exp.saturating_sub(now_secs));
+                now + (left.as_nanos() / self.tick.as_nanos()) as Tick + 1
+            });
+            self.file(key, generation, &mut conn.liveness, due.min(by_expiry));
+        }
+        self.expired = expired;
+        closed
     }
 }
 
@@ -244,9 +227,15 @@ mod tests {
     use std::net::IpAddr;
     use std::sync::Arc;
 
+    use std::sync::atomic::Ordering;
+
     use super::*;
     use crate::base::identity::Identity;
-    use crate::node::Node;
+    use crate::base::time::now_secs;
+    use crate::config::HeartbeatMode;
+    use crate::node::{CHAT, ECHO, Node};
+    use crate::runtime::AppId;
+    use crate::runtime::shard::Shard;
 
     /// A one-shard node with 30 s heartbeats and a 10 s timeout: one tick a second.
     fn shard(mode: HeartbeatMode) -> Shard {
@@ -256,11 +245,11 @@ mod tests {
             ..Config::default()
         };
         let (node, _inboxes, _) = Node::new(Arc::new(config), 1024).unwrap();
-        Shard::new(0, Arc::new(node))
+        node.shard(0)
     }
 
-    fn connect(shard: &Shard, endpoint: Endpoint, identity: Identity) -> usize {
-        let key = shard.register(endpoint, Arc::new(identity), IpAddr::from([127, 0, 0, 1]));
+    fn connect(shard: &Shard, app: AppId, identity: Identity) -> usize {
+        let key = shard.register(app, Arc::new(identity), IpAddr::from([127, 0, 0, 1]));
         take_queued(shard, key); // the greeting
         key
     }
@@ -295,25 +284,25 @@ mod tests {
             if tick == heard_at {
                 heard_from(shard, key, tick);
             }
-            on_tick(shard, tick);
+            shard.tick(tick);
             assert!(take_queued(shard, key).is_empty(), "tick {tick}");
         }
     }
 
     fn timeouts(shard: &Shard) -> u64 {
-        let counters = &shard.node.counters;
+        let counters = &shard.shared.counters;
         counters.heartbeat_timeouts.load(Ordering::Relaxed)
     }
 
     #[test]
     fn an_idle_connection_is_pinged_after_the_interval_and_closed_after_the_timeout() {
         let shard = shard(HeartbeatMode::Frame);
-        let key = connect(&shard, Endpoint::Chat, Identity::anonymous());
+        let key = connect(&shard, CHAT, Identity::anonymous());
         quiet_through(&shard, key, 1..30, 0);
-        on_tick(&shard, 30);
+        shard.tick(30);
         assert_eq!(take_queued(&shard, key), vec![(0x9, vec![])], "pinged");
         quiet_through(&shard, key, 31..40, 0);
-        on_tick(&shard, 40);
+        shard.tick(40);
         let mut close = vec![0x03, 0xe8];
         close.extend_from_slice(HEARTBEAT_TIMEOUT.as_bytes());
         assert_eq!(take_queued(&shard, key), vec![(0x8, close)]);
@@ -323,14 +312,14 @@ mod tests {
     #[test]
     fn any_frame_answers_and_traffic_postpones_the_ping() {
         let shard = shard(HeartbeatMode::Frame);
-        let key = connect(&shard, Endpoint::Echo, Identity::anonymous());
+        let key = connect(&shard, ECHO, Identity::anonymous());
         // Traffic at tick 20: no ping at 30, but at 50.
         quiet_through(&shard, key, 1..50, 20);
-        on_tick(&shard, 50);
+        shard.tick(50);
         assert_eq!(take_queued(&shard, key), vec![(0x9, vec![])]);
         // Answered (any frame) at tick 55: not closed at 60, pinged again at 85.
         quiet_through(&shard, key, 51..85, 55);
-        on_tick(&shard, 85);
+        shard.tick(85);
         assert_eq!(take_queued(&shard, key), vec![(0x9, vec![])]);
         assert_eq!(timeouts(&shard), 0);
     }
@@ -338,10 +327,10 @@ mod tests {
     #[test]
     fn json_mode_pings_chat_clients_with_the_seed_message_and_echo_clients_with_frames() {
         let shard = shard(HeartbeatMode::Json);
-        let chat = connect(&shard, Endpoint::Chat, Identity::anonymous());
-        let echo = connect(&shard, Endpoint::Echo, Identity::anonymous());
+        let chat = connect(&shard, CHAT, Identity::anonymous());
+        let echo = connect(&shard, ECHO, Identity::anonymous());
         for tick in 1..=30 {
-            on_tick(&shard, tick);
+            shard.tick(tick);
         }
         let pinged = take_queued(&shard, chat);
         assert_eq!(pinged.len(), 1);
@@ -361,16 +350,16 @@ mod tests {
             expires_at: Some(now_secs() - 11),
             ..Identity::anonymous()
         };
-        let key = connect(&shard, Endpoint::Chat, expired);
+        let key = connect(&shard, CHAT, expired);
         heard_from(&shard, key, 1);
-        on_tick(&shard, 1);
+        shard.tick(1);
         let queued = take_queued(&shard, key);
         assert_eq!(queued.len(), 1, "{queued:?}");
         assert_eq!(queued[0].0, 0x8);
         assert_eq!(queued[0].1[..2], 4001u16.to_be_bytes());
         assert_eq!(&queued[0].1[2..], b"token expired");
         assert_eq!(
-            shard.node.counters.tokens_expired.load(Ordering::Relaxed),
+            shard.shared.counters.tokens_expired.load(Ordering::Relaxed),
             1
         );
     }

@@ -1,6 +1,10 @@
-//! Routing: who a publication is for, and getting it there — queued to this shard's recipients,
-//! handed to the other shards with recipients over the [`crate::bus`] (and to the other nodes
-//! through the [`crate::broker`]), each recipient's queue bounded by the slow-consumer policy.
+//! Fan-out: who a publication is for, and getting it there — queued to this shard's recipients,
+//! handed to the other shards with recipients over the [`crate::runtime::bus`], each recipient's
+//! queue bounded by the slow-consumer policy; and a room stream's messages to its members in
+//! offset order, with what a member missed caught up from the history (or a `resync`).
+//!
+//! The other nodes are not this module's: the broker reaches them, and [`crate::cluster`] ties it
+//! to what is here.
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -11,29 +15,19 @@ use bytes::Bytes;
 use tracing::debug;
 
 use crate::base::client_id::ClientId;
-use crate::broker::redis::NodesPresence;
-use crate::broker::{Broker, Publisher, RedisBroker, Unavailable};
-use crate::bus;
-use crate::chat;
+use crate::base::time::now_ms;
 use crate::config::SlowConsumerPolicy;
-use crate::node::Node;
-use crate::outbound::{self, QueueTotal};
-use crate::presence::Entry;
+use crate::conn::outbound::{self, QueueTotal};
 use crate::protocol::{self, ServerMessage};
-use crate::rooms::{PENDING, RoomState};
-use crate::shard::{ConnEntry, Endpoint, Shard, ShardState};
-use crate::stream::Position;
+use crate::rooms::presence::{Entry, NodesPresence};
+use crate::rooms::stream::Position;
+use crate::rooms::{Joining, PENDING, RoomState, Target};
+use crate::runtime::Shared;
+use crate::runtime::bus::{self, NO_FRAME, Work};
+use crate::runtime::entry::ConnEntry;
+use crate::runtime::shard::{Shard, ShardState};
 use crate::ws::close::CloseCode;
 use crate::ws::frame::{self, OpCode};
-
-/// Who a publication is for.
-#[derive(Clone, Debug)]
-pub enum Target {
-    /// Every client on a chat endpoint.
-    All,
-    /// Every member of a room.
-    Room(Arc<str>),
-}
 
 /// One message for many recipients: framed once, the same `Bytes` queued to each of them.
 #[derive(Clone, Debug)]
@@ -72,95 +66,88 @@ impl Publication {
     }
 }
 
-/// What travels to a shard over the bus.
-#[derive(Clone)]
-pub enum Delivery {
-    Publication(Arc<Publication>),
-    /// A message of a room's stream, with its offset.
-    Stream(Arc<StreamMessage>),
-    /// The node has synced the room with the broker: the joins waiting for it complete.
-    Synced(Arc<RoomState>),
-    /// The room's stream started over at this offset (or lost more than its history holds):
-    /// its members are told to `resync`.
-    Resync(Arc<RoomState>, u64),
-    /// A frame for one client.
-    Reply(ClientId, Bytes),
-    /// Redis lost (or never had) the node's sessions: each shard records its own again.
-    ResendSessions,
-    /// Close every connection of a user.
-    Disconnect(Arc<Disconnect>),
-}
-
-/// Closing every connection of a user (on every node), with an application close code.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Disconnect {
-    pub user: Arc<str>,
-    /// 4000–4999.
-    pub code: u16,
-    pub reason: Arc<str>,
-}
-
-/// A disconnect asked with a code outside 4000–4999 (the range RFC 6455 leaves to applications).
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("close code {0} is not an application code (4000-4999)")]
-pub struct NotAnApplicationCode(pub u16);
-
-impl Disconnect {
-    pub fn new(user: &str, code: u16, reason: &str) -> Result<Self, NotAnApplicationCode> {
-        if !(4000..=4999).contains(&code) {
-            return Err(NotAnApplicationCode(code));
-        }
-        Ok(Disconnect {
-            user: Arc::from(user),
-            code,
-            reason: Arc::from(reason),
-        })
-    }
-}
-
-/// Closes every connection of `disconnect.user` on this node and (with Redis) every other; false
-/// when the other nodes could not be told (Redis away or behind; counted).
-pub fn disconnect_everywhere(node: &Node, disconnect: Arc<Disconnect>) -> bool {
-    let told = match &node.broker {
-        Broker::Redis(redis) => redis.control(&disconnect),
-        Broker::Memory => true,
-    };
-    if !told {
-        node.counters
-            .broker_notices_dropped
-            .fetch_add(1, Ordering::Relaxed);
-    }
-    disconnect_here(node, disconnect);
-    told
-}
-
-/// Closes every connection of `disconnect.user` on this node's shards.
-pub fn disconnect_here(node: &Node, disconnect: Arc<Disconnect>) {
-    let all: Vec<usize> = (0..node.shards()).collect();
-    node.bus.send_always(&all, Delivery::Disconnect(disconnect));
-}
-
-static NO_FRAME: Bytes = Bytes::new();
-
-impl Delivery {
-    pub fn frame(&self) -> &Bytes {
-        match self {
-            Delivery::Publication(p) => &p.frame,
-            Delivery::Stream(m) => &m.frame,
-            Delivery::Reply(_, frame) => frame,
-            Delivery::Synced(_)
-            | Delivery::Resync(..)
-            | Delivery::ResendSessions
-            | Delivery::Disconnect(_) => &NO_FRAME,
-        }
-    }
-}
-
 /// A room message with its place in the room's stream.
 pub struct StreamMessage {
     pub room: Arc<RoomState>,
     pub offset: u64,
     pub frame: Bytes,
+}
+
+impl Work for Publication {
+    fn frame(&self) -> &Bytes {
+        &self.frame
+    }
+
+    fn is_publication(&self) -> bool {
+        true
+    }
+
+    fn run(&self, shard: &Shard) {
+        deliver(shard, self);
+    }
+}
+
+impl Work for StreamMessage {
+    fn frame(&self) -> &Bytes {
+        &self.frame
+    }
+
+    fn is_publication(&self) -> bool {
+        true
+    }
+
+    fn run(&self, shard: &Shard) {
+        deliver_stream(shard, self);
+    }
+}
+
+/// The node has synced the room with the broker: the joins waiting for it complete.
+struct Synced(Arc<RoomState>);
+
+impl Work for Synced {
+    fn frame(&self) -> &Bytes {
+        &NO_FRAME
+    }
+
+    fn run(&self, shard: &Shard) {
+        complete_joins(shard, &self.0);
+    }
+}
+
+/// The room's stream started over at this offset (or lost more than its history holds): its
+/// members are told to `resync`.
+struct Resync(Arc<RoomState>, u64);
+
+impl Work for Resync {
+    fn frame(&self) -> &Bytes {
+        &NO_FRAME
+    }
+
+    fn run(&self, shard: &Shard) {
+        resync(shard, &self.0, self.1);
+    }
+}
+
+/// A frame for one client.
+struct Reply {
+    to: ClientId,
+    frame: Bytes,
+}
+
+impl Work for Reply {
+    fn frame(&self) -> &Bytes {
+        &self.frame
+    }
+
+    fn run(&self, shard: &Shard) {
+        let mut guard = shard.state();
+        let state = &mut *guard;
+        if let Some(conn) = state.conns.get_mut(self.to.key as usize)
+            && conn.id == self.to
+        {
+            conn.outbound.push(self.frame.clone(), &mut state.queued);
+        }
+    }
 }
 
 /// Delivers to this shard's recipients, then hands the publication to the bus for the other
@@ -170,14 +157,14 @@ pub fn publish(shard: &Shard, publication: Publication) {
     route.clear();
     {
         let state = shard.state_ref();
-        let shards = shard.node.shards();
+        let shards = shard.shared.shards();
         match &publication.target {
             Target::Room(name) => match state.rooms.get(name) {
                 Some(room) => route.extend(room.state.other_shards(shard.index)),
                 // No member here (a notice after the last local member left, or a publish from a
                 // non-member): ask the directory, under its lock.
                 None => {
-                    if let Some(state) = shard.node.rooms.get(name) {
+                    if let Some(state) = shard.shared.rooms.get(name) {
                         route.extend(state.other_shards(shard.index));
                     }
                 }
@@ -190,48 +177,15 @@ pub fn publish(shard: &Shard, publication: Publication) {
     }
     deliver(shard, &publication);
     if !route.is_empty() {
-        shard
-            .node
-            .forward(&route, Delivery::Publication(Arc::new(publication)));
+        shard.shared.forward(&route, Arc::new(publication));
     }
-}
-
-/// Hands a publication to the other nodes (with a shared broker); what cannot be is counted.
-/// Lists of clients are this node's: a publication with an `include` list stays here. False when
-/// the other nodes could not be reached.
-pub fn share(node: &Node, publication: &Publication) -> bool {
-    let shared = match &node.broker {
-        Broker::Redis(redis) if publication.include.is_none() => redis.share(
-            &publication.target,
-            frame::server_payload(&publication.frame),
-        ),
-        _ => true,
-    };
-    if !shared {
-        node.counters
-            .broker_notices_dropped
-            .fetch_add(1, Ordering::Relaxed);
-    }
-    shared
-}
-
-/// Publishes from outside the shards (the server API, embedding applications): every shard
-/// delivers to its own recipients, and every other node to its own (see [`share`]). False, and
-/// delivered nowhere, when the other nodes could not be reached: a retry does not duplicate it.
-pub fn publish_from_outside(node: &Node, publication: Publication) -> bool {
-    if !share(node, &publication) {
-        return false;
-    }
-    let all: Vec<usize> = (0..node.shards()).collect();
-    node.forward(&all, Delivery::Publication(Arc::new(publication)));
-    true
 }
 
 /// Delivers a publication another node shared (`json`, its text) to this node's recipients.
-pub fn publish_from_broker(node: &Node, target: Target, json: &[u8]) {
+pub fn publish_from_broker(shared: &Shared, target: Target, json: &[u8]) {
     let shards: Vec<usize> = match &target {
-        Target::All => (0..node.shards()).collect(),
-        Target::Room(room) => match node.rooms.get(room) {
+        Target::All => (0..shared.shards()).collect(),
+        Target::Room(room) => match shared.rooms.get(room) {
             Some(state) => state.shards_with_members().collect(),
             None => return,
         },
@@ -245,23 +199,23 @@ pub fn publish_from_broker(node: &Node, target: Target, json: &[u8]) {
         include: None,
         exclude: Vec::new(),
     };
-    node.forward(&shards, Delivery::Publication(Arc::new(publication)));
+    shared.forward(&shards, Arc::new(publication));
 }
 
 /// Tells this node's members of `room` who left it (`gone`) and who joined it (`came`) on other
 /// nodes, as far as notices go (`presence_max_members`).
-pub fn tell_presence(node: &Node, room: &Arc<RoomState>, gone: &[Entry], came: &[Entry]) {
+pub fn tell_presence(shared: &Shared, room: &Arc<RoomState>, gone: &[Entry], came: &[Entry]) {
     // As on the node where it happens: a room of at most `presence_max_members` connections
     // counting the one that joins or leaves.
     let total = room.presence().total();
-    let max = node.config.presence_max_members;
+    let max = shared.config.presence_max_members;
     let gone = if total < max { gone } else { &[] };
     let came = if total <= max { came } else { &[] };
     if gone.is_empty() && came.is_empty() {
         return;
     }
     let shards: Vec<usize> = room.shards_with_members().collect();
-    let timestamp = crate::base::time::now_ms();
+    let timestamp = now_ms();
     let notices = gone
         .iter()
         .map(|e| ServerMessage::UserLeft {
@@ -278,92 +232,28 @@ pub fn tell_presence(node: &Node, room: &Arc<RoomState>, gone: &[Entry], came: &
         }));
     for notice in notices {
         let publication = Publication::to_room(room.name.clone(), notice.encode());
-        node.forward(&shards, Delivery::Publication(Arc::new(publication)));
+        shared.forward(&shards, Arc::new(publication));
     }
 }
 
 /// Queues a frame for one client, whichever thread it comes from.
-pub fn reply(node: &Node, to: ClientId, frame: Bytes) {
-    node.bus
-        .send_always(&[usize::from(to.shard)], Delivery::Reply(to, frame));
-}
-
-/// Publishes `message` (a JSON object) from `from` on `room`'s stream: it gets the room's next
-/// offset, is kept in its history, and is handed to every shard with members — this one
-/// included, over its own inbox — in offset order. So every member sees the room's messages in
-/// one order, whichever shards (and nodes) they come from. With the memory broker this node's
-/// stream gives the offset, under its lock; with Redis, Redis does, and the message comes back
-/// through the node's subscription ([`forward_stream`]).
-pub fn publish_to_stream(
-    shard: &Shard,
-    room: &Arc<RoomState>,
-    message: Vec<u8>,
-    from: ClientId,
-) -> Result<(), Unavailable> {
-    let node = &shard.node;
-    if let Broker::Redis(redis) = &node.broker {
-        return publish_to_redis(
-            node,
-            redis,
-            room.name.clone(),
-            message,
-            Publisher::Client(from),
-        );
-    }
-    append_to_stream(shard, room, message);
-    Ok(())
-}
-
-/// Queues a room message for Redis, which gives it its offset; counts it when it cannot be.
-pub fn publish_to_redis(
-    node: &Node,
-    redis: &RedisBroker,
-    room: Arc<str>,
-    message: Vec<u8>,
-    from: Publisher,
-) -> Result<(), Unavailable> {
-    let queued = redis.publish(room, message, from);
-    if queued.is_err() {
-        node.counters
-            .broker_unavailable
-            .fetch_add(1, Ordering::Relaxed);
-    }
-    queued
-}
-
-/// With the memory broker: appends `message` to this node's stream of `room` and hands it to
-/// every shard with members; returns its offset.
-pub fn append_to_stream(shard: &Shard, room: &Arc<RoomState>, message: Vec<u8>) -> u64 {
-    let node = &shard.node;
-    let limits = node.rooms.history_limits();
-    let mut stream = room.stream();
-    let (offset, frame) = stream.append(
-        |offset| protocol::with_offset(&message, offset),
-        limits,
-        Instant::now(),
-    );
-    let mut route = shard.route.borrow_mut();
-    route.clear();
-    route.extend(room.shards_with_members());
-    let message = StreamMessage {
-        room: room.clone(),
-        offset,
-        frame,
-    };
-    node.forward(&route, Delivery::Stream(Arc::new(message)));
-    offset
+pub fn reply(shared: &Shared, to: ClientId, frame: Bytes) {
+    let reply = Reply { to, frame };
+    shared
+        .bus
+        .send_always(&[usize::from(to.shard)], Arc::new(reply));
 }
 
 /// Hands the stream message `offset` of `room` to the shards with members. Called under the
 /// stream's lock, which keeps the offsets in order on every inbox.
-pub fn forward_stream(node: &Node, room: &Arc<RoomState>, offset: u64, frame: Bytes) {
+pub fn forward_stream(shared: &Shared, room: &Arc<RoomState>, offset: u64, frame: Bytes) {
     let shards: Vec<usize> = room.shards_with_members().collect();
     let message = StreamMessage {
         room: room.clone(),
         offset,
         frame,
     };
-    node.forward(&shards, Delivery::Stream(Arc::new(message)));
+    shared.forward(&shards, Arc::new(message));
 }
 
 /// Applies what the broker says of a room's stream (`position`, and its history from the offset
@@ -371,13 +261,13 @@ pub fn forward_stream(node: &Node, room: &Arc<RoomState>, offset: u64, frame: By
 /// waiting for it; messages the node missed are delivered; when the history cannot give all of
 /// them, or the epoch changed, the members are told to `resync`.
 pub fn catch_up_stream(
-    node: &Node,
+    shared: &Shared,
     room: &Arc<RoomState>,
     position: Position,
     kept: Vec<(u64, Vec<u8>)>,
     presence: Option<NodesPresence>,
 ) {
-    let limits = node.rooms.history_limits();
+    let limits = shared.rooms.history_limits();
     let now = Instant::now();
     let framed: Vec<(u64, Bytes)> = kept
         .into_iter()
@@ -390,16 +280,17 @@ pub fn catch_up_stream(
         // Not followed any more (its last member left meanwhile): nothing to do.
         if stream.subscribing {
             room.presence()
-                .replace_others(&node.id, presence.unwrap_or_default());
+                .replace_others(&shared.id, presence.unwrap_or_default());
             stream.reset(position, framed, limits, now);
-            node.bus
-                .send_always(&shards, Delivery::Synced(room.clone()));
+            shared
+                .bus
+                .send_always(&shards, Arc::new(Synced(room.clone())));
         }
         return;
     }
     if let Some(presence) = presence {
-        let (gone, came) = room.presence().replace_others(&node.id, presence);
-        tell_presence(node, room, &gone, &came);
+        let (gone, came) = room.presence().replace_others(&shared.id, presence);
+        tell_presence(shared, room, &gone, &came);
     }
     let have = stream.position();
     if have.epoch == position.epoch {
@@ -419,12 +310,12 @@ pub fn catch_up_stream(
         if complete {
             for (offset, frame) in missed {
                 stream.push(offset, frame.clone(), limits, now);
-                forward_stream(node, room, offset, frame);
+                forward_stream(shared, room, offset, frame);
             }
             return;
         }
     }
-    node.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+    shared.counters.resyncs.fetch_add(1, Ordering::Relaxed);
     // A stream that started over (Redis lost the room, or it expired) and whose history has all
     // of its new epoch: the members are told, then given all of it.
     let from_start = have.epoch != position.epoch
@@ -444,37 +335,18 @@ pub fn catch_up_stream(
             limits,
             now,
         );
-        node.bus
-            .send_always(&shards, Delivery::Resync(room.clone(), 0));
+        shared
+            .bus
+            .send_always(&shards, Arc::new(Resync(room.clone(), 0)));
         for (offset, frame) in framed {
             stream.push(offset, frame.clone(), limits, now);
-            forward_stream(node, room, offset, frame);
+            forward_stream(shared, room, offset, frame);
         }
     } else {
         stream.reset(position, framed, limits, now);
-        node.bus
-            .send_always(&shards, Delivery::Resync(room.clone(), top));
-    }
-}
-
-/// Delivers what came over the bus to this shard's recipients.
-pub fn deliver_from_bus(shard: &Shard, delivery: &Delivery) {
-    match delivery {
-        Delivery::Publication(publication) => deliver(shard, publication),
-        Delivery::Stream(message) => deliver_stream(shard, message),
-        Delivery::Synced(room) => chat::complete_joins(shard, room),
-        Delivery::Resync(room, top) => resync(shard, room, *top),
-        Delivery::ResendSessions => shard.resend_sessions(),
-        Delivery::Disconnect(disconnect) => shard.disconnect_user(disconnect),
-        Delivery::Reply(to, frame) => {
-            let mut guard = shard.state();
-            let state = &mut *guard;
-            if let Some(conn) = state.conns.get_mut(to.key as usize)
-                && conn.id == *to
-            {
-                conn.outbound.push(frame.clone(), &mut state.queued);
-            }
-        }
+        shared
+            .bus
+            .send_always(&shards, Arc::new(Resync(room.clone(), top)));
     }
 }
 
@@ -519,7 +391,7 @@ struct Queuer<'a> {
 
 impl<'a> Queuer<'a> {
     fn new(shard: &'a Shard, queued: &QueueTotal) -> Self {
-        let max_queued = shard.node.config.max_queued_bytes;
+        let max_queued = shard.shared.config.max_queued_bytes;
         Queuer {
             shard,
             delivered: Cell::new(0),
@@ -548,11 +420,11 @@ impl<'a> Queuer<'a> {
             self.delivered.set(self.delivered.get() + 1);
             return;
         }
-        let counters = &self.shard.node.counters;
+        let counters = &self.shard.shared.counters;
         if self.over_budget {
             counters.memory_pressure.fetch_add(1, Ordering::Relaxed);
         }
-        match self.shard.node.config.slow_consumer_policy {
+        match self.shard.shared.config.slow_consumer_policy {
             SlowConsumerPolicy::Close => {
                 debug!(client = %conn.id, queued = out.queued_bytes(), "closing slow consumer");
                 counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
@@ -607,7 +479,7 @@ pub fn deliver(shard: &Shard, publication: &Publication) {
             for id in include.iter().filter(|id| id.shard as usize == shard.index) {
                 if let Some(conn) = conns.get_mut(id.key as usize)
                     && conn.id == *id
-                    && conn.endpoint == Endpoint::Chat
+                    && shard.addressable(conn.app)
                 {
                     queue_to(conn);
                 }
@@ -615,7 +487,7 @@ pub fn deliver(shard: &Shard, publication: &Publication) {
         }
         (Target::All, None) => {
             for (_, conn) in conns.iter_mut() {
-                if conn.endpoint == Endpoint::Chat {
+                if shard.addressable(conn.app) {
                     queue_to(conn);
                 }
             }
@@ -664,7 +536,7 @@ fn deliver_stream(shard: &Shard, message: &StreamMessage) {
     let first_lost = local.delivered + 1;
     if message.offset > first_lost {
         let last_lost = message.offset - 1;
-        let limits = shard.node.rooms.history_limits();
+        let limits = shard.shared.rooms.history_limits();
         let lost = message
             .room
             .stream()
@@ -676,7 +548,11 @@ fn deliver_stream(shard: &Shard, message: &StreamMessage) {
                 }
             }
             None => {
-                shard.node.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+                shard
+                    .shared
+                    .counters
+                    .resyncs
+                    .fetch_add(1, Ordering::Relaxed);
                 let resync = ServerMessage::Resync {
                     room: &message.room.name,
                 }
@@ -688,4 +564,74 @@ fn deliver_stream(shard: &Shard, message: &StreamMessage) {
     }
     to_members(message.offset, &message.frame);
     local.delivered = message.offset;
+}
+
+/// Answers a join with `room_joined` and what the client missed (before anything after its
+/// join: never a partial replay) — unless the join waits for the room's sync. What it missed is
+/// replayed within the connection's replay budget ([`Shard::take_replay`]); past it the join
+/// says `recovered: false`, as when the history no longer has it.
+pub fn answer_join(
+    shard: &Shard,
+    conn: &mut ConnEntry,
+    queued: &mut QueueTotal,
+    joining: &Joining,
+    members: u32,
+    since: bool,
+) {
+    let Some(position) = &joining.position else {
+        return;
+    };
+    let missed = joining
+        .missed
+        .as_deref()
+        .filter(|missed| shard.take_replay(&mut conn.limiter, missed));
+    let reply = ServerMessage::RoomJoined {
+        room: &joining.state.name,
+        members,
+        offset: position.offset,
+        epoch: &position.epoch,
+        recovered: since.then_some(missed.is_some()),
+    };
+    conn.outbound.push(reply.encode(), queued);
+    for frame in missed.into_iter().flatten() {
+        conn.outbound.push(frame.clone(), queued);
+    }
+}
+
+/// The node has synced `room` with the broker: answers this shard's joins that waited for it.
+fn complete_joins(shard: &Shard, room: &Arc<RoomState>) {
+    let mut guard = shard.state();
+    let ShardState {
+        conns,
+        rooms,
+        queued,
+        ..
+    } = &mut *guard;
+    let Some(local) = rooms.current(room) else {
+        return;
+    };
+    if local.pending.is_empty() {
+        return;
+    }
+    let history = shard.shared.rooms.history_limits();
+    let stream = room.stream();
+    let members = room.presence().total();
+    for join in std::mem::take(&mut local.pending) {
+        let joining = Joining::at(room, &stream, join.since.as_ref(), history);
+        let Some(position) = &joining.position else {
+            // Unsynced again (not possible while the room has members): the join waits on.
+            local.pending.push(join);
+            continue;
+        };
+        if local.delivered == PENDING {
+            local.delivered = position.offset;
+        }
+        if let Some(joined_at) = local.members.get_mut(&join.key) {
+            if *joined_at == PENDING {
+                *joined_at = position.offset;
+            }
+            let conn = &mut conns[join.key];
+            answer_join(shard, conn, queued, &joining, members, join.since.is_some());
+        }
+    }
 }

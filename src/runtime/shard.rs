@@ -1,8 +1,11 @@
 //! A shard: one thread's share of the gateway. It owns its connections (in a `slab`), its side of
-//! every room, a read buffer and a JSON parser that all its connections take turns using.
+//! every room, its timer wheel and a read buffer all its connections take turns using.
 //!
-//! Everything here is `!Send` and lives in one current-thread runtime, so the per-message path
-//! takes no lock: handlers borrow the shard's state, queue frames and return.
+//! Everything here is `!Send` and lives on one thread, so the per-message path takes no lock:
+//! handlers borrow the shard's state, queue frames and return. What a shard offers its driver is
+//! synchronous: adopt a connection ([`Shard::register`]), feed it bytes ([`super::input`]), take
+//! what is queued for it ([`ConnEntry::outbound`]), [`Shard::tick`], and release it
+//! ([`Shard::unregister`]).
 
 use std::cell::{Cell, Ref, RefCell, RefMut};
 use std::collections::HashMap;
@@ -17,17 +20,17 @@ use tracing::debug;
 use crate::base::client_id::ClientId;
 use crate::base::identity::Identity;
 use crate::base::time::now_ms;
-use crate::broker::Broker;
-use crate::heartbeat::{Heartbeats, Liveness};
-use crate::limits::{Charge, RateLimiter, RateLimits, Verdict};
-use crate::metrics::ShardMetrics;
-use crate::node::Node;
-use crate::outbound::{self, Outbound, QueueTotal};
-use crate::protocol::{ErrorReply, JsonParser, NodeClientId, ServerMessage};
+use crate::conn::limits::{Charge, RateLimiter, RateLimits, Verdict};
+use crate::conn::outbound::{self, Outbound, QueueTotal};
 use crate::rooms::LocalRooms;
-use crate::routing::Disconnect;
 use crate::ws::close::CloseCode;
 use crate::ws::frame;
+
+use super::entry::ConnEntry;
+use super::heartbeat::Heartbeats;
+use super::metrics::ShardMetrics;
+use super::wheel::Tick;
+use super::{App, AppId, Shared};
 
 /// Bytes read from a socket in one go. Shared by all of a shard's connections: an idle connection
 /// keeps no read buffer of its own.
@@ -36,47 +39,19 @@ const READ_BUF_SIZE: usize = 64 * 1024;
 /// The close reason sent with 1001 at shutdown.
 pub const SHUTDOWN_REASON: &str = "server shutting down";
 
-/// Which protocol a connection speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoint {
-    /// The JSON chat protocol (`/ws`, `/`).
-    Chat,
-    /// Raw echo of every message (`/echo`): the RFC 6455 conformance target.
-    Echo,
-}
-
-/// One connection's entry in the shard's slab: what other connections' handlers may touch.
-/// The socket itself and the frame decoder stay in the connection's task.
-pub struct ConnEntry {
-    pub id: ClientId,
-    pub endpoint: Endpoint,
-    /// Who is connected, from the token (shared: no copy per connection).
-    pub identity: Arc<Identity>,
-    /// The address admitted (per-IP limits), given back when the connection ends.
-    pub peer: IpAddr,
-    pub limiter: RateLimiter,
-    /// Rooms this connection is in (the other half of the room index). A boxed slice, not a
-    /// `Vec`: it changes only on join and leave, and is in every slab slot.
-    pub rooms: Box<[Arc<str>]>,
-    pub outbound: Outbound,
-    pub liveness: Liveness,
-    /// When it connected (Unix seconds), for its session record.
-    pub connected_at: u32,
-}
-
 pub struct ShardState {
     pub conns: Slab<ConnEntry>,
     pub rooms: LocalRooms,
     /// Bytes queued across all of `conns`, held against this shard's share of
     /// `max_total_queued_bytes`.
     pub queued: QueueTotal,
-    /// Each user's chat connections here, for closing them all without a scan.
+    /// Each user's addressable connections here, for closing them all without a scan.
     pub(crate) users: UserConnections,
     /// Generation of the next connection; makes client ids unique even when slab slots are reused.
     next_generation: u32,
 }
 
-/// Each user's chat connections on one shard (slab keys), found without looking at every
+/// Each user's addressable connections on one shard (slab keys), found without looking at every
 /// connection. Anonymous connections are no one's and are not listed. One map entry per user,
 /// with the usual single connection inline.
 #[derive(Default)]
@@ -135,10 +110,11 @@ impl UserConnections {
 
 pub struct Shard {
     pub index: usize,
-    pub node: Arc<Node>,
+    pub shared: Arc<Shared>,
+    /// The apps this shard's connections speak, by [`AppId`].
+    apps: Box<[Box<dyn App>]>,
     state: RefCell<ShardState>,
     read_buf: RefCell<Box<[u8]>>,
-    json: RefCell<JsonParser>,
     /// Scratch list of other shards a publication goes to, kept to avoid an allocation each time.
     pub(crate) route: RefCell<Vec<usize>>,
     heartbeats: RefCell<Heartbeats>,
@@ -152,9 +128,12 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn new(index: usize, node: Arc<Node>) -> Self {
+    /// Shard `index` of the node whose shards share `shared`, serving `apps`.
+    pub fn new(index: usize, shared: Arc<Shared>, apps: Vec<Box<dyn App>>) -> Self {
+        assert!(apps.len() <= usize::from(u8::MAX), "an AppId is a u8");
         Shard {
             index,
+            apps: apps.into_boxed_slice(),
             state: RefCell::new(ShardState {
                 conns: Slab::new(),
                 rooms: LocalRooms::default(),
@@ -163,14 +142,13 @@ impl Shard {
                 next_generation: 0,
             }),
             read_buf: RefCell::new(vec![0; READ_BUF_SIZE].into_boxed_slice()),
-            json: RefCell::new(JsonParser::default()),
             route: RefCell::new(Vec::new()),
-            heartbeats: RefCell::new(Heartbeats::new(&node.config)),
-            limits: RateLimits::new(&node.config),
-            queue_budget: node.config.max_total_queued_bytes / node.shards(),
+            heartbeats: RefCell::new(Heartbeats::new(&shared.config)),
+            limits: RateLimits::new(&shared.config),
+            queue_budget: shared.config.max_total_queued_bytes / shared.shards(),
             started: std::time::Instant::now(),
             turn_clock_ms: Cell::new(0),
-            node,
+            shared,
         }
     }
 
@@ -180,6 +158,16 @@ impl Shard {
 
     pub fn state_ref(&self) -> Ref<'_, ShardState> {
         self.state.borrow()
+    }
+
+    /// The app `id` names.
+    pub fn app(&self, id: AppId) -> &dyn App {
+        &*self.apps[usize::from(id.0)]
+    }
+
+    /// Whether connections of app `id` are addressable (see [`App::addressable`]).
+    pub fn addressable(&self, id: AppId) -> bool {
+        self.app(id).addressable()
     }
 
     pub fn heartbeats(&self) -> RefMut<'_, Heartbeats> {
@@ -194,6 +182,34 @@ impl Shard {
         }
     }
 
+    /// The heartbeat's tick: how often the driver calls [`Shard::tick`].
+    pub fn tick_interval(&self) -> std::time::Duration {
+        self.heartbeats.borrow().tick()
+    }
+
+    /// The heartbeat's turn at tick `now`: pings the idle, closes the silent and the expired
+    /// (counted), and refreshes the shard's queued-bytes gauge.
+    pub fn tick(&self, now: Tick) {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        self.shared.queued_bytes[self.index].store(state.queued.bytes(), Ordering::Relaxed);
+        let closed =
+            self.heartbeats
+                .borrow_mut()
+                .on_tick(now, &mut state.conns, &mut state.queued, |app| {
+                    self.app(app).ping()
+                });
+        let counters = &self.shared.counters;
+        if closed.expired_tokens > 0 {
+            let expired = &counters.tokens_expired;
+            expired.fetch_add(closed.expired_tokens, Ordering::Relaxed);
+        }
+        if closed.timed_out > 0 {
+            let timeouts = &counters.heartbeat_timeouts;
+            timeouts.fetch_add(closed.timed_out, Ordering::Relaxed);
+        }
+    }
+
     pub fn read_buf(&self) -> RefMut<'_, Box<[u8]>> {
         self.read_buf.borrow_mut()
     }
@@ -203,118 +219,76 @@ impl Shard {
         &self.read_buf
     }
 
-    pub fn json(&self) -> RefMut<'_, JsonParser> {
-        self.json.borrow_mut()
-    }
-
-    /// Adds a connection admitted for `peer`; chat clients are greeted with their id.
-    pub fn register(&self, endpoint: Endpoint, identity: Arc<Identity>, peer: IpAddr) -> usize {
-        let mut guard = self.state();
-        let state = &mut *guard;
-        let generation = state.next_generation;
-        state.next_generation = generation.wrapping_add(1);
-        let entry = state.conns.vacant_entry();
-        let id = ClientId {
-            shard: self.index as u16,
-            key: entry.key() as u32,
-            generation,
-        };
-        let mut conn = ConnEntry {
-            id,
-            endpoint,
-            liveness: self
-                .heartbeats()
-                .watch(entry.key(), generation, identity.expires_at),
-            identity,
-            peer,
-            limiter: RateLimiter::new(&self.limits, self.clock_ms()),
-            rooms: Box::default(),
-            outbound: Outbound::default(),
-            connected_at: (now_ms() / 1000) as u32,
-        };
-        if endpoint == Endpoint::Chat {
-            if !Arc::ptr_eq(&conn.identity, &self.node.anonymous) {
-                state.users.insert(&conn.identity.user_id, entry.key());
-            }
-            self.session_opened(&conn);
-            let hello = ServerMessage::Connected {
-                client_id: NodeClientId {
-                    node: &self.node.id,
-                    id,
-                },
-                timestamp: now_ms(),
+    /// Adopts a connection admitted for `peer` that speaks `app`, and lets the app greet it.
+    pub fn register(&self, app: AppId, identity: Arc<Identity>, peer: IpAddr) -> usize {
+        let key = {
+            let mut guard = self.state();
+            let state = &mut *guard;
+            let generation = state.next_generation;
+            state.next_generation = generation.wrapping_add(1);
+            let entry = state.conns.vacant_entry();
+            let id = ClientId {
+                shard: self.index as u16,
+                key: entry.key() as u32,
+                generation,
             };
-            conn.outbound.push(hello.encode(), &mut state.queued);
-        }
-        if self.node.is_draining() {
+            if self.addressable(app) && !self.shared.is_anonymous(&identity) {
+                state.users.insert(&identity.user_id, entry.key());
+            }
+            let key = entry.key();
+            entry.insert(ConnEntry {
+                id,
+                app,
+                liveness: self
+                    .heartbeats
+                    .borrow_mut()
+                    .watch(key, generation, identity.expires_at),
+                identity,
+                peer,
+                limiter: RateLimiter::new(&self.limits, self.clock_ms()),
+                rooms: Box::default(),
+                outbound: Outbound::default(),
+                connected_at: (now_ms() / 1000) as u32,
+            });
+            key
+        };
+        self.app(app).opened(self, key);
+        if self.shared.is_draining() {
             // Upgraded just as shutdown began: greet, then close at once.
-            let close = frame::encode_close(CloseCode::GOING_AWAY, SHUTDOWN_REASON);
-            conn.outbound.push_close(close, &mut state.queued);
+            self.close(key, CloseCode::GOING_AWAY, SHUTDOWN_REASON);
         }
-        let key = entry.key();
-        entry.insert(conn);
-        self.node.connections[self.index].fetch_add(1, Ordering::Relaxed);
+        self.shared.connections[self.index].fetch_add(1, Ordering::Relaxed);
         self.metrics().accepted.add(1);
         key
     }
 
     /// This shard's own metrics (written by this thread only).
     pub fn metrics(&self) -> &ShardMetrics {
-        &self.node.metrics[self.index]
+        &self.shared.metrics[self.index]
     }
 
-    /// The id clients see: with the node's name.
-    pub fn client_id(&self, id: ClientId) -> String {
-        NodeClientId {
-            node: &self.node.id,
-            id,
-        }
-        .to_string()
-    }
-
-    /// Records a chat connection's session in Redis (with the Redis broker).
-    fn session_opened(&self, conn: &ConnEntry) {
-        if let Broker::Redis(redis) = &self.node.broker {
-            let connected_at = u64::from(conn.connected_at) * 1000;
-            redis.session_opened(
-                self.client_id(conn.id),
-                &conn.identity.user_id,
-                connected_at,
-            );
-        }
-    }
-
-    /// Closes every chat connection of a user (anonymous connections are no one's), after what
-    /// each has queued.
-    pub fn disconnect_user(&self, disconnect: &Disconnect) {
-        let close = frame::encode_close(CloseCode(disconnect.code), &disconnect.reason);
+    /// Closes every addressable connection of `user` (anonymous connections are no one's) with
+    /// `code` and `reason`, after what each has queued.
+    pub fn disconnect_user(&self, user: &str, code: CloseCode, reason: &str) {
+        let close = frame::encode_close(code, reason);
         let mut guard = self.state();
         let state = &mut *guard;
         let mut closed = 0;
-        for &key in state.users.of(&disconnect.user) {
+        for &key in state.users.of(user) {
             let conn = &mut state.conns[key as usize];
             if !conn.outbound.is_closing() {
                 conn.outbound.push_close(close.clone(), &mut state.queued);
                 closed += 1;
             }
         }
-        self.node
+        self.shared
             .counters
             .users_disconnected
             .fetch_add(closed, Ordering::Relaxed);
     }
 
-    /// Records every chat connection's session again (Redis lost them, or was away).
-    pub fn resend_sessions(&self) {
-        let state = self.state_ref();
-        for (_, conn) in state.conns.iter() {
-            if conn.endpoint == Endpoint::Chat {
-                self.session_opened(conn);
-            }
-        }
-    }
-
-    /// Removes a connection whose task has ended, and gives back its admission.
+    /// Removes a connection whose driver is done with it, gives back its admission, and tells
+    /// its app.
     pub fn unregister(&self, key: usize) {
         let mut guard = self.state();
         let state = &mut *guard;
@@ -322,18 +296,14 @@ impl Shard {
         if let Some(mut conn) = removed {
             self.metrics().closed(conn.outbound.close_code());
             conn.outbound.clear(&mut state.queued);
-            if conn.endpoint == Endpoint::Chat {
+            if self.addressable(conn.app) {
                 state.users.remove(&conn.identity.user_id, key);
             }
             drop(guard);
-            if let Broker::Redis(redis) = &self.node.broker
-                && conn.endpoint == Endpoint::Chat
-            {
-                redis.session_closed(self.client_id(conn.id));
-            }
-            self.node.connections[self.index].fetch_sub(1, Ordering::Relaxed);
-            self.node.admission.release_upgrade();
-            self.node.admission.release_socket(conn.peer);
+            self.app(conn.app).closed(self, &conn);
+            self.shared.connections[self.index].fetch_sub(1, Ordering::Relaxed);
+            self.shared.admission.release_upgrade();
+            self.shared.admission.release_socket(conn.peer);
         }
     }
 
@@ -346,7 +316,7 @@ impl Shard {
             .limiter
             .check(&self.limits, charge, now);
         if verdict != Verdict::Allow {
-            let counters = &self.node.counters;
+            let counters = &self.shared.counters;
             let counter = match charge {
                 Charge::Frame => &counters.frames_rate_limited,
                 _ => &counters.rate_limited,
@@ -364,7 +334,7 @@ impl Shard {
         let now = self.turn_clock_ms.get();
         let taken = limiter.take_replay(&self.limits, bytes, now);
         if !taken {
-            self.node
+            self.shared
                 .counters
                 .replays_refused
                 .fetch_add(1, Ordering::Relaxed);
@@ -375,7 +345,7 @@ impl Shard {
     /// Closes a connection that kept flooding past its strikes: 1008 "rate limit exceeded".
     pub fn close_flooder(&self, key: usize) {
         debug!(key, "closing (1008): rate limit exceeded");
-        self.node
+        self.shared
             .counters
             .flood_closed
             .fetch_add(1, Ordering::Relaxed);
@@ -387,7 +357,7 @@ impl Shard {
     pub fn backlogged(&self, key: usize) -> bool {
         let state = self.state();
         let out = &state.conns[key].outbound;
-        out.queued_bytes() > self.node.config.max_queued_bytes
+        out.queued_bytes() > self.shared.config.max_queued_bytes
             || (out.stale_bytes() > 0 && state.queued.over(self.queue_budget))
     }
 
@@ -413,7 +383,7 @@ impl Shard {
 
     /// Connections of this shard still open (or closing).
     pub fn connection_count(&self) -> usize {
-        self.node.connections[self.index].load(Ordering::Relaxed)
+        self.shared.connections[self.index].load(Ordering::Relaxed)
     }
 
     /// Queues a frame for one connection.
@@ -447,9 +417,5 @@ impl Shard {
     /// Whether the connection has queued its close frame (nothing more is read or handled).
     pub fn is_closing(&self, key: usize) -> bool {
         self.state().conns[key].outbound.is_closing()
-    }
-
-    pub fn send_error(&self, key: usize, error: ErrorReply<'_>) {
-        self.send(key, ServerMessage::Error { error }.encode());
     }
 }

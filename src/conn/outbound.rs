@@ -19,8 +19,6 @@ use std::task::Waker;
 
 use bytes::{Buf, Bytes};
 
-use crate::protocol::ServerMessage;
-
 /// What a queued frame costs beyond its bytes: a queue slot (a 40-byte entry in a `VecDeque`
 /// that grows by doubling) and the frame's allocation. Charged to every frame, so the queue
 /// bound is a bound on memory rather than on wire bytes.
@@ -28,6 +26,15 @@ pub const ITEM_OVERHEAD: usize = 64;
 
 /// Pongs a queue holds before newer ones replace the last (each at most 127 bytes).
 pub const MAX_QUEUED_PONGS: u16 = 16;
+
+/// What a write took off a queue.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Advanced {
+    /// Frames completed.
+    pub frames: u64,
+    /// Broadcasts dropped for the reader since it last caught up (0 unless it just did).
+    pub dropped: u64,
+}
 
 /// What a frame costs its queue.
 pub fn cost(frame: &Bytes) -> usize {
@@ -290,8 +297,10 @@ impl Outbound {
         n
     }
 
-    /// Drops `written` bytes from the front of the queue; returns how many frames they completed.
-    pub fn advance(&mut self, mut written: usize, total: &mut QueueTotal) -> u64 {
+    /// Drops `written` bytes from the front of the queue; returns how many frames they completed,
+    /// and, once the queue is caught up, how many broadcasts were dropped for it on the way (for
+    /// the reader to be told).
+    pub fn advance(&mut self, mut written: usize, total: &mut QueueTotal) -> Advanced {
         let (mut freed, mut frames) = (0, 0);
         while let Some(front) = self.head.as_mut() {
             if front.len() > written {
@@ -309,15 +318,14 @@ impl Outbound {
         self.queued -= freed as u32;
         self.stale = self.stale.saturating_sub(freed as u32);
         total.sub(freed);
-        if self.head.is_none() {
-            // Caught up: give a burst's queue back (an idle connection keeps no allocation), and
-            // tell the reader what it missed.
-            let dropped = self.backlog.take().map_or(0, |b| b.dropped);
-            if dropped > 0 {
-                self.push(ServerMessage::Dropped { count: dropped }.encode(), total);
-            }
-        }
-        frames
+        // Caught up: give a burst's queue back (an idle connection keeps no allocation), and
+        // say what the reader missed.
+        let dropped = if self.head.is_none() {
+            self.backlog.take().map_or(0, |b| b.dropped)
+        } else {
+            0
+        };
+        Advanced { frames, dropped }
     }
 
     /// Who to wake when a frame arrives in an empty queue.
@@ -410,7 +418,11 @@ mod tests {
         out.push(frame(3), &mut total);
         assert_eq!(out.close_code(), Some(1008));
         assert_eq!(pending(&out), vec![slow.to_vec()]);
-        assert_eq!(out.advance(slow.len(), &mut total), 1, "one frame written");
+        assert_eq!(
+            out.advance(slow.len(), &mut total).frames,
+            1,
+            "one frame written"
+        );
     }
 
     #[test]
@@ -495,10 +507,15 @@ mod tests {
         out.advance(210, &mut total);
         out.note_dropped(70_000);
         assert_eq!(dropped(&out), 70_001);
-        out.advance(300, &mut total);
-        let notice = pending(&out);
-        assert_eq!(notice.len(), 1);
-        assert_eq!(&notice[0][2..], br#"{"type":"dropped","count":70001}"#);
+        let advanced = out.advance(300, &mut total);
+        assert_eq!(
+            advanced,
+            Advanced {
+                frames: 1,
+                dropped: 70_001
+            }
+        );
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! the one encoded frame to the shards with members. A room message goes through the room's
 //! stream lock, which gives it its offset and hands it to every shard with members in that order.
 
+pub mod presence;
+pub mod stream;
+
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -17,8 +20,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use indexmap::IndexMap;
 
-use crate::presence::Presence;
-use crate::stream::{HistoryLimits, Position, Stream};
+use crate::rooms::presence::Presence;
+use crate::rooms::stream::{HistoryLimits, Position, Stream};
 
 pub const MAX_ROOM_NAME_LEN: usize = 64;
 
@@ -28,6 +31,15 @@ pub fn is_valid_room_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// Who a publication is for.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// Every addressable connection (the chat protocol's clients).
+    All,
+    /// Every member of a room.
+    Room(Arc<str>),
 }
 
 /// A room across the whole process: its members, counted per shard, and its stream.

@@ -1,8 +1,8 @@
-//! One WebSocket connection's task: read into the shard's buffer, decode frames in place, hand
-//! messages to the endpoint, and write whatever is queued for the connection in vectored writes.
+//! One WebSocket connection's task: read into the shard's buffer, hand the bytes to the
+//! connection's [`Input`], and write whatever is queued for the connection in vectored writes.
 //!
-//! The task owns only the socket, the frame decoder and the bytes of a frame cut off at the end
-//! of a read; everything other connections may touch lives in the shard's slab entry.
+//! The task owns only the socket and the connection's input; everything other connections may
+//! touch lives in the shard's slab entry.
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
@@ -10,7 +10,6 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -18,52 +17,30 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use crate::base::identity::Identity;
-use crate::chat;
-use crate::limits::{Charge, Verdict};
-use crate::protocol::ErrorReply;
-use crate::shard::{Endpoint, Shard};
 use crate::transport::Stream;
-use crate::ws::close::{CloseCode, CloseFrame, FrameError};
-use crate::ws::frame::{self, Decoded, Decoder, Event, OpCode};
+use crate::ws::frame;
+
+use crate::runtime::AppId;
+use crate::runtime::input::{End, Input};
+use crate::runtime::shard::Shard;
 
 /// Reads handled per turn before the task yields, so one busy client cannot hog the shard.
 const READS_PER_POLL: usize = 16;
-/// Frames handled per turn before the task yields: with tiny frames, even one read holds
-/// thousands (a 64 KiB read of empty frames is ~10,000).
-const FRAMES_PER_TURN: u32 = 512;
 /// Bytes a connection we are closing may still send while we wait for its close frame; a peer
 /// that keeps streaming past them is hung up on.
 const CLOSE_DRAIN_LIMIT: usize = 256 * 1024;
 /// Frames gathered into one vectored write.
 const SLICES_PER_WRITE: usize = 64;
 
-/// How the open phase of a connection ended.
-enum End {
-    /// The peer's close frame arrived and our answer is queued: send it, then hang up.
-    PeerClosed,
-    /// Our close frame went first (bad frames, slow consumer): send it, then wait for the peer's.
-    ServerClosed,
-    /// The socket hit EOF or an error: nothing more can be sent.
-    Gone,
-}
-
 struct Connection {
     shard: Rc<Shard>,
     key: usize,
-    endpoint: Endpoint,
     stream: Stream,
-    decoder: Decoder,
-    /// Bytes read but not yet decoded: an incomplete frame left at the end of a read, or the rest
-    /// of a read whose decoding paused (empty, unallocated, when idle).
-    leftover: Vec<u8>,
-    /// `leftover` may hold whole frames: decoding paused before its end.
-    paused: bool,
-    /// Frames this turn may still handle.
-    turn_frames: u32,
+    input: Input,
 }
 
-/// Runs a freshly upgraded connection to the end. `preread` is what the HTTP layer read past the
-/// handshake: it belongs to the first frames.
+/// Runs a freshly upgraded connection that speaks `app` to the end. `preread` is what the HTTP
+/// layer read past the handshake: it belongs to the first frames.
 ///
 /// Set-up is synchronous so the returned future holds only the `Connection`: its size is part of
 /// every idle connection's memory.
@@ -71,22 +48,19 @@ pub fn serve(
     shard: Rc<Shard>,
     stream: Stream,
     preread: Bytes,
-    endpoint: Endpoint,
+    app: AppId,
     identity: Arc<Identity>,
     peer: IpAddr,
 ) -> impl Future<Output = ()> {
-    let key = shard.register(endpoint, identity, peer);
+    let key = shard.register(app, identity, peer);
+    // `preread` is a view into hyper's 8 KiB read buffer: copy out the few bytes it holds so
+    // that buffer is freed now, not when the connection ends.
+    let input = Input::new(app, shard.shared.config.max_message_size, preread.to_vec());
     Connection {
-        decoder: Decoder::new(shard.node.config.max_message_size),
         shard,
         key,
-        endpoint,
         stream,
-        // `preread` is a view into hyper's 8 KiB read buffer: copy out the few bytes it holds so
-        // that buffer is freed now, not when the connection ends.
-        leftover: preread.to_vec(),
-        paused: false,
-        turn_frames: FRAMES_PER_TURN,
+        input,
     }
     .run()
 }
@@ -101,12 +75,13 @@ impl Connection {
     fn run(mut self) -> impl Future<Output = ()> {
         async move {
             self.shard.start_turn();
-            let end = match self.process_leftover() {
+            let end = match self.input.process_leftover(&self.shard, self.key) {
                 Ok(()) => poll_fn(|cx| self.poll_open(cx)).await,
                 Err(end) => end,
             };
-            // Rooms first, so members hear of the departure without waiting for the handshake.
-            self.leave_rooms();
+            // What it takes part in ends first, so rooms' members hear of the departure without
+            // waiting for the handshake.
+            self.closing();
             if !matches!(end, End::Gone) {
                 // Boxed: the close handshake's timers would otherwise double the size of every
                 // idle connection's task, though only closing connections need them.
@@ -116,16 +91,16 @@ impl Connection {
         }
     }
 
-    fn leave_rooms(&self) {
-        if self.endpoint == Endpoint::Chat {
-            chat::leave_all_rooms(&self.shard, self.key);
-        }
+    fn closing(&self) {
+        self.shard
+            .app(self.input.app)
+            .closing(&self.shard, self.key);
     }
 
     fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<End> {
         self.shard.state().conns[self.key].outbound.clear_waker();
         self.shard.start_turn();
-        self.turn_frames = FRAMES_PER_TURN;
+        self.input.start_turn();
         for _ in 0..READS_PER_POLL {
             let backlogged = match self.poll_flush(cx) {
                 Poll::Ready(Ok(())) => false,
@@ -144,11 +119,11 @@ impl Connection {
                 // socket's write readiness wakes the task.
                 return self.park(cx);
             }
-            if self.turn_frames == 0 {
+            if self.input.turn_spent() {
                 break;
             }
-            if self.paused {
-                if let Err(end) = self.process_leftover() {
+            if self.input.is_paused() {
+                if let Err(end) = self.input.process_leftover(&self.shard, self.key) {
                     return Poll::Ready(end);
                 }
                 continue;
@@ -194,9 +169,16 @@ impl Connection {
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            let frames = outbound.advance(written, &mut state.queued);
+            let advanced = outbound.advance(written, &mut state.queued);
+            if advanced.dropped > 0 {
+                // Caught up after broadcasts were dropped for it: its app says so, if it can.
+                let notice = self.shard.app(self.input.app).dropped(advanced.dropped);
+                if let Some(notice) = notice {
+                    outbound.push(notice, &mut state.queued);
+                }
+            }
             let metrics = self.shard.metrics();
-            metrics.frames_sent.add(frames);
+            metrics.frames_sent.add(advanced.frames);
             metrics.bytes_sent.add(written as u64);
         }
         // TLS may hold records the socket did not take yet (a no-op on plain TCP).
@@ -206,188 +188,13 @@ impl Connection {
     /// One read from the socket, and the frames it completes.
     fn read(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), End>> {
         let shard = self.shard.clone();
-        let mut buf = shard.read_buf();
-        let n = match self.stream.poll_read_into(cx, &mut buf) {
+        let read = self.stream.poll_read_into(cx, &mut shard.read_buf());
+        let n = match read {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(End::Gone)),
             Poll::Ready(Ok(n)) => n,
         };
-        shard.metrics().bytes_received.add(n as u64);
-        Poll::Ready(if self.leftover.is_empty() {
-            // The common case: frames are decoded straight out of the shared buffer, and only
-            // an incomplete frame (or what a paused decoding left) is kept.
-            self.decode_frames(&mut buf[..n]).map(|consumed| {
-                self.keep_undecoded(&buf[consumed..n]);
-            })
-        } else {
-            drop(buf);
-            self.keep_undecoded(&shard.read_buf()[..n]);
-            self.process_leftover()
-        })
-    }
-
-    /// Appends to `leftover`, growing it to what the incomplete frame at its front needs (its
-    /// header says how much) rather than by doubling: a frame trickled in byte by byte costs its
-    /// own size, not twice that.
-    fn keep_undecoded(&mut self, bytes: &[u8]) {
-        let needed = self.leftover.len() + bytes.len();
-        if needed > self.leftover.capacity() {
-            let mut head = [0u8; frame::MAX_CLIENT_HEADER_LEN];
-            let known = self.leftover.len().min(head.len());
-            head[..known].copy_from_slice(&self.leftover[..known]);
-            let more = (head.len() - known).min(bytes.len());
-            head[known..known + more].copy_from_slice(&bytes[..more]);
-            // What the frame's header declares, if the decoder would take it: a header that
-            // claims more than the message size limit earns no reservation (the decoder refuses
-            // it as soon as it is whole).
-            let frame = self
-                .decoder
-                .incomplete_frame_len(&head[..known + more])
-                .unwrap_or(0);
-            self.leftover
-                .reserve_exact(needed.max(frame) - self.leftover.len());
-        }
-        self.leftover.extend_from_slice(bytes);
-    }
-
-    /// Decodes what has collected in `leftover`, keeping what is left undecoded.
-    fn process_leftover(&mut self) -> Result<(), End> {
-        self.paused = false;
-        if self.leftover.is_empty() {
-            return Ok(());
-        }
-        let mut pending = std::mem::take(&mut self.leftover);
-        let consumed = self.decode_frames(&mut pending)?;
-        let rest = pending.len() - consumed;
-        if rest > 0 && pending.capacity() > 4 * rest + 4096 {
-            // A small rest in a big buffer (a large frame just completed): a buffer of its own
-            // size, so an idle connection does not keep the big one.
-            self.keep_undecoded(&pending[consumed..]);
-        } else if rest > 0 {
-            // Otherwise the same buffer: a frame arriving over many reads is not copied anew
-            // each time.
-            pending.drain(..consumed);
-            self.leftover = pending;
-        }
-        Ok(())
-    }
-
-    /// Decodes and handles the whole frames at the front of `buf`; returns the bytes consumed.
-    /// Stops early (setting `paused`) when the turn's frame budget is spent or the connection's
-    /// queue is past its bound: the rest waits in `leftover`.
-    fn decode_frames(&mut self, buf: &mut [u8]) -> Result<usize, End> {
-        let mut pos = 0;
-        let mut heard = false;
-        loop {
-            if self.turn_frames == 0 || self.shard.backlogged(self.key) {
-                self.paused = pos < buf.len();
-                return Ok(pos);
-            }
-            let (consumed, event) = match self.decoder.decode(&mut buf[pos..]) {
-                Ok(Decoded::Incomplete) => return Ok(pos),
-                Ok(Decoded::Frame { consumed, event }) => (consumed, event),
-                Err(error) => return Err(self.fail(error)),
-            };
-            pos += consumed;
-            self.turn_frames -= 1;
-            if !heard {
-                // A whole frame is what answers a ping: bytes of one that never ends are not.
-                self.shard.seen(self.key);
-                heard = true;
-            }
-            // Every frame costs: a flood of empty pings, pongs or fragments is a flood.
-            let within_rate = match self.shard.charge(self.key, Charge::Frame) {
-                Verdict::Allow => true,
-                Verdict::Refuse => false,
-                Verdict::Close => return Err(self.flooded()),
-            };
-            match event {
-                Event::Message { text, mut payload } => {
-                    self.shard.metrics().messages_received.add(1);
-                    let handled = if within_rate {
-                        self.on_message(text, payload.as_mut_slice())
-                    } else {
-                        self.refuse_message()
-                    };
-                    handled?;
-                }
-                // Over the frame rate, a ping goes unanswered.
-                Event::Ping(data) if within_rate => self
-                    .shard
-                    .send_pong(self.key, frame::encode(OpCode::Pong, data)),
-                Event::Ping(_) | Event::Pong | Event::Fragment => {}
-                Event::Close(frame) => {
-                    // Answer with the peer's code, as RFC 6455 §5.5.1 suggests.
-                    let code = frame.map_or(CloseCode::NORMAL, |CloseFrame { code, .. }| code);
-                    self.shard.close(self.key, code, "");
-                    return Err(End::PeerClosed);
-                }
-            }
-        }
-    }
-
-    /// Hands a complete message to the endpoint, within the connection's byte and message rates.
-    fn on_message(&mut self, text: bool, payload: &mut [u8]) -> Result<(), End> {
-        match self.shard.charge(self.key, Charge::Bytes(payload.len())) {
-            Verdict::Allow => {}
-            Verdict::Refuse => return self.refused(),
-            Verdict::Close => return Err(self.flooded()),
-        }
-        match self.endpoint {
-            Endpoint::Chat if text => chat::on_text(&self.shard, self.key, payload),
-            Endpoint::Chat => {
-                self.shard
-                    .send_error(self.key, ErrorReply::BinaryNotSupported);
-            }
-            Endpoint::Echo => match self.shard.charge(self.key, Charge::Message) {
-                Verdict::Allow => {
-                    let opcode = if text { OpCode::Text } else { OpCode::Binary };
-                    self.shard.send(self.key, frame::encode(opcode, payload));
-                }
-                Verdict::Refuse => return self.refused(),
-                Verdict::Close => return Err(self.flooded()),
-            },
-        }
-        if self.shard.is_closing(self.key) {
-            // The handler closed the connection (a flood of refused messages): read no further.
-            return Err(End::ServerClosed);
-        }
-        Ok(())
-    }
-
-    /// A data message over the frame rate: refused like one over the message rate.
-    fn refuse_message(&mut self) -> Result<(), End> {
-        self.shard
-            .node
-            .counters
-            .rate_limited
-            .fetch_add(1, Ordering::Relaxed);
-        self.refused()
-    }
-
-    /// Answers a refused message: an error on the chat protocol; echo has no way to say it, so
-    /// the message is not echoed (and counted).
-    fn refused(&mut self) -> Result<(), End> {
-        if self.endpoint == Endpoint::Chat {
-            self.shard.send_error(self.key, ErrorReply::RateLimited);
-        }
-        Ok(())
-    }
-
-    fn flooded(&mut self) -> End {
-        self.shard.close_flooder(self.key);
-        End::ServerClosed
-    }
-
-    fn fail(&mut self, error: FrameError) -> End {
-        debug!(
-            code = error.code.0,
-            reason = error.reason,
-            "closing a connection for bad frames"
-        );
-        self.shard.node.counters.frame_error(error.code);
-        self.shard.close(self.key, error.code, error.reason);
-        End::ServerClosed
+        Poll::Ready(self.input.take_read(&shard, self.key, n))
     }
 
     /// Finishes the close handshake within `close_timeout`: send what is queued (our close frame
@@ -395,7 +202,7 @@ impl Connection {
     /// hang-up) before dropping the socket, since closing a socket with unread input sends a
     /// reset that can destroy our close frame before the peer reads it.
     async fn close(&mut self, end: End) {
-        let deadline = tokio::time::Instant::now() + self.shard.node.config.close_timeout;
+        let deadline = tokio::time::Instant::now() + self.shard.shared.config.close_timeout;
         let flushed = tokio::time::timeout_at(deadline, poll_fn(|cx| self.poll_flush(cx))).await;
         if !matches!(flushed, Ok(Ok(()))) {
             return;
@@ -411,7 +218,7 @@ impl Connection {
     /// meanwhile: payloads are counted off as they pass, never kept.
     async fn await_peer_close(&mut self) {
         let mut drain = CloseDrain {
-            header: std::mem::take(&mut self.leftover),
+            header: self.input.take_leftover(),
             to_skip: 0,
             drained: 0,
         };
@@ -476,10 +283,10 @@ impl CloseDrain {
 }
 
 /// However the task ends (normally, by a panic in a handler, or dropped at shutdown), the
-/// connection leaves its rooms and its slab slot.
+/// connection's app is told and the connection leaves its slab slot.
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.leave_rooms();
+        self.closing();
         self.shard.unregister(self.key);
     }
 }

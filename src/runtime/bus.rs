@@ -11,13 +11,37 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::outbound;
-use crate::routing::Delivery;
+use bytes::Bytes;
+
+use crate::conn::outbound;
+
+use super::shard::Shard;
 
 /// Publications taken from an inbox in one go, at most.
 const BATCH_PUBLICATIONS: usize = 64;
 /// Frame bytes taken from an inbox in one go, at most (one publication may exceed it alone).
 pub const BATCH_BYTES: usize = 256 * 1024;
+
+/// Work for a shard, handed over the bus: a publication to deliver to its recipients there, a
+/// reply for one of its connections, an order to close a user's connections, …
+pub trait Work: Send + Sync {
+    /// The frame it queues (the same `Bytes` for every recipient), or [`NO_FRAME`].
+    fn frame(&self) -> &Bytes;
+
+    /// Whether it is a publication, timed in the delivery latency metric.
+    fn is_publication(&self) -> bool {
+        false
+    }
+
+    /// Carries it out on `shard`.
+    fn run(&self, shard: &Shard);
+}
+
+/// The frame of work that queues none.
+pub static NO_FRAME: Bytes = Bytes::new();
+
+/// What travels to a shard over the bus: one allocation, shared by every shard it goes to.
+pub type Delivery = Arc<dyn Work>;
 
 /// What a waiting delivery is charged against its inbox: its frame as queued, plus the
 /// publication or stream message around it.
@@ -96,7 +120,7 @@ impl Bus {
 }
 
 impl Bus {
-    /// Hands `publication` to each shard in `shards` for delivery there. Returns how many of them
+    /// Hands `delivery` to each shard in `shards` to run there. Returns how many of them
     /// it could not be handed to (their inboxes were full), for the caller to count.
     pub fn send(&self, shards: &[usize], delivery: Delivery) -> usize {
         let cost = cost(&delivery);
@@ -144,18 +168,21 @@ impl Bus {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
-    use crate::routing::Publication;
 
-    fn publication(len: usize) -> Delivery {
-        Delivery::Publication(Arc::new(Publication::to_room(
-            "r".into(),
-            Bytes::from(vec![0; len]),
-        )))
+    struct Frame(Bytes);
+
+    impl Work for Frame {
+        fn frame(&self) -> &Bytes {
+            &self.0
+        }
+
+        fn run(&self, _: &Shard) {}
     }
 
+    fn publication(len: usize) -> Delivery {
+        Arc::new(Frame(Bytes::from(vec![0; len])))
+    }
     #[tokio::test]
     async fn a_full_inbox_refuses_and_batches_are_bounded() {
         let one = cost(&publication(1000));

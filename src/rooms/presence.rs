@@ -17,6 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+/// A room's presence as the broker holds it: per live node, its last change number and its
+/// entries.
+pub type NodesPresence = Vec<(Arc<str>, u64, Vec<Entry>)>;
+
 /// The most connections one node may report for one user in one room: more is not a real count
 /// (a malformed record from Redis), and is refused.
 pub const MAX_CONNS: u32 = 1 << 24;

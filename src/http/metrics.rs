@@ -1,109 +1,20 @@
 //! Prometheus metrics: `GET /metrics`, in the OpenMetrics text format, names under `wsgate_`.
 //!
-//! The hot path takes no lock and no shared atomic: each shard owns its [`ShardMetrics`] (one
-//! cache-line-aligned block per shard, written by that shard's thread only, so an increment is a
-//! plain load and store), and a scrape reads and sums them. Refusals and forced closes, which
-//! are rare, stay in the node's [`Counters`](crate::node::Counters).
+//! A scrape reads and sums each shard's [`ShardMetrics`] (written by its shard alone, with no
+//! lock: see [`crate::runtime::metrics`]) and the node's
+//! [`Counters`](crate::runtime::counters::Counters) of refusals and forced closes.
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::broker::Broker;
-use crate::node::Node;
-
-/// A counter written by one thread only (its shard's): adding is a load and a store, with no
-/// locked instruction; a scrape from another thread reads a recent value.
-#[derive(Default)]
-pub struct LocalCounter(AtomicU64);
-
-impl LocalCounter {
-    pub fn add(&self, n: u64) {
-        self.0.store(
-            self.0.load(Ordering::Relaxed).wrapping_add(n),
-            Ordering::Relaxed,
-        );
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// Upper bounds (seconds) of the latency histogram's buckets; a last one takes the rest.
-pub const LATENCY_BUCKETS: [f64; 14] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
-
-/// A latency histogram written by one thread only (see [`LocalCounter`]).
-#[derive(Default)]
-pub struct LocalHistogram {
-    /// Per bucket (not cumulative), the last one past every bound.
-    buckets: [LocalCounter; LATENCY_BUCKETS.len() + 1],
-    sum_nanos: LocalCounter,
-}
-
-impl LocalHistogram {
-    pub fn observe(&self, latency: Duration) {
-        let seconds = latency.as_secs_f64();
-        let bucket = LATENCY_BUCKETS
-            .iter()
-            .position(|&bound| seconds <= bound)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.buckets[bucket].add(1);
-        self.sum_nanos
-            .add(latency.as_nanos().min(u128::from(u64::MAX)) as u64);
-    }
-}
-
-/// Close codes counted by value; other application codes are counted as `4xxx`, anything else
-/// as `other`, and a connection that ended without a close frame (the peer vanished) as `none`.
-const CLOSE_CODES: [u16; 9] = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 4001];
-const CLOSE_LABELS: [&str; CLOSE_CODES.len() + 3] = [
-    "1000", "1001", "1002", "1003", "1007", "1008", "1009", "1011", "4001", "4xxx", "other", "none",
-];
-
-/// What one shard counts per message, connection and delivery.
-#[derive(Default)]
-#[repr(align(128))]
-pub struct ShardMetrics {
-    /// WebSocket connections opened.
-    pub accepted: LocalCounter,
-    /// Data messages received (after reassembly), and bytes read from sockets.
-    pub messages_received: LocalCounter,
-    pub bytes_received: LocalCounter,
-    /// Frames written to sockets (every kind), and bytes written.
-    pub frames_sent: LocalCounter,
-    pub bytes_sent: LocalCounter,
-    /// Publication frames queued to recipients (one per recipient).
-    pub deliveries: LocalCounter,
-    /// From a publication entering the bus to its frame queued to this shard's recipients.
-    pub delivery_latency: LocalHistogram,
-    closed: [LocalCounter; CLOSE_LABELS.len()],
-}
-
-impl ShardMetrics {
-    /// A connection ended; `code` is the close code of the close frame it was sent, if any.
-    pub fn closed(&self, code: Option<u16>) {
-        let at = match code {
-            None => CLOSE_LABELS.len() - 1,
-            Some(code) => CLOSE_CODES.iter().position(|&c| c == code).unwrap_or(
-                if (4000..=4999).contains(&code) {
-                    CLOSE_CODES.len()
-                } else {
-                    CLOSE_CODES.len() + 1
-                },
-            ),
-        };
-        self.closed[at].add(1);
-    }
-}
+use super::Edge;
+use crate::runtime::metrics::{CLOSE_LABELS, LATENCY_BUCKETS, LocalCounter, ShardMetrics};
 
 /// Node counters that refuse a connection before it is a WebSocket: one family, by reason.
 const HANDSHAKE_REFUSALS: [(&str, &str); 8] = [
@@ -121,7 +32,7 @@ const HANDSHAKE_REFUSALS: [(&str, &str); 8] = [
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Every metric of the node, as OpenMetrics text.
-pub fn render(node: &Arc<Node>) -> String {
+pub fn render(node: &Arc<Edge>) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(NodeCollector(node.clone())));
     let mut text = String::new();
@@ -130,7 +41,7 @@ pub fn render(node: &Arc<Node>) -> String {
     text
 }
 
-struct NodeCollector(Arc<Node>);
+struct NodeCollector(Arc<Edge>);
 
 /// Which of a shard's counters a metric reads.
 type ReadCounter = fn(&ShardMetrics) -> &LocalCounter;
@@ -195,7 +106,7 @@ fn flag(on: bool) -> Value {
 impl NodeCollector {
     /// A counter of every shard's [`ShardMetrics`], by shard.
     fn per_shard(&self, read: impl Fn(&ShardMetrics) -> &LocalCounter) -> Vec<(String, Value)> {
-        let shards = self.0.metrics.iter().enumerate();
+        let shards = self.0.shared.metrics.iter().enumerate();
         shards
             .map(|(i, m)| (i.to_string(), Value::Counter(read(m).get())))
             .collect()
@@ -220,13 +131,13 @@ impl NodeCollector {
                 gauge_kind,
             ),
             "shard",
-            self.gauges(&node.connections),
+            self.gauges(&node.shared.connections),
         )?;
         one(
             e,
             "wsgate_connection_capacity",
             "WebSocket connections accepted at most (max_connections)",
-            gauge(node.config.max_connections),
+            gauge(node.shared.config.max_connections),
         )?;
         one(
             e,
@@ -245,7 +156,7 @@ impl NodeCollector {
             self.per_shard(|m| &m.accepted),
         )?;
         let closed = CLOSE_LABELS.iter().enumerate().map(|(i, label)| {
-            let sum = node.metrics.iter().map(|m| m.closed[i].get()).sum();
+            let sum = node.shared.metrics.iter().map(|m| m.closed_with(i)).sum();
             ((*label).to_owned(), Value::Counter(sum))
         });
         family(
@@ -259,7 +170,7 @@ impl NodeCollector {
             "code",
             closed,
         )?;
-        let counters = &node.counters;
+        let counters = &node.shared.counters;
         let refusals =
             counters
                 .auth_refused_counts()
@@ -312,7 +223,7 @@ impl NodeCollector {
         for (name, help, read) in per_shard {
             family(e, (name, help, counter), "shard", self.per_shard(read))?;
         }
-        let dropped = node.bus.dropped_by_shard().into_iter().enumerate();
+        let dropped = node.shared.bus.dropped_by_shard().into_iter().enumerate();
         family(
             e,
             (
@@ -331,14 +242,14 @@ impl NodeCollector {
                 MetricType::Gauge,
             ),
             "shard",
-            self.gauges(&node.queued_bytes),
+            self.gauges(&node.shared.queued_bytes),
         )?;
         // The latency histogram, summed over the shards.
         let bounds = LATENCY_BUCKETS.iter().copied().chain([f64::INFINITY]);
         let buckets: Vec<(f64, u64)> = bounds
             .enumerate()
             .map(|(i, bound)| {
-                let count = node.metrics.iter();
+                let count = node.shared.metrics.iter();
                 (
                     bound,
                     count.map(|m| m.delivery_latency.buckets[i].get()).sum(),
@@ -347,6 +258,7 @@ impl NodeCollector {
             .collect();
         let count = buckets.iter().map(|(_, n)| n).sum();
         let sum_nanos: u64 = node
+            .shared
             .metrics
             .iter()
             .map(|m| m.delivery_latency.sum_nanos.get())
@@ -367,13 +279,13 @@ impl NodeCollector {
             e,
             "wsgate_rooms",
             "Rooms with members on this node",
-            gauge(node.rooms.room_count()),
+            gauge(node.shared.rooms.room_count()),
         )?;
         one(
             e,
             "wsgate_draining",
             "1 once a graceful shutdown has begun",
-            flag(node.is_draining()),
+            flag(node.shared.is_draining()),
         )?;
         one(
             e,
@@ -382,25 +294,11 @@ impl NodeCollector {
              connected and caught up",
             flag(node.broker.is_ready()),
         )?;
-        if let Broker::Redis(redis) = &node.broker {
-            if let Some(round_trip) = redis.probe_round_trip() {
-                one(
-                    e,
-                    "wsgate_redis_probe_round_trip_seconds",
-                    "The last probe's round trip through Redis (PUBLISH, then delivery on this \
-                     node's subscription): how far behind the subscription runs",
-                    Value::Gauge(round_trip.as_secs_f64()),
-                )?;
-            }
-            one(
-                e,
-                "wsgate_redis_publish_queue",
-                "Room messages waiting to be sent to Redis (at most redis_publish_queue)",
-                gauge(redis.publish_queue_len()),
-            )?;
+        for (name, help, value) in node.broker.gauges() {
+            one(e, name, help, Value::Gauge(value))?;
         }
         // Every other refusal and forced close, one counter each (the inbox's is by shard, above).
-        let counters = node.counters.described();
+        let counters = node.shared.counters.described();
         let rest = counters.iter().filter(|(name, ..)| {
             *name != "inbox_dropped"
                 && !HANDSHAKE_REFUSALS

@@ -1,0 +1,104 @@
+//! The memory broker: one node, nothing shared. A room's stream lives in this process: a
+//! message gets its offset under the stream's lock and is handed to the members' shards in that
+//! order.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::{Broker, Disconnect, Host, LocalFuture, PublishError, Publisher, RoomRef, Unavailable};
+use crate::protocol;
+use crate::rooms::presence::{Entry, Presence};
+use crate::rooms::{RoomState, RoomsPage, Target};
+
+pub struct MemoryBroker {
+    host: Host,
+}
+
+impl MemoryBroker {
+    pub fn new(host: Host) -> Self {
+        MemoryBroker { host }
+    }
+}
+
+impl Broker for MemoryBroker {
+    fn health(&self) -> serde_json::Value {
+        serde_json::json!({"kind": "memory", "ready": true})
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    fn settled(&self) -> LocalFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
+    fn follow(&self, _: &Arc<RoomState>) {}
+
+    fn last_member_left(&self, _: &Arc<str>) {}
+
+    fn publish(
+        &self,
+        room: RoomRef<'_>,
+        message: Vec<u8>,
+        from: Publisher,
+    ) -> Result<(), PublishError> {
+        let shared = &self.host.shared;
+        let room = match room {
+            RoomRef::State(state) => state.clone(),
+            RoomRef::Name(name) => shared.rooms.for_publish(name).map_err(|_| {
+                let refused = &shared.counters.rooms_refused;
+                refused.fetch_add(1, Ordering::Relaxed);
+                PublishError::RoomsFull
+            })?,
+        };
+        let limits = shared.rooms.history_limits();
+        let mut stream = room.stream();
+        let (offset, frame) = stream.append(
+            |offset| protocol::with_offset(&message, offset),
+            limits,
+            Instant::now(),
+        );
+        // Under the stream's lock: every shard's inbox gets the room's messages in order.
+        self.host.events.stream_message(&room, offset, frame);
+        drop(stream);
+        if let Publisher::Api(answer) = from {
+            let _ = answer.send(Ok(offset));
+        }
+        Ok(())
+    }
+
+    fn share(&self, _: &Target, _: Bytes) -> bool {
+        true
+    }
+
+    fn control(&self, _: &Disconnect) -> bool {
+        true
+    }
+
+    fn presence_changed(&self, _: Arc<str>, _: Entry, _: u64) {}
+
+    fn session_opened(&self, _: String, _: &str, _: u64) {}
+
+    fn session_closed(&self, _: String) {}
+
+    fn rooms(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> LocalFuture<'_, Result<RoomsPage, Unavailable>> {
+        let page = self.host.shared.rooms.page(after, limit);
+        Box::pin(std::future::ready(Ok(page)))
+    }
+
+    fn knows_presence(&self, _: &RoomState) -> bool {
+        true
+    }
+
+    fn presence(&self, _: &str) -> LocalFuture<'_, Result<Option<(Presence, u64)>, Unavailable>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
+}

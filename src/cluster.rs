@@ -1,0 +1,225 @@
+//! The cluster: what ties the broker to the fan-out. The publish path (a room message to the
+//! broker, a notice shared with the other nodes and delivered here) and [`Cluster`], the
+//! [`BrokerEvents`] the broker reports to, which hands what reaches this node to its shards.
+//! Connections' session records live here too: a broker keeps them, the shards hold them.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock, Weak};
+
+use bytes::Bytes;
+
+use crate::base::client_id::ClientId;
+use crate::broker::{Broker, BrokerEvents, Disconnect, PublishError, Publisher, RoomRef};
+use crate::fanout::{self, Publication};
+use crate::protocol::{ErrorReply, NodeClientId, ServerMessage};
+use crate::rooms::presence::{Entry, NodesPresence};
+use crate::rooms::stream::Position;
+use crate::rooms::{RoomState, Target};
+use crate::runtime::Shared;
+use crate::runtime::bus::{NO_FRAME, Work};
+use crate::runtime::entry::ConnEntry;
+use crate::runtime::shard::Shard;
+use crate::ws::close::CloseCode;
+use crate::ws::frame;
+
+/// Hands a publication to the other nodes (with a shared broker); what cannot be is counted.
+/// Lists of clients are this node's: a publication with an `include` list stays here. False when
+/// the other nodes could not be reached.
+pub fn share(broker: &dyn Broker, shared: &Shared, publication: &Publication) -> bool {
+    let shared_ok = publication.include.is_some()
+        || broker.share(
+            &publication.target,
+            frame::server_payload(&publication.frame),
+        );
+    if !shared_ok {
+        shared
+            .counters
+            .broker_notices_dropped
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    shared_ok
+}
+
+/// Publishes from outside the shards (the server API, embedding applications): every shard
+/// delivers to its own recipients, and every other node to its own (see [`share`]). False, and
+/// delivered nowhere, when the other nodes could not be reached: a retry does not duplicate it.
+pub fn publish_from_outside(
+    broker: &dyn Broker,
+    shared: &Shared,
+    publication: Publication,
+) -> bool {
+    if !share(broker, shared, &publication) {
+        return false;
+    }
+    let all: Vec<usize> = (0..shared.shards()).collect();
+    shared.forward(&all, Arc::new(publication));
+    true
+}
+
+/// Publishes `message` (a JSON object) from `from` on `room`'s stream: it gets the room's next
+/// offset from the broker (this node's stream with the memory broker, under its lock; Redis
+/// with Redis), is kept in its history, and comes back to every shard with members — this one
+/// included, over its own inbox — in offset order. So every member sees the room's messages in
+/// one order, whichever shards (and nodes) they come from. Refusals are counted.
+pub fn publish_to_stream(
+    broker: &dyn Broker,
+    shared: &Shared,
+    room: RoomRef<'_>,
+    message: Vec<u8>,
+    from: Publisher,
+) -> Result<(), PublishError> {
+    let published = broker.publish(room, message, from);
+    if published == Err(PublishError::Unavailable) {
+        shared
+            .counters
+            .broker_unavailable
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    published
+}
+
+/// Closes every connection of `disconnect.user` on this node and every other; false when the
+/// other nodes could not be told (the broker away or behind; counted).
+pub fn disconnect_everywhere(
+    broker: &dyn Broker,
+    shared: &Shared,
+    disconnect: Arc<Disconnect>,
+) -> bool {
+    let told = broker.control(&disconnect);
+    if !told {
+        shared
+            .counters
+            .broker_notices_dropped
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    disconnect_here(shared, disconnect);
+    told
+}
+
+/// Closes every connection of `disconnect.user` on this node's shards.
+fn disconnect_here(shared: &Shared, disconnect: Arc<Disconnect>) {
+    shared.to_every_shard(Arc::new(DisconnectUser(disconnect)));
+}
+
+/// Close every connection of a user on a shard.
+struct DisconnectUser(Arc<Disconnect>);
+
+impl Work for DisconnectUser {
+    fn frame(&self) -> &Bytes {
+        &NO_FRAME
+    }
+
+    fn run(&self, shard: &Shard) {
+        let Disconnect { user, code, reason } = &*self.0;
+        shard.disconnect_user(user, CloseCode(*code), reason);
+    }
+}
+
+/// The id clients see: with the node's name.
+pub fn client_id(shared: &Shared, id: ClientId) -> String {
+    NodeClientId {
+        node: &shared.id,
+        id,
+    }
+    .to_string()
+}
+
+/// Records a connection's session with the broker.
+pub fn session_opened(broker: &dyn Broker, shard: &Shard, conn: &ConnEntry) {
+    let connected_at = u64::from(conn.connected_at) * 1000;
+    broker.session_opened(
+        client_id(&shard.shared, conn.id),
+        &conn.identity.user_id,
+        connected_at,
+    );
+}
+
+pub fn session_closed(broker: &dyn Broker, shard: &Shard, conn: &ConnEntry) {
+    broker.session_closed(client_id(&shard.shared, conn.id));
+}
+
+/// The broker lost (or never had) this node's sessions: each shard records its addressable
+/// connections again.
+struct ResendSessions(Weak<dyn Broker>);
+
+impl Work for ResendSessions {
+    fn frame(&self) -> &Bytes {
+        &NO_FRAME
+    }
+
+    fn run(&self, shard: &Shard) {
+        let Some(broker) = self.0.upgrade() else {
+            return;
+        };
+        let state = shard.state_ref();
+        for (_, conn) in state.conns.iter() {
+            if shard.addressable(conn.app) {
+                session_opened(&*broker, shard, conn);
+            }
+        }
+    }
+}
+
+/// What the broker reports, handed to this node's shards.
+pub struct Cluster {
+    shared: Arc<Shared>,
+    /// The broker reporting here (it is built with its events: set right after).
+    broker: OnceLock<Weak<dyn Broker>>,
+}
+
+impl Cluster {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Cluster {
+            shared,
+            broker: OnceLock::new(),
+        }
+    }
+
+    /// Names the broker that reports here (once built).
+    pub fn reported_by(&self, broker: &Arc<dyn Broker>) {
+        let _ = self.broker.set(Arc::downgrade(broker));
+    }
+}
+
+impl BrokerEvents for Cluster {
+    fn publication(&self, target: Target, json: &[u8]) {
+        fanout::publish_from_broker(&self.shared, target, json);
+    }
+
+    fn stream_message(&self, room: &Arc<RoomState>, offset: u64, frame: Bytes) {
+        fanout::forward_stream(&self.shared, room, offset, frame);
+    }
+
+    fn caught_up(
+        &self,
+        room: &Arc<RoomState>,
+        position: Position,
+        kept: Vec<(u64, Vec<u8>)>,
+        presence: Option<NodesPresence>,
+    ) {
+        fanout::catch_up_stream(&self.shared, room, position, kept, presence);
+    }
+
+    fn presence(&self, room: &Arc<RoomState>, gone: &[Entry], came: &[Entry]) {
+        fanout::tell_presence(&self.shared, room, gone, came);
+    }
+
+    fn disconnect(&self, disconnect: Arc<Disconnect>) {
+        disconnect_here(&self.shared, disconnect);
+    }
+
+    fn refused(&self, client: ClientId, error: ErrorReply<'static>) {
+        fanout::reply(
+            &self.shared,
+            client,
+            ServerMessage::Error { error }.encode(),
+        );
+    }
+
+    fn sessions_lost(&self) {
+        if let Some(broker) = self.broker.get() {
+            self.shared
+                .to_every_shard(Arc::new(ResendSessions(broker.clone())));
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The driver: everything tokio-specific about a shard's connections — a task per connection
+//! ([`connection`]), readiness, the shard's delivery loop, its heartbeat timer and its drain at
+//! shutdown. It uses only the shard's synchronous calls ([`Shard::register`],
+//! [`crate::runtime::input::Input`], the slab entry's outbound queue, [`Shard::tick`],
+//! [`Shard::unregister`]), so another driver (io_uring, epoll) replaces this folder and nothing
+//! else.
+
+pub mod connection;
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::bus::{Inbox, Sent};
+use super::shard::Shard;
+use super::wheel::Tick;
+
+/// Runs a shard until `shutdown`: delivers what reaches its inbox and drives its heartbeats; then
+/// drains it (see [`drain`]) once `settled` (what was handed to the broker is answered) or at
+/// `drain_timeout`.
+pub async fn run(
+    shard: &Rc<Shard>,
+    inbox: &mut Inbox,
+    shutdown: &CancellationToken,
+    settled: impl Future<Output = ()>,
+) {
+    let heartbeats = tokio::task::spawn_local(heartbeats(shard.clone()));
+    deliver_until(shard, inbox, shutdown).await;
+    drain(shard, inbox, settled).await;
+    heartbeats.abort();
+}
+
+/// Drives a shard's wheel, one coarse tick at a time.
+async fn heartbeats(shard: Rc<Shard>) {
+    let tick = shard.tick_interval();
+    let start = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let now = (start.elapsed().as_nanos() / tick.as_nanos()) as Tick;
+        shard.tick(now);
+    }
+}
+
+/// Delivers what other shards publish to this shard's clients, until shutdown, a batch at a
+/// time: connections write once per batch, and each is charged only for what it was given a chance
+/// to write and did not (see `outbound`), so a burst is not held against a fast reader.
+async fn deliver_until(shard: &Shard, inbox: &mut Inbox, shutdown: &CancellationToken) {
+    let mut batch = Vec::new();
+    loop {
+        let more = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            more = inbox.recv_batch(&mut batch) => more,
+        };
+        if !more {
+            return;
+        }
+        deliver_batch(shard, &mut batch);
+        // Let the connections write this batch before the next one lands in their queues.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Runs a batch from the inbox; the latency of each publication (from the bus to its
+/// recipients' queues) goes to the shard's metrics.
+fn deliver_batch(shard: &Shard, batch: &mut Vec<Sent>) {
+    let latency = &shard.metrics().delivery_latency;
+    for (delivery, sent) in batch.drain(..) {
+        delivery.run(shard);
+        if delivery.is_publication() {
+            latency.observe(sent.elapsed());
+        }
+    }
+}
+
+/// Shutdown of one shard: what was published before the signal is delivered, then every
+/// connection gets 1001 after its queue, and the shard waits for the close handshakes.
+async fn drain(shard: &Shard, inbox: &mut Inbox, settled: impl Future<Output = ()>) {
+    let deadline = tokio::time::Instant::now() + shard.shared.config.drain_timeout;
+    // Room messages on their way to the broker are answered first (published, or refused), and
+    // the answers delivered below, before the connections close.
+    let _ = tokio::time::timeout_at(deadline, settled).await;
+    let mut batch = Vec::new();
+    loop {
+        inbox.try_recv_batch(&mut batch);
+        if batch.is_empty() {
+            break;
+        }
+        deliver_batch(shard, &mut batch);
+        tokio::task::yield_now().await;
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    let open = shard.connection_count();
+    shard.close_all_going_away();
+    while shard.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = shard.connection_count();
+    if left > 0 {
+        warn!(
+            shard = shard.index,
+            open, left, "drain timeout: dropping connections"
+        );
+    } else {
+        info!(shard = shard.index, closed = open, "drained");
+    }
+}

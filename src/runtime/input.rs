@@ -1,0 +1,239 @@
+//! A connection's bytes in: decoded in place out of the shard's read buffer, each frame charged
+//! to the connection's rate limits, each message handed to its app. Synchronous: the driver reads
+//! into [`Shard::read_buf`] and calls [`Input::take_read`].
+//!
+//! Only the bytes of a frame cut off at the end of a read (or what a paused decoding left) are
+//! kept, in the connection's own `leftover`: an idle connection holds no read buffer.
+
+use tracing::debug;
+
+use crate::conn::limits::{Charge, Verdict};
+use crate::ws::close::{CloseCode, CloseFrame, FrameError};
+use crate::ws::frame::{self, Decoded, Decoder, Event, OpCode};
+
+use super::AppId;
+use super::shard::Shard;
+
+/// Frames handled per turn before the connection yields: with tiny frames, even one read holds
+/// thousands (a 64 KiB read of empty frames is ~10,000).
+pub const FRAMES_PER_TURN: u32 = 512;
+
+/// How the open phase of a connection ended.
+pub enum End {
+    /// The peer's close frame arrived and our answer is queued: send it, then hang up.
+    PeerClosed,
+    /// Our close frame went first (bad frames, slow consumer): send it, then wait for the peer's.
+    ServerClosed,
+    /// The socket hit EOF or an error: nothing more can be sent.
+    Gone,
+}
+
+/// What a connection has read and not yet handled, and its frame decoder.
+pub struct Input {
+    /// Which app its messages go to.
+    pub app: AppId,
+    decoder: Decoder,
+    /// Bytes read but not yet decoded: an incomplete frame left at the end of a read, or the rest
+    /// of a read whose decoding paused (empty, unallocated, when idle).
+    leftover: Vec<u8>,
+    /// `leftover` may hold whole frames: decoding paused before its end.
+    paused: bool,
+    /// Frames this turn may still handle.
+    turn_frames: u32,
+}
+
+impl Input {
+    /// The input of a connection speaking `app`; `preread` is what was read past its handshake
+    /// (the start of its first frames).
+    pub fn new(app: AppId, max_message_size: usize, preread: Vec<u8>) -> Self {
+        Input {
+            app,
+            decoder: Decoder::new(max_message_size),
+            leftover: preread,
+            paused: false,
+            turn_frames: FRAMES_PER_TURN,
+        }
+    }
+
+    /// A new turn: a fresh frame budget.
+    pub fn start_turn(&mut self) {
+        self.turn_frames = FRAMES_PER_TURN;
+    }
+
+    /// Whether this turn's frame budget is spent.
+    pub fn turn_spent(&self) -> bool {
+        self.turn_frames == 0
+    }
+
+    /// Whether decoding paused with whole frames still in `leftover` (to handle before reading).
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// What is left undecoded, given up (the connection is closing: only a frame header of it
+    /// still matters).
+    pub fn take_leftover(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.leftover)
+    }
+
+    /// Handles the `n` bytes a read put at the start of the shard's read buffer.
+    pub fn take_read(&mut self, shard: &Shard, key: usize, n: usize) -> Result<(), End> {
+        shard.metrics().bytes_received.add(n as u64);
+        let mut buf = shard.read_buf();
+        if self.leftover.is_empty() {
+            // The common case: frames are decoded straight out of the shared buffer, and only
+            // an incomplete frame (or what a paused decoding left) is kept.
+            let consumed = self.decode_frames(shard, key, &mut buf[..n])?;
+            self.keep_undecoded(&buf[consumed..n]);
+            Ok(())
+        } else {
+            self.keep_undecoded(&buf[..n]);
+            drop(buf);
+            self.process_leftover(shard, key)
+        }
+    }
+
+    /// Appends to `leftover`, growing it to what the incomplete frame at its front needs (its
+    /// header says how much) rather than by doubling: a frame trickled in byte by byte costs its
+    /// own size, not twice that.
+    fn keep_undecoded(&mut self, bytes: &[u8]) {
+        let needed = self.leftover.len() + bytes.len();
+        if needed > self.leftover.capacity() {
+            let mut head = [0u8; frame::MAX_CLIENT_HEADER_LEN];
+            let known = self.leftover.len().min(head.len());
+            head[..known].copy_from_slice(&self.leftover[..known]);
+            let more = (head.len() - known).min(bytes.len());
+            head[known..known + more].copy_from_slice(&bytes[..more]);
+            // What the frame's header declares, if the decoder would take it: a header that
+            // claims more than the message size limit earns no reservation (the decoder refuses
+            // it as soon as it is whole).
+            let frame = self
+                .decoder
+                .incomplete_frame_len(&head[..known + more])
+                .unwrap_or(0);
+            self.leftover
+                .reserve_exact(needed.max(frame) - self.leftover.len());
+        }
+        self.leftover.extend_from_slice(bytes);
+    }
+
+    /// Decodes what has collected in `leftover`, keeping what is left undecoded.
+    pub fn process_leftover(&mut self, shard: &Shard, key: usize) -> Result<(), End> {
+        self.paused = false;
+        if self.leftover.is_empty() {
+            return Ok(());
+        }
+        let mut pending = std::mem::take(&mut self.leftover);
+        let consumed = self.decode_frames(shard, key, &mut pending)?;
+        let rest = pending.len() - consumed;
+        if rest > 0 && pending.capacity() > 4 * rest + 4096 {
+            // A small rest in a big buffer (a large frame just completed): a buffer of its own
+            // size, so an idle connection does not keep the big one.
+            self.keep_undecoded(&pending[consumed..]);
+        } else if rest > 0 {
+            // Otherwise the same buffer: a frame arriving over many reads is not copied anew
+            // each time.
+            pending.drain(..consumed);
+            self.leftover = pending;
+        }
+        Ok(())
+    }
+
+    /// Decodes and handles the whole frames at the front of `buf`; returns the bytes consumed.
+    /// Stops early (setting `paused`) when the turn's frame budget is spent or the connection's
+    /// queue is past its bound: the rest waits in `leftover`.
+    fn decode_frames(&mut self, shard: &Shard, key: usize, buf: &mut [u8]) -> Result<usize, End> {
+        let mut pos = 0;
+        let mut heard = false;
+        loop {
+            if self.turn_frames == 0 || shard.backlogged(key) {
+                self.paused = pos < buf.len();
+                return Ok(pos);
+            }
+            let (consumed, event) = match self.decoder.decode(&mut buf[pos..]) {
+                Ok(Decoded::Incomplete) => return Ok(pos),
+                Ok(Decoded::Frame { consumed, event }) => (consumed, event),
+                Err(error) => return Err(fail(shard, key, error)),
+            };
+            pos += consumed;
+            self.turn_frames -= 1;
+            if !heard {
+                // A whole frame is what answers a ping: bytes of one that never ends are not.
+                shard.seen(key);
+                heard = true;
+            }
+            // Every frame costs: a flood of empty pings, pongs or fragments is a flood.
+            let within_rate = match shard.charge(key, Charge::Frame) {
+                Verdict::Allow => true,
+                Verdict::Refuse => false,
+                Verdict::Close => return Err(flooded(shard, key)),
+            };
+            match event {
+                Event::Message { text, mut payload } => {
+                    shard.metrics().messages_received.add(1);
+                    if within_rate {
+                        self.on_message(shard, key, text, payload.as_mut_slice())?;
+                    } else {
+                        // Over the frame rate: refused as over the message rate.
+                        let counters = &shard.shared.counters;
+                        counters
+                            .rate_limited
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        shard.app(self.app).refused(shard, key);
+                    }
+                }
+                // Over the frame rate, a ping goes unanswered.
+                Event::Ping(data) if within_rate => {
+                    shard.send_pong(key, frame::encode(OpCode::Pong, data));
+                }
+                Event::Ping(_) | Event::Pong | Event::Fragment => {}
+                Event::Close(frame) => {
+                    // Answer with the peer's code, as RFC 6455 §5.5.1 suggests.
+                    let code = frame.map_or(CloseCode::NORMAL, |CloseFrame { code, .. }| code);
+                    shard.close(key, code, "");
+                    return Err(End::PeerClosed);
+                }
+            }
+        }
+    }
+
+    /// Hands a complete message to the app, within the connection's byte rate.
+    fn on_message(
+        &mut self,
+        shard: &Shard,
+        key: usize,
+        text: bool,
+        payload: &mut [u8],
+    ) -> Result<(), End> {
+        let app = shard.app(self.app);
+        match shard.charge(key, Charge::Bytes(payload.len())) {
+            Verdict::Allow => app.message(shard, key, text, payload),
+            Verdict::Refuse => {
+                app.refused(shard, key);
+                return Ok(());
+            }
+            Verdict::Close => return Err(flooded(shard, key)),
+        }
+        if shard.is_closing(key) {
+            // The app closed the connection (a flood of refused messages): read no further.
+            return Err(End::ServerClosed);
+        }
+        Ok(())
+    }
+}
+
+fn flooded(shard: &Shard, key: usize) -> End {
+    shard.close_flooder(key);
+    End::ServerClosed
+}
+
+fn fail(shard: &Shard, key: usize, error: FrameError) -> End {
+    debug!(
+        code = error.code.0,
+        reason = error.reason,
+        "closing a connection for bad frames"
+    );
+    shard.shared.counters.frame_error(error.code);
+    shard.close(key, error.code, error.reason);
+    End::ServerClosed
+}

@@ -15,6 +15,9 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "cargo doc (broken or private links in the docs are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --lib
+
 step "redis-server and nginx (the cluster and proxy tests start their own)"
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)

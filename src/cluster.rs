@@ -11,12 +11,12 @@ use bytes::Bytes;
 use crate::base::client_id::ClientId;
 use crate::broker::{Broker, BrokerEvents, Disconnect, PublishError, Publisher, RoomRef};
 use crate::fanout::{self, Publication};
-use crate::protocol::{ErrorReply, NodeClientId, ServerMessage};
+use crate::protocol::{ErrorReply, ServerMessage};
 use crate::rooms::presence::{Entry, NodesPresence};
 use crate::rooms::stream::Position;
 use crate::rooms::{RoomState, Target};
 use crate::runtime::Shared;
-use crate::runtime::bus::{NO_FRAME, Work};
+use crate::runtime::bus::Work;
 use crate::runtime::entry::ConnEntry;
 use crate::runtime::shard::Shard;
 use crate::ws::close::CloseCode;
@@ -105,37 +105,20 @@ fn disconnect_here(shared: &Shared, disconnect: Arc<Disconnect>) {
 struct DisconnectUser(Arc<Disconnect>);
 
 impl Work for DisconnectUser {
-    fn frame(&self) -> &Bytes {
-        &NO_FRAME
-    }
-
     fn run(&self, shard: &Shard) {
         let Disconnect { user, code, reason } = &*self.0;
         shard.disconnect_user(user, CloseCode(*code), reason);
     }
 }
 
-/// The id clients see: with the node's name.
-pub fn client_id(shared: &Shared, id: ClientId) -> String {
-    NodeClientId {
-        node: &shared.id,
-        id,
-    }
-    .to_string()
-}
-
 /// Records a connection's session with the broker.
-pub fn session_opened(broker: &dyn Broker, shard: &Shard, conn: &ConnEntry) {
+pub fn session_opened(broker: &dyn Broker, conn: &ConnEntry) {
     let connected_at = u64::from(conn.connected_at) * 1000;
-    broker.session_opened(
-        client_id(&shard.shared, conn.id),
-        &conn.identity.user_id,
-        connected_at,
-    );
+    broker.session_opened(conn.id, &conn.identity.user_id, connected_at);
 }
 
-pub fn session_closed(broker: &dyn Broker, shard: &Shard, conn: &ConnEntry) {
-    broker.session_closed(client_id(&shard.shared, conn.id));
+pub fn session_closed(broker: &dyn Broker, conn: &ConnEntry) {
+    broker.session_closed(conn.id);
 }
 
 /// The broker lost (or never had) this node's sessions: each shard records its addressable
@@ -143,10 +126,6 @@ pub fn session_closed(broker: &dyn Broker, shard: &Shard, conn: &ConnEntry) {
 struct ResendSessions(Weak<dyn Broker>);
 
 impl Work for ResendSessions {
-    fn frame(&self) -> &Bytes {
-        &NO_FRAME
-    }
-
     fn run(&self, shard: &Shard) {
         let Some(broker) = self.0.upgrade() else {
             return;
@@ -154,7 +133,7 @@ impl Work for ResendSessions {
         let state = shard.state_ref();
         for (_, conn) in state.conns.iter() {
             if shard.addressable(conn.app) {
-                session_opened(&*broker, shard, conn);
+                session_opened(&*broker, conn);
             }
         }
     }

@@ -23,7 +23,7 @@ use crate::rooms::presence::{Entry, NodesPresence};
 use crate::rooms::stream::Position;
 use crate::rooms::{Joining, PENDING, RoomState, Target};
 use crate::runtime::Shared;
-use crate::runtime::bus::{self, NO_FRAME, Work};
+use crate::runtime::bus::{self, Work};
 use crate::runtime::entry::ConnEntry;
 use crate::runtime::shard::{Shard, ShardState};
 use crate::ws::close::CloseCode;
@@ -105,10 +105,6 @@ impl Work for StreamMessage {
 struct Synced(Arc<RoomState>);
 
 impl Work for Synced {
-    fn frame(&self) -> &Bytes {
-        &NO_FRAME
-    }
-
     fn run(&self, shard: &Shard) {
         complete_joins(shard, &self.0);
     }
@@ -119,10 +115,6 @@ impl Work for Synced {
 struct Resync(Arc<RoomState>, u64);
 
 impl Work for Resync {
-    fn frame(&self) -> &Bytes {
-        &NO_FRAME
-    }
-
     fn run(&self, shard: &Shard) {
         resync(shard, &self.0, self.1);
     }

@@ -23,6 +23,16 @@
 //! 11. edge: `http` — HTTP, admission, the upgrade, the server API, `/metrics`.
 //! 12. process: `node`, `server`, `probe` — composition, start-up and shutdown, the probe.
 //!
+//! Where the cut is not the obvious one, and why:
+//! - The JSON protocol (`protocol`) is wire, below the runtime: fan-out writes the protocol's
+//!   room notices itself (`room_joined` for a join that waited for its room's sync, `resync`,
+//!   presence notices from other nodes), and the broker answers refused messages with its error
+//!   replies. The runtime itself never names it: greetings, pings and notices are the app's.
+//! - `/metrics` is rendered by the edge that serves it (`http::metrics`), from counters the
+//!   runtime keeps.
+//! - Session records (a broker's, for connections the shards hold) live in `cluster`, where the
+//!   broker and the shards meet.
+//!
 //! # A message's path
 //!
 //! A chat message read by a shard's [`runtime::driver`] is decoded by its

@@ -3,9 +3,6 @@
 //! others it needs. Nothing else here: what each part does is its own module's.
 
 use std::sync::Arc;
-use std::time::Duration;
-
-use tracing::info;
 
 use crate::app::chat::ChatApp;
 use crate::app::echo::EchoApp;
@@ -151,42 +148,6 @@ impl Node {
     /// Shard `index` of this node, with its apps.
     pub fn shard(&self, index: usize) -> Shard {
         Shard::new(index, self.shared.clone(), self.apps())
-    }
-}
-
-/// The node's chores, once per `every`: forgetting rooms whose members are gone and whose history
-/// expired, and logging refusals and forced closes as one line with the count of each reason
-/// (exact totals stay in the counters), not one line per event: under an attack or a mass
-/// disconnect, per-event lines would let a client drive the log volume and stall the shards on
-/// the log writer's lock.
-pub async fn housekeeping(shared: Arc<Shared>, every: Duration) {
-    // From zero, not from the values now: refusals before this task first runs are logged too.
-    let mut last: Vec<(String, u64)> = shared
-        .counters
-        .values()
-        .into_iter()
-        .map(|(name, _)| (name, 0))
-        .collect();
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        shared.rooms.sweep();
-        let now = shared.counters.values();
-        let changed: Vec<String> = now
-            .iter()
-            .zip(&last)
-            .filter(|((_, new), (_, old))| new > old)
-            .map(|((name, new), (_, old))| format!("{name}={}", new - old))
-            .collect();
-        if !changed.is_empty() {
-            info!(
-                interval = ?every,
-                "refused or closed: {}",
-                changed.join(" ")
-            );
-        }
-        last = now;
     }
 }
 

@@ -21,7 +21,7 @@ use crate::cluster;
 use crate::config::Config;
 use crate::fanout::Publication;
 use crate::http::{self, ShardEdge};
-use crate::node::{self, Node};
+use crate::node::Node;
 use crate::runtime::bus::Inbox;
 use crate::runtime::driver;
 
@@ -292,7 +292,7 @@ fn run_shard(
         let accepting = tokio::task::spawn_local(http::accept_loop(edge, listener));
         // One shard does the node's chores.
         let housekeeping = (index == 0).then(|| {
-            tokio::task::spawn_local(node::housekeeping(
+            tokio::task::spawn_local(driver::housekeeping(
                 node.shared.clone(),
                 HOUSEKEEPING_INTERVAL,
             ))

@@ -49,7 +49,7 @@ impl App for ChatApp {
     fn opened(&self, shard: &Shard, key: usize) {
         let state = shard.state_ref();
         let conn = &state.conns[key];
-        cluster::session_opened(&*self.broker, shard, conn);
+        cluster::session_opened(&*self.broker, conn);
         let hello = ServerMessage::Connected {
             client_id: NodeClientId {
                 node: &shard.shared.id,
@@ -77,8 +77,8 @@ impl App for ChatApp {
         self.leave_all_rooms(shard, key);
     }
 
-    fn closed(&self, shard: &Shard, conn: &ConnEntry) {
-        cluster::session_closed(&*self.broker, shard, conn);
+    fn closed(&self, _: &Shard, conn: &ConnEntry) {
+        cluster::session_closed(&*self.broker, conn);
     }
 
     fn ping(&self) -> Option<Bytes> {
@@ -540,5 +540,18 @@ impl ChatApp {
         drop(presence);
         shard.send(key, reply);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{CHAT, Node};
+
+    #[test]
+    fn a_reader_that_caught_up_is_told_how_many_broadcasts_it_missed() {
+        let (node, _inboxes, _) = Node::new(Arc::new(Config::default()), 16).unwrap();
+        let notice = node.shard(0).app(CHAT).dropped(70_001).expect("a notice");
+        assert_eq!(&notice[2..], br#"{"type":"dropped","count":70001}"#);
     }
 }

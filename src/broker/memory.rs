@@ -9,6 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::{Broker, Disconnect, Host, LocalFuture, PublishError, Publisher, RoomRef, Unavailable};
+use crate::base::client_id::ClientId;
 use crate::protocol;
 use crate::rooms::presence::{Entry, Presence};
 use crate::rooms::{RoomState, RoomsPage, Target};
@@ -81,9 +82,9 @@ impl Broker for MemoryBroker {
 
     fn presence_changed(&self, _: Arc<str>, _: Entry, _: u64) {}
 
-    fn session_opened(&self, _: String, _: &str, _: u64) {}
+    fn session_opened(&self, _: ClientId, _: &str, _: u64) {}
 
-    fn session_closed(&self, _: String) {}
+    fn session_closed(&self, _: ClientId) {}
 
     fn rooms(
         &self,

@@ -149,10 +149,10 @@ pub trait Broker: Send + Sync {
     /// changes of the room).
     fn presence_changed(&self, room: Arc<str>, entry: Entry, seq: u64);
 
-    /// A connection opened: its client id (as clients see it), its user, when (Unix ms).
-    fn session_opened(&self, client_id: String, user_id: &str, connected_at: u64);
+    /// A connection of this node opened: its id, its user, when (Unix ms).
+    fn session_opened(&self, client: ClientId, user_id: &str, connected_at: u64);
 
-    fn session_closed(&self, client_id: String);
+    fn session_closed(&self, client: ClientId);
 
     /// Rooms with members and their connections, across the nodes the broker joins.
     fn rooms(

@@ -25,8 +25,10 @@ pub const BATCH_BYTES: usize = 256 * 1024;
 /// Work for a shard, handed over the bus: a publication to deliver to its recipients there, a
 /// reply for one of its connections, an order to close a user's connections, …
 pub trait Work: Send + Sync {
-    /// The frame it queues (the same `Bytes` for every recipient), or [`NO_FRAME`].
-    fn frame(&self) -> &Bytes;
+    /// The frame it queues (the same `Bytes` for every recipient), if any.
+    fn frame(&self) -> &Bytes {
+        &NO_FRAME
+    }
 
     /// Whether it is a publication, timed in the delivery latency metric.
     fn is_publication(&self) -> bool {

@@ -43,6 +43,8 @@ pub struct Heartbeats {
     ping_frame: Bytes,
     /// Reused between ticks.
     expired: Vec<Entry>,
+    /// Each app's ping in the current tick, by app: not asked yet, or its answer.
+    app_pings: Vec<Option<Option<Bytes>>>,
 }
 
 impl Heartbeats {
@@ -63,6 +65,7 @@ impl Heartbeats {
             leeway_secs: config.jwt_leeway.as_secs(),
             ping_frame: frame::encode(OpCode::Ping, b""),
             expired: Vec::new(),
+            app_pings: Vec::new(),
         }
     }
 
@@ -150,7 +153,7 @@ impl Heartbeats {
         let now32 = now as u32;
         let now_secs = now_secs();
         // Each app's ping this tick, encoded once for all its connections that get one.
-        let mut pings: Vec<Option<Option<Bytes>>> = Vec::new();
+        self.app_pings.clear();
         for (key, generation, filed_for) in expired.drain(..) {
             let Some(conn) = conns.get_mut(key as usize) else {
                 continue;
@@ -191,10 +194,10 @@ impl Heartbeats {
             } else {
                 live.pinged_at = now32.max(1);
                 let app = usize::from(conn.app.0);
-                if pings.len() <= app {
-                    pings.resize(app + 1, None);
+                if self.app_pings.len() <= app {
+                    self.app_pings.resize(app + 1, None);
                 }
-                let ping = pings[app]
+                let ping = self.app_pings[app]
                     .get_or_insert_with(|| app_ping(conn.app))
                     .clone()
                     .unwrap_or_else(|| self.ping_frame.clone());

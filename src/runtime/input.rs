@@ -237,3 +237,130 @@ fn fail(shard: &Shard, key: usize, error: FrameError) -> End {
     shard.close(key, error.code, error.reason);
     End::ServerClosed
 }
+
+#[cfg(test)]
+mod tests {
+    //! The runtime without a driver or the chat app: a connection adopted by a shard, fed bytes,
+    //! its queue taken and released, through the synchronous calls a driver makes, with an app
+    //! of the test's own.
+
+    use std::cell::RefCell;
+    use std::io::IoSlice;
+    use std::net::IpAddr;
+    use std::rc::Rc;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::base::identity::Identity;
+    use crate::config::Config;
+    use crate::rooms::RoomDirectory;
+    use crate::rooms::stream::HistoryLimits;
+    use crate::runtime::entry::ConnEntry;
+    use crate::runtime::{App, Shared};
+    use crate::ws::frame::client_frame::client_frame;
+
+    /// Answers each message in capitals, and notes what the runtime told it.
+    struct Shout(Rc<RefCell<Vec<String>>>);
+
+    impl App for Shout {
+        fn addressable(&self) -> bool {
+            false
+        }
+
+        fn opened(&self, shard: &Shard, key: usize) {
+            self.0.borrow_mut().push("opened".into());
+            shard.send(key, frame::encode(OpCode::Text, b"hello"));
+        }
+
+        fn message(&self, shard: &Shard, key: usize, _text: bool, payload: &mut [u8]) {
+            payload.make_ascii_uppercase();
+            shard.send(key, frame::encode(OpCode::Text, payload));
+        }
+
+        fn refused(&self, _: &Shard, _: usize) {
+            self.0.borrow_mut().push("refused".into());
+        }
+
+        fn closing(&self, _: &Shard, _: usize) {
+            self.0.borrow_mut().push("closing".into());
+        }
+
+        fn closed(&self, _: &Shard, conn: &ConnEntry) {
+            self.0.borrow_mut().push(format!("closed {}", conn.id));
+        }
+    }
+
+    /// What the connection's queue holds, as if written: each frame's opcode and payload.
+    fn written(shard: &Shard, key: usize) -> Vec<(u8, Bytes)> {
+        let mut guard = shard.state();
+        let state = &mut *guard;
+        let out = &mut state.conns[key].outbound;
+        let mut frames = Vec::new();
+        while !out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 8];
+            let n = out.slices(&mut slices);
+            let mut bytes = 0;
+            for slice in &slices[..n] {
+                frames.push((slice[0] & 0x0F, Bytes::copy_from_slice(&slice[2..])));
+                bytes += slice.len();
+            }
+            out.advance(bytes, &mut state.queued);
+        }
+        frames
+    }
+
+    /// Puts `bytes` in the shard's read buffer, as a read would, and hands them over.
+    fn feed(input: &mut Input, shard: &Shard, key: usize, bytes: &[u8]) -> Result<(), End> {
+        shard.read_buf()[..bytes.len()].copy_from_slice(bytes);
+        input.take_read(shard, key, bytes.len())
+    }
+
+    #[test]
+    fn a_shard_serves_an_app_of_its_own_through_its_synchronous_calls() {
+        let config = Arc::new(Config {
+            shards: 1,
+            max_connections: 10,
+            ..Config::default()
+        });
+        let history = HistoryLimits {
+            size: 10,
+            ttl: std::time::Duration::from_secs(60),
+        };
+        let rooms = RoomDirectory::new(1, false, history, 10);
+        let (shared, _inboxes) = Shared::new("node".into(), config, rooms, 100);
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let shard = Shard::new(0, Arc::new(shared), vec![Box::new(Shout(log.clone()))]);
+        let peer = IpAddr::from([127, 0, 0, 1]);
+        shard.shared.admission.admit_socket(Some(peer)).unwrap();
+        shard.shared.admission.admit_upgrade(peer).unwrap();
+
+        let key = shard.register(AppId(0), Arc::new(Identity::anonymous()), peer);
+        assert_eq!(written(&shard, key), [(0x1, Bytes::from("hello"))]);
+        let mut input = Input::new(AppId(0), 1 << 16, Vec::new());
+        shard.start_turn();
+
+        // A message cut in two reads: handled once whole.
+        let message = client_frame(true, 0x1, b"quiet please", Some([7, 7, 7, 7]));
+        assert!(feed(&mut input, &shard, key, &message[..5]).is_ok());
+        assert!(written(&shard, key).is_empty());
+        assert!(feed(&mut input, &shard, key, &message[5..]).is_ok());
+        assert_eq!(written(&shard, key), [(0x1, Bytes::from("QUIET PLEASE"))]);
+        // A ping is the runtime's to answer.
+        let ping = client_frame(true, 0x9, b"p", Some([1, 2, 3, 4]));
+        assert!(feed(&mut input, &shard, key, &ping).is_ok());
+        assert_eq!(written(&shard, key), [(0xA, Bytes::from("p"))]);
+        // The peer's close is answered with its code, and ends the open phase.
+        let close = client_frame(true, 0x8, &1000u16.to_be_bytes(), Some([1, 2, 3, 4]));
+        assert!(matches!(
+            feed(&mut input, &shard, key, &close),
+            Err(End::PeerClosed)
+        ));
+        assert_eq!(written(&shard, key)[0].0, 0x8);
+        shard.app(input.app).closing(&shard, key);
+        shard.unregister(key);
+        assert_eq!(shard.connection_count(), 0);
+        assert_eq!(*log.borrow(), ["opened", "closing", "closed 0.0.0"]);
+    }
+}

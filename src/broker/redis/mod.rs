@@ -12,8 +12,8 @@
 //! told to `resync`.
 //!
 //! Presence: each node owns its entries and publishes each change, numbered per node and room;
-//! the others keep a copy ([`crate::rooms::presence`]). Nodes beat into Redis every [`BEAT_INTERVAL`];
-//! one silent for [`NODE_TTL`] leaves every room on every node.
+//! the others keep a copy ([`crate::rooms::presence`]). Nodes beat into Redis every `BEAT_INTERVAL`;
+//! one silent for `NODE_TTL` leaves every room on every node.
 //!
 //! Outages: sockets stay open. Publishing is refused at once ("Service unavailable: retry") and
 //! `/readyz` answers 503 until the node has reconnected (with a jittered back-off), resubscribed
@@ -56,8 +56,9 @@ use self::keys::{
 use self::publisher::{entry_json, publish_loop, refuse};
 use self::sync::{CatchUpError, catch_up};
 use super::{Broker, Disconnect, Host, LocalFuture, PublishError, Publisher, RoomRef, Unavailable};
+use crate::base::client_id::ClientId;
 use crate::config::{Config, RedisUrl};
-use crate::protocol::{self, ErrorReply};
+use crate::protocol::{self, ErrorReply, NodeClientId};
 use crate::rooms::RoomState;
 use crate::rooms::presence::{Entry, Fit, Presence};
 use crate::rooms::stream::{Arrival, HistoryLimits};
@@ -278,6 +279,15 @@ impl RedisBroker {
         &self.node_id
     }
 
+    /// The id clients see for one of this node's connections.
+    fn client_id(&self, id: ClientId) -> String {
+        NodeClientId {
+            node: &self.node_id,
+            id,
+        }
+        .to_string()
+    }
+
     /// Reads of the cluster's rooms for the server API, while connected to Redis.
     pub fn lookup(&self) -> Option<Lookup> {
         self.is_ready().then(|| self.lookup.get()).flatten()
@@ -335,9 +345,10 @@ impl Broker for RedisBroker {
         let _ = self.records.send(Record::Presence { room, entry, seq });
     }
 
-    /// Records a session in Redis. Sessions are kept in one hash per node, which lives while the
-    /// node beats.
-    fn session_opened(&self, client_id: String, user_id: &str, connected_at: u64) {
+    /// Records a session in Redis, under the client id clients see. Sessions are kept in one hash
+    /// per node, which lives while the node beats.
+    fn session_opened(&self, client: ClientId, user_id: &str, connected_at: u64) {
+        let client_id = self.client_id(client);
         let record = serde_json::json!({
             "user": user_id,
             "node": &*self.node_id,
@@ -349,7 +360,8 @@ impl Broker for RedisBroker {
             .send(Record::SessionOpened { client_id, record });
     }
 
-    fn session_closed(&self, client_id: String) {
+    fn session_closed(&self, client: ClientId) {
+        let client_id = self.client_id(client);
         let _ = self.records.send(Record::SessionClosed { client_id });
     }
 

@@ -1,6 +1,6 @@
 //! Catching a room up from Redis: its position, the messages this node missed (or its recent
 //! history, at the first sync) and its presence, read in one script ([`Scripts::sync`]) and
-//! applied by [`routing::catch_up_stream`].
+//! applied by the node through [`crate::broker::BrokerEvents::caught_up`].
 
 use std::collections::HashMap;
 use std::sync::Arc;

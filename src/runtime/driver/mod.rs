@@ -1,6 +1,6 @@
 //! The driver: everything tokio-specific about a shard's connections — a task per connection
 //! ([`connection`]), readiness, the shard's delivery loop, its heartbeat timer and its drain at
-//! shutdown. It uses only the shard's synchronous calls ([`Shard::register`],
+//! shutdown — and the node's timed chores ([`housekeeping`]). It uses only the shard's synchronous calls ([`Shard::register`],
 //! [`crate::runtime::input::Input`], the slab entry's outbound queue, [`Shard::tick`],
 //! [`Shard::unregister`]), so another driver (io_uring, epoll) replaces this folder and nothing
 //! else.
@@ -8,17 +8,19 @@
 pub mod connection;
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::Shared;
 use super::bus::{Inbox, Sent};
 use super::shard::Shard;
 use super::wheel::Tick;
 
 /// Runs a shard until `shutdown`: delivers what reaches its inbox and drives its heartbeats; then
-/// drains it (see [`drain`]) once `settled` (what was handed to the broker is answered) or at
+/// drains it (see `drain`) once `settled` (what was handed to the broker is answered) or at
 /// `drain_timeout`.
 pub async fn run(
     shard: &Rc<Shard>,
@@ -109,5 +111,41 @@ async fn drain(shard: &Shard, inbox: &mut Inbox, settled: impl Future<Output = (
         );
     } else {
         info!(shard = shard.index, closed = open, "drained");
+    }
+}
+
+/// The node's chores, once per `every`: forgetting rooms whose members are gone and whose history
+/// expired, and logging refusals and forced closes as one line with the count of each reason
+/// (exact totals stay in the counters), not one line per event: under an attack or a mass
+/// disconnect, per-event lines would let a client drive the log volume and stall the shards on
+/// the log writer's lock.
+pub async fn housekeeping(shared: Arc<Shared>, every: Duration) {
+    // From zero, not from the values now: refusals before this task first runs are logged too.
+    let mut last: Vec<(String, u64)> = shared
+        .counters
+        .values()
+        .into_iter()
+        .map(|(name, _)| (name, 0))
+        .collect();
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        shared.rooms.sweep();
+        let now = shared.counters.values();
+        let changed: Vec<String> = now
+            .iter()
+            .zip(&last)
+            .filter(|((_, new), (_, old))| new > old)
+            .map(|((name, new), (_, old))| format!("{name}={}", new - old))
+            .collect();
+        if !changed.is_empty() {
+            info!(
+                interval = ?every,
+                "refused or closed: {}",
+                changed.join(" ")
+            );
+        }
+        last = now;
     }
 }

@@ -26,8 +26,9 @@
 //! Where the cut is not the obvious one, and why:
 //! - The JSON protocol (`protocol`) is wire, below the runtime: fan-out writes the protocol's
 //!   room notices itself (`room_joined` for a join that waited for its room's sync, `resync`,
-//!   presence notices from other nodes), and the broker answers refused messages with its error
-//!   replies. The runtime itself never names it: greetings, pings and notices are the app's.
+//!   presence notices from other nodes), and a room message the broker could not publish is
+//!   answered with the protocol's error reply. The runtime itself never names it: greetings,
+//!   pings and notices are the app's.
 //! - `/metrics` is rendered by the edge that serves it (`http::metrics`), from counters the
 //!   runtime keeps.
 //! - Session records (a broker's, for connections the shards hold) live in `cluster`, where the

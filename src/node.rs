@@ -9,7 +9,7 @@ use crate::app::echo::EchoApp;
 use crate::auth::Authenticator;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
-use crate::broker::{Broker, Engine, Host};
+use crate::broker::{Broker, BrokerThread, Host};
 use crate::cluster::Cluster;
 use crate::config::{BrokerKind, Config, ConfigError};
 use crate::conn::limits::RoomCreation;
@@ -23,7 +23,7 @@ use crate::runtime::shard::Shard;
 use crate::runtime::{App, AppId, Shared};
 use crate::transport::certificate::Tls;
 
-/// The apps every shard serves, by [`AppId`].
+/// The apps every shard serves, by [`AppId`]: their places in `Node::apps`.
 pub const CHAT: AppId = AppId(0);
 pub const ECHO: AppId = AppId(1);
 
@@ -36,28 +36,23 @@ pub struct Preflight {
     pub proxies: TrustedProxies,
 }
 
-/// Builds what `config` names, or says which setting is wrong (start-up prints it and exits 2).
+/// Builds what `config` names, or says which setting is wrong (start-up prints it and exits 2):
+/// [`build`], and the checks across settings that only a process started from a configuration
+/// file needs (an embedding application composes its own).
 pub fn preflight(config: &Config) -> Result<Preflight, ConfigError> {
     if config.broker == BrokerKind::Redis {
         crate::broker::redis::check_url(&config.redis_url)
             .map_err(|e| ConfigError::bad("redis_url", &config.redis_url.redacted(), &e))?;
     }
-    let proxies = TrustedProxies::parse(&config.trusted_proxies, config.forwarded_header)
-        .map_err(|e| ConfigError::new(format!("trusted_proxies: {e}")))?;
-    if config.proxy_protocol && proxies.is_empty() {
+    let built = build(config)?;
+    if config.proxy_protocol && built.proxies.is_empty() {
         return Err(ConfigError::bad(
             "proxy_protocol",
             &true,
             "needs trusted_proxies: the proxies whose PROXY headers are read",
         ));
     }
-    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
-        (Some(cert), Some(key)) => Some(Tls::load(cert, key).map_err(ConfigError::new)?),
-        _ => None,
-    };
-    // Reads the key file, so a missing or wrong key stops start-up here.
-    let auth = Authenticator::from_config(config).map_err(ConfigError::new)?;
-    if auth.dev_mode() && !config.listen.ip().is_loopback() && !config.dev_mode {
+    if built.auth.dev_mode() && !config.listen.ip().is_loopback() && !config.dev_mode {
         return Err(ConfigError::bad(
             "listen",
             &config.listen,
@@ -66,6 +61,19 @@ pub fn preflight(config: &Config) -> Result<Preflight, ConfigError> {
              dev_mode = true (--dev) to expose it anyway",
         ));
     }
+    Ok(built)
+}
+
+/// Builds the token checker (reading its key file), the TLS certificate and the trusted proxies.
+pub fn build(config: &Config) -> Result<Preflight, ConfigError> {
+    let proxies = TrustedProxies::parse(&config.trusted_proxies, config.forwarded_header)
+        .map_err(|e| ConfigError::new(format!("trusted_proxies: {e}")))?;
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(Tls::load(cert, key).map_err(ConfigError::new)?),
+        _ => None,
+    };
+    // Reads the key file, so a missing or wrong key stops start-up here.
+    let auth = Authenticator::from_config(config).map_err(ConfigError::new)?;
     Ok(Preflight { auth, tls, proxies })
 }
 
@@ -87,8 +95,8 @@ impl Node {
     pub fn new(
         config: Arc<Config>,
         max_sockets: usize,
-    ) -> Result<(Self, Vec<Inbox>, Option<Engine>), ConfigError> {
-        let Preflight { auth, tls, proxies } = preflight(&config)?;
+    ) -> Result<(Self, Vec<Inbox>, Option<BrokerThread>), ConfigError> {
+        let Preflight { auth, tls, proxies } = build(&config)?;
         let rooms = RoomDirectory::new(
             config.shards,
             config.broker == BrokerKind::Redis,
@@ -134,7 +142,7 @@ impl Node {
         Ok((node, inboxes, engine))
     }
 
-    /// The apps of one shard, in [`AppId`] order.
+    /// The apps of one shard, each at the place its [`AppId`] says ([`CHAT`], [`ECHO`]).
     fn apps(&self) -> Vec<Box<dyn App>> {
         let chat = ChatApp::new(
             &self.shared.config,
@@ -167,5 +175,19 @@ mod tests {
             error.contains("redis_url") && !error.contains("hunter2"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn each_app_id_names_its_app() {
+        let (node, _inboxes, _) = Node::new(Arc::new(Config::default()), 16).unwrap();
+        let shard = node.shard(0);
+        // The chat app greets; echo says nothing first.
+        let peer = std::net::IpAddr::from([127, 0, 0, 1]);
+        let chat = shard.register(CHAT, node.shared.anonymous.clone(), peer);
+        let echo = shard.register(ECHO, node.shared.anonymous.clone(), peer);
+        let state = shard.state_ref();
+        assert!(!state.conns[chat].outbound.is_empty());
+        assert!(state.conns[echo].outbound.is_empty());
+        assert!(shard.addressable(CHAT) && !shard.addressable(ECHO));
     }
 }

@@ -286,7 +286,7 @@ fn run_shard(
         let shard = Rc::new(node.shard(index));
         let edge = Rc::new(ShardEdge {
             shard: shard.clone(),
-            node: node.edge.clone(),
+            edge: node.edge.clone(),
         });
         // The listener stays open while draining, so probes still get answers (`/readyz` 503).
         let accepting = tokio::task::spawn_local(http::accept_loop(edge, listener));
@@ -297,7 +297,7 @@ fn run_shard(
                 HOUSEKEEPING_INTERVAL,
             ))
         });
-        driver::run(&shard, &mut inbox, &shutdown, node.broker.settled()).await;
+        driver::run(&shard, &mut inbox, &shutdown, || node.broker.settled()).await;
         accepting.abort();
         if let Some(task) = housekeeping {
             task.abort();

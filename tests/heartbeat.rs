@@ -1,6 +1,6 @@
 //! Heartbeats over real sockets: idle connections are pinged, any inbound frame counts as an
 //! answer, and a peer that stays silent is closed and cleaned up. (The policy itself, tick by
-//! tick, is tested on a fake clock in `src/heartbeat.rs`; the windows here are wide, so a loaded
+//! tick, is tested on a fake clock in `src/runtime/heartbeat.rs`; the windows here are wide, so a loaded
 //! machine's delays cannot pass for silence.)
 
 mod support;

@@ -468,6 +468,20 @@ fn every_layer_imports_only_from_below_it_as_the_map_in_lib_rs_says() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
+/// Whether `code` names the outside crate `krate`: `redis::…` or `::redis::…`, not
+/// `broker::redis::…` (a module of this crate) nor `my_redis::…`.
+fn names_crate(code: &str, krate: &str) -> bool {
+    code.match_indices(krate).any(|(at, _)| {
+        let after = &code[at + krate.len()..];
+        let before = code[..at].strip_suffix("::").unwrap_or(&code[..at]);
+        let joined = before
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_');
+        after.starts_with("::") && !joined
+    })
+}
+
 #[test]
 fn hyper_and_redis_are_named_only_in_their_layers() {
     // Each crate, and the module folders where it may be named.
@@ -478,13 +492,7 @@ fn hyper_and_redis_are_named_only_in_their_layers() {
             let allowed = allowed
                 .iter()
                 .any(|m| source.module.first().is_some_and(|first| first == m));
-            let named = source.code.match_indices(krate).any(|(at, _)| {
-                let before = source.code[..at].chars().last();
-                let after = &source.code[at + krate.len()..];
-                !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
-                    && after.starts_with("::")
-            });
-            if named && !allowed {
+            if names_crate(&source.code, krate) && !allowed {
                 wrong.push(format!("{} names the `{krate}` crate", source.file));
             }
         }
@@ -502,4 +510,17 @@ fn the_reader_follows_use_trees_and_skips_comments_strings_and_tests() {
     let paths = named_paths(&code, &vec!["m".into(), "n".into()]);
     let names: Vec<String> = paths.iter().map(|p| p.join("::")).collect();
     assert_eq!(names, ["a::b", "a::c::D", "e", "m::g::h"]);
+}
+
+#[test]
+fn an_outside_crate_is_found_however_its_path_starts() {
+    assert!(names_crate("let c = redis::cmd(\"GET\");", "redis"));
+    assert!(names_crate("use ::redis::aio::Conn;", "redis"));
+    assert!(names_crate("fn f(r: &hyper::Request<()>) {}", "hyper"));
+    assert!(!names_crate(
+        "use crate::broker::redis::RedisBroker;",
+        "redis"
+    ));
+    assert!(!names_crate("let my_redis = 1; my_redis::x();", "redis"));
+    assert!(!names_crate("// no path: redis", "redis"));
 }

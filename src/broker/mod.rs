@@ -38,7 +38,7 @@ pub type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
 /// What a broker needs run besides its handle (Redis's connections), on a thread of its own
 /// until the token is cancelled.
-pub type Engine = Box<dyn FnOnce(CancellationToken) -> LocalFuture<'static, ()> + Send>;
+pub type BrokerThread = Box<dyn FnOnce(CancellationToken) -> LocalFuture<'static, ()> + Send>;
 
 /// What a broker is given of its node: the shards' shared state (room directory, counters) and
 /// where its events go.
@@ -105,7 +105,9 @@ impl Disconnect {
 }
 
 /// What joins this node to the others. Called from the shards (synchronously: a call queues,
-/// it never waits for the network) and from the server API.
+/// it never waits for the network) and from the server API. Besides the events it reports, a
+/// broker keeps the node's copy of what it follows up to date: the room's stream (the messages it
+/// hands on, pushed before [`BrokerEvents::stream_message`]) and the other nodes' presence.
 pub trait Broker: Send + Sync {
     /// `/healthz`'s view of it: its kind, whether it is ready, and what else it can say.
     fn health(&self) -> serde_json::Value;
@@ -118,8 +120,9 @@ pub trait Broker: Send + Sync {
         Vec::new()
     }
 
-    /// Once stopping: resolves when every room message handed to the broker has been answered
-    /// (published, or refused to its sender), so that connections close after their answers.
+    /// Resolves once the node is stopping and every room message handed to the broker has been
+    /// answered (published, or refused to its sender), so that connections close after their
+    /// answers.
     fn settled(&self) -> LocalFuture<'_, ()>;
 
     /// The node has a first member in a room whose stream it does not follow yet.
@@ -146,7 +149,8 @@ pub trait Broker: Send + Sync {
     fn control(&self, disconnect: &Disconnect) -> bool;
 
     /// A user's connections here in `room` changed to `entry.conns` (`seq` numbers this node's
-    /// changes of the room).
+    /// changes of the room). Called under the room's presence lock, so that the changes reach
+    /// the broker in their order: it queues, and never reports an event from within.
     fn presence_changed(&self, room: Arc<str>, entry: Entry, seq: u64);
 
     /// A connection of this node opened: its id, its user, when (Unix ms).

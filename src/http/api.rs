@@ -54,7 +54,7 @@ pub fn is_api(path: &str) -> bool {
 
 /// Answers one API request.
 pub async fn serve(shard: Rc<ShardEdge>, req: Request<Incoming>) -> Response<Body> {
-    let config = &shard.node.shared.config;
+    let config = &shard.edge.shared.config;
     let Some(key) = &config.api_key else {
         return error_response(StatusCode::NOT_FOUND, "not found");
     };
@@ -144,7 +144,7 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
     shard: &ShardEdge,
     req: Request<Incoming>,
 ) -> Result<T, Refused> {
-    let config = &shard.node.shared.config;
+    let config = &shard.edge.shared.config;
     let limit = config.max_message_size;
     let too_large = || {
         Refused(
@@ -185,7 +185,7 @@ async fn publish(shard: &ShardEdge, body: PublishBody) -> Answer {
     if !is_valid_room_name(room) {
         return Err(bad_request(ErrorReply::InvalidRoomName));
     }
-    let node = &shard.node;
+    let node = &shard.edge;
     let message = ServerMessage::Publication {
         room: Some(room),
         data: &body.data,
@@ -225,7 +225,7 @@ struct BroadcastBody {
 }
 
 fn broadcast(shard: &ShardEdge, body: BroadcastBody) -> Answer {
-    let node = &shard.node;
+    let node = &shard.edge;
     // Refused whole rather than delivered on this node only.
     if !node.broker.is_ready() {
         return Err(unavailable(ErrorReply::Unavailable));
@@ -262,7 +262,7 @@ fn default_disconnect_code() -> u16 {
 }
 
 fn disconnect(shard: &ShardEdge, body: DisconnectBody) -> Answer {
-    let node = &shard.node;
+    let node = &shard.edge;
     if body.reason.len() > frame::MAX_CLOSE_REASON {
         return Err(bad_request(format!(
             "reason: at most {} bytes (it goes in the close frame)",
@@ -310,7 +310,7 @@ fn page_query(query: &str) -> Result<(Option<String>, usize), Refused> {
 async fn rooms(shard: &ShardEdge, query: &str) -> Answer {
     let (after, limit) = page_query(query)?;
     let page = shard
-        .node
+        .edge
         .broker
         .rooms(after.as_deref(), limit)
         .await
@@ -347,7 +347,7 @@ async fn room_users(shard: &ShardEdge, room: &str, query: &str) -> Answer {
             .collect();
         (presence.total(), users, next)
     };
-    let node = &shard.node;
+    let node = &shard.edge;
     let local = node
         .shared
         .rooms

@@ -32,23 +32,23 @@ const HANDSHAKE_REFUSALS: [(&str, &str); 8] = [
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Every metric of the node, as OpenMetrics text.
-pub fn render(node: &Arc<Edge>) -> String {
+pub fn render(edge: &Arc<Edge>) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(NodeCollector(node.clone())));
+    registry.register_collector(Box::new(EdgeCollector(edge.clone())));
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)
         .expect("writing to a String cannot fail");
     text
 }
 
-struct NodeCollector(Arc<Edge>);
+struct EdgeCollector(Arc<Edge>);
 
 /// Which of a shard's counters a metric reads.
 type ReadCounter = fn(&ShardMetrics) -> &LocalCounter;
 
-impl fmt::Debug for NodeCollector {
+impl fmt::Debug for EdgeCollector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("NodeCollector")
+        f.write_str("EdgeCollector")
     }
 }
 
@@ -103,7 +103,7 @@ fn flag(on: bool) -> Value {
     Value::Gauge(f64::from(u8::from(on)))
 }
 
-impl NodeCollector {
+impl EdgeCollector {
     /// A counter of every shard's [`ShardMetrics`], by shard.
     fn per_shard(&self, read: impl Fn(&ShardMetrics) -> &LocalCounter) -> Vec<(String, Value)> {
         let shards = self.0.shared.metrics.iter().enumerate();
@@ -313,7 +313,7 @@ impl NodeCollector {
     }
 }
 
-impl Collector for NodeCollector {
+impl Collector for EdgeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         self.connections(&mut encoder)?;
         self.traffic(&mut encoder)?;

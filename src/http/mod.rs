@@ -90,7 +90,7 @@ pub struct Edge {
 /// The edge on one shard: that shard (whose connections upgrades become) and the node's edge.
 pub struct ShardEdge {
     pub shard: Rc<Shard>,
-    pub node: Arc<Edge>,
+    pub edge: Arc<Edge>,
 }
 
 /// Back-off after a failed `accept`, doubling up to the maximum while failures go on (short: a
@@ -112,7 +112,7 @@ pub async fn accept_loop(shard: Rc<ShardEdge>, listener: TcpListener) {
                 // Typically EMFILE, out of file descriptors: make room by closing the longest
                 // idle HTTP connection, and back off instead of spinning; the pending connections
                 // wait in the backlog.
-                let node = &shard.node;
+                let node = &shard.edge;
                 let errors = &node.shared.counters.accept_errors;
                 errors.fetch_add(1, Ordering::Relaxed);
                 // (The evicted connection counts itself.)
@@ -129,7 +129,7 @@ pub async fn accept_loop(shard: Rc<ShardEdge>, listener: TcpListener) {
 /// descriptor is taken), or answers 429/503 and closes it.
 fn admit(shard: &Rc<ShardEdge>, stream: TcpStream, ip: IpAddr) {
     let _ = stream.set_nodelay(true);
-    let node = &shard.node;
+    let node = &shard.edge;
     let config = &node.shared.config;
     if config.socket_send_buffer > 0 {
         let _ = SockRef::from(&stream).set_send_buffer_size(config.socket_send_buffer);
@@ -159,17 +159,17 @@ fn admit(shard: &Rc<ShardEdge>, stream: TcpStream, ip: IpAddr) {
 pub async fn serve(shard: Rc<ShardEdge>, tcp: TcpStream, peer: IpAddr) {
     let place = SocketPlace {
         shard: &shard,
-        counted_as: Cell::new((!shard.node.proxies.trusts(peer)).then_some(peer)),
+        counted_as: Cell::new((!shard.edge.proxies.trusts(peer)).then_some(peer)),
         upgraded: Cell::new(false),
     };
-    let deadline = tokio::time::Instant::now() + shard.node.shared.config.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + shard.edge.shared.config.handshake_timeout;
     // Idle from accept: a socket that sends nothing, or half a TLS handshake, is closed to make
     // room like any idle HTTP connection (else a few hundred of them lock every client out).
-    let registered = shard.node.http.register();
+    let registered = shard.edge.http.register();
     let handshaken = tokio::select! {
         stream = handshake(&shard, tcp, &place, deadline) => stream,
         _ = registered.evict.notified() => {
-            evicted(&shard.node, peer);
+            evicted(&shard.edge, peer);
             None
         }
     };
@@ -201,13 +201,13 @@ impl SocketPlace<'_> {
     /// Whether the socket must start with a PROXY protocol header: a trusted proxy's, with
     /// `proxy_protocol` on (its client not known yet).
     fn expects_proxy_header(&self) -> bool {
-        self.shard.node.shared.config.proxy_protocol && self.counted_as.get().is_none()
+        self.shard.edge.shared.config.proxy_protocol && self.counted_as.get().is_none()
     }
 
     /// A PROXY header named `client`: the socket is the client's from here on, if the client
     /// has room under its cap (a refusal is counted).
     fn claim(&self, client: IpAddr) -> Result<(), Refusal> {
-        let node = &self.shard.node;
+        let node = &self.shard.edge;
         node.shared
             .admission
             .claim_ip(client)
@@ -222,7 +222,7 @@ impl SocketPlace<'_> {
 impl Drop for SocketPlace<'_> {
     fn drop(&mut self) {
         if !self.upgraded.get() {
-            let admission = &self.shard.node.shared.admission;
+            let admission = &self.shard.edge.shared.admission;
             match self.counted_as.get() {
                 Some(ip) => admission.release_socket(ip),
                 None => admission.release_proxied_socket(),
@@ -240,7 +240,7 @@ async fn handshake(
     place: &SocketPlace<'_>,
     deadline: tokio::time::Instant,
 ) -> Option<Stream> {
-    let node = &shard.node;
+    let node = &shard.edge;
     let Some(tls) = &node.tls else {
         return Some(Stream::Plain(tcp));
     };
@@ -304,7 +304,7 @@ async fn serve_http(
     deadline: tokio::time::Instant,
 ) {
     let (counted_as, upgraded) = (&place.counted_as, &place.upgraded);
-    let node = &shard.node;
+    let node = &shard.edge;
     let config = &node.shared.config;
     // Over TLS the PROXY header came before the handshake.
     let proxy_header = node.tls.is_none() && place.expects_proxy_header();
@@ -439,13 +439,13 @@ fn origin(
             client,
             proxied: false,
         },
-        None if shard.node.shared.config.proxy_protocol => Origin {
+        None if shard.edge.shared.config.proxy_protocol => Origin {
             // A PROXY header that named nobody: the proxy's own request (a health check).
             client: peer,
             proxied: true,
         },
         None => Origin {
-            client: shard.node.proxies.client(req.headers(), peer)?,
+            client: shard.edge.proxies.client(req.headers(), peer)?,
             proxied: true,
         },
     })
@@ -458,14 +458,14 @@ const MAX_REQUESTS_PER_CONNECTION: u32 = 100;
 /// still sends (so the answer is not lost to a reset), while few refused sockets are lingering;
 /// at once when descriptors are what is short, or many are.
 pub async fn refuse(shard: Rc<ShardEdge>, stream: TcpStream, refusal: Refusal) {
-    if shard.node.tls.is_some() {
+    if shard.edge.tls.is_some() {
         // An answer would need a TLS handshake first: under the load that makes refusals, the
         // socket is just closed.
         return;
     }
     let (status, reason) = refusal.status();
     let response = head::error_response(status, reason, refusal.message());
-    let admission = &shard.node.shared.admission;
+    let admission = &shard.edge.shared.admission;
     if refusal != Refusal::ServerFull && admission.start_linger() {
         head::answer_and_close(Stream::Plain(stream), &response).await;
         admission.end_linger();
@@ -477,10 +477,10 @@ pub async fn refuse(shard: Rc<ShardEdge>, stream: TcpStream, refusal: Refusal) {
 
 fn route(shard: &Rc<ShardEdge>, req: Request<Incoming>, origin: Origin) -> Response<Body> {
     let path = req.uri().path();
-    let config = &shard.node.shared.config;
+    let config = &shard.edge.shared.config;
     match (req.method(), path) {
         (&Method::GET, "/") if fastwebsockets::upgrade::is_upgrade_request(&req) => {
-            upgrade(shard, req, shard.node.chat, origin)
+            upgrade(shard, req, shard.edge.chat, origin)
         }
         (&Method::GET, "/") => {
             let mut res = Response::new(Full::new(Bytes::from_static(TEST_PAGE.as_bytes())));
@@ -490,9 +490,9 @@ fn route(shard: &Rc<ShardEdge>, req: Request<Incoming>, origin: Origin) -> Respo
             );
             res
         }
-        (&Method::GET, "/ws") => upgrade(shard, req, shard.node.chat, origin),
+        (&Method::GET, "/ws") => upgrade(shard, req, shard.edge.chat, origin),
         (&Method::GET, "/echo") if config.echo_endpoint => {
-            upgrade(shard, req, shard.node.echo, origin)
+            upgrade(shard, req, shard.edge.echo, origin)
         }
         (&Method::GET, "/healthz") => {
             // The counters only to who may read /metrics: they tell an attacker what works.
@@ -501,12 +501,12 @@ fn route(shard: &Rc<ShardEdge>, req: Request<Incoming>, origin: Origin) -> Respo
             json(StatusCode::OK, &health(shard, detail))
         }
         (&Method::GET, "/metrics") => metrics(shard, &req, origin.client),
-        (&Method::GET, "/dev/token") if shard.node.auth.dev_mode() => dev_token(shard, req.uri()),
-        (&Method::GET, "/readyz") if shard.node.shared.is_draining() => error_response(
+        (&Method::GET, "/dev/token") if shard.edge.auth.dev_mode() => dev_token(shard, req.uri()),
+        (&Method::GET, "/readyz") if shard.edge.shared.is_draining() => error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining: the server is shutting down",
         ),
-        (&Method::GET, "/readyz") if !shard.node.broker.is_ready() => error_response(
+        (&Method::GET, "/readyz") if !shard.edge.broker.is_ready() => error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "broker unavailable: Redis cannot be reached (or its rooms are being caught up)",
         ),
@@ -523,7 +523,7 @@ fn route(shard: &Rc<ShardEdge>, req: Request<Incoming>, origin: Origin) -> Respo
 
 /// `/healthz`: liveness, gauges, and (`detail`) the refusal counters.
 fn health(shard: &ShardEdge, detail: bool) -> serde_json::Value {
-    let node = &shard.node;
+    let node = &shard.edge;
     let mut health = serde_json::json!({
         "status": "ok",
         "connections": node.shared.connection_count(),
@@ -548,7 +548,7 @@ fn counters_refusal(
     req: &Request<Incoming>,
     client: IpAddr,
 ) -> Option<Response<Body>> {
-    match &shard.node.shared.config.metrics_key {
+    match &shard.edge.shared.config.metrics_key {
         Some(key) if !api::authorized(req.headers(), key.expose()) => Some(unauthorized(
             serde_json::json!({ "error": "metrics: send Authorization: Bearer <metrics_key>" }),
         )),
@@ -565,7 +565,7 @@ fn metrics(shard: &ShardEdge, req: &Request<Incoming>, client: IpAddr) -> Respon
     if let Some(refused) = counters_refusal(shard, req, client) {
         return refused;
     }
-    let mut res = Response::new(Full::new(Bytes::from(metrics::render(&shard.node))));
+    let mut res = Response::new(Full::new(Bytes::from(metrics::render(&shard.edge))));
     res.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static(metrics::CONTENT_TYPE),
@@ -586,7 +586,7 @@ fn upgrade(
     origin: Origin,
 ) -> Response<Body> {
     let peer = origin.client;
-    let node = &shard.node;
+    let node = &shard.edge;
     if node.shared.is_draining() {
         node.shared
             .counters
@@ -671,7 +671,7 @@ fn upgrade_admitted(
     app: AppId,
     peer: IpAddr,
 ) -> Response<Body> {
-    let node = &shard.node;
+    let node = &shard.edge;
     if let Some(origin) = req.headers().get(ORIGIN)
         && !node.shared.config.allowed_origins.is_empty()
         && !node
@@ -766,8 +766,8 @@ fn upgrade_admitted(
 
 /// Gives back the admission of an upgrade that did not happen.
 fn give_back(shard: &ShardEdge, peer: IpAddr) {
-    shard.node.shared.admission.release_upgrade();
-    shard.node.shared.admission.release_socket(peer);
+    shard.edge.shared.admission.release_upgrade();
+    shard.edge.shared.admission.release_socket(peer);
 }
 
 /// Dev mode only: a one-hour token for `?user=NAME`, so the test page works without set-up.
@@ -787,7 +787,7 @@ fn dev_token(shard: &ShardEdge, uri: &hyper::Uri) -> Response<Body> {
         );
     };
     let claims = auth::claims_for(user, None, DEV_TOKEN_TTL);
-    match shard.node.auth.mint(&claims) {
+    match shard.edge.auth.mint(&claims) {
         Some(token) => json(
             StatusCode::OK,
             &serde_json::json!({ "token": token, "expiresAt": claims.exp }),

@@ -140,9 +140,15 @@ pub struct AppId(pub u8);
 /// An application: what a connection's messages mean. The runtime calls it on the connection's
 /// shard; a handler never awaits, holds a waker or spawns — it queues frames (through the
 /// [`Shard`]), publishes, or closes, and returns.
+///
+/// `opened`, `message`, `refused`, `closing` and `closed` may use the shard freely (its state is
+/// not borrowed then). `addressable`, `ping` and `dropped` are asked while the shard's state is
+/// borrowed: they answer from the app's own state and must not touch the shard.
 pub trait App {
     /// Whether this app's connections are addressable: reached by a publication to every
-    /// connection ([`crate::rooms::Target::All`]) and found by user (a user's disconnect).
+    /// connection ([`crate::rooms::Target::All`]), found by user (a user's disconnect), and
+    /// recorded again with the broker after it lost its session records (the app records them
+    /// when they open and close).
     fn addressable(&self) -> bool;
 
     /// A connection of this app joined the shard's slab (greet it, record it).
@@ -151,10 +157,11 @@ pub trait App {
     /// A complete data message, within the connection's byte rate.
     fn message(&self, shard: &Shard, key: usize, text: bool, payload: &mut [u8]);
 
-    /// A data message the connection's frame rate refused (answer it, or not).
+    /// A data message the connection's frame or byte rate refused (answer it, or not).
     fn refused(&self, shard: &Shard, key: usize);
 
     /// The connection is no longer read (it closes or vanished): what it takes part in ends.
+    /// May come twice (when its close handshake begins, and when its driver lets it go).
     fn closing(&self, shard: &Shard, key: usize);
 
     /// The connection left the slab.

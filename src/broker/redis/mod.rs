@@ -21,7 +21,7 @@
 //! written again as it turns ready). A probe published to the node's own channel every second
 //! finds a subscription that stopped delivering while the connection looks alive.
 //!
-//! Everything here runs on the broker's own thread ([`Engine::run`]); shards reach it through
+//! Everything here runs on the broker's own thread (`Engine::run`); shards reach it through
 //! queues and never wait for it.
 //!
 //! [`Stream`]: crate::rooms::stream::Stream
@@ -202,7 +202,7 @@ impl ProbeClock {
 
 impl RedisBroker {
     /// The broker `config` names, for the node `host` describes, and its engine to run.
-    pub fn new(config: &Config, host: Host) -> (Self, super::Engine) {
+    pub fn new(config: &Config, host: Host) -> (Self, super::BrokerThread) {
         let node_id = host.shared.id.clone();
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (outgoing, outgoing_rx) = mpsc::channel(config.redis_publish_queue);
@@ -251,17 +251,12 @@ impl RedisBroker {
             }),
             sweeps: HashMap::new(),
         };
-        let run: super::Engine = Box::new(move |stop| Box::pin(engine.run(host, stop)));
+        let run: super::BrokerThread = Box::new(move |stop| Box::pin(engine.run(host, stop)));
         (broker, run)
     }
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
-    }
-
-    /// Waits until the stopped engine has answered every room message queued for Redis.
-    pub async fn settled(&self) {
-        self.settled.cancelled().await;
     }
 
     /// The last probe's round trip through Redis, if one came back yet.
@@ -446,7 +441,7 @@ impl Broker for RedisBroker {
 }
 
 /// The broker's side: one Redis connection for commands, one for subscriptions.
-pub struct Engine {
+struct Engine {
     url: RedisUrl,
     grace: Duration,
     node_id: Arc<str>,

@@ -1,9 +1,11 @@
-//! The driver: everything tokio-specific about a shard's connections — a task per connection
-//! ([`connection`]), readiness, the shard's delivery loop, its heartbeat timer and its drain at
-//! shutdown — and the node's timed chores ([`housekeeping`]). It uses only the shard's synchronous calls ([`Shard::register`],
-//! [`crate::runtime::input::Input`], the slab entry's outbound queue, [`Shard::tick`],
-//! [`Shard::unregister`]), so another driver (io_uring, epoll) replaces this folder and nothing
-//! else.
+//! The driver: how a shard's WebSocket connections meet their sockets — today a tokio task per
+//! connection ([`connection`]) with its readiness, the shard's delivery loop, its heartbeat timer
+//! and its drain at shutdown — and the node's timed chores ([`housekeeping`]). It uses only the
+//! shard's synchronous calls ([`Shard::register`], [`crate::runtime::input::Input`], the slab
+//! entry's outbound queue, [`Shard::tick`], [`Shard::unregister`]): another I/O engine (io_uring,
+//! epoll) is another driver beside this one. What stays on tokio whatever the driver: the HTTP
+//! edge (accept, hyper, the upgrade hands the socket to [`connection::serve`]), the bus's inbox
+//! (a tokio channel the loop waits on) and the shard thread's runtime (`server.rs`).
 
 pub mod connection;
 
@@ -20,17 +22,17 @@ use super::shard::Shard;
 use super::wheel::Tick;
 
 /// Runs a shard until `shutdown`: delivers what reaches its inbox and drives its heartbeats; then
-/// drains it (see `drain`) once `settled` (what was handed to the broker is answered) or at
-/// `drain_timeout`.
-pub async fn run(
+/// drains it (see `drain`) once `settled()` resolves (what was handed to the broker is answered)
+/// or at `drain_timeout`.
+pub async fn run<F: Future<Output = ()>>(
     shard: &Rc<Shard>,
     inbox: &mut Inbox,
     shutdown: &CancellationToken,
-    settled: impl Future<Output = ()>,
+    settled: impl FnOnce() -> F,
 ) {
     let heartbeats = tokio::task::spawn_local(heartbeats(shard.clone()));
     deliver_until(shard, inbox, shutdown).await;
-    drain(shard, inbox, settled).await;
+    drain(shard, inbox, settled()).await;
     heartbeats.abort();
 }
 

@@ -35,7 +35,10 @@ fn shard_with_room_under(members: usize, config: Config) -> Shard {
     for _ in 0..members {
         let peer = std::net::IpAddr::from([127, 0, 0, 1]);
         let key = shard.register(CHAT, shared.anonymous.clone(), peer);
-        let joined = shard.state().rooms.join(&shared.rooms, 0, "r", key, None);
+        let joined = shard
+            .state()
+            .rooms
+            .join(&shared.rooms, 0, "r", key, None, None);
         assert!(matches!(joined, Ok(rooms::Joined::Joined(_))));
     }
     drain(&shard);

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use crate::base::client_id::ClientId;
 use crate::broker::{Broker, BrokerEvents, Disconnect, PublishError, Publisher, RoomRef};
 use crate::fanout::{self, Publication};
-use crate::protocol::{ErrorReply, ServerMessage};
+use crate::protocol::{ErrorReply, RequestId, ServerMessage};
 use crate::rooms::presence::{Entry, NodesPresence};
 use crate::rooms::stream::Position;
 use crate::rooms::{RoomState, Target};
@@ -187,12 +187,17 @@ impl BrokerEvents for Cluster {
         disconnect_here(&self.shared, disconnect);
     }
 
-    fn refused(&self, client: ClientId, error: ErrorReply<'static>) {
-        fanout::reply(
-            &self.shared,
-            client,
-            ServerMessage::Error { error }.encode(),
-        );
+    fn refused(&self, client: ClientId, request: Option<RequestId>, error: ErrorReply<'static>) {
+        let reply = ServerMessage::Error { error }.encode_for(request.as_ref());
+        fanout::reply(&self.shared, client, reply);
+    }
+
+    fn published(&self, client: ClientId, request: RequestId, offset: u64) {
+        let ack = ServerMessage::Ack {
+            id: &request,
+            offset: Some(offset),
+        };
+        fanout::reply(&self.shared, client, ack.encode());
     }
 
     fn sessions_lost(&self) {

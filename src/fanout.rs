@@ -18,7 +18,7 @@ use crate::base::client_id::ClientId;
 use crate::base::time::now_ms;
 use crate::config::SlowConsumerPolicy;
 use crate::conn::outbound::{self, QueueTotal};
-use crate::protocol::{self, ServerMessage};
+use crate::protocol::{self, RequestId, ServerMessage};
 use crate::rooms::presence::{Entry, NodesPresence};
 use crate::rooms::stream::Position;
 use crate::rooms::{Joining, PENDING, RoomState, Target};
@@ -569,6 +569,7 @@ pub fn answer_join(
     joining: &Joining,
     members: u32,
     since: bool,
+    request: Option<&RequestId>,
 ) {
     let Some(position) = &joining.position else {
         return;
@@ -584,7 +585,7 @@ pub fn answer_join(
         epoch: &position.epoch,
         recovered: since.then_some(missed.is_some()),
     };
-    conn.outbound.push(reply.encode(), queued);
+    conn.outbound.push(reply.encode_for(request), queued);
     for frame in missed.into_iter().flatten() {
         conn.outbound.push(frame.clone(), queued);
     }
@@ -623,7 +624,16 @@ fn complete_joins(shard: &Shard, room: &Arc<RoomState>) {
                 *joined_at = position.offset;
             }
             let conn = &mut conns[join.key];
-            answer_join(shard, conn, queued, &joining, members, join.since.is_some());
+            let since = join.since.is_some();
+            answer_join(
+                shard,
+                conn,
+                queued,
+                &joining,
+                members,
+                since,
+                join.request.as_ref(),
+            );
         }
     }
 }

@@ -61,6 +61,27 @@ pub struct Since<'i> {
     pub epoch: &'i str,
 }
 
+/// A client's name for one of its messages (its optional top-level `id`): echoed on the
+/// message's reply or error, so clients can match answers to requests. A non-negative integer or
+/// a string of at most [`MAX_REQUEST_ID_LEN`] bytes, echoed as it came.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestId {
+    Number(u64),
+    Text(Box<str>),
+}
+
+/// The longest string `id`, in bytes.
+pub const MAX_REQUEST_ID_LEN: usize = 64;
+
+impl Serialize for RequestId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RequestId::Number(n) => s.serialize_u64(*n),
+            RequestId::Text(t) => s.serialize_str(t),
+        }
+    }
+}
+
 /// Every error a client can be sent, with its exact wording. None of them closes the connection.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ErrorReply<'a> {
@@ -199,6 +220,25 @@ pub const CLIENT_MESSAGE_TYPES: [&str; 8] = [
     "presence",
 ];
 
+/// Reads a message's `id`, if it has one.
+pub fn read_request_id<'i>(tape: &Tape<'i>) -> Result<Option<RequestId>, ErrorReply<'i>> {
+    let Some(id) = tape.as_value().get("id").filter(|id| !id.is_null()) else {
+        return Ok(None);
+    };
+    if let Some(n) = id.as_u64() {
+        return Ok(Some(RequestId::Number(n)));
+    }
+    match id.into_string() {
+        Some(text) if (1..=MAX_REQUEST_ID_LEN).contains(&text.len()) => {
+            Ok(Some(RequestId::Text(text.into())))
+        }
+        _ => Err(ErrorReply::InvalidField {
+            field: "id",
+            expected: "a non-negative integer or a string of 1-64 bytes",
+        }),
+    }
+}
+
 /// Reads one message out of a parsed tape.
 pub fn read_message<'t, 'i>(tape: &'t Tape<'i>) -> Result<ClientMessage<'t, 'i>, ErrorReply<'i>> {
     let root = tape.as_value();
@@ -280,16 +320,32 @@ pub struct JsonParser {
 }
 
 impl JsonParser {
-    /// Parses `input` in place (simd-json overwrites it) and hands the result to `f`.
+    /// Parses `input` in place (simd-json overwrites it) and hands the message to `f`.
     pub fn parse<R>(
         &mut self,
         input: &mut [u8],
         f: impl for<'t, 'i> FnOnce(Result<ClientMessage<'t, 'i>, ErrorReply<'i>>) -> R,
     ) -> R {
+        self.parse_request(input, |_, message| f(message))
+    }
+
+    /// [`JsonParser::parse`], with the message's `id` (`None` for a message that has none or
+    /// is not JSON; a malformed `id` makes the message an error).
+    pub fn parse_request<R>(
+        &mut self,
+        input: &mut [u8],
+        f: impl for<'t, 'i> FnOnce(
+            Option<RequestId>,
+            Result<ClientMessage<'t, 'i>, ErrorReply<'i>>,
+        ) -> R,
+    ) -> R {
         let mut tape = self.tape.take().unwrap_or_else(Tape::null).reset();
         let result = match simd_json::fill_tape(input, &mut self.buffers, &mut tape) {
-            Ok(()) => f(read_message(&tape)),
-            Err(_) => f(Err(ErrorReply::InvalidFormat)),
+            Ok(()) => match read_request_id(&tape) {
+                Ok(id) => f(id, read_message(&tape)),
+                Err(error) => f(None, Err(error)),
+            },
+            Err(_) => f(None, Err(ErrorReply::InvalidFormat)),
         };
         self.tape = Some(tape.reset());
         result
@@ -382,6 +438,13 @@ pub enum ServerMessage<'a> {
         data: &'a serde_json::Value,
         timestamp: u64,
     },
+    /// Answer to a message with an `id` that has no answer of its own (`leave_room`, `typing`,
+    /// `pong`), and to a `chat_message` with an `id` once published, with its offset.
+    Ack {
+        id: &'a RequestId,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+    },
     /// Answer to `refresh`: the connection now runs on the new token.
     TokenRefreshed {
         #[serde(rename = "expiresAt")]
@@ -392,9 +455,18 @@ pub enum ServerMessage<'a> {
 impl ServerMessage<'_> {
     /// Serializes and frames the message once; the result can be queued to any number of clients.
     pub fn encode(&self) -> Bytes {
+        self.encode_for(None)
+    }
+
+    /// Serializes and frames the message as the answer to a client message with `id` (which it
+    /// carries last, as `"id"`), or as [`ServerMessage::encode`] without one.
+    pub fn encode_for(&self, id: Option<&RequestId>) -> Bytes {
         let mut frame = FrameBuilder::with_capacity(128);
         serde_json::to_writer(frame.payload().writer(), self)
             .expect("serializing to memory cannot fail");
+        if let Some(id) = id {
+            append_id(frame.payload(), id);
+        }
         frame.finish(OpCode::Text)
     }
 
@@ -430,7 +502,7 @@ pub fn with_offset(message: &[u8], offset: u64) -> Bytes {
 }
 
 /// Frames `{"type":"echo","payload":…}` with the payload re-serialized from the tape.
-pub fn encode_echo(payload: Option<Value<'_, '_>>) -> Bytes {
+pub fn encode_echo(payload: Option<Value<'_, '_>>, id: Option<&RequestId>) -> Bytes {
     let mut frame = FrameBuilder::with_capacity(64);
     let out = frame.payload();
     out.extend_from_slice(br#"{"type":"echo","payload":"#);
@@ -441,7 +513,19 @@ pub fn encode_echo(payload: Option<Value<'_, '_>>) -> Bytes {
         None => out.extend_from_slice(b"null"),
     }
     out.put_u8(b'}');
+    if let Some(id) = id {
+        append_id(out, id);
+    }
     frame.finish(OpCode::Text)
+}
+
+/// Adds `"id":…` as the last field of the JSON object in `out`.
+fn append_id(out: &mut bytes::BytesMut, id: &RequestId) {
+    debug_assert_eq!(out.last(), Some(&b'}'));
+    out.truncate(out.len() - 1);
+    out.extend_from_slice(br#","id":"#);
+    serde_json::to_writer(out.writer(), id).expect("serializing to memory cannot fail");
+    out.put_u8(b'}');
 }
 
 #[cfg(test)]
@@ -535,7 +619,7 @@ mod tests {
     fn echo_reserializes_the_payload() {
         let mut input = br#"{"type":"echo","payload":{"a":[1,2.5,"x\u00e9"],"b":null}}"#.to_vec();
         let frame = JsonParser::default().parse(&mut input, |r| match r {
-            Ok(ClientMessage::Echo { payload }) => encode_echo(payload),
+            Ok(ClientMessage::Echo { payload }) => encode_echo(payload, None),
             other => panic!("{other:?}"),
         });
         let json: serde_json::Value = serde_json::from_slice(&frame[2..]).unwrap();

@@ -144,3 +144,104 @@ async fn an_echo_never_answers_with_more_than_a_client_may_send() {
     c.send("echo", json!([9e15])).await;
     c.expect("echo").await;
 }
+
+/// Sends `{"type", "payload", "id"}`.
+async fn send_with_id(
+    c: &mut support::Client,
+    kind: &str,
+    payload: serde_json::Value,
+    id: serde_json::Value,
+) {
+    c.send_text(json!({"type": kind, "payload": payload, "id": id}).to_string())
+        .await;
+}
+
+#[tokio::test]
+async fn a_message_with_an_id_gets_it_back_on_its_answer_or_error() {
+    let gw = TestGateway::start(1);
+    let mut c = gw.client().await;
+    // Answers of their own carry the id, numbers and strings as they came.
+    send_with_id(&mut c, "join_room", json!({"room": "r"}), json!(7)).await;
+    let joined = c.expect("room_joined").await;
+    assert_eq!(
+        (joined["id"].clone(), joined["room"].clone()),
+        (json!(7), json!("r"))
+    );
+    send_with_id(&mut c, "echo", json!({"x": 1}), json!("e-1")).await;
+    assert_eq!(
+        c.recv().await,
+        json!({"type": "echo", "payload": {"x": 1}, "id": "e-1"})
+    );
+    send_with_id(&mut c, "presence", json!({"room": "r"}), json!(8)).await;
+    assert_eq!(c.expect("presence").await["id"], 8);
+    // A chat message is acknowledged once published, with its offset; it arrives too.
+    send_with_id(
+        &mut c,
+        "chat_message",
+        json!({"room": "r", "message": "hi"}),
+        json!("m-1"),
+    )
+    .await;
+    let (mut ack, mut message) = (None, None);
+    for _ in 0..2 {
+        let got = c.recv().await;
+        match got["type"].as_str() {
+            Some("ack") => ack = Some(got),
+            Some("chat_message") => message = Some(got),
+            _ => panic!("unexpected {got}"),
+        }
+    }
+    let (ack, message) = (ack.expect("an ack"), message.expect("the message"));
+    assert_eq!(
+        ack,
+        json!({"type": "ack", "id": "m-1", "offset": message["offset"]})
+    );
+    assert!(
+        message.get("id").is_none(),
+        "the message members get is not the sender's answer"
+    );
+    // Messages without an answer of their own get a bare ack.
+    send_with_id(
+        &mut c,
+        "typing",
+        json!({"room": "r", "isTyping": true}),
+        json!(9),
+    )
+    .await;
+    assert_eq!(c.recv().await, json!({"type": "ack", "id": 9}));
+    send_with_id(&mut c, "leave_room", json!({"room": "r"}), json!(10)).await;
+    assert_eq!(c.recv().await, json!({"type": "ack", "id": 10}));
+    // Errors too.
+    send_with_id(&mut c, "leave_room", json!({"room": "r"}), json!(11)).await;
+    let error = c.expect("error").await;
+    assert_eq!(error["id"], 11, "{error}");
+    send_with_id(&mut c, "dance", json!({}), json!("d")).await;
+    assert_eq!(c.expect("error").await["id"], "d");
+    // An id that is neither is refused, and named.
+    for bad in [
+        json!(-1),
+        json!(1.5),
+        json!(""),
+        json!("x".repeat(65)),
+        json!({"a": 1}),
+    ] {
+        send_with_id(&mut c, "echo", json!({}), bad.clone()).await;
+        let error = c.expect("error").await;
+        assert!(error.get("id").is_none(), "{bad}: {error}");
+        assert_eq!(
+            error["error"],
+            "Invalid payload: 'id' must be a non-negative integer or a string of 1-64 bytes",
+            "{bad}"
+        );
+    }
+    // `null` is no id.
+    send_with_id(&mut c, "echo", json!(2), json!(null)).await;
+    assert_eq!(c.recv().await, json!({"type": "echo", "payload": 2}));
+    // Without an id nothing changes: no ack.
+    c.send("typing", json!({"room": "r", "isTyping": false}))
+        .await;
+    c.expect_error("Not a member of room: r").await;
+    c.send("pong", json!({})).await;
+    c.send("echo", json!(1)).await;
+    assert_eq!(c.recv().await, json!({"type": "echo", "payload": 1}));
+}

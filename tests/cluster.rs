@@ -870,3 +870,43 @@ async fn the_server_api_lists_rooms_and_members_across_the_cluster() {
         assert_eq!(status, 503, "{path}: {answer}");
     }
 }
+
+#[tokio::test]
+async fn a_chat_message_with_an_id_is_acknowledged_with_the_offset_redis_gave_it() {
+    let mut redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1]).await;
+    let mut alice = nodes[0].client().await;
+    let mut bob = nodes[1].client().await;
+    alice.join("r").await;
+    bob.join("r").await;
+    alice.expect("user_joined").await;
+    let send = |id: Value| {
+        json!({"type": "chat_message", "payload": {"room": "r", "message": "hi"}, "id": id})
+            .to_string()
+    };
+    alice.send_text(send(json!(1))).await;
+    let (mut ack, mut message) = (None, None);
+    while ack.is_none() || message.is_none() {
+        let got = alice.next_not_presence().await;
+        match got["type"].as_str() {
+            Some("ack") => ack = Some(got),
+            Some("chat_message") => message = Some(got),
+            _ => panic!("unexpected {got}"),
+        }
+    }
+    let message = message.unwrap();
+    assert_eq!(
+        ack.unwrap(),
+        json!({"type": "ack", "id": 1, "offset": message["offset"]})
+    );
+    assert_eq!(bob.chats(1).await, vec![(1, "hi".to_owned())]);
+    // Refused while Redis is away: the error names the message.
+    redis.kill();
+    wait_readiness(&nodes[0], 503).await;
+    alice.send_text(send(json!("again"))).await;
+    let error = alice.next_not_presence().await;
+    assert_eq!(
+        error,
+        json!({"type": "error", "error": "Service unavailable: retry", "id": "again"})
+    );
+}

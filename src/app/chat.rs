@@ -19,8 +19,8 @@ use crate::config::{Config, HeartbeatMode};
 use crate::conn::limits::{Charge, Creator, RoomCreation, Verdict};
 use crate::fanout::{self, Publication};
 use crate::protocol::{
-    ClientMessage, ErrorReply, JsonParser, NodeClientId, PresentUser, ServerMessage, Since,
-    encode_echo,
+    ClientMessage, ErrorReply, JsonParser, NodeClientId, PresentUser, RequestId, ServerMessage,
+    Since, encode_echo,
 };
 use crate::rooms::stream::Position;
 use crate::rooms::{Joined, RoomState, is_valid_room_name};
@@ -65,12 +65,13 @@ impl App for ChatApp {
         if text {
             self.on_text(shard, key, payload);
         } else {
-            send_error(shard, key, ErrorReply::BinaryNotSupported);
+            send_error(shard, key, ErrorReply::BinaryNotSupported, None);
         }
     }
 
     fn refused(&self, shard: &Shard, key: usize) {
-        send_error(shard, key, ErrorReply::RateLimited);
+        // Refused unread: its `id` is not known.
+        send_error(shard, key, ErrorReply::RateLimited, None);
     }
 
     fn closing(&self, shard: &Shard, key: usize) {
@@ -93,8 +94,18 @@ impl App for ChatApp {
     }
 }
 
-fn send_error(shard: &Shard, key: usize, error: ErrorReply<'_>) {
-    shard.send(key, ServerMessage::Error { error }.encode());
+/// Answers a message (with its `id`, if it had one) with an error.
+fn send_error(shard: &Shard, key: usize, error: ErrorReply<'_>, id: Option<&RequestId>) {
+    shard.send(key, ServerMessage::Error { error }.encode_for(id));
+}
+
+/// What a handled message still needs.
+enum Handled {
+    /// Nothing: it was answered (or will be: a join waiting for its room, a chat message on its
+    /// way to the broker).
+    Answered,
+    /// An `ack`, when it has an `id`: it has no answer of its own.
+    NeedsAck,
 }
 
 /// Users in one `presence` answer, at most.
@@ -128,7 +139,7 @@ impl ChatApp {
     fn on_text(&self, shard: &Shard, key: usize, payload: &mut [u8]) {
         // The parser is lent out for the duration of the handler; handlers never parse again.
         let mut parser = self.json.borrow_mut();
-        parser.parse(payload, |message| {
+        parser.parse_request(payload, |id, message| {
             // Room operations have a budget of their own: a reconnecting client rejoins all its
             // rooms at once. Everything else, malformed messages included, is a message.
             let charge = match message {
@@ -137,13 +148,21 @@ impl ChatApp {
                 }
                 _ => Charge::Message,
             };
+            let id = id.as_ref();
             match shard.charge(key, charge) {
                 Verdict::Allow => {}
-                Verdict::Refuse => return send_error(shard, key, ErrorReply::RateLimited),
+                Verdict::Refuse => return send_error(shard, key, ErrorReply::RateLimited, id),
                 Verdict::Close => return shard.close_flooder(key),
             }
-            if let Err(error) = message.and_then(|m| self.handle(shard, key, m)) {
-                send_error(shard, key, error);
+            match message.and_then(|m| self.handle(shard, key, m, id)) {
+                Ok(Handled::Answered) => {}
+                Ok(Handled::NeedsAck) => {
+                    if let Some(id) = id {
+                        let ack = ServerMessage::Ack { id, offset: None };
+                        shard.send(key, ack.encode());
+                    }
+                }
+                Err(error) => send_error(shard, key, error, id),
             }
         });
     }
@@ -153,14 +172,23 @@ impl ChatApp {
         shard: &Shard,
         key: usize,
         message: ClientMessage<'_, 'i>,
-    ) -> Result<(), ErrorReply<'i>> {
+        id: Option<&RequestId>,
+    ) -> Result<Handled, ErrorReply<'i>> {
+        let answered = |_: ()| Handled::Answered;
+        let acked = |_: ()| Handled::NeedsAck;
         match message {
-            ClientMessage::JoinRoom { room, since } => self.join(shard, key, room, since),
-            ClientMessage::LeaveRoom { room } => self.leave(shard, key, room),
-            ClientMessage::Chat { room, message } => self.chat(shard, key, room, message),
-            ClientMessage::Typing { room, is_typing } => self.typing(shard, key, room, is_typing),
+            ClientMessage::JoinRoom { room, since } => {
+                self.join(shard, key, room, since, id).map(answered)
+            }
+            ClientMessage::LeaveRoom { room } => self.leave(shard, key, room).map(acked),
+            ClientMessage::Chat { room, message } => {
+                self.chat(shard, key, room, message, id).map(answered)
+            }
+            ClientMessage::Typing { room, is_typing } => {
+                self.typing(shard, key, room, is_typing).map(acked)
+            }
             ClientMessage::Echo { payload } => {
-                let reply = encode_echo(payload);
+                let reply = encode_echo(payload, id);
                 // Numbers re-serialized can grow (`9e15` is written out): never past the size a
                 // client may send.
                 let max = shard.shared.config.max_message_size;
@@ -168,11 +196,13 @@ impl ChatApp {
                     return Err(ErrorReply::ReplyTooLarge(max));
                 }
                 shard.send(key, reply);
-                Ok(())
+                Ok(Handled::Answered)
             }
-            ClientMessage::Pong => Ok(()),
-            ClientMessage::Refresh { token } => self.refresh(shard, key, token),
-            ClientMessage::Presence { room, after } => self.presence(shard, key, room, after),
+            ClientMessage::Pong => Ok(Handled::NeedsAck),
+            ClientMessage::Refresh { token } => self.refresh(shard, key, token, id).map(answered),
+            ClientMessage::Presence { room, after } => {
+                self.presence(shard, key, room, after, id).map(answered)
+            }
         }
     }
 
@@ -180,7 +210,13 @@ impl ChatApp {
     /// rules from now on: its display name is used for what the connection sends next, and rooms its
     /// allow-list no longer covers are left (members are told as for any leave, the client gets
     /// `room_left`).
-    fn refresh<'i>(&self, shard: &Shard, key: usize, token: &str) -> Result<(), ErrorReply<'i>> {
+    fn refresh<'i>(
+        &self,
+        shard: &Shard,
+        key: usize,
+        token: &str,
+        request: Option<&RequestId>,
+    ) -> Result<(), ErrorReply<'i>> {
         let fresh = self.auth.verify(token).map_err(ErrorReply::InvalidToken)?;
         let mut guard = shard.state();
         let state = &mut *guard;
@@ -199,7 +235,7 @@ impl ChatApp {
             .heartbeats()
             .expire_by(key, conn.id.generation, &mut conn.liveness, expires_at);
         conn.outbound.push(
-            ServerMessage::TokenRefreshed { expires_at }.encode(),
+            ServerMessage::TokenRefreshed { expires_at }.encode_for(request),
             &mut state.queued,
         );
         let (kept, revoked): (Vec<_>, Vec<_>) = std::mem::take(&mut conn.rooms)
@@ -240,6 +276,7 @@ impl ChatApp {
         key: usize,
         room: &'i str,
         since: Option<Since<'i>>,
+        request: Option<&RequestId>,
     ) -> Result<(), ErrorReply<'i>> {
         if !is_valid_room_name(room) {
             return Err(ErrorReply::InvalidRoomName);
@@ -283,7 +320,14 @@ impl ChatApp {
             }
             let joined = state
                 .rooms
-                .join(&shard.shared.rooms, shard.index, room, key, since.as_ref())
+                .join(
+                    &shard.shared.rooms,
+                    shard.index,
+                    room,
+                    key,
+                    since.as_ref(),
+                    request,
+                )
                 .map_err(|_| {
                     if creates {
                         self.room_creation.give_back(&creator);
@@ -313,6 +357,7 @@ impl ChatApp {
                 joining,
                 members,
                 since.is_some(),
+                request,
             );
             let Joined::Joined(joining) = joined else {
                 return Ok(());
@@ -440,6 +485,7 @@ impl ChatApp {
         key: usize,
         room: &'i str,
         message: &str,
+        id: Option<&RequestId>,
     ) -> Result<(), ErrorReply<'i>> {
         let max_chars = shard.shared.config.max_chat_message_chars;
         // Cheap bound first: a string of at most `max_chars` bytes has at most that many chars.
@@ -459,7 +505,7 @@ impl ChatApp {
             &shard.shared,
             RoomRef::State(&speaker.room),
             message.to_json(),
-            Publisher::Client(speaker.id),
+            Publisher::Client(speaker.id, id.cloned()),
         )
         .map_err(|_| ErrorReply::Unavailable)
     }
@@ -520,6 +566,7 @@ impl ChatApp {
         key: usize,
         room: &'i str,
         after: Option<&str>,
+        id: Option<&RequestId>,
     ) -> Result<(), ErrorReply<'i>> {
         let speaker = self.speaker(shard, key, room)?;
         let mut presence = speaker.room.presence();
@@ -536,7 +583,7 @@ impl ChatApp {
                 .collect(),
             next: more.then(|| users.last().map(|e| &*e.user_id)).flatten(),
         }
-        .encode();
+        .encode_for(id);
         drop(presence);
         shard.send(key, reply);
         Ok(())

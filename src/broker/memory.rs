@@ -66,8 +66,14 @@ impl Broker for MemoryBroker {
         // Under the stream's lock: every shard's inbox gets the room's messages in order.
         self.host.events.stream_message(&room, offset, frame);
         drop(stream);
-        if let Publisher::Api(answer) = from {
-            let _ = answer.send(Ok(offset));
+        match from {
+            Publisher::Api(answer) => {
+                let _ = answer.send(Ok(offset));
+            }
+            Publisher::Client(client, Some(request)) => {
+                self.host.events.published(client, request, offset);
+            }
+            Publisher::Client(_, None) => {}
         }
         Ok(())
     }

@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::base::client_id::ClientId;
-use crate::protocol::ErrorReply;
+use crate::protocol::{ErrorReply, RequestId};
 use crate::rooms::presence::{Entry, NodesPresence, Presence};
 use crate::rooms::stream::Position;
 use crate::rooms::{RoomState, RoomsPage, Target};
@@ -64,8 +64,9 @@ pub enum PublishError {
 /// Who published a room message through the broker, to be told what became of it.
 #[derive(Debug)]
 pub enum Publisher {
-    /// A client: told only when the message could not be published (an error reply).
-    Client(ClientId),
+    /// A client: told when the message could not be published (an error reply) and, when the
+    /// message had an `id`, when it was (an `ack` with its offset).
+    Client(ClientId, Option<RequestId>),
     /// A server API request, waiting for the message's offset or the error.
     Api(oneshot::Sender<Result<u64, ErrorReply<'static>>>),
 }
@@ -202,8 +203,12 @@ pub trait BrokerEvents: Send + Sync {
     /// Another node asks for a user's connections to be closed.
     fn disconnect(&self, disconnect: Arc<Disconnect>);
 
-    /// A client's room message could not be published: it is told (`error`).
-    fn refused(&self, client: ClientId, error: ErrorReply<'static>);
+    /// A client's room message (with `request`, its `id`) could not be published: it is told
+    /// (`error`).
+    fn refused(&self, client: ClientId, request: Option<RequestId>, error: ErrorReply<'static>);
+
+    /// A client's room message with an `id` was published at `offset`: it is told.
+    fn published(&self, client: ClientId, request: RequestId, offset: u64);
 
     /// The broker lost (or never had) the node's sessions: they are recorded again.
     fn sessions_lost(&self);

@@ -20,6 +20,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use indexmap::IndexMap;
 
+use crate::protocol::RequestId;
 use crate::rooms::presence::Presence;
 use crate::rooms::stream::{HistoryLimits, Position, Stream};
 
@@ -334,6 +335,8 @@ pub const PENDING: u64 = u64::MAX;
 pub struct PendingJoin {
     pub key: usize,
     pub since: Option<Position>,
+    /// The join's `id`, for its answer.
+    pub request: Option<RequestId>,
 }
 
 pub enum Joined {
@@ -372,6 +375,7 @@ impl LocalRooms {
         room: &str,
         key: usize,
         since: Option<&Position>,
+        request: Option<&RequestId>,
     ) -> Result<Joined, RoomsFull> {
         if let Some(local) = self.rooms.get(room)
             && local.members.contains_key(&key)
@@ -389,6 +393,7 @@ impl LocalRooms {
                     .push(PendingJoin {
                         key,
                         since: since.cloned(),
+                        request: request.cloned(),
                     });
             }
             return Ok(Joined::AlreadyMember(joining));
@@ -413,6 +418,7 @@ impl LocalRooms {
                 local.pending.push(PendingJoin {
                     key,
                     since: since.cloned(),
+                    request: request.cloned(),
                 });
             }
         }
@@ -470,9 +476,18 @@ mod tests {
     fn counts_across_shards_and_deletes_empty_rooms() {
         let dir = RoomDirectory::new(2, false, NO_HISTORY, 10);
         let (mut s0, mut s1) = (LocalRooms::default(), LocalRooms::default());
-        assert_eq!(joined_total(s0.join(&dir, 0, "r", 1, None)), (true, 1));
-        assert_eq!(joined_total(s0.join(&dir, 0, "r", 1, None)), (false, 1));
-        assert_eq!(joined_total(s1.join(&dir, 1, "r", 7, None)), (true, 2));
+        assert_eq!(
+            joined_total(s0.join(&dir, 0, "r", 1, None, None)),
+            (true, 1)
+        );
+        assert_eq!(
+            joined_total(s0.join(&dir, 0, "r", 1, None, None)),
+            (false, 1)
+        );
+        assert_eq!(
+            joined_total(s1.join(&dir, 1, "r", 7, None, None)),
+            (true, 2)
+        );
         let state = s0.get("r").unwrap().state.clone();
         assert_eq!(state.other_shards(0).collect::<Vec<_>>(), vec![1]);
         assert!(s0.leave(&dir, 0, "r", 2).is_none());
@@ -492,7 +507,7 @@ mod tests {
         };
         let dir = RoomDirectory::new(1, false, history, 10);
         let mut s0 = LocalRooms::default();
-        s0.join(&dir, 0, "r", 1, None).unwrap();
+        s0.join(&dir, 0, "r", 1, None, None).unwrap();
         let state = s0.get("r").unwrap().state.clone();
         state
             .stream()
@@ -504,7 +519,7 @@ mod tests {
             offset: 0,
             epoch: state.stream().position().epoch,
         };
-        let Ok(Joined::Joined(joining)) = s0.join(&dir, 0, "r", 2, Some(&since)) else {
+        let Ok(Joined::Joined(joining)) = s0.join(&dir, 0, "r", 2, Some(&since), None) else {
             panic!("a new member");
         };
         assert_eq!(joining.position.unwrap().offset, 1);
@@ -519,12 +534,15 @@ mod tests {
     fn new_rooms_are_refused_past_the_node_cap_and_places_come_back() {
         let dir = RoomDirectory::new(1, false, NO_HISTORY, 2);
         let mut s0 = LocalRooms::default();
-        s0.join(&dir, 0, "a", 1, None).unwrap();
-        s0.join(&dir, 0, "b", 1, None).unwrap();
-        assert!(matches!(s0.join(&dir, 0, "c", 1, None), Err(RoomsFull)));
+        s0.join(&dir, 0, "a", 1, None, None).unwrap();
+        s0.join(&dir, 0, "b", 1, None, None).unwrap();
+        assert!(matches!(
+            s0.join(&dir, 0, "c", 1, None, None),
+            Err(RoomsFull)
+        ));
         // Joining a room that exists is not a new room.
-        s0.join(&dir, 0, "a", 2, None).unwrap();
+        s0.join(&dir, 0, "a", 2, None, None).unwrap();
         s0.leave(&dir, 0, "b", 1);
-        s0.join(&dir, 0, "c", 1, None).unwrap();
+        s0.join(&dir, 0, "c", 1, None, None).unwrap();
     }
 }

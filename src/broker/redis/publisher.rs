@@ -136,12 +136,24 @@ pub async fn publish_loop(
                         }
                         Err(_) => None,
                     };
-                    if let Outgoing::Message {
-                        from: Publisher::Api(reply),
-                        ..
-                    } = out
-                    {
-                        let _ = reply.send(offset.ok_or(ErrorReply::MaybeUnavailable));
+                    match out {
+                        Outgoing::Message {
+                            from: Publisher::Api(reply),
+                            ..
+                        } => {
+                            let _ = reply.send(offset.ok_or(ErrorReply::MaybeUnavailable));
+                        }
+                        Outgoing::Message {
+                            from: Publisher::Client(client, Some(request)),
+                            ..
+                        } => match offset {
+                            Some(offset) => node.events.published(client, request, offset),
+                            None => {
+                                let maybe = ErrorReply::MaybeUnavailable;
+                                node.events.refused(client, Some(request), maybe);
+                            }
+                        },
+                        _ => {}
                     }
                 }
             }
@@ -262,8 +274,8 @@ pub fn refuse(node: &Host, out: Outgoing, error: ErrorReply<'static>) {
                 .broker_unavailable
                 .fetch_add(1, Ordering::Relaxed);
             match from {
-                Publisher::Client(client) => {
-                    node.events.refused(client, error);
+                Publisher::Client(client, request) => {
+                    node.events.refused(client, request, error);
                 }
                 Publisher::Api(reply) => {
                     let _ = reply.send(Err(error));

@@ -161,7 +161,10 @@ pub fn publish(shard: &Shard, publication: Publication) {
                     }
                 }
             },
-            Target::All => route.extend((0..shards).filter(|&s| s != shard.index)),
+            // A user's connections may be on any shard.
+            Target::All | Target::User(_) => {
+                route.extend((0..shards).filter(|&s| s != shard.index));
+            }
         }
     }
     if let Some(include) = &publication.include {
@@ -176,7 +179,7 @@ pub fn publish(shard: &Shard, publication: Publication) {
 /// Delivers a publication another node shared (`json`, its text) to this node's recipients.
 pub fn publish_from_broker(shared: &Shared, target: Target, json: &[u8]) {
     let shards: Vec<usize> = match &target {
-        Target::All => (0..shared.shards()).collect(),
+        Target::All | Target::User(_) => (0..shared.shards()).collect(),
         Target::Room(room) => match shared.rooms.get(room) {
             Some(state) => state.shards_with_members().collect(),
             None => return,
@@ -458,6 +461,7 @@ pub fn deliver(shard: &Shard, publication: &Publication) {
         conns,
         rooms,
         queued,
+        users,
         ..
     } = &mut *guard;
     let queuer = Queuer::new(shard, queued);
@@ -482,6 +486,11 @@ pub fn deliver(shard: &Shard, publication: &Publication) {
                 if shard.addressable(conn.app) {
                     queue_to(conn);
                 }
+            }
+        }
+        (Target::User(user), _) => {
+            for &key in users.of(user) {
+                queue_to(&mut conns[key as usize]);
             }
         }
         (Target::Room(name), _) => {

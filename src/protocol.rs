@@ -438,6 +438,12 @@ pub enum ServerMessage<'a> {
         data: &'a serde_json::Value,
         timestamp: u64,
     },
+    /// What a backend published to this connection's user: every connection of the user, on
+    /// every node, gets it.
+    User {
+        data: &'a serde_json::Value,
+        timestamp: u64,
+    },
     /// Answer to a message with an `id` that has no answer of its own (`leave_room`, `typing`,
     /// `pong`), and to a `chat_message` with an `id` once published, with its offset.
     Ack {

@@ -67,6 +67,8 @@ async fn a_publication_reaches_every_member_in_order_and_is_kept_for_recovery() 
         assert_eq!(status, 200, "{answer}");
         assert_eq!(answer["room"], "news");
         assert_eq!(answer["offset"], n);
+        // With the epoch that goes with the offset: a client can recover from it with `since`.
+        assert_eq!(answer["epoch"], epoch.as_str(), "{answer}");
     }
     for member in &mut members {
         for n in 1..=3 {
@@ -283,4 +285,56 @@ async fn rooms_and_their_users_are_listed_a_page_at_a_time() {
     let (status, nobody) = call(&gw, "GET", "/api/rooms/nobody-here", Value::Null).await;
     assert_eq!(status, 200);
     assert_eq!(nobody["members"], 0);
+}
+
+#[tokio::test]
+async fn a_publication_to_a_user_reaches_each_of_its_connections_on_every_shard_and_no_one_else() {
+    let gw = gateway(2);
+    // Two of alice's connections (on whichever shards they land), one that became alice by a
+    // refresh, and others that must hear nothing.
+    let mut alices = vec![gw.client_as("alice").await, gw.client_as("alice").await];
+    let mut became_alice = gw.client().await;
+    became_alice
+        .send("refresh", json!({"token": support::token_for("alice")}))
+        .await;
+    became_alice.expect("token_refreshed").await;
+    alices.push(became_alice);
+    let mut bob = gw.client_as("bob").await;
+    let mut anonymous = gw.client().await;
+    let (status, answer) = call(
+        &gw,
+        "POST",
+        "/api/publish",
+        json!({"user": "alice", "data": {"invoice": 42}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({"user": "alice", "published": true}));
+    for alice in &mut alices {
+        let got = alice.expect("user").await;
+        assert_eq!(got["data"], json!({"invoice": 42}), "{got}");
+        assert!(got["timestamp"].as_u64().unwrap() > 1_600_000_000_000);
+    }
+    bob.expect_silence().await;
+    anonymous.expect_silence().await;
+    // A user with no connection: published, to no one.
+    let (status, _) = call(
+        &gw,
+        "POST",
+        "/api/publish",
+        json!({"user": "nobody", "data": 1}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // Room or user, one of them, and a user id of a bounded size.
+    for body in [
+        json!({"data": 1}),
+        json!({"room": "r", "user": "alice", "data": 1}),
+        json!({"user": "", "data": 1}),
+        json!({"user": "u".repeat(257), "data": 1}),
+    ] {
+        let (status, answer) = call(&gw, "POST", "/api/publish", body.clone()).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer["error"].is_string(), "{answer}");
+    }
 }

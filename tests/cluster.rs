@@ -715,7 +715,7 @@ async fn the_server_api_publishes_and_broadcasts_to_every_node() {
     let mut redis = RedisServer::start();
     let nodes = cluster(&redis, &[1, 1]).await;
     let mut member = nodes[1].client().await;
-    member.join("news").await;
+    let epoch = member.join_room_epoch("news").await;
     let mut other = nodes[1].client().await;
     // Published on a node without members: Redis gives the offset, the member's node delivers.
     for n in 1..=2u64 {
@@ -728,6 +728,11 @@ async fn the_server_api_publishes_and_broadcasts_to_every_node() {
         .await;
         assert_eq!(status, 200, "{answer}");
         assert_eq!(answer["offset"], n);
+        assert_eq!(
+            answer["epoch"],
+            epoch.as_str(),
+            "the epoch Redis gave the room"
+        );
         let publication = member.expect("publication").await;
         assert_eq!(
             (
@@ -908,5 +913,58 @@ async fn a_chat_message_with_an_id_is_acknowledged_with_the_offset_redis_gave_it
     assert_eq!(
         error,
         json!({"type": "error", "error": "Service unavailable: retry", "id": "again"})
+    );
+}
+
+#[tokio::test]
+async fn a_publication_to_a_user_reaches_its_connections_on_every_node() {
+    let mut redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 2, 1]).await;
+    let mut alices = vec![
+        user_on(&nodes[0], "alice").await,
+        user_on(&nodes[1], "alice").await,
+        user_on(&nodes[1], "alice").await,
+    ];
+    // A user id that needs escaping crosses Redis as it is.
+    let odd = "bob\n\"quoted\" é";
+    let mut bob = user_on(&nodes[2], odd).await;
+    let mut carol = user_on(&nodes[2], "carol").await;
+    let (status, answer) = api(
+        nodes[2].addr,
+        "POST",
+        "/api/publish",
+        json!({"user": "alice", "data": "hi alice"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    for alice in &mut alices {
+        assert_eq!(alice.expect("user").await["data"], "hi alice");
+    }
+    let (status, _) = api(
+        nodes[0].addr,
+        "POST",
+        "/api/publish",
+        json!({"user": odd, "data": "hi bob"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(bob.expect("user").await["data"], "hi bob");
+    carol.expect_silence().await;
+    for alice in &mut alices {
+        alice.expect_silence().await;
+    }
+    // Without Redis it is refused whole, not delivered on one node only.
+    redis.kill();
+    wait_readiness(&nodes[2], 503).await;
+    let (status, answer) = api(
+        nodes[2].addr,
+        "POST",
+        "/api/publish",
+        json!({"user": "alice", "data": "lost?"}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (503, Some("Service unavailable: retry"))
     );
 }

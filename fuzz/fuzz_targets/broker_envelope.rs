@@ -1,6 +1,7 @@
 //! What a node reads from Redis's channels, on arbitrary bytes: never panics; a room message it
 //! accepts is framed with its offset into valid JSON (RFC 8259's grammar: numbers out of an f64's
-//! range included) ending with that offset; presence entries it accepts hold real counts.
+//! range included) ending with that offset; presence entries it accepts hold real counts; a
+//! publication for a user names one and is JSON.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -28,6 +29,11 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Some((_, json)) = envelope::notice(data) {
         serde_json::from_slice::<IgnoredAny>(json).expect("a notice is JSON");
+        assert!(std::str::from_utf8(json).is_ok(), "sent as text: UTF-8");
+    }
+    if let Some((_, user, json)) = envelope::user_notice(data) {
+        assert!(!user.is_empty(), "a publication is for someone");
+        serde_json::from_slice::<IgnoredAny>(json).expect("a user's publication is JSON");
         assert!(std::str::from_utf8(json).is_ok(), "sent as text: UTF-8");
     }
 });

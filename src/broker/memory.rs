@@ -12,6 +12,7 @@ use super::{Broker, Disconnect, Host, LocalFuture, PublishError, Publisher, Room
 use crate::base::client_id::ClientId;
 use crate::protocol;
 use crate::rooms::presence::{Entry, Presence};
+use crate::rooms::stream::Position;
 use crate::rooms::{RoomState, RoomsPage, Target};
 
 pub struct MemoryBroker {
@@ -65,10 +66,11 @@ impl Broker for MemoryBroker {
         );
         // Under the stream's lock: every shard's inbox gets the room's messages in order.
         self.host.events.stream_message(&room, offset, frame);
+        let epoch = stream.position().epoch;
         drop(stream);
         match from {
             Publisher::Api(answer) => {
-                let _ = answer.send(Ok(offset));
+                let _ = answer.send(Ok(Position { offset, epoch }));
             }
             Publisher::Client(client, Some(request)) => {
                 self.host.events.published(client, request, offset);

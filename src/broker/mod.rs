@@ -67,8 +67,8 @@ pub enum Publisher {
     /// A client: told when the message could not be published (an error reply) and, when the
     /// message had an `id`, when it was (an `ack` with its offset).
     Client(ClientId, Option<RequestId>),
-    /// A server API request, waiting for the message's offset or the error.
-    Api(oneshot::Sender<Result<u64, ErrorReply<'static>>>),
+    /// A server API request, waiting for the message's place in the room's stream, or the error.
+    Api(oneshot::Sender<Result<Position, ErrorReply<'static>>>),
 }
 
 /// The room a message is published to: its state when the publisher holds it (a member),

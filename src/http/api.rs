@@ -3,7 +3,8 @@
 //!
 //! | route | body / query | answer |
 //! |-------|--------------|--------|
-//! | `POST /api/publish` | `{"room":R,"data":<JSON>}` | `{"room":R,"offset":N}` |
+//! | `POST /api/publish` | `{"room":R,"data":<JSON>}` | `{"room":R,"offset":N,"epoch":E}` |
+//! | `POST /api/publish` | `{"user":U,"data":<JSON>}` | `{"user":U,"published":true}` |
 //! | `POST /api/broadcast` | `{"data":<JSON>}` | `{"published":true}` |
 //! | `POST /api/disconnect` | `{"user":U,"code":4000-4999,"reason":"…"}` | `{"disconnected":U}` |
 //! | `GET /api/rooms` | `?after=R&limit=N` | `{"rooms":[{"room":R,"members":N}],"next":R}` |
@@ -176,12 +177,20 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
 
 #[derive(Deserialize)]
 struct PublishBody {
-    room: String,
+    room: Option<String>,
+    user: Option<String>,
     data: Value,
 }
 
+/// A user id in a publication, at most (ids come from tokens; this bounds what crosses Redis).
+const MAX_USER_ID_LEN: usize = 256;
+
 async fn publish(shard: &ShardEdge, body: PublishBody) -> Answer {
-    let room = body.room.as_str();
+    let room = match (body.room.as_deref(), body.user.as_deref()) {
+        (Some(room), None) => room,
+        (None, Some(user)) => return publish_to_user(shard, user, &body.data),
+        _ => return Err(bad_request("give either room or user")),
+    };
     if !is_valid_room_name(room) {
         return Err(bad_request(ErrorReply::InvalidRoomName));
     }
@@ -192,7 +201,7 @@ async fn publish(shard: &ShardEdge, body: PublishBody) -> Answer {
         timestamp: now_ms(),
     }
     .to_json();
-    let (reply, offset) = oneshot::channel();
+    let (reply, answer) = oneshot::channel();
     let published = cluster::publish_to_stream(
         &*node.broker,
         &node.shared,
@@ -207,15 +216,42 @@ async fn publish(shard: &ShardEdge, body: PublishBody) -> Answer {
         }
         Err(PublishError::Unavailable) => return Err(unavailable(ErrorReply::Unavailable)),
     }
-    let offset = match tokio::time::timeout(PUBLISH_TIMEOUT, offset).await {
-        Ok(Ok(Ok(offset))) => offset,
+    let position = match tokio::time::timeout(PUBLISH_TIMEOUT, answer).await {
+        Ok(Ok(Ok(position))) => position,
         Ok(Ok(Err(error))) => return Err(unavailable(error)),
         // Dropped unanswered (the node is stopping), or Redis is slow.
         Ok(Err(_)) | Err(_) => return Err(unavailable(ErrorReply::MaybeUnavailable)),
     };
     Ok(json(
         StatusCode::OK,
-        &json!({ "room": room, "offset": offset }),
+        &json!({ "room": room, "offset": position.offset, "epoch": &*position.epoch }),
+    ))
+}
+
+/// Publishes to every addressable connection of `user`, on every node (nothing is kept: a user
+/// not connected now never gets it).
+fn publish_to_user(shard: &ShardEdge, user: &str, data: &Value) -> Answer {
+    if !(1..=MAX_USER_ID_LEN).contains(&user.len()) {
+        return Err(bad_request(format!("user: 1 to {MAX_USER_ID_LEN} bytes")));
+    }
+    let node = &shard.edge;
+    let frame = ServerMessage::User {
+        data,
+        timestamp: now_ms(),
+    }
+    .encode();
+    let publication = Publication {
+        target: Target::User(Arc::from(user)),
+        frame,
+        include: None,
+        exclude: Vec::new(),
+    };
+    if !cluster::publish_from_outside(&*node.broker, &node.shared, publication) {
+        return Err(unavailable(ErrorReply::Unavailable));
+    }
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "user": user, "published": true }),
     ))
 }
 

@@ -41,6 +41,8 @@ pub enum Target {
     All,
     /// Every member of a room.
     Room(Arc<str>),
+    /// Every addressable connection of a user.
+    User(Arc<str>),
 }
 
 /// A room across the whole process: its members, counted per shard, and its stream.

@@ -103,7 +103,7 @@ impl UserConnections {
         }
     }
 
-    fn of(&self, user: &str) -> &[u32] {
+    pub(crate) fn of(&self, user: &str) -> &[u32] {
         self.0.get(user).map_or(&[], Keys::as_slice)
     }
 }

@@ -6,7 +6,7 @@
 -- ARGV: message (a JSON object), history size, history TTL (s), meta TTL while the room has
 --       members (s; without, the history's), channel, an epoch for a room that has none, the
 --       node's generation, the highest era clock the node saw.
--- Returns {offset, the era's clock}; an ERA_CHANGED error (nothing written) under a generation
+-- Returns {offset, the era's clock, the room's epoch}; an ERA_CHANGED error (nothing written) under a generation
 -- that is not the cluster's.
 if not era_is(KEYS[3], ARGV[7], ARGV[8]) then
   return redis.error_reply(ERA_CHANGED)
@@ -25,4 +25,4 @@ if tonumber(ARGV[2]) > 0 then
   redis.call("expire", KEYS[2], ARGV[3])
 end
 redis.call("publish", ARGV[5], "s" .. offset .. " " .. epoch .. "\n" .. ARGV[1])
-return {offset, clock}
+return {offset, clock, epoch}

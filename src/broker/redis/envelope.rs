@@ -5,6 +5,7 @@
 //!   node's presence in the room;
 //! - `p<node>\n<JSON>`: a notice (typing, a library publication); on `wsgate:broadcast` without
 //!   the `p`;
+//! - on `wsgate:users`: `<node>\n<user as a JSON string>\n<JSON>`: a publication for one user;
 //! - on `wsgate:control`: `<node>\n{"user","code","reason"}`: close a user's connections.
 //!
 //! Anything else — or a message that is not a JSON object, a count that cannot be real — is not
@@ -41,6 +42,14 @@ pub fn presence_change(envelope: &[u8], whole: bool) -> Option<(Arc<str>, u64, V
 pub fn notice(envelope: &[u8]) -> Option<(&[u8], &[u8])> {
     let (origin, json) = split_line(envelope)?;
     protocol::is_json_object(json).then_some((origin, json))
+}
+
+/// A publication for one user: the node it comes from, the user, and its JSON text.
+pub fn user_notice(envelope: &[u8]) -> Option<(&[u8], String, &[u8])> {
+    let (origin, rest) = split_line(envelope)?;
+    let (user, json) = split_line(rest)?;
+    let user: String = serde_json::from_slice(user).ok()?;
+    (!user.is_empty() && protocol::is_json_object(json)).then_some((origin, user, json))
 }
 
 /// An order from a node: the node it comes from, and the disconnect it asks for.

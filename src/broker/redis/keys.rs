@@ -25,6 +25,8 @@ use ::redis::{RedisError, RedisResult};
 pub const BROADCAST_CHANNEL: &str = "wsgate:broadcast";
 /// Orders for every node (`<node>\n<JSON>`): disconnect a user everywhere.
 pub const CONTROL_CHANNEL: &str = "wsgate:control";
+/// Publications for one user's connections on every node (`<node>\n<user as a JSON string>\n<JSON>`).
+pub const USERS_CHANNEL: &str = "wsgate:users";
 pub const NODES_KEY: &str = "wsgate:nodes";
 /// The cluster's generation and its clock (see `era.lua`).
 pub const ERA_KEY: &str = "wsgate:era";

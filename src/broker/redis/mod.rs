@@ -50,8 +50,8 @@ use tracing::{debug, info, warn};
 pub use self::directory::Lookup;
 use self::directory::LookupSlot;
 use self::keys::{
-    BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_KEY, NODES_KEY, Scripts, probe_channel, room_channel,
-    room_of, sessions_key,
+    BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_KEY, NODES_KEY, Scripts, USERS_CHANNEL, probe_channel,
+    room_channel, room_of, sessions_key,
 };
 use self::publisher::{entry_json, publish_loop, refuse};
 use self::sync::{CatchUpError, catch_up};
@@ -116,11 +116,9 @@ enum Outgoing {
         message: Vec<u8>,
         from: Publisher,
     },
-    /// A publication for the other nodes (JSON text): a room's, or every chat client's.
-    Notice {
-        room: Option<Arc<str>>,
-        payload: Bytes,
-    },
+    /// A publication for the other nodes (JSON text): for a room's members, every chat client,
+    /// or one user's connections.
+    Notice { target: Target, payload: Bytes },
     /// An order for every other node (JSON text).
     Control { payload: Vec<u8> },
 }
@@ -394,14 +392,11 @@ impl Broker for RedisBroker {
     }
 
     fn share(&self, target: &Target, payload: Bytes) -> bool {
-        let room = match target {
-            Target::All => None,
-            Target::Room(room) => Some(room.clone()),
-        };
+        let target = target.clone();
         self.is_ready()
             && self
                 .outgoing
-                .try_send(Outgoing::Notice { room, payload })
+                .try_send(Outgoing::Notice { target, payload })
                 .is_ok()
     }
 
@@ -657,8 +652,13 @@ impl Engine {
         let pubsub = within(client.get_async_pubsub()).await?;
         let (mut sink, messages) = pubsub.split();
         let probe_channel = probe_channel(&self.node_id);
-        within(sink.subscribe(&[probe_channel.as_str(), BROADCAST_CHANNEL, CONTROL_CHANNEL]))
-            .await?;
+        within(sink.subscribe(&[
+            probe_channel.as_str(),
+            BROADCAST_CHANNEL,
+            USERS_CHANNEL,
+            CONTROL_CHANNEL,
+        ]))
+        .await?;
         let mut session = Session {
             commands,
             scripts,
@@ -986,6 +986,8 @@ impl Engine {
         }
         let delivered = if channel == BROADCAST_CHANNEL {
             self.on_notice(node, Target::All, payload)
+        } else if channel == USERS_CHANNEL {
+            self.on_user_notice(node, payload)
         } else if channel == CONTROL_CHANNEL {
             self.on_control(node, payload)
         } else {
@@ -1014,6 +1016,18 @@ impl Engine {
         // Its own were delivered by this node when sent.
         if origin != self.node_id.as_bytes() {
             node.events.publication(target, json);
+        }
+        true
+    }
+
+    /// A publication for one user's connections: `<origin node>\n<user>\n<JSON text>`. Returns
+    /// false when malformed.
+    fn on_user_notice(&self, node: &Host, envelope: &[u8]) -> bool {
+        let Some((origin, user, json)) = envelope::user_notice(envelope) else {
+            return false;
+        };
+        if origin != self.node_id.as_bytes() {
+            node.events.publication(Target::User(Arc::from(user)), json);
         }
         true
     }

@@ -9,13 +9,15 @@ use ::redis::{FromRedisValue, RedisError, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{
-    BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_CHANGED, ERA_KEY, Scripts, room_channel, sessions_key,
+    BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_CHANGED, ERA_KEY, Scripts, USERS_CHANNEL, room_channel,
+    sessions_key,
 };
 use super::{META_TTL, NODE_TTL, Outgoing, Queues, Record, empty_room_ttl};
 use crate::broker::{Host, Publisher};
 use crate::protocol::ErrorReply;
+use crate::rooms::Target;
 use crate::rooms::presence::Entry;
-use crate::rooms::stream::new_epoch;
+use crate::rooms::stream::{Position, new_epoch};
 
 /// Commands per pipeline sent to Redis, at most.
 const PUBLISH_BATCH: usize = 512;
@@ -128,11 +130,14 @@ pub async fn publish_loop(
                     refuse(&node, out, ErrorReply::Unavailable);
                 }
                 answer => {
-                    // The publish script's answer: the offset and the era's clock.
-                    let offset = match <(u64, i64)>::from_redis_value(answer) {
-                        Ok((offset, written)) => {
+                    // The publish script's answer: the offset, the era's clock, the epoch.
+                    let position = match <(u64, i64, String)>::from_redis_value(answer) {
+                        Ok((offset, written, epoch)) => {
                             raise(&clock, written);
-                            Some(offset)
+                            Some(Position {
+                                offset,
+                                epoch: epoch.into(),
+                            })
                         }
                         Err(_) => None,
                     };
@@ -141,13 +146,15 @@ pub async fn publish_loop(
                             from: Publisher::Api(reply),
                             ..
                         } => {
-                            let _ = reply.send(offset.ok_or(ErrorReply::MaybeUnavailable));
+                            let _ = reply.send(position.ok_or(ErrorReply::MaybeUnavailable));
                         }
                         Outgoing::Message {
                             from: Publisher::Client(client, Some(request)),
                             ..
-                        } => match offset {
-                            Some(offset) => node.events.published(client, request, offset),
+                        } => match position {
+                            Some(position) => {
+                                node.events.published(client, request, position.offset);
+                            }
                             None => {
                                 let maybe = ErrorReply::MaybeUnavailable;
                                 node.events.refused(client, Some(request), maybe);
@@ -245,12 +252,21 @@ fn add_outgoing(
                 .arg(keys.generation())
                 .arg(seen);
         }
-        Outgoing::Notice { room, payload } => {
-            let (channel, kind): (String, &[u8]) = match room {
-                Some(room) => (room_channel(room), b"p"),
-                None => (BROADCAST_CHANNEL.to_owned(), b""),
+        Outgoing::Notice { target, payload } => {
+            let origin = node.shared.id.as_bytes();
+            let (channel, envelope) = match target {
+                Target::Room(room) => (room_channel(room), [b"p", origin, b"\n", payload].concat()),
+                Target::All => (
+                    BROADCAST_CHANNEL.to_owned(),
+                    [origin, b"\n", payload].concat(),
+                ),
+                Target::User(user) => {
+                    // As a JSON string: a user id may hold any character, a line break too.
+                    let user = serde_json::to_vec(&**user).expect("a string serializes");
+                    let envelope = [origin, b"\n", &user, b"\n", payload].concat();
+                    (USERS_CHANNEL.to_owned(), envelope)
+                }
             };
-            let envelope = [kind, node.shared.id.as_bytes(), b"\n", payload].concat();
             pipe.cmd("PUBLISH").arg(channel).arg(envelope);
         }
         Outgoing::Control { payload } => {

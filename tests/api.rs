@@ -338,3 +338,71 @@ async fn a_publication_to_a_user_reaches_each_of_its_connections_on_every_shard_
         assert!(answer["error"].is_string(), "{answer}");
     }
 }
+
+#[tokio::test]
+async fn a_rooms_history_is_read_with_offsets_and_epoch_oldest_or_newest_first() {
+    let gw = gateway(2);
+    let mut member = gw.client().await;
+    let epoch = member.join_room_epoch("h").await;
+    for text in ["one", "two", "three"] {
+        member.chat("h", text).await;
+    }
+    assert_eq!(member.chats(3).await.len(), 3);
+    let texts = |answer: &Value| -> Vec<(u64, String)> {
+        answer["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["offset"].as_u64().unwrap(),
+                    m["message"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let (status, answer) = call(&gw, "GET", "/api/history/h", Value::Null).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (answer["room"].as_str(), answer["offset"].as_u64()),
+        (Some("h"), Some(3))
+    );
+    assert_eq!(answer["epoch"], epoch.as_str());
+    assert_eq!(
+        texts(&answer),
+        [(1, "one".into()), (2, "two".into()), (3, "three".into())]
+    );
+    // Each as members got it.
+    assert_eq!(answer["messages"][0]["type"], "chat_message");
+    let (_, answer) = call(&gw, "GET", "/api/history/h?since=1", Value::Null).await;
+    assert_eq!(texts(&answer), [(2, "two".into()), (3, "three".into())]);
+    let (_, answer) = call(
+        &gw,
+        "GET",
+        "/api/history/h?order=newest&limit=2",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(texts(&answer), [(3, "three".into()), (2, "two".into())]);
+    let (_, answer) = call(&gw, "GET", "/api/history/h?since=3", Value::Null).await;
+    assert_eq!(texts(&answer), []);
+    // A room nothing is kept of.
+    let (status, answer) = call(&gw, "GET", "/api/history/never", Value::Null).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        answer,
+        json!({"room": "never", "offset": 0, "epoch": null, "messages": []})
+    );
+    for bad in [
+        "/api/history/h?since=-1",
+        "/api/history/h?limit=0",
+        "/api/history/h?order=sideways",
+        "/api/history/h?after=1",
+        "/api/history/bad%20room",
+    ] {
+        let (status, answer) = call(&gw, "GET", bad, Value::Null).await;
+        assert_eq!(status, 400, "{bad}: {answer}");
+    }
+    let (status, _) = call(&gw, "POST", "/api/history/h", json!({})).await;
+    assert_eq!(status, 405);
+}

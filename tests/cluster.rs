@@ -968,3 +968,63 @@ async fn a_publication_to_a_user_reaches_its_connections_on_every_node() {
         (503, Some("Service unavailable: retry"))
     );
 }
+
+#[tokio::test]
+async fn a_rooms_history_is_read_from_redis_on_any_node() {
+    let mut redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1]).await;
+    let mut member = nodes[0].client().await;
+    let epoch = member.join_room_epoch("h").await;
+    for n in 1..=3u64 {
+        assert_eq!(publish_surely(&mut member, "h", &format!("m{n}")).await, n);
+    }
+    // Node 1 has no member in the room and does not follow it: Redis answers.
+    let (status, answer) = api(nodes[1].addr, "GET", "/api/history/h?since=1", Value::Null).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (answer["offset"].as_u64(), answer["epoch"].as_str()),
+        (Some(3), Some(epoch.as_str()))
+    );
+    let got: Vec<(u64, &str)> = answer["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["offset"].as_u64().unwrap(),
+                m["message"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [(2, "m2"), (3, "m3")]);
+    let (_, answer) = api(
+        nodes[1].addr,
+        "GET",
+        "/api/history/h?order=newest&limit=1",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(answer["messages"][0]["offset"], 3, "{answer}");
+    let (_, answer) = api(nodes[1].addr, "GET", "/api/history/never", Value::Null).await;
+    assert_eq!(
+        answer,
+        json!({"room": "never", "offset": 0, "epoch": null, "messages": []})
+    );
+    // An entry that is not wsgate's is skipped, and counted.
+    let history_key = redis.room_key("history", "h");
+    let _: String = redis.query(
+        redis::cmd("XADD")
+            .arg(&history_key)
+            .arg("4-0")
+            .arg("m")
+            .arg("not json"),
+    );
+    let before = counter(&nodes[1], "broker_malformed").await;
+    let (_, answer) = api(nodes[1].addr, "GET", "/api/history/h?since=3", Value::Null).await;
+    assert_eq!(answer["messages"], json!([]), "{answer}");
+    assert_eq!(counter(&nodes[1], "broker_malformed").await, before + 1);
+    redis.kill();
+    wait_readiness(&nodes[1], 503).await;
+    let (status, _) = api(nodes[1].addr, "GET", "/api/history/h", Value::Null).await;
+    assert_eq!(status, 503);
+}

@@ -8,12 +8,16 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{Broker, Disconnect, Host, LocalFuture, PublishError, Publisher, RoomRef, Unavailable};
+use super::{
+    Broker, Disconnect, HistoryQuery, Host, LocalFuture, PublishError, Publisher, RoomHistory,
+    RoomRef, Unavailable,
+};
 use crate::base::client_id::ClientId;
 use crate::protocol;
 use crate::rooms::presence::{Entry, Presence};
 use crate::rooms::stream::Position;
 use crate::rooms::{RoomState, RoomsPage, Target};
+use crate::ws::frame;
 
 pub struct MemoryBroker {
     host: Host,
@@ -101,6 +105,38 @@ impl Broker for MemoryBroker {
     ) -> LocalFuture<'_, Result<RoomsPage, Unavailable>> {
         let page = self.host.shared.rooms.page(after, limit);
         Box::pin(std::future::ready(Ok(page)))
+    }
+
+    fn history(
+        &self,
+        room: &str,
+        query: HistoryQuery,
+    ) -> LocalFuture<'_, Result<RoomHistory, Unavailable>> {
+        let shared = &self.host.shared;
+        let history = match shared.rooms.get(room) {
+            None => RoomHistory {
+                position: None,
+                messages: Vec::new(),
+                malformed: 0,
+            },
+            Some(state) => {
+                let stream = state.stream();
+                let limits = shared.rooms.history_limits();
+                let frames = stream.kept_after(
+                    query.since,
+                    query.limit,
+                    query.newest_first,
+                    limits,
+                    Instant::now(),
+                );
+                RoomHistory {
+                    position: Some(stream.position()),
+                    messages: frames.iter().map(frame::server_payload).collect(),
+                    malformed: 0,
+                }
+            }
+        };
+        Box::pin(std::future::ready(Ok(history)))
     }
 
     fn knows_presence(&self, _: &RoomState) -> bool {

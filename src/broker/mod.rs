@@ -78,6 +78,26 @@ pub enum RoomRef<'a> {
     Name(&'a str),
 }
 
+/// Which of a room's kept messages the server API asks for.
+#[derive(Clone, Copy, Debug)]
+pub struct HistoryQuery {
+    /// Messages after this offset.
+    pub since: u64,
+    pub limit: usize,
+    /// From the latest down (else from the first after `since` up).
+    pub newest_first: bool,
+}
+
+/// A room's kept messages.
+pub struct RoomHistory {
+    /// Where the room's stream is; `None` for a room the broker holds nothing of.
+    pub position: Option<Position>,
+    /// Each message as members got it: JSON text, with its offset.
+    pub messages: Vec<Bytes>,
+    /// Records that were not wsgate's, skipped.
+    pub malformed: u64,
+}
+
 /// Closing every connection of a user (on every node), with an application close code.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Disconnect {
@@ -165,6 +185,14 @@ pub trait Broker: Send + Sync {
         after: Option<&str>,
         limit: usize,
     ) -> LocalFuture<'_, Result<RoomsPage, Unavailable>>;
+
+    /// A room's kept messages (its history), from where its stream is kept: this node's with the
+    /// memory broker, Redis's with Redis.
+    fn history(
+        &self,
+        room: &str,
+        query: HistoryQuery,
+    ) -> LocalFuture<'_, Result<RoomHistory, Unavailable>>;
 
     /// Whether this node's copy of `room`'s presence is the whole cluster's.
     fn knows_presence(&self, room: &RoomState) -> bool;

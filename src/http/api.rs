@@ -9,6 +9,7 @@
 //! | `POST /api/disconnect` | `{"user":U,"code":4000-4999,"reason":"…"}` | `{"disconnected":U}` |
 //! | `GET /api/rooms` | `?after=R&limit=N` | `{"rooms":[{"room":R,"members":N}],"next":R}` |
 //! | `GET /api/rooms/{room}` | `?after=U&limit=N` | `{"room":R,"members":N,"users":[…],"next":U}` |
+//! | `GET /api/history/{room}` | `?since=N&limit=M&order=oldest\|newest` | `{"room":R,"offset":N,"epoch":E,"messages":[…]}` |
 //! | `GET /api/stats` | | what `/healthz` shows, with every counter |
 //!
 //! A publication takes the path of a chat message: serialized once, framed once; a room's gets
@@ -33,7 +34,7 @@ use tokio::sync::oneshot;
 
 use super::{Body, ShardEdge, error_response, json, unauthorized};
 use crate::base::time::now_ms;
-use crate::broker::{Disconnect, PublishError, Publisher, RoomRef};
+use crate::broker::{Disconnect, HistoryQuery, PublishError, Publisher, RoomRef};
 use crate::cluster;
 use crate::fanout::Publication;
 use crate::protocol::{ErrorReply, ServerMessage};
@@ -88,11 +89,15 @@ pub async fn serve(shard: Rc<ShardEdge>, req: Request<Incoming>) -> Response<Bod
         (&Method::GET, room) if room.starts_with("rooms/") => {
             room_users(&shard, &room["rooms/".len()..], &query).await
         }
+        (&Method::GET, room) if room.starts_with("history/") => {
+            history(&shard, &room["history/".len()..], &query).await
+        }
         (_, route)
             if matches!(
                 route,
                 "publish" | "broadcast" | "disconnect" | "rooms" | "stats"
-            ) || route.starts_with("rooms/") =>
+            ) || route.starts_with("rooms/")
+                || route.starts_with("history/") =>
         {
             Err(Refused(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -406,5 +411,76 @@ async fn room_users(shard: &ShardEdge, room: &str, query: &str) -> Answer {
     Ok(json(
         StatusCode::OK,
         &json!({ "room": &*room, "members": members, "users": users, "next": next.as_deref() }),
+    ))
+}
+
+/// `since`, `limit` and `order` from a history query string.
+fn history_query(query: &str) -> Result<HistoryQuery, Refused> {
+    let mut asked = HistoryQuery {
+        since: 0,
+        limit: PAGE,
+        newest_first: false,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "since" => {
+                asked.since = value
+                    .parse()
+                    .map_err(|_| bad_request("since: an offset (a non-negative integer)"))?;
+            }
+            "limit" => {
+                asked.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| bad_request(format!("limit: 1 to {MAX_PAGE}")))?;
+            }
+            "order" => {
+                asked.newest_first = match value {
+                    "oldest" => false,
+                    "newest" => true,
+                    _ => return Err(bad_request("order: oldest or newest")),
+                };
+            }
+            _ => return Err(bad_request(format!("unknown query parameter {name}"))),
+        }
+    }
+    Ok(asked)
+}
+
+/// A room's kept messages after `since` (its last `history_size`, for `history_ttl`), each as
+/// members got it, with where the room's stream is (`offset`, `epoch`; `epoch` null for a room
+/// nothing is kept of): from this node with the memory broker, from Redis with Redis.
+async fn history(shard: &ShardEdge, room: &str, query: &str) -> Answer {
+    let room = percent_encoding::percent_decode_str(room)
+        .decode_utf8()
+        .map_err(|_| bad_request(ErrorReply::InvalidRoomName))?;
+    if !is_valid_room_name(&room) {
+        return Err(bad_request(ErrorReply::InvalidRoomName));
+    }
+    let asked = history_query(query)?;
+    let node = &shard.edge;
+    let kept = node
+        .broker
+        .history(&room, asked)
+        .await
+        .map_err(|_| unavailable(ErrorReply::Unavailable))?;
+    if kept.malformed > 0 {
+        let malformed = &node.shared.counters.broker_malformed;
+        malformed.fetch_add(kept.malformed, std::sync::atomic::Ordering::Relaxed);
+    }
+    let messages: Vec<Value> = kept
+        .messages
+        .iter()
+        .filter_map(|json| serde_json::from_slice(json).ok())
+        .collect();
+    let (offset, epoch) = kept
+        .position
+        .as_ref()
+        .map_or((0, None), |p| (p.offset, Some(&*p.epoch)));
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "room": &*room, "offset": offset, "epoch": epoch, "messages": messages }),
     ))
 }

@@ -232,6 +232,29 @@ impl Stream {
         !self.history.is_empty()
     }
 
+    /// The kept messages after offset `since` that have not expired, at most `limit`: the
+    /// oldest of them first, or the newest first (`newest_first`). Their frames, as members got
+    /// them.
+    pub fn kept_after(
+        &self,
+        since: u64,
+        limit: usize,
+        newest_first: bool,
+        limits: HistoryLimits,
+        now: Instant,
+    ) -> Vec<Bytes> {
+        let live = self
+            .history
+            .iter()
+            .filter(|kept| kept.offset > since && now.duration_since(kept.at) <= limits.ttl)
+            .map(|kept| kept.frame.clone());
+        if newest_first {
+            live.rev().take(limit).collect()
+        } else {
+            live.take(limit).collect()
+        }
+    }
+
     /// The messages after `since`, if every one of them is still kept: `None` when the epoch is
     /// another, or some were forgotten — never a partial list.
     pub fn since(

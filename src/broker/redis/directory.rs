@@ -7,10 +7,14 @@ use std::sync::{Arc, Mutex};
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{RedisResult, Value};
 
-use super::keys::{NODES_KEY, Scripts};
-use super::sync::nodes_presence;
+use super::keys::{ERA_KEY, NODES_KEY, Scripts};
+use super::sync::{history_entry, nodes_presence};
+use crate::broker::{HistoryQuery, RoomHistory};
+use crate::protocol;
 use crate::rooms::RoomsPage;
 use crate::rooms::presence::Presence;
+use crate::rooms::stream::Position;
+use crate::ws::frame;
 
 /// The Redis connection the engine has now (lent to API requests: queries are multiplexed on
 /// it), with its scripts.
@@ -75,6 +79,75 @@ impl Lookup {
         presence.replace_others("", nodes);
         Ok((presence, malformed))
     }
+}
+
+impl Lookup {
+    /// A room's kept messages, as Redis holds them.
+    pub async fn history(&self, room: &str, query: HistoryQuery) -> RedisResult<RoomHistory> {
+        let keys = &self.scripts.keys;
+        let reply: Value = ::redis::cmd("EVALSHA")
+            .arg(&self.scripts.history)
+            .arg(3)
+            .arg(keys.meta(room))
+            .arg(keys.history(room))
+            .arg(ERA_KEY)
+            .arg(keys.generation())
+            .arg(query.since + 1)
+            .arg(query.limit)
+            .arg(if query.newest_first {
+                "newest"
+            } else {
+                "oldest"
+            })
+            .query_async(&mut self.commands.clone())
+            .await?;
+        parse_history(reply).ok_or_else(|| {
+            ::redis::RedisError::from(std::io::Error::other(
+                "unexpected answer to the history script",
+            ))
+        })
+    }
+}
+
+/// `[offset, epoch, entries]`; an empty epoch for a room Redis does not hold.
+fn parse_history(reply: Value) -> Option<RoomHistory> {
+    let Value::Array(parts) = reply else {
+        return None;
+    };
+    let [
+        Value::Int(top),
+        Value::BulkString(epoch),
+        Value::Array(entries),
+    ] = <[Value; 3]>::try_from(parts).ok()?
+    else {
+        return None;
+    };
+    if epoch.is_empty() {
+        return Some(RoomHistory {
+            position: None,
+            messages: Vec::new(),
+            malformed: 0,
+        });
+    }
+    let mut malformed = 0;
+    let messages = entries
+        .into_iter()
+        .filter_map(|entry| {
+            let kept = history_entry(entry)
+                .filter(|(_, json)| protocol::is_json_object(json))
+                .map(|(offset, json)| frame::server_payload(&protocol::with_offset(&json, offset)));
+            malformed += u64::from(kept.is_none());
+            kept
+        })
+        .collect();
+    Some(RoomHistory {
+        position: Some(Position {
+            offset: u64::try_from(top).ok()?,
+            epoch: Arc::from(String::from_utf8_lossy(&epoch)),
+        }),
+        messages,
+        malformed,
+    })
 }
 
 /// `[[room, members, ...], next]`; `next` empty when no room follows.

@@ -147,6 +147,8 @@ pub struct Scripts {
     pub rooms_page: String,
     /// Reads a room's presence on live nodes (server API).
     pub presence_read: String,
+    /// Reads a room's recent messages (server API).
+    pub history: String,
 }
 
 impl Scripts {
@@ -170,6 +172,7 @@ impl Scripts {
             forget_node: load(include_str!("../lua/forget_node.lua")).await?,
             rooms_page: load(include_str!("../lua/rooms_page.lua")).await?,
             presence_read: load(include_str!("../lua/presence_read.lua")).await?,
+            history: load(include_str!("../lua/history.lua")).await?,
         })
     }
 }

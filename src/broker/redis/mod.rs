@@ -55,7 +55,10 @@ use self::keys::{
 };
 use self::publisher::{entry_json, publish_loop, refuse};
 use self::sync::{CatchUpError, catch_up};
-use super::{Broker, Disconnect, Host, LocalFuture, PublishError, Publisher, RoomRef, Unavailable};
+use super::{
+    Broker, Disconnect, HistoryQuery, Host, LocalFuture, PublishError, Publisher, RoomHistory,
+    RoomRef, Unavailable,
+};
 use crate::base::client_id::ClientId;
 use crate::config::{Config, RedisUrl};
 use crate::protocol::{self, ErrorReply, NodeClientId};
@@ -413,6 +416,18 @@ impl Broker for RedisBroker {
                 .rooms(after.as_deref(), limit)
                 .await
                 .map_err(|_| Unavailable)
+        })
+    }
+
+    fn history(
+        &self,
+        room: &str,
+        query: HistoryQuery,
+    ) -> LocalFuture<'_, Result<RoomHistory, Unavailable>> {
+        let room = room.to_owned();
+        Box::pin(async move {
+            let lookup = self.lookup().ok_or(Unavailable)?;
+            lookup.history(&room, query).await.map_err(|_| Unavailable)
         })
     }
 

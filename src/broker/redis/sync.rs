@@ -195,7 +195,7 @@ impl SyncReply {
 }
 
 /// A history entry: `[<offset>-0, ["m", <JSON>]]`.
-fn history_entry(entry: Value) -> Option<(u64, Vec<u8>)> {
+pub(super) fn history_entry(entry: Value) -> Option<(u64, Vec<u8>)> {
     let Value::Array(entry) = entry else {
         return None;
     };

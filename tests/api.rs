@@ -406,3 +406,57 @@ async fn a_rooms_history_is_read_with_offsets_and_epoch_oldest_or_newest_first()
     let (status, _) = call(&gw, "POST", "/api/history/h", json!({})).await;
     assert_eq!(status, 405);
 }
+
+#[tokio::test]
+async fn a_publication_in_the_chat_shape_arrives_as_a_chat_message() {
+    let gw = TestGateway::start_with(
+        |c| {
+            c.api_key = Some(API_KEY.into());
+            c.max_chat_message_chars = 20;
+        },
+        1,
+    );
+    let mut member = gw.client().await;
+    member.join("news").await;
+    let body = json!({"room": "news", "as": "chat", "username": "Deploy bot", "data": "v2 is out"});
+    let (status, answer) = call(&gw, "POST", "/api/publish", body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["offset"], 1);
+    let got = member.next_not_presence().await;
+    assert_eq!(
+        (
+            got["type"].as_str(),
+            got["username"].as_str(),
+            got["userId"].as_str(),
+            got["message"].as_str(),
+            got["offset"].as_u64()
+        ),
+        (
+            Some("chat_message"),
+            Some("Deploy bot"),
+            Some("server"),
+            Some("v2 is out"),
+            Some(1)
+        ),
+        "{got}"
+    );
+    assert!(got["timestamp"].is_u64());
+    // As a user of the backend's choosing.
+    let body =
+        json!({"room": "news", "as": "chat", "username": "Ops", "userId": "ops-1", "data": "ok"});
+    assert_eq!(call(&gw, "POST", "/api/publish", body).await.0, 200);
+    assert_eq!(member.next_not_presence().await["userId"], "ops-1");
+    for bad in [
+        json!({"room": "news", "as": "chat", "data": "no sender"}),
+        json!({"room": "news", "as": "chat", "username": "", "data": "x"}),
+        json!({"room": "news", "as": "chat", "username": "b", "data": {"not": "text"}}),
+        json!({"room": "news", "as": "chat", "username": "b", "data": "x".repeat(21)}),
+        json!({"room": "news", "as": "chat", "username": "b", "userId": "", "data": "x"}),
+        json!({"room": "news", "as": "poem", "username": "b", "data": "x"}),
+        json!({"user": "alice", "as": "chat", "username": "b", "data": "x"}),
+    ] {
+        let (status, answer) = call(&gw, "POST", "/api/publish", bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {answer}");
+    }
+    member.expect_silence().await;
+}

@@ -4,6 +4,7 @@
 //! | route | body / query | answer |
 //! |-------|--------------|--------|
 //! | `POST /api/publish` | `{"room":R,"data":<JSON>}` | `{"room":R,"offset":N,"epoch":E}` |
+//! | `POST /api/publish` | `{"room":R,"as":"chat","username":S,"data":"text"}` | the same |
 //! | `POST /api/publish` | `{"user":U,"data":<JSON>}` | `{"user":U,"published":true}` |
 //! | `POST /api/broadcast` | `{"data":<JSON>}` | `{"published":true}` |
 //! | `POST /api/disconnect` | `{"user":U,"code":4000-4999,"reason":"…"}` | `{"disconnected":U}` |
@@ -36,6 +37,7 @@ use super::{Body, ShardEdge, error_response, json, unauthorized};
 use crate::base::time::now_ms;
 use crate::broker::{Disconnect, HistoryQuery, PublishError, Publisher, RoomRef};
 use crate::cluster;
+use crate::config::Config;
 use crate::fanout::Publication;
 use crate::protocol::{ErrorReply, ServerMessage};
 use crate::rooms::presence::Presence;
@@ -185,7 +187,19 @@ struct PublishBody {
     room: Option<String>,
     user: Option<String>,
     data: Value,
+    /// `"chat"`: to a room, as a chat message from `username` (`data`: its text), which pages
+    /// render like any other.
+    #[serde(rename = "as")]
+    shape: Option<String>,
+    username: Option<String>,
+    #[serde(rename = "userId")]
+    user_id: Option<String>,
 }
+
+/// The `userId` of a chat-shaped publication that names none.
+const BACKEND_USER_ID: &str = "server";
+/// A chat-shaped publication's `username` and `userId`, at most.
+const MAX_SENDER_CHARS: usize = 64;
 
 /// A user id in a publication, at most (ids come from tokens; this bounds what crosses Redis).
 const MAX_USER_ID_LEN: usize = 256;
@@ -193,6 +207,9 @@ const MAX_USER_ID_LEN: usize = 256;
 async fn publish(shard: &ShardEdge, body: PublishBody) -> Answer {
     let room = match (body.room.as_deref(), body.user.as_deref()) {
         (Some(room), None) => room,
+        (None, Some(_)) if body.shape.is_some() => {
+            return Err(bad_request("as: \"chat\" is for rooms"));
+        }
         (None, Some(user)) => return publish_to_user(shard, user, &body.data),
         _ => return Err(bad_request("give either room or user")),
     };
@@ -200,12 +217,16 @@ async fn publish(shard: &ShardEdge, body: PublishBody) -> Answer {
         return Err(bad_request(ErrorReply::InvalidRoomName));
     }
     let node = &shard.edge;
-    let message = ServerMessage::Publication {
-        room: Some(room),
-        data: &body.data,
-        timestamp: now_ms(),
-    }
-    .to_json();
+    let message = match body.shape.as_deref() {
+        None => ServerMessage::Publication {
+            room: Some(room),
+            data: &body.data,
+            timestamp: now_ms(),
+        }
+        .to_json(),
+        Some("chat") => chat_shaped(&node.shared.config, room, &body)?,
+        Some(_) => return Err(bad_request("as: \"chat\", or leave it out")),
+    };
     let (reply, answer) = oneshot::channel();
     let published = cluster::publish_to_stream(
         &*node.broker,
@@ -231,6 +252,39 @@ async fn publish(shard: &ShardEdge, body: PublishBody) -> Answer {
         StatusCode::OK,
         &json!({ "room": room, "offset": position.offset, "epoch": &*position.epoch }),
     ))
+}
+
+/// A room publication in the shape of a chat message: from `username` (and `userId`, by
+/// default "server"), with `data` as its text, held to the chat's limits.
+fn chat_shaped(config: &Config, room: &str, body: &PublishBody) -> Result<Vec<u8>, Refused> {
+    let sender = |name: &str, value: Option<&str>| match value {
+        Some(v) if (1..=MAX_SENDER_CHARS).contains(&v.chars().count()) => Ok(v.to_owned()),
+        _ => Err(bad_request(format!(
+            "{name}: 1 to {MAX_SENDER_CHARS} characters (as: \"chat\")"
+        ))),
+    };
+    let username = sender("username", body.username.as_deref())?;
+    let user_id = sender(
+        "userId",
+        Some(body.user_id.as_deref().unwrap_or(BACKEND_USER_ID)),
+    )?;
+    let Some(text) = body.data.as_str() else {
+        return Err(bad_request(
+            "data: the message's text, a string (as: \"chat\")",
+        ));
+    };
+    let max = config.max_chat_message_chars;
+    if text.chars().count() > max {
+        return Err(bad_request(ErrorReply::MessageTooLong(max)));
+    }
+    Ok(ServerMessage::ChatMessage {
+        room,
+        username: &username,
+        user_id: &user_id,
+        message: text,
+        timestamp: now_ms(),
+    }
+    .to_json())
 }
 
 /// Publishes to every addressable connection of `user`, on every node (nothing is kept: a user

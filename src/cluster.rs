@@ -67,8 +67,9 @@ pub fn publish_to_stream(
     room: RoomRef<'_>,
     message: Vec<u8>,
     from: Publisher,
+    dedup: Option<&str>,
 ) -> Result<(), PublishError> {
-    let published = broker.publish(room, message, from);
+    let published = broker.publish(room, message, from, dedup);
     if published == Err(PublishError::Unavailable) {
         shared
             .counters

@@ -53,6 +53,10 @@ pub struct Config {
     /// How long a room keeps a message for reconnecting clients. Default 5 min.
     #[serde(with = "humantime_serde")]
     pub history_ttl: Duration,
+    /// How long a `chat_message`'s `messageId` is remembered: a retry with the same id within it
+    /// is published once (cluster-wide with Redis). Default 2 min.
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
     /// What joins this node to others: `memory` (default: one node, nothing shared) or `redis`
     /// (rooms, their order and history shared through the Redis at `redis_url`).
     pub broker: BrokerKind,
@@ -267,6 +271,7 @@ impl Default for Config {
             room_creation_burst: 200,
             history_size: 100,
             history_ttl: Duration::from_secs(300),
+            dedup_window: Duration::from_secs(120),
             broker: BrokerKind::Memory,
             redis_url: "redis://127.0.0.1:6379/".into(),
             redis_unsubscribe_grace: Duration::from_secs(2),
@@ -546,6 +551,7 @@ impl Config {
             ("handshake_timeout", self.handshake_timeout),
             ("http_idle_timeout", self.http_idle_timeout),
             ("http_max_lifetime", self.http_max_lifetime),
+            ("dedup_window", self.dedup_window),
         ] {
             if !(Duration::from_millis(10)..=Duration::from_secs(24 * 3600)).contains(&value) {
                 let shown = humantime::format_duration(value);

@@ -32,6 +32,9 @@ pub enum ClientMessage<'t, 'i> {
     Chat {
         room: &'i str,
         message: &'i str,
+        /// The client's own id for the message (`messageId`): a retry with the same one is
+        /// published once (see `dedup_window`).
+        message_id: Option<&'i str>,
     },
     Typing {
         room: &'i str,
@@ -282,6 +285,17 @@ pub fn read_message<'t, 'i>(tape: &'t Tape<'i>) -> Result<ClientMessage<'t, 'i>,
         "chat_message" => ClientMessage::Chat {
             room: string("room")?,
             message: string("message")?,
+            message_id: match field("messageId") {
+                None => None,
+                Some(id) => Some(
+                    id.into_string()
+                        .filter(|id| (1..=MAX_REQUEST_ID_LEN).contains(&id.len()))
+                        .ok_or(ErrorReply::InvalidField {
+                            field: "messageId",
+                            expected: "a string of 1-64 bytes",
+                        })?,
+                ),
+            },
         },
         "typing" => ClientMessage::Typing {
             room: string("room")?,
@@ -570,7 +584,13 @@ mod tests {
         );
         assert_eq!(
             parse_debug(r#"{"payload":{"room":"a\"b","message":"hi\n"},"type":"chat_message"}"#),
-            r#"Chat { room: "a\"b", message: "hi\n" }"#
+            r#"Chat { room: "a\"b", message: "hi\n", message_id: None }"#
+        );
+        assert_eq!(
+            parse_debug(
+                r#"{"type":"chat_message","payload":{"room":"r","message":"m","messageId":"k"}}"#
+            ),
+            r#"Chat { room: "r", message: "m", message_id: Some("k") }"#
         );
         assert_eq!(
             parse_debug(r#"{"type":"typing","payload":{"room":"r","isTyping":true}}"#),

@@ -245,3 +245,56 @@ async fn a_message_with_an_id_gets_it_back_on_its_answer_or_error() {
     c.send("echo", json!(1)).await;
     assert_eq!(c.recv().await, json!({"type": "echo", "payload": 1}));
 }
+
+#[tokio::test]
+async fn a_retried_chat_message_with_a_message_id_is_published_once_within_the_window() {
+    let gw = TestGateway::start_with(
+        |c| c.dedup_window = std::time::Duration::from_millis(500),
+        2,
+    );
+    let mut first = gw.client_as("alice").await;
+    let mut retry = gw.client_as("alice").await;
+    let mut other = gw.client_as("bob").await;
+    for c in [&mut first, &mut retry, &mut other] {
+        c.join("r").await;
+    }
+    let message = json!({"room": "r", "message": "once", "messageId": "m-1"});
+    first.send("chat_message", message.clone()).await;
+    assert_eq!(other.chats(1).await, vec![(1, "once".to_owned())]);
+    // The same message id again, from another connection of the same user: not published again,
+    // answered (it asked, with an id) with the first one's offset.
+    let with_id = json!({"type": "chat_message", "payload": message, "id": 2});
+    retry.send_text(with_id.to_string()).await;
+    assert_eq!(retry.chats(1).await, vec![(1, "once".to_owned())]);
+    assert_eq!(
+        retry.next_not_presence().await,
+        json!({"type": "ack", "id": 2, "offset": 1})
+    );
+    other.expect_silence().await;
+    // Another user's message id is its own.
+    other.send("chat_message", message.clone()).await;
+    assert_eq!(
+        first.chats(2).await,
+        vec![(1, "once".to_owned()), (2, "once".to_owned())]
+    );
+    // Past the window the id is free again.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    retry.send("chat_message", message.clone()).await;
+    assert_eq!(
+        other.chats(2).await,
+        vec![(2, "once".to_owned()), (3, "once".to_owned())]
+    );
+    assert_eq!(first.chats(1).await, vec![(3, "once".to_owned())]);
+    // A message id must be a short string.
+    for bad in [json!(5), json!(""), json!("x".repeat(65))] {
+        first
+            .send(
+                "chat_message",
+                json!({"room": "r", "message": "m", "messageId": bad}),
+            )
+            .await;
+        first
+            .expect_error("Invalid payload: 'messageId' must be a string of 1-64 bytes")
+            .await;
+    }
+}

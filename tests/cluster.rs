@@ -1028,3 +1028,43 @@ async fn a_rooms_history_is_read_from_redis_on_any_node() {
     let (status, _) = api(nodes[1].addr, "GET", "/api/history/h", Value::Null).await;
     assert_eq!(status, 503);
 }
+
+#[tokio::test]
+async fn a_chat_message_retried_on_another_node_is_published_once() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1]).await;
+    let mut first = user_on(&nodes[0], "alice").await;
+    let mut retry = user_on(&nodes[1], "alice").await;
+    let mut bob = user_on(&nodes[1], "bob").await;
+    first.join("r").await;
+    retry.join("r").await;
+    bob.join("r").await;
+    let message = json!({"room": "r", "message": "once", "messageId": "m-1"});
+    first.send("chat_message", message.clone()).await;
+    assert_eq!(bob.chats(1).await, vec![(1, "once".to_owned())]);
+    // The client lost its connection before it saw its message, and sends it again elsewhere.
+    let again = json!({"type": "chat_message", "payload": message, "id": "retry"});
+    retry.send_text(again.to_string()).await;
+    let mut ack = None;
+    while ack.is_none() {
+        let got = retry.next_not_presence().await;
+        match got["type"].as_str() {
+            Some("ack") => ack = Some(got),
+            Some("chat_message") => assert_eq!(got["offset"], 1, "only the first: {got}"),
+            _ => panic!("unexpected {got}"),
+        }
+    }
+    assert_eq!(
+        ack.unwrap(),
+        json!({"type": "ack", "id": "retry", "offset": 1})
+    );
+    bob.expect_silence().await;
+    // A new message id is a new message.
+    first
+        .send(
+            "chat_message",
+            json!({"room": "r", "message": "next", "messageId": "m-2"}),
+        )
+        .await;
+    assert_eq!(bob.chats(1).await, vec![(2, "next".to_owned())]);
+}

@@ -122,7 +122,11 @@ proptest! {
         let json = serde_json::json!({"type": "chat_message", "payload": {"room": room, "message": message}});
         let mut input = json.to_string().into_bytes();
         JsonParser::default().parse(&mut input, |result| match result {
-            Ok(wsgate::protocol::ClientMessage::Chat { room: r, message: m }) => {
+            Ok(wsgate::protocol::ClientMessage::Chat {
+                room: r,
+                message: m,
+                ..
+            }) => {
                 assert_eq!((r, m), (room.as_str(), message.as_str()));
             }
             other => panic!("{other:?}"),

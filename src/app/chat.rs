@@ -181,9 +181,13 @@ impl ChatApp {
                 self.join(shard, key, room, since, id).map(answered)
             }
             ClientMessage::LeaveRoom { room } => self.leave(shard, key, room).map(acked),
-            ClientMessage::Chat { room, message } => {
-                self.chat(shard, key, room, message, id).map(answered)
-            }
+            ClientMessage::Chat {
+                room,
+                message,
+                message_id,
+            } => self
+                .chat(shard, key, room, message, message_id, id)
+                .map(answered),
             ClientMessage::Typing { room, is_typing } => {
                 self.typing(shard, key, room, is_typing).map(acked)
             }
@@ -485,6 +489,7 @@ impl ChatApp {
         key: usize,
         room: &'i str,
         message: &str,
+        message_id: Option<&str>,
         id: Option<&RequestId>,
     ) -> Result<(), ErrorReply<'i>> {
         let max_chars = shard.shared.config.max_chat_message_chars;
@@ -500,12 +505,24 @@ impl ChatApp {
             message,
             timestamp: now_ms(),
         };
+        // A message id is the sender's: its user's (a retry may come on another connection), or
+        // for an anonymous connection, its own.
+        let dedup = message_id.map(|message_id| {
+            let sender = if shard.shared.is_anonymous(&speaker.identity) {
+                format!("{}.{}", shard.shared.id, speaker.id)
+            } else {
+                speaker.identity.user_id.to_string()
+            };
+            // Length-prefixed: no two (sender, message id) pairs make one key.
+            format!("{}:{sender}\u{1f}{message_id}", sender.len())
+        });
         cluster::publish_to_stream(
             &*self.broker,
             &shard.shared,
             RoomRef::State(&speaker.room),
             message.to_json(),
             Publisher::Client(speaker.id, id.cloned()),
+            dedup.as_deref(),
         )
         .map_err(|_| ErrorReply::Unavailable)
     }

@@ -2,8 +2,9 @@
 //! message gets its offset under the stream's lock and is handed to the members' shards in that
 //! order.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -21,11 +22,49 @@ use crate::ws::frame;
 
 pub struct MemoryBroker {
     host: Host,
+    /// Messages published with a dedup key within `dedup_window`.
+    recent: Mutex<Recent>,
+}
+
+/// Dedup keys of recent messages: each room's key → the message's offset, and when each key
+/// expires, oldest first (the window is one length for all, so expiry is in insertion order).
+#[derive(Default)]
+struct Recent {
+    offsets: HashMap<(Arc<str>, Box<str>), u64>,
+    expiries: VecDeque<(Instant, Arc<str>, Box<str>)>,
+}
+
+impl Recent {
+    /// Forgets what expired by `now`.
+    fn expire(&mut self, now: Instant) {
+        while let Some((at, ..)) = self.expiries.front()
+            && *at <= now
+        {
+            let (_, room, key) = self.expiries.pop_front().expect("just seen");
+            self.offsets.remove(&(room, key));
+        }
+    }
 }
 
 impl MemoryBroker {
     pub fn new(host: Host) -> Self {
-        MemoryBroker { host }
+        MemoryBroker {
+            host,
+            recent: Mutex::default(),
+        }
+    }
+
+    /// Tells the publisher of a message already published (under the same dedup key) where it is.
+    fn answer(&self, from: Publisher, position: Position) {
+        match from {
+            Publisher::Api(answer) => {
+                let _ = answer.send(Ok(position));
+            }
+            Publisher::Client(client, Some(request)) => {
+                self.host.events.published(client, request, position.offset);
+            }
+            Publisher::Client(_, None) => {}
+        }
     }
 }
 
@@ -51,6 +90,7 @@ impl Broker for MemoryBroker {
         room: RoomRef<'_>,
         message: Vec<u8>,
         from: Publisher,
+        dedup: Option<&str>,
     ) -> Result<(), PublishError> {
         let shared = &self.host.shared;
         let room = match room {
@@ -62,25 +102,39 @@ impl Broker for MemoryBroker {
             })?,
         };
         let limits = shared.rooms.history_limits();
+        let now = Instant::now();
         let mut stream = room.stream();
+        // Under the stream's lock: a retry racing its first try on another shard waits for it.
+        let mut recent = dedup.map(|_| self.recent.lock().unwrap_or_else(|e| e.into_inner()));
+        if let (Some(recent), Some(key)) = (recent.as_deref_mut(), dedup) {
+            recent.expire(now);
+            let first = recent.offsets.get(&(room.name.clone(), Box::from(key)));
+            if let Some(&offset) = first {
+                let epoch = stream.position().epoch;
+                drop(stream);
+                self.answer(from, Position { offset, epoch });
+                return Ok(());
+            }
+        }
         let (offset, frame) = stream.append(
             |offset| protocol::with_offset(&message, offset),
             limits,
-            Instant::now(),
+            now,
         );
+        if let (Some(recent), Some(key)) = (recent.as_deref_mut(), dedup) {
+            let key: Box<str> = Box::from(key);
+            let expires = now + shared.config.dedup_window;
+            recent
+                .offsets
+                .insert((room.name.clone(), key.clone()), offset);
+            recent.expiries.push_back((expires, room.name.clone(), key));
+        }
+        drop(recent);
         // Under the stream's lock: every shard's inbox gets the room's messages in order.
         self.host.events.stream_message(&room, offset, frame);
         let epoch = stream.position().epoch;
         drop(stream);
-        match from {
-            Publisher::Api(answer) => {
-                let _ = answer.send(Ok(Position { offset, epoch }));
-            }
-            Publisher::Client(client, Some(request)) => {
-                self.host.events.published(client, request, offset);
-            }
-            Publisher::Client(_, None) => {}
-        }
+        self.answer(from, Position { offset, epoch });
         Ok(())
     }
 

@@ -155,11 +155,16 @@ pub trait Broker: Send + Sync {
     /// Publishes `message` (a JSON object) on `room`'s stream: it gets the room's next offset,
     /// joins its history and comes back through [`BrokerEvents::stream_message`] (on every node
     /// following the room). The publisher is told what became of it.
+    ///
+    /// With `dedup` (a key naming the message, unique for its sender), a message whose key was
+    /// published within `dedup_window` is not published again: its publisher is answered with the
+    /// first one's offset.
     fn publish(
         &self,
         room: RoomRef<'_>,
         message: Vec<u8>,
         from: Publisher,
+        dedup: Option<&str>,
     ) -> Result<(), PublishError>;
 
     /// Shares a publication (`payload`, its JSON text) with the other nodes' recipients of

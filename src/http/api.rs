@@ -234,6 +234,7 @@ async fn publish(shard: &ShardEdge, body: PublishBody) -> Answer {
         RoomRef::Name(room),
         message,
         Publisher::Api(reply),
+        None,
     );
     match published {
         Ok(()) => {}

@@ -70,6 +70,11 @@ impl Keys {
         self.room("meta", room)
     }
 
+    /// What a message published with dedup `key` in `room` got (its offset), for `dedup_window`.
+    pub fn dedup(&self, room: &str, key: &str) -> String {
+        format!("{}:{key}", self.room("dedup", room))
+    }
+
     pub fn history(&self, room: &str) -> String {
         self.room("history", room)
     }

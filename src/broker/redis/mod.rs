@@ -113,11 +113,12 @@ enum Command {
 
 /// What goes to Redis, in the order it was sent.
 enum Outgoing {
-    /// A room message (JSON text), from a client or the server API.
+    /// A room message (JSON text), from a client or the server API, with its dedup key.
     Message {
         room: Arc<str>,
         message: Vec<u8>,
         from: Publisher,
+        dedup: Option<Box<str>>,
     },
     /// A publication for the other nodes (JSON text): for a room's members, every chat client,
     /// or one user's connections.
@@ -368,6 +369,7 @@ impl Broker for RedisBroker {
         room: RoomRef<'_>,
         message: Vec<u8>,
         from: Publisher,
+        dedup: Option<&str>,
     ) -> Result<(), PublishError> {
         if !self.is_ready() {
             return Err(PublishError::Unavailable);
@@ -381,6 +383,7 @@ impl Broker for RedisBroker {
                 room,
                 message,
                 from,
+                dedup: dedup.map(Box::from),
             })
             .map_err(|_| PublishError::Unavailable)
     }

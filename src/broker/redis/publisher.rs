@@ -233,16 +233,25 @@ fn add_outgoing(
     seen: u64,
 ) {
     match out {
-        Outgoing::Message { room, message, .. } => {
+        Outgoing::Message {
+            room,
+            message,
+            dedup,
+            ..
+        } => {
             let limits = node.shared.rooms.history_limits();
             let keys = &scripts.keys;
-            pipe.cmd("EVALSHA")
-                .arg(&scripts.publish)
-                .arg(4)
+            let script = pipe.cmd("EVALSHA").arg(&scripts.publish);
+            script.arg(if dedup.is_some() { 5 } else { 4 });
+            script
                 .arg(keys.meta(room))
                 .arg(keys.history(room))
                 .arg(ERA_KEY)
-                .arg(keys.members(room))
+                .arg(keys.members(room));
+            if let Some(key) = dedup {
+                script.arg(keys.dedup(room, key));
+            }
+            script
                 .arg(message.as_slice())
                 .arg(limits.size)
                 .arg(limits.ttl.as_secs().max(1))
@@ -250,7 +259,8 @@ fn add_outgoing(
                 .arg(room_channel(room))
                 .arg(&*new_epoch())
                 .arg(keys.generation())
-                .arg(seen);
+                .arg(seen)
+                .arg(node.shared.config.dedup_window.as_secs().max(1));
         }
         Outgoing::Notice { target, payload } => {
             let origin = node.shared.id.as_bytes();

@@ -182,16 +182,7 @@ async fn a_message_with_an_id_gets_it_back_on_its_answer_or_error() {
         json!("m-1"),
     )
     .await;
-    let (mut ack, mut message) = (None, None);
-    for _ in 0..2 {
-        let got = c.recv().await;
-        match got["type"].as_str() {
-            Some("ack") => ack = Some(got),
-            Some("chat_message") => message = Some(got),
-            _ => panic!("unexpected {got}"),
-        }
-    }
-    let (ack, message) = (ack.expect("an ack"), message.expect("the message"));
+    let (ack, message) = c.ack_and_chat().await;
     assert_eq!(
         ack,
         json!({"type": "ack", "id": "m-1", "offset": message["offset"]})

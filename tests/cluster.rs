@@ -890,18 +890,9 @@ async fn a_chat_message_with_an_id_is_acknowledged_with_the_offset_redis_gave_it
             .to_string()
     };
     alice.send_text(send(json!(1))).await;
-    let (mut ack, mut message) = (None, None);
-    while ack.is_none() || message.is_none() {
-        let got = alice.next_not_presence().await;
-        match got["type"].as_str() {
-            Some("ack") => ack = Some(got),
-            Some("chat_message") => message = Some(got),
-            _ => panic!("unexpected {got}"),
-        }
-    }
-    let message = message.unwrap();
+    let (ack, message) = alice.ack_and_chat().await;
     assert_eq!(
-        ack.unwrap(),
+        ack,
         json!({"type": "ack", "id": 1, "offset": message["offset"]})
     );
     assert_eq!(bob.chats(1).await, vec![(1, "hi".to_owned())]);
@@ -1045,19 +1036,10 @@ async fn a_chat_message_retried_on_another_node_is_published_once() {
     // The client lost its connection before it saw its message, and sends it again elsewhere.
     let again = json!({"type": "chat_message", "payload": message, "id": "retry"});
     retry.send_text(again.to_string()).await;
-    let mut ack = None;
-    while ack.is_none() {
-        let got = retry.next_not_presence().await;
-        match got["type"].as_str() {
-            Some("ack") => ack = Some(got),
-            Some("chat_message") => assert_eq!(got["offset"], 1, "only the first: {got}"),
-            _ => panic!("unexpected {got}"),
-        }
-    }
-    assert_eq!(
-        ack.unwrap(),
-        json!({"type": "ack", "id": "retry", "offset": 1})
-    );
+    // It is a member: the first one reached it too (and only that one: its offset).
+    let (ack, message) = retry.ack_and_chat().await;
+    assert_eq!(message["offset"], 1, "only the first: {message}");
+    assert_eq!(ack, json!({"type": "ack", "id": "retry", "offset": 1}));
     bob.expect_silence().await;
     // A new message id is a new message.
     first

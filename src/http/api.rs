@@ -20,6 +20,7 @@
 //! Errors are `{"error": "…"}` with 400 (bad body or query), 401 (no or wrong key), 404, 405,
 //! 408 (body too slow), 413 (body over `max_message_size`), 503 (Redis away or behind: retry).
 
+use std::borrow::Cow;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -422,15 +423,21 @@ async fn rooms(shard: &ShardEdge, query: &str) -> Answer {
     ))
 }
 
-/// Who is in a room: the room's presence as this node holds it — cluster-wide for the rooms it
-/// follows with Redis — or, for a room it does not follow, as Redis holds it.
-async fn room_users(shard: &ShardEdge, room: &str, query: &str) -> Answer {
+/// The room a path names (percent-encoded), if its name is valid.
+fn room_in_path(room: &str) -> Result<Cow<'_, str>, Refused> {
     let room = percent_encoding::percent_decode_str(room)
         .decode_utf8()
         .map_err(|_| bad_request(ErrorReply::InvalidRoomName))?;
     if !is_valid_room_name(&room) {
         return Err(bad_request(ErrorReply::InvalidRoomName));
     }
+    Ok(room)
+}
+
+/// Who is in a room: the room's presence as this node holds it — cluster-wide for the rooms it
+/// follows with Redis — or, for a room it does not follow, as Redis holds it.
+async fn room_users(shard: &ShardEdge, room: &str, query: &str) -> Answer {
+    let room = room_in_path(room)?;
     let (after, limit) = page_query(query)?;
     let page = |presence: &mut Presence| {
         let (users, more) = presence.page(after.as_deref(), limit);
@@ -508,12 +515,7 @@ fn history_query(query: &str) -> Result<HistoryQuery, Refused> {
 /// members got it, with where the room's stream is (`offset`, `epoch`; `epoch` null for a room
 /// nothing is kept of): from this node with the memory broker, from Redis with Redis.
 async fn history(shard: &ShardEdge, room: &str, query: &str) -> Answer {
-    let room = percent_encoding::percent_decode_str(room)
-        .decode_utf8()
-        .map_err(|_| bad_request(ErrorReply::InvalidRoomName))?;
-    if !is_valid_room_name(&room) {
-        return Err(bad_request(ErrorReply::InvalidRoomName));
-    }
+    let room = room_in_path(room)?;
     let asked = history_query(query)?;
     let node = &shard.edge;
     let kept = node

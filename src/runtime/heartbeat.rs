@@ -226,7 +226,6 @@ mod tests {
     //! The heartbeat policy on a fake clock: the wheel is driven tick by tick, and reads are
     //! simulated by stamping `last_seen`.
 
-    use std::io::IoSlice;
     use std::net::IpAddr;
     use std::sync::Arc;
 
@@ -253,27 +252,8 @@ mod tests {
 
     fn connect(shard: &Shard, app: AppId, identity: Identity) -> usize {
         let key = shard.register(app, Arc::new(identity), IpAddr::from([127, 0, 0, 1]));
-        take_queued(shard, key); // the greeting
+        shard.take_written(key); // the greeting
         key
-    }
-
-    /// Empties a connection's queue, as if written; returns the frames' opcodes and payloads.
-    fn take_queued(shard: &Shard, key: usize) -> Vec<(u8, Vec<u8>)> {
-        let mut guard = shard.state();
-        let state = &mut *guard;
-        let out = &mut state.conns[key].outbound;
-        let mut frames = Vec::new();
-        while !out.is_empty() {
-            let mut slices = [IoSlice::new(&[]); 16];
-            let n = out.slices(&mut slices);
-            let mut written = 0;
-            for frame in &slices[..n] {
-                frames.push((frame[0] & 0x0F, frame[2..].to_vec()));
-                written += frame.len();
-            }
-            out.advance(written, &mut state.queued);
-        }
-        frames
     }
 
     fn heard_from(shard: &Shard, key: usize, tick: Tick) {
@@ -288,7 +268,7 @@ mod tests {
                 heard_from(shard, key, tick);
             }
             shard.tick(tick);
-            assert!(take_queued(shard, key).is_empty(), "tick {tick}");
+            assert!(shard.take_written(key).is_empty(), "tick {tick}");
         }
     }
 
@@ -303,12 +283,12 @@ mod tests {
         let key = connect(&shard, CHAT, Identity::anonymous());
         quiet_through(&shard, key, 1..30, 0);
         shard.tick(30);
-        assert_eq!(take_queued(&shard, key), vec![(0x9, vec![])], "pinged");
+        assert_eq!(shard.take_written(key), vec![(0x9, vec![])], "pinged");
         quiet_through(&shard, key, 31..40, 0);
         shard.tick(40);
         let mut close = vec![0x03, 0xe8];
         close.extend_from_slice(HEARTBEAT_TIMEOUT.as_bytes());
-        assert_eq!(take_queued(&shard, key), vec![(0x8, close)]);
+        assert_eq!(shard.take_written(key), vec![(0x8, close)]);
         assert_eq!(timeouts(&shard), 1);
     }
 
@@ -319,11 +299,11 @@ mod tests {
         // Traffic at tick 20: no ping at 30, but at 50.
         quiet_through(&shard, key, 1..50, 20);
         shard.tick(50);
-        assert_eq!(take_queued(&shard, key), vec![(0x9, vec![])]);
+        assert_eq!(shard.take_written(key), vec![(0x9, vec![])]);
         // Answered (any frame) at tick 55: not closed at 60, pinged again at 85.
         quiet_through(&shard, key, 51..85, 55);
         shard.tick(85);
-        assert_eq!(take_queued(&shard, key), vec![(0x9, vec![])]);
+        assert_eq!(shard.take_written(key), vec![(0x9, vec![])]);
         assert_eq!(timeouts(&shard), 0);
     }
 
@@ -335,13 +315,13 @@ mod tests {
         for tick in 1..=30 {
             shard.tick(tick);
         }
-        let pinged = take_queued(&shard, chat);
+        let pinged = shard.take_written(chat);
         assert_eq!(pinged.len(), 1);
         assert_eq!(pinged[0].0, 0x1);
         let ping: serde_json::Value = serde_json::from_slice(&pinged[0].1).unwrap();
         assert_eq!(ping["type"], "ping");
         assert!(ping["timestamp"].as_u64().unwrap() > 1_600_000_000_000);
-        assert_eq!(take_queued(&shard, echo), vec![(0x9, vec![])]);
+        assert_eq!(shard.take_written(echo), vec![(0x9, vec![])]);
     }
 
     #[test]
@@ -356,7 +336,7 @@ mod tests {
         let key = connect(&shard, CHAT, expired);
         heard_from(&shard, key, 1);
         shard.tick(1);
-        let queued = take_queued(&shard, key);
+        let queued = shard.take_written(key);
         assert_eq!(queued.len(), 1, "{queued:?}");
         assert_eq!(queued[0].0, 0x8);
         assert_eq!(queued[0].1[..2], 4001u16.to_be_bytes());

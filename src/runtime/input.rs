@@ -245,12 +245,9 @@ mod tests {
     //! of the test's own.
 
     use std::cell::RefCell;
-    use std::io::IoSlice;
     use std::net::IpAddr;
     use std::rc::Rc;
     use std::sync::Arc;
-
-    use bytes::Bytes;
 
     use super::*;
     use crate::base::identity::Identity;
@@ -292,25 +289,6 @@ mod tests {
         }
     }
 
-    /// What the connection's queue holds, as if written: each frame's opcode and payload.
-    fn written(shard: &Shard, key: usize) -> Vec<(u8, Bytes)> {
-        let mut guard = shard.state();
-        let state = &mut *guard;
-        let out = &mut state.conns[key].outbound;
-        let mut frames = Vec::new();
-        while !out.is_empty() {
-            let mut slices = [IoSlice::new(&[]); 8];
-            let n = out.slices(&mut slices);
-            let mut bytes = 0;
-            for slice in &slices[..n] {
-                frames.push((slice[0] & 0x0F, Bytes::copy_from_slice(&slice[2..])));
-                bytes += slice.len();
-            }
-            out.advance(bytes, &mut state.queued);
-        }
-        frames
-    }
-
     /// Puts `bytes` in the shard's read buffer, as a read would, and hands them over.
     fn feed(input: &mut Input, shard: &Shard, key: usize, bytes: &[u8]) -> Result<(), End> {
         shard.read_buf()[..bytes.len()].copy_from_slice(bytes);
@@ -337,27 +315,27 @@ mod tests {
         shard.shared.admission.admit_upgrade(peer).unwrap();
 
         let key = shard.register(AppId(0), Arc::new(Identity::anonymous()), peer);
-        assert_eq!(written(&shard, key), [(0x1, Bytes::from("hello"))]);
+        assert_eq!(shard.take_written(key), [(0x1, b"hello".to_vec())]);
         let mut input = Input::new(AppId(0), 1 << 16, Vec::new());
         shard.start_turn();
 
         // A message cut in two reads: handled once whole.
         let message = client_frame(true, 0x1, b"quiet please", Some([7, 7, 7, 7]));
         assert!(feed(&mut input, &shard, key, &message[..5]).is_ok());
-        assert!(written(&shard, key).is_empty());
+        assert!(shard.take_written(key).is_empty());
         assert!(feed(&mut input, &shard, key, &message[5..]).is_ok());
-        assert_eq!(written(&shard, key), [(0x1, Bytes::from("QUIET PLEASE"))]);
+        assert_eq!(shard.take_written(key), [(0x1, b"QUIET PLEASE".to_vec())]);
         // A ping is the runtime's to answer.
         let ping = client_frame(true, 0x9, b"p", Some([1, 2, 3, 4]));
         assert!(feed(&mut input, &shard, key, &ping).is_ok());
-        assert_eq!(written(&shard, key), [(0xA, Bytes::from("p"))]);
+        assert_eq!(shard.take_written(key), [(0xA, b"p".to_vec())]);
         // The peer's close is answered with its code, and ends the open phase.
         let close = client_frame(true, 0x8, &1000u16.to_be_bytes(), Some([1, 2, 3, 4]));
         assert!(matches!(
             feed(&mut input, &shard, key, &close),
             Err(End::PeerClosed)
         ));
-        assert_eq!(written(&shard, key)[0].0, 0x8);
+        assert_eq!(shard.take_written(key)[0].0, 0x8);
         shard.app(input.app).closing(&shard, key);
         shard.unregister(key);
         assert_eq!(shard.connection_count(), 0);

@@ -419,3 +419,26 @@ impl Shard {
         self.state().conns[key].outbound.is_closing()
     }
 }
+
+#[cfg(test)]
+impl Shard {
+    /// Empties a connection's queue as if its socket took all of it; returns each frame's opcode
+    /// and payload (server frames of under 126 bytes: a 2-byte header).
+    pub(crate) fn take_written(&self, key: usize) -> Vec<(u8, Vec<u8>)> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let out = &mut state.conns[key].outbound;
+        let mut frames = Vec::new();
+        while !out.is_empty() {
+            let mut slices = [std::io::IoSlice::new(&[]); 16];
+            let n = out.slices(&mut slices);
+            let mut written = 0;
+            for frame in &slices[..n] {
+                frames.push((frame[0] & 0x0F, frame[2..].to_vec()));
+                written += frame.len();
+            }
+            out.advance(written, &mut state.queued);
+        }
+        frames
+    }
+}

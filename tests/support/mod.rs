@@ -296,6 +296,21 @@ impl Client {
         }
     }
 
+    /// A chat message's `ack` and the message itself, in whichever order they come (with Redis
+    /// the ack may come first), past presence notices.
+    pub async fn ack_and_chat(&mut self) -> (Value, Value) {
+        let (mut ack, mut message) = (None, None);
+        while ack.is_none() || message.is_none() {
+            let got = self.next_not_presence().await;
+            match got["type"].as_str() {
+                Some("ack") if ack.is_none() => ack = Some(got),
+                Some("chat_message") if message.is_none() => message = Some(got),
+                _ => panic!("unexpected {got}"),
+            }
+        }
+        (ack.expect("an ack"), message.expect("the message"))
+    }
+
     /// The next `n` chat messages as (offset, message), skipping presence notices.
     pub async fn chats(&mut self, n: usize) -> Vec<(u64, String)> {
         let mut got = Vec::new();

@@ -23,7 +23,7 @@ use crate::fanout::Publication;
 use crate::http::{self, ShardEdge};
 use crate::node::Node;
 use crate::runtime::bus::Inbox;
-use crate::runtime::driver;
+use crate::runtime::driver::{self, EventLoop};
 
 /// File descriptors kept back from the open-files limit for listeners, the runtime and logs.
 const RESERVED_FDS: u64 = 64;
@@ -282,10 +282,18 @@ fn run_shard(
                 return;
             }
         };
+        let event_loop = match EventLoop::new() {
+            Ok(event_loop) => Rc::new(event_loop),
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
         let _ = ready.send(Ok(()));
         let shard = Rc::new(node.shard(index));
         let edge = Rc::new(ShardEdge {
             shard: shard.clone(),
+            event_loop: event_loop.clone(),
             edge: node.edge.clone(),
         });
         // The listener stays open while draining, so probes still get answers (`/readyz` 503).
@@ -297,7 +305,10 @@ fn run_shard(
                 HOUSEKEEPING_INTERVAL,
             ))
         });
-        driver::run(&shard, &mut inbox, &shutdown, || node.broker.settled()).await;
+        driver::run(&shard, &event_loop, &mut inbox, &shutdown, || {
+            node.broker.settled()
+        })
+        .await;
         accepting.abort();
         if let Some(task) = housekeeping {
             task.abort();

@@ -56,7 +56,7 @@ use tracing::{debug, error};
 use crate::auth::{self, Authenticator};
 use crate::broker::Broker;
 use crate::conn::limits::Refusal;
-use crate::runtime::driver::connection;
+use crate::runtime::driver::EventLoop;
 use crate::runtime::shard::{SHUTDOWN_REASON, Shard};
 use crate::runtime::{AppId, Shared};
 use crate::transport::Stream;
@@ -90,6 +90,8 @@ pub struct Edge {
 /// The edge on one shard: that shard (whose connections upgrades become) and the node's edge.
 pub struct ShardEdge {
     pub shard: Rc<Shard>,
+    /// The shard's event loop, which upgraded connections are handed to.
+    pub event_loop: Rc<EventLoop>,
     pub edge: Arc<Edge>,
 }
 
@@ -727,8 +729,8 @@ fn upgrade_admitted(
             .insert(SEC_WEBSOCKET_PROTOCOL, protocol);
     }
     let shard = shard.clone();
-    // This task is every WebSocket connection's for its whole life: its size is part of each
-    // idle connection's memory (and tokio rounds tasks up to 128 bytes).
+    // Waits for hyper to finish the handshake, then hands the socket to the shard's loop: the
+    // connection has no task of its own.
     tokio::task::spawn_local(async move {
         let upgraded = match upgrading.await {
             Ok(ws) => ws.into_inner().into_inner(),
@@ -737,29 +739,21 @@ fn upgrade_admitted(
                 return give_back(&shard, peer);
             }
         };
-        // Everything but the connection itself is dropped before the long await: whatever is
-        // still in scope there stays in this task, for every connection, for its whole life.
-        let connection = match upgraded.downcast::<TokioIo<Prefixed>>() {
-            Ok(parts) => {
-                let (stream, unread_prefix) = parts.io.into_inner().into_parts();
-                // What hyper read past the handshake, then what it never read of our prefix.
-                let mut preread = BytesMut::from(parts.read_buf);
-                preread.extend_from_slice(&unread_prefix);
-                connection::serve(
-                    shard.shard.clone(),
-                    stream,
-                    preread.freeze(),
-                    app,
-                    identity,
-                    peer,
-                )
-            }
-            Err(_) => {
-                error!("upgraded connection is not the stream it was served on");
-                return give_back(&shard, peer);
-            }
+        let Ok(parts) = upgraded.downcast::<TokioIo<Prefixed>>() else {
+            error!("upgraded connection is not the stream it was served on");
+            return give_back(&shard, peer);
         };
-        connection.await;
+        let (stream, unread_prefix) = parts.io.into_inner().into_parts();
+        // What hyper read past the handshake, then what it never read of our prefix.
+        let mut preread = BytesMut::from(parts.read_buf);
+        preread.extend_from_slice(&unread_prefix);
+        let adopted = shard
+            .event_loop
+            .adopt(&shard.shard, stream, &preread, app, identity, peer);
+        if let Err(e) = adopted {
+            debug!(error = %e, "cannot move an upgraded socket to the event loop");
+            give_back(&shard, peer);
+        }
     });
     response.map(|_| Body::default())
 }

@@ -23,7 +23,7 @@ use rustls::unbuffered::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::read_clearing_readiness;
+use super::Socket;
 
 /// The largest TLS record on the wire: header, 16 KiB of plaintext, and what the cipher adds.
 const MAX_RECORD: usize = 5 + (1 << 14) + 256;
@@ -50,8 +50,8 @@ const READS_PER_POLL: u32 = 4;
 const TURN_BYTES: usize = 2 * READ_WINDOW;
 
 /// A TLS session on a socket, after its handshake.
-pub struct TlsStream {
-    tcp: TcpStream,
+pub struct TlsStream<S = TcpStream> {
+    tcp: S,
     session: UnbufferedServerConnection,
     /// What rustls has not discarded of what was received (see the module's documentation).
     /// After the handshake it may also hold complete records the client sent with its end.
@@ -310,7 +310,32 @@ fn shrunk(mut bytes: Vec<u8>) -> Vec<u8> {
     bytes
 }
 
-impl TlsStream {
+impl<S> TlsStream<S> {
+    pub fn socket(&self) -> &S {
+        &self.tcp
+    }
+
+    /// The same session over another socket (the handshake's, handed to an event loop).
+    pub fn map_socket<T>(
+        self,
+        move_to: impl FnOnce(S) -> io::Result<T>,
+    ) -> io::Result<TlsStream<T>> {
+        Ok(TlsStream {
+            tcp: move_to(self.tcp)?,
+            session: self.session,
+            incoming: self.incoming,
+            outgoing: self.outgoing,
+            plaintext: self.plaintext,
+            plaintext_at: self.plaintext_at,
+            read_closed: self.read_closed,
+            failed: self.failed,
+            close_notify_sent: self.close_notify_sent,
+            turn_bytes: self.turn_bytes,
+        })
+    }
+}
+
+impl<S: Socket> TlsStream<S> {
     /// Reads decrypted bytes into `out`: `Ready(Ok(0))` once the peer closed, `Pending` (the
     /// task woken by the socket) while nothing is available.
     pub fn poll_read_plain(
@@ -391,7 +416,7 @@ impl TlsStream {
             }
             reads += 1;
             let window = filled..filled + READ_WINDOW;
-            match read_clearing_readiness(&self.tcp, cx, &mut work[window]) {
+            match self.tcp.poll_recv(cx, &mut work[window]) {
                 Poll::Pending => break Poll::Pending,
                 Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
                 // The socket ended without close_notify: an end all the same (what was received
@@ -459,16 +484,14 @@ impl TlsStream {
             if sent == self.outgoing.len() {
                 break Poll::Ready(Ok(()));
             }
-            match self.tcp.poll_write_ready(cx) {
+            match self
+                .tcp
+                .poll_send(cx, &[IoSlice::new(&self.outgoing[sent..])])
+            {
                 Poll::Pending => break Poll::Pending,
+                Poll::Ready(Ok(0)) => break Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => sent += n,
                 Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {}
-            }
-            match self.tcp.try_write(&self.outgoing[sent..]) {
-                Ok(0) => break Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => break Poll::Ready(Err(e)),
             }
         };
         if sent == self.outgoing.len() {
@@ -488,7 +511,6 @@ impl TlsStream {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         ready!(self.poll_send_outgoing(cx))?;
-        ready!(self.tcp.poll_write_ready(cx))?;
         let taken = SCRATCH.with_borrow_mut(|scratch| -> io::Result<usize> {
             let Scratch { plain, cipher, .. } = scratch;
             plain.clear();
@@ -506,10 +528,12 @@ impl TlsStream {
             self.write_with(cipher, |traffic, cipher| {
                 encode_into(cipher, |buf| traffic.encrypt(plain, buf), encrypt_too_small)
             })?;
-            let sent = match self.tcp.try_write(cipher) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Err(e),
+            // What the socket does not take now waits in `outgoing` (and the socket's readiness
+            // calls the writer back for it).
+            let sent = match self.tcp.poll_send(cx, &[IoSlice::new(cipher)]) {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Pending => 0,
+                Poll::Ready(Err(e)) => return Err(e),
             };
             self.outgoing.extend_from_slice(&cipher[sent..]);
             Ok(plain.len())
@@ -591,12 +615,11 @@ impl TlsStream {
             self.outgoing = outgoing;
         }
         ready!(self.poll_send_outgoing(cx))?;
-        let mut tcp = std::pin::Pin::new(&mut self.tcp);
-        tokio::io::AsyncWrite::poll_shutdown(tcp.as_mut(), cx)
+        Poll::Ready(self.tcp.shutdown_send())
     }
 }
 
-impl std::fmt::Debug for TlsStream {
+impl<S> std::fmt::Debug for TlsStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsStream").finish_non_exhaustive()
     }

@@ -1,30 +1,23 @@
-//! One WebSocket connection's task: read into the shard's buffer, hand the bytes to the
-//! connection's [`Input`], and write whatever is queued for the connection in vectored writes.
+//! One WebSocket connection on its shard's event loop: a state machine the loop polls when the
+//! socket has an event or something was queued for it. It reads into the shard's buffer, hands
+//! the bytes to its [`Input`], and writes whatever is queued for it in vectored writes.
 //!
-//! The task owns only the socket and the connection's input; everything other connections may
-//! touch lives in the shard's slab entry.
+//! A connection owns only its stream, its input and its phase; everything other connections may
+//! touch lives in the shard's slab entry under the same key.
 
-use std::future::poll_fn;
 use std::io::{self, IoSlice};
-use std::net::IpAddr;
-use std::pin::Pin;
-use std::rc::Rc;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
-use crate::base::identity::Identity;
+use crate::runtime::input::{End, Input};
+use crate::runtime::shard::Shard;
 use crate::transport::Stream;
 use crate::ws::frame;
 
-use crate::runtime::AppId;
-use crate::runtime::input::{End, Input};
-use crate::runtime::shard::Shard;
+use super::socket::LoopSocket;
 
-/// Reads handled per turn before the task yields, so one busy client cannot hog the shard.
+/// Reads handled per turn before the connection yields, so one busy client cannot hog the shard.
 const READS_PER_POLL: usize = 16;
 /// Bytes a connection we are closing may still send while we wait for its close frame; a peer
 /// that keeps streaming past them is hung up on.
@@ -32,133 +25,176 @@ const CLOSE_DRAIN_LIMIT: usize = 256 * 1024;
 /// Frames gathered into one vectored write.
 const SLICES_PER_WRITE: usize = 64;
 
-struct Connection {
-    shard: Rc<Shard>,
-    key: usize,
-    stream: Stream,
+pub struct Connection {
+    pub stream: Stream<LoopSocket>,
     input: Input,
+    phase: Phase,
+    /// The loop's round that last polled it: a connection woken twice in a round runs once.
+    pub round: u32,
 }
 
-/// Runs a freshly upgraded connection that speaks `app` to the end. `preread` is what the HTTP
-/// layer read past the handshake: it belongs to the first frames.
-///
-/// Set-up is synchronous so the returned future holds only the `Connection`: its size is part of
-/// every idle connection's memory.
-pub fn serve(
-    shard: Rc<Shard>,
-    stream: Stream,
-    preread: Bytes,
-    app: AppId,
-    identity: Arc<Identity>,
-    peer: IpAddr,
-) -> impl Future<Output = ()> {
-    let key = shard.register(app, identity, peer);
-    // `preread` is a view into hyper's 8 KiB read buffer: copy out the few bytes it holds so
-    // that buffer is freed now, not when the connection ends.
-    let input = Input::new(app, shard.shared.config.max_message_size, preread.to_vec());
-    Connection {
-        shard,
-        key,
-        stream,
-        input,
-    }
-    .run()
+enum Phase {
+    /// Adopted: what was read past the handshake is handled first.
+    New,
+    Open,
+    /// Sending what is queued (our close frame last), then closing our side.
+    Closing(End),
+    /// Our close went first: waiting for the peer's answer, or its hang-up, before dropping the
+    /// socket (closing a socket with unread input sends a reset that can destroy our close frame
+    /// before the peer reads it).
+    AwaitingClose(CloseDrain),
 }
 
 impl Connection {
-    /// A plain `fn` returning an `async move` block, not an `async fn`: an `async fn` taking
-    /// `mut self` stores the connection twice in its future (rustc #62958).
-    #[expect(
-        clippy::manual_async_fn,
-        reason = "see above: halves every connection's task"
-    )]
-    fn run(mut self) -> impl Future<Output = ()> {
-        async move {
-            self.shard.start_turn();
-            let end = match self.input.process_leftover(&self.shard, self.key) {
-                Ok(()) => poll_fn(|cx| self.poll_open(cx)).await,
-                Err(end) => end,
-            };
-            // What it takes part in ends first, so rooms' members hear of the departure without
-            // waiting for the handshake.
-            self.closing();
-            if !matches!(end, End::Gone) {
-                // Boxed: the close handshake's timers would otherwise double the size of every
-                // idle connection's task, though only closing connections need them.
-                Box::pin(self.close(end)).await;
-            }
-            // `Drop` unregisters the connection.
+    /// A freshly upgraded connection; `preread` is what the HTTP layer read past the handshake.
+    pub fn new(stream: Stream<LoopSocket>, input: Input) -> Self {
+        Connection {
+            stream,
+            input,
+            phase: Phase::New,
+            round: 0,
         }
     }
 
-    fn closing(&self) {
-        self.shard
-            .app(self.input.app)
-            .closing(&self.shard, self.key);
+    /// Whether it is past its open phase (its close handshake is timed).
+    pub fn is_closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing(_) | Phase::AwaitingClose(_))
     }
 
-    fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<End> {
-        self.shard.state().conns[self.key].outbound.clear_waker();
-        self.shard.start_turn();
+    /// Its turn: `Ready` once it is over and may be dropped (after [`Connection::release`]).
+    pub fn poll(&mut self, shard: &Shard, key: usize, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match &mut self.phase {
+                Phase::New => {
+                    shard.start_turn();
+                    self.phase = Phase::Open;
+                    if let Err(end) = self.input.process_leftover(shard, key)
+                        && self.begin_close(shard, key, end)
+                    {
+                        return Poll::Ready(());
+                    }
+                }
+                Phase::Open => match self.poll_open(shard, key, cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(end) => {
+                        if self.begin_close(shard, key, end) {
+                            return Poll::Ready(());
+                        }
+                    }
+                },
+                Phase::Closing(end) => {
+                    let awaits_peer = matches!(end, End::ServerClosed);
+                    match self.poll_flush(shard, key, cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(_)) => return Poll::Ready(()),
+                        Poll::Ready(Ok(())) => {}
+                    }
+                    match self.stream.poll_end(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(())) if awaits_peer => {
+                            self.phase = Phase::AwaitingClose(CloseDrain {
+                                header: self.input.take_leftover(),
+                                to_skip: 0,
+                                drained: 0,
+                            });
+                        }
+                        Poll::Ready(_) => return Poll::Ready(()),
+                    }
+                }
+                Phase::AwaitingClose(drain) => {
+                    let mut buf = shard.read_buf();
+                    let n = match self.stream.poll_read_into(cx, &mut buf) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                        Poll::Ready(Ok(n)) => n,
+                    };
+                    if drain.pass(&buf[..n]) {
+                        return Poll::Ready(());
+                    }
+                    // A peer streaming at us gets one read per turn: the others keep theirs.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// The open phase is over: what it takes part in ends first, so rooms' members hear of the
+    /// departure without waiting for the handshake. True when nothing more can be sent.
+    fn begin_close(&mut self, shard: &Shard, key: usize, end: End) -> bool {
+        self.release(shard, key);
+        if let End::Gone = end {
+            return true;
+        }
+        self.phase = Phase::Closing(end);
+        false
+    }
+
+    /// Tells its app it is closing (again is harmless): before the connection is dropped, however
+    /// it ends.
+    pub fn release(&self, shard: &Shard, key: usize) {
+        shard.app(self.input.app).closing(shard, key);
+    }
+
+    fn poll_open(&mut self, shard: &Shard, key: usize, cx: &mut Context<'_>) -> Poll<End> {
+        shard.state().conns[key].outbound.clear_waker();
+        shard.start_turn();
         self.input.start_turn();
         for _ in 0..READS_PER_POLL {
-            let backlogged = match self.poll_flush(cx) {
+            let backlogged = match self.poll_flush(shard, key, cx) {
                 Poll::Ready(Ok(())) => false,
                 Poll::Ready(Err(e)) => {
                     debug!(error = %e, "write failed");
                     return Poll::Ready(End::Gone);
                 }
-                Poll::Pending => self.shard.backlogged(self.key),
+                Poll::Pending => shard.backlogged(key),
             };
-            if self.shard.is_closing(self.key) {
+            if shard.is_closing(key) {
                 return Poll::Ready(End::ServerClosed);
             }
             if backlogged {
                 // The client is not reading what it causes us to send: stop reading from it
                 // until its queue drains, so TCP pushes back on it instead of our memory. The
-                // socket's write readiness wakes the task.
-                return self.park(cx);
+                // socket's write readiness gives it its next turn.
+                return park(shard, key, cx);
             }
             if self.input.turn_spent() {
                 break;
             }
             if self.input.is_paused() {
-                if let Err(end) = self.input.process_leftover(&self.shard, self.key) {
+                if let Err(end) = self.input.process_leftover(shard, key) {
                     return Poll::Ready(end);
                 }
                 continue;
             }
-            match self.read(cx) {
-                Poll::Pending => return self.park(cx),
+            match self.read(shard, key, cx) {
+                Poll::Pending => return park(shard, key, cx),
                 Poll::Ready(Err(end)) => return Poll::Ready(end),
                 Poll::Ready(Ok(())) => {}
             }
         }
         // Out of budget: write what the reads produced, then let the other connections run.
-        if let Poll::Ready(Err(_)) = self.poll_flush(cx) {
+        if let Poll::Ready(Err(_)) = self.poll_flush(shard, key, cx) {
             return Poll::Ready(End::Gone);
         }
         cx.waker().wake_by_ref();
         Poll::Pending
     }
 
-    /// Sleeps until the socket or a frame queued by someone else wakes the task.
-    fn park(&self, cx: &mut Context<'_>) -> Poll<End> {
-        self.shard.state().conns[self.key]
-            .outbound
-            .set_waker(cx.waker());
-        Poll::Pending
-    }
-
     /// Writes queued frames until the queue is empty or the socket is full.
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut guard = self.shard.state();
+    fn poll_flush(
+        &mut self,
+        shard: &Shard,
+        key: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut guard = shard.state();
         let state = &mut *guard;
-        let outbound = &mut state.conns[self.key].outbound;
+        let outbound = &mut state.conns[key].outbound;
         while !outbound.is_empty() {
             let mut slices = [IoSlice::new(&[]); SLICES_PER_WRITE];
             let n = outbound.slices(&mut slices);
-            let written = match Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..n]) {
+            let written = match self.stream.poll_write_from(cx, &slices[..n]) {
                 Poll::Ready(result) => result?,
                 Poll::Pending => {
                     // The reader has had its chance: what is queued now is its backlog.
@@ -172,75 +208,34 @@ impl Connection {
             let advanced = outbound.advance(written, &mut state.queued);
             if advanced.dropped > 0 {
                 // Caught up after broadcasts were dropped for it: its app says so, if it can.
-                let notice = self.shard.app(self.input.app).dropped(advanced.dropped);
-                if let Some(notice) = notice {
+                if let Some(notice) = shard.app(self.input.app).dropped(advanced.dropped) {
                     outbound.push(notice, &mut state.queued);
                 }
             }
-            let metrics = self.shard.metrics();
+            let metrics = shard.metrics();
             metrics.frames_sent.add(advanced.frames);
             metrics.bytes_sent.add(written as u64);
         }
         // TLS may hold records the socket did not take yet (a no-op on plain TCP).
-        Pin::new(&mut self.stream).poll_flush(cx)
+        self.stream.poll_flush_held(cx)
     }
 
     /// One read from the socket, and the frames it completes.
-    fn read(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), End>> {
-        let shard = self.shard.clone();
+    fn read(&mut self, shard: &Shard, key: usize, cx: &mut Context<'_>) -> Poll<Result<(), End>> {
         let read = self.stream.poll_read_into(cx, &mut shard.read_buf());
         let n = match read {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(End::Gone)),
             Poll::Ready(Ok(n)) => n,
         };
-        Poll::Ready(self.input.take_read(&shard, self.key, n))
+        Poll::Ready(self.input.take_read(shard, key, n))
     }
+}
 
-    /// Finishes the close handshake within `close_timeout`: send what is queued (our close frame
-    /// last) and close our side; if our close went first, wait for the peer's answer (or its
-    /// hang-up) before dropping the socket, since closing a socket with unread input sends a
-    /// reset that can destroy our close frame before the peer reads it.
-    async fn close(&mut self, end: End) {
-        let deadline = tokio::time::Instant::now() + self.shard.shared.config.close_timeout;
-        let flushed = tokio::time::timeout_at(deadline, poll_fn(|cx| self.poll_flush(cx))).await;
-        if !matches!(flushed, Ok(Ok(()))) {
-            return;
-        }
-        let _ = self.stream.shutdown().await;
-        if let End::ServerClosed = end {
-            let _ = tokio::time::timeout_at(deadline, self.await_peer_close()).await;
-        }
-    }
-
-    /// Reads, skipping other frames, until the peer's close frame, a bad frame header or EOF;
-    /// gives up on a peer that keeps streaming instead of closing. Holds at most a frame header
-    /// meanwhile: payloads are counted off as they pass, never kept.
-    async fn await_peer_close(&mut self) {
-        let mut drain = CloseDrain {
-            header: self.input.take_leftover(),
-            to_skip: 0,
-            drained: 0,
-        };
-        loop {
-            let read = poll_fn(|cx| {
-                let shard = self.shard.clone();
-                let mut buf = shard.read_buf();
-                self.stream.poll_read_into(cx, &mut buf)
-            })
-            .await;
-            let n = match read {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            if drain.pass(&self.shard.read_buf()[..n]) {
-                return;
-            }
-            // A peer streaming at us gets one read per turn: the others keep theirs, and the
-            // close's deadline can fire.
-            tokio::task::yield_now().await;
-        }
-    }
+/// Waits for the socket or a frame queued by someone else.
+fn park(shard: &Shard, key: usize, cx: &mut Context<'_>) -> Poll<End> {
+    shard.state().conns[key].outbound.set_waker(cx.waker());
+    Poll::Pending
 }
 
 /// Frames passing by while a connection waits for the peer's close frame.
@@ -279,15 +274,6 @@ impl CloseDrain {
             }
         }
         self.drained > CLOSE_DRAIN_LIMIT
-    }
-}
-
-/// However the task ends (normally, by a panic in a handler, or dropped at shutdown), the
-/// connection's app is told and the connection leaves its slab slot.
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.closing();
-        self.shard.unregister(self.key);
     }
 }
 

@@ -1,0 +1,362 @@
+//! A shard's event loop: its WebSocket connections in a slab (by the shard's key), their sockets
+//! in one epoll instance of the shard's own, and one task on the shard's runtime that runs turns.
+//!
+//! A turn takes the epoll events that are ready (without waiting), delivers what other shards
+//! sent (the inbox), ticks the heartbeat wheel and the close deadlines, then gives each
+//! connection that was woken one bounded turn (see [`Connection::poll`]): it reads from the
+//! shared buffer, handles what it read, and writes everything queued for it in one vectored
+//! write. A busy loop yields to the runtime between turns so the HTTP edge (handshakes, the API)
+//! keeps being served; an idle one waits for its epoll descriptor (registered with tokio), the
+//! inbox, a timer or a wake-up.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use mio::{Events, Interest, Token};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error};
+
+use crate::base::client_id::ClientId;
+use crate::base::identity::Identity;
+use crate::runtime::AppId;
+use crate::runtime::bus::{Inbox, Sent};
+use crate::runtime::input::Input;
+use crate::runtime::shard::Shard;
+use crate::runtime::wheel::Tick;
+use crate::transport::Stream;
+
+use super::connection::Connection;
+use super::deliver_batch;
+use super::socket::LoopSocket;
+use super::wake;
+
+/// Epoll events taken per turn.
+const EVENTS_PER_TURN: usize = 1024;
+
+/// The epoll descriptor as tokio sees it: readable when some socket of the loop has an event.
+struct EpollFd(RawFd);
+
+impl AsRawFd for EpollFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+pub struct EventLoop {
+    /// Declared before `poll`: deregistered from tokio before the descriptor closes.
+    ready: AsyncFd<EpollFd>,
+    poll: RefCell<mio::Poll>,
+    registry: mio::Registry,
+    /// The connections, by the key of their entry in the shard's slab.
+    conns: RefCell<Vec<Option<Connection>>>,
+    /// Connections in their close handshake, by deadline (all get the same `close_timeout`, so
+    /// the oldest is first).
+    closing: RefCell<VecDeque<(Instant, usize, ClientId)>>,
+    round: Cell<u32>,
+}
+
+impl EventLoop {
+    /// A loop for the shard running on this thread (inside its runtime).
+    pub fn new() -> io::Result<Self> {
+        let poll = mio::Poll::new()?;
+        let registry = poll.registry().try_clone()?;
+        let epoll = EpollFd(poll.as_raw_fd());
+        // SAFETY: the descriptor is `poll`'s, which is dropped after `ready` (field order) and
+        // never replaced.
+        let ready =
+            unsafe { AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE)? };
+        Ok(EventLoop {
+            ready,
+            poll: RefCell::new(poll),
+            registry,
+            conns: RefCell::default(),
+            closing: RefCell::default(),
+            round: Cell::new(0),
+        })
+    }
+
+    /// Takes over a freshly upgraded connection that speaks `app`: from now on the loop serves
+    /// it. `preread` is what the HTTP layer read past the handshake. An error (the socket could
+    /// not move) leaves the admission to the caller to give back.
+    pub fn adopt(
+        &self,
+        shard: &Shard,
+        stream: Stream<TcpStream>,
+        preread: &[u8],
+        app: AppId,
+        identity: Arc<Identity>,
+        peer: IpAddr,
+    ) -> io::Result<()> {
+        let stream = stream.map_socket(|tcp| Ok(mio::net::TcpStream::from_std(tcp.into_std()?)))?;
+        let key = shard.register(app, identity, peer);
+        let adopted = stream.map_socket(|mut io| {
+            let both = Interest::READABLE | Interest::WRITABLE;
+            self.registry.register(&mut io, Token(key), both)?;
+            Ok(LoopSocket::new(io))
+        });
+        let stream = match adopted {
+            Ok(stream) => stream,
+            Err(e) => {
+                debug!(error = %e, "cannot register an upgraded socket");
+                shard.app(app).closing(shard, key);
+                shard.unregister(key);
+                return Ok(());
+            }
+        };
+        let input = Input::new(app, shard.shared.config.max_message_size, preread.to_vec());
+        let mut conns = self.conns.borrow_mut();
+        if conns.len() <= key {
+            conns.resize_with(key + 1, || None);
+        }
+        conns[key] = Some(Connection::new(stream, input));
+        wake::schedule(key);
+        Ok(())
+    }
+
+    /// Takes the ready epoll events: each marks its socket ready and gives it a turn. Returns
+    /// whether there were as many as fit (more may be waiting).
+    fn take_events(&self, events: &mut Events) -> io::Result<bool> {
+        events.clear();
+        match self.poll.borrow_mut().poll(events, Some(Duration::ZERO)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(e) => return Err(e),
+        }
+        let conns = self.conns.borrow();
+        let mut taken = 0;
+        for event in events.iter() {
+            taken += 1;
+            let key = event.token().0;
+            if let Some(Some(conn)) = conns.get(key) {
+                conn.stream.socket().on_event(event);
+                wake::schedule(key);
+            }
+        }
+        Ok(taken == EVENTS_PER_TURN)
+    }
+
+    /// One round: every connection scheduled so far gets one turn.
+    fn run_round(&self, shard: &Shard, keys: &mut Vec<u32>) -> bool {
+        wake::take_round(keys);
+        let round = self.round.get().wrapping_add(1);
+        self.round.set(round);
+        for &key in keys.iter() {
+            self.poll_connection(shard, key as usize, round);
+        }
+        !keys.is_empty()
+    }
+
+    fn poll_connection(&self, shard: &Shard, key: usize, round: u32) {
+        let mut conns = self.conns.borrow_mut();
+        let Some(Some(conn)) = conns.get_mut(key) else {
+            return;
+        };
+        if conn.round == round {
+            return;
+        }
+        conn.round = round;
+        let was_closing = conn.is_closing();
+        let waker = wake::waker(key);
+        let mut cx = Context::from_waker(&waker);
+        let polled = catch_unwind(AssertUnwindSafe(|| conn.poll(shard, key, &mut cx)));
+        let done = match polled {
+            Ok(Poll::Pending) => {
+                if !was_closing && conn.is_closing() {
+                    let id = shard.state_ref().conns[key].id;
+                    let deadline = Instant::now() + shard.shared.config.close_timeout;
+                    self.closing.borrow_mut().push_back((deadline, key, id));
+                }
+                false
+            }
+            Ok(Poll::Ready(())) => true,
+            Err(_) => {
+                // The panic was reported by the hook; only this connection ends.
+                error!(key, "a connection's turn panicked: dropping it");
+                true
+            }
+        };
+        if done {
+            let conn = conns[key].take();
+            drop(conns);
+            if let Some(conn) = conn {
+                finish(shard, key, conn);
+            }
+        }
+    }
+
+    /// Drops the connections whose close handshake outlived `close_timeout`; returns the next
+    /// deadline.
+    fn expire_closes(&self, shard: &Shard, now: Instant) -> Option<Instant> {
+        loop {
+            let (deadline, key, id) = *self.closing.borrow().front()?;
+            if deadline > now {
+                return Some(deadline);
+            }
+            self.closing.borrow_mut().pop_front();
+            let same = shard.state_ref().conns.get(key).is_some_and(|c| c.id == id);
+            let conn = same
+                .then(|| self.conns.borrow_mut().get_mut(key).and_then(Option::take))
+                .flatten();
+            if let Some(conn) = conn {
+                finish(shard, key, conn);
+            }
+        }
+    }
+
+    /// Drops every connection left (at the end of a drain).
+    fn finish_all(&self, shard: &Shard) {
+        let conns = std::mem::take(&mut *self.conns.borrow_mut());
+        for (key, conn) in conns.into_iter().enumerate() {
+            if let Some(conn) = conn {
+                finish(shard, key, conn);
+            }
+        }
+    }
+}
+
+/// A connection leaves: its app is told, its slab entry goes, and its socket closes (leaving the
+/// epoll set with it).
+fn finish(shard: &Shard, key: usize, conn: Connection) {
+    conn.release(shard, key);
+    shard.unregister(key);
+}
+
+/// What a loop keeps between turns.
+pub struct Turns<'a> {
+    event_loop: &'a EventLoop,
+    shard: &'a Shard,
+    inbox: &'a mut Inbox,
+    inbox_open: bool,
+    events: Events,
+    batch: Vec<Sent>,
+    keys: Vec<u32>,
+    started: Instant,
+    next_tick: Instant,
+}
+
+impl<'a> Turns<'a> {
+    pub fn new(event_loop: &'a EventLoop, shard: &'a Shard, inbox: &'a mut Inbox) -> Self {
+        let started = Instant::now();
+        Turns {
+            event_loop,
+            shard,
+            inbox,
+            inbox_open: true,
+            events: Events::with_capacity(EVENTS_PER_TURN),
+            batch: Vec::new(),
+            keys: Vec::new(),
+            started,
+            next_tick: started + shard.tick_interval(),
+        }
+    }
+
+    /// Runs turns until `done` says so (asked between turns), `deadline` passes, or `shutdown`
+    /// is cancelled.
+    pub async fn run_until(
+        &mut self,
+        done: impl Fn(&Shard) -> bool,
+        deadline: Option<Instant>,
+        shutdown: Option<&CancellationToken>,
+    ) {
+        loop {
+            if done(self.shard) || shutdown.is_some_and(CancellationToken::is_cancelled) {
+                return;
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return;
+            }
+            let (busy, next_timer) = self.turn(now);
+            if busy {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let wake_at = [Some(next_timer), deadline].into_iter().flatten().min();
+            self.wait(wake_at.unwrap_or(next_timer), shutdown).await;
+        }
+    }
+
+    /// One turn, then the runtime's.
+    pub async fn turn_once(&mut self) {
+        self.turn(Instant::now());
+        tokio::task::yield_now().await;
+    }
+
+    /// Whether nothing waits in the inbox (what does is delivered).
+    pub fn inbox_is_empty(&mut self) -> bool {
+        self.inbox.try_recv_batch(&mut self.batch);
+        if self.batch.is_empty() {
+            return true;
+        }
+        deliver_batch(self.shard, &mut self.batch);
+        false
+    }
+
+    /// One turn; returns whether it found work (another may find more at once) and when the
+    /// next timer is due.
+    fn turn(&mut self, now: Instant) -> (bool, Instant) {
+        let lp = self.event_loop;
+        let more_events = match lp.take_events(&mut self.events) {
+            Ok(more) => more,
+            Err(e) => {
+                error!(error = %e, "epoll_wait failed");
+                false
+            }
+        };
+        self.inbox.try_recv_batch(&mut self.batch);
+        let delivered = !self.batch.is_empty();
+        deliver_batch(self.shard, &mut self.batch);
+        if now >= self.next_tick {
+            let tick = self.shard.tick_interval();
+            let ticks = (now - self.started).as_nanos() / tick.as_nanos();
+            self.shard.tick(ticks as Tick);
+            self.next_tick = self.started + tick * (ticks as u32 + 1);
+        }
+        let next_close = lp.expire_closes(self.shard, now);
+        let ran = lp.run_round(self.shard, &mut self.keys);
+        let next_timer = next_close.map_or(self.next_tick, |c| c.min(self.next_tick));
+        (more_events || delivered || ran, next_timer)
+    }
+
+    /// Waits for an epoll event, the inbox, a wake-up, `until`, or `shutdown`.
+    async fn wait(&mut self, until: Instant, shutdown: Option<&CancellationToken>) {
+        let cancelled = async {
+            match shutdown {
+                Some(token) => token.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            () = cancelled => {}
+            ready = self.event_loop.ready.readable() => {
+                // Cleared before the turn takes the events: any event after that raises
+                // the descriptor again.
+                if let Ok(mut guard) = ready {
+                    guard.clear_ready();
+                }
+            }
+            more = self.inbox.recv_batch(&mut self.batch), if self.inbox_open => {
+                self.inbox_open = more;
+                deliver_batch(self.shard, &mut self.batch);
+            }
+            () = wake::scheduled() => {}
+            () = tokio::time::sleep_until(until) => {}
+        }
+    }
+
+    /// Drops every connection still open.
+    pub fn finish_all(&self) {
+        self.event_loop.finish_all(self.shard);
+    }
+}

@@ -1,0 +1,101 @@
+//! A WebSocket's socket on its shard's event loop: the file descriptor and two readiness bits,
+//! set by the loop's epoll events and cleared when a call would block. Registered once,
+//! edge-triggered, for both directions: no `epoll_ctl` per message and no readiness object.
+
+use std::cell::Cell;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::Shutdown;
+use std::task::{Context, Poll};
+
+use crate::transport::Socket;
+
+const READABLE: u8 = 1;
+const WRITABLE: u8 = 2;
+
+pub struct LoopSocket {
+    io: mio::net::TcpStream,
+    ready: Cell<u8>,
+}
+
+impl LoopSocket {
+    /// A socket just registered: optimistically ready both ways (what arrived before it was
+    /// registered raises no edge), until a call says otherwise.
+    pub fn new(io: mio::net::TcpStream) -> Self {
+        LoopSocket {
+            io,
+            ready: Cell::new(READABLE | WRITABLE),
+        }
+    }
+
+    pub fn io_mut(&mut self) -> &mut mio::net::TcpStream {
+        &mut self.io
+    }
+
+    /// Takes an epoll event: errors and hang-ups make both directions ready (the next call
+    /// reports them).
+    pub fn on_event(&self, event: &mio::event::Event) {
+        let mut ready = self.ready.get();
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            ready |= READABLE;
+        }
+        if event.is_writable() || event.is_write_closed() || event.is_error() {
+            ready |= WRITABLE;
+        }
+        self.ready.set(ready);
+    }
+
+    fn is(&self, bit: u8) -> bool {
+        self.ready.get() & bit != 0
+    }
+
+    fn clear(&self, bit: u8) {
+        self.ready.set(self.ready.get() & !bit);
+    }
+}
+
+impl Socket for LoopSocket {
+    fn poll_recv(&self, _: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        if !self.is(READABLE) {
+            return Poll::Pending;
+        }
+        loop {
+            match (&self.io).read(buf) {
+                Ok(n) => {
+                    // A short read drained the socket: the next waits for an edge instead of a
+                    // `recv` failing with EAGAIN (one system call less per message).
+                    if n > 0 && n < buf.len() {
+                        self.clear(READABLE);
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.clear(READABLE);
+                    return Poll::Pending;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_send(&self, _: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        if !self.is(WRITABLE) {
+            return Poll::Pending;
+        }
+        loop {
+            match (&self.io).write_vectored(bufs) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.clear(WRITABLE);
+                    return Poll::Pending;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn shutdown_send(&self) -> io::Result<()> {
+        self.io.shutdown(Shutdown::Write)
+    }
+}

@@ -151,7 +151,12 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
             Err(_) => return Err(gateway.abort(io::Error::other("a shard thread died at start"))),
         }
     }
-    info!(%local_addr, shards = config.shards, "wsgate listening");
+    info!(
+        %local_addr,
+        shards = config.shards,
+        engine = driver::ENGINE,
+        "wsgate listening"
+    );
     Ok(gateway)
 }
 

@@ -4,7 +4,9 @@
 # echo 1000 × 1 KiB, each REPEAT times, the servers taking turns (a shared machine drifts). JSON
 # reports go to loadtest/results/compare/, and a markdown table of the medians to stdout.
 #
-# Usage: loadtest/scripts/compare.sh [DURATION=10s] [HANDSHAKES=19000] [REPEAT=3]
+# Usage: loadtest/scripts/compare.sh [DURATION=10s] [HANDSHAKES=19000] [REPEAT=3] [SERVER...]
+# SERVERs default to wsgate, wsgate-anonymous and the two baselines; `external` is the program
+# $EXTERNAL_SERVER (see scripts/lib/gateway.sh), e.g. uWebSockets built outside the repository.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 duration="${1:-10s}"
@@ -12,7 +14,9 @@ handshakes="${2:-19000}"
 repeat="${3:-3}"
 out=loadtest/results/compare
 mkdir -p "$out"
-servers=(wsgate wsgate-anonymous baseline_fastwebsockets baseline_tungstenite)
+shift 3 || shift $#
+servers=("$@")
+[ ${#servers[@]} -gt 0 ] || servers=(wsgate wsgate-anonymous baseline_fastwebsockets baseline_tungstenite)
 for r in $(seq "$repeat"); do
   for server in "${servers[@]}"; do
     JSON="$out/$server-handshakes-$r.json" loadtest/scripts/handshakes.sh "$handshakes" "$server" >/dev/null

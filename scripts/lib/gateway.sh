@@ -90,8 +90,11 @@ prepare_load_test() {
 
 # The server under test for the comparisons (echo, handshakes): `start_server SERVER` builds and
 # starts one of wsgate (a token on every connection), wsgate-anonymous (no token, like the
-# baselines), baseline_fastwebsockets or baseline_tungstenite (examples/) with one thread pinned
-# to CPU 0, and sets ECHO_PATH, the path of its echo endpoint (with the token, for wsgate).
+# baselines), baseline_fastwebsockets or baseline_tungstenite (examples/), or external — the
+# program $EXTERNAL_SERVER (a peer built outside this repository, e.g. uWebSockets; it is run as
+# `$EXTERNAL_SERVER --listen 127.0.0.1:0 $EXTERNAL_SERVER_ARGS`, echoes on every path and prints
+# `listening on http://HOST:PORT/`) — with every thread pinned to CPU 0, and sets ECHO_PATH, the
+# path of its echo endpoint (with the token, for wsgate).
 start_server() {
   case "$1" in
     wsgate | wsgate-anonymous)
@@ -109,8 +112,14 @@ start_server() {
       GATEWAY_BIN="$TARGET_DIR/release/examples/$1" start_gateway
       ECHO_PATH=/
       ;;
+    external)
+      # shellcheck disable=SC2086 # the arguments are words
+      GATEWAY_BIN="${EXTERNAL_SERVER:?set EXTERNAL_SERVER to the peer server program}" \
+        start_gateway ${EXTERNAL_SERVER_ARGS:-}
+      ECHO_PATH=/
+      ;;
     *)
-      echo "unknown server $1 (wsgate, wsgate-anonymous, baseline_fastwebsockets, baseline_tungstenite)" >&2
+      echo "unknown server $1 (wsgate, wsgate-anonymous, baseline_fastwebsockets, baseline_tungstenite, external)" >&2
       exit 2
       ;;
   esac

@@ -133,6 +133,16 @@ impl EdgeCollector {
             "shard",
             self.gauges(&node.shared.connections),
         )?;
+        family(
+            e,
+            (
+                "wsgate_engine",
+                "The I/O engine the shards' event loops run on (1 for the one in use)",
+                gauge_kind,
+            ),
+            "engine",
+            [(crate::runtime::driver::ENGINE.to_owned(), gauge(1))],
+        )?;
         one(
             e,
             "wsgate_connection_capacity",

@@ -41,8 +41,9 @@ enum Phase {
     Closing(End),
     /// Our close went first: waiting for the peer's answer, or its hang-up, before dropping the
     /// socket (closing a socket with unread input sends a reset that can destroy our close frame
-    /// before the peer reads it).
-    AwaitingClose(CloseDrain),
+    /// before the peer reads it). Boxed: only closing connections need it, and this enum is in
+    /// every connection.
+    AwaitingClose(Box<CloseDrain>),
 }
 
 impl Connection {
@@ -92,11 +93,11 @@ impl Connection {
                     match self.stream.poll_end(cx) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Ok(())) if awaits_peer => {
-                            self.phase = Phase::AwaitingClose(CloseDrain {
+                            self.phase = Phase::AwaitingClose(Box::new(CloseDrain {
                                 header: self.input.take_leftover(),
                                 to_skip: 0,
                                 drained: 0,
-                            });
+                            }));
                         }
                         Poll::Ready(_) => return Poll::Ready(()),
                     }

@@ -27,6 +27,9 @@ use super::shard::Shard;
 pub use event_loop::EventLoop;
 use event_loop::Turns;
 
+/// The I/O engine the shards' loops run on (reported at start, in `/healthz` and `/metrics`).
+pub const ENGINE: &str = "epoll";
+
 /// Runs a shard's loop until `shutdown`; then drains it (see `drain`) once `settled()` resolves
 /// (what was handed to the broker is answered) or at `drain_timeout`.
 pub async fn run<F: Future<Output = ()>>(

@@ -1,6 +1,7 @@
 //! A WebSocket's socket on its shard's event loop: the file descriptor and two readiness bits,
-//! set by the loop's epoll events and cleared when a call would block. Registered once,
-//! edge-triggered, for both directions: no `epoll_ctl` per message and no readiness object.
+//! set by the loop's epoll events and cleared when a call would block (and two that an end of
+//! the stream sets for good). Registered once, edge-triggered, for both directions: no
+//! `epoll_ctl` per message and no readiness object.
 
 use std::cell::Cell;
 use std::io::{self, IoSlice, Read, Write};
@@ -11,6 +12,10 @@ use crate::transport::Socket;
 
 const READABLE: u8 = 1;
 const WRITABLE: u8 = 2;
+/// The peer's FIN (or an error) came: never cleared, so the end is read even after a short read
+/// took the last data with it in the same edge.
+const READ_CLOSED: u8 = 4;
+const WRITE_CLOSED: u8 = 8;
 
 pub struct LoopSocket {
     io: mio::net::TcpStream,
@@ -31,21 +36,27 @@ impl LoopSocket {
         &mut self.io
     }
 
-    /// Takes an epoll event: errors and hang-ups make both directions ready (the next call
-    /// reports them).
+    /// Takes an epoll event: errors and hang-ups make both directions ready for good (the next
+    /// call reports them).
     pub fn on_event(&self, event: &mio::event::Event) {
         let mut ready = self.ready.get();
-        if event.is_readable() || event.is_read_closed() || event.is_error() {
+        if event.is_readable() {
             ready |= READABLE;
         }
-        if event.is_writable() || event.is_write_closed() || event.is_error() {
+        if event.is_read_closed() || event.is_error() {
+            ready |= READ_CLOSED;
+        }
+        if event.is_writable() {
             ready |= WRITABLE;
+        }
+        if event.is_write_closed() || event.is_error() {
+            ready |= WRITE_CLOSED;
         }
         self.ready.set(ready);
     }
 
-    fn is(&self, bit: u8) -> bool {
-        self.ready.get() & bit != 0
+    fn is(&self, bits: u8) -> bool {
+        self.ready.get() & bits != 0
     }
 
     fn clear(&self, bit: u8) {
@@ -55,7 +66,7 @@ impl LoopSocket {
 
 impl Socket for LoopSocket {
     fn poll_recv(&self, _: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        if !self.is(READABLE) {
+        if !self.is(READABLE | READ_CLOSED) {
             return Poll::Pending;
         }
         loop {
@@ -79,7 +90,7 @@ impl Socket for LoopSocket {
     }
 
     fn poll_send(&self, _: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        if !self.is(WRITABLE) {
+        if !self.is(WRITABLE | WRITE_CLOSED) {
             return Poll::Pending;
         }
         loop {

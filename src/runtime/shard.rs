@@ -122,8 +122,8 @@ pub struct Shard {
     /// This shard's share of `max_total_queued_bytes`.
     pub(crate) queue_budget: usize,
     started: std::time::Instant,
-    /// The rate limiters' clock for the current connection's turn (read once per turn, not per
-    /// frame: a turn is short).
+    /// The rate limiters' clock for the loop's current turn (read once per turn, not per
+    /// connection or frame: a turn is short).
     turn_clock_ms: Cell<u32>,
 }
 
@@ -361,7 +361,8 @@ impl Shard {
             || (out.stale_bytes() > 0 && state.queued.over(self.queue_budget))
     }
 
-    /// A connection's turn begins: reads the rate limiters' clock for it.
+    /// A turn of the shard's loop begins: reads the rate limiters' clock for every connection it
+    /// runs (a turn is bounded, so the clock is at most a turn old).
     pub fn start_turn(&self) {
         self.turn_clock_ms.set(self.clock_ms());
     }

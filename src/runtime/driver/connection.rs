@@ -67,7 +67,6 @@ impl Connection {
         loop {
             match &mut self.phase {
                 Phase::New => {
-                    shard.start_turn();
                     self.phase = Phase::Open;
                     if let Err(end) = self.input.process_leftover(shard, key)
                         && self.begin_close(shard, key, end)
@@ -139,7 +138,6 @@ impl Connection {
 
     fn poll_open(&mut self, shard: &Shard, key: usize, cx: &mut Context<'_>) -> Poll<End> {
         shard.state().conns[key].outbound.clear_waker();
-        shard.start_turn();
         self.input.start_turn();
         for _ in 0..READS_PER_POLL {
             let backlogged = match self.poll_flush(shard, key, cx) {

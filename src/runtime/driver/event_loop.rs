@@ -323,6 +323,8 @@ impl<'a> Turns<'a> {
             self.next_tick = self.started + tick * (ticks as u32 + 1);
         }
         let next_close = lp.expire_closes(self.shard, now);
+        // One clock read for the rate limiters per turn, not per connection.
+        self.shard.start_turn();
         let ran = lp.run_round(self.shard, &mut self.keys);
         let next_timer = next_close.map_or(self.next_tick, |c| c.min(self.next_tick));
         (more_events || delivered || ran, next_timer)

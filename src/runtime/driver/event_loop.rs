@@ -42,6 +42,8 @@ use super::wake;
 
 /// Epoll events taken per turn.
 const EVENTS_PER_TURN: usize = 1024;
+/// How often the shard's heap gives back what it freed (see [`crate::base::alloc`]).
+const COLLECT_EVERY: Duration = Duration::from_secs(1);
 
 /// The epoll descriptor as tokio sees it: readable when some socket of the loop has an event.
 struct EpollFd(RawFd);
@@ -242,6 +244,7 @@ pub struct Turns<'a> {
     keys: Vec<u32>,
     started: Instant,
     next_tick: Instant,
+    next_collect: Instant,
 }
 
 impl<'a> Turns<'a> {
@@ -257,6 +260,7 @@ impl<'a> Turns<'a> {
             keys: Vec::new(),
             started,
             next_tick: started + shard.tick_interval(),
+            next_collect: started + COLLECT_EVERY,
         }
     }
 
@@ -321,6 +325,10 @@ impl<'a> Turns<'a> {
             let ticks = (now - self.started).as_nanos() / tick.as_nanos();
             self.shard.tick(ticks as Tick);
             self.next_tick = self.started + tick * (ticks as u32 + 1);
+            if now >= self.next_collect {
+                crate::base::alloc::release_freed_pages();
+                self.next_collect = now + COLLECT_EVERY;
+            }
         }
         let next_close = lp.expire_closes(self.shard, now);
         // One clock read for the rate limiters per turn, not per connection.

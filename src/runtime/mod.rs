@@ -7,7 +7,7 @@
 //! - [`input`]: a connection's bytes in, decoded in place and handed to its app within its limits.
 //! - [`bus`]: work handed from one shard (or the broker) to others, bounded in bytes.
 //! - [`counters`] and [`metrics`]: what is counted, per node and per shard.
-//! - [`driver`]: the I/O (today tokio: a task per connection), behind the calls above.
+//! - [`driver`]: the I/O (each shard's epoll loop over its connections), behind the calls above.
 
 pub mod bus;
 pub mod counters;

@@ -30,7 +30,8 @@ pub struct Connection {
     input: Input,
     phase: Phase,
     /// The loop's round that last polled it: a connection woken twice in a round runs once.
-    pub round: u32,
+    /// (64 bits: rounds never wrap back to a new connection's 0.)
+    pub round: u64,
 }
 
 enum Phase {
@@ -92,11 +93,13 @@ impl Connection {
                     match self.stream.poll_end(cx) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Ok(())) if awaits_peer => {
-                            self.phase = Phase::AwaitingClose(Box::new(CloseDrain {
-                                header: self.input.take_leftover(),
-                                to_skip: 0,
-                                drained: 0,
-                            }));
+                            // What was read and not handled (part of a frame, or whole frames)
+                            // passes first, as if it were read now.
+                            let mut drain = Box::<CloseDrain>::default();
+                            if drain.pass(&self.input.take_leftover()) {
+                                return Poll::Ready(());
+                            }
+                            self.phase = Phase::AwaitingClose(drain);
                         }
                         Poll::Ready(_) => return Poll::Ready(()),
                     }
@@ -238,6 +241,7 @@ fn park(shard: &Shard, key: usize, cx: &mut Context<'_>) -> Poll<End> {
 }
 
 /// Frames passing by while a connection waits for the peer's close frame.
+#[derive(Default)]
 struct CloseDrain {
     /// The bytes of a frame header cut off at the end of a read (at most 14).
     header: Vec<u8>,
@@ -290,11 +294,7 @@ mod tests {
         wire.extend(masked(false, 0x1, b"part"));
         wire.extend(masked(true, 0x8, &[0x03, 0xe8]));
         for split in [1, 3, 7, 13, 500, 4096] {
-            let mut drain = CloseDrain {
-                header: Vec::new(),
-                to_skip: 0,
-                drained: 0,
-            };
+            let mut drain = CloseDrain::default();
             // Found once the close frame's header is in: its last read is the one holding it.
             let close_header_ends = wire.len() - 2;
             let found_at = wire
@@ -316,11 +316,7 @@ mod tests {
 
     #[test]
     fn a_close_drain_gives_up_on_a_peer_that_streams() {
-        let mut drain = CloseDrain {
-            header: Vec::new(),
-            to_skip: 0,
-            drained: 0,
-        };
+        let mut drain = CloseDrain::default();
         let mut huge = vec![0x82, 0xFF];
         huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
         huge.extend_from_slice(&[1, 2, 3, 4]);
@@ -332,5 +328,23 @@ mod tests {
             assert!(reads < 10, "gave up past the limit");
         }
         assert!(drain.header.is_empty());
+    }
+
+    #[test]
+    fn a_close_drain_takes_what_was_left_unread_whatever_it_holds() {
+        // 10 bytes of a 100-byte frame were read before we closed; the rest, then the close.
+        let frame = masked(true, 0x2, &[5; 94]);
+        let close = masked(true, 0x8, &[0x03, 0xe8]);
+        let mut drain = CloseDrain::default();
+        assert!(!drain.pass(&frame[..10]));
+        assert!(!drain.pass(&frame[10..]));
+        assert!(drain.pass(&close));
+        // Whole frames and the start of the close frame left unread: the close is found.
+        let mut leftover = masked(true, 0x1, b"hello");
+        leftover.extend_from_slice(&masked(true, 0x1, &[b'x'; 300]));
+        leftover.extend_from_slice(&close[..3]);
+        let mut drain = CloseDrain::default();
+        assert!(!drain.pass(&leftover));
+        assert!(drain.pass(&close[3..]));
     }
 }

@@ -64,7 +64,7 @@ pub struct EventLoop {
     /// Connections in their close handshake, by deadline (all get the same `close_timeout`, so
     /// the oldest is first).
     closing: RefCell<VecDeque<(Instant, usize, ClientId)>>,
-    round: Cell<u32>,
+    round: Cell<u64>,
 }
 
 impl EventLoop {
@@ -150,7 +150,7 @@ impl EventLoop {
     /// One round: every connection scheduled so far gets one turn.
     fn run_round(&self, shard: &Shard, keys: &mut Vec<u32>) -> bool {
         wake::take_round(keys);
-        let round = self.round.get().wrapping_add(1);
+        let round = self.round.get() + 1;
         self.round.set(round);
         for &key in keys.iter() {
             self.poll_connection(shard, key as usize, round);
@@ -158,7 +158,7 @@ impl EventLoop {
         !keys.is_empty()
     }
 
-    fn poll_connection(&self, shard: &Shard, key: usize, round: u32) {
+    fn poll_connection(&self, shard: &Shard, key: usize, round: u64) {
         let mut conns = self.conns.borrow_mut();
         let Some(Some(conn)) = conns.get_mut(key) else {
             return;
@@ -227,10 +227,14 @@ impl EventLoop {
 }
 
 /// A connection leaves: its app is told, its slab entry goes, and its socket closes (leaving the
-/// epoll set with it).
+/// epoll set with it). A handler that panics here (state left inconsistent by an earlier panic)
+/// costs this connection only, not the shard.
 fn finish(shard: &Shard, key: usize, conn: Connection) {
-    conn.release(shard, key);
-    shard.unregister(key);
+    let told = catch_unwind(AssertUnwindSafe(|| conn.release(shard, key)));
+    let unregistered = catch_unwind(AssertUnwindSafe(|| shard.unregister(key)));
+    if told.is_err() || unregistered.is_err() {
+        error!(key, "releasing a connection panicked");
+    }
 }
 
 /// What a loop keeps between turns.

@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::task::Waker;
+use std::num::NonZeroU32;
 
 use bytes::{Buf, Bytes};
 
@@ -41,27 +41,48 @@ pub fn cost(frame: &Bytes) -> usize {
     frame.len() + ITEM_OVERHEAD
 }
 
-/// Bytes queued across all of a shard's connections, as charged by [`cost`].
-#[derive(Debug, Default)]
-pub struct QueueTotal(usize);
+/// Tells a shard's driver that the parked connection with this key has something to write.
+pub type Wake = fn(usize);
+
+/// Bytes queued across all of a shard's connections, as charged by [`cost`], and how the shard's
+/// driver learns that a parked connection got a frame.
+#[derive(Debug)]
+pub struct QueueTotal {
+    bytes: usize,
+    wake: Wake,
+}
+
+impl Default for QueueTotal {
+    fn default() -> Self {
+        QueueTotal {
+            bytes: 0,
+            wake: |_| {},
+        }
+    }
+}
 
 impl QueueTotal {
     pub fn bytes(&self) -> usize {
-        self.0
+        self.bytes
     }
 
     /// Whether more than `budget` is queued.
     pub fn over(&self, budget: usize) -> bool {
-        self.0 > budget
+        self.bytes > budget
+    }
+
+    /// What a frame queued for a parked connection calls (the driver's scheduler).
+    pub fn set_wake(&mut self, wake: Wake) {
+        self.wake = wake;
     }
 
     fn add(&mut self, n: usize) {
-        self.0 += n;
+        self.bytes += n;
     }
 
     fn sub(&mut self, n: usize) {
-        debug_assert!(self.0 >= n, "queue total would go negative");
-        self.0 = self.0.saturating_sub(n);
+        debug_assert!(self.bytes >= n, "queue total would go negative");
+        self.bytes = self.bytes.saturating_sub(n);
     }
 }
 
@@ -109,7 +130,10 @@ pub struct Outbound {
     /// Everything behind `head`; boxed, and allocated only while needed: an idle connection pays
     /// one pointer for it, in every slab slot.
     backlog: Option<Box<Backlog>>,
-    waker: Option<Waker>,
+    /// While the connection waits for someone else's frames: its key (plus one), which a frame
+    /// arriving in the empty queue hands to [`QueueTotal`]'s wake. A key, not a `Waker`: 4 bytes in
+    /// every slab slot instead of 16.
+    parked: Option<NonZeroU32>,
     /// Charged bytes queued (u32: bounded by `max_queued_bytes` plus one burst, at most ~2 GiB;
     /// this struct is in every slab slot).
     queued: u32,
@@ -176,9 +200,7 @@ impl Outbound {
             return;
         }
         self.head = Some(frame);
-        if let Some(waker) = &self.waker {
-            waker.wake_by_ref();
-        }
+        self.wake(total);
     }
 
     /// Drops the oldest queued broadcasts until `needed` more bytes fit under `bound`; returns
@@ -249,8 +271,12 @@ impl Outbound {
             self.push(frame, total);
             self.close_code = code.max(1);
         }
-        if let Some(waker) = &self.waker {
-            waker.wake_by_ref();
+        self.wake(total);
+    }
+
+    fn wake(&self, total: &QueueTotal) {
+        if let Some(key) = self.parked {
+            (total.wake)(key.get() as usize - 1);
         }
     }
 
@@ -328,17 +354,16 @@ impl Outbound {
         Advanced { frames, dropped }
     }
 
-    /// Who to wake when a frame arrives in an empty queue.
-    pub fn set_waker(&mut self, waker: &Waker) {
-        if !self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            self.waker = Some(waker.clone());
-        }
+    /// The connection (slab `key`) waits: a frame arriving in its empty queue, or a close, wakes
+    /// it.
+    pub fn park(&mut self, key: usize) {
+        self.parked = NonZeroU32::new(key as u32 + 1);
     }
 
-    /// Forgets the waker while the connection's own task runs: frames it queues for itself are
-    /// flushed before it sleeps, and waking it would only poll it once more for nothing.
-    pub fn clear_waker(&mut self) {
-        self.waker = None;
+    /// The connection runs: frames it queues for itself are flushed before it parks again, and
+    /// waking it would only give it one more turn for nothing.
+    pub fn unpark(&mut self) {
+        self.parked = None;
     }
 
     /// Gives back everything still queued (the connection is gone).

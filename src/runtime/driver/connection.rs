@@ -140,7 +140,7 @@ impl Connection {
     }
 
     fn poll_open(&mut self, shard: &Shard, key: usize, cx: &mut Context<'_>) -> Poll<End> {
-        shard.state().conns[key].outbound.clear_waker();
+        shard.state().conns[key].outbound.unpark();
         self.input.start_turn();
         for _ in 0..READS_PER_POLL {
             let backlogged = match self.poll_flush(shard, key, cx) {
@@ -158,7 +158,7 @@ impl Connection {
                 // The client is not reading what it causes us to send: stop reading from it
                 // until its queue drains, so TCP pushes back on it instead of our memory. The
                 // socket's write readiness gives it its next turn.
-                return park(shard, key, cx);
+                return park(shard, key);
             }
             if self.input.turn_spent() {
                 break;
@@ -170,7 +170,7 @@ impl Connection {
                 continue;
             }
             match self.read(shard, key, cx) {
-                Poll::Pending => return park(shard, key, cx),
+                Poll::Pending => return park(shard, key),
                 Poll::Ready(Err(end)) => return Poll::Ready(end),
                 Poll::Ready(Ok(())) => {}
             }
@@ -235,8 +235,8 @@ impl Connection {
 }
 
 /// Waits for the socket or a frame queued by someone else.
-fn park(shard: &Shard, key: usize, cx: &mut Context<'_>) -> Poll<End> {
-    shard.state().conns[key].outbound.set_waker(cx.waker());
+fn park(shard: &Shard, key: usize) -> Poll<End> {
+    shard.state().conns[key].outbound.park(key);
     Poll::Pending
 }
 

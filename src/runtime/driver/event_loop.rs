@@ -253,6 +253,8 @@ pub struct Turns<'a> {
 
 impl<'a> Turns<'a> {
     pub fn new(event_loop: &'a EventLoop, shard: &'a Shard, inbox: &'a mut Inbox) -> Self {
+        // Frames queued for a parked connection give it a turn.
+        shard.state().queued.set_wake(wake::schedule);
         let started = Instant::now();
         Turns {
             event_loop,

@@ -2,9 +2,9 @@
 //!
 //! A connection's waker is its slab key in a pointer's place (no allocation, no reference count):
 //! waking it appends the key to this thread's list and wakes the loop's task if it waits. The
-//! waker is handed wherever a connection may be woken from — its outbound queue (another
-//! connection's publication), TLS's and the input's "yield, call me again" — all on the shard's
-//! own thread (one shard, one loop, per thread).
+//! waker is what a connection's turn is polled with (TLS's and the turn's own "yield, call me
+//! again"); a parked connection's outbound queue calls [`schedule`] with its key directly (another
+//! connection's publication). All on the shard's own thread (one shard, one loop, per thread).
 
 use std::cell::RefCell;
 use std::task::{Poll, RawWaker, RawWakerVTable, Waker};

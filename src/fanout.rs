@@ -42,13 +42,18 @@ pub struct Publication {
 }
 
 impl Publication {
-    pub fn to_room(room: Arc<str>, frame: Bytes) -> Self {
+    /// `frame` for everyone `target` names.
+    pub fn to(target: Target, frame: Bytes) -> Self {
         Publication {
-            target: Target::Room(room),
+            target,
             frame,
             include: None,
             exclude: Vec::new(),
         }
+    }
+
+    pub fn to_room(room: Arc<str>, frame: Bytes) -> Self {
+        Self::to(Target::Room(room), frame)
     }
 
     pub fn excluding(mut self, client: ClientId) -> Self {
@@ -188,12 +193,7 @@ pub fn publish_from_broker(shared: &Shared, target: Target, json: &[u8]) {
     if shards.is_empty() {
         return;
     }
-    let publication = Publication {
-        target,
-        frame: frame::encode(OpCode::Text, json),
-        include: None,
-        exclude: Vec::new(),
-    };
+    let publication = Publication::to(target, frame::encode(OpCode::Text, json));
     shared.forward(&shards, Arc::new(publication));
 }
 

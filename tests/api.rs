@@ -4,7 +4,7 @@
 mod support;
 
 use serde_json::{Value, json};
-use support::{API_KEY, Client, TestGateway, api, http_get, http_request};
+use support::{API_KEY, Client, TestGateway, api, history_texts, http_get, http_request};
 
 fn gateway(shards: usize) -> TestGateway {
     TestGateway::start_with(|c| c.api_key = Some(API_KEY.into()), shards)
@@ -132,17 +132,23 @@ async fn a_broadcast_reaches_every_chat_client_on_every_shard() {
     }
 }
 
+/// Three connections of `user`: two with its token (on whichever shards they land) and one
+/// anonymous until it refreshes to its token — the user's from then on.
+async fn connections_of(gw: &TestGateway, user: &str) -> Vec<Client> {
+    let mut connections = vec![gw.client_as(user).await, gw.client_as(user).await];
+    let mut became = gw.client().await;
+    became
+        .send("refresh", json!({"token": support::token_for(user)}))
+        .await;
+    became.expect("token_refreshed").await;
+    connections.push(became);
+    connections
+}
+
 #[tokio::test]
 async fn disconnecting_a_user_closes_only_its_connections_with_the_code_and_reason() {
     let gw = gateway(2);
-    let mut bobs = vec![gw.client_as("bob").await, gw.client_as("bob").await];
-    // Anonymous until it refreshes to bob's token: bob's from then on.
-    let mut became_bob = gw.client().await;
-    became_bob
-        .send("refresh", json!({"token": support::token_for("bob")}))
-        .await;
-    became_bob.expect("token_refreshed").await;
-    bobs.push(became_bob);
+    let mut bobs = connections_of(&gw, "bob").await;
     let mut carol = gw.client_as("carol").await;
     let mut anonymous = gw.client().await;
     let (status, answer) = call(
@@ -290,15 +296,8 @@ async fn rooms_and_their_users_are_listed_a_page_at_a_time() {
 #[tokio::test]
 async fn a_publication_to_a_user_reaches_each_of_its_connections_on_every_shard_and_no_one_else() {
     let gw = gateway(2);
-    // Two of alice's connections (on whichever shards they land), one that became alice by a
-    // refresh, and others that must hear nothing.
-    let mut alices = vec![gw.client_as("alice").await, gw.client_as("alice").await];
-    let mut became_alice = gw.client().await;
-    became_alice
-        .send("refresh", json!({"token": support::token_for("alice")}))
-        .await;
-    became_alice.expect("token_refreshed").await;
-    alices.push(became_alice);
+    // Alice's three connections, and others that must hear nothing.
+    let mut alices = connections_of(&gw, "alice").await;
     let mut bob = gw.client_as("bob").await;
     let mut anonymous = gw.client().await;
     let (status, answer) = call(
@@ -348,19 +347,6 @@ async fn a_rooms_history_is_read_with_offsets_and_epoch_oldest_or_newest_first()
         member.chat("h", text).await;
     }
     assert_eq!(member.chats(3).await.len(), 3);
-    let texts = |answer: &Value| -> Vec<(u64, String)> {
-        answer["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| {
-                (
-                    m["offset"].as_u64().unwrap(),
-                    m["message"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect()
-    };
     let (status, answer) = call(&gw, "GET", "/api/history/h", Value::Null).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(
@@ -369,13 +355,13 @@ async fn a_rooms_history_is_read_with_offsets_and_epoch_oldest_or_newest_first()
     );
     assert_eq!(answer["epoch"], epoch.as_str());
     assert_eq!(
-        texts(&answer),
-        [(1, "one".into()), (2, "two".into()), (3, "three".into())]
+        history_texts(&answer),
+        [(1, "one"), (2, "two"), (3, "three")]
     );
     // Each as members got it.
     assert_eq!(answer["messages"][0]["type"], "chat_message");
     let (_, answer) = call(&gw, "GET", "/api/history/h?since=1", Value::Null).await;
-    assert_eq!(texts(&answer), [(2, "two".into()), (3, "three".into())]);
+    assert_eq!(history_texts(&answer), [(2, "two"), (3, "three")]);
     let (_, answer) = call(
         &gw,
         "GET",
@@ -383,9 +369,9 @@ async fn a_rooms_history_is_read_with_offsets_and_epoch_oldest_or_newest_first()
         Value::Null,
     )
     .await;
-    assert_eq!(texts(&answer), [(3, "three".into()), (2, "two".into())]);
+    assert_eq!(history_texts(&answer), [(3, "three"), (2, "two")]);
     let (_, answer) = call(&gw, "GET", "/api/history/h?since=3", Value::Null).await;
-    assert_eq!(texts(&answer), []);
+    assert!(history_texts(&answer).is_empty(), "{answer}");
     // A room nothing is kept of.
     let (status, answer) = call(&gw, "GET", "/api/history/never", Value::Null).await;
     assert_eq!(status, 200);

@@ -34,7 +34,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use super::{Body, ShardEdge, error_response, json, unauthorized};
+use super::{Body, Edge, ShardEdge, error_response, json, unauthorized};
 use crate::base::time::now_ms;
 use crate::broker::{Disconnect, HistoryQuery, PublishError, Publisher, RoomRef};
 use crate::cluster;
@@ -301,15 +301,7 @@ fn publish_to_user(shard: &ShardEdge, user: &str, data: &Value) -> Answer {
         timestamp: now_ms(),
     }
     .encode();
-    let publication = Publication {
-        target: Target::User(Arc::from(user)),
-        frame,
-        include: None,
-        exclude: Vec::new(),
-    };
-    if !cluster::publish_from_outside(&*node.broker, &node.shared, publication) {
-        return Err(unavailable(ErrorReply::Unavailable));
-    }
+    publish_everywhere(node, Target::User(Arc::from(user)), frame)?;
     Ok(json(
         StatusCode::OK,
         &json!({ "user": user, "published": true }),
@@ -333,16 +325,19 @@ fn broadcast(shard: &ShardEdge, body: BroadcastBody) -> Answer {
         timestamp: now_ms(),
     }
     .encode();
-    let publication = Publication {
-        target: Target::All,
-        frame,
-        include: None,
-        exclude: Vec::new(),
-    };
-    if !cluster::publish_from_outside(&*node.broker, &node.shared, publication) {
-        return Err(unavailable(ErrorReply::Unavailable));
-    }
+    publish_everywhere(node, Target::All, frame)?;
     Ok(json(StatusCode::OK, &json!({ "published": true })))
+}
+
+/// Publishes `frame` to `target` on every node: 503 (delivered nowhere) when the other nodes
+/// cannot be reached.
+fn publish_everywhere(node: &Edge, target: Target, frame: Bytes) -> Result<(), Refused> {
+    let publication = Publication::to(target, frame);
+    if cluster::publish_from_outside(&*node.broker, &node.shared, publication) {
+        Ok(())
+    } else {
+        Err(unavailable(ErrorReply::Unavailable))
+    }
 }
 
 #[derive(Deserialize)]

@@ -601,6 +601,21 @@ pub fn proxy_v2(source: [u8; 4]) -> Vec<u8> {
 }
 
 /// The user ids of a page of users (a `presence` reply, `/api/rooms/{room}`), in order.
+/// The `(offset, message)` of each message in an `/api/history/{room}` answer, in its order.
+pub fn history_texts(answer: &Value) -> Vec<(u64, &str)> {
+    answer["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| {
+            (
+                m["offset"].as_u64().unwrap(),
+                m["message"].as_str().unwrap(),
+            )
+        })
+        .collect()
+}
+
 pub fn user_ids(page: &Value) -> Vec<&str> {
     page["users"]
         .as_array()

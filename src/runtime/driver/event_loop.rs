@@ -302,14 +302,12 @@ impl<'a> Turns<'a> {
         tokio::task::yield_now().await;
     }
 
-    /// Whether nothing waits in the inbox (what does is delivered).
-    pub fn inbox_is_empty(&mut self) -> bool {
+    /// Delivers a batch of what waits in the inbox; false when nothing did.
+    pub fn deliver_inbox(&mut self) -> bool {
         self.inbox.try_recv_batch(&mut self.batch);
-        if self.batch.is_empty() {
-            return true;
-        }
+        let delivered = !self.batch.is_empty();
         deliver_batch(self.shard, &mut self.batch);
-        false
+        delivered
     }
 
     /// One turn; returns whether it found work (another may find more at once) and when the
@@ -323,9 +321,7 @@ impl<'a> Turns<'a> {
                 false
             }
         };
-        self.inbox.try_recv_batch(&mut self.batch);
-        let delivered = !self.batch.is_empty();
-        deliver_batch(self.shard, &mut self.batch);
+        let delivered = self.deliver_inbox();
         if now >= self.next_tick {
             let tick = self.shard.tick_interval();
             let ticks = (now - self.started).as_nanos() / tick.as_nanos();

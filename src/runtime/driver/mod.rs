@@ -66,7 +66,7 @@ async fn drain(turns: &mut Turns<'_>, shard: &Shard, settled: impl Future<Output
         () = settled => {}
         () = turns.run_until(|_| false, Some(deadline), None) => {}
     }
-    while Instant::now() < deadline && !turns.inbox_is_empty() {
+    while Instant::now() < deadline && turns.deliver_inbox() {
         turns.turn_once().await;
     }
     let open = shard.connection_count();

@@ -32,10 +32,6 @@ impl LoopSocket {
         }
     }
 
-    pub fn io_mut(&mut self) -> &mut mio::net::TcpStream {
-        &mut self.io
-    }
-
     /// Takes an epoll event: errors and hang-ups make both directions ready for good (the next
     /// call reports them).
     pub fn on_event(&self, event: &mio::event::Event) {

@@ -29,8 +29,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-step "cargo test (unit, integration, benches in test mode)"
-cargo test --workspace --all-targets
+# The whole suite runs once per engine of the shards' loops: io_uring, then epoll (the fallback
+# where a kernel or sandbox refuses io_uring). Every gateway a test starts takes WSGATE_ENGINE.
+step "cargo test (unit, integration, benches in test mode), engine io_uring"
+WSGATE_ENGINE=io_uring cargo test --workspace --all-targets
+
+step "cargo test again, engine epoll"
+WSGATE_ENGINE=epoll cargo test --workspace --all-targets
 
 step "Test page in headless Chromium"
 scripts/browser-test.sh
@@ -41,9 +46,10 @@ scripts/metrics-check.sh
 step "Deploy files: hadolint, systemd-analyze, the binary run as the image runs it"
 scripts/deploy-check.sh
 
-step "Autobahn TestSuite against /echo (release build), over ws:// and over wss://"
-scripts/autobahn.sh
-TLS=1 scripts/autobahn.sh
+step "Autobahn TestSuite against /echo (release build), over ws:// and wss:// (io_uring), ws:// (epoll)"
+WSGATE_ENGINE=io_uring scripts/autobahn.sh
+WSGATE_ENGINE=io_uring TLS=1 scripts/autobahn.sh
+WSGATE_ENGINE=epoll scripts/autobahn.sh
 
 step "Fuzz targets, ${FUZZ_SECONDS:-30}s each"
 scripts/fuzz.sh

@@ -23,6 +23,11 @@ pub struct Config {
     pub shards: usize,
     /// Listen backlog per shard socket. Default 1024.
     pub backlog: u32,
+    /// The I/O engine of the shards' event loops: `auto` (default: io_uring where the kernel and
+    /// the sandbox allow it, else epoll, saying why in the log), `io_uring` (refuse to start
+    /// without it) or `epoll`. The engine in use is in the start-up log, `/healthz` and
+    /// `/metrics`.
+    pub engine: Engine,
     /// Largest message (after reassembling fragments) a client may send; bigger closes with
     /// 1009. Default 64 KiB.
     pub max_message_size: usize,
@@ -261,6 +266,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             backlog: 1024,
+            engine: Engine::Auto,
             max_message_size: 64 * 1024,
             max_queued_bytes: 1024 * 1024,
             slow_consumer_policy: SlowConsumerPolicy::Close,
@@ -350,6 +356,24 @@ pub enum ForwardedHeader {
 pub enum BrokerKind {
     Memory,
     Redis,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Auto => "auto",
+            Engine::IoUring => "io_uring",
+            Engine::Epoll => "epoll",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]

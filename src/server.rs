@@ -65,6 +65,8 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
     if config.max_connections == 0 {
         config.max_connections = connection_capacity();
     }
+    // From here on the engine in the configuration is the one in use, never `auto`.
+    config.engine = driver::choose(config.engine)?;
     let config = Arc::new(config);
     if config.listen.port() != 0 {
         refuse_if_taken(config.listen)?;
@@ -154,7 +156,7 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
     info!(
         %local_addr,
         shards = config.shards,
-        engine = driver::ENGINE,
+        engine = config.engine.name(),
         "wsgate listening"
     );
     Ok(gateway)
@@ -287,7 +289,7 @@ fn run_shard(
                 return;
             }
         };
-        let event_loop = match EventLoop::new() {
+        let event_loop = match EventLoop::new(node.shared.config.engine) {
             Ok(event_loop) => Rc::new(event_loop),
             Err(e) => {
                 let _ = ready.send(Err(e));

@@ -1,17 +1,21 @@
 //! What the shards' event loops must get right at the socket, seen from raw clients: frames cut
 //! into single bytes and frames packed into one segment, a reply far larger than the socket
 //! takes at once (partial writes), a client that half-closes, a client that resets while its
-//! replies are in flight, and thousands of connections opening and closing at once. (Readers
-//! that stop reading are tests/backpressure.rs's.)
+//! replies are in flight, and thousands of connections opening and closing at once; which engine
+//! runs (io_uring, epoll, and epoll where a sandbox refuses io_uring). CI runs this file, as the
+//! whole suite, once per engine (`WSGATE_ENGINE`). (Readers that stop reading are
+//! tests/backpressure.rs's.)
 
 mod support;
 
 use std::time::Duration;
 
 use serde_json::Value;
+use support::process::GatewayProcess;
 use support::{PATIENCE, RawClient, TestGateway, http_get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
+use wsgate::config::Engine;
 
 /// The gateway's queued bytes, from `/healthz`.
 async fn queued_bytes(gw: &TestGateway) -> u64 {
@@ -175,17 +179,72 @@ async fn thousands_of_connections_opening_and_closing_at_once_are_all_served_and
     );
 }
 
-#[tokio::test]
-async fn the_engine_in_use_is_reported_in_healthz_and_metrics() {
-    let gw = TestGateway::start(1);
-    let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
+/// The engine a gateway reports in `/healthz` and `/metrics`.
+async fn reported_engine(addr: std::net::SocketAddr) -> String {
+    let (_, _, body) = http_get(addr, "/healthz", "").await;
     let health: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(health["engine"], "epoll", "{body}");
-    let (status, _, metrics) = http_get(gw.addr, "/metrics", "").await;
+    let engine = health["engine"].as_str().unwrap_or_default().to_owned();
+    let (status, _, metrics) = http_get(addr, "/metrics", "").await;
     assert_eq!(status, 200);
+    let sample = format!(r#"wsgate_engine{{engine="{engine}"}} "#);
     let value = metrics
         .lines()
-        .find_map(|l| l.strip_prefix(r#"wsgate_engine{engine="epoll"} "#))
-        .unwrap_or_else(|| panic!("no wsgate_engine sample: {metrics}"));
+        .find_map(|l| l.strip_prefix(&sample))
+        .unwrap_or_else(|| panic!("no {sample}sample: {metrics}"));
     assert_eq!(value.parse::<f64>().unwrap(), 1.0);
+    engine
+}
+
+async fn echoes(addr: std::net::SocketAddr) {
+    let mut raw = RawClient::connect(addr, "/echo").await;
+    raw.send_frame(true, 0x1, b"on this engine", true).await;
+    assert_eq!(
+        raw.read_frame().await,
+        (true, 0x1, b"on this engine".to_vec())
+    );
+}
+
+#[tokio::test]
+async fn each_engine_runs_when_asked_for_and_is_reported_in_healthz_and_metrics() {
+    for engine in [Engine::IoUring, Engine::Epoll] {
+        let gw = TestGateway::start_with(|c| c.engine = engine, 1);
+        assert_eq!(reported_engine(gw.addr).await, engine.name());
+        echoes(gw.addr).await;
+    }
+}
+
+#[tokio::test]
+async fn auto_takes_io_uring_where_the_kernel_allows_it() {
+    let gw = TestGateway::start_with(|c| c.engine = Engine::Auto, 1);
+    assert_eq!(reported_engine(gw.addr).await, "io_uring");
+}
+
+#[tokio::test]
+async fn without_io_uring_auto_falls_back_to_epoll_and_io_uring_refuses_to_start() {
+    // A sandbox whose seccomp profile refuses io_uring (as Docker's default one does).
+    let gw = GatewayProcess::start_without_io_uring(
+        &[],
+        &[
+            ("WSGATE_ENGINE", "auto"),
+            ("WSGATE_ALLOW_ANONYMOUS", "true"),
+        ],
+    );
+    assert_eq!(reported_engine(gw.addr).await, "epoll");
+    echoes(gw.addr).await;
+    let logs = gw.logs();
+    assert!(logs.contains("io_uring is unavailable here"), "{logs}");
+
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"));
+    cmd.args(["--listen", "127.0.0.1:0"])
+        .env("WSGATE_ENGINE", "io_uring")
+        .stdout(std::process::Stdio::null());
+    support::process::deny_io_uring(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("engine = io_uring, but io_uring is unavailable here")
+            && stderr.contains("Operation not permitted"),
+        "{stderr}"
+    );
 }

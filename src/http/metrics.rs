@@ -141,7 +141,7 @@ impl EdgeCollector {
                 gauge_kind,
             ),
             "engine",
-            [(crate::runtime::driver::ENGINE.to_owned(), gauge(1))],
+            [(node.shared.config.engine.name().to_owned(), gauge(1))],
         )?;
         one(
             e,

@@ -535,7 +535,7 @@ fn health(shard: &ShardEdge, detail: bool) -> serde_json::Value {
         "inbox_dropped_by_shard": node.shared.bus.dropped_by_shard(),
         "rooms": node.shared.rooms.room_count(),
         "shards": node.shared.shards(),
-        "engine": crate::runtime::driver::ENGINE,
+        "engine": node.shared.config.engine.name(),
         "broker": node.broker.health(),
     });
     if detail {

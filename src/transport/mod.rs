@@ -24,8 +24,8 @@ pub trait Socket: Unpin {
     fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
     /// One vectored `send`: the bytes taken.
     fn poll_send(&self, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>>;
-    /// Ends the sending side (FIN).
-    fn shutdown_send(&self) -> io::Result<()>;
+    /// Ends the sending side (FIN), once what was sent has left.
+    fn poll_shutdown_send(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
 impl Socket for TcpStream {
@@ -43,8 +43,8 @@ impl Socket for TcpStream {
         }
     }
 
-    fn shutdown_send(&self) -> io::Result<()> {
-        SockRef::from(self).shutdown(std::net::Shutdown::Write)
+    fn poll_shutdown_send(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(SockRef::from(self).shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -90,7 +90,7 @@ impl<S: Socket> Stream<S> {
     /// Ends the sending side (TLS: after close_notify).
     pub fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Stream::Plain(socket) => Poll::Ready(socket.shutdown_send()),
+            Stream::Plain(socket) => socket.poll_shutdown_send(cx),
             Stream::Tls(stream) => stream.poll_shutdown_plain(cx),
         }
     }

@@ -615,7 +615,7 @@ impl<S: Socket> TlsStream<S> {
             self.outgoing = outgoing;
         }
         ready!(self.poll_send_outgoing(cx))?;
-        Poll::Ready(self.tcp.shutdown_send())
+        self.tcp.poll_shutdown_send(cx)
     }
 }
 

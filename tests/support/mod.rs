@@ -23,6 +23,17 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use wsgate::{Config, Gateway};
 
+/// The engine the gateways under test run on: `WSGATE_ENGINE` (CI runs the suite once per
+/// engine), else `auto`.
+pub fn engine_under_test() -> wsgate::config::Engine {
+    match std::env::var("WSGATE_ENGINE").as_deref() {
+        Ok("epoll") => wsgate::config::Engine::Epoll,
+        Ok("io_uring") => wsgate::config::Engine::IoUring,
+        Ok("auto") | Err(_) => wsgate::config::Engine::Auto,
+        Ok(other) => panic!("WSGATE_ENGINE={other}: expected auto, io_uring or epoll"),
+    }
+}
+
 /// The HS256 secret test gateways verify tokens with.
 pub const TEST_SECRET: &str = "wsgate-test-secret-0123456789";
 
@@ -57,6 +68,7 @@ impl TestGateway {
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             shards,
+            engine: engine_under_test(),
             log: "warn".into(),
             jwt_secret: Some(TEST_SECRET.into()),
             // Tests of the protocol connect without tokens; tests/auth.rs turns this off.

@@ -12,9 +12,24 @@ pub struct GatewayProcess {
 }
 
 impl GatewayProcess {
-    /// Starts `wsgate --listen 127.0.0.1:0 ARGS` with `env` (and no other `WSGATE_*` variable),
-    /// under an open-files limit of `open_files` when given; returns once it listens.
+    /// Starts `wsgate --listen 127.0.0.1:0 ARGS` with `env` (and no other `WSGATE_*` variable but
+    /// the engine under test), under an open-files limit of `open_files` when given; returns
+    /// once it listens.
     pub fn start(args: &[&str], env: &[(&str, &str)], open_files: Option<u32>) -> Self {
+        Self::launch(args, env, open_files, |_| {})
+    }
+
+    /// [`GatewayProcess::start`] in a sandbox without io_uring (see [`deny_io_uring`]).
+    pub fn start_without_io_uring(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(args, env, None, deny_io_uring)
+    }
+
+    fn launch(
+        args: &[&str],
+        env: &[(&str, &str)],
+        open_files: Option<u32>,
+        sandbox: impl FnOnce(&mut Command),
+    ) -> Self {
         let binary = env!("CARGO_BIN_EXE_wsgate");
         // `ulimit -n` in the shell sets the soft and hard limits the gateway then starts under.
         let limit = open_files.map_or(String::new(), |n| format!("ulimit -n {n} && "));
@@ -31,7 +46,13 @@ impl GatewayProcess {
         for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("WSGATE_")) {
             cmd.env_remove(key);
         }
-        cmd.env("WSGATE_LOG", "warn").envs(env.iter().copied());
+        cmd.env("WSGATE_LOG", "warn");
+        // The engine under test reaches every gateway the suite starts.
+        if let Ok(engine) = std::env::var("WSGATE_ENGINE") {
+            cmd.env("WSGATE_ENGINE", engine);
+        }
+        cmd.envs(env.iter().copied());
+        sandbox(&mut cmd);
         let mut child = cmd.spawn().expect("wsgate starts");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
@@ -89,6 +110,61 @@ impl Drop for GatewayProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Makes `io_uring_setup` fail with EPERM in the child (and what it executes), as the default
+/// seccomp profiles of container runtimes do: a seccomp filter installed before `exec`.
+pub fn deny_io_uring(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // Load the system call's number; io_uring_setup gets EPERM, everything else passes.
+    // (x86-64 numbering: the test machines'.)
+    let code = |class: u32| class as u16;
+    let filter = [
+        libc::sock_filter {
+            code: code(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS),
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: code(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K),
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_io_uring_setup as u32,
+        },
+        libc::sock_filter {
+            code: code(libc::BPF_RET | libc::BPF_K),
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        },
+        libc::sock_filter {
+            code: code(libc::BPF_RET | libc::BPF_K),
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    // SAFETY: between fork and exec the closure makes two system calls only; `filter` is
+    // copied into the closure and outlives them.
+    unsafe {
+        cmd.pre_exec(move || {
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &program as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -129,6 +129,7 @@ impl Connection {
         if let End::Gone = end {
             return true;
         }
+        self.stream.socket().read_only_as_needed();
         self.phase = Phase::Closing(end);
         false
     }

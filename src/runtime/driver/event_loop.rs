@@ -1,13 +1,15 @@
 //! A shard's event loop: its WebSocket connections in a slab (by the shard's key), their sockets
-//! in one epoll instance of the shard's own, and one task on the shard's runtime that runs turns.
+//! on one I/O engine of the shard's own (an io_uring ring, [`Uring`], or an epoll instance,
+//! [`Epoll`]), and one task on the shard's runtime that runs turns.
 //!
-//! A turn takes the epoll events that are ready (without waiting), delivers what other shards
-//! sent (the inbox), ticks the heartbeat wheel and the close deadlines, then gives each
-//! connection that was woken one bounded turn (see [`Connection::poll`]): it reads from the
-//! shared buffer, handles what it read, and writes everything queued for it in one vectored
-//! write. A busy loop yields to the runtime between turns so the HTTP edge (handshakes, the API)
-//! keeps being served; an idle one waits for its epoll descriptor (registered with tokio), the
-//! inbox, a timer or a wake-up.
+//! A turn takes what the engine has ready (epoll events, or io_uring completions) without
+//! waiting, delivers what other shards sent (the inbox), ticks the heartbeat wheel and the close
+//! deadlines, then gives each connection that was woken one bounded turn (see
+//! [`Connection::poll`]): it reads into the shared buffer, handles what it read, and writes
+//! everything queued for it in one vectored write (with io_uring: one send, submitted with all
+//! the turn's others at its end). A busy loop yields to the runtime between turns so the HTTP
+//! edge (handshakes, the API) keeps being served; an idle one waits for the engine's descriptor
+//! (registered with tokio), the inbox, a timer or a wake-up.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -15,11 +17,11 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use mio::{Events, Interest, Token};
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -28,6 +30,7 @@ use tracing::{debug, error};
 
 use crate::base::client_id::ClientId;
 use crate::base::identity::Identity;
+use crate::config::Engine;
 use crate::runtime::AppId;
 use crate::runtime::bus::{Inbox, Sent};
 use crate::runtime::input::Input;
@@ -37,28 +40,31 @@ use crate::transport::Stream;
 
 use super::connection::Connection;
 use super::deliver_batch;
+use super::epoll::Epoll;
 use super::socket::LoopSocket;
+use super::uring::{Uring, UringSocket};
 use super::wake;
-
-/// Epoll events taken per turn.
-const EVENTS_PER_TURN: usize = 1024;
 /// How often the shard's heap gives back what it freed (see [`crate::base::alloc`]).
 const COLLECT_EVERY: Duration = Duration::from_secs(1);
 
-/// The epoll descriptor as tokio sees it: readable when some socket of the loop has an event.
-struct EpollFd(RawFd);
+/// The engine's descriptor as tokio sees it: readable when the engine has something ready.
+struct EngineFd(RawFd);
 
-impl AsRawFd for EpollFd {
+impl AsRawFd for EngineFd {
     fn as_raw_fd(&self) -> RawFd {
         self.0
     }
 }
 
+enum Io {
+    Epoll(Epoll),
+    Uring(Rc<Uring>),
+}
+
 pub struct EventLoop {
-    /// Declared before `poll`: deregistered from tokio before the descriptor closes.
-    ready: AsyncFd<EpollFd>,
-    poll: RefCell<mio::Poll>,
-    registry: mio::Registry,
+    /// Declared before `io`: deregistered from tokio before the descriptor closes.
+    ready: AsyncFd<EngineFd>,
+    io: Io,
     /// The connections, by the key of their entry in the shard's slab.
     conns: RefCell<Vec<Option<Connection>>>,
     /// Connections in their close handshake, by deadline (all get the same `close_timeout`, so
@@ -68,19 +74,25 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// A loop for the shard running on this thread (inside its runtime).
-    pub fn new() -> io::Result<Self> {
-        let poll = mio::Poll::new()?;
-        let registry = poll.registry().try_clone()?;
-        let epoll = EpollFd(poll.as_raw_fd());
-        // SAFETY: the descriptor is `poll`'s, which is dropped after `ready` (field order) and
+    /// A loop for the shard running on this thread (inside its runtime), on `engine` (io_uring
+    /// or epoll: [`super::choose`] resolves `auto` first).
+    pub fn new(engine: Engine) -> io::Result<Self> {
+        let io = match engine {
+            Engine::IoUring => Io::Uring(Rc::new(Uring::new()?)),
+            Engine::Epoll | Engine::Auto => Io::Epoll(Epoll::new()?),
+        };
+        let fd = match &io {
+            Io::Epoll(epoll) => epoll.fd(),
+            Io::Uring(uring) => uring.fd(),
+        };
+        // SAFETY: the descriptor is `io`'s, which is dropped after `ready` (field order) and
         // never replaced.
-        let ready =
-            unsafe { AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE)? };
+        let ready = unsafe {
+            AsyncFd::register_with_interest(EngineFd(fd), tokio::io::Interest::READABLE)?
+        };
         Ok(EventLoop {
             ready,
-            poll: RefCell::new(poll),
-            registry,
+            io,
             conns: RefCell::default(),
             closing: RefCell::default(),
             round: Cell::new(0),
@@ -99,12 +111,15 @@ impl EventLoop {
         identity: Arc<Identity>,
         peer: IpAddr,
     ) -> io::Result<()> {
-        let stream = stream.map_socket(|tcp| Ok(mio::net::TcpStream::from_std(tcp.into_std()?)))?;
+        let stream = stream.map_socket(TcpStream::into_std)?;
         let key = shard.register(app, identity, peer);
-        let adopted = stream.map_socket(|mut io| {
-            let both = Interest::READABLE | Interest::WRITABLE;
-            self.registry.register(&mut io, Token(key), both)?;
-            Ok(LoopSocket::new(io))
+        let adopted = stream.map_socket(|io| match &self.io {
+            Io::Epoll(epoll) => epoll.socket(io, key).map(LoopSocket::Epoll),
+            Io::Uring(uring) => Ok(LoopSocket::Uring(UringSocket::new(
+                uring.clone(),
+                io.into(),
+                key,
+            ))),
         });
         let stream = match adopted {
             Ok(stream) => stream,
@@ -125,26 +140,36 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Takes the ready epoll events: each marks its socket ready and gives it a turn. Returns
-    /// whether there were as many as fit (more may be waiting).
-    fn take_events(&self, events: &mut Events) -> io::Result<bool> {
-        events.clear();
-        match self.poll.borrow_mut().poll(events, Some(Duration::ZERO)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
-            Err(e) => return Err(e),
-        }
+    /// Takes what the engine has ready: each event or completion reaches its socket and gives
+    /// it a turn. Returns whether there was any, and whether more may be waiting.
+    fn take_ready(&self) -> io::Result<(bool, bool)> {
         let conns = self.conns.borrow();
-        let mut taken = 0;
-        for event in events.iter() {
-            taken += 1;
-            let key = event.token().0;
-            if let Some(Some(conn)) = conns.get(key) {
-                conn.stream.socket().on_event(event);
-                wake::schedule(key);
-            }
+        let socket = |key: usize| match conns.get(key) {
+            Some(Some(conn)) => Some(conn.stream.socket()),
+            _ => None,
+        };
+        match &self.io {
+            Io::Epoll(epoll) => epoll.take_events(|key| socket(key)?.epoll(), wake::schedule),
+            Io::Uring(uring) => Ok((
+                uring.complete(|key| socket(key)?.uring(), wake::schedule),
+                false,
+            )),
         }
-        Ok(taken == EVENTS_PER_TURN)
+    }
+
+    /// The end of a turn: with io_uring, what the turn queued is submitted.
+    fn end_turn(&self, now: Instant) {
+        if let Io::Uring(uring) = &self.io {
+            let conns = self.conns.borrow();
+            uring.end_turn(
+                now.into_std(),
+                |key| match conns.get(key) {
+                    Some(Some(conn)) => conn.stream.socket().uring(),
+                    _ => None,
+                },
+                wake::schedule,
+            );
+        }
     }
 
     /// One round: every connection scheduled so far gets one turn.
@@ -243,7 +268,6 @@ pub struct Turns<'a> {
     shard: &'a Shard,
     inbox: &'a mut Inbox,
     inbox_open: bool,
-    events: Events,
     batch: Vec<Sent>,
     keys: Vec<u32>,
     started: Instant,
@@ -261,7 +285,6 @@ impl<'a> Turns<'a> {
             shard,
             inbox,
             inbox_open: true,
-            events: Events::with_capacity(EVENTS_PER_TURN),
             batch: Vec::new(),
             keys: Vec::new(),
             started,
@@ -314,11 +337,11 @@ impl<'a> Turns<'a> {
     /// next timer is due.
     fn turn(&mut self, now: Instant) -> (bool, Instant) {
         let lp = self.event_loop;
-        let more_events = match lp.take_events(&mut self.events) {
-            Ok(more) => more,
+        let (ready, more_ready) = match lp.take_ready() {
+            Ok(taken) => taken,
             Err(e) => {
                 error!(error = %e, "epoll_wait failed");
-                false
+                (false, false)
             }
         };
         let delivered = self.deliver_inbox();
@@ -336,11 +359,12 @@ impl<'a> Turns<'a> {
         // One clock read for the rate limiters per turn, not per connection.
         self.shard.start_turn();
         let ran = lp.run_round(self.shard, &mut self.keys);
+        lp.end_turn(now);
         let next_timer = next_close.map_or(self.next_tick, |c| c.min(self.next_tick));
-        (more_events || delivered || ran, next_timer)
+        (ready || more_ready || delivered || ran, next_timer)
     }
 
-    /// Waits for an epoll event, the inbox, a wake-up, `until`, or `shutdown`.
+    /// Waits for the engine, the inbox, a wake-up, `until`, or `shutdown`.
     async fn wait(&mut self, until: Instant, shutdown: Option<&CancellationToken>) {
         let cancelled = async {
             match shutdown {

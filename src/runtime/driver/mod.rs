@@ -1,5 +1,6 @@
 //! The driver: how a shard's WebSocket connections meet their sockets — the shard's own event
-//! loop ([`event_loop`]) over a slab of connections ([`connection`]) with no task each, its
+//! loop ([`event_loop`]) over a slab of connections ([`connection`]) with no task each, on an
+//! io_uring ring ([`uring`]) or, where the kernel or sandbox has none, epoll ([`epoll`]); its
 //! delivery of what other shards send, its heartbeat ticks and its drain at shutdown — and the
 //! node's timed chores ([`housekeeping`]). It uses only the shard's synchronous calls
 //! ([`Shard::register`], [`crate::runtime::input::Input`], the slab entry's outbound queue,
@@ -9,10 +10,13 @@
 //! as one task.
 
 pub mod connection;
+pub mod epoll;
 pub mod event_loop;
 mod socket;
+pub mod uring;
 mod wake;
 
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,12 +27,32 @@ use tracing::{info, warn};
 use super::Shared;
 use super::bus::{Inbox, Sent};
 use super::shard::Shard;
+use crate::config::Engine;
 
 pub use event_loop::EventLoop;
 use event_loop::Turns;
 
-/// The I/O engine the shards' loops run on (reported at start, in `/healthz` and `/metrics`).
-pub const ENGINE: &str = "epoll";
+/// The engine the shards' loops run on for `wanted`: `auto` is io_uring where this kernel and
+/// sandbox run it (a probe ring says), else epoll; `io_uring` without it is an error that says
+/// why.
+pub fn choose(wanted: Engine) -> io::Result<Engine> {
+    match wanted {
+        Engine::Epoll => Ok(Engine::Epoll),
+        Engine::IoUring => uring::probe().map(|()| Engine::IoUring).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("engine = io_uring, but io_uring is unavailable here: {e}"),
+            )
+        }),
+        Engine::Auto => match uring::probe() {
+            Ok(()) => Ok(Engine::IoUring),
+            Err(e) => {
+                warn!(error = %e, "io_uring is unavailable here: the shards run on epoll");
+                Ok(Engine::Epoll)
+            }
+        },
+    }
+}
 
 /// Runs a shard's loop until `shutdown`; then drains it (see `drain`) once `settled()` resolves
 /// (what was handed to the broker is answered) or at `drain_timeout`.

@@ -289,7 +289,7 @@ fn run_shard(
                 return;
             }
         };
-        let event_loop = match EventLoop::new(node.shared.config.engine) {
+        let event_loop = match EventLoop::new(&node.shared.config) {
             Ok(event_loop) => Rc::new(event_loop),
             Err(e) => {
                 let _ = ready.send(Err(e));

@@ -248,3 +248,62 @@ async fn without_io_uring_auto_falls_back_to_epoll_and_io_uring_refuses_to_start
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn receives_that_find_the_buffer_ring_empty_wait_and_lose_or_reorder_nothing() {
+    // Eight 4 KiB buffers for the shard, and forty clients each sending ten 48 KiB messages at
+    // once: the ring runs dry over and over.
+    let gw = TestGateway::start_with(
+        |c| {
+            c.engine = Engine::IoUring;
+            c.io_uring_buffers = 8;
+            // The echoes are read only once all is sent: nothing here is a slow consumer.
+            c.max_queued_bytes = 1 << 24;
+        },
+        1,
+    );
+    let payload = |client: usize, message: usize| -> Vec<u8> {
+        (0..48 * 1024)
+            .map(|i| (i * 7 + client * 31 + message * 101) as u8)
+            .collect()
+    };
+    let mut clients = JoinSet::new();
+    for client in 0..40 {
+        let addr = gw.addr;
+        clients.spawn(async move {
+            let mut raw = RawClient::connect(addr, "/echo").await;
+            let mut wire = Vec::new();
+            for message in 0..10 {
+                wire.extend(support::raw_frame(
+                    true,
+                    0x2,
+                    &payload(client, message),
+                    true,
+                ));
+            }
+            raw.stream.write_all(&wire).await.unwrap();
+            for message in 0..10 {
+                let (fin, opcode, echoed) = raw.read_frame().await;
+                assert!(fin && opcode == 0x2);
+                assert!(
+                    echoed == payload(client, message),
+                    "client {client}: echo {message} is not message {message}"
+                );
+            }
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done.unwrap();
+    }
+    let (_, _, metrics) = http_get(gw.addr, "/metrics", "").await;
+    let waits: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"wsgate_io_uring_buffer_waits_total{shard="0"} "#))
+        .unwrap_or_else(|| panic!("no buffer waits sample: {metrics}"))
+        .parse()
+        .unwrap();
+    assert!(
+        waits > 0.0,
+        "the ring never ran dry: the test proves nothing"
+    );
+}

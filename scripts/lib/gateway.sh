@@ -90,16 +90,18 @@ prepare_load_test() {
 
 # The server under test for the comparisons (echo, handshakes): `start_server SERVER` builds and
 # starts one of wsgate (a token on every connection), wsgate-anonymous (no token, like the
-# baselines), baseline_fastwebsockets or baseline_tungstenite (examples/), or external — the
+# baselines) — either with `@ENGINE` to pick the shard's engine (wsgate-anonymous@epoll) —,
+# baseline_fastwebsockets or baseline_tungstenite (examples/), or external — the
 # program $EXTERNAL_SERVER (a peer built outside this repository, e.g. uWebSockets; it is run as
 # `$EXTERNAL_SERVER --listen 127.0.0.1:0 $EXTERNAL_SERVER_ARGS`, echoes on every path and prints
 # `listening on http://HOST:PORT/`) — with every thread pinned to CPU 0, and sets ECHO_PATH, the
 # path of its echo endpoint (with the token, for wsgate).
 start_server() {
   case "$1" in
-    wsgate | wsgate-anonymous)
+    wsgate | wsgate-anonymous | wsgate@* | wsgate-anonymous@*)
       prepare_load_test
-      if [ "$1" = wsgate-anonymous ]; then
+      [[ "$1" != *@* ]] || export WSGATE_ENGINE="${1#*@}"
+      if [ "${1%@*}" = wsgate-anonymous ]; then
         export WSGATE_ALLOW_ANONYMOUS=true
         ECHO_PATH=/echo
       else

@@ -203,7 +203,7 @@ impl EdgeCollector {
     fn traffic(&self, e: &mut DescriptorEncoder) -> fmt::Result {
         let node = &*self.0;
         let counter = MetricType::Counter;
-        let per_shard: [(&str, &str, ReadCounter); 5] = [
+        let per_shard: [(&str, &str, ReadCounter); 6] = [
             (
                 "wsgate_messages_received",
                 "Data messages received from clients",
@@ -228,6 +228,12 @@ impl EdgeCollector {
                 "wsgate_deliveries",
                 "Publication frames queued to recipients, one per recipient",
                 |m| &m.deliveries,
+            ),
+            (
+                "wsgate_io_uring_buffer_waits",
+                "Receives that found the shard's io_uring buffer ring empty and waited for buffers \
+                 (nothing is lost; steadily rising: raise io_uring_buffers)",
+                |m| &m.buffer_waits,
             ),
         ];
         for (name, help, read) in per_shard {

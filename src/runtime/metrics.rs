@@ -71,6 +71,9 @@ pub struct ShardMetrics {
     pub bytes_sent: LocalCounter,
     /// Publication frames queued to recipients (one per recipient).
     pub deliveries: LocalCounter,
+    /// io_uring receives that found the buffer ring empty (they wait for buffers; nothing is
+    /// lost).
+    pub buffer_waits: LocalCounter,
     /// From a publication entering the bus to its frame queued to this shard's recipients.
     pub delivery_latency: LocalHistogram,
     closed: [LocalCounter; CLOSE_LABELS.len()],

@@ -30,7 +30,7 @@ use tracing::{debug, error};
 
 use crate::base::client_id::ClientId;
 use crate::base::identity::Identity;
-use crate::config::Engine;
+use crate::config::{Config, Engine};
 use crate::runtime::AppId;
 use crate::runtime::bus::{Inbox, Sent};
 use crate::runtime::input::Input;
@@ -44,6 +44,8 @@ use super::epoll::Epoll;
 use super::socket::LoopSocket;
 use super::uring::{Uring, UringSocket};
 use super::wake;
+/// How long a busy loop runs turns before it lets the runtime's other tasks run.
+const YIELD_EVERY: Duration = Duration::from_micros(250);
 /// How often the shard's heap gives back what it freed (see [`crate::base::alloc`]).
 const COLLECT_EVERY: Duration = Duration::from_secs(1);
 
@@ -74,11 +76,11 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// A loop for the shard running on this thread (inside its runtime), on `engine` (io_uring
-    /// or epoll: [`super::choose`] resolves `auto` first).
-    pub fn new(engine: Engine) -> io::Result<Self> {
-        let io = match engine {
-            Engine::IoUring => Io::Uring(Rc::new(Uring::new()?)),
+    /// A loop for the shard running on this thread (inside its runtime), on the configured
+    /// engine (io_uring or epoll: [`super::choose`] resolved `auto` first).
+    pub fn new(config: &Config) -> io::Result<Self> {
+        let io = match config.engine {
+            Engine::IoUring => Io::Uring(Rc::new(Uring::new(config.io_uring_buffers)?)),
             Engine::Epoll | Engine::Auto => Io::Epoll(Epoll::new()?),
         };
         let fd = match &io {
@@ -157,19 +159,29 @@ impl EventLoop {
         }
     }
 
-    /// The end of a turn: with io_uring, what the turn queued is submitted.
-    fn end_turn(&self, now: Instant) {
-        if let Io::Uring(uring) = &self.io {
-            let conns = self.conns.borrow();
-            uring.end_turn(
-                now.into_std(),
-                |key| match conns.get(key) {
-                    Some(Some(conn)) => conn.stream.socket().uring(),
-                    _ => None,
-                },
-                wake::schedule,
-            );
+    /// io_uring receives that found the buffer ring empty since the last call.
+    fn take_buffer_waits(&self) -> u64 {
+        match &self.io {
+            Io::Uring(uring) => uring.take_buffer_waits(),
+            Io::Epoll(_) => 0,
         }
+    }
+
+    /// The end of a turn: with io_uring, what the turn queued is submitted. Returns whether
+    /// completions wait for the next turn.
+    fn end_turn(&self, now: Instant) -> bool {
+        let Io::Uring(uring) = &self.io else {
+            return false;
+        };
+        let conns = self.conns.borrow();
+        uring.end_turn(
+            now.into_std(),
+            |key| match conns.get(key) {
+                Some(Some(conn)) => conn.stream.socket().uring(),
+                _ => None,
+            },
+            wake::schedule,
+        )
     }
 
     /// One round: every connection scheduled so far gets one turn.
@@ -301,6 +313,7 @@ impl<'a> Turns<'a> {
         deadline: Option<Instant>,
         shutdown: Option<&CancellationToken>,
     ) {
+        let mut yielded = Instant::now();
         loop {
             if done(self.shard) || shutdown.is_some_and(CancellationToken::is_cancelled) {
                 return;
@@ -311,7 +324,13 @@ impl<'a> Turns<'a> {
             }
             let (busy, next_timer) = self.turn(now);
             if busy {
-                tokio::task::yield_now().await;
+                // The runtime's other tasks (the HTTP edge) get their turn at least every
+                // `YIELD_EVERY`, not after every turn: a yield costs the runtime's `epoll_wait`,
+                // which a busy loop of small turns would pay once per few messages.
+                if now - yielded >= YIELD_EVERY {
+                    tokio::task::yield_now().await;
+                    yielded = Instant::now();
+                }
                 continue;
             }
             let wake_at = [Some(next_timer), deadline].into_iter().flatten().min();
@@ -340,10 +359,14 @@ impl<'a> Turns<'a> {
         let (ready, more_ready) = match lp.take_ready() {
             Ok(taken) => taken,
             Err(e) => {
-                error!(error = %e, "epoll_wait failed");
+                error!(error = %e, "taking the engine's events failed");
                 (false, false)
             }
         };
+        self.shard
+            .metrics()
+            .buffer_waits
+            .add(lp.take_buffer_waits());
         let delivered = self.deliver_inbox();
         if now >= self.next_tick {
             let tick = self.shard.tick_interval();
@@ -359,9 +382,12 @@ impl<'a> Turns<'a> {
         // One clock read for the rate limiters per turn, not per connection.
         self.shard.start_turn();
         let ran = lp.run_round(self.shard, &mut self.keys);
-        lp.end_turn(now);
+        let completed = lp.end_turn(now);
         let next_timer = next_close.map_or(self.next_tick, |c| c.min(self.next_tick));
-        (ready || more_ready || delivered || ran, next_timer)
+        (
+            ready || more_ready || delivered || ran || completed,
+            next_timer,
+        )
     }
 
     /// Waits for the engine, the inbox, a wake-up, `until`, or `shutdown`.

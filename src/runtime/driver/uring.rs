@@ -38,15 +38,15 @@ const SQ_ENTRIES: u32 = 2048;
 /// Completion entries: multishot receives post many per submission (and the kernel keeps what
 /// overflows until the next `io_uring_enter`).
 const CQ_ENTRIES: u32 = 8192;
-/// The provided receive buffers of a shard: 4 MiB, touched at start (a fixed cost of the shard,
-/// as uWebSockets' receive buffer is, not one that grows with its connections).
-const BUFFER_COUNT: u16 = 1024;
+/// The size of the provided receive buffers (`io_uring_buffers` of them per shard, touched at
+/// start: a fixed cost of the shard, as uWebSockets' receive buffer is, not one that grows with
+/// its connections).
 const BUFFER_SIZE: usize = 4096;
 const BUFFER_GROUP: u16 = 0;
-/// Connections starved of buffers get their turn back once this many are in the ring again.
-const REARM_AT: u16 = BUFFER_COUNT / 2;
 /// Bytes waiting in user space for a connection's send in flight; past them a write waits.
 const SEND_QUEUE_LIMIT: usize = 64 * 1024;
+/// Entries into the ring a turn makes to run waiting completions, at most.
+const ENTERS_PER_TURN: usize = 16;
 /// Emptied send buffers kept for the next sends (up to `SPARE_CAPACITY` each).
 const SPARE_BUFFERS: usize = 64;
 const SPARE_CAPACITY: usize = 64 * 1024;
@@ -73,14 +73,17 @@ fn split_user_data(data: u64) -> (u8, u32, u32) {
 }
 
 /// Builds a ring as the engine uses it. Single issuer: only the shard's thread submits, so the
-/// kernel skips the locking; cooperative task running: completions are posted when the thread
-/// enters the kernel anyway instead of interrupting it.
+/// kernel skips the locking. Cooperative task running: completions wait for the thread's next
+/// entry into the kernel instead of interrupting it, and the flag in the submission ring says
+/// when some wait. (Deferred task running, which batches them further, wakes no poller of the
+/// ring nor its eventfd for receives on this kernel: the loop, which sleeps in tokio's epoll,
+/// stalled until its next timer.)
 fn build_ring() -> io::Result<IoUring> {
     IoUring::builder()
         .setup_cqsize(CQ_ENTRIES)
+        .setup_single_issuer()
         .setup_coop_taskrun()
         .setup_taskrun_flag()
-        .setup_single_issuer()
         .build(SQ_ENTRIES)
 }
 
@@ -102,13 +105,14 @@ pub fn probe() -> io::Result<()> {
             )));
         }
     }
-    BufRing::new(&ring).map(drop)
+    BufRing::new(&ring, 2).map(drop)
 }
 
 /// The shard's provided receive buffers: a ring of entries shared with the kernel (which picks
 /// the next buffer for each receive) and the buffers' memory. Each buffer handed to a connection
 /// is linked into that connection's list until it is read and given back.
 struct BufRing {
+    count: u16,
     entries: *mut types::BufRingEntry,
     entries_len: usize,
     memory: *mut u8,
@@ -121,8 +125,9 @@ struct BufRing {
 }
 
 impl BufRing {
-    fn new(ring: &IoUring) -> io::Result<Self> {
-        let entries_len = usize::from(BUFFER_COUNT) * size_of::<types::BufRingEntry>();
+    /// `count` buffers (a power of two) registered with `ring`.
+    fn new(ring: &IoUring, count: u16) -> io::Result<Self> {
+        let entries_len = usize::from(count) * size_of::<types::BufRingEntry>();
         // SAFETY: a fresh anonymous mapping (page aligned, as the kernel requires), checked.
         let entries = unsafe {
             libc::mmap(
@@ -137,7 +142,7 @@ impl BufRing {
         if entries == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let mut memory = vec![0u8; usize::from(BUFFER_COUNT) * BUFFER_SIZE].into_boxed_slice();
+        let mut memory = vec![0u8; usize::from(count) * BUFFER_SIZE].into_boxed_slice();
         for page in memory.iter_mut().step_by(4096) {
             // SAFETY: a valid, exclusive pointer into `memory`. Volatile: a zeroed allocation's
             // pages are only mapped when written, and a plain write of zero may be elided.
@@ -145,15 +150,16 @@ impl BufRing {
         }
         let memory = Box::into_raw(memory);
         let mut bufs = BufRing {
+            count,
             entries: entries.cast(),
             entries_len,
             memory: memory.cast(),
             tail: 0,
             provided: 0,
-            len: vec![0; usize::from(BUFFER_COUNT)].into_boxed_slice(),
-            next: vec![NO_BUFFER; usize::from(BUFFER_COUNT)].into_boxed_slice(),
+            len: vec![0; usize::from(count)].into_boxed_slice(),
+            next: vec![NO_BUFFER; usize::from(count)].into_boxed_slice(),
         };
-        for bid in 0..BUFFER_COUNT {
+        for bid in 0..count {
             bufs.give(bid);
         }
         bufs.publish();
@@ -161,7 +167,7 @@ impl BufRing {
         unsafe {
             ring.submitter().register_buf_ring_with_flags(
                 entries as u64,
-                BUFFER_COUNT,
+                count,
                 BUFFER_GROUP,
                 0,
             )?;
@@ -171,8 +177,8 @@ impl BufRing {
 
     /// Puts buffer `bid` back in the ring (seen by the kernel at the next `publish`).
     fn give(&mut self, bid: u16) {
-        let slot = usize::from(self.tail & (BUFFER_COUNT - 1));
-        // SAFETY: `slot` < BUFFER_COUNT entries, mapped; the kernel reads entries only up to the
+        let slot = usize::from(self.tail & (self.count - 1));
+        // SAFETY: `slot` < `count` entries, mapped; the kernel reads entries only up to the
         // published tail, and this one is past it.
         let entry = unsafe { &mut *self.entries.add(slot) };
         entry.set_addr(self.memory as u64 + u64::from(bid) * BUFFER_SIZE as u64);
@@ -216,7 +222,7 @@ impl Drop for BufRing {
             libc::munmap(self.entries.cast(), self.entries_len);
             drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
                 self.memory,
-                usize::from(BUFFER_COUNT) * BUFFER_SIZE,
+                usize::from(self.count) * BUFFER_SIZE,
             )));
         }
     }
@@ -291,12 +297,18 @@ pub struct Uring {
     orphans: RefCell<VecDeque<(Instant, u32, u32)>>,
     completions: RefCell<Vec<(u64, i32, u32)>>,
     serial: Cell<u32>,
+    /// Receives that found the ring empty, since the last `take_buffer_waits`.
+    buffer_waits: Cell<u64>,
 }
 
 impl Uring {
-    pub fn new() -> io::Result<Self> {
+    /// A ring with `buffers` receive buffers (a power of two).
+    pub fn new(buffers: u16) -> io::Result<Self> {
         let ring = build_ring()?;
-        let buffers = BufRing::new(&ring)?;
+        let buffers = BufRing::new(&ring, buffers)?;
+        // The loop enters the ring once per turn: by index, not by a descriptor looked up each
+        // time.
+        ring.submitter().register_ring_fd()?;
         Ok(Uring {
             ring: RefCell::new(ring),
             buffers: RefCell::new(buffers),
@@ -307,10 +319,11 @@ impl Uring {
             orphans: RefCell::default(),
             completions: RefCell::default(),
             serial: Cell::new(0),
+            buffer_waits: Cell::new(0),
         })
     }
 
-    /// The descriptor the loop waits on: readable when completions are posted.
+    /// The descriptor the loop waits on: the ring's, readable when completions are posted.
     pub fn fd(&self) -> RawFd {
         self.ring.borrow().as_raw_fd()
     }
@@ -340,6 +353,17 @@ impl Uring {
         let mut completions = self.completions.take();
         {
             let mut ring = self.ring.borrow_mut();
+            // Completions that came since the last turn's submission wait for the thread to
+            // enter the kernel: entering runs them (and flags any it left).
+            for _ in 0..ENTERS_PER_TURN {
+                if !ring.submission().taskrun() {
+                    break;
+                }
+                if let Err(e) = ring.submit() {
+                    tracing::error!(error = %e, "io_uring_enter failed");
+                    break;
+                }
+            }
             completions.extend(
                 ring.completion()
                     .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
@@ -429,13 +453,13 @@ impl Uring {
 
     /// The end of a turn: unread buffers set aside, starved receives given their turn back once
     /// buffers are, the turn's sends started, the buffers given back published, and all of it
-    /// submitted at once.
+    /// submitted at once. Returns whether completions wait for the next turn.
     pub fn end_turn<'a>(
         &self,
         now: Instant,
         socket: impl Fn(usize) -> Option<&'a UringSocket>,
         wake: impl Fn(usize),
-    ) {
+    ) -> bool {
         self.expire_orphans(now);
         let received = self.received.take();
         for &(key, serial) in &received {
@@ -446,7 +470,11 @@ impl Uring {
         let mut received = received;
         received.clear();
         self.received.replace(received);
-        if self.buffers.borrow().provided >= REARM_AT {
+        // Starved receives get their turn back once half the buffers are in the ring again.
+        let buffers = self.buffers.borrow();
+        let refilled = buffers.provided >= buffers.count / 2;
+        drop(buffers);
+        if refilled {
             for (key, serial) in self.starved.take() {
                 if socket(key as usize).is_some_and(|s| s.serial == serial) {
                     wake(key as usize);
@@ -481,8 +509,11 @@ impl Uring {
         if pending && let Err(e) = ring.submit() {
             tracing::error!(error = %e, "io_uring_enter failed");
         }
+        // Completions run by entering, or left waiting, are the next turn's.
+        let completed = !ring.completion().is_empty() || ring.submission().taskrun();
         drop(ring);
         self.closed.borrow_mut().clear();
+        completed
     }
 
     /// Cancels the sends of orphans that outstayed `LINGER` (their peers stopped reading).
@@ -512,6 +543,11 @@ impl Uring {
             .build()
             .user_data(user_data(OP_CANCEL, 0, 0));
         self.push(&cancel);
+    }
+
+    /// Receives that found the ring empty since the last call.
+    pub fn take_buffer_waits(&self) -> u64 {
+        self.buffer_waits.replace(0)
     }
 
     fn next_serial(&self) -> u32 {
@@ -639,11 +675,14 @@ impl UringSocket {
         }
         match result {
             0 => self.set(EOF),
-            e if e == -libc::ENOBUFS => self
-                .uring
-                .starved
-                .borrow_mut()
-                .push((self.key, self.serial)),
+            e if e == -libc::ENOBUFS => {
+                let waits = &self.uring.buffer_waits;
+                waits.set(waits.get() + 1);
+                self.uring
+                    .starved
+                    .borrow_mut()
+                    .push((self.key, self.serial));
+            }
             e if e == -libc::ECANCELED => {}
             e if e < 0 => self.recv_error.set(-e),
             _ => {}

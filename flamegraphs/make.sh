@@ -3,7 +3,8 @@
 # pinned to CPU 0 under load from `loadtest` on CPU 1, sampled by perf, folded and drawn by inferno.
 #
 # Needs: perf (Debian's linux-perf), inferno (`cargo install inferno`).
-# Usage: flamegraphs/make.sh [echo|fanout]...   (both by default)
+# Usage: flamegraphs/make.sh [echo|fanout]...   (both by default); the gateway's engine is
+# WSGATE_ENGINE's (default auto: io_uring where available), and is named in the titles.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/gateway.sh
@@ -15,6 +16,7 @@ export GATEWAY_BIN="$TARGET_DIR/profiling/wsgate"
 prepare_load_test
 WSGATE_LOG=warn start_gateway --shards 1
 taskset -apc 0 "$GATEWAY_PID" >/dev/null
+engine=$(curl -s "http://$GATEWAY_ADDR/healthz" | python3 -c 'import json,sys; print(json.load(sys.stdin)["engine"])')
 
 # profile NAME TITLE LOADTEST-ARGS...: runs the load (12 s after its ramp) and samples the
 # gateway for 5 s in the middle of it.
@@ -39,11 +41,11 @@ profile() {
 for what in "$@"; do
   case "$what" in
     echo)
-      profile echo "wsgate echo: 100 connections x 20 B, closed loop, 1 shard" \
+      profile echo "wsgate echo ($engine): 100 connections x 20 B, closed loop, 1 shard" \
         echo --path "/echo?token=$TOKEN" -n 100 --payload 20 --duration 12s
       ;;
     fanout)
-      profile fanout "wsgate fan-out: 2000 subscribers in 1 room, 5 publishers x 20 msg/s, 1 shard" \
+      profile fanout "wsgate fan-out ($engine): 2000 subscribers in 1 room, 5 publishers x 20 msg/s, 1 shard" \
         fanout --token "$TOKEN" -n 2000 --rooms 1 --publishers 5 --publish-rate 20 \
         --duration 12s --rate 5000 --procs 2
       ;;

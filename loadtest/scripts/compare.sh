@@ -2,7 +2,7 @@
 # wsgate against the two baseline echo servers, each measured the same way by the same load
 # generator (server pinned to CPU 0, load generator to CPU 1): handshakes/s, echo 100 × 20 B and
 # echo 1000 × 1 KiB, each REPEAT times, the servers taking turns (a shared machine drifts). JSON
-# reports go to loadtest/results/compare/, and a markdown table of the medians to stdout.
+# reports go to $OUT (default loadtest/results/compare/), and a markdown table of the medians to stdout.
 #
 # Usage: loadtest/scripts/compare.sh [DURATION=10s] [HANDSHAKES=19000] [REPEAT=3] [SERVER...]
 # SERVERs default to wsgate, wsgate-anonymous and the two baselines; `external` is the program
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../.."
 duration="${1:-10s}"
 handshakes="${2:-19000}"
 repeat="${3:-3}"
-out=loadtest/results/compare
+out="${OUT:-loadtest/results/compare}"
 mkdir -p "$out"
 shift 3 || shift $#
 servers=("$@")

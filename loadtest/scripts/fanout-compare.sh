@@ -6,7 +6,7 @@
 # the medians (deliveries per server CPU-second, publish-to-receive p99) to stdout.
 #
 # Usage: loadtest/scripts/fanout-compare.sh [SUBSCRIBERS=1000] [RATE=100] [DURATION=10s] [REPEAT=3] [SERVER...]
-# SERVERs: wsgate (default), external ($EXTERNAL_SERVER run with $EXTERNAL_SERVER_ARGS: a peer
+# SERVERs: wsgate (default; wsgate@io_uring, wsgate@epoll pick the engine), external ($EXTERNAL_SERVER run with $EXTERNAL_SERVER_ARGS: a peer
 # built outside this repository that speaks the chat protocol's greeting, join_room and
 # chat_message, see scripts/lib/gateway.sh).
 set -euo pipefail
@@ -19,7 +19,7 @@ repeat="${4:-3}"
 shift 4 || shift $#
 servers=("$@")
 [ ${#servers[@]} -gt 0 ] || servers=(wsgate)
-out=loadtest/results/fanout-compare
+out="${OUT:-loadtest/results/fanout-compare}"
 mkdir -p "$out"
 cargo build --release -p wsgate -p loadtest
 prepare_load_test
@@ -27,6 +27,7 @@ for r in $(seq "$repeat"); do
   for server in "${servers[@]}"; do
     case "$server" in
       wsgate) WSGATE_LOG=warn start_gateway --shards 1 ;;
+      wsgate@*) WSGATE_ENGINE="${server#*@}" WSGATE_LOG=warn start_gateway --shards 1 ;;
       external)
         # shellcheck disable=SC2086 # the arguments are words
         GATEWAY_BIN="${EXTERNAL_SERVER:?set EXTERNAL_SERVER}" start_gateway ${EXTERNAL_SERVER_ARGS:-}

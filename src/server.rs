@@ -66,7 +66,7 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
         config.max_connections = connection_capacity();
     }
     // From here on the engine in the configuration is the one in use, never `auto`.
-    config.engine = driver::choose(config.engine)?;
+    config.engine = driver::choose(config.engine, config.io_uring_buffers)?;
     let config = Arc::new(config);
     if config.listen.port() != 0 {
         refuse_if_taken(config.listen)?;

@@ -307,3 +307,61 @@ async fn receives_that_find_the_buffer_ring_empty_wait_and_lose_or_reorder_nothi
         "the ring never ran dry: the test proves nothing"
     );
 }
+
+/// The descriptors a process holds.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test]
+async fn a_connection_dropped_with_sends_stuck_in_flight_lets_its_socket_go_in_the_end() {
+    // A client that sends and never reads: its echoes fill its window and the gateway's socket,
+    // and a send stays in flight. It does not answer pings either, so the gateway closes it, the
+    // close times out, and the connection is dropped with bytes unsent: they may linger (as a
+    // closed socket's would) but the socket must not be kept for good.
+    let gw = GatewayProcess::start(
+        &["--shards", "1"],
+        &[
+            ("WSGATE_ENGINE", "io_uring"),
+            ("WSGATE_ALLOW_ANONYMOUS", "true"),
+            ("WSGATE_HEARTBEAT_INTERVAL", "1s"),
+            ("WSGATE_HEARTBEAT_TIMEOUT", "1s"),
+            ("WSGATE_CLOSE_TIMEOUT", "1s"),
+            ("WSGATE_MAX_QUEUED_BYTES", "8388608"),
+            ("WSGATE_RATE_LIMIT_BYTES", "1000000000"),
+            ("WSGATE_RATE_LIMIT_BURST_BYTES", "1000000000"),
+            ("WSGATE_RATE_LIMIT_MESSAGES", "100000"),
+            ("WSGATE_RATE_LIMIT_BURST", "100000"),
+        ],
+        None,
+    );
+    let idle = open_descriptors(gw.pid());
+    let mut raw = RawClient::connect_with_small_window(gw.addr, "/echo").await;
+    let payload = vec![3u8; 60 * 1024];
+    for _ in 0..40 {
+        raw.send_frame(true, 0x2, &payload, true).await;
+    }
+    let connections = || async {
+        let (_, _, body) = http_get(gw.addr, "/healthz", "").await;
+        let health: Value = serde_json::from_str(&body).unwrap();
+        health["connections"].as_u64().unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while connections().await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never dropped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // At most the linger (10 s) later, the gateway holds no more descriptors than when idle.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while open_descriptors(gw.pid()) > idle {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dropped connection's socket is still held: {} descriptors, {idle} when idle",
+            open_descriptors(gw.pid())
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(raw);
+}

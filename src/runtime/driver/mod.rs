@@ -33,18 +33,20 @@ pub use event_loop::EventLoop;
 use event_loop::Turns;
 
 /// The engine the shards' loops run on for `wanted`: `auto` is io_uring where this kernel and
-/// sandbox run it (a probe ring says), else epoll; `io_uring` without it is an error that says
-/// why.
-pub fn choose(wanted: Engine) -> io::Result<Engine> {
+/// sandbox run it (a probe ring with `buffers` receive buffers says), else epoll; `io_uring`
+/// without it is an error that says why.
+pub fn choose(wanted: Engine, buffers: u16) -> io::Result<Engine> {
     match wanted {
         Engine::Epoll => Ok(Engine::Epoll),
-        Engine::IoUring => uring::probe().map(|()| Engine::IoUring).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("engine = io_uring, but io_uring is unavailable here: {e}"),
-            )
-        }),
-        Engine::Auto => match uring::probe() {
+        Engine::IoUring => uring::probe(buffers)
+            .map(|()| Engine::IoUring)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("engine = io_uring, but io_uring is unavailable here: {e}"),
+                )
+            }),
+        Engine::Auto => match uring::probe(buffers) {
             Ok(()) => Ok(Engine::IoUring),
             Err(e) => {
                 warn!(error = %e, "io_uring is unavailable here: the shards run on epoll");

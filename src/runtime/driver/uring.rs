@@ -35,9 +35,10 @@ use crate::transport::Socket;
 
 /// Submission entries; a full queue is submitted early.
 const SQ_ENTRIES: u32 = 2048;
-/// Completion entries: multishot receives post many per submission (and the kernel keeps what
-/// overflows until the next `io_uring_enter`).
-const CQ_ENTRIES: u32 = 8192;
+/// Completion entries: multishot receives post many per submission, and a broadcast one per
+/// recipient. What overflows waits in the kernel, in order, until an entry that asks for
+/// completions (`complete` makes one whenever the ring says so).
+const CQ_ENTRIES: u32 = 32768;
 /// The size of the provided receive buffers (`io_uring_buffers` of them per shard, touched at
 /// start: a fixed cost of the shard, as uWebSockets' receive buffer is, not one that grows with
 /// its connections).
@@ -88,9 +89,10 @@ fn build_ring() -> io::Result<IoUring> {
 }
 
 /// Whether this kernel and sandbox run the engine: a ring with its flags (single issuer needs
-/// Linux 6.0, as multishot receive does), a provided-buffer ring, and the operations it submits.
+/// Linux 6.0, as multishot receive does), a provided-buffer ring of `buffers`, and the
+/// operations it submits.
 /// Container runtimes' default seccomp profiles refuse `io_uring_setup`: the error says so.
-pub fn probe() -> io::Result<()> {
+pub fn probe(buffers: u16) -> io::Result<()> {
     let ring = build_ring()?;
     let mut probe = Probe::new();
     ring.submitter().register_probe(&mut probe)?;
@@ -105,7 +107,7 @@ pub fn probe() -> io::Result<()> {
             )));
         }
     }
-    BufRing::new(&ring, 2).map(drop)
+    BufRing::new(&ring, buffers).map(drop)
 }
 
 /// The shard's provided receive buffers: a ring of entries shared with the kernel (which picks
@@ -306,9 +308,6 @@ impl Uring {
     pub fn new(buffers: u16) -> io::Result<Self> {
         let ring = build_ring()?;
         let buffers = BufRing::new(&ring, buffers)?;
-        // The loop enters the ring once per turn: by index, not by a descriptor looked up each
-        // time.
-        ring.submitter().register_ring_fd()?;
         Ok(Uring {
             ring: RefCell::new(ring),
             buffers: RefCell::new(buffers),
@@ -337,6 +336,8 @@ impl Uring {
             if unsafe { ring.submission().push(entry) }.is_ok() {
                 return;
             }
+            // Re-armed receives must find the buffers given back so far.
+            self.buffers.borrow().publish();
             if let Err(e) = ring.submit() {
                 tracing::error!(error = %e, "io_uring_enter failed");
             }
@@ -354,20 +355,25 @@ impl Uring {
         {
             let mut ring = self.ring.borrow_mut();
             // Completions that came since the last turn's submission wait for the thread to
-            // enter the kernel: entering runs them (and flags any it left).
+            // enter the kernel, and those that overflowed the queue for an entry that asks for
+            // them: entering runs (or moves) them, and the flags say when some are left.
             for _ in 0..ENTERS_PER_TURN {
-                if !ring.submission().taskrun() {
+                completions.extend(
+                    ring.completion()
+                        .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
+                );
+                let sq = ring.submission();
+                if !sq.taskrun() && !sq.cq_overflow() {
                     break;
                 }
+                drop(sq);
                 if let Err(e) = ring.submit() {
+                    // EBADR: the kernel dropped completions it could not keep (out of memory):
+                    // the requests they ended look in flight for good.
                     tracing::error!(error = %e, "io_uring_enter failed");
                     break;
                 }
             }
-            completions.extend(
-                ring.completion()
-                    .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
-            );
         }
         let any = !completions.is_empty();
         for &(data, result, flags) in &completions {
@@ -377,8 +383,9 @@ impl Uring {
                     let owner = socket(index as usize).filter(|s| s.serial == serial);
                     match owner {
                         Some(owner) => {
-                            owner.on_recv(result, flags);
-                            wake(index as usize);
+                            if owner.on_recv(result, flags) {
+                                wake(index as usize);
+                            }
                         }
                         // A receive of a connection gone: its buffer goes back.
                         None => {
@@ -509,8 +516,11 @@ impl Uring {
         if pending && let Err(e) = ring.submit() {
             tracing::error!(error = %e, "io_uring_enter failed");
         }
-        // Completions run by entering, or left waiting, are the next turn's.
-        let completed = !ring.completion().is_empty() || ring.submission().taskrun();
+        // Completions run by entering, or left waiting (or overflowed), are the next turn's.
+        let sq = ring.submission();
+        let waiting = sq.taskrun() || sq.cq_overflow();
+        drop(sq);
+        let completed = !ring.completion().is_empty() || waiting;
         drop(ring);
         self.closed.borrow_mut().clear();
         completed
@@ -526,14 +536,23 @@ impl Uring {
                 return;
             }
             self.orphans.borrow_mut().pop_front();
-            let lingering = self
-                .slots
-                .borrow()
-                .slab
-                .get(index as usize)
-                .is_some_and(|slot| slot.serial == serial && slot.orphan.is_some() && slot.sending);
-            if lingering {
+            let mut slots = self.slots.borrow_mut();
+            let Some(slot) = slots.slab.get_mut(index as usize) else {
+                continue;
+            };
+            if slot.serial != serial || slot.orphan.is_none() {
+                continue;
+            }
+            // Expired: whatever completes now ends it, and nothing more is sent.
+            slot.error = libc::ETIMEDOUT;
+            let queued = std::mem::take(&mut slot.queued);
+            let sending = slot.sending;
+            slots.recycle(queued);
+            if sending {
+                drop(slots);
                 self.cancel(user_data(OP_SEND, 0, index));
+            } else {
+                slots.remove(index);
             }
         }
     }
@@ -558,11 +577,42 @@ impl Uring {
 }
 
 impl Drop for Uring {
+    /// Every request still in flight is cancelled and the cancellation waited for, and the
+    /// kernel stops picking buffers, before their memory goes. A send that still looks in flight
+    /// after that keeps its buffer (leaked: the kernel may yet read it).
     fn drop(&mut self) {
-        // Cancellations of the last sockets go in, and the kernel stops picking buffers before
-        // their memory goes.
+        let cancel_all = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(user_data(OP_CANCEL, 0, 1));
+        self.push(&cancel_all);
         let ring = self.ring.get_mut();
-        let _ = ring.submit();
+        let slots = self.slots.get_mut();
+        let mut cancelled = false;
+        for _ in 0..100 {
+            if ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            for cqe in ring.completion() {
+                let (op, _, index) = split_user_data(cqe.user_data());
+                match op {
+                    OP_SEND => {
+                        if let Some(slot) = slots.slab.get_mut(index as usize) {
+                            slot.sending = false;
+                        }
+                    }
+                    OP_CANCEL if index == 1 => cancelled = true,
+                    _ => {}
+                }
+            }
+            if cancelled {
+                break;
+            }
+        }
+        for (_, slot) in slots.slab.iter_mut() {
+            if slot.sending {
+                std::mem::forget(std::mem::take(&mut slot.in_flight));
+            }
+        }
         let _ = ring.submitter().unregister_buf_ring(BUFFER_GROUP);
     }
 }
@@ -647,7 +697,9 @@ impl UringSocket {
         user_data(OP_RECV, self.serial, self.key)
     }
 
-    fn on_recv(&self, result: i32, flags: u32) {
+    /// Takes a receive's completion; returns whether the connection has something to read (a
+    /// starved one waits for buffers instead: `end_turn` wakes it).
+    fn on_recv(&self, result: i32, flags: u32) -> bool {
         if !cqueue::more(flags) {
             self.clear(ARMED | MULTISHOT | CANCELLING);
         }
@@ -668,7 +720,7 @@ impl UringSocket {
                     .received
                     .borrow_mut()
                     .push((self.key, self.serial));
-                return;
+                return true;
             }
             buffers.taken(bid, 0);
             buffers.give(bid);
@@ -682,11 +734,12 @@ impl UringSocket {
                     .starved
                     .borrow_mut()
                     .push((self.key, self.serial));
+                return false;
             }
-            e if e == -libc::ECANCELED => {}
-            e if e < 0 => self.recv_error.set(-e),
+            e if e < 0 && e != -libc::ECANCELED => self.recv_error.set(-e),
             _ => {}
         }
+        true
     }
 
     /// Copies what was received and not read into `out`: what was set aside first, then the

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use wsgate::config::{Config, FlagOverrides, LogFormat};
 use wsgate::http::forwarded::TrustedProxies;
@@ -44,7 +44,7 @@ struct Cli {
 enum Command {
     /// Mint a token with the configured jwt_secret (or --private-key), for scripts and tests.
     Token(TokenArgs),
-    /// GET an http:// or https:// URL (default: this gateway's /readyz, over TLS when it serves
+    /// GET an http:// or https:// URL (default: this gateway's /healthz, over TLS when it serves
     /// TLS); exit 0 on a 2xx answer, 1 otherwise. For container health checks, where no curl is
     /// installed.
     Probe(ProbeArgs),
@@ -53,6 +53,11 @@ enum Command {
 #[derive(Args)]
 struct ProbeArgs {
     url: Option<String>,
+    /// Probe this gateway's readiness (/readyz: refuses while its broker is away or it drains)
+    /// instead of its liveness (/healthz: it serves). A health check that restarts what fails
+    /// wants liveness; a load balancer choosing where to send clients wants readiness.
+    #[arg(long, conflicts_with = "url")]
+    ready: bool,
     /// Trust the CA certificates in this PEM file for an https:// URL (default: the system's).
     #[arg(long, conflicts_with = "insecure", requires = "url")]
     ca: Option<PathBuf>,
@@ -192,15 +197,30 @@ fn main() -> ExitCode {
         }
     };
     let config_has_tls = config.tls_cert_file.is_some();
+    let log_format = config.log_format;
     let gateway = match wsgate::start(config) {
         Ok(gateway) => gateway,
         Err(e) => {
-            eprintln!("wsgate: cannot start: {e}");
+            // A log line, so that it is JSON with JSON logs.
+            error!("cannot start: {e}");
             return ExitCode::FAILURE;
         }
     };
     let scheme = if config_has_tls { "https" } else { "http" };
-    println!("wsgate listening on {scheme}://{}/", gateway.local_addr());
+    let url = format!("{scheme}://{}/", gateway.local_addr());
+    // Scripts wait for this line on stdout (its address when the port was 0). With JSON logs it
+    // is a JSON object too: collectors that merge stdout and stderr get no line of another kind.
+    match log_format {
+        LogFormat::Text => println!("wsgate listening on {url}"),
+        LogFormat::Json => println!(
+            "{}",
+            serde_json::json!({
+                "level": "INFO",
+                "fields": {"message": format!("wsgate listening on {url}"), "url": url},
+                "target": "wsgate",
+            })
+        ),
+    }
     // SIGHUP reloads the TLS certificate, on a thread of its own (a read stuck on a file system
     // must not keep SIGTERM from being handled); SIGTERM or SIGINT stop.
     let reload = std::sync::Arc::new(gateway.tls_reloader());
@@ -244,7 +264,7 @@ fn probe_target(args: &ProbeArgs, cli: &Cli, flags: &FlagOverrides) -> (String, 
         };
         return (url.clone(), how);
     }
-    // This gateway's own /readyz. Only its address, whether it serves TLS and whether loopback
+    // This gateway's own /healthz (or /readyz). Only its address, whether it serves TLS and whether loopback
     // must send a PROXY header are needed: the flags the gateway runs with are not the probe's
     // (a container's HEALTHCHECK sees its environment only). Its certificate names the public
     // host, not loopback: any is believed.
@@ -265,7 +285,8 @@ fn probe_target(args: &ProbeArgs, cli: &Cli, flags: &FlagOverrides) -> (String, 
         trust: Trust::Anyone,
         proxy_header: config.proxy_protocol && loopback_is_a_proxy,
     };
-    (format!("{scheme}://{addr}/readyz"), how)
+    let path = if args.ready { "readyz" } else { "healthz" };
+    (format!("{scheme}://{addr}/{path}"), how)
 }
 
 /// Raises the soft open-files limit to the hard limit: each connection is one file descriptor.

@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+mod support;
+
 fn wsgate() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
     // Keep the test independent of the developer's environment.
@@ -212,4 +214,35 @@ fn probe_fails_when_nothing_answers() {
     // Flags about a URL's certificate without a URL are a usage error, not ignored.
     let out = wsgate().args(["probe", "--insecure"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
+fn probe_checks_liveness_by_default_and_readiness_when_asked() {
+    // A cluster node whose Redis cannot be reached: it serves (alive) but is not ready. An image
+    // health check that restarted it would drop every socket of every node during an outage.
+    let gw = support::process::GatewayProcess::start(
+        &[],
+        &[
+            ("WSGATE_BROKER", "redis"),
+            ("WSGATE_REDIS_URL", "redis://127.0.0.1:1/"),
+            ("WSGATE_JWT_SECRET", support::TEST_SECRET),
+        ],
+        None,
+    );
+    let probe = |extra: &[&str]| {
+        wsgate()
+            .env("WSGATE_LISTEN", gw.addr.to_string())
+            .arg("probe")
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let alive = probe(&[]);
+    assert_eq!(alive.status.code(), Some(0), "{alive:?}");
+    let ready = probe(&["--ready"]);
+    assert_eq!(ready.status.code(), Some(1), "{ready:?}");
+    assert!(
+        String::from_utf8_lossy(&ready.stderr).contains("/readyz"),
+        "{ready:?}"
+    );
 }

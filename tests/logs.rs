@@ -68,6 +68,15 @@ async fn json_logs_are_one_object_per_line() {
         ],
         None,
     );
+    // The line on stdout that says where it listens is a JSON object as well.
+    let stdout_line = gateway.first_stdout_line();
+    let listening: serde_json::Value = serde_json::from_str(&stdout_line)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout_line}"));
+    assert_eq!(
+        listening["fields"]["url"],
+        format!("http://{}/", gateway.addr),
+        "{listening}"
+    );
     let (status, _, _) = http_get(gateway.addr, "/ws?token=garbage", UPGRADE).await;
     assert_eq!(status, 401);
     // The start-up lines, and the refusal's interval line once it is written.

@@ -9,6 +9,8 @@ pub struct GatewayProcess {
     child: Child,
     pub addr: SocketAddr,
     log: std::path::PathBuf,
+    /// The line it printed on stdout once listening, as printed.
+    listening_line: String,
 }
 
 impl GatewayProcess {
@@ -58,6 +60,15 @@ impl GatewayProcess {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
+        let listening_line = line.trim_end().to_owned();
+        // With JSON logs the line is a JSON object whose message is the same words.
+        let line = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(json) => json["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            Err(_) => line,
+        };
         let addr = line
             .trim()
             .strip_prefix("wsgate listening on ")
@@ -70,7 +81,17 @@ impl GatewayProcess {
             })
             .parse()
             .unwrap();
-        GatewayProcess { child, addr, log }
+        GatewayProcess {
+            child,
+            addr,
+            log,
+            listening_line,
+        }
+    }
+
+    /// The line it printed on stdout once listening.
+    pub fn first_stdout_line(&self) -> String {
+        self.listening_line.clone()
     }
 
     /// What the gateway has logged so far (its stderr).

@@ -689,7 +689,31 @@ fn describe(errors: figment::Error) -> String {
         },
         None => String::new(),
     };
+    let problem = plainly(&problem);
+    // A syntax error is a snippet of the file with a caret under the spot: kept as lines. Any
+    // other problem is one line.
+    if problem.contains("parse error") {
+        return format!("{origin}{problem}").trim_end().to_owned();
+    }
     format!("{origin}{key}: {problem}").replace('\n', " ")
+}
+
+/// figment's and serde's wording, for a person: no Rust type names, no doubled quoting.
+fn plainly(problem: &str) -> String {
+    let mut problem = problem.replace("``", "`");
+    for (rust, words) in [
+        ("expected usize", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u16", "expected a whole number up to 65535"),
+        ("expected u8", "expected a whole number up to 255"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+    ] {
+        problem = problem.replace(rust, words);
+    }
+    problem
 }
 
 /// The known key closest to a misspelt one, if any is close.

@@ -125,6 +125,16 @@ fn refused(cmd: &mut Command) -> String {
 fn bad_values_stop_start_up_naming_the_key() {
     let err = refused(wsgate().env("WSGATE_SHARDS", "many"));
     assert!(err.contains("shards"), "{err}");
+    // In words, not Rust's types; the choices quoted once.
+    assert!(
+        err.contains("expected a whole number") && !err.contains("usize"),
+        "{err}"
+    );
+    let err = refused(wsgate().env("WSGATE_BROKER", "etcd"));
+    assert!(
+        err.contains("`memory` or `redis`") && !err.contains("``"),
+        "{err}"
+    );
     let err = refused(wsgate().env("WSGATE_SHARDS", "0"));
     assert!(
         err.contains("shards") && err.contains("between 1 and 1024"),
@@ -174,6 +184,19 @@ fn file_errors_name_the_file_and_line() {
     let expected = format!("{}, line 3: max_mesage_size", file.display());
     assert!(err.contains(&expected), "{err}");
     assert!(err.contains("did you mean `max_message_size`?"), "{err}");
+    // A syntax error shows the line and a caret under the spot, on lines of their own.
+    std::fs::write(&file, "shards = 2\nlisten = \n").unwrap();
+    let out = wsgate().arg("--config").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&file.display().to_string())
+            && err.contains("line 2")
+            && err
+                .lines()
+                .any(|l| l.trim_start().starts_with('|') && l.contains('^')),
+        "{err}"
+    );
     std::fs::write(&file, "shards = \"two\"\n").unwrap();
     let err = refused(wsgate().arg("--config").arg(&file));
     assert!(

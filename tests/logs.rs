@@ -36,7 +36,7 @@ async fn a_storm_of_refusals_is_logged_as_counts() {
             .collect();
         let counted: usize = lines
             .iter()
-            .filter_map(|l| l.split("auth_refused.malformed_token=").nth(1))
+            .filter_map(|l| l.split("reason=auth_refused.malformed_token count=").nth(1))
             .filter_map(|rest| rest.split_whitespace().next()?.parse::<usize>().ok())
             .sum();
         if counted == STORM {
@@ -87,10 +87,11 @@ async fn json_logs_are_one_object_per_line() {
             .lines()
             .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
             .collect();
+        // The count is a field, not words in the message.
         let refusal = lines.iter().find(|l| {
-            l["fields"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("auth_refused.malformed_token=1"))
+            l["fields"]["message"] == "refused or closed"
+                && l["fields"]["reason"] == "auth_refused.malformed_token"
+                && l["fields"]["count"] == 1
         });
         if let Some(refusal) = refusal {
             assert_eq!(refusal["level"], "INFO", "{refusal}");

@@ -113,8 +113,8 @@ async fn drain(turns: &mut Turns<'_>, shard: &Shard, settled: impl Future<Output
 }
 
 /// The node's chores, once per `every`: forgetting rooms whose members are gone and whose history
-/// expired, and logging refusals and forced closes as one line with the count of each reason
-/// (exact totals stay in the counters), not one line per event: under an attack or a mass
+/// expired, and logging refusals and forced closes as one line per reason that counted, the count
+/// a field (exact totals stay in the counters), not one line per event: under an attack or a mass
 /// disconnect, per-event lines would let a client drive the log volume and stall the shards on
 /// the log writer's lock.
 pub async fn housekeeping(shared: Arc<Shared>, every: Duration) {
@@ -131,18 +131,17 @@ pub async fn housekeeping(shared: Arc<Shared>, every: Duration) {
         ticker.tick().await;
         shared.rooms.sweep();
         let now = shared.counters.values();
-        let changed: Vec<String> = now
-            .iter()
-            .zip(&last)
-            .filter(|((_, new), (_, old))| new > old)
-            .map(|((name, new), (_, old))| format!("{name}={}", new - old))
-            .collect();
-        if !changed.is_empty() {
-            info!(
-                interval = ?every,
-                "refused or closed: {}",
-                changed.join(" ")
-            );
+        // One line per reason that counted, its count a field (a log collector sums them):
+        // at most one line per reason per interval, however many refusals.
+        for ((reason, new), (_, old)) in now.iter().zip(&last) {
+            if new > old {
+                info!(
+                    reason = %reason,
+                    count = new - old,
+                    interval = ?every,
+                    "refused or closed"
+                );
+            }
         }
         last = now;
     }

@@ -642,7 +642,24 @@ impl Config {
             }
         }
         shown.redis_url = RedisUrl(self.redis_url.redacted());
-        toml::to_string(&shown).expect("config serializes to TOML")
+        let mut text = toml::to_string(&shown).expect("config serializes to TOML");
+        // TOML has no null: keys with no value would vanish. They are listed, commented out, so
+        // that every key can be seen (and set) from this output.
+        let unset: Vec<String> = match serde_json::to_value(&shown) {
+            Ok(serde_json::Value::Object(keys)) => keys
+                .into_iter()
+                .filter(|(_, value)| value.is_null())
+                .map(|(key, _)| key)
+                .collect(),
+            _ => Vec::new(),
+        };
+        if !unset.is_empty() {
+            text.push_str("\n# Not set (see the README's Configuration):\n");
+            for key in unset {
+                text.push_str(&format!("# {key} =\n"));
+            }
+        }
+        text
     }
 }
 

@@ -19,7 +19,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// wsgate: a sharded WebSocket gateway with rooms.
 #[derive(Parser)]
-#[command(version)]
+#[command(
+    version,
+    after_help = "Every configuration key (README, Configuration) can be set in the --config \
+                  file or as an environment variable WSGATE_<KEY>, e.g. WSGATE_JWT_SECRET, \
+                  WSGATE_BROKER=redis, WSGATE_ENGINE=epoll; flags win over the environment, \
+                  which wins over the file. --print-config lists every key with its value."
+)]
 struct Cli {
     /// TOML configuration file (every key can also be set as WSGATE_<KEY>).
     #[arg(long, env = "WSGATE_CONFIG")]

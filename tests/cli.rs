@@ -269,3 +269,41 @@ fn probe_checks_liveness_by_default_and_readiness_when_asked() {
         "{ready:?}"
     );
 }
+
+#[test]
+fn print_config_lists_unset_keys_too_and_masks_secrets() {
+    let out = wsgate().arg("--print-config").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    for key in [
+        "jwt_secret",
+        "api_key",
+        "metrics_key",
+        "tls_cert_file",
+        "tls_key_file",
+    ] {
+        assert!(
+            text.lines().any(|l| l == format!("# {key} =")),
+            "{key} is not shown: {text}"
+        );
+    }
+    let out = wsgate()
+        .arg("--print-config")
+        .env("WSGATE_API_KEY", "an-api-key-of-some-length")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("api_key = \"<redacted>\""), "{text}");
+    assert!(!text.contains("an-api-key-of-some-length"), "{text}");
+    assert!(!text.contains("# api_key ="), "{text}");
+}
+
+#[test]
+fn help_says_how_every_key_is_set() {
+    let out = wsgate().arg("--help").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8(out.stdout).unwrap();
+    for words in ["--listen", "--shards", "WSGATE_<KEY>", "--print-config"] {
+        assert!(help.contains(words), "{words} not in --help: {help}");
+    }
+}

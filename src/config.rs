@@ -173,6 +173,10 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Serve the raw echo endpoint `/echo` (the RFC 6455 conformance target). Default true.
     pub echo_endpoint: bool,
+    /// One `info` line per WebSocket connection when it ends (target `wsgate::access`): its
+    /// client id, user, address, seconds connected and the close code it was sent (0: none, the
+    /// peer vanished or hung up first). Default true.
+    pub access_log: bool,
     /// Include the refusal counters in `/healthz`, for the callers `/metrics` serves (loopback,
     /// or with `metrics_key`). Default true.
     pub healthz_detail: bool,
@@ -320,6 +324,7 @@ impl Default for Config {
             allow_anonymous: false,
             allowed_origins: Vec::new(),
             echo_endpoint: true,
+            access_log: true,
             healthz_detail: true,
             api_key: None,
             tls_cert_file: None,

@@ -1,4 +1,5 @@
-//! Logs under attack: refusals are logged as counts per interval, not a line each.
+//! Logs under attack: refusals are logged as counts per interval, not a line each; JSON logs are
+//! JSON on stdout too; each connection leaves one access line when it ends.
 
 mod support;
 
@@ -6,6 +7,8 @@ use std::time::Duration;
 
 use support::process::GatewayProcess;
 use support::{PATIENCE, http_get};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
                        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
@@ -104,5 +107,56 @@ async fn json_logs_are_one_object_per_line() {
         }
         assert!(tokio::time::Instant::now() < deadline, "{logs}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn each_connection_leaves_an_access_line_when_it_ends_unless_turned_off() {
+    for access_log in ["true", "false"] {
+        let gateway = GatewayProcess::start(
+            &[],
+            &[
+                ("WSGATE_LOG", "info"),
+                ("WSGATE_LOG_FORMAT", "json"),
+                ("WSGATE_JWT_SECRET", support::TEST_SECRET),
+                ("WSGATE_ACCESS_LOG", access_log),
+                ("WSGATE_CLOSE_TIMEOUT", "1s"),
+            ],
+            None,
+        );
+        let url = format!(
+            "ws://{}/ws?token={}",
+            gateway.addr,
+            support::token_for("alice")
+        );
+        let mut client = support::Client::connect(&url).await;
+        let normal = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        };
+        client.ws.close(Some(normal)).await.unwrap();
+        let found = |logs: &str| {
+            logs.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|l| l["fields"]["message"] == "connection closed")
+        };
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        if access_log == "true" {
+            let line = loop {
+                if let Some(line) = found(&gateway.logs()) {
+                    break line;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{}", gateway.logs());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            assert_eq!(line["target"], "wsgate::access", "{line}");
+            assert_eq!(line["fields"]["user"], "alice", "{line}");
+            assert_eq!(line["fields"]["close_code"], 1000, "{line}");
+            assert_eq!(line["fields"]["peer"], "127.0.0.1", "{line}");
+            assert!(line["fields"]["client"].is_string(), "{line}");
+        } else {
+            tokio::time::sleep(support::QUIET).await;
+            assert!(found(&gateway.logs()).is_none(), "{}", gateway.logs());
+        }
     }
 }

@@ -294,7 +294,21 @@ impl Shard {
         let state = &mut *guard;
         let removed = state.conns.try_remove(key);
         if let Some(mut conn) = removed {
-            self.metrics().closed(conn.outbound.close_code());
+            let close_code = conn.outbound.close_code();
+            self.metrics().closed(close_code);
+            if self.shared.config.access_log {
+                let seconds = (now_ms() / 1000).saturating_sub(u64::from(conn.connected_at));
+                // No close code: the peer vanished (or hung up first) before we sent one.
+                tracing::info!(
+                    target: "wsgate::access",
+                    client = %conn.id,
+                    user = %conn.identity.user_id,
+                    peer = %conn.peer,
+                    seconds,
+                    close_code = close_code.map_or(0, u32::from),
+                    "connection closed"
+                );
+            }
             conn.outbound.clear(&mut state.queued);
             if self.addressable(conn.app) {
                 state.users.remove(&conn.identity.user_id, key);

@@ -270,10 +270,10 @@ fn probe_target(args: &ProbeArgs, cli: &Cli, flags: &FlagOverrides) -> (String, 
         };
         return (url.clone(), how);
     }
-    // This gateway's own /healthz (or /readyz). Only its address, whether it serves TLS and whether loopback
-    // must send a PROXY header are needed: the flags the gateway runs with are not the probe's
-    // (a container's HEALTHCHECK sees its environment only). Its certificate names the public
-    // host, not loopback: any is believed.
+    // This gateway's own /healthz (or /readyz). Only its address, whether it serves TLS and
+    // whether loopback must send a PROXY header are needed: the flags the gateway runs with are
+    // not the probe's (a container's HEALTHCHECK sees its environment only). Its certificate
+    // names the public host, not loopback: any is believed.
     let config = Config::load_unchecked(cli.config.as_deref(), flags);
     let mut addr = config.listen;
     if addr.ip().is_unspecified() {

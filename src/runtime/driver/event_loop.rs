@@ -146,14 +146,12 @@ impl EventLoop {
     /// it a turn. Returns whether there was any, and whether more may be waiting.
     fn take_ready(&self) -> io::Result<(bool, bool)> {
         let conns = self.conns.borrow();
-        let socket = |key: usize| match conns.get(key) {
-            Some(Some(conn)) => Some(conn.stream.socket()),
-            _ => None,
-        };
         match &self.io {
-            Io::Epoll(epoll) => epoll.take_events(|key| socket(key)?.epoll(), wake::schedule),
+            Io::Epoll(epoll) => {
+                epoll.take_events(|key| socket_at(&conns, key)?.epoll(), wake::schedule)
+            }
             Io::Uring(uring) => Ok((
-                uring.complete(|key| socket(key)?.uring(), wake::schedule),
+                uring.complete(|key| socket_at(&conns, key)?.uring(), wake::schedule),
                 false,
             )),
         }
@@ -176,10 +174,7 @@ impl EventLoop {
         let conns = self.conns.borrow();
         uring.end_turn(
             now.into_std(),
-            |key| match conns.get(key) {
-                Some(Some(conn)) => conn.stream.socket().uring(),
-                _ => None,
-            },
+            |key| socket_at(&conns, key)?.uring(),
             wake::schedule,
         )
     }
@@ -261,6 +256,11 @@ impl EventLoop {
             }
         }
     }
+}
+
+/// The socket of the open connection at `key`, if there is one.
+fn socket_at(conns: &[Option<Connection>], key: usize) -> Option<&LoopSocket> {
+    conns.get(key)?.as_ref().map(|conn| conn.stream.socket())
 }
 
 /// A connection leaves: its app is told, its slab entry goes, and its socket closes (leaving the

@@ -144,13 +144,7 @@ impl BufRing {
         if entries == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let mut memory = vec![0u8; usize::from(count) * BUFFER_SIZE].into_boxed_slice();
-        for page in memory.iter_mut().step_by(4096) {
-            // SAFETY: a valid, exclusive pointer into `memory`. Volatile: a zeroed allocation's
-            // pages are only mapped when written, and a plain write of zero may be elided.
-            unsafe { std::ptr::write_volatile(page, 0) };
-        }
-        let memory = Box::into_raw(memory);
+        let memory = Box::into_raw(vec![0u8; usize::from(count) * BUFFER_SIZE].into_boxed_slice());
         let mut bufs = BufRing {
             count,
             entries: entries.cast(),
@@ -175,6 +169,23 @@ impl BufRing {
             )?;
         }
         Ok(bufs)
+    }
+
+    /// Maps the buffers' pages now (a zeroed allocation's pages are only mapped when written):
+    /// the shard's fixed cost is paid at start, not as its connections come.
+    fn touch(&mut self) {
+        for page in (0..usize::from(self.count) * BUFFER_SIZE).step_by(4096) {
+            // SAFETY: within the buffers' memory, none of it the kernel's yet (nothing is armed).
+            // Volatile: a plain write of zero may be elided.
+            unsafe { std::ptr::write_volatile(self.memory.add(page), 0) };
+        }
+    }
+
+    /// A buffer the kernel picked but filled with nothing (an end, an error, or a receive of a
+    /// connection gone): straight back to the ring.
+    fn give_unused(&mut self, bid: u16) {
+        self.taken(bid, 0);
+        self.give(bid);
     }
 
     /// Puts buffer `bid` back in the ring (seen by the kernel at the next `publish`).
@@ -307,7 +318,8 @@ impl Uring {
     /// A ring with `buffers` receive buffers (a power of two).
     pub fn new(buffers: u16) -> io::Result<Self> {
         let ring = build_ring()?;
-        let buffers = BufRing::new(&ring, buffers)?;
+        let mut buffers = BufRing::new(&ring, buffers)?;
+        buffers.touch();
         Ok(Uring {
             ring: RefCell::new(ring),
             buffers: RefCell::new(buffers),
@@ -390,9 +402,7 @@ impl Uring {
                         // A receive of a connection gone: its buffer goes back.
                         None => {
                             if let Some(bid) = cqueue::buffer_select(flags) {
-                                let mut buffers = self.buffers.borrow_mut();
-                                buffers.taken(bid, 0);
-                                buffers.give(bid);
+                                self.buffers.borrow_mut().give_unused(bid);
                             }
                         }
                     }
@@ -468,13 +478,14 @@ impl Uring {
         wake: impl Fn(usize),
     ) -> bool {
         self.expire_orphans(now);
-        let received = self.received.take();
+        // Walked out of its cell (setting aside pushes cancellations, never to this list), then
+        // put back empty to keep its allocation.
+        let mut received = self.received.take();
         for &(key, serial) in &received {
             if let Some(owner) = socket(key as usize).filter(|s| s.serial == serial) {
                 owner.set_aside();
             }
         }
-        let mut received = received;
         received.clear();
         self.received.replace(received);
         // Starved receives get their turn back once half the buffers are in the ring again.
@@ -488,7 +499,8 @@ impl Uring {
                 }
             }
         }
-        let to_submit = std::mem::take(&mut self.slots.borrow_mut().to_submit);
+        // The same for the sends listed this turn (starting one lists nothing).
+        let mut to_submit = std::mem::take(&mut self.slots.borrow_mut().to_submit);
         for &index in &to_submit {
             let mut slots = self.slots.borrow_mut();
             let Some(slot) = slots.slab.get_mut(index as usize) else {
@@ -502,14 +514,8 @@ impl Uring {
             drop(slots);
             self.push(&entry);
         }
-        let mut to_submit = to_submit;
         to_submit.clear();
-        {
-            let mut slots = self.slots.borrow_mut();
-            if slots.to_submit.is_empty() {
-                slots.to_submit = to_submit;
-            }
-        }
+        self.slots.borrow_mut().to_submit = to_submit;
         self.buffers.borrow().publish();
         let mut ring = self.ring.borrow_mut();
         let pending = !ring.submission().is_empty() || ring.submission().taskrun();
@@ -722,8 +728,7 @@ impl UringSocket {
                     .push((self.key, self.serial));
                 return true;
             }
-            buffers.taken(bid, 0);
-            buffers.give(bid);
+            buffers.give_unused(bid);
         }
         match result {
             0 => self.set(EOF),

@@ -3,6 +3,7 @@
 //! design (JSON serialized per recipient), measured on the same queues for comparison. And the
 //! `drop` policy with every queue full, at two queue depths.
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -13,12 +14,13 @@ use wsgate::conn::outbound;
 use wsgate::fanout::{self, Publication};
 use wsgate::node::{CHAT, Node};
 use wsgate::protocol::ServerMessage;
+use wsgate::runtime::Newcomer;
 use wsgate::runtime::shard::Shard;
 use wsgate::{Config, rooms};
 
 /// A one-shard node whose room "r" has `members` chat connections (no sockets: fan-out only
 /// touches the slab and the queues).
-fn shard_with_room(members: usize) -> Shard {
+fn shard_with_room(members: usize) -> Rc<Shard> {
     shard_with_room_under(
         members,
         Config {
@@ -28,13 +30,13 @@ fn shard_with_room(members: usize) -> Shard {
     )
 }
 
-fn shard_with_room_under(members: usize, config: Config) -> Shard {
+fn shard_with_room_under(members: usize, config: Config) -> Rc<Shard> {
     let (node, _inboxes, _) = Node::new(Arc::new(config), 1 << 20).expect("node");
     let shard = node.shard(0);
     let shared = &node.shared;
     for _ in 0..members {
         let peer = std::net::IpAddr::from([127, 0, 0, 1]);
-        let key = shard.register(CHAT, shared.anonymous.clone(), peer);
+        let key = shard.register(Newcomer::plain(CHAT, shared.anonymous.clone(), peer));
         let joined = shard
             .state()
             .rooms

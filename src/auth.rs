@@ -16,6 +16,7 @@ use std::time::Duration;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::base::identity::Identity;
 use crate::base::time::now_secs;
@@ -118,6 +119,8 @@ pub struct Authenticator {
     signer: Option<(EncodingKey, Algorithm)>,
     dev_mode: bool,
     allow_anonymous: bool,
+    /// Identities keep their token's claims (for the proxies to the backend).
+    keep_claims: bool,
 }
 
 impl Authenticator {
@@ -196,6 +199,7 @@ impl Authenticator {
             signer,
             dev_mode,
             allow_anonymous: config.allow_anonymous,
+            keep_claims: config.proxies().next().is_some(),
         })
     }
 
@@ -257,6 +261,7 @@ impl Authenticator {
                 .rooms
                 .map(|r| r.into_iter().map(Into::into).collect()),
             expires_at: Some(claims.exp),
+            claims: self.keep_claims.then(|| payload(token)).flatten(),
         })
     }
 
@@ -276,6 +281,18 @@ fn header_alg(token: &str) -> Option<String> {
         .ok()?;
     let header: serde_json::Value = serde_json::from_slice(&json).ok()?;
     header.get("alg")?.as_str().map(str::to_owned)
+}
+
+/// The claims of a verified token, as JSON.
+fn payload(token: &str) -> Option<Box<RawValue>> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    serde_json::from_slice::<&RawValue>(&json)
+        .ok()
+        .map(RawValue::to_owned)
 }
 
 /// Reads a PEM public key, and the algorithms its kind may verify.

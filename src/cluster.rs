@@ -189,7 +189,7 @@ impl BrokerEvents for Cluster {
     }
 
     fn refused(&self, client: ClientId, request: Option<RequestId>, error: ErrorReply<'static>) {
-        let reply = ServerMessage::Error { error }.encode_for(request.as_ref());
+        let reply = ServerMessage::Error { error, code: None }.encode_for(request.as_ref());
         fanout::reply(&self.shared, client, reply);
     }
 

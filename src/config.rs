@@ -208,6 +208,135 @@ pub struct Config {
     pub log: String,
     /// `text` (default; colours only on a terminal) or `json` (one object per line).
     pub log_format: LogFormat,
+    /// Request headers of an upgrade passed to the connect proxy (e.g. `["cookie"]`, for a
+    /// backend that knows its users by their session cookie). Default: none.
+    pub proxy_headers: Vec<String>,
+    /// Proxies to the application's backend: an HTTP POST per event, answered before the event
+    /// takes effect (see the README's "Backend integration"). Each is unset (default: no call)
+    /// or a URL (`publish_proxy = "http://backend:3000/wsgate/publish"`), or a table with the
+    /// URL and its [`ProxySettings`]. `connect_proxy`: after the token is verified (allow, deny
+    /// with a close code, or name the user and attach data to the greeting).
+    pub connect_proxy: Option<ProxySettings>,
+    /// `join_proxy`: each `join_room` the token allows (allow, or deny with an error).
+    pub join_proxy: Option<ProxySettings>,
+    /// `publish_proxy`: each `chat_message`, before it gets its offset and is broadcast (allow,
+    /// deny with an error, or replace its text).
+    pub publish_proxy: Option<ProxySettings>,
+}
+
+/// One proxy to the backend: where, how long to wait, how many calls at once, and what a
+/// failure means. Written as a URL alone, it takes the defaults.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ProxySettings {
+    /// `http://host:port/path` (plain HTTP: the backend is on the private network).
+    pub url: String,
+    /// How long an answer may take; past it the call failed. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Calls waiting for an answer at once, per shard; more fail at once (counted as
+    /// `overloaded`). Default 1000.
+    pub max_in_flight: usize,
+    /// What a failed call (timeout, unreachable, not 200, an answer that is not one, overloaded,
+    /// or the breaker open) does: `refuse` (default: the client gets an error, a connection is
+    /// closed with 1013 "try again later") or `allow` (as if the backend had allowed it).
+    pub on_error: ProxyFailure,
+    /// Failures in a row that open the proxy's circuit breaker: calls then fail at once for
+    /// `breaker_cooldown`, then one call tries the backend again. Default 5.
+    pub breaker_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+}
+
+impl ProxySettings {
+    /// A proxy at `url` with the defaults.
+    pub fn at(url: &str) -> Self {
+        ProxySettings {
+            url: url.to_owned(),
+            timeout: Duration::from_secs(1),
+            max_in_flight: 1000,
+            on_error: ProxyFailure::Refuse,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A proxy written as a URL or as a table (every key but `url` optional).
+impl<'de> Deserialize<'de> for ProxySettings {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            url: String,
+            #[serde(default, with = "humantime_serde")]
+            timeout: Option<Duration>,
+            max_in_flight: Option<usize>,
+            on_error: Option<ProxyFailure>,
+            breaker_failures: Option<u32>,
+            #[serde(default, with = "humantime_serde")]
+            breaker_cooldown: Option<Duration>,
+        }
+        #[derive(Deserialize)]
+        #[serde(
+            untagged,
+            expecting = "a URL, or a table with `url` and proxy settings"
+        )]
+        enum Written {
+            Url(String),
+            Table(Table),
+        }
+        Ok(match Written::deserialize(d)? {
+            Written::Url(url) => ProxySettings::at(&url),
+            Written::Table(t) => {
+                let default = ProxySettings::at(&t.url);
+                ProxySettings {
+                    timeout: t.timeout.unwrap_or(default.timeout),
+                    max_in_flight: t.max_in_flight.unwrap_or(default.max_in_flight),
+                    on_error: t.on_error.unwrap_or(default.on_error),
+                    breaker_failures: t.breaker_failures.unwrap_or(default.breaker_failures),
+                    breaker_cooldown: t.breaker_cooldown.unwrap_or(default.breaker_cooldown),
+                    url: t.url,
+                }
+            }
+        })
+    }
+}
+
+impl ProxySettings {
+    /// Checks the numbers (the URL is checked by the backend layer, which parses it).
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if !(Duration::from_millis(1)..=Duration::from_secs(60)).contains(&self.timeout) {
+            let shown = humantime::format_duration(self.timeout);
+            return Err(ConfigError::bad(
+                &format!("{key}.timeout"),
+                &shown,
+                "must be between 1ms and 60s",
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err(ConfigError::bad(
+                &format!("{key}.max_in_flight"),
+                &0,
+                "must be at least 1",
+            ));
+        }
+        if self.breaker_failures == 0 {
+            return Err(ConfigError::bad(
+                &format!("{key}.breaker_failures"),
+                &0,
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a failed proxy call does (`on_error`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyFailure {
+    Refuse,
+    Allow,
 }
 
 /// The cluster's Redis URL, which may hold a password: `Debug` and `--print-config` show it
@@ -336,6 +465,10 @@ impl Default for Config {
             dev_mode: false,
             log: "info".to_owned(),
             log_format: LogFormat::Text,
+            proxy_headers: Vec::new(),
+            connect_proxy: None,
+            join_proxy: None,
+            publish_proxy: None,
         }
     }
 }
@@ -617,6 +750,17 @@ impl Config {
                 return bad(name, &"<redacted>", "must be at least 16 characters");
             }
         }
+        for (key, proxy) in self.proxies() {
+            proxy.validate(key)?;
+        }
+        if let Some(header) = self.proxy_headers.iter().find(|h| {
+            h.is_empty()
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        }) {
+            return bad("proxy_headers", &format!("{header:?}"), "not a header name");
+        }
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return bad(
                 "tls_cert_file",
@@ -625,6 +769,17 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The proxies configured, each with its key.
+    pub fn proxies(&self) -> impl Iterator<Item = (&'static str, &ProxySettings)> {
+        [
+            ("connect_proxy", &self.connect_proxy),
+            ("join_proxy", &self.join_proxy),
+            ("publish_proxy", &self.publish_proxy),
+        ]
+        .into_iter()
+        .filter_map(|(key, proxy)| Some((key, proxy.as_ref()?)))
     }
 
     /// The byte burst in effect: as configured, or the larger of 256 KiB and `max_message_size`.

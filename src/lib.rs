@@ -19,9 +19,10 @@
 //! 8. broker: `broker` — the [`broker::Broker`] trait and its engines (memory, Redis); it reports
 //!    up through [`broker::BrokerEvents`].
 //! 9. cluster: `cluster` — the publish path and the broker's events, tying broker to fan-out.
-//! 10. app: `app` — the applications (chat, echo), each an [`runtime::App`].
-//! 11. edge: `http` — HTTP, admission, the upgrade, the server API, `/metrics`.
-//! 12. process: `node`, `server`, `probe` — composition, start-up and shutdown, the probe.
+//! 10. backend: `backend` — calls to the application's backend (proxies), over HTTP.
+//! 11. app: `app` — the applications (chat, echo), each an [`runtime::App`].
+//! 12. edge: `http` — HTTP, admission, the upgrade, the server API, `/metrics`.
+//! 13. process: `node`, `server`, `probe` — composition, start-up and shutdown, the probe.
 //!
 //! Where the cut is not the obvious one, and why:
 //! - The JSON protocol (`protocol`) is wire, below the runtime: fan-out writes the protocol's
@@ -46,6 +47,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod backend;
 pub mod base;
 pub mod broker;
 pub mod cluster;

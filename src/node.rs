@@ -2,11 +2,14 @@
 //! state, the broker and the events it reports to, the apps, the HTTP edge — and hands each the
 //! others it needs. Nothing else here: what each part does is its own module's.
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::app::chat::ChatApp;
 use crate::app::echo::EchoApp;
 use crate::auth::Authenticator;
+use crate::backend::proxy::Proxy;
+use crate::backend::{self, ProxyKind, ShardProxyMetrics};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::{Broker, BrokerThread, Host};
@@ -68,6 +71,9 @@ pub fn preflight(config: &Config) -> Result<Preflight, ConfigError> {
 pub fn build(config: &Config) -> Result<Preflight, ConfigError> {
     let proxies = TrustedProxies::parse(&config.trusted_proxies, config.forwarded_header)
         .map_err(|e| ConfigError::new(format!("trusted_proxies: {e}")))?;
+    for (key, proxy) in config.proxies() {
+        backend::proxy::parse_url(&proxy.url).map_err(|e| ConfigError::bad(key, &proxy.url, &e))?;
+    }
     let tls = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => Some(Tls::load(cert, key).map_err(ConfigError::new)?),
         _ => None,
@@ -129,6 +135,9 @@ impl Node {
             tls,
             proxies,
             http: HttpConnections::default(),
+            proxy_metrics: (0..config.shards)
+                .map(|_| ShardProxyMetrics::default())
+                .collect(),
             chat: CHAT,
             echo: ECHO,
         });
@@ -142,26 +151,39 @@ impl Node {
         Ok((node, inboxes, engine))
     }
 
-    /// The apps of one shard, each at the place its [`AppId`] says ([`CHAT`], [`ECHO`]).
-    fn apps(&self) -> Vec<Box<dyn App>> {
+    /// The apps of shard `index`, each at the place its [`AppId`] says ([`CHAT`], [`ECHO`]).
+    fn apps(&self, index: usize) -> Vec<Box<dyn App>> {
         let chat = ChatApp::new(
             &self.shared.config,
             self.broker.clone(),
             self.auth.clone(),
             self.room_creation.clone(),
+            [
+                self.proxy(ProxyKind::Join, index),
+                self.proxy(ProxyKind::Publish, index),
+            ],
         );
         vec![Box::new(chat), Box::new(EchoApp)]
     }
 
     /// Shard `index` of this node, with its apps.
-    pub fn shard(&self, index: usize) -> Shard {
-        Shard::new(index, self.shared.clone(), self.apps())
+    pub fn shard(&self, index: usize) -> Rc<Shard> {
+        Shard::new(index, self.shared.clone(), self.apps(index))
+    }
+
+    /// Shard `index`'s proxy to the backend for `kind` events, if one is configured.
+    pub fn proxy(&self, kind: ProxyKind, index: usize) -> Option<Rc<Proxy>> {
+        let settings = kind.settings(&self.shared.config)?;
+        let metrics = self.edge.proxy_metrics.clone();
+        let proxy = Proxy::new(kind, settings, metrics, index);
+        Some(Rc::new(proxy))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::Newcomer;
 
     #[test]
     fn credentials_in_a_bad_redis_url_are_never_printed() {
@@ -183,8 +205,8 @@ mod tests {
         let shard = node.shard(0);
         // The chat app greets; echo says nothing first.
         let peer = std::net::IpAddr::from([127, 0, 0, 1]);
-        let chat = shard.register(CHAT, node.shared.anonymous.clone(), peer);
-        let echo = shard.register(ECHO, node.shared.anonymous.clone(), peer);
+        let chat = shard.register(Newcomer::plain(CHAT, node.shared.anonymous.clone(), peer));
+        let echo = shard.register(Newcomer::plain(ECHO, node.shared.anonymous.clone(), peer));
         let state = shard.state_ref();
         assert!(!state.conns[chat].outbound.is_empty());
         assert!(state.conns[echo].outbound.is_empty());

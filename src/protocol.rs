@@ -10,6 +10,7 @@ use std::fmt;
 
 use bytes::{BufMut, Bytes};
 use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
 use simd_json::prelude::*;
 use simd_json::tape::Value;
 use simd_json::{Buffers, Tape};
@@ -119,6 +120,10 @@ pub enum ErrorReply<'a> {
     /// The connection to Redis failed while a room message was on its way: it may have been
     /// published (then it arrives like any other) or not.
     MaybeUnavailable,
+    /// The backend's proxy refused it, in the backend's words.
+    Denied(&'a str),
+    /// The backend's proxy did not answer (and refuses on failure): nothing was done.
+    BackendUnavailable,
 }
 
 /// Unknown types are echoed back in the error, cut to this many characters.
@@ -164,6 +169,10 @@ impl fmt::Display for ErrorReply<'_> {
             ErrorReply::Unavailable => f.write_str("Service unavailable: retry"),
             ErrorReply::MaybeUnavailable => {
                 f.write_str("Service unavailable: the message may or may not have been sent")
+            }
+            ErrorReply::Denied(message) => f.write_str(message),
+            ErrorReply::BackendUnavailable => {
+                f.write_str("Service unavailable: the backend did not answer (retry)")
             }
             ErrorReply::TokenForOtherUser => {
                 f.write_str("Invalid token: it is for another user than this connection's")
@@ -375,6 +384,9 @@ pub enum ServerMessage<'a> {
         #[serde(rename = "clientId")]
         client_id: NodeClientId<'a>,
         timestamp: u64,
+        /// What the backend's connect proxy attached for the client, if anything.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<&'a RawValue>,
     },
     RoomJoined {
         room: &'a str,
@@ -429,21 +441,17 @@ pub enum ServerMessage<'a> {
     },
     Error {
         error: ErrorReply<'a>,
+        /// The backend's code for a refusal of its own ([`ErrorReply::Denied`]), if it gave one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        code: Option<u16>,
     },
     /// Broadcasts this reader missed while it was too slow (`drop` policy).
-    Dropped {
-        count: u64,
-    },
+    Dropped { count: u64 },
     /// Messages of the room were lost on their way to this member and are no longer in the
     /// history: its view of the room must be refreshed.
-    Resync {
-        room: &'a str,
-    },
+    Resync { room: &'a str },
     /// The connection was taken out of a room it did not ask to leave.
-    RoomLeft {
-        room: &'a str,
-        reason: &'a str,
-    },
+    RoomLeft { room: &'a str, reason: &'a str },
     /// What a backend published through the server API: to a room's members (`room`), or to
     /// every chat client.
     Publication {
@@ -672,6 +680,7 @@ mod tests {
         );
         let err = ServerMessage::Error {
             error: ErrorReply::MessageTooLong(1000),
+            code: None,
         }
         .encode();
         assert_eq!(

@@ -16,6 +16,7 @@ use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::backend::ProxyKind;
 use crate::broker::{Disconnect, NotAnApplicationCode};
 use crate::cluster;
 use crate::config::Config;
@@ -297,8 +298,9 @@ fn run_shard(
             }
         };
         let _ = ready.send(Ok(()));
-        let shard = Rc::new(node.shard(index));
+        let shard = node.shard(index);
         let edge = Rc::new(ShardEdge {
+            connect_proxy: node.proxy(ProxyKind::Connect, index),
             shard: shard.clone(),
             event_loop: event_loop.clone(),
             edge: node.edge.clone(),

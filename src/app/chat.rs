@@ -4,12 +4,16 @@
 //! and framed once; a broadcast's one `Bytes` is then queued to every recipient.
 
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 
 use crate::auth::Authenticator;
+use crate::backend::proxy::{Proxy, Refusal};
+use crate::backend::{Event, ProxyKind};
 use crate::base::client_id::ClientId;
 use crate::base::identity::Identity;
 use crate::base::time::now_ms;
@@ -27,17 +31,26 @@ use crate::rooms::{Joined, RoomState, is_valid_room_name};
 use crate::runtime::App;
 use crate::runtime::entry::ConnEntry;
 use crate::runtime::shard::Shard;
+use crate::ws::close::CloseCode;
 use crate::ws::frame::{self, OpCode};
 
-/// The chat application on one shard: what it shares with the other shards' (the broker, the
-/// token checker, the budget of new rooms) and the JSON parser its connections take turns using.
+/// The chat application on one shard: its handlers (`Chat`), the JSON parser its connections
+/// take turns using, and its proxies to the backend (join, publish), if configured.
 pub struct ChatApp {
+    chat: Rc<Chat>,
+    json: RefCell<JsonParser>,
+    join_proxy: Option<Rc<Proxy>>,
+    publish_proxy: Option<Rc<Proxy>>,
+}
+
+/// The chat handlers, and what they share with the other shards' (the broker, the token checker,
+/// the budget of new rooms). Shared with the tasks that wait for the backend's answers.
+struct Chat {
     broker: Arc<dyn Broker>,
     auth: Arc<Authenticator>,
     room_creation: Arc<RoomCreation>,
     /// `heartbeat_mode = json`: connections are pinged with the seed's JSON ping.
     json_ping: bool,
-    json: RefCell<JsonParser>,
 }
 
 impl App for ChatApp {
@@ -45,17 +58,19 @@ impl App for ChatApp {
         true
     }
 
-    /// Greets a new connection with its id, and records its session.
-    fn opened(&self, shard: &Shard, key: usize) {
+    /// Greets a new connection with its id (and what the backend attached for it), and records
+    /// its session.
+    fn opened(&self, shard: &Shard, key: usize, data: Option<&RawValue>) {
         let state = shard.state_ref();
         let conn = &state.conns[key];
-        cluster::session_opened(&*self.broker, conn);
+        cluster::session_opened(&*self.chat.broker, conn);
         let hello = ServerMessage::Connected {
             client_id: NodeClientId {
                 node: &shard.shared.id,
                 id: conn.id,
             },
             timestamp: now_ms(),
+            data,
         };
         drop(state);
         shard.send(key, hello.encode());
@@ -75,15 +90,15 @@ impl App for ChatApp {
     }
 
     fn closing(&self, shard: &Shard, key: usize) {
-        self.leave_all_rooms(shard, key);
+        self.chat.leave_all_rooms(shard, key);
     }
 
     fn closed(&self, _: &Shard, conn: &ConnEntry) {
-        cluster::session_closed(&*self.broker, conn);
+        cluster::session_closed(&*self.chat.broker, conn);
     }
 
     fn ping(&self) -> Option<Bytes> {
-        self.json_ping.then(|| {
+        self.chat.json_ping.then(|| {
             let ping = format!(r#"{{"type":"ping","timestamp":{}}}"#, now_ms());
             frame::encode(OpCode::Text, ping.as_bytes())
         })
@@ -96,7 +111,20 @@ impl App for ChatApp {
 
 /// Answers a message (with its `id`, if it had one) with an error.
 fn send_error(shard: &Shard, key: usize, error: ErrorReply<'_>, id: Option<&RequestId>) {
-    shard.send(key, ServerMessage::Error { error }.encode_for(id));
+    let error = ServerMessage::Error { error, code: None };
+    shard.send(key, error.encode_for(id));
+}
+
+/// Answers a message the backend refused: its error (with its code), a close, or "unavailable".
+fn send_refusal(shard: &Shard, key: usize, refusal: Refusal, id: Option<&RequestId>) {
+    match refusal {
+        Refusal::Deny { code, message } => {
+            let error = ErrorReply::Denied(&message);
+            shard.send(key, ServerMessage::Error { error, code }.encode_for(id));
+        }
+        Refusal::Disconnect { code, reason } => shard.close(key, CloseCode(code), &reason),
+        Refusal::Unavailable => send_error(shard, key, ErrorReply::BackendUnavailable, id),
+    }
 }
 
 /// What a handled message still needs.
@@ -119,18 +147,24 @@ struct Speaker {
 }
 
 impl ChatApp {
+    /// The chat app of a shard, with the shard's `[join, publish]` proxies (if configured).
     pub fn new(
         config: &Config,
         broker: Arc<dyn Broker>,
         auth: Arc<Authenticator>,
         room_creation: Arc<RoomCreation>,
+        [join_proxy, publish_proxy]: [Option<Rc<Proxy>>; 2],
     ) -> Self {
         ChatApp {
-            broker,
-            auth,
-            room_creation,
-            json_ping: config.heartbeat_mode == HeartbeatMode::Json,
+            chat: Rc::new(Chat {
+                broker,
+                auth,
+                room_creation,
+                json_ping: config.heartbeat_mode == HeartbeatMode::Json,
+            }),
             json: RefCell::new(JsonParser::default()),
+            join_proxy,
+            publish_proxy,
         }
     }
 
@@ -176,20 +210,32 @@ impl ChatApp {
     ) -> Result<Handled, ErrorReply<'i>> {
         let answered = |_: ()| Handled::Answered;
         let acked = |_: ()| Handled::NeedsAck;
+        let chat = &self.chat;
         match message {
-            ClientMessage::JoinRoom { room, since } => {
-                self.join(shard, key, room, since, id).map(answered)
-            }
-            ClientMessage::LeaveRoom { room } => self.leave(shard, key, room).map(acked),
+            ClientMessage::JoinRoom { room, since } => match &self.join_proxy {
+                Some(proxy) if chat.joins_anew(shard, key, room)? => {
+                    self.join_if_allowed(proxy, shard, key, room, since, id);
+                    Ok(Handled::Answered)
+                }
+                _ => chat.join(shard, key, room, since, id).map(answered),
+            },
+            ClientMessage::LeaveRoom { room } => chat.leave(shard, key, room).map(acked),
             ClientMessage::Chat {
                 room,
                 message,
                 message_id,
-            } => self
-                .chat(shard, key, room, message, message_id, id)
-                .map(answered),
+            } => match &self.publish_proxy {
+                Some(proxy) => {
+                    chat.check_chat(shard, key, room, message)?;
+                    self.chat_if_allowed(proxy, shard, key, room, message, message_id, id);
+                    Ok(Handled::Answered)
+                }
+                None => chat
+                    .chat(shard, key, room, message, message_id, id)
+                    .map(answered),
+            },
             ClientMessage::Typing { room, is_typing } => {
-                self.typing(shard, key, room, is_typing).map(acked)
+                chat.typing(shard, key, room, is_typing).map(acked)
             }
             ClientMessage::Echo { payload } => {
                 let reply = encode_echo(payload, id);
@@ -203,11 +249,126 @@ impl ChatApp {
                 Ok(Handled::Answered)
             }
             ClientMessage::Pong => Ok(Handled::NeedsAck),
-            ClientMessage::Refresh { token } => self.refresh(shard, key, token, id).map(answered),
+            ClientMessage::Refresh { token } => chat.refresh(shard, key, token, id).map(answered),
             ClientMessage::Presence { room, after } => {
-                self.presence(shard, key, room, after, id).map(answered)
+                chat.presence(shard, key, room, after, id).map(answered)
             }
         }
+    }
+
+    /// Asks the join proxy, then joins if the backend allows it. The connection's next messages
+    /// wait for the answer (a chat message right after a join finds the join done).
+    fn join_if_allowed(
+        &self,
+        proxy: &Rc<Proxy>,
+        shard: &Shard,
+        key: usize,
+        room: &str,
+        since: Option<Since<'_>>,
+        id: Option<&RequestId>,
+    ) {
+        let event = self.chat.event(shard, key, ProxyKind::Join, room, None);
+        let (chat, proxy) = (self.chat.clone(), proxy.clone());
+        let room = room.to_owned();
+        let since = since.map(|since| (since.offset, since.epoch.to_owned()));
+        let id = id.cloned();
+        let asked = async move { proxy.ask(event).await };
+        shard.hold_while(key, asked, move |shard, key, answer| {
+            let id = id.as_ref();
+            let joined = answer.map(|_| {
+                let since = since.as_ref().map(|(offset, epoch)| Since {
+                    offset: *offset,
+                    epoch,
+                });
+                chat.join(shard, key, &room, since, id)
+            });
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => send_error(shard, key, error, id),
+                Err(refusal) => send_refusal(shard, key, refusal, id),
+            }
+        });
+    }
+
+    /// Asks the publish proxy, then publishes the message (or the backend's text in its place)
+    /// if the backend allows it. The connection's next messages wait for the answer, so its
+    /// messages keep their order.
+    #[allow(clippy::too_many_arguments)]
+    fn chat_if_allowed(
+        &self,
+        proxy: &Rc<Proxy>,
+        shard: &Shard,
+        key: usize,
+        room: &str,
+        message: &str,
+        message_id: Option<&str>,
+        id: Option<&RequestId>,
+    ) {
+        let said = Some((message, message_id));
+        let event = self.chat.event(shard, key, ProxyKind::Publish, room, said);
+        let (chat, proxy) = (self.chat.clone(), proxy.clone());
+        let (room, message) = (room.to_owned(), message.to_owned());
+        let message_id = message_id.map(str::to_owned);
+        let id = id.cloned();
+        let asked = async move { proxy.ask(event).await };
+        shard.hold_while(key, asked, move |shard, key, answer| {
+            let id = id.as_ref();
+            let published = answer.map(|allowed| {
+                let text = allowed.message.as_deref().unwrap_or(&message);
+                chat.chat(shard, key, &room, text, message_id.as_deref(), id)
+            });
+            match published {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => send_error(shard, key, error, id),
+                Err(refusal) => send_refusal(shard, key, refusal, id),
+            }
+        });
+    }
+}
+
+impl Chat {
+    /// What a proxy is told of an event of connection `key` in `room` (with the text and
+    /// message id of a chat message).
+    fn event(
+        &self,
+        shard: &Shard,
+        key: usize,
+        kind: ProxyKind,
+        room: &str,
+        said: Option<(&str, Option<&str>)>,
+    ) -> Vec<u8> {
+        let state = shard.state_ref();
+        let conn = &state.conns[key];
+        let mut event = Event::new(kind, &shard.shared.id, &conn.identity, conn.peer);
+        event.client = Some(NodeClientId {
+            node: &shard.shared.id,
+            id: conn.id,
+        });
+        event.room = Some(room);
+        if let Some((message, message_id)) = said {
+            event.message = Some(message);
+            event.message_id = message_id;
+        }
+        event.to_json()
+    }
+
+    /// Whether joining `room` is a new join the backend is asked about (not a member yet), once
+    /// what the gateway checks itself (the name, the token's room patterns) passed.
+    fn joins_anew<'i>(
+        &self,
+        shard: &Shard,
+        key: usize,
+        room: &'i str,
+    ) -> Result<bool, ErrorReply<'i>> {
+        if !is_valid_room_name(room) {
+            return Err(ErrorReply::InvalidRoomName);
+        }
+        let state = shard.state_ref();
+        let conn = &state.conns[key];
+        if !conn.identity.may_join(room) {
+            return Err(ErrorReply::RoomNotAllowed(room));
+        }
+        Ok(!conn.rooms.iter().any(|r| &**r == room))
     }
 
     /// Swaps the connection's identity for the one in a fresh token of the same user. The new token
@@ -483,6 +644,22 @@ impl ChatApp {
         }
     }
 
+    /// Checks that `key` may send `message` to `room`: its length, and that it is a member.
+    fn check_chat<'i>(
+        &self,
+        shard: &Shard,
+        key: usize,
+        room: &'i str,
+        message: &str,
+    ) -> Result<Speaker, ErrorReply<'i>> {
+        let max_chars = shard.shared.config.max_chat_message_chars;
+        // Cheap bound first: a string of at most `max_chars` bytes has at most that many chars.
+        if message.len() > max_chars && message.chars().count() > max_chars {
+            return Err(ErrorReply::MessageTooLong(max_chars));
+        }
+        self.speaker(shard, key, room)
+    }
+
     fn chat<'i>(
         &self,
         shard: &Shard,
@@ -492,12 +669,7 @@ impl ChatApp {
         message_id: Option<&str>,
         id: Option<&RequestId>,
     ) -> Result<(), ErrorReply<'i>> {
-        let max_chars = shard.shared.config.max_chat_message_chars;
-        // Cheap bound first: a string of at most `max_chars` bytes has at most that many chars.
-        if message.len() > max_chars && message.chars().count() > max_chars {
-            return Err(ErrorReply::MessageTooLong(max_chars));
-        }
-        let speaker = self.speaker(shard, key, room)?;
+        let speaker = self.check_chat(shard, key, room, message)?;
         let message = ServerMessage::ChatMessage {
             room,
             username: &speaker.identity.username,

@@ -15,7 +15,7 @@ impl App for EchoApp {
         false
     }
 
-    fn opened(&self, _: &Shard, _: usize) {}
+    fn opened(&self, _: &Shard, _: usize, _: Option<&serde_json::value::RawValue>) {}
 
     fn message(&self, shard: &Shard, key: usize, text: bool, payload: &mut [u8]) {
         match shard.charge(key, Charge::Message) {

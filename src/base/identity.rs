@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use serde_json::value::RawValue;
+
 /// Who is on a connection, from its token's claims.
 #[derive(Debug)]
 pub struct Identity {
@@ -13,6 +15,9 @@ pub struct Identity {
     pub rooms: Option<Box<[Box<str>]>>,
     /// When the token expires (Unix seconds); `None` for anonymous connections.
     pub expires_at: Option<u64>,
+    /// Every claim of the token, as it was signed: kept only when proxies to the backend are
+    /// configured (they pass them on).
+    pub claims: Option<Box<RawValue>>,
 }
 
 /// The user id of token-less connections (`allow_anonymous`).
@@ -26,6 +31,7 @@ impl Identity {
             roles: Box::new([]),
             rooms: None,
             expires_at: None,
+            claims: None,
         }
     }
 

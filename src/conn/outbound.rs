@@ -76,6 +76,11 @@ impl QueueTotal {
         self.wake = wake;
     }
 
+    /// Gives the connection at `key` a turn of the driver's loop.
+    pub fn schedule(&self, key: usize) {
+        (self.wake)(key);
+    }
+
     fn add(&mut self, n: usize) {
         self.bytes += n;
     }

@@ -14,7 +14,10 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::Edge;
-use crate::runtime::metrics::{CLOSE_LABELS, LATENCY_BUCKETS, LocalCounter, ShardMetrics};
+use crate::backend::{ANSWERS, Failure, ProxyKind};
+use crate::runtime::metrics::{
+    CLOSE_LABELS, LATENCY_BUCKETS, LocalCounter, LocalHistogram, ShardMetrics,
+};
 
 /// Node counters that refuse a connection before it is a WebSocket: one family, by reason.
 const HANDSHAKE_REFUSALS: [(&str, &str); 8] = [
@@ -260,25 +263,8 @@ impl EdgeCollector {
             "shard",
             self.gauges(&node.shared.queued_bytes),
         )?;
-        // The latency histogram, summed over the shards.
-        let bounds = LATENCY_BUCKETS.iter().copied().chain([f64::INFINITY]);
-        let buckets: Vec<(f64, u64)> = bounds
-            .enumerate()
-            .map(|(i, bound)| {
-                let count = node.shared.metrics.iter();
-                (
-                    bound,
-                    count.map(|m| m.delivery_latency.buckets[i].get()).sum(),
-                )
-            })
-            .collect();
-        let count = buckets.iter().map(|(_, n)| n).sum();
-        let sum_nanos: u64 = node
-            .shared
-            .metrics
-            .iter()
-            .map(|m| m.delivery_latency.sum_nanos.get())
-            .sum();
+        let latency = summed(node.shared.metrics.iter().map(|m| &m.delivery_latency));
+        let (sum, count, buckets) = &latency;
         e.encode_descriptor(
             "wsgate_delivery_latency",
             "From a publication entering this node's bus to its frame queued to a shard's \
@@ -286,7 +272,62 @@ impl EdgeCollector {
             Some(&Unit::Seconds),
             MetricType::Histogram,
         )?
-        .encode_histogram::<NoLabelSet>(sum_nanos as f64 / 1e9, count, &buckets, None)
+        .encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)
+    }
+
+    /// The proxies to the backend that are configured: answers, failures, latency.
+    fn proxies(&self, e: &mut DescriptorEncoder) -> fmt::Result {
+        let node = &*self.0;
+        let configured: Vec<ProxyKind> = ProxyKind::ALL
+            .into_iter()
+            .filter(|kind| kind.settings(&node.shared.config).is_some())
+            .collect();
+        if configured.is_empty() {
+            return Ok(());
+        }
+        let of = |kind: ProxyKind| node.proxy_metrics.iter().map(move |m| m.of(kind));
+        let mut answers = e.encode_descriptor(
+            "wsgate_proxy_answers",
+            "Answers from the backend's proxies, by proxy and answer",
+            None,
+            MetricType::Counter,
+        )?;
+        for &kind in &configured {
+            for (i, answer) in ANSWERS.iter().enumerate() {
+                let n: u64 = of(kind).map(|m| m.answers[i].get()).sum();
+                let labels = [("proxy", kind.name()), ("answer", answer)];
+                Value::Counter(n).encode(answers.encode_family(&labels)?)?;
+            }
+        }
+        let mut failures = e.encode_descriptor(
+            "wsgate_proxy_failures",
+            "Calls to the backend's proxies that failed (then on_error decided), by proxy and \
+             reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for &kind in &configured {
+            for failure in Failure::ALL {
+                let n: u64 = of(kind).map(|m| m.failures[failure as usize].get()).sum();
+                let labels = [("proxy", kind.name()), ("reason", failure.name())];
+                Value::Counter(n).encode(failures.encode_family(&labels)?)?;
+            }
+        }
+        let mut latency = e.encode_descriptor(
+            "wsgate_proxy_duration",
+            "Calls to the backend's proxies that were sent, from the request to the answer (or \
+             the timeout)",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for &kind in &configured {
+            let (sum, count, buckets) = summed(of(kind).map(|m| &m.latency));
+            let labels = [("proxy", kind.name())];
+            latency
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        Ok(())
     }
 
     fn state(&self, e: &mut DescriptorEncoder) -> fmt::Result {
@@ -333,6 +374,23 @@ impl Collector for EdgeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         self.connections(&mut encoder)?;
         self.traffic(&mut encoder)?;
+        self.proxies(&mut encoder)?;
         self.state(&mut encoder)
     }
+}
+
+/// Histograms of several shards as one: the sum in seconds, the count, and the count in each
+/// bucket (not cumulative: the encoder adds them up).
+fn summed<'h>(histograms: impl Iterator<Item = &'h LocalHistogram>) -> (f64, u64, Vec<(f64, u64)>) {
+    let bounds = LATENCY_BUCKETS.iter().copied().chain([f64::INFINITY]);
+    let mut buckets: Vec<(f64, u64)> = bounds.map(|bound| (bound, 0)).collect();
+    let mut sum_nanos = 0u64;
+    for histogram in histograms {
+        for (bucket, counted) in buckets.iter_mut().zip(&histogram.buckets) {
+            bucket.1 += counted.get();
+        }
+        sum_nanos += histogram.sum_nanos.get();
+    }
+    let count = buckets.iter().map(|(_, n)| n).sum();
+    (sum_nanos as f64 / 1e9, count, buckets)
 }

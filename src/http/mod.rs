@@ -30,6 +30,7 @@ pub mod token;
 
 use std::cell::Cell;
 use std::convert::Infallible;
+use std::io;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -50,17 +51,22 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::SockRef;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, error};
 
 use crate::auth::{self, Authenticator};
+use crate::backend::proxy::{self, DEFAULT_DENY_CODE, Proxy};
+use crate::backend::{Event, ProxyKind, ShardProxyMetrics};
 use crate::broker::Broker;
 use crate::conn::limits::Refusal;
 use crate::runtime::driver::EventLoop;
 use crate::runtime::shard::{SHUTDOWN_REASON, Shard};
-use crate::runtime::{AppId, Shared};
+use crate::runtime::{AppId, Newcomer, Shared};
 use crate::transport::Stream;
 use crate::transport::certificate::Tls;
+use crate::ws::close::CloseCode;
+use crate::ws::frame;
 use forwarded::TrustedProxies;
 use head::{HeadError, Prefixed};
 use idle::{HttpConnections, Registered};
@@ -82,6 +88,8 @@ pub struct Edge {
     pub proxies: TrustedProxies,
     /// Plain HTTP connections, for closing the longest idle first when descriptors run short.
     pub http: HttpConnections,
+    /// What each shard's proxies to the backend count.
+    pub proxy_metrics: Arc<[ShardProxyMetrics]>,
     /// The app of `/ws` and `/`, and of `/echo`.
     pub chat: AppId,
     pub echo: AppId,
@@ -93,6 +101,8 @@ pub struct ShardEdge {
     /// The shard's event loop, which upgraded connections are handed to.
     pub event_loop: Rc<EventLoop>,
     pub edge: Arc<Edge>,
+    /// The shard's connect proxy, if one is configured.
+    pub connect_proxy: Option<Rc<Proxy>>,
 }
 
 /// Back-off after a failed `accept`, doubling up to the maximum while failures go on (short: a
@@ -707,6 +717,13 @@ fn upgrade_admitted(
         },
     };
     let protocol = presented.protocol;
+    // What the connect proxy is told, while the request is at hand.
+    let connect = shard.connect_proxy.as_ref().map(|proxy| {
+        let headers = forwarded_to_backend(&req, &node.shared.config.proxy_headers);
+        let mut event = Event::new(ProxyKind::Connect, &node.shared.id, &identity, peer);
+        event.headers = headers.as_ref();
+        (proxy.clone(), event.to_json())
+    });
     let (mut response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(fastwebsockets::WebSocketError::InvalidSecWebsocketVersion) => {
@@ -744,13 +761,32 @@ fn upgrade_admitted(
             error!("upgraded connection is not the stream it was served on");
             return give_back(&shard, peer);
         };
+        let (identity, data) = match connect {
+            None => (identity, None),
+            Some((proxy, event)) => match proxy.ask(event).await {
+                Ok(allowed) => (allowed.name(identity), allowed.data),
+                Err(refused) => {
+                    let (code, reason) = refused_connection(refused);
+                    let close = frame::encode_close(code, &reason);
+                    let timeout = shard.edge.shared.config.close_timeout;
+                    close_unadopted(parts.io.into_inner(), &close, timeout).await;
+                    return give_back(&shard, peer);
+                }
+            },
+        };
         let (stream, unread_prefix) = parts.io.into_inner().into_parts();
         // What hyper read past the handshake, then what it never read of our prefix.
         let mut preread = BytesMut::from(parts.read_buf);
         preread.extend_from_slice(&unread_prefix);
+        let newcomer = Newcomer {
+            app,
+            identity,
+            peer,
+            data: data.as_deref(),
+        };
         let adopted = shard
             .event_loop
-            .adopt(&shard.shard, stream, &preread, app, identity, peer);
+            .adopt(&shard.shard, stream, &preread, newcomer);
         if let Err(e) = adopted {
             debug!(error = %e, "cannot move an upgraded socket to the event loop");
             give_back(&shard, peer);
@@ -758,6 +794,61 @@ fn upgrade_admitted(
     });
     response.map(|_| Body::default())
 }
+
+/// The headers of `req` named in `names` (`proxy_headers`), for the connect proxy.
+fn forwarded_to_backend<B>(
+    req: &Request<B>,
+    names: &[String],
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    if names.is_empty() {
+        return None;
+    }
+    let headers = names.iter().filter_map(|name| {
+        let value = req.headers().get(name.as_str())?.to_str().ok()?;
+        Some((name.to_ascii_lowercase(), value.into()))
+    });
+    Some(headers.collect())
+}
+
+/// The close a connection the connect proxy did not allow gets.
+fn refused_connection(refusal: proxy::Refusal) -> (CloseCode, String) {
+    match refusal {
+        proxy::Refusal::Deny { code, message } => {
+            let code = code
+                .filter(|c| (4000..=4999).contains(c))
+                .unwrap_or(DEFAULT_DENY_CODE);
+            (CloseCode(code), message)
+        }
+        proxy::Refusal::Disconnect { code, reason } => (CloseCode(code), reason),
+        proxy::Refusal::Unavailable => (
+            CloseCode::TRY_AGAIN_LATER,
+            "backend unavailable: try again later".into(),
+        ),
+    }
+}
+
+/// Sends `close` on an upgraded connection that never joined a shard, and ends it as a close
+/// handshake would: our side done, then what the client sends read and dropped until it hangs
+/// up (so no reset destroys our close frame before the client read it), within `timeout`.
+async fn close_unadopted(mut io: Prefixed, close: &[u8], timeout: Duration) {
+    let closing = async {
+        io.write_all(close).await?;
+        io.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < CLOSE_DRAIN_BYTES {
+            match io.read(&mut sink).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(timeout, closing).await;
+}
+
+/// What a refused connection may still send us before we stop reading it.
+const CLOSE_DRAIN_BYTES: usize = 64 * 1024;
 
 /// Gives back the admission of an upgrade that did not happen.
 fn give_back(shard: &ShardEdge, peer: IpAddr) {

@@ -15,6 +15,9 @@ pub struct ConnEntry {
     pub id: ClientId,
     /// Which of the shard's apps the connection speaks.
     pub app: AppId,
+    /// Its app holds it: it is not read until an answer it waits for came (see
+    /// [`super::shard::Shard::hold_while`]).
+    pub held: bool,
     /// Who is connected, from the token (shared: no copy per connection).
     pub identity: Arc<Identity>,
     /// The address admitted (per-IP limits), given back when the connection ends.

@@ -227,6 +227,7 @@ mod tests {
     //! simulated by stamping `last_seen`.
 
     use std::net::IpAddr;
+    use std::rc::Rc;
     use std::sync::Arc;
 
     use std::sync::atomic::Ordering;
@@ -236,11 +237,11 @@ mod tests {
     use crate::base::time::now_secs;
     use crate::config::HeartbeatMode;
     use crate::node::{CHAT, ECHO, Node};
-    use crate::runtime::AppId;
     use crate::runtime::shard::Shard;
+    use crate::runtime::{AppId, Newcomer};
 
     /// A one-shard node with 30 s heartbeats and a 10 s timeout: one tick a second.
-    fn shard(mode: HeartbeatMode) -> Shard {
+    fn shard(mode: HeartbeatMode) -> Rc<Shard> {
         let config = Config {
             shards: 1,
             heartbeat_mode: mode,
@@ -251,7 +252,11 @@ mod tests {
     }
 
     fn connect(shard: &Shard, app: AppId, identity: Identity) -> usize {
-        let key = shard.register(app, Arc::new(identity), IpAddr::from([127, 0, 0, 1]));
+        let key = shard.register(Newcomer::plain(
+            app,
+            Arc::new(identity),
+            IpAddr::from([127, 0, 0, 1]),
+        ));
         shard.take_written(key); // the greeting
         key
     }

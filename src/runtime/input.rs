@@ -255,7 +255,7 @@ mod tests {
     use crate::rooms::RoomDirectory;
     use crate::rooms::stream::HistoryLimits;
     use crate::runtime::entry::ConnEntry;
-    use crate::runtime::{App, Shared};
+    use crate::runtime::{App, Newcomer, Shared};
     use crate::ws::frame::client_frame::client_frame;
 
     /// Answers each message in capitals, and notes what the runtime told it.
@@ -266,7 +266,7 @@ mod tests {
             false
         }
 
-        fn opened(&self, shard: &Shard, key: usize) {
+        fn opened(&self, shard: &Shard, key: usize, _: Option<&serde_json::value::RawValue>) {
             self.0.borrow_mut().push("opened".into());
             shard.send(key, frame::encode(OpCode::Text, b"hello"));
         }
@@ -314,7 +314,11 @@ mod tests {
         shard.shared.admission.admit_socket(Some(peer)).unwrap();
         shard.shared.admission.admit_upgrade(peer).unwrap();
 
-        let key = shard.register(AppId(0), Arc::new(Identity::anonymous()), peer);
+        let key = shard.register(Newcomer::plain(
+            AppId(0),
+            Arc::new(Identity::anonymous()),
+            peer,
+        ));
         assert_eq!(shard.take_written(key), [(0x1, b"hello".to_vec())]);
         let mut input = Input::new(AppId(0), 1 << 16, Vec::new());
         shard.start_turn();

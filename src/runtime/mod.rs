@@ -19,10 +19,12 @@ pub mod metrics;
 pub mod shard;
 pub mod wheel;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 
 use crate::base::identity::Identity;
 use crate::config::Config;
@@ -133,6 +135,28 @@ impl Shared {
     }
 }
 
+/// A connection as its upgrade admitted it: the app it speaks, who it is, the address it was
+/// admitted for (per-address limits), and what the backend attached to it (JSON for its app's
+/// greeting), if anything.
+pub struct Newcomer<'a> {
+    pub app: AppId,
+    pub identity: Arc<Identity>,
+    pub peer: IpAddr,
+    pub data: Option<&'a RawValue>,
+}
+
+impl Newcomer<'_> {
+    /// A newcomer with nothing attached.
+    pub fn plain(app: AppId, identity: Arc<Identity>, peer: IpAddr) -> Self {
+        Newcomer {
+            app,
+            identity,
+            peer,
+            data: None,
+        }
+    }
+}
+
 /// Which of a shard's apps a connection speaks: an index into the apps each shard was given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AppId(pub u8);
@@ -151,8 +175,9 @@ pub trait App {
     /// when they open and close).
     fn addressable(&self) -> bool;
 
-    /// A connection of this app joined the shard's slab (greet it, record it).
-    fn opened(&self, shard: &Shard, key: usize);
+    /// A connection of this app joined the shard's slab (greet it, record it); `data` is what
+    /// the backend attached to it when it connected (JSON), if anything.
+    fn opened(&self, shard: &Shard, key: usize, data: Option<&RawValue>);
 
     /// A complete data message, within the connection's byte rate.
     fn message(&self, shard: &Shard, key: usize, text: bool, payload: &mut [u8]);

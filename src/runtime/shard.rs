@@ -9,7 +9,7 @@
 
 use std::cell::{Cell, Ref, RefCell, RefMut};
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -18,7 +18,6 @@ use slab::Slab;
 use tracing::debug;
 
 use crate::base::client_id::ClientId;
-use crate::base::identity::Identity;
 use crate::base::time::now_ms;
 use crate::conn::limits::{Charge, RateLimiter, RateLimits, Verdict};
 use crate::conn::outbound::{self, Outbound, QueueTotal};
@@ -30,7 +29,7 @@ use super::entry::ConnEntry;
 use super::heartbeat::Heartbeats;
 use super::metrics::ShardMetrics;
 use super::wheel::Tick;
-use super::{App, AppId, Shared};
+use super::{App, AppId, Newcomer, Shared};
 
 /// Bytes read from a socket in one go. Shared by all of a shard's connections: an idle connection
 /// keeps no read buffer of its own.
@@ -125,13 +124,16 @@ pub struct Shard {
     /// The rate limiters' clock for the loop's current turn (read once per turn, not per
     /// connection or frame: a turn is short).
     turn_clock_ms: Cell<u32>,
+    /// Itself, for the tasks of [`Shard::hold_while`] (which outlive a handler's borrow).
+    me: Weak<Shard>,
 }
 
 impl Shard {
     /// Shard `index` of the node whose shards share `shared`, serving `apps`.
-    pub fn new(index: usize, shared: Arc<Shared>, apps: Vec<Box<dyn App>>) -> Self {
+    pub fn new(index: usize, shared: Arc<Shared>, apps: Vec<Box<dyn App>>) -> Rc<Self> {
         assert!(apps.len() <= usize::from(u8::MAX), "an AppId is a u8");
-        Shard {
+        Rc::new_cyclic(|me| Shard {
+            me: me.clone(),
             index,
             apps: apps.into_boxed_slice(),
             state: RefCell::new(ShardState {
@@ -149,7 +151,7 @@ impl Shard {
             started: std::time::Instant::now(),
             turn_clock_ms: Cell::new(0),
             shared,
-        }
+        })
     }
 
     pub fn state(&self) -> RefMut<'_, ShardState> {
@@ -219,8 +221,14 @@ impl Shard {
         &self.read_buf
     }
 
-    /// Adopts a connection admitted for `peer` that speaks `app`, and lets the app greet it.
-    pub fn register(&self, app: AppId, identity: Arc<Identity>, peer: IpAddr) -> usize {
+    /// Adopts an admitted connection, and lets its app greet it.
+    pub fn register(&self, newcomer: Newcomer<'_>) -> usize {
+        let Newcomer {
+            app,
+            identity,
+            peer,
+            data,
+        } = newcomer;
         let key = {
             let mut guard = self.state();
             let state = &mut *guard;
@@ -239,6 +247,7 @@ impl Shard {
             entry.insert(ConnEntry {
                 id,
                 app,
+                held: false,
                 liveness: self
                     .heartbeats
                     .borrow_mut()
@@ -252,7 +261,7 @@ impl Shard {
             });
             key
         };
-        self.app(app).opened(self, key);
+        self.app(app).opened(self, key, data);
         if self.shared.is_draining() {
             // Upgraded just as shutdown began: greet, then close at once.
             self.close(key, CloseCode::GOING_AWAY, SHUTDOWN_REASON);
@@ -366,13 +375,60 @@ impl Shard {
         self.close(key, CloseCode::POLICY_VIOLATION, "rate limit exceeded");
     }
 
-    /// Whether a connection should stop being read: its replies are piling up unread, past its
-    /// own bound, or past nothing at all while the shard is over its memory budget.
+    /// Whether a connection should stop being read: its app holds it (see
+    /// [`Shard::hold_while`]), or its replies are piling up unread, past its own bound, or past
+    /// nothing at all while the shard is over its memory budget.
     pub fn backlogged(&self, key: usize) -> bool {
         let state = self.state();
-        let out = &state.conns[key].outbound;
-        out.queued_bytes() > self.shared.config.max_queued_bytes
+        let conn = &state.conns[key];
+        let out = &conn.outbound;
+        conn.held
+            || out.queued_bytes() > self.shared.config.max_queued_bytes
             || (out.stale_bytes() > 0 && state.queued.over(self.queue_budget))
+    }
+
+    /// Whether its app holds connection `key` (see [`Shard::hold_while`]).
+    pub fn is_held(&self, key: usize) -> bool {
+        self.state_ref().conns[key].held
+    }
+
+    /// Stops reading connection `key` while `call` runs on this thread (an app asking its
+    /// backend, say), so that its messages stay in order; then, if the connection is still open,
+    /// `done` gets the result and reading resumes. Other connections are served meanwhile.
+    pub fn hold_while<T: 'static>(
+        &self,
+        key: usize,
+        call: impl Future<Output = T> + 'static,
+        done: impl FnOnce(&Shard, usize, T) + 'static,
+    ) {
+        let id = {
+            let mut state = self.state();
+            let conn = &mut state.conns[key];
+            conn.held = true;
+            conn.id
+        };
+        let me = self.me.clone();
+        tokio::task::spawn_local(async move {
+            let result = call.await;
+            let Some(shard) = me.upgrade() else {
+                return;
+            };
+            let open = {
+                let mut state = shard.state();
+                match state.conns.get_mut(key) {
+                    Some(conn) if conn.id == id => {
+                        conn.held = false;
+                        !conn.outbound.is_closing()
+                    }
+                    _ => false,
+                }
+            };
+            if open {
+                done(&shard, key, result);
+                // Its turn: what it sent meanwhile is read again.
+                shard.state().queued.schedule(key);
+            }
+        });
     }
 
     /// A turn of the shard's loop begins: reads the rate limiters' clock for every connection it

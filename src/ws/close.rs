@@ -38,6 +38,8 @@ impl CloseCode {
     pub const INVALID_PAYLOAD: CloseCode = CloseCode(1007);
     pub const POLICY_VIOLATION: CloseCode = CloseCode(1008);
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode(1009);
+    /// The server cannot serve the connection now (a backend it needs is away).
+    pub const TRY_AGAIN_LATER: CloseCode = CloseCode(1013);
     pub const TOKEN_EXPIRED: CloseCode = CloseCode(4001);
 
     /// Whether a peer may send this code in a close frame (RFC 6455 §7.4.1–2).

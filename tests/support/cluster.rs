@@ -11,6 +11,15 @@ use super::{Client, PATIENCE, TestGateway, api, http_get};
 
 /// A node of the cluster on `redis`.
 pub fn node(redis: &RedisServer, shards: usize) -> TestGateway {
+    node_with(redis, shards, |_| {})
+}
+
+/// A node of the cluster on `redis`, with `customize`'s changes to its configuration.
+pub fn node_with(
+    redis: &RedisServer,
+    shards: usize,
+    customize: impl FnOnce(&mut wsgate::Config),
+) -> TestGateway {
     let url = redis.url();
     TestGateway::start_with(
         move |config| {
@@ -19,6 +28,7 @@ pub fn node(redis: &RedisServer, shards: usize) -> TestGateway {
             config.redis_unsubscribe_grace = Duration::from_millis(200);
             config.history_size = 1000;
             config.api_key = Some(super::API_KEY.into());
+            customize(config);
         },
         shards,
     )

@@ -3,6 +3,7 @@
 //! well-behaved library refuses to send.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod backend;
 mod client_frame;
 pub mod cluster;
 pub mod flood;

@@ -145,7 +145,8 @@ impl Connection {
         self.input.start_turn();
         for _ in 0..READS_PER_POLL {
             let backlogged = match self.poll_flush(shard, key, cx) {
-                Poll::Ready(Ok(())) => false,
+                // Everything written: only its app can hold it (waiting for a backend).
+                Poll::Ready(Ok(())) => shard.is_held(key),
                 Poll::Ready(Err(e)) => {
                     debug!(error = %e, "write failed");
                     return Poll::Ready(End::Gone);
@@ -158,7 +159,8 @@ impl Connection {
             if backlogged {
                 // The client is not reading what it causes us to send: stop reading from it
                 // until its queue drains, so TCP pushes back on it instead of our memory. The
-                // socket's write readiness gives it its next turn.
+                // socket's write readiness gives it its next turn (or, held by its app, the
+                // answer it waits for).
                 return park(shard, key);
             }
             if self.input.turn_spent() {

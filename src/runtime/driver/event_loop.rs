@@ -14,11 +14,9 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
-use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,9 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
 use crate::base::client_id::ClientId;
-use crate::base::identity::Identity;
 use crate::config::{Config, Engine};
-use crate::runtime::AppId;
+use crate::runtime::Newcomer;
 use crate::runtime::bus::{Inbox, Sent};
 use crate::runtime::input::Input;
 use crate::runtime::shard::Shard;
@@ -101,20 +98,19 @@ impl EventLoop {
         })
     }
 
-    /// Takes over a freshly upgraded connection that speaks `app`: from now on the loop serves
-    /// it. `preread` is what the HTTP layer read past the handshake. An error (the socket could
-    /// not move) leaves the admission to the caller to give back.
+    /// Takes over a freshly upgraded connection: from now on the loop serves it. `preread` is
+    /// what the HTTP layer read past the handshake. An error (the socket could not move) leaves
+    /// the admission to the caller to give back.
     pub fn adopt(
         &self,
         shard: &Shard,
         stream: Stream<TcpStream>,
         preread: &[u8],
-        app: AppId,
-        identity: Arc<Identity>,
-        peer: IpAddr,
+        newcomer: Newcomer<'_>,
     ) -> io::Result<()> {
         let stream = stream.map_socket(TcpStream::into_std)?;
-        let key = shard.register(app, identity, peer);
+        let app = newcomer.app;
+        let key = shard.register(newcomer);
         let adopted = stream.map_socket(|io| match &self.io {
             Io::Epoll(epoll) => epoll.socket(io, key).map(LoopSocket::Epoll),
             Io::Uring(uring) => Ok(LoopSocket::Uring(UringSocket::new(

@@ -234,7 +234,8 @@ pub struct ProxySettings {
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Calls waiting for an answer at once, per shard; more fail at once (counted as
-    /// `overloaded`). Default 1000.
+    /// `overloaded`). Each is a socket to the backend, kept out of the connection capacity.
+    /// Default 100.
     pub max_in_flight: usize,
     /// What a failed call (timeout, unreachable, not 200, an answer that is not one, overloaded,
     /// or the breaker open) does: `refuse` (default: the client gets an error, a connection is
@@ -253,7 +254,7 @@ impl ProxySettings {
         ProxySettings {
             url: url.to_owned(),
             timeout: Duration::from_secs(1),
-            max_in_flight: 1000,
+            max_in_flight: 100,
             on_error: ProxyFailure::Refuse,
             breaker_failures: 5,
             breaker_cooldown: Duration::from_secs(5),
@@ -305,13 +306,18 @@ impl<'de> Deserialize<'de> for ProxySettings {
 impl ProxySettings {
     /// Checks the numbers (the URL is checked by the backend layer, which parses it).
     fn validate(&self, key: &str) -> Result<(), ConfigError> {
-        if !(Duration::from_millis(1)..=Duration::from_secs(60)).contains(&self.timeout) {
-            let shown = humantime::format_duration(self.timeout);
-            return Err(ConfigError::bad(
-                &format!("{key}.timeout"),
-                &shown,
-                "must be between 1ms and 60s",
-            ));
+        for (name, value) in [
+            ("timeout", self.timeout),
+            ("breaker_cooldown", self.breaker_cooldown),
+        ] {
+            if !(Duration::from_millis(1)..=Duration::from_secs(3600)).contains(&value) {
+                let shown = humantime::format_duration(value);
+                return Err(ConfigError::bad(
+                    &format!("{key}.{name}"),
+                    &shown,
+                    "must be between 1ms and 1h",
+                ));
+            }
         }
         if self.max_in_flight == 0 {
             return Err(ConfigError::bad(
@@ -601,6 +607,15 @@ impl Config {
                 *secret = None;
             }
         }
+        for proxy in [
+            &mut self.connect_proxy,
+            &mut self.join_proxy,
+            &mut self.publish_proxy,
+        ] {
+            if proxy.as_ref().is_some_and(|p| p.url.is_empty()) {
+                *proxy = None;
+            }
+        }
         for file in [
             &mut self.jwt_public_key_file,
             &mut self.tls_cert_file,
@@ -752,6 +767,16 @@ impl Config {
         }
         for (key, proxy) in self.proxies() {
             proxy.validate(key)?;
+            // A connection waiting for the backend is not read: its answer to a ping waits too.
+            if proxy.timeout >= self.heartbeat_timeout {
+                let shown = humantime::format_duration(proxy.timeout);
+                return bad(
+                    &format!("{key}.timeout"),
+                    &shown,
+                    "must be less than heartbeat_timeout (a connection waiting for the backend \
+                     cannot answer pings)",
+                );
+            }
         }
         if let Some(header) = self.proxy_headers.iter().find(|h| {
             h.is_empty()

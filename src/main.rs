@@ -193,7 +193,7 @@ fn main() -> ExitCode {
         // Colour codes only on a terminal: in files and log collectors they are noise.
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
     }
-    raise_open_files_limit();
+    raise_open_files_limit(&config);
 
     let signals = match Signals::install() {
         Ok(signals) => signals,
@@ -296,12 +296,12 @@ fn probe_target(args: &ProbeArgs, cli: &Cli, flags: &FlagOverrides) -> (String, 
 }
 
 /// Raises the soft open-files limit to the hard limit: each connection is one file descriptor.
-fn raise_open_files_limit() {
+fn raise_open_files_limit(config: &Config) {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => info!(
             open_files = limit,
-            capacity = wsgate::server::connection_capacity(),
-            "connection capacity (open-files limit less a reserve)"
+            capacity = wsgate::server::connection_capacity(config),
+            "connection capacity (open-files limit less a reserve, and the backend's sockets)"
         ),
         Err(e) => warn!(error = %e, "cannot raise the open-files limit"),
     }

@@ -14,7 +14,7 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::{Broker, BrokerThread, Host};
 use crate::cluster::Cluster;
-use crate::config::{BrokerKind, Config, ConfigError};
+use crate::config::{BrokerKind, Config, ConfigError, redacted_url};
 use crate::conn::limits::RoomCreation;
 use crate::http::Edge;
 use crate::http::forwarded::TrustedProxies;
@@ -72,7 +72,8 @@ pub fn build(config: &Config) -> Result<Preflight, ConfigError> {
     let proxies = TrustedProxies::parse(&config.trusted_proxies, config.forwarded_header)
         .map_err(|e| ConfigError::new(format!("trusted_proxies: {e}")))?;
     for (key, proxy) in config.proxies() {
-        backend::proxy::parse_url(&proxy.url).map_err(|e| ConfigError::bad(key, &proxy.url, &e))?;
+        backend::proxy::parse_url(&proxy.url)
+            .map_err(|e| ConfigError::bad(key, &redacted_url(&proxy.url), &e))?;
     }
     let tls = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => Some(Tls::load(cert, key).map_err(ConfigError::new)?),

@@ -29,11 +29,14 @@ use crate::runtime::driver::{self, EventLoop};
 /// File descriptors kept back from the open-files limit for listeners, the runtime and logs.
 const RESERVED_FDS: u64 = 64;
 
-/// How many sockets this process can hold: one file descriptor each, within the soft open-files
-/// limit (which `wsgate` raises to the hard limit at start).
-pub fn socket_capacity() -> usize {
+/// How many client sockets this process can hold: one file descriptor each, within the soft
+/// open-files limit (which `wsgate` raises to the hard limit at start), less what the proxies to
+/// the backend may hold (each shard's calls in flight).
+pub fn socket_capacity(config: &Config) -> usize {
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
-    soft.saturating_sub(RESERVED_FDS) as usize
+    let backend: usize = config.proxies().map(|(_, p)| p.max_in_flight).sum();
+    let backend = (backend * config.shards) as u64;
+    soft.saturating_sub(RESERVED_FDS + backend) as usize
 }
 
 /// Sockets kept for plain HTTP (health probes, the test page) when WebSockets have taken the
@@ -44,8 +47,8 @@ fn probe_reserve(sockets: usize) -> usize {
 
 /// How many WebSocket connections this process accepts by default: its socket capacity less a
 /// reserve for probes.
-pub fn connection_capacity() -> usize {
-    let sockets = socket_capacity();
+pub fn connection_capacity(config: &Config) -> usize {
+    let sockets = socket_capacity(config);
     sockets - probe_reserve(sockets).min(sockets / 2)
 }
 
@@ -64,7 +67,7 @@ pub struct Gateway {
 /// accepting, or with the first error.
 pub fn start(mut config: Config) -> io::Result<Gateway> {
     if config.max_connections == 0 {
-        config.max_connections = connection_capacity();
+        config.max_connections = connection_capacity(&config);
     }
     // From here on the engine in the configuration is the one in use, never `auto`.
     config.engine = driver::choose(config.engine, config.io_uring_buffers)?;
@@ -80,7 +83,7 @@ pub fn start(mut config: Config) -> io::Result<Gateway> {
         listeners.push(bind(local_addr, config.backlog)?);
     }
     let (node, inboxes, engine) =
-        Node::new(config.clone(), socket_capacity()).map_err(io::Error::other)?;
+        Node::new(config.clone(), socket_capacity(&config)).map_err(io::Error::other)?;
     let node = Arc::new(node);
     if node.edge.auth.dev_mode() {
         warn!(

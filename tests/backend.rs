@@ -168,7 +168,13 @@ async fn the_join_proxy_allows_or_denies_each_new_room_and_the_answer_carries_th
         _ => Answer::allow(),
     });
     let url = backend.url("/join");
-    let gw = gateway(|c| c.join_proxy = Some(ProxySettings::at(&url)), 2);
+    let gw = gateway(
+        |c| {
+            c.join_proxy = Some(ProxySettings::at(&url));
+            c.max_rooms_per_connection = 2;
+        },
+        2,
+    );
     let mut client = gw.client_as("alice").await;
     client.join("lobby").await;
     client
@@ -180,12 +186,19 @@ async fn the_join_proxy_allows_or_denies_each_new_room_and_the_answer_carries_th
     );
     // Already a member: joining again is answered without asking.
     client.join("lobby").await;
-    // What the gateway refuses itself never reaches the backend.
+    // What the gateway refuses itself never reaches the backend: a bad name, a room past the
+    // connection's limit.
     client.send("join_room", json!({"room": "bad room!"})).await;
     assert_eq!(client.recv().await["type"], "error");
+    client.join("second").await;
+    client.send("join_room", json!({"room": "third"})).await;
+    assert_eq!(
+        client.recv().await["error"],
+        "Room limit reached (max 2 rooms per connection)"
+    );
 
     let calls = backend.calls();
-    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls.len(), 3, "{calls:?}");
     assert_eq!(calls[0]["event"], "join");
     assert_eq!(calls[0]["room"], "lobby");
     assert_eq!(calls[0]["client"], client.id.as_str());
@@ -205,6 +218,8 @@ async fn the_publish_proxy_allows_replaces_or_denies_before_the_broadcast() {
             Answer::json(json!({"result": {"message": message.replace("darn", "d**n")}}))
         } else if message.contains("spam") {
             Answer::json(json!({"error": {"message": "no spam here"}}))
+        } else if message.contains("expand") {
+            Answer::json(json!({"result": {"message": "x".repeat(60)}}))
         } else if message.contains("bye") {
             Answer::json(json!({"disconnect": {"code": 4200, "reason": "enough"}}))
         } else {
@@ -212,7 +227,13 @@ async fn the_publish_proxy_allows_replaces_or_denies_before_the_broadcast() {
         }
     });
     let url = backend.url("/publish");
-    let gw = gateway(|c| c.publish_proxy = Some(ProxySettings::at(&url)), 2);
+    let gw = gateway(
+        |c| {
+            c.publish_proxy = Some(ProxySettings::at(&url));
+            c.max_chat_message_chars = 40;
+        },
+        2,
+    );
     let mut alice = gw.client_as("alice").await;
     let mut bob = gw.client_as("bob").await;
     alice.join("r").await;
@@ -242,8 +263,13 @@ async fn the_publish_proxy_allows_replaces_or_denies_before_the_broadcast() {
     assert_eq!(got, ["hello", "d**n it"]);
     bob.expect_silence().await;
 
+    // The backend's text is published as given, past the clients' length limit.
+    alice.chat("r", "expand").await;
+    assert_eq!(alice.recv().await["message"], "x".repeat(60));
+    assert_eq!(bob.chats(1).await[0].1, "x".repeat(60));
+
     let calls = backend.calls();
-    assert_eq!(calls.len(), 3);
+    assert_eq!(calls.len(), 4);
     assert_eq!(calls[1]["event"], "publish");
     assert_eq!(calls[1]["room"], "r");
     assert_eq!(calls[1]["message"], "buy spam");
@@ -361,6 +387,39 @@ async fn a_slow_backend_times_out_the_breaker_opens_and_a_restarted_backend_is_u
 }
 
 #[tokio::test]
+async fn a_backend_refusing_odd_calls_with_4xx_does_not_open_the_breaker_for_everyone() {
+    let backend = Backend::start(|_| Answer {
+        status: 400,
+        body: "{}".into(),
+        delay: Duration::ZERO,
+    });
+    let url = backend.url("/publish");
+    let gw = gateway(
+        |c| {
+            c.publish_proxy = Some(ProxySettings {
+                breaker_failures: 2,
+                ..ProxySettings::at(&url)
+            })
+        },
+        1,
+    );
+    let mut client = gw.client().await;
+    client.join("r").await;
+    for _ in 0..4 {
+        client.chat("r", "odd").await;
+        client
+            .expect_error("Service unavailable: the backend did not answer (retry)")
+            .await;
+    }
+    assert_eq!(backend.calls().len(), 4, "every call reached the backend");
+    let failures = |reason: &str| {
+        format!(r#"wsgate_proxy_failures_total{{proxy="publish",reason="{reason}"}}"#)
+    };
+    assert_eq!(metric(&gw, &failures("status")).await, 4);
+    assert_eq!(metric(&gw, &failures("breaker_open")).await, 0);
+}
+
+#[tokio::test]
 async fn on_a_cluster_each_node_asks_the_backend_and_what_it_allows_reaches_every_node() {
     let redis = RedisServer::start();
     let backend = Backend::start(
@@ -437,7 +496,7 @@ fn a_proxy_is_a_url_or_a_table_and_bad_ones_are_refused_by_name() {
     let join = config.join_proxy.unwrap();
     assert_eq!(join.timeout, Duration::from_millis(250));
     assert_eq!(join.on_error, ProxyFailure::Allow);
-    assert_eq!(join.max_in_flight, 1000);
+    assert_eq!(join.max_in_flight, 100);
     for (toml, named) in [
         ("connect_proxy = \"https://backend/c\"", "connect_proxy"),
         ("connect_proxy = \"not a url\"", "connect_proxy"),
@@ -450,9 +509,25 @@ fn a_proxy_is_a_url_or_a_table_and_bad_ones_are_refused_by_name() {
             "join_proxy",
         ),
         ("proxy_headers = [\"bad header\"]", "proxy_headers"),
+        (
+            "connect_proxy = \"http://user:secret@backend/c\"",
+            "connect_proxy",
+        ),
+        (
+            "[join_proxy]\nurl = \"http://b/j\"\ntimeout = \"10s\"",
+            "join_proxy.timeout",
+        ),
+        (
+            "[join_proxy]\nurl = \"http://b/j\"\nbreaker_cooldown = \"2h\"",
+            "join_proxy.breaker_cooldown",
+        ),
     ] {
         let error = load(toml).expect_err(toml).to_string();
         assert!(error.contains(named), "{toml}: {error}");
+        assert!(
+            !error.contains("secret"),
+            "credentials are never shown: {error}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

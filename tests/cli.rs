@@ -307,3 +307,75 @@ fn help_says_how_every_key_is_set() {
         assert!(help.contains(words), "{words} not in --help: {help}");
     }
 }
+
+/// `deploy/wsgate.toml`, the example production configuration: it loads as it is, it names every
+/// key there is (a key added to the gateway and not to the example fails here), and with every
+/// example line uncommented it still loads (no example value is out of range or mistyped).
+#[test]
+fn the_example_production_config_loads_and_names_every_key() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/wsgate.toml");
+    // As in production: the secret from the environment.
+    let secret = ("WSGATE_JWT_SECRET", "example-secret-0123456789abcdef");
+    let loaded = print_config(wsgate().args(["--config", path]).env(secret.0, secret.1));
+    assert_eq!(loaded["listen"].as_str(), Some("0.0.0.0:8080"));
+    assert_eq!(loaded["log_format"].as_str(), Some("json"));
+
+    let text = std::fs::read_to_string(path).unwrap();
+    let defaults = serde_json::to_value(wsgate::Config::default()).unwrap();
+    for key in defaults.as_object().unwrap().keys() {
+        let named = text.lines().any(|line| {
+            let line = line.trim_start_matches("# ");
+            line.starts_with(&format!("{key} = ")) || line == format!("[{key}]")
+        });
+        assert!(named, "deploy/wsgate.toml does not name `{key}`");
+    }
+
+    // Every example uncommented; the table at the end replaces the URL-only form of its key.
+    let (top, table) = text.split_at(text.find("# [").expect("a table example"));
+    let table_key = &table[3..table.find(']').unwrap()];
+    let uncomment = |part: &str| -> String {
+        part.lines()
+            .map(|line| line.strip_prefix("# ").unwrap_or(line))
+            .filter(|line| line.contains(" = ") || line.starts_with('['))
+            .map(|line| format!("{line}\n"))
+            .collect()
+    };
+    let top: String = uncomment(top)
+        .lines()
+        .filter(|line| !line.starts_with(&format!("{table_key} = ")))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let everything =
+        std::env::temp_dir().join(format!("wsgate-every-key-{}.toml", std::process::id()));
+    std::fs::write(&everything, format!("{top}{}", uncomment(table))).unwrap();
+    // Loaded and checked as values (the key and certificate files it names do not exist here).
+    let every = wsgate::Config::load(Some(&everything), &Default::default());
+    std::fs::remove_file(&everything).unwrap();
+    let every = every.unwrap();
+    assert_eq!(every.shards, 2);
+    assert!(every.tls_cert_file.is_some() && every.publish_proxy.is_some());
+}
+
+#[test]
+fn a_proxy_in_the_environment_is_a_url_or_an_inline_table_and_empty_is_unset() {
+    let config = print_config(
+        wsgate()
+            .env("WSGATE_CONNECT_PROXY", "")
+            .env("WSGATE_PUBLISH_PROXY", "http://backend:3000/publish")
+            .env(
+                "WSGATE_JOIN_PROXY",
+                r#"{url="http://backend:3000/join",on_error="allow",timeout="250ms"}"#,
+            ),
+    );
+    assert!(config.get("connect_proxy").is_none(), "{config:?}");
+    assert_eq!(
+        config["publish_proxy"]["url"].as_str(),
+        Some("http://backend:3000/publish")
+    );
+    assert_eq!(config["join_proxy"]["on_error"].as_str(), Some("allow"));
+    assert_eq!(config["join_proxy"]["timeout"].as_str(), Some("250ms"));
+    assert_eq!(
+        config["join_proxy"]["max_in_flight"].as_integer(),
+        Some(100)
+    );
+}

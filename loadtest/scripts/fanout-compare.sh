@@ -6,7 +6,9 @@
 # the medians (deliveries per server CPU-second, publish-to-receive p99) to stdout.
 #
 # Usage: loadtest/scripts/fanout-compare.sh [SUBSCRIBERS=1000] [RATE=100] [DURATION=10s] [REPEAT=3] [SERVER...]
-# SERVERs: wsgate (default; wsgate@io_uring, wsgate@epoll pick the engine), external ($EXTERNAL_SERVER run with $EXTERNAL_SERVER_ARGS: a peer
+# SERVERs: wsgate (default; wsgate@io_uring, wsgate@epoll pick the engine), wsgate+publish-proxy
+# (every chat message asked of examples/backend.py first, the backend on the load generator's
+# CPU), external ($EXTERNAL_SERVER run with $EXTERNAL_SERVER_ARGS: a peer
 # built outside this repository that speaks the chat protocol's greeting, join_room and
 # chat_message, see scripts/lib/gateway.sh).
 set -euo pipefail
@@ -28,6 +30,11 @@ for r in $(seq "$repeat"); do
     case "$server" in
       wsgate) WSGATE_LOG=warn start_gateway --shards 1 ;;
       wsgate@*) WSGATE_ENGINE="${server#*@}" WSGATE_LOG=warn start_gateway --shards 1 ;;
+      wsgate+publish-proxy)
+        start_example_backend 1
+        WSGATE_PUBLISH_PROXY="http://127.0.0.1:$BACKEND_PORT/publish" WSGATE_LOG=warn \
+          start_gateway --shards 1
+        ;;
       external)
         # shellcheck disable=SC2086 # the arguments are words
         GATEWAY_BIN="${EXTERNAL_SERVER:?set EXTERNAL_SERVER}" start_gateway ${EXTERNAL_SERVER_ARGS:-}
@@ -41,6 +48,7 @@ for r in $(seq "$repeat"); do
       --json "$out/$server-$subscribers-$rate-$r.json" >/dev/null
     kill "$GATEWAY_PID"
     wait "$GATEWAY_PID" 2>/dev/null || true
+    stop_example_backend
   done
 done
 python3 - "$out" "$subscribers" "$rate" "$repeat" "${servers[@]}" <<'PY'

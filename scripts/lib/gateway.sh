@@ -18,7 +18,7 @@ GATEWAY_PIDS=()
 GATEWAY_ADDRS=()
 GATEWAY_LOGS=()
 REDIS_PIDS=()
-trap 'kill "${GATEWAY_PIDS[@]}" "${REDIS_PIDS[@]}" 2>/dev/null || true; rm -f "${GATEWAY_LOGS[@]}"; rm -rf "${tls_dir:-}"' EXIT
+trap 'kill "${GATEWAY_PIDS[@]}" "${REDIS_PIDS[@]}" ${BACKEND_PID:-} 2>/dev/null || true; rm -f "${GATEWAY_LOGS[@]}"; rm -rf "${tls_dir:-}"' EXIT
 
 # `start_redis`: a redis-server on a free loopback port, without persistence, stopped when the
 # script exits; sets REDIS_URL and REDIS_PID. Gateways started after `export WSGATE_BROKER=redis
@@ -73,6 +73,27 @@ start_gateway() {
     exit 1
   fi
   GATEWAY_ADDRS+=("$GATEWAY_ADDR")
+}
+
+# examples/backend.py (the proxies' example backend) on a free port, pinned to CPU `$1`: sets
+# BACKEND_PORT and BACKEND_PID; stop_example_backend ends it.
+start_example_backend() {
+  BACKEND_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  taskset -c "$1" python3 examples/backend.py "$BACKEND_PORT" 2>/dev/null &
+  BACKEND_PID=$!
+  for _ in $(seq 50); do
+    python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $BACKEND_PORT))" 2>/dev/null && return
+    sleep 0.1
+  done
+  echo "examples/backend.py did not start" >&2
+  exit 1
+}
+
+stop_example_backend() {
+  [ -n "${BACKEND_PID:-}" ] || return 0
+  kill "$BACKEND_PID" 2>/dev/null || true
+  wait "$BACKEND_PID" 2>/dev/null || true
+  BACKEND_PID=
 }
 
 # Set-up shared by the load scripts: a fresh HS256 secret (exported, so the gateways started next

@@ -227,6 +227,10 @@ impl ChatApp {
             } => match &self.publish_proxy {
                 Some(proxy) => {
                     chat.check_chat(shard, key, room, message)?;
+                    // Not worth asking the backend about what could not be published.
+                    if !chat.broker.is_ready() {
+                        return Err(ErrorReply::Unavailable);
+                    }
                     self.chat_if_allowed(proxy, shard, key, room, message, message_id, id);
                     Ok(Handled::Answered)
                 }
@@ -313,9 +317,11 @@ impl ChatApp {
         let asked = async move { proxy.ask(event).await };
         shard.hold_while(key, asked, move |shard, key, answer| {
             let id = id.as_ref();
+            // The backend's text is published as it gave it (not held to the client's limit).
             let published = answer.map(|allowed| {
                 let text = allowed.message.as_deref().unwrap_or(&message);
-                chat.chat(shard, key, &room, text, message_id.as_deref(), id)
+                let speaker = chat.speaker(shard, key, &room)?;
+                chat.publish_chat(shard, &speaker, &room, text, message_id.as_deref(), id)
             });
             match published {
                 Ok(Ok(())) => {}
@@ -353,7 +359,8 @@ impl Chat {
     }
 
     /// Whether joining `room` is a new join the backend is asked about (not a member yet), once
-    /// what the gateway checks itself (the name, the token's room patterns) passed.
+    /// what the gateway checks itself before a join (the name, the token's room patterns, the
+    /// connection's room limit, Redis) passed.
     fn joins_anew<'i>(
         &self,
         shard: &Shard,
@@ -368,7 +375,28 @@ impl Chat {
         if !conn.identity.may_join(room) {
             return Err(ErrorReply::RoomNotAllowed(room));
         }
-        Ok(!conn.rooms.iter().any(|r| &**r == room))
+        if conn.rooms.iter().any(|r| &**r == room) {
+            return Ok(false);
+        }
+        let max_rooms = shard.shared.config.max_rooms_per_connection;
+        if conn.rooms.len() >= max_rooms {
+            return Err(ErrorReply::TooManyRooms(max_rooms));
+        }
+        if self.cannot_sync(shard, room) {
+            return Err(ErrorReply::Unavailable);
+        }
+        Ok(true)
+    }
+
+    /// Whether a join of `room` would have to wait for Redis while it is away (a room this node
+    /// does not follow must be synced first): such joins are refused instead.
+    fn cannot_sync(&self, shard: &Shard, room: &str) -> bool {
+        !self.broker.is_ready()
+            && !shard
+                .shared
+                .rooms
+                .get(room)
+                .is_some_and(|state| state.stream().is_synced())
     }
 
     /// Swaps the connection's identity for the one in a fresh token of the same user. The new token
@@ -451,15 +479,7 @@ impl Chat {
             epoch: Arc::from(since.epoch),
         });
         let config = &shard.shared.config;
-        // While Redis is away a room this node does not follow could not be synced: the join would
-        // wait for Redis, so it is refused instead.
-        if !self.broker.is_ready()
-            && !shard
-                .shared
-                .rooms
-                .get(room)
-                .is_some_and(|state| state.stream().is_synced())
-        {
+        if self.cannot_sync(shard, room) {
             return Err(ErrorReply::Unavailable);
         }
         let (name, joined_user, members, pending, id, identity) = {
@@ -670,6 +690,19 @@ impl Chat {
         id: Option<&RequestId>,
     ) -> Result<(), ErrorReply<'i>> {
         let speaker = self.check_chat(shard, key, room, message)?;
+        self.publish_chat(shard, &speaker, room, message, message_id, id)
+    }
+
+    /// Publishes a chat message of `speaker`'s to `room` (checked already).
+    fn publish_chat<'i>(
+        &self,
+        shard: &Shard,
+        speaker: &Speaker,
+        room: &str,
+        message: &str,
+        message_id: Option<&str>,
+        id: Option<&RequestId>,
+    ) -> Result<(), ErrorReply<'i>> {
         let message = ServerMessage::ChatMessage {
             room,
             username: &speaker.identity.username,

@@ -110,7 +110,10 @@ pub enum Failure {
     Timeout,
     /// The backend could not be reached (refused, reset, DNS).
     Unreachable,
-    /// An answer other than 200.
+    /// A 5xx answer: the backend is unwell.
+    ServerError,
+    /// Another answer than 200 (a 4xx, a redirect): the backend refused the call itself, which
+    /// does not count towards the breaker (a client's odd input must not open it for everyone).
     Status,
     /// A 200 whose body is not one of the proxy answers.
     Malformed,
@@ -121,9 +124,10 @@ pub enum Failure {
 }
 
 impl Failure {
-    pub const ALL: [Failure; 6] = [
+    pub const ALL: [Failure; 7] = [
         Failure::Timeout,
         Failure::Unreachable,
+        Failure::ServerError,
         Failure::Status,
         Failure::Malformed,
         Failure::Overloaded,
@@ -134,6 +138,7 @@ impl Failure {
         match self {
             Failure::Timeout => "timeout",
             Failure::Unreachable => "unreachable",
+            Failure::ServerError => "status_5xx",
             Failure::Status => "status",
             Failure::Malformed => "malformed",
             Failure::Overloaded => "overloaded",
@@ -143,7 +148,10 @@ impl Failure {
 
     /// Whether it says the backend is unwell (and counts towards opening the breaker).
     fn trips_breaker(self) -> bool {
-        !matches!(self, Failure::Overloaded | Failure::BreakerOpen)
+        matches!(
+            self,
+            Failure::Timeout | Failure::Unreachable | Failure::ServerError | Failure::Malformed
+        )
     }
 }
 

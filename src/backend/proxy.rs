@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::header::{CONTENT_TYPE, HeaderValue, USER_AGENT};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
@@ -140,6 +140,13 @@ pub struct Proxy {
 /// The URL of a proxy, if it is one wsgate can call: `http://host[:port]/path`.
 pub fn parse_url(url: &str) -> Result<Uri, String> {
     let uri: Uri = url.parse().map_err(|e| format!("not a URL ({e})"))?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(
+            "credentials in the URL are not sent (put a key in the URL's path, or let \
+                    only the gateway's network reach the backend)"
+                .into(),
+        );
+    }
     if uri.scheme_str() != Some("http") || uri.host().is_none_or(str::is_empty) {
         return Err(
             "must be http://host[:port]/path (https is not supported: reach the backend \
@@ -161,8 +168,11 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(settings.timeout));
+        // Idle connections are let go before common backends close them (Node 5 s, gunicorn
+        // 2 s keep-alive): a call written onto a connection the backend is closing fails.
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_millis(1500))
+            .pool_max_idle_per_host(settings.max_in_flight.min(32))
             .pool_timer(TokioTimer::new())
             .build(connector);
         Proxy {
@@ -235,6 +245,7 @@ impl Proxy {
                     Breaker::Open(_) | Breaker::Probing => self.settings.breaker_failures,
                 };
                 if failures >= self.settings.breaker_failures {
+                    // The cooldown is at most an hour (checked by the configuration).
                     Breaker::Open(Instant::now() + self.settings.breaker_cooldown)
                 } else {
                     Breaker::Closed(failures)
@@ -259,13 +270,18 @@ impl Proxy {
             debug!(error = %e, "backend unreachable");
             Failure::Unreachable
         })?;
-        if response.status() != StatusCode::OK {
-            return Err(Failure::Status);
+        match response.status() {
+            StatusCode::OK => {}
+            status if status.is_server_error() => return Err(Failure::ServerError),
+            _ => return Err(Failure::Status),
         }
         let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
             .collect()
             .await
-            .map_err(|_| Failure::Malformed)?
+            .map_err(|e| match e.downcast_ref::<LengthLimitError>() {
+                Some(_) => Failure::Malformed,
+                None => Failure::Unreachable,
+            })?
             .to_bytes();
         read_answer(&body).ok_or(Failure::Malformed)
     }

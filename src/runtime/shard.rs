@@ -35,6 +35,41 @@ use super::{App, AppId, Newcomer, Shared};
 /// keeps no read buffer of its own.
 const READ_BUF_SIZE: usize = 64 * 1024;
 
+/// A connection held by [`Shard::hold_while`]: let go when the hold ends however it ends (its
+/// call answered, or the task dropped or unwinding), and given a turn to read what waited.
+struct Hold {
+    shard: Weak<Shard>,
+    key: usize,
+    id: ClientId,
+}
+
+impl Hold {
+    /// Lets the connection go; whether it is still open (the answer is for it).
+    fn release(&self, shard: &Shard) -> bool {
+        let Ok(mut state) = shard.state.try_borrow_mut() else {
+            return false;
+        };
+        match state.conns.get_mut(self.key) {
+            Some(conn) if conn.id == self.id => {
+                conn.held = false;
+                !conn.outbound.is_closing()
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(shard) = self.shard.upgrade() {
+            self.release(&shard);
+            if let Ok(state) = shard.state.try_borrow() {
+                state.queued.schedule(self.key);
+            }
+        }
+    }
+}
+
 /// The close reason sent with 1001 at shutdown.
 pub const SHUTDOWN_REASON: &str = "server shutting down";
 
@@ -407,26 +442,18 @@ impl Shard {
             conn.held = true;
             conn.id
         };
-        let me = self.me.clone();
+        let hold = Hold {
+            shard: self.me.clone(),
+            key,
+            id,
+        };
         tokio::task::spawn_local(async move {
             let result = call.await;
-            let Some(shard) = me.upgrade() else {
+            let Some(shard) = hold.shard.upgrade() else {
                 return;
             };
-            let open = {
-                let mut state = shard.state();
-                match state.conns.get_mut(key) {
-                    Some(conn) if conn.id == id => {
-                        conn.held = false;
-                        !conn.outbound.is_closing()
-                    }
-                    _ => false,
-                }
-            };
-            if open {
+            if hold.release(&shard) {
                 done(&shard, key, result);
-                // Its turn: what it sent meanwhile is read again.
-                shard.state().queued.schedule(key);
             }
         });
     }

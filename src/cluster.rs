@@ -8,8 +8,12 @@ use std::sync::{Arc, OnceLock, Weak};
 
 use bytes::Bytes;
 
+use crate::backend::webhook::Webhooks;
 use crate::base::client_id::ClientId;
-use crate::broker::{Broker, BrokerEvents, Disconnect, PublishError, Publisher, RoomRef};
+use crate::broker::{
+    Broker, BrokerEvents, Disconnect, Membership, PublishError, Publisher, RoomRef,
+};
+use crate::config::WebhookEvent;
 use crate::fanout::{self, Publication};
 use crate::protocol::{ErrorReply, RequestId, ServerMessage};
 use crate::rooms::presence::{Entry, NodesPresence};
@@ -145,13 +149,16 @@ pub struct Cluster {
     shared: Arc<Shared>,
     /// The broker reporting here (it is built with its events: set right after).
     broker: OnceLock<Weak<dyn Broker>>,
+    /// Where changes of who is in rooms (and published chat messages) are told, if anywhere.
+    webhooks: Option<Arc<Webhooks>>,
 }
 
 impl Cluster {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Shared>, webhooks: Option<Arc<Webhooks>>) -> Self {
         Cluster {
             shared,
             broker: OnceLock::new(),
+            webhooks,
         }
     }
 
@@ -205,6 +212,36 @@ impl BrokerEvents for Cluster {
         if let Some(broker) = self.broker.get() {
             self.shared
                 .to_every_shard(Arc::new(ResendSessions(broker.clone())));
+        }
+    }
+
+    fn membership(&self, change: Membership) {
+        let Some(webhooks) = &self.webhooks else {
+            return;
+        };
+        match change {
+            Membership::Room { room, occupied } => {
+                let kind = if occupied {
+                    WebhookEvent::RoomOccupied
+                } else {
+                    WebhookEvent::RoomVacated
+                };
+                webhooks.emit(kind, &room, None);
+            }
+            Membership::User { room, user, added } => {
+                let kind = if added {
+                    WebhookEvent::MemberAdded
+                } else {
+                    WebhookEvent::MemberRemoved
+                };
+                webhooks.emit(kind, &room, Some((&user.user_id, &user.username)));
+            }
+        }
+    }
+
+    fn client_published(&self, room: &Arc<str>, json: &[u8], offset: u64) {
+        if let Some(webhooks) = &self.webhooks {
+            webhooks.chat_message(room, json, offset);
         }
     }
 }

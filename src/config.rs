@@ -208,6 +208,27 @@ pub struct Config {
     pub log: String,
     /// `text` (default; colours only on a terminal) or `json` (one object per line).
     pub log_format: LogFormat,
+    /// Webhooks: what happens in rooms, POSTed to this URL in signed batches (see the README's
+    /// "Webhooks"). Unset (default): none.
+    pub webhook_url: Option<String>,
+    /// The key webhook requests are signed with (HMAC-SHA256, `X-Wsgate-Signature`), 16+
+    /// characters; required with `webhook_url`.
+    pub webhook_secret: Option<Secret>,
+    /// The events sent. Default: `room_occupied`, `room_vacated`, `member_added`,
+    /// `member_removed` (`chat_message`, every client's chat message once published, on request).
+    pub webhook_events: Vec<WebhookEvent>,
+    /// Events waiting to be sent, at most; past it new ones are dropped (counted in
+    /// `wsgate_webhook_events_total{outcome="dropped"}`). Default 10,000.
+    pub webhook_queue: usize,
+    /// Events in one request, at most. Default 100.
+    pub webhook_batch: usize,
+    /// How long one request may take. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub webhook_timeout: Duration,
+    /// How long a batch is retried (with back-off) before its events are dropped (counted).
+    /// Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub webhook_retry_for: Duration,
     /// Request headers of an upgrade passed to the connect proxy (e.g. `["cookie"]`, for a
     /// backend that knows its users by their session cookie). Default: none.
     pub proxy_headers: Vec<String>,
@@ -334,6 +355,42 @@ impl ProxySettings {
             ));
         }
         Ok(())
+    }
+}
+
+/// What webhooks report (`webhook_events`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookEvent {
+    /// A room got its first connection, anywhere in the cluster.
+    RoomOccupied,
+    /// A room lost its last connection.
+    RoomVacated,
+    /// A user's first connection joined a room.
+    MemberAdded,
+    /// A user's last connection left a room.
+    MemberRemoved,
+    /// A client's chat message, once published (with its offset).
+    ChatMessage,
+}
+
+impl WebhookEvent {
+    pub const ALL: [WebhookEvent; 5] = [
+        WebhookEvent::RoomOccupied,
+        WebhookEvent::RoomVacated,
+        WebhookEvent::MemberAdded,
+        WebhookEvent::MemberRemoved,
+        WebhookEvent::ChatMessage,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WebhookEvent::RoomOccupied => "room_occupied",
+            WebhookEvent::RoomVacated => "room_vacated",
+            WebhookEvent::MemberAdded => "member_added",
+            WebhookEvent::MemberRemoved => "member_removed",
+            WebhookEvent::ChatMessage => "chat_message",
+        }
     }
 }
 
@@ -471,6 +528,13 @@ impl Default for Config {
             dev_mode: false,
             log: "info".to_owned(),
             log_format: LogFormat::Text,
+            webhook_url: None,
+            webhook_secret: None,
+            webhook_events: WebhookEvent::ALL[..4].to_vec(),
+            webhook_queue: 10_000,
+            webhook_batch: 100,
+            webhook_timeout: Duration::from_secs(5),
+            webhook_retry_for: Duration::from_secs(300),
             proxy_headers: Vec::new(),
             connect_proxy: None,
             join_proxy: None,
@@ -602,10 +666,14 @@ impl Config {
             &mut self.jwt_secret,
             &mut self.api_key,
             &mut self.metrics_key,
+            &mut self.webhook_secret,
         ] {
             if secret.as_ref().is_some_and(|s| s.expose().is_empty()) {
                 *secret = None;
             }
+        }
+        if self.webhook_url.as_deref() == Some("") {
+            self.webhook_url = None;
         }
         for proxy in [
             &mut self.connect_proxy,
@@ -757,6 +825,7 @@ impl Config {
         for (name, key) in [
             ("api_key", &self.api_key),
             ("metrics_key", &self.metrics_key),
+            ("webhook_secret", &self.webhook_secret),
         ] {
             if key
                 .as_ref()
@@ -785,6 +854,35 @@ impl Config {
                     .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
         }) {
             return bad("proxy_headers", &format!("{header:?}"), "not a header name");
+        }
+        if self.webhook_url.is_some() && self.webhook_secret.is_none() {
+            return bad(
+                "webhook_url",
+                &self.webhook_url.as_deref().unwrap_or_default(),
+                "needs webhook_secret (16+ characters): the backend checks each request's \
+                 signature with it",
+            );
+        }
+        if !(1..=1_000_000).contains(&self.webhook_queue)
+            || !(1..=10_000).contains(&self.webhook_batch)
+        {
+            return bad(
+                "webhook_queue",
+                &format!(
+                    "{} (webhook_batch {})",
+                    self.webhook_queue, self.webhook_batch
+                ),
+                "webhook_queue must be 1 to 1,000,000 and webhook_batch 1 to 10,000",
+            );
+        }
+        for (key, value) in [
+            ("webhook_timeout", self.webhook_timeout),
+            ("webhook_retry_for", self.webhook_retry_for),
+        ] {
+            if !(Duration::from_millis(10)..=Duration::from_secs(24 * 3600)).contains(&value) {
+                let shown = humantime::format_duration(value);
+                return bad(key, &shown, "must be between 10ms and 24h");
+            }
         }
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return bad(
@@ -821,6 +919,7 @@ impl Config {
             &mut shown.jwt_secret,
             &mut shown.api_key,
             &mut shown.metrics_key,
+            &mut shown.webhook_secret,
         ] {
             if secret.is_some() {
                 *secret = Some("<redacted>".into());

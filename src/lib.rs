@@ -18,8 +18,10 @@
 //!    catch-up and the slow-consumer policy.
 //! 8. broker: `broker` — the [`broker::Broker`] trait and its engines (memory, Redis); it reports
 //!    up through [`broker::BrokerEvents`].
-//! 9. cluster: `cluster` — the publish path and the broker's events, tying broker to fan-out.
-//! 10. backend: `backend` — calls to the application's backend (proxies), over HTTP.
+//! 9. backend: `backend` — the application's backend, over HTTP: proxies (asked before an
+//!    event) and webhooks (told after).
+//! 10. cluster: `cluster` — the publish path and the broker's events, tying broker to fan-out
+//!     (and to the webhooks).
 //! 11. app: `app` — the applications (chat, echo), each an [`runtime::App`].
 //! 12. edge: `http` — HTTP, admission, the upgrade, the server API, `/metrics`.
 //! 13. process: `node`, `server`, `probe` — composition, start-up and shutdown, the probe.

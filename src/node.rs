@@ -9,6 +9,7 @@ use crate::app::chat::ChatApp;
 use crate::app::echo::EchoApp;
 use crate::auth::Authenticator;
 use crate::backend::proxy::Proxy;
+use crate::backend::webhook::Webhooks;
 use crate::backend::{self, ProxyKind, ShardProxyMetrics};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
@@ -71,9 +72,10 @@ pub fn preflight(config: &Config) -> Result<Preflight, ConfigError> {
 pub fn build(config: &Config) -> Result<Preflight, ConfigError> {
     let proxies = TrustedProxies::parse(&config.trusted_proxies, config.forwarded_header)
         .map_err(|e| ConfigError::new(format!("trusted_proxies: {e}")))?;
-    for (key, proxy) in config.proxies() {
-        backend::proxy::parse_url(&proxy.url)
-            .map_err(|e| ConfigError::bad(key, &redacted_url(&proxy.url), &e))?;
+    let urls = config.proxies().map(|(key, proxy)| (key, &proxy.url));
+    for (key, url) in urls.chain(config.webhook_url.as_ref().map(|url| ("webhook_url", url))) {
+        backend::proxy::parse_url(url)
+            .map_err(|e| ConfigError::bad(key, &redacted_url(url), &e))?;
     }
     let tls = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => Some(Tls::load(cert, key).map_err(ConfigError::new)?),
@@ -115,7 +117,8 @@ impl Node {
         );
         let (shared, inboxes) = Shared::new(new_epoch(), config.clone(), rooms, max_sockets);
         let shared = Arc::new(shared);
-        let cluster = Arc::new(Cluster::new(shared.clone()));
+        let webhooks = Webhooks::start(&config, shared.id.clone());
+        let cluster = Arc::new(Cluster::new(shared.clone(), webhooks.clone()));
         let host = Host {
             shared: shared.clone(),
             events: cluster.clone(),
@@ -136,6 +139,7 @@ impl Node {
             tls,
             proxies,
             http: HttpConnections::default(),
+            webhooks,
             proxy_metrics: (0..config.shards)
                 .map(|_| ShardProxyMetrics::default())
                 .collect(),

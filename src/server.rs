@@ -52,6 +52,9 @@ pub fn connection_capacity(config: &Config) -> usize {
     sockets - probe_reserve(sockets).min(sockets / 2)
 }
 
+/// How long a stopping gateway waits for its last webhooks to be taken.
+const WEBHOOKS_FLUSH: Duration = Duration::from_secs(5);
+
 /// How often refusals are logged (as counts by reason) and expired room histories forgotten.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -245,6 +248,11 @@ impl Gateway {
     pub fn join(self) {
         for thread in self.threads {
             let _ = thread.join();
+        }
+        // What the stop itself changed (members leaving with it) is still on its way. (Blocks:
+        // `join` is called off the async runtimes.)
+        if let Some(webhooks) = &self.node.edge.webhooks {
+            webhooks.flush(WEBHOOKS_FLUSH);
         }
     }
 

@@ -11,23 +11,13 @@ use serde_json::json;
 use support::backend::{Answer, Backend};
 use support::cluster::{node_with, user_on, wait_readiness};
 use support::redis_server::RedisServer;
-use support::{Client, PATIENCE, QUIET, TestGateway, http_get, token_for};
+use support::{Client, PATIENCE, QUIET, TestGateway, metric, token_for};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use wsgate::config::{ProxyFailure, ProxySettings};
 
 /// A gateway whose proxies are set by `proxies`.
 fn gateway(proxies: impl FnOnce(&mut wsgate::Config), shards: usize) -> TestGateway {
     TestGateway::start_with(proxies, shards)
-}
-
-/// The value of the `/metrics` sample that starts with `sample` (name and labels).
-async fn metric(gw: &TestGateway, sample: &str) -> u64 {
-    let (_, _, body) = http_get(gw.addr, "/metrics", "").await;
-    let line = body
-        .lines()
-        .find(|line| line.starts_with(&format!("{sample} ")))
-        .unwrap_or_else(|| panic!("no sample {sample} in\n{body}"));
-    line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 /// A chat client whose greeting is still unread.

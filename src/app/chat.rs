@@ -17,7 +17,7 @@ use crate::backend::{Event, ProxyKind};
 use crate::base::client_id::ClientId;
 use crate::base::identity::Identity;
 use crate::base::time::now_ms;
-use crate::broker::{Broker, Publisher, RoomRef};
+use crate::broker::{Broker, PresenceChange, Publisher, RoomRef};
 use crate::cluster;
 use crate::config::{Config, HeartbeatMode};
 use crate::conn::limits::{Charge, Creator, RoomCreation, Verdict};
@@ -443,8 +443,9 @@ impl Chat {
             let guard = shard.state_ref();
             for room in &kept {
                 if let Some(local) = guard.rooms.get(room) {
-                    self.change_presence(shard, &local.state, id, &previous, -1);
+                    // The user first: the room is never seen empty in between.
                     self.change_presence(shard, &local.state, id, &fresh, 1);
+                    self.change_presence(shard, &local.state, id, &previous, -1);
                 }
             }
         }
@@ -774,10 +775,17 @@ impl Chat {
             identity.user_id.clone()
         };
         let mut presence = room.presence();
+        let room_before = presence.total();
         let (before, after, entry, seq) =
             presence.change(&node.id, &user, &identity.username, anonymous, delta);
+        let change = PresenceChange {
+            entry,
+            seq,
+            user: (before, after),
+            room: (room_before, presence.total()),
+        };
         // Sent under the lock: the node's changes of a room reach Redis in their order.
-        self.broker.presence_changed(room.name.clone(), entry, seq);
+        self.broker.presence_changed(room.name.clone(), change);
         (if delta > 0 { before } else { after }, presence.total())
     }
 

@@ -5,6 +5,7 @@
 //! breaker) and writes its own block of [`ProxyMetrics`]; a scrape sums them.
 
 pub mod proxy;
+pub mod webhook;
 
 use std::net::IpAddr;
 

@@ -10,12 +10,12 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::{
-    Broker, Disconnect, HistoryQuery, Host, LocalFuture, PublishError, Publisher, RoomHistory,
-    RoomRef, Unavailable,
+    Broker, Disconnect, HistoryQuery, Host, LocalFuture, Membership, PresenceChange, PublishError,
+    Publisher, RoomHistory, RoomRef, Unavailable,
 };
 use crate::base::client_id::ClientId;
 use crate::protocol;
-use crate::rooms::presence::{Entry, Presence};
+use crate::rooms::presence::Presence;
 use crate::rooms::stream::Position;
 use crate::rooms::{RoomState, RoomsPage, Target};
 use crate::ws::frame;
@@ -132,6 +132,11 @@ impl Broker for MemoryBroker {
         drop(recent);
         // Under the stream's lock: every shard's inbox gets the room's messages in order.
         self.host.events.stream_message(&room, offset, frame);
+        if matches!(from, Publisher::Client(..)) {
+            self.host
+                .events
+                .client_published(&room.name, &message, offset);
+        }
         let epoch = stream.position().epoch;
         drop(stream);
         self.answer(from, Position { offset, epoch });
@@ -146,7 +151,30 @@ impl Broker for MemoryBroker {
         true
     }
 
-    fn presence_changed(&self, _: Arc<str>, _: Entry, _: u64) {}
+    /// One node: its counts are the cluster's.
+    fn presence_changed(&self, room: Arc<str>, change: PresenceChange) {
+        let events = &self.host.events;
+        let (room_before, room_after) = change.room;
+        let occupied = room_before == 0 && room_after > 0;
+        if occupied {
+            let room = room.clone();
+            events.membership(Membership::Room { room, occupied });
+        }
+        let (user_before, user_after) = change.user;
+        if (user_before == 0) != (user_after == 0) {
+            events.membership(Membership::User {
+                room: room.clone(),
+                user: change.entry,
+                added: user_before == 0,
+            });
+        }
+        if room_before > 0 && room_after == 0 {
+            events.membership(Membership::Room {
+                room,
+                occupied: false,
+            });
+        }
+    }
 
     fn session_opened(&self, _: ClientId, _: &str, _: u64) {}
 

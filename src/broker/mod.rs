@@ -174,10 +174,10 @@ pub trait Broker: Send + Sync {
     /// Asks every other node to close a user's connections. False when it could not be.
     fn control(&self, disconnect: &Disconnect) -> bool;
 
-    /// A user's connections here in `room` changed to `entry.conns` (`seq` numbers this node's
-    /// changes of the room). Called under the room's presence lock, so that the changes reach
-    /// the broker in their order: it queues, and never reports an event from within.
-    fn presence_changed(&self, room: Arc<str>, entry: Entry, seq: u64);
+    /// A user's connections here in `room` changed (see [`PresenceChange`]). Called under the
+    /// room's presence lock, so that the changes reach the broker in their order: it queues,
+    /// and reports nothing from within but [`BrokerEvents::membership`].
+    fn presence_changed(&self, room: Arc<str>, change: PresenceChange);
 
     /// A connection of this node opened: its id, its user, when (Unix ms).
     fn session_opened(&self, client: ClientId, user_id: &str, connected_at: u64);
@@ -206,6 +206,35 @@ pub trait Broker: Send + Sync {
     /// many entries were malformed; `None` when the broker knows no more than the node.
     fn presence(&self, room: &str)
     -> LocalFuture<'_, Result<Option<(Presence, u64)>, Unavailable>>;
+}
+
+/// A change of a user's connections on this node in a room.
+#[derive(Debug)]
+pub struct PresenceChange {
+    /// The user's connections here, now `entry.conns`.
+    pub entry: Entry,
+    /// Numbers this node's changes of the room.
+    pub seq: u64,
+    /// The user's connections in the room, and the room's, before and after, as this node's
+    /// copy counts them: exact with one node (with Redis, its scripts count the cluster's).
+    pub user: (u32, u32),
+    pub room: (u32, u32),
+}
+
+/// A change of who is in a room across the cluster: a room's first connection came or its last
+/// went, or a user's. Each is decided once for the cluster (by the broker: with Redis, by the
+/// script run that made it), and reported by one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Membership {
+    /// The room's first connection came (`true`), or its last went (`false`).
+    Room { room: Arc<str>, occupied: bool },
+    /// A user's first connection joined the room (`true`), or its last left (`false`); `user`
+    /// names it (an anonymous connection is its own member).
+    User {
+        room: Arc<str>,
+        user: Entry,
+        added: bool,
+    },
 }
 
 /// What a broker reports to its node, implemented by the layer above. Called on the broker's
@@ -245,4 +274,12 @@ pub trait BrokerEvents: Send + Sync {
 
     /// The broker lost (or never had) the node's sessions: they are recorded again.
     fn sessions_lost(&self);
+
+    /// Who is in a room changed (see [`Membership`]); reported by one node of the cluster. Must
+    /// not take a room's locks (it may be called under one).
+    fn membership(&self, change: Membership);
+
+    /// A client's room message (`json`) was published at `offset`: reported by the sender's node
+    /// only (the others get it as a stream message).
+    fn client_published(&self, room: &Arc<str>, json: &[u8], offset: u64);
 }

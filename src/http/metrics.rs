@@ -275,6 +275,43 @@ impl EdgeCollector {
         .encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)
     }
 
+    /// The webhooks, if configured: events queued, sent and dropped; requests.
+    fn webhooks(&self, e: &mut DescriptorEncoder) -> fmt::Result {
+        let Some(webhooks) = &self.0.webhooks else {
+            return Ok(());
+        };
+        let counters = &webhooks.counters;
+        let read = |n: &std::sync::atomic::AtomicU64| Value::Counter(n.load(Ordering::Relaxed));
+        family(
+            e,
+            (
+                "wsgate_webhook_events",
+                "Webhook events, by outcome: queued, sent (taken by the backend), dropped (past \
+                 webhook_queue, or unsent after webhook_retry_for)",
+                MetricType::Counter,
+            ),
+            "outcome",
+            [
+                ("queued".to_owned(), read(&counters.queued)),
+                ("sent".to_owned(), read(&counters.sent)),
+                ("dropped".to_owned(), read(&counters.dropped)),
+            ],
+        )?;
+        family(
+            e,
+            (
+                "wsgate_webhook_requests",
+                "Webhook requests, by result (failed ones are sent again)",
+                MetricType::Counter,
+            ),
+            "result",
+            [
+                ("ok".to_owned(), read(&counters.requests_ok)),
+                ("failed".to_owned(), read(&counters.requests_failed)),
+            ],
+        )
+    }
+
     /// The proxies to the backend that are configured: answers, failures, latency.
     fn proxies(&self, e: &mut DescriptorEncoder) -> fmt::Result {
         let node = &*self.0;
@@ -375,6 +412,7 @@ impl Collector for EdgeCollector {
         self.connections(&mut encoder)?;
         self.traffic(&mut encoder)?;
         self.proxies(&mut encoder)?;
+        self.webhooks(&mut encoder)?;
         self.state(&mut encoder)
     }
 }

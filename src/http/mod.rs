@@ -57,6 +57,7 @@ use tracing::{debug, error};
 
 use crate::auth::{self, Authenticator};
 use crate::backend::proxy::{self, DEFAULT_DENY_CODE, Proxy};
+use crate::backend::webhook::Webhooks;
 use crate::backend::{Event, ProxyKind, ShardProxyMetrics};
 use crate::broker::Broker;
 use crate::conn::limits::Refusal;
@@ -90,6 +91,8 @@ pub struct Edge {
     pub http: HttpConnections,
     /// What each shard's proxies to the backend count.
     pub proxy_metrics: Arc<[ShardProxyMetrics]>,
+    /// The node's webhooks, if configured (for `/metrics`).
+    pub webhooks: Option<Arc<Webhooks>>,
     /// The app of `/ws` and `/`, and of `/echo`.
     pub chat: AppId,
     pub echo: AppId,

@@ -50,10 +50,29 @@ impl Answer {
 
 type Answering = Arc<Mutex<Box<dyn Fn(&Value) -> Answer + Send>>>;
 
+/// One request as the backend got it.
+#[derive(Clone, Debug)]
+pub struct Call {
+    /// Its headers, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// Its body, as sent, and as JSON (null when it is not).
+    pub raw: Bytes,
+    pub body: Value,
+}
+
+impl Call {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 pub struct Backend {
     pub addr: SocketAddr,
-    /// The body of every call, in the order they came.
-    calls: Arc<Mutex<Vec<Value>>>,
+    /// Every call, in the order they came.
+    calls: Arc<Mutex<Vec<Call>>>,
     answering: Answering,
     running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
@@ -77,7 +96,13 @@ impl Backend {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The body of every call, in the order they came.
     pub fn calls(&self) -> Vec<Value> {
+        self.requests().into_iter().map(|call| call.body).collect()
+    }
+
+    /// Every call, with its headers and raw body.
+    pub fn requests(&self) -> Vec<Call> {
         self.calls.lock().unwrap().clone()
     }
 
@@ -150,16 +175,26 @@ impl Drop for Backend {
 
 async fn answer(
     req: Request<Incoming>,
-    calls: Arc<Mutex<Vec<Value>>>,
+    calls: Arc<Mutex<Vec<Call>>>,
     answering: Answering,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let body = req.into_body().collect().await.map(|b| b.to_bytes());
-    let call: Value = body
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null);
-    let answer = (answering.lock().unwrap())(&call);
-    calls.lock().unwrap().push(call);
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(name, value)| {
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            (name.as_str().to_owned(), value)
+        })
+        .collect();
+    let raw = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+    let answer = (answering.lock().unwrap())(&body);
+    calls.lock().unwrap().push(Call { headers, raw, body });
     tokio::time::sleep(answer.delay).await;
     let mut response = Response::new(Full::new(Bytes::from(answer.body)));
     *response.status_mut() = hyper::StatusCode::from_u16(answer.status).unwrap();

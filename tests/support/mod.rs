@@ -504,6 +504,16 @@ pub async fn http_get_from(
     http_request_from(source, addr, "GET", path, extra_headers, b"").await
 }
 
+/// The value of the `/metrics` sample of `gw` that starts with `sample` (its name and labels).
+pub async fn metric(gw: &TestGateway, sample: &str) -> u64 {
+    let (_, _, body) = http_get(gw.addr, "/metrics", "").await;
+    let line = body
+        .lines()
+        .find(|line| line.starts_with(&format!("{sample} ")))
+        .unwrap_or_else(|| panic!("no sample {sample} in\n{body}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
 /// The server API key of tests that turn the API on.
 pub const API_KEY: &str = "backend-key-0123456789";
 

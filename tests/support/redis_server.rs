@@ -93,7 +93,17 @@ impl RedisServer {
 
     fn try_query<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> redis::RedisResult<T> {
         let client = redis::Client::open(self.url())?;
-        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        // A signal to the test process (a child gateway exiting) interrupts the connect's wait
+        // (EINTR, which `poll` never restarts): tried again.
+        let mut tries = 0;
+        let mut conn = loop {
+            match client.get_connection_with_timeout(Duration::from_secs(2)) {
+                Err(e) if tries < 3 && e.to_string().contains("Interrupted system call") => {
+                    tries += 1;
+                }
+                connected => break connected?,
+            }
+        };
         cmd.query(&mut conn)
     }
 

@@ -115,18 +115,57 @@ local function field_node(field)
   return string.match(field, "^([^\31]*)\31")
 end
 
--- Which nodes are alive (node -> true), from the nodes hash (see beat.lua).
+-- Which nodes are alive (node -> true), from the nodes hash (see beat.lua); and, second, which
+-- are listed there at all, alive or not. A listed node that is not alive is swept out of its
+-- rooms by forget_node.lua, which reports who left with it; one no longer listed (forgotten
+-- after a long silence) was swept before, and what is left of it may be deleted as found.
 local function alive_nodes(nodes_key)
   as_kind(nodes_key, "hash")
   local now = now_ms()
   local alive = {}
+  local listed = {}
   local nodes = redis.call("hgetall", nodes_key)
   for i = 1, #nodes, 2 do
+    listed[nodes[i]] = true
     if ms(nodes[i + 1]) >= now then
       alive[nodes[i]] = true
     end
   end
-  return alive
+  return alive, listed
+end
+
+-- Who is in a room across the cluster, for webhooks: the nodes counted are those of the room's
+-- members hash, dead ones not yet swept included (their members count until forget_node.lua
+-- takes them out), so that a user's or the room's first and last connection are each seen by
+-- one script run (Redis runs one at a time), whose node reports it.
+
+-- A user's connections in a room (its presence and members hashes).
+local function user_conns(presence, members, user)
+  local n = 0
+  for _, node in ipairs(redis.call("hkeys", members)) do
+    n = n + entry_conns(redis.call("hget", presence, node .. "\31" .. user))
+  end
+  return n
+end
+
+-- A room's connections (its members hash).
+local function room_conns(members)
+  local n = 0
+  for _, count in ipairs(redis.call("hvals", members)) do
+    n = n + (tonumber(count) or 0)
+  end
+  return n
+end
+
+-- Appends to `changes` a change of a user's (`entry`: its presence entry, JSON) or the room's
+-- (`entry`: false) connections from `before` to `after`, when it is a first or a last: four
+-- values, the room, the entry, before, after.
+local function note_change(changes, room, entry, before, after)
+  if (before == 0) ~= (after == 0) then
+    for _, value in ipairs({room, entry, before, after}) do
+      changes[#changes + 1] = value
+    end
+  end
 end
 
 -- The era's clock as wsgate writes it, a count (digits only, far below 2^53 so that HINCRBY and

@@ -6,14 +6,32 @@
 -- ARGV: node, change number, channel, TTL (s), room, the node's generation, TTL once the room
 -- has no member (s, see lib.lua's room_lifetime), the highest era clock the node saw, then the
 -- node's entries: user, entry (JSON), ...
--- Returns the era's clock; an ERA_CHANGED error (nothing written) under another generation.
+-- Returns the era's clock, then the changes of who is in the room (see lib.lua's note_change);
+-- an ERA_CHANGED error (nothing written) under another generation.
 if not era_is(KEYS[4], ARGV[6], ARGV[8]) then
   return redis.error_reply(ERA_CHANGED)
 end
 -- Counted first: nothing below can fail once the clock is known to be a count.
 local clock = era_tick(KEYS[4])
 as_kind(KEYS[1], "hash")
+as_kind(KEYS[2], "hash")
 local prefix = ARGV[1] .. "\31"
+-- The users the rewrite may change, with their entries and connections before.
+local users = {}
+local function note_user(user, entry)
+  if not users[user] then
+    users[user] = {entry, user_conns(KEYS[1], KEYS[2], user)}
+  end
+end
+local room_before = room_conns(KEYS[2])
+for _, field in ipairs(redis.call("hkeys", KEYS[1])) do
+  if string.sub(field, 1, #prefix) == prefix then
+    note_user(string.sub(field, #prefix + 1), redis.call("hget", KEYS[1], field))
+  end
+end
+for i = 9, #ARGV, 2 do
+  note_user(ARGV[i], ARGV[i + 1])
+end
 for _, field in ipairs(redis.call("hkeys", KEYS[1])) do
   if string.sub(field, 1, #prefix) == prefix then
     redis.call("hdel", KEYS[1], field)
@@ -30,4 +48,15 @@ redis.call("hset", KEYS[1], "#" .. ARGV[1], ARGV[2])
 count_members(KEYS[2], KEYS[3], ARGV[5], ARGV[1], nil, conns, ARGV[4], KEYS[6])
 room_lifetime(KEYS[5], KEYS[1], KEYS[2], ARGV[4], ARGV[7])
 redis.call("publish", ARGV[3], "U" .. ARGV[1] .. " " .. ARGV[2] .. "\n[" .. table.concat(entries, ",") .. "]")
-return clock
+local changes = {clock}
+local room_after = room_conns(KEYS[2])
+if room_before == 0 then
+  note_change(changes, ARGV[5], false, room_before, room_after)
+end
+for user, seen in pairs(users) do
+  note_change(changes, ARGV[5], seen[1], seen[2], user_conns(KEYS[1], KEYS[2], user))
+end
+if room_before > 0 then
+  note_change(changes, ARGV[5], false, room_before, room_after)
+end
+return changes

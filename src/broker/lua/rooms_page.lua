@@ -1,12 +1,13 @@
 -- One page of the rooms that have members on live nodes, in name order, with their members
--- (connections) counted from each room's members hash (see lib.lua's count_members). Counts of
--- dead nodes are deleted on the way, and rooms left with none taken out of the index.
+-- (connections) counted from each room's members hash (see lib.lua's count_members), live nodes
+-- only; counts of nodes no longer listed are deleted on the way (see lib.lua's alive_nodes), and
+-- rooms with no member on a live node taken out of the index.
 -- KEYS[1]: the nodes hash; KEYS[2]: the rooms index.
 -- ARGV: the room to start after ("": from the first), most rooms returned, most rooms looked at
 --       (bounds the work of one call), the generation's key prefix ("wsgate:<gen>:").
 -- Returns {room, members, room, members, ...} and the room to continue after ("": none left).
 -- A room's members hash is "<prefix>members:{<room>}" (keys.rs), named here from the index.
-local alive = alive_nodes(KEYS[1])
+local alive, listed = alive_nodes(KEYS[1])
 as_kind(KEYS[2], "zset")
 local limit = tonumber(ARGV[2])
 local budget = tonumber(ARGV[3])
@@ -34,9 +35,7 @@ while true do
     for i = 1, #counts, 2 do
       if alive[counts[i]] then
         members = members + (tonumber(counts[i + 1]) or 0)
-      else
-        -- A dead node's count (a node that only lapsed writes its counts again when it finds
-        -- out, with presence_node.lua).
+      elseif not listed[counts[i]] then
         redis.call("hdel", key, counts[i])
       end
     end

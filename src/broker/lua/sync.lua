@@ -7,9 +7,10 @@
 --       to read the presence ("1") or not ("0": an empty list is returned), the node's
 --       generation (an ERA_CHANGED error, nothing read or written, when it is not the cluster's),
 --       meta TTL when the room has no member (s), the room.
--- Presence fields and member counts of nodes that are not alive, and fields that are not
--- wsgate's, are deleted on the way (a room left with no member then lives as lib.lua's
--- room_lifetime says); the reply says how many of the latter there were.
+-- Presence fields of nodes that are not alive are left out; those of nodes no longer listed,
+-- and fields that are not wsgate's, are deleted on the way (see lib.lua's alive_nodes: listed
+-- dead nodes are forget_node.lua's to take out), and the reply says how many of the latter
+-- there were.
 if not era_is(KEYS[5], ARGV[7]) then
   return redis.error_reply(ERA_CHANGED)
 end
@@ -35,26 +36,26 @@ local presence = {}
 local malformed = 0
 if ARGV[6] == "1" then
   as_kind(KEYS[3], "hash")
-  local alive = alive_nodes(KEYS[4])
+  local alive, listed = alive_nodes(KEYS[4])
   local fields = redis.call("hgetall", KEYS[3])
   for i = 1, #fields, 2 do
     local field = fields[i]
     local node = field_node(field)
     local entry_ok = string.sub(field, 1, 1) == "#" or pcall(cjson.decode, fields[i + 1])
-    if node and alive[node] and entry_ok then
+    if not node or not entry_ok then
+      malformed = malformed + 1
+      redis.call("hdel", KEYS[3], field)
+    elseif alive[node] then
       table.insert(presence, field)
       table.insert(presence, fields[i + 1])
-    else
-      if not node or not entry_ok then
-        malformed = malformed + 1
-      end
+    elseif not listed[node] then
       redis.call("hdel", KEYS[3], field)
     end
   end
   as_kind(KEYS[6], "hash")
   local counts = redis.call("hgetall", KEYS[6])
   for i = 1, #counts, 2 do
-    if not alive[counts[i]] then
+    if not listed[counts[i]] then
       redis.call("hdel", KEYS[6], counts[i])
     end
   end

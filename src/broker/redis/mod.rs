@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ::redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
-use ::redis::{AsyncConnectionConfig, Client, Msg, RedisError, RedisResult};
+use ::redis::{AsyncConnectionConfig, Client, Msg, RedisError, RedisResult, Value};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc::{self, Receiver, Sender, UnboundedReceiver, UnboundedSender};
@@ -56,8 +56,8 @@ use self::keys::{
 use self::publisher::{entry_json, publish_loop, refuse};
 use self::sync::{CatchUpError, catch_up};
 use super::{
-    Broker, Disconnect, HistoryQuery, Host, LocalFuture, PublishError, Publisher, RoomHistory,
-    RoomRef, Unavailable,
+    Broker, Disconnect, HistoryQuery, Host, LocalFuture, PresenceChange, PublishError, Publisher,
+    RoomHistory, RoomRef, Unavailable,
 };
 use crate::base::client_id::ClientId;
 use crate::config::{Config, RedisUrl};
@@ -338,7 +338,9 @@ impl Broker for RedisBroker {
 
     /// Queues a change of this node's presence in `room` for Redis (see
     /// [`Presence::change`]).
-    fn presence_changed(&self, room: Arc<str>, entry: Entry, seq: u64) {
+    /// Queued for Redis, whose script counts the cluster (this node's copy may lag).
+    fn presence_changed(&self, room: Arc<str>, change: PresenceChange) {
+        let PresenceChange { entry, seq, .. } = change;
         let _ = self.records.send(Record::Presence { room, entry, seq });
     }
 
@@ -756,7 +758,7 @@ impl Engine {
     async fn restore(&mut self, session: &mut Session, node: &Host) -> RedisResult<()> {
         let rooms: Vec<Arc<RoomState>> = self.followed.values().cloned().collect();
         subscribe(session, rooms.iter().map(|r| &r.name)).await?;
-        self.rewrite_presence(session).await?;
+        self.rewrite_presence(session, node).await?;
         for room in rooms {
             catch_up(
                 &mut session.catch_ups,
@@ -849,7 +851,7 @@ impl Engine {
                         }
                         if self.on_beat(node, beat, Some(&mut session)) {
                             warn!("this node had lapsed in Redis: writing its presence and sessions again");
-                            if let Err(e) = self.rewrite_presence(&mut session).await {
+                            if let Err(e) = self.rewrite_presence(&mut session, node).await {
                                 break e.to_string();
                             }
                             node.events.sessions_lost();
@@ -903,7 +905,7 @@ impl Engine {
             // connections once the broker has settled.
             self.refuse_queued(node);
             self.settled.cancel();
-            self.goodbye(&mut session).await;
+            self.goodbye(&mut session, node).await;
         }
         reason
     }
@@ -962,7 +964,7 @@ impl Engine {
 
     /// A stopping node leaves every room's presence (the others tell their members at once,
     /// rather than after the node's time-to-live), and its sessions and liveness go.
-    async fn goodbye(&self, session: &mut Session) {
+    async fn goodbye(&self, session: &mut Session, node: &Host) {
         let farewell = async {
             // Not alive first (the others then forget this node's presence everywhere), then its
             // presence out of each room it follows, in one pipeline (the others tell their
@@ -980,7 +982,12 @@ impl Engine {
                 let seq = room.presence().next_seq(&self.node_id);
                 self.add_presence_write(&mut pipe, &session.scripts, &room.name, seq, &[]);
             }
-            pipe.query_async::<()>(&mut session.commands).await
+            // Who leaves rooms with this node is reported (once: by this node).
+            let answers: Vec<Value> = pipe.query_async(&mut session.commands).await?;
+            for answer in &answers {
+                publisher::presence_answer(node, answer);
+            }
+            RedisResult::Ok(())
         };
         match tokio::time::timeout(GOODBYE_TIMEOUT, farewell).await {
             Ok(Ok(_)) => debug!("said goodbye to the cluster"),
@@ -1193,6 +1200,7 @@ impl Engine {
                     let sweep = tokio::spawn(forget_node(
                         session.commands.clone(),
                         session.scripts.clone(),
+                        node.clone(),
                         gone.clone(),
                         self.empty_room_ttl,
                     ));
@@ -1234,7 +1242,7 @@ impl Engine {
 
     /// Writes this node's whole presence in every room it follows, and in the rooms whose
     /// records may have been lost, in pipelines.
-    async fn rewrite_presence(&mut self, session: &mut Session) -> RedisResult<()> {
+    async fn rewrite_presence(&mut self, session: &mut Session, node: &Host) -> RedisResult<()> {
         let mut rooms: Vec<(Arc<str>, u64, Vec<Entry>)> = Vec::new();
         for room in self.followed.values() {
             let mut presence = room.presence();
@@ -1254,10 +1262,12 @@ impl Engine {
             for (name, seq, entries) in batch {
                 self.add_presence_write(&mut pipe, &session.scripts, name, *seq, entries);
             }
-            // Each script answers the era's clock.
-            let written: Vec<i64> = pipe.query_async(&mut session.commands).await?;
-            for written in written {
-                self::publisher::raise(&self.clock, written);
+            // Each script answers the era's clock, and who came or went with the rewrite.
+            let answers: Vec<Value> = pipe.query_async(&mut session.commands).await?;
+            for answer in &answers {
+                if let Some(written) = publisher::presence_answer(node, answer) {
+                    publisher::raise(&self.clock, written);
+                }
             }
         }
         self.rewrite.clear();
@@ -1430,13 +1440,16 @@ fn on_room_message(session: &mut Session, node: &Host, room: &str, envelope: &[u
 async fn forget_node(
     mut conn: MultiplexedConnection,
     scripts: Arc<Scripts>,
+    node: Host,
     dead: Arc<str>,
     empty_room_ttl: u64,
 ) {
     const ROOMS_PER_CALL: usize = 256;
     let keys = &scripts.keys;
     loop {
-        let left: RedisResult<u64> = ::redis::cmd("EVALSHA")
+        // How many of its rooms are left, then who left rooms with it (reported by this node:
+        // each room is swept once).
+        let answer: RedisResult<Vec<Value>> = ::redis::cmd("EVALSHA")
             .arg(&scripts.forget_node)
             .arg(3)
             .arg(keys.node_rooms(&dead))
@@ -1449,9 +1462,14 @@ async fn forget_node(
             .arg(empty_room_ttl)
             .query_async(&mut conn)
             .await;
-        match left {
-            Ok(0) => return,
-            Ok(_) => {}
+        match answer.as_deref() {
+            Ok([left, changes @ ..]) => {
+                publisher::report_memberships(&node, changes);
+                if matches!(left, Value::Int(0)) {
+                    return;
+                }
+            }
+            Ok([]) => return,
             Err(e) => {
                 return debug!(node = %dead, error = %e, "sweeping a dead node's rooms: again at the next beat");
             }

@@ -13,7 +13,7 @@ use super::keys::{
     sessions_key,
 };
 use super::{META_TTL, NODE_TTL, Outgoing, Queues, Record, empty_room_ttl};
-use crate::broker::{Host, Publisher};
+use crate::broker::{Host, Membership, Publisher};
 use crate::protocol::ErrorReply;
 use crate::rooms::Target;
 use crate::rooms::presence::Entry;
@@ -79,8 +79,8 @@ pub async fn publish_loop(
         let seen = clock.load(Ordering::Relaxed);
         let mut pipe = ::redis::pipe();
         pipe.ignore_errors();
-        // Where the presence scripts' answers (the era's clock) are in the pipeline's; the
-        // sessions' commands answer counts of their own.
+        // Where the presence scripts' answers (the era's clock, and the changes of who is in
+        // the room) are in the pipeline's; the sessions' commands answer counts of their own.
         let mut clocks = Vec::with_capacity(records.len());
         for record in &records {
             if matches!(record, Record::Presence { .. }) {
@@ -116,7 +116,7 @@ pub async fn publish_loop(
                 _ => None,
             });
         for &at in &clocks {
-            if let Value::Int(written) = answers[at] {
+            if let Some(written) = presence_answer(&node, &answers[at]) {
                 raise(&clock, written);
             }
         }
@@ -141,6 +141,18 @@ pub async fn publish_loop(
                         }
                         Err(_) => None,
                     };
+                    if let (
+                        Some(position),
+                        Outgoing::Message {
+                            room,
+                            message,
+                            from: Publisher::Client(..),
+                            ..
+                        },
+                    ) = (&position, &out)
+                    {
+                        node.events.client_published(room, message, position.offset);
+                    }
                     match out {
                         Outgoing::Message {
                             from: Publisher::Api(reply),
@@ -172,6 +184,56 @@ pub async fn publish_loop(
             )));
             let rooms = rooms.collect();
             return (queues, Some(Failed { error, rooms }));
+        }
+    }
+}
+
+/// A presence script's answer (presence.lua, presence_node.lua): the era's clock it wrote, after
+/// the changes of who is in the room it made are reported to the node.
+pub fn presence_answer(node: &Host, answer: &Value) -> Option<i64> {
+    let Value::Array(values) = answer else {
+        return None;
+    };
+    let (Value::Int(written), changes) = values.split_first()? else {
+        return None;
+    };
+    report_memberships(node, changes);
+    Some(*written)
+}
+
+/// Reports the changes of who is in rooms a script made and counted: four values each (see
+/// lib.lua's note_change) — the room, the user's presence entry (nil: the room itself), its
+/// connections before and after. Anything else is skipped.
+pub fn report_memberships(node: &Host, values: &[Value]) {
+    for change in values.chunks_exact(4) {
+        let counts = (
+            String::from_redis_value(change[0].clone()),
+            u64::from_redis_value(change[2].clone()),
+            u64::from_redis_value(change[3].clone()),
+        );
+        let (Ok(room), Ok(before), Ok(after)) = counts else {
+            continue;
+        };
+        let room: Arc<str> = room.into();
+        let membership = match &change[1] {
+            Value::Nil => Membership::Room {
+                room,
+                occupied: before == 0,
+            },
+            entry => {
+                let json = Vec::<u8>::from_redis_value(entry.clone()).unwrap_or_default();
+                let Ok(user) = serde_json::from_slice::<Entry>(&json) else {
+                    continue;
+                };
+                Membership::User {
+                    room,
+                    user,
+                    added: before == 0,
+                }
+            }
+        };
+        if (before == 0) != (after == 0) {
+            node.events.membership(membership);
         }
     }
 }

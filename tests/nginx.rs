@@ -85,6 +85,21 @@ async fn a_cluster_behind_nginx_chats_across_its_nodes() {
     }
     let (status, _, health) = http_get(nginx.addr, "/healthz", "").await;
     assert_eq!(status, 200, "{health}\n{}", nginx.error_log());
+    // A backend calls the API on nginx's other port: any node answers for the cluster.
+    let (status, published) = support::api(
+        nginx.api_addr,
+        "POST",
+        "/api/publish",
+        serde_json::json!({"room": "lobby", "data": {"from": "the backend"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{published}\n{}", nginx.error_log());
+    for client in &mut clients {
+        let message = client.next_not_presence().await;
+        assert_eq!(message["data"], serde_json::json!({"from": "the backend"}));
+    }
+    let (status, _, _) = http_get(nginx.api_addr, "/healthz", "").await;
+    assert_eq!(status, 404, "only the API on the API's port");
 }
 
 #[tokio::test]

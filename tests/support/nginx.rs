@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 pub struct Nginx {
     pub addr: SocketAddr,
+    /// The server API's port.
+    pub api_addr: SocketAddr,
     child: Child,
     prefix: PathBuf,
 }
@@ -18,17 +20,19 @@ impl Nginx {
     /// nginx proxying to `upstreams` (the compose file's three nodes), listening on a free
     /// loopback port; returns once it accepts connections.
     pub fn start(upstreams: &[SocketAddr]) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let free = || {
+            TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (addr, api_addr) = (free(), free());
+        let port = addr.port();
         let prefix =
             std::env::temp_dir().join(format!("wsgate-nginx-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&prefix).unwrap();
         let conf = prefix.join("nginx.conf");
-        std::fs::write(&conf, loopback_config(upstreams, addr, &prefix)).unwrap();
+        std::fs::write(&conf, loopback_config(upstreams, addr, api_addr, &prefix)).unwrap();
         let child = Command::new(binary())
             .arg("-p")
             .arg(&prefix)
@@ -40,6 +44,7 @@ impl Nginx {
             .expect("nginx runs (apt-get install nginx-light)");
         let mut nginx = Nginx {
             addr,
+            api_addr,
             child,
             prefix,
         };
@@ -94,6 +99,7 @@ fn binary() -> &'static str {
 fn loopback_config(
     upstreams: &[SocketAddr],
     listen: SocketAddr,
+    api_listen: SocketAddr,
     prefix: &std::path::Path,
 ) -> String {
     let shipped = include_str!("../../deploy/compose/nginx.conf");
@@ -123,6 +129,8 @@ fn loopback_config(
             )
         } else if trimmed.starts_with("server wsgate-") {
             Some(String::new())
+        } else if trimmed == "listen 8081;" {
+            Some(format!("listen {api_listen};"))
         } else if trimmed == "listen 80;" {
             Some(format!(
                 "listen {listen};\naccess_log off;\nclient_body_temp_path {prefix}/body;\n\
@@ -137,7 +145,7 @@ fn loopback_config(
         config.push('\n');
     }
     assert_eq!(
-        replaced, 7,
+        replaced, 8,
         "deploy/compose/nginx.conf changed shape:\n{shipped}"
     );
     config

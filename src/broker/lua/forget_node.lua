@@ -24,21 +24,21 @@ for _, room in ipairs(redis.call("spop", KEYS[1], tonumber(ARGV[3]))) do
   as_kind(presence, "hash")
   as_kind(members, "hash")
   local room_before = room_conns(members)
+  local nodes = redis.call("hkeys", members)
   local gone = {}
   for _, field in ipairs(redis.call("hkeys", presence)) do
     if string.sub(field, 1, #mine) == mine then
       local user = string.sub(field, #mine + 1)
-      gone[user] = {redis.call("hget", presence, field), user_conns(presence, members, user)}
-    end
-  end
-  for _, field in ipairs(redis.call("hkeys", presence)) do
-    if string.sub(field, 1, #mine) == mine or field == "#" .. ARGV[1] then
+      gone[user] = {redis.call("hget", presence, field), user_conns(presence, nodes, user)}
+      redis.call("hdel", presence, field)
+    elseif field == "#" .. ARGV[1] then
       redis.call("hdel", presence, field)
     end
   end
   redis.call("hdel", members, ARGV[1])
+  nodes = redis.call("hkeys", members)
   for user, seen in pairs(gone) do
-    note_change(changes, room, seen[1], seen[2], user_conns(presence, members, user))
+    note_change(changes, room, seen[1], seen[2], user_conns(presence, nodes, user))
   end
   note_change(changes, room, false, room_before, room_conns(members))
   if redis.call("exists", members) == 0 then

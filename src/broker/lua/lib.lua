@@ -139,10 +139,11 @@ end
 -- takes them out), so that a user's or the room's first and last connection are each seen by
 -- one script run (Redis runs one at a time), whose node reports it.
 
--- A user's connections in a room (its presence and members hashes).
-local function user_conns(presence, members, user)
+-- A user's connections in a room: its presence hash's entries of `nodes` (the room's members
+-- hash's keys, read once per script and state: HKEYS).
+local function user_conns(presence, nodes, user)
   local n = 0
-  for _, node in ipairs(redis.call("hkeys", members)) do
+  for _, node in ipairs(nodes) do
     n = n + entry_conns(redis.call("hget", presence, node .. "\31" .. user))
   end
   return n

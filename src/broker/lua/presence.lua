@@ -18,7 +18,7 @@ as_kind(KEYS[1], "hash")
 local field = ARGV[1] .. "\31" .. ARGV[2]
 local before = redis.call("hget", KEYS[1], field)
 as_kind(KEYS[2], "hash")
-local user_before = user_conns(KEYS[1], KEYS[2], ARGV[2])
+local user_before = user_conns(KEYS[1], redis.call("hkeys", KEYS[2]), ARGV[2])
 local room_before = room_conns(KEYS[2])
 if tonumber(ARGV[4]) > 0 then
   redis.call("hset", KEYS[1], field, ARGV[3])
@@ -36,7 +36,8 @@ if room_before == 0 then
   note_change(changes, ARGV[8], false, room_before, room_after)
 end
 -- A user who left is named by the entry it had.
-note_change(changes, ARGV[8], before or ARGV[3], user_before, user_conns(KEYS[1], KEYS[2], ARGV[2]))
+local user_after = user_conns(KEYS[1], redis.call("hkeys", KEYS[2]), ARGV[2])
+note_change(changes, ARGV[8], before or ARGV[3], user_before, user_after)
 if room_before > 0 then
   note_change(changes, ARGV[8], false, room_before, room_after)
 end

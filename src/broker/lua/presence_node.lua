@@ -18,24 +18,25 @@ as_kind(KEYS[2], "hash")
 local prefix = ARGV[1] .. "\31"
 -- The users the rewrite may change, with their entries and connections before.
 local users = {}
+local nodes = redis.call("hkeys", KEYS[2])
 local function note_user(user, entry)
   if not users[user] then
-    users[user] = {entry, user_conns(KEYS[1], KEYS[2], user)}
+    users[user] = {entry, user_conns(KEYS[1], nodes, user)}
   end
 end
 local room_before = room_conns(KEYS[2])
+local old = {}
 for _, field in ipairs(redis.call("hkeys", KEYS[1])) do
   if string.sub(field, 1, #prefix) == prefix then
+    old[#old + 1] = field
     note_user(string.sub(field, #prefix + 1), redis.call("hget", KEYS[1], field))
   end
 end
 for i = 9, #ARGV, 2 do
   note_user(ARGV[i], ARGV[i + 1])
 end
-for _, field in ipairs(redis.call("hkeys", KEYS[1])) do
-  if string.sub(field, 1, #prefix) == prefix then
-    redis.call("hdel", KEYS[1], field)
-  end
+for _, field in ipairs(old) do
+  redis.call("hdel", KEYS[1], field)
 end
 local entries = {}
 local conns = 0
@@ -53,8 +54,9 @@ local room_after = room_conns(KEYS[2])
 if room_before == 0 then
   note_change(changes, ARGV[5], false, room_before, room_after)
 end
+nodes = redis.call("hkeys", KEYS[2])
 for user, seen in pairs(users) do
-  note_change(changes, ARGV[5], seen[1], seen[2], user_conns(KEYS[1], KEYS[2], user))
+  note_change(changes, ARGV[5], seen[1], seen[2], user_conns(KEYS[1], nodes, user))
 end
 if room_before > 0 then
   note_change(changes, ARGV[5], false, room_before, room_after)

@@ -213,7 +213,7 @@ impl ChatApp {
         let chat = &self.chat;
         match message {
             ClientMessage::JoinRoom { room, since } => match &self.join_proxy {
-                Some(proxy) if chat.joins_anew(shard, key, room)? => {
+                Some(proxy) if chat.check_join(shard, key, room)? => {
                     self.join_if_allowed(proxy, shard, key, room, since, id);
                     Ok(Handled::Answered)
                 }
@@ -358,10 +358,10 @@ impl Chat {
         event.to_json()
     }
 
-    /// Whether joining `room` is a new join the backend is asked about (not a member yet), once
-    /// what the gateway checks itself before a join (the name, the token's room patterns, the
-    /// connection's room limit, Redis) passed.
-    fn joins_anew<'i>(
+    /// What the gateway checks itself before a join of `room` (the name, Redis, the token's room
+    /// patterns, the connection's room limit); whether it makes the connection a new member
+    /// (what the join proxy is asked about).
+    fn check_join<'i>(
         &self,
         shard: &Shard,
         key: usize,
@@ -369,6 +369,9 @@ impl Chat {
     ) -> Result<bool, ErrorReply<'i>> {
         if !is_valid_room_name(room) {
             return Err(ErrorReply::InvalidRoomName);
+        }
+        if self.cannot_sync(shard, room) {
+            return Err(ErrorReply::Unavailable);
         }
         let state = shard.state_ref();
         let conn = &state.conns[key];
@@ -381,9 +384,6 @@ impl Chat {
         let max_rooms = shard.shared.config.max_rooms_per_connection;
         if conn.rooms.len() >= max_rooms {
             return Err(ErrorReply::TooManyRooms(max_rooms));
-        }
-        if self.cannot_sync(shard, room) {
-            return Err(ErrorReply::Unavailable);
         }
         Ok(true)
     }
@@ -472,28 +472,16 @@ impl Chat {
         since: Option<Since<'i>>,
         request: Option<&RequestId>,
     ) -> Result<(), ErrorReply<'i>> {
-        if !is_valid_room_name(room) {
-            return Err(ErrorReply::InvalidRoomName);
-        }
+        self.check_join(shard, key, room)?;
         let since = since.map(|since| Position {
             offset: since.offset,
             epoch: Arc::from(since.epoch),
         });
         let config = &shard.shared.config;
-        if self.cannot_sync(shard, room) {
-            return Err(ErrorReply::Unavailable);
-        }
         let (name, joined_user, members, pending, id, identity) = {
             let mut guard = shard.state();
             let state = &mut *guard;
             let conn = &mut state.conns[key];
-            let max_rooms = config.max_rooms_per_connection;
-            if !conn.identity.may_join(room) {
-                return Err(ErrorReply::RoomNotAllowed(room));
-            }
-            if conn.rooms.len() >= max_rooms && !conn.rooms.iter().any(|r| &**r == room) {
-                return Err(ErrorReply::TooManyRooms(max_rooms));
-            }
             // A room the node holds nothing of is new: it costs the user (anonymous connections:
             // their address) a room of its budget; a race with another join of it costs one more.
             let anonymous = shard.shared.is_anonymous(&conn.identity);

@@ -3,15 +3,16 @@
 //! [`BrokerEvents`] the broker reports to, which hands what reaches this node to its shards.
 //! Connections' session records live here too: a broker keeps them, the shards hold them.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
 use crate::backend::webhook::Webhooks;
 use crate::base::client_id::ClientId;
 use crate::broker::{
-    Broker, BrokerEvents, Disconnect, Membership, PublishError, Publisher, RoomRef,
+    Broker, BrokerEvents, Disconnect, Membership, PublishError, Publisher, RoomRef, Unavailable,
 };
 use crate::config::WebhookEvent;
 use crate::fanout::{self, Publication};
@@ -83,36 +84,87 @@ pub fn publish_to_stream(
     published
 }
 
-/// Closes every connection of `disconnect.user` on this node and every other; false when the
-/// other nodes could not be told (the broker away or behind; counted).
-pub fn disconnect_everywhere(
+/// What a disconnect closed, across the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Disconnected {
+    /// Connections closed (those of nodes that did not answer in time are not in it).
+    pub connections: u64,
+    /// Nodes whose count is in `connections`, this one included.
+    pub nodes: u32,
+    /// Nodes that were told but did not answer within [`crate::broker::CONTROL_ANSWER_WAIT`].
+    pub unanswered: u32,
+}
+
+/// A disconnect carried out on this node only: the other nodes could not be told, or may not
+/// have been (the broker away or behind; counted). Repeating it is harmless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "closed {closed_here} connections on this node only: the other nodes could not be told (retry)"
+)]
+pub struct OthersNotTold {
+    pub closed_here: u64,
+}
+
+/// Closes every connection of `disconnect.user` on this node and every other, and counts them.
+pub async fn disconnect_everywhere(
     broker: &dyn Broker,
     shared: &Shared,
     disconnect: Arc<Disconnect>,
-) -> bool {
-    let told = broker.control(&disconnect);
-    if !told {
-        shared
-            .counters
-            .broker_notices_dropped
-            .fetch_add(1, Ordering::Relaxed);
+) -> Result<Disconnected, OthersNotTold> {
+    let others = broker.control(&disconnect);
+    let (closed, closed_here) = oneshot::channel();
+    disconnect_here(shared, disconnect, closed);
+    let others = others.await;
+    // Every shard answers, even one stopping (its delivery is dropped then, which answers).
+    let closed_here = closed_here.await.unwrap_or(0);
+    match others {
+        Ok(others) => Ok(Disconnected {
+            connections: closed_here + others.connections,
+            nodes: 1 + others.answered,
+            unanswered: others.unanswered,
+        }),
+        Err(Unavailable) => {
+            shared
+                .counters
+                .broker_notices_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            Err(OthersNotTold { closed_here })
+        }
     }
-    disconnect_here(shared, disconnect);
-    told
 }
 
-/// Closes every connection of `disconnect.user` on this node's shards.
-fn disconnect_here(shared: &Shared, disconnect: Arc<Disconnect>) {
-    shared.to_every_shard(Arc::new(DisconnectUser(disconnect)));
+/// Closes every connection of `disconnect.user` on this node's shards; `closed` is told how
+/// many, once every shard is done with it.
+fn disconnect_here(shared: &Shared, disconnect: Arc<Disconnect>, closed: oneshot::Sender<u64>) {
+    shared.to_every_shard(Arc::new(DisconnectUser {
+        disconnect,
+        closed: AtomicU64::new(0),
+        tell: Mutex::new(Some(closed)),
+    }));
 }
 
-/// Close every connection of a user on a shard.
-struct DisconnectUser(Arc<Disconnect>);
+/// Close every connection of a user on a shard. One delivery reaches every shard: the last to
+/// let go of it tells the total.
+struct DisconnectUser {
+    disconnect: Arc<Disconnect>,
+    closed: AtomicU64,
+    tell: Mutex<Option<oneshot::Sender<u64>>>,
+}
 
 impl Work for DisconnectUser {
     fn run(&self, shard: &Shard) {
-        let Disconnect { user, code, reason } = &*self.0;
-        shard.disconnect_user(user, CloseCode(*code), reason);
+        let Disconnect { user, code, reason } = &*self.disconnect;
+        let closed = shard.disconnect_user(user, CloseCode(*code), reason);
+        self.closed.fetch_add(closed, Ordering::Relaxed);
+    }
+}
+
+impl Drop for DisconnectUser {
+    fn drop(&mut self) {
+        let tell = self.tell.get_mut().map(Option::take);
+        if let Ok(Some(tell)) = tell {
+            let _ = tell.send(*self.closed.get_mut());
+        }
     }
 }
 
@@ -191,8 +243,8 @@ impl BrokerEvents for Cluster {
         fanout::tell_presence(&self.shared, room, gone, came);
     }
 
-    fn disconnect(&self, disconnect: Arc<Disconnect>) {
-        disconnect_here(&self.shared, disconnect);
+    fn disconnect(&self, disconnect: Arc<Disconnect>, closed: oneshot::Sender<u64>) {
+        disconnect_here(&self.shared, disconnect, closed);
     }
 
     fn refused(&self, client: ClientId, request: Option<RequestId>, error: ErrorReply<'static>) {

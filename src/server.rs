@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::backend::ProxyKind;
 use crate::broker::{Disconnect, NotAnApplicationCode};
-use crate::cluster;
+use crate::cluster::{self, Disconnected, OthersNotTold};
 use crate::config::Config;
 use crate::fanout::Publication;
 use crate::http::{self, ShardEdge};
@@ -57,6 +57,15 @@ const WEBHOOKS_FLUSH: Duration = Duration::from_secs(5);
 
 /// How often refusals are logged (as counts by reason) and expired room histories forgotten.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why [`Gateway::disconnect_user`] did not close a user's connections everywhere.
+#[derive(Debug, thiserror::Error)]
+pub enum DisconnectError {
+    #[error(transparent)]
+    NotAnApplicationCode(#[from] NotAnApplicationCode),
+    #[error(transparent)]
+    OthersNotTold(#[from] OthersNotTold),
+}
 
 /// A running gateway. Dropping it does not stop it: call [`Gateway::shutdown`] and [`Gateway::join`].
 pub struct Gateway {
@@ -206,21 +215,18 @@ impl Gateway {
     }
 
     /// Closes every connection of `user` with `code` (4000–4999) and `reason`, on this node and,
-    /// with the Redis broker, on every node. `Ok(false)`: the other nodes could not be told
-    /// (counted).
-    pub fn disconnect_user(
+    /// with the Redis broker, on every node; answers how many were closed (the other nodes' counts
+    /// are awaited up to [`crate::broker::CONTROL_ANSWER_WAIT`]). Await it within a Tokio
+    /// runtime, on any thread (the future is `Send`).
+    pub async fn disconnect_user(
         &self,
         user: &str,
         code: u16,
         reason: &str,
-    ) -> Result<bool, NotAnApplicationCode> {
+    ) -> Result<Disconnected, DisconnectError> {
         let disconnect = Arc::new(Disconnect::new(user, code, reason)?);
         let node = &self.node;
-        Ok(cluster::disconnect_everywhere(
-            &*node.broker,
-            &node.shared,
-            disconnect,
-        ))
+        Ok(cluster::disconnect_everywhere(&*node.broker, &node.shared, disconnect).await?)
     }
 
     /// Reads the TLS certificate and key files again, for new handshakes (connections up keep

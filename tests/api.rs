@@ -159,6 +159,10 @@ async fn disconnecting_a_user_closes_only_its_connections_with_the_code_and_reas
     )
     .await;
     assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"disconnected": "bob", "connections": 3, "nodes": 1, "unanswered": 0})
+    );
     for bob in &mut bobs {
         let close = bob.expect_close().await.expect("a close frame");
         assert_eq!((u16::from(close.code), &*close.reason), (4003, "banned"));
@@ -174,8 +178,12 @@ async fn disconnecting_a_user_closes_only_its_connections_with_the_code_and_reas
     for _ in 0..4 {
         newcomers.push(gw.client().await);
     }
-    let (status, _) = call(&gw, "POST", "/api/disconnect", json!({"user": "bob"})).await;
-    assert_eq!(status, 200);
+    let (status, answer) = call(&gw, "POST", "/api/disconnect", json!({"user": "bob"})).await;
+    assert_eq!(
+        (status, &answer["connections"]),
+        (200, &json!(0)),
+        "{answer}"
+    );
     for client in [&mut carol, &mut anonymous]
         .into_iter()
         .chain(&mut newcomers)

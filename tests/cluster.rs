@@ -16,6 +16,7 @@ use support::redis_server::RedisServer;
 use support::{Client, PATIENCE, TestGateway, api, http_get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wsgate::config::BrokerKind;
+use wsgate::server::DisconnectError;
 
 #[tokio::test]
 async fn members_on_three_nodes_get_every_message_once_in_one_order() {
@@ -684,30 +685,74 @@ async fn a_wedged_subscription_is_found_by_the_probe_and_replaced() {
 }
 
 #[tokio::test]
-async fn disconnecting_a_user_closes_its_connections_on_every_node() {
+async fn disconnecting_a_user_closes_its_connections_on_every_node_and_counts_them() {
     let redis = RedisServer::start();
-    let nodes = cluster(&redis, &[1, 1]).await;
+    let nodes = cluster(&redis, &[1, 1, 1]).await;
     let mut bob_here = user_on(&nodes[0], "bob").await;
     let mut bob_there = user_on(&nodes[1], "bob").await;
+    let mut bob_there_too = user_on(&nodes[2], "bob").await;
     let mut carol = user_on(&nodes[1], "carol").await;
     assert!(
-        nodes[0]
-            .gateway()
-            .disconnect_user("bob", 1000, "no")
-            .is_err(),
+        matches!(
+            nodes[0].gateway().disconnect_user("bob", 1000, "no").await,
+            Err(DisconnectError::NotAnApplicationCode(_))
+        ),
         "only application codes"
     );
-    nodes[0]
+    let closed = nodes[0]
         .gateway()
         .disconnect_user("bob", 4000, "kicked")
+        .await
         .unwrap();
-    for bob in [&mut bob_here, &mut bob_there] {
+    // Every node counted its own: one here, one on each of the others.
+    assert_eq!(
+        (closed.connections, closed.nodes, closed.unanswered),
+        (3, 3, 0)
+    );
+    for bob in [&mut bob_here, &mut bob_there, &mut bob_there_too] {
         let close = bob.expect_close().await.expect("a close frame");
         assert_eq!((u16::from(close.code), &*close.reason), (4000, "kicked"));
     }
     carol.expect_silence().await;
-    assert_eq!(counter(&nodes[0], "users_disconnected").await, 1);
-    assert_eq!(counter(&nodes[1], "users_disconnected").await, 1);
+    for node in &nodes {
+        assert_eq!(counter(node, "users_disconnected").await, 1);
+    }
+    // No one left: every node answers, with nothing closed.
+    let (status, answer) = api(
+        nodes[1].addr,
+        "POST",
+        "/api/disconnect",
+        json!({"user": "bob"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"disconnected": "bob", "connections": 0, "nodes": 3, "unanswered": 0})
+    );
+    // A subscriber that is not a node (or a node of a version that does not count) is told and
+    // never answers: the others' counts come, it is reported unanswered after the wait.
+    let mut foreign = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut foreign = foreign.as_pubsub();
+    foreign.subscribe("wsgate:control").unwrap();
+    let mut bob = user_on(&nodes[2], "bob").await;
+    let (status, answer) = api(
+        nodes[0].addr,
+        "POST",
+        "/api/disconnect",
+        json!({"user": "bob"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"disconnected": "bob", "connections": 1, "nodes": 3, "unanswered": 1})
+    );
+    assert_eq!(u16::from(bob.expect_close().await.unwrap().code), 4000);
+    drop(foreign);
 }
 
 #[tokio::test]

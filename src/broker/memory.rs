@@ -10,8 +10,8 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::{
-    Broker, Disconnect, HistoryQuery, Host, LocalFuture, Membership, PresenceChange, PublishError,
-    Publisher, RoomHistory, RoomRef, Unavailable,
+    Broker, Disconnect, HistoryQuery, Host, LocalFuture, Membership, OthersClosed, PresenceChange,
+    PublishError, Publisher, RoomHistory, RoomRef, SendFuture, Unavailable,
 };
 use crate::base::client_id::ClientId;
 use crate::protocol;
@@ -147,8 +147,9 @@ impl Broker for MemoryBroker {
         true
     }
 
-    fn control(&self, _: &Disconnect) -> bool {
-        true
+    /// One node: there are no others to tell.
+    fn control(&self, _: &Disconnect) -> SendFuture<Result<OthersClosed, Unavailable>> {
+        Box::pin(std::future::ready(Ok(OthersClosed::default())))
     }
 
     /// One node: its counts are the cluster's.

@@ -21,6 +21,7 @@ pub mod redis;
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -35,6 +36,9 @@ use crate::runtime::Shared;
 
 /// A future a broker answers with on the calling thread.
 pub type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// A future a broker answers with that any thread may await (it holds no borrow of the broker).
+pub type SendFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// What a broker needs run besides its handle (Redis's connections), on a thread of its own
 /// until the token is cancelled.
@@ -107,6 +111,21 @@ pub struct Disconnect {
     pub reason: Arc<str>,
 }
 
+/// What the other nodes answered to a disconnect.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OthersClosed {
+    /// The connections they closed.
+    pub connections: u64,
+    /// Nodes that answered with their count.
+    pub answered: u32,
+    /// Nodes that were told but did not answer within [`CONTROL_ANSWER_WAIT`] (they still close
+    /// the user's connections; their count is missing).
+    pub unanswered: u32,
+}
+
+/// How long a disconnect waits for the other nodes' counts once they were told.
+pub const CONTROL_ANSWER_WAIT: Duration = Duration::from_secs(1);
+
 /// A disconnect asked with a code outside 4000–4999 (the range RFC 6455 leaves to applications).
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("close code {0} is not an application code (4000-4999)")]
@@ -171,8 +190,10 @@ pub trait Broker: Send + Sync {
     /// `target`. False when it could not be (counted by the caller): notices are not retried.
     fn share(&self, target: &Target, payload: Bytes) -> bool;
 
-    /// Asks every other node to close a user's connections. False when it could not be.
-    fn control(&self, disconnect: &Disconnect) -> bool;
+    /// Asks every other node to close a user's connections, and answers with how many they
+    /// closed (see [`OthersClosed`]); `Unavailable` when they could not be told, or may not have
+    /// been (the connection to Redis failed on the way).
+    fn control(&self, disconnect: &Disconnect) -> SendFuture<Result<OthersClosed, Unavailable>>;
 
     /// A user's connections here in `room` changed (see [`PresenceChange`]). Called under the
     /// room's presence lock, so that the changes reach the broker in their order: it queues,
@@ -262,8 +283,9 @@ pub trait BrokerEvents: Send + Sync {
     /// Members of `room` left (`gone`) or joined (`came`) on other nodes.
     fn presence(&self, room: &Arc<RoomState>, gone: &[Entry], came: &[Entry]);
 
-    /// Another node asks for a user's connections to be closed.
-    fn disconnect(&self, disconnect: Arc<Disconnect>);
+    /// Another node asks for a user's connections to be closed; `closed` is told how many were
+    /// (once every shard has closed its own).
+    fn disconnect(&self, disconnect: Arc<Disconnect>, closed: oneshot::Sender<u64>);
 
     /// A client's room message (with `request`, its `id`) could not be published: it is told
     /// (`error`).

@@ -7,7 +7,7 @@
 //! | `POST /api/publish` | `{"room":R,"as":"chat","username":S,"data":"text"}` | the same |
 //! | `POST /api/publish` | `{"user":U,"data":<JSON>}` | `{"user":U,"published":true}` |
 //! | `POST /api/broadcast` | `{"data":<JSON>}` | `{"published":true}` |
-//! | `POST /api/disconnect` | `{"user":U,"code":4000-4999,"reason":"…"}` | `{"disconnected":U}` |
+//! | `POST /api/disconnect` | `{"user":U,"code":4000-4999,"reason":"…"}` | `{"disconnected":U,"connections":N,"nodes":K,"unanswered":M}` |
 //! | `GET /api/rooms` | `?after=R&limit=N` | `{"rooms":[{"room":R,"members":N}],"next":R}` |
 //! | `GET /api/rooms/{room}` | `?after=U&limit=N` | `{"room":R,"members":N,"users":[…],"next":U}` |
 //! | `GET /api/history/{room}` | `?since=N&limit=M&order=oldest\|newest` | `{"room":R,"offset":N,"epoch":E,"messages":[…]}` |
@@ -83,10 +83,10 @@ pub async fn serve(shard: Rc<ShardEdge>, req: Request<Incoming>) -> Response<Bod
             let body = read_json(&shard, req).await;
             body.and_then(|body| broadcast(&shard, body))
         }
-        (&Method::POST, "disconnect") => {
-            let body = read_json(&shard, req).await;
-            body.and_then(|body| disconnect(&shard, body))
-        }
+        (&Method::POST, "disconnect") => match read_json(&shard, req).await {
+            Ok(body) => disconnect(&shard, body).await,
+            Err(refused) => Err(refused),
+        },
         (&Method::GET, "rooms") => rooms(&shard, &query).await,
         (&Method::GET, "stats") => Ok(json(StatusCode::OK, &super::stats(&shard))),
         (&Method::GET, room) if room.starts_with("rooms/") => {
@@ -353,7 +353,7 @@ fn default_disconnect_code() -> u16 {
     4000
 }
 
-fn disconnect(shard: &ShardEdge, body: DisconnectBody) -> Answer {
+async fn disconnect(shard: &ShardEdge, body: DisconnectBody) -> Answer {
     let node = &shard.edge;
     if body.reason.len() > frame::MAX_CLOSE_REASON {
         return Err(bad_request(format!(
@@ -365,12 +365,18 @@ fn disconnect(shard: &ShardEdge, body: DisconnectBody) -> Answer {
     if !node.broker.is_ready() {
         return Err(unavailable(ErrorReply::Unavailable));
     }
-    if !cluster::disconnect_everywhere(&*node.broker, &node.shared, Arc::new(disconnect)) {
-        return Err(unavailable(
-            "disconnected on this node only: the other nodes could not be told (retry)",
-        ));
-    }
-    Ok(json(StatusCode::OK, &json!({ "disconnected": body.user })))
+    let closed = cluster::disconnect_everywhere(&*node.broker, &node.shared, Arc::new(disconnect))
+        .await
+        .map_err(unavailable)?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "disconnected": body.user,
+            "connections": closed.connections,
+            "nodes": closed.nodes,
+            "unanswered": closed.unanswered,
+        }),
+    ))
 }
 
 /// `after` and `limit` from a query string.

@@ -312,8 +312,8 @@ impl Shard {
     }
 
     /// Closes every addressable connection of `user` (anonymous connections are no one's) with
-    /// `code` and `reason`, after what each has queued.
-    pub fn disconnect_user(&self, user: &str, code: CloseCode, reason: &str) {
+    /// `code` and `reason`, after what each has queued; returns how many were not closing yet.
+    pub fn disconnect_user(&self, user: &str, code: CloseCode, reason: &str) -> u64 {
         let close = frame::encode_close(code, reason);
         let mut guard = self.state();
         let state = &mut *guard;
@@ -329,6 +329,7 @@ impl Shard {
             .counters
             .users_disconnected
             .fetch_add(closed, Ordering::Relaxed);
+        closed
     }
 
     /// Removes a connection whose driver is done with it, gives back its admission, and tells

@@ -6,7 +6,8 @@
 //! - `p<node>\n<JSON>`: a notice (typing, a library publication); on `wsgate:broadcast` without
 //!   the `p`;
 //! - on `wsgate:users`: `<node>\n<user as a JSON string>\n<JSON>`: a publication for one user;
-//! - on `wsgate:control`: `<node>\n{"user","code","reason"}`: close a user's connections.
+//! - on `wsgate:control`: `<node>\n{"user","code","reason","answer"}`: close a user's
+//!   connections, and answer how many with `answer` (see [`super::answers`]).
 //!
 //! Anything else — or a message that is not a JSON object, a count that cannot be real — is not
 //! wsgate's and is refused here (`None`), so that it never reaches a client.
@@ -52,13 +53,34 @@ pub fn user_notice(envelope: &[u8]) -> Option<(&[u8], String, &[u8])> {
     (!user.is_empty() && protocol::is_json_object(json)).then_some((origin, user, json))
 }
 
-/// An order from a node: the node it comes from, and the disconnect it asks for.
-pub fn control(envelope: &[u8]) -> Option<(&[u8], Disconnect)> {
+/// An order to every node: a disconnect, and the id the asker awaits the counts under (absent
+/// from nodes of versions that did not wait for them).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Order {
+    #[serde(flatten)]
+    disconnect: Disconnect,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    answer: Option<u64>,
+}
+
+/// The JSON of an order (see [`control`]).
+pub fn control_order(disconnect: &Disconnect, answer: u64) -> Vec<u8> {
+    let order = Order {
+        disconnect: disconnect.clone(),
+        answer: Some(answer),
+    };
+    serde_json::to_vec(&order).expect("serializing to memory cannot fail")
+}
+
+/// An order from a node: the node it comes from, the disconnect it asks for, and the id to
+/// answer with, if any.
+pub fn control(envelope: &[u8]) -> Option<(&[u8], Disconnect, Option<u64>)> {
     let (origin, json) = split_line(envelope)?;
-    let disconnect: Disconnect = serde_json::from_slice(json).ok()?;
+    let order: Order = serde_json::from_slice(json).ok()?;
+    let Disconnect { user, code, reason } = order.disconnect;
     // Checked as when it was given.
-    let disconnect = Disconnect::new(&disconnect.user, disconnect.code, &disconnect.reason).ok()?;
-    Some((origin, disconnect))
+    let disconnect = Disconnect::new(&user, code, &reason).ok()?;
+    Some((origin, disconnect, order.answer))
 }
 
 /// `<number> <word>\n<rest>`.
@@ -120,5 +142,20 @@ mod tests {
         );
         assert_eq!(notice(b"n1\n[1]"), None);
         assert_eq!(parse_u64(b"-1"), None);
+    }
+
+    #[test]
+    fn orders_carry_their_answer_id_and_older_ones_are_read_without() {
+        let disconnect = Disconnect::new("bob", 4003, "banned").unwrap();
+        let envelope = [&b"n1\n"[..], &control_order(&disconnect, 7)].concat();
+        let (origin, read, answer) = control(&envelope).unwrap();
+        assert_eq!(
+            (origin, &*read.user, read.code, answer),
+            (&b"n1"[..], "bob", 4003, Some(7))
+        );
+        let older = b"n1\n{\"user\":\"bob\",\"code\":4000,\"reason\":\"\"}";
+        assert_eq!(control(older).unwrap().2, None);
+        let not_an_application_code = b"n1\n{\"user\":\"bob\",\"code\":1000,\"reason\":\"\"}";
+        assert!(control(not_an_application_code).is_none());
     }
 }

@@ -14,8 +14,9 @@
 //! `wsgate:G:rooms` (the rooms with members, a sorted set read in name order), `wsgate:nodes`
 //! (node → alive until, in ms of Redis's clock), `wsgate:broadcast` (notices for every chat
 //! client), and per node `wsgate:sessions:<node>` (client id → its session),
-//! `wsgate:G:node-rooms:<node>` (the rooms it has members in, swept when it dies) and
-//! `wsgate:probe:<node>` (the node's probe channel).
+//! `wsgate:G:node-rooms:<node>` (the rooms it has members in, swept when it dies),
+//! `wsgate:probe:<node>` (the node's probe channel) and `wsgate:answers:<node>` (the other nodes'
+//! answers to its disconnects).
 
 use std::sync::Arc;
 
@@ -120,6 +121,11 @@ pub fn sessions_key(node: &str) -> String {
 
 pub fn probe_channel(node: &str) -> String {
     format!("wsgate:probe:{node}")
+}
+
+/// Where the other nodes answer a node's disconnects (see [`super::answers`]).
+pub fn answers_channel(node: &str) -> String {
+    format!("wsgate:answers:{node}")
 }
 
 /// The room a channel is for.

@@ -26,6 +26,7 @@
 //!
 //! [`Stream`]: crate::rooms::stream::Stream
 
+mod answers;
 mod directory;
 pub mod envelope;
 pub mod keys;
@@ -42,22 +43,24 @@ use ::redis::{AsyncConnectionConfig, Client, Msg, RedisError, RedisResult, Value
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc::{self, Receiver, Sender, UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
+use self::answers::Answers;
 pub use self::directory::Lookup;
 use self::directory::LookupSlot;
 use self::keys::{
-    BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_KEY, NODES_KEY, Scripts, USERS_CHANNEL, probe_channel,
-    room_channel, room_of, sessions_key,
+    BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_KEY, NODES_KEY, Scripts, USERS_CHANNEL,
+    answers_channel, probe_channel, room_channel, room_of, sessions_key,
 };
 use self::publisher::{entry_json, publish_loop, refuse};
 use self::sync::{CatchUpError, catch_up};
 use super::{
-    Broker, Disconnect, HistoryQuery, Host, LocalFuture, PresenceChange, PublishError, Publisher,
-    RoomHistory, RoomRef, Unavailable,
+    Broker, CONTROL_ANSWER_WAIT, Disconnect, HistoryQuery, Host, LocalFuture, OthersClosed,
+    PresenceChange, PublishError, Publisher, RoomHistory, RoomRef, SendFuture, Unavailable,
 };
 use crate::base::client_id::ClientId;
 use crate::config::{Config, RedisUrl};
@@ -102,6 +105,8 @@ const FENCE: &str = "fence";
 const STOP_FENCE: Duration = Duration::from_secs(1);
 /// How long a stopping node may take to say goodbye.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a disconnect may wait for its order to be published to the other nodes.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the shards ask of the engine.
 enum Command {
@@ -123,8 +128,12 @@ enum Outgoing {
     /// A publication for the other nodes (JSON text): for a room's members, every chat client,
     /// or one user's connections.
     Notice { target: Target, payload: Bytes },
-    /// An order for every other node (JSON text).
-    Control { payload: Vec<u8> },
+    /// An order for every other node (JSON text); `told` gets how many nodes PUBLISH reached
+    /// (dropped: none, or unknown).
+    Control {
+        payload: Vec<u8>,
+        told: oneshot::Sender<u64>,
+    },
 }
 
 /// A change of what Redis records of this node.
@@ -171,6 +180,8 @@ pub struct RedisBroker {
     ready: Arc<AtomicBool>,
     probe: Arc<ProbeClock>,
     lookup: Arc<LookupSlot>,
+    /// This node's disconnects waiting for the other nodes' counts.
+    answers: Arc<Answers>,
     /// Cancelled once the engine has stopped and every room message queued for Redis was sent
     /// or refused (their senders answered).
     settled: CancellationToken,
@@ -215,6 +226,7 @@ impl RedisBroker {
             last_micros: AtomicU64::new(u64::MAX),
         });
         let lookup = Arc::new(LookupSlot::default());
+        let answers = Arc::new(Answers::default());
         let settled = CancellationToken::new();
         let broker = RedisBroker {
             node_id: node_id.clone(),
@@ -224,9 +236,11 @@ impl RedisBroker {
             ready: ready.clone(),
             probe: probe.clone(),
             lookup: lookup.clone(),
+            answers: answers.clone(),
             settled: settled.clone(),
         };
         let engine = Engine {
+            answers_channel: answers_channel(&node_id),
             url: config.redis_url.clone(),
             grace: config.redis_unsubscribe_grace,
             node_id,
@@ -243,6 +257,7 @@ impl RedisBroker {
             judge_after: Instant::now(),
             probe,
             lookup,
+            answers,
             generation: None,
             clock: Arc::new(AtomicU64::new(0)),
             force_new_era: false,
@@ -390,13 +405,26 @@ impl Broker for RedisBroker {
             .map_err(|_| PublishError::Unavailable)
     }
 
-    fn control(&self, disconnect: &Disconnect) -> bool {
-        let payload = serde_json::to_vec(disconnect).expect("serializing to memory cannot fail");
-        self.is_ready()
+    fn control(&self, disconnect: &Disconnect) -> SendFuture<Result<OthersClosed, Unavailable>> {
+        let waiter = self.answers.wait();
+        let payload = envelope::control_order(disconnect, waiter.id());
+        let (told, reached) = oneshot::channel();
+        let queued = self.is_ready()
             && self
                 .outgoing
-                .try_send(Outgoing::Control { payload })
-                .is_ok()
+                .try_send(Outgoing::Control { payload, told })
+                .is_ok();
+        Box::pin(async move {
+            if !queued {
+                return Err(Unavailable);
+            }
+            // Every node subscribes to the control channel: PUBLISH reached this one and the
+            // others that will answer.
+            match tokio::time::timeout(CONTROL_TIMEOUT, reached).await {
+                Ok(Ok(nodes)) => Ok(waiter.count(nodes.saturating_sub(1)).await),
+                _ => Err(Unavailable),
+            }
+        })
     }
 
     fn share(&self, target: &Target, payload: Bytes) -> bool {
@@ -474,6 +502,9 @@ struct Engine {
     rewrite: HashSet<Arc<str>>,
     nodes: Nodes,
     lookup: Arc<LookupSlot>,
+    answers: Arc<Answers>,
+    /// Where the other nodes answer this node's disconnects.
+    answers_channel: String,
     /// No node is judged dead before then: after this node (re)connects, or finds it had lapsed
     /// itself, the others need a beat's time to be heard.
     judge_after: Instant,
@@ -674,6 +705,7 @@ impl Engine {
         let probe_channel = probe_channel(&self.node_id);
         within(sink.subscribe(&[
             probe_channel.as_str(),
+            self.answers_channel.as_str(),
             BROADCAST_CHANNEL,
             USERS_CHANNEL,
             CONTROL_CHANNEL,
@@ -1014,7 +1046,9 @@ impl Engine {
         } else if channel == USERS_CHANNEL {
             self.on_user_notice(node, payload)
         } else if channel == CONTROL_CHANNEL {
-            self.on_control(node, payload)
+            self.on_control(session, node, payload)
+        } else if channel == self.answers_channel {
+            self.answers.received(payload)
         } else {
             room_of(channel).is_some_and(|room| match payload.split_first() {
                 Some((b's', rest)) => on_room_message(session, node, room, rest),
@@ -1057,14 +1091,33 @@ impl Engine {
         true
     }
 
-    /// An order from a node: `<origin node>\n<JSON>`. Returns false when malformed.
-    fn on_control(&self, node: &Host, envelope: &[u8]) -> bool {
-        let Some((origin, disconnect)) = envelope::control(envelope) else {
+    /// An order from a node: `<origin node>\n<JSON>`, answered with how many connections it
+    /// closed here when the order asks. Returns false when malformed.
+    fn on_control(&self, session: &Session, node: &Host, envelope: &[u8]) -> bool {
+        let Some((origin, disconnect, answer)) = envelope::control(envelope) else {
             return false;
         };
         // Its own were carried out by this node when given.
-        if origin != self.node_id.as_bytes() {
-            node.events.disconnect(Arc::new(disconnect));
+        if origin == self.node_id.as_bytes() {
+            return true;
+        }
+        let (closed, counted) = oneshot::channel();
+        node.events.disconnect(Arc::new(disconnect), closed);
+        if let (Some(id), Ok(origin)) = (answer, std::str::from_utf8(origin)) {
+            let channel = answers_channel(origin);
+            let mut commands = session.commands.clone();
+            tokio::spawn(async move {
+                // The asker stops waiting after that long: a later count is of no use.
+                let Ok(Ok(connections)) = tokio::time::timeout(CONTROL_ANSWER_WAIT, counted).await
+                else {
+                    return;
+                };
+                let _: RedisResult<i64> = ::redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(answers::answer(id, connections))
+                    .query_async(&mut commands)
+                    .await;
+            });
         }
         true
     }

@@ -122,6 +122,13 @@ pub async fn publish_loop(
         }
         let answers = answers.into_iter().skip(first_outgoing);
         for (out, answer) in outgoing.drain(..).zip(answers) {
+            if let Outgoing::Control { told, .. } = out {
+                // PUBLISH's answer: how many subscribers the order reached.
+                if let Value::Int(reached) = answer {
+                    let _ = told.send(u64::try_from(reached).unwrap_or(0));
+                }
+                continue;
+            }
             match answer {
                 Value::ServerError(error) => {
                     if error.code() == ERA_CHANGED {
@@ -341,7 +348,7 @@ fn add_outgoing(
             };
             pipe.cmd("PUBLISH").arg(channel).arg(envelope);
         }
-        Outgoing::Control { payload } => {
+        Outgoing::Control { payload, .. } => {
             let envelope = [node.shared.id.as_bytes(), b"\n", payload].concat();
             pipe.cmd("PUBLISH").arg(CONTROL_CHANNEL).arg(envelope);
         }
@@ -370,11 +377,13 @@ pub fn refuse(node: &Host, out: Outgoing, error: ErrorReply<'static>) {
                 }
             }
         }
-        Outgoing::Notice { .. } | Outgoing::Control { .. } => {
+        Outgoing::Notice { .. } => {
             node.shared
                 .counters
                 .broker_notices_dropped
                 .fetch_add(1, Ordering::Relaxed);
         }
+        // Its asker hears it was not told (`told` dropped), and counts it.
+        Outgoing::Control { .. } => {}
     }
 }

@@ -717,17 +717,19 @@ async fn disconnecting_a_user_closes_its_connections_on_every_node_and_counts_th
     for node in &nodes {
         assert_eq!(counter(node, "users_disconnected").await, 1);
     }
+    // What POST /api/disconnect of bob on `node` answers.
+    let disconnect_bob = |node: usize| {
+        let addr = nodes[node].addr;
+        async move {
+            let (status, answer) =
+                api(addr, "POST", "/api/disconnect", json!({"user": "bob"})).await;
+            assert_eq!(status, 200, "{answer}");
+            answer
+        }
+    };
     // No one left: every node answers, with nothing closed.
-    let (status, answer) = api(
-        nodes[1].addr,
-        "POST",
-        "/api/disconnect",
-        json!({"user": "bob"}),
-    )
-    .await;
-    assert_eq!(status, 200, "{answer}");
     assert_eq!(
-        answer,
+        disconnect_bob(1).await,
         json!({"disconnected": "bob", "connections": 0, "nodes": 3, "unanswered": 0})
     );
     // A subscriber that is not a node (or a node of a version that does not count) is told and
@@ -739,16 +741,8 @@ async fn disconnecting_a_user_closes_its_connections_on_every_node_and_counts_th
     let mut foreign = foreign.as_pubsub();
     foreign.subscribe("wsgate:control").unwrap();
     let mut bob = user_on(&nodes[2], "bob").await;
-    let (status, answer) = api(
-        nodes[0].addr,
-        "POST",
-        "/api/disconnect",
-        json!({"user": "bob"}),
-    )
-    .await;
-    assert_eq!(status, 200, "{answer}");
     assert_eq!(
-        answer,
+        disconnect_bob(0).await,
         json!({"disconnected": "bob", "connections": 1, "nodes": 3, "unanswered": 1})
     );
     assert_eq!(u16::from(bob.expect_close().await.unwrap().code), 4000);

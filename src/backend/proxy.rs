@@ -14,20 +14,17 @@
 
 use std::cell::Cell;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::header::{CONTENT_TYPE, HeaderValue, USER_AGENT};
 use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tracing::debug;
 
-use super::{Failure, ProxyKind, ProxyMetrics, ShardProxyMetrics};
+use super::{Failure, HttpClient, ProxyKind, ProxyMetrics, ShardProxyMetrics};
 use crate::base::identity::Identity;
 use crate::config::{ProxyFailure, ProxySettings};
 
@@ -130,7 +127,7 @@ pub struct Proxy {
     kind: ProxyKind,
     settings: ProxySettings,
     uri: Uri,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: HttpClient,
     in_flight: Cell<usize>,
     breaker: Cell<Breaker>,
     metrics: Arc<[ShardProxyMetrics]>,
@@ -165,16 +162,7 @@ impl Proxy {
         metrics: Arc<[ShardProxyMetrics]>,
         shard: usize,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.timeout));
-        // Idle connections are let go before common backends close them (Node 5 s, gunicorn
-        // 2 s keep-alive): a call written onto a connection the backend is closing fails.
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_millis(1500))
-            .pool_max_idle_per_host(settings.max_in_flight.min(32))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let client = super::http_client(settings.timeout, settings.max_in_flight.min(32));
         Proxy {
             kind,
             uri: parse_url(&settings.url).expect("checked at start-up"),
@@ -323,13 +311,7 @@ fn read_answer(body: &[u8]) -> Option<Answer> {
 
 /// `text` cut to at most `max` bytes, at a character boundary.
 fn cut(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let end = (0..=max)
-            .rev()
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(0);
-        text.truncate(end);
-    }
+    text.truncate(text.floor_char_boundary(max));
     text
 }
 

@@ -23,13 +23,11 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HeaderValue, USER_AGENT};
 use hyper::{Method, Request, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tracing::{debug, warn};
 
+use super::HttpClient;
 use crate::base::time::now_ms;
 use crate::config::{Config, WebhookEvent};
 
@@ -214,12 +212,8 @@ impl Sender {
                 return;
             }
         };
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(self.timeout));
-        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_millis(1500))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        // One batch at a time: one connection.
+        let client = super::http_client(self.timeout, 1);
         let mut batch = Vec::with_capacity(self.batch);
         // Waits for the first event; takes what else is queued, up to a batch.
         while let Ok(first) = queued.recv() {
@@ -236,7 +230,7 @@ impl Sender {
     }
 
     /// Sends one batch until it is taken or `retry_for` is over.
-    async fn deliver(&self, client: &Client<HttpConnector, Full<Bytes>>, batch: &[Event]) {
+    async fn deliver(&self, client: &HttpClient, batch: &[Event]) {
         #[derive(Serialize)]
         struct Body<'a> {
             time: u64,
@@ -280,11 +274,7 @@ impl Sender {
         }
     }
 
-    async fn send(
-        &self,
-        client: &Client<HttpConnector, Full<Bytes>>,
-        body: Bytes,
-    ) -> Result<(), String> {
+    async fn send(&self, client: &HttpClient, body: Bytes) -> Result<(), String> {
         let timestamp = now_ms() / 1000;
         let signature = self.sign(timestamp, &body);
         let mut request = Request::new(Full::new(body));

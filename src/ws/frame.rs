@@ -386,11 +386,7 @@ pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
 pub const MAX_CLOSE_REASON: usize = MAX_CONTROL_PAYLOAD - 2;
 
 pub fn encode_close(code: CloseCode, reason: &str) -> Bytes {
-    let mut cut = reason.len().min(MAX_CLOSE_REASON);
-    while !reason.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    let reason = &reason[..cut];
+    let reason = &reason[..reason.floor_char_boundary(MAX_CLOSE_REASON)];
     let mut builder = FrameBuilder::with_capacity(2 + reason.len());
     builder.payload().put_u16(code.0);
     builder.payload().extend_from_slice(reason.as_bytes());

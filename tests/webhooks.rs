@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::backend::{Answer, Backend, Call};
-use support::cluster::{node_with, user_on, wait_readiness};
+use support::cluster::{eventually_async, node_with, user_on, wait_readiness, wait_until};
 use support::process::GatewayProcess;
 use support::redis_server::RedisServer;
 use support::{Client, PATIENCE, TEST_SECRET, TestGateway, http_get, metric};
@@ -223,6 +223,50 @@ async fn a_failing_backend_gets_the_same_events_again_until_it_takes_them() {
     assert_eq!(ok + 2, backend.requests().len() as u64);
     let sent = r#"wsgate_webhook_events_total{outcome="sent"}"#;
     assert_eq!(metric(&gw, sent).await, 2);
+}
+
+#[tokio::test]
+async fn a_slow_then_stopped_backend_gets_the_events_once_restarted_under_the_same_ids() {
+    let mut backend = Backend::start(|_| Answer::allow().after(Duration::from_secs(2)));
+    let url = backend.url("/hooks");
+    let gw = TestGateway::start_with(
+        move |c| {
+            c.webhook_url = Some(url);
+            c.webhook_secret = Some(SECRET.into());
+            c.webhook_timeout = Duration::from_millis(200);
+        },
+        1,
+    );
+    let mut alice = gw.client_as("alice").await;
+    alice.join("r").await;
+    // Slow: each attempt times out, and is made again.
+    wait_until("tried twice", || backend.requests().len() >= 2).await;
+    backend.stop();
+    // Down: an attempt finds no one.
+    let failed = r#"wsgate_webhook_requests_total{result="failed"}"#;
+    eventually_async(|| async { (metric(&gw, failed).await >= 3).then_some(()) }).await;
+    backend.answer_with(|_| Answer::allow());
+    backend.restart();
+    let sent = r#"wsgate_webhook_events_total{outcome="sent"}"#;
+    eventually_async(|| async { (metric(&gw, sent).await == 2).then_some(()) }).await;
+    // Every attempt carried the events under their first ids: two events, two ids in all.
+    let ids: std::collections::HashSet<String> = backend
+        .calls()
+        .iter()
+        .flat_map(|call| call["events"].as_array().cloned().unwrap_or_default())
+        .map(|event| event["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(
+        events(&backend),
+        [
+            event("room_occupied", "r", None),
+            event("member_added", "r", Some("alice"))
+        ]
+    );
+    assert!(backend.requests().iter().all(signed));
+    let dropped = r#"wsgate_webhook_events_total{outcome="dropped"}"#;
+    assert_eq!(metric(&gw, dropped).await, 0);
 }
 
 #[tokio::test]

@@ -26,7 +26,7 @@
 //!
 //! [`Stream`]: crate::rooms::stream::Stream
 
-mod answers;
+pub mod answers;
 mod directory;
 pub mod envelope;
 pub mod keys;

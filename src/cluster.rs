@@ -4,7 +4,7 @@
 //! Connections' session records live here too: a broker keeps them, the shards hold them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -12,7 +12,8 @@ use tokio::sync::oneshot;
 use crate::backend::webhook::Webhooks;
 use crate::base::client_id::ClientId;
 use crate::broker::{
-    Broker, BrokerEvents, Disconnect, Membership, PublishError, Publisher, RoomRef, Unavailable,
+    Broker, BrokerEvents, CONTROL_ANSWER_WAIT, Disconnect, Membership, PublishError, Publisher,
+    RoomRef, Unavailable,
 };
 use crate::config::WebhookEvent;
 use crate::fanout::{self, Publication};
@@ -97,49 +98,65 @@ pub struct Disconnected {
 
 /// A disconnect carried out on this node only: the other nodes could not be told, or may not
 /// have been (the broker away or behind; counted). Repeating it is harmless.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "closed {closed_here} connections on this node only: the other nodes could not be told (retry)"
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OthersNotTold {
-    pub closed_here: u64,
+    /// The connections closed here (none: this node's shards did not count in time).
+    pub closed_here: Option<u64>,
 }
 
+impl std::fmt::Display for OthersNotTold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.closed_here {
+            Some(closed) => write!(f, "closed {closed} connections on this node only")?,
+            None => f.write_str("disconnected on this node only")?,
+        }
+        f.write_str(": the other nodes could not be told, or may not have been (retry)")
+    }
+}
+
+impl std::error::Error for OthersNotTold {}
+
 /// Closes every connection of `disconnect.user` on this node and every other, and counts them.
+/// Takes at most [`CONTROL_ANSWER_WAIT`] once the other nodes were told (with Redis, telling
+/// them may take up to 5 s more when it is behind).
 pub async fn disconnect_everywhere(
     broker: &dyn Broker,
     shared: &Shared,
     disconnect: Arc<Disconnect>,
 ) -> Result<Disconnected, OthersNotTold> {
     let others = broker.control(&disconnect);
-    let (closed, closed_here) = oneshot::channel();
-    disconnect_here(shared, disconnect, closed);
-    let others = others.await;
-    // Every shard answers, even one stopping (its delivery is dropped then, which answers).
-    let closed_here = closed_here.await.unwrap_or(0);
+    let (count_tx, count_rx) = oneshot::channel();
+    disconnect_here(shared, disconnect, count_tx);
+    // Every shard counts within a turn of its loop (a stopping one answers as its delivery is
+    // dropped); one that does not in time leaves this node unanswered, as a silent node would.
+    let here = async {
+        let counted = tokio::time::timeout(CONTROL_ANSWER_WAIT, count_rx).await;
+        counted.ok().and_then(Result::ok)
+    };
+    let (here, others) = tokio::join!(here, others);
     match others {
         Ok(others) => Ok(Disconnected {
-            connections: closed_here + others.connections,
-            nodes: 1 + others.answered,
-            unanswered: others.unanswered,
+            connections: others.connections.saturating_add(here.unwrap_or(0)),
+            nodes: others.answered + u32::from(here.is_some()),
+            unanswered: others.unanswered + u32::from(here.is_none()),
         }),
         Err(Unavailable) => {
             shared
                 .counters
                 .broker_notices_dropped
                 .fetch_add(1, Ordering::Relaxed);
-            Err(OthersNotTold { closed_here })
+            Err(OthersNotTold { closed_here: here })
         }
     }
 }
 
-/// Closes every connection of `disconnect.user` on this node's shards; `closed` is told how
+/// Closes every connection of `disconnect.user` on this node's shards; `count_tx` is told how
 /// many, once every shard is done with it.
-fn disconnect_here(shared: &Shared, disconnect: Arc<Disconnect>, closed: oneshot::Sender<u64>) {
+fn disconnect_here(shared: &Shared, disconnect: Arc<Disconnect>, count_tx: oneshot::Sender<u64>) {
     shared.to_every_shard(Arc::new(DisconnectUser {
         disconnect,
         closed: AtomicU64::new(0),
-        tell: Mutex::new(Some(closed)),
+        count_tx: Some(count_tx),
     }));
 }
 
@@ -148,7 +165,7 @@ fn disconnect_here(shared: &Shared, disconnect: Arc<Disconnect>, closed: oneshot
 struct DisconnectUser {
     disconnect: Arc<Disconnect>,
     closed: AtomicU64,
-    tell: Mutex<Option<oneshot::Sender<u64>>>,
+    count_tx: Option<oneshot::Sender<u64>>,
 }
 
 impl Work for DisconnectUser {
@@ -161,9 +178,8 @@ impl Work for DisconnectUser {
 
 impl Drop for DisconnectUser {
     fn drop(&mut self) {
-        let tell = self.tell.get_mut().map(Option::take);
-        if let Ok(Some(tell)) = tell {
-            let _ = tell.send(*self.closed.get_mut());
+        if let Some(count_tx) = self.count_tx.take() {
+            let _ = count_tx.send(*self.closed.get_mut());
         }
     }
 }
@@ -243,8 +259,8 @@ impl BrokerEvents for Cluster {
         fanout::tell_presence(&self.shared, room, gone, came);
     }
 
-    fn disconnect(&self, disconnect: Arc<Disconnect>, closed: oneshot::Sender<u64>) {
-        disconnect_here(&self.shared, disconnect, closed);
+    fn disconnect(&self, disconnect: Arc<Disconnect>, count_tx: oneshot::Sender<u64>) {
+        disconnect_here(&self.shared, disconnect, count_tx);
     }
 
     fn refused(&self, client: ClientId, request: Option<RequestId>, error: ErrorReply<'static>) {
@@ -295,5 +311,29 @@ impl BrokerEvents for Cluster {
         if let Some(webhooks) = &self.webhooks {
             webhooks.chat_message(room, json, offset);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disconnects_count_is_told_once_the_last_shard_let_go_of_it() {
+        let (count_tx, mut count_rx) = oneshot::channel();
+        let delivery = Arc::new(DisconnectUser {
+            disconnect: Arc::new(Disconnect::new("bob", 4000, "").unwrap()),
+            closed: AtomicU64::new(0),
+            count_tx: Some(count_tx),
+        });
+        // As three shards' inboxes hold it: each counts what it closed, then lets go.
+        let shards: Vec<Arc<DisconnectUser>> = (0..3).map(|_| delivery.clone()).collect();
+        drop(delivery);
+        for (closed, shard) in [2, 0, 1].into_iter().zip(shards) {
+            assert!(count_rx.try_recv().is_err(), "told before every shard counted");
+            shard.closed.fetch_add(closed, Ordering::Relaxed);
+            drop(shard);
+        }
+        assert_eq!(count_rx.try_recv(), Ok(3));
     }
 }

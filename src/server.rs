@@ -216,8 +216,9 @@ impl Gateway {
 
     /// Closes every connection of `user` with `code` (4000–4999) and `reason`, on this node and,
     /// with the Redis broker, on every node; answers how many were closed (the other nodes' counts
-    /// are awaited up to [`crate::broker::CONTROL_ANSWER_WAIT`]). Await it within a Tokio
-    /// runtime, on any thread (the future is `Send`).
+    /// are awaited up to [`crate::broker::CONTROL_ANSWER_WAIT`] once they were told; with Redis
+    /// behind, telling them may take up to 5 s more). Await it within a Tokio runtime with its
+    /// time driver enabled, on any thread (the future is `Send`).
     pub async fn disconnect_user(
         &self,
         user: &str,

@@ -732,8 +732,7 @@ async fn disconnecting_a_user_closes_its_connections_on_every_node_and_counts_th
         disconnect_bob(1).await,
         json!({"disconnected": "bob", "connections": 0, "nodes": 3, "unanswered": 0})
     );
-    // A subscriber that is not a node (or a node of a version that does not count) is told and
-    // never answers: the others' counts come, it is reported unanswered after the wait.
+    // A program subscribed to the control channel counts as a node that does not answer.
     let mut foreign = redis::Client::open(redis.url())
         .unwrap()
         .get_connection()
@@ -747,6 +746,46 @@ async fn disconnecting_a_user_closes_its_connections_on_every_node_and_counts_th
     );
     assert_eq!(u16::from(bob.expect_close().await.unwrap().code), 4000);
     drop(foreign);
+    // A node that stops answering (a stalled process) is reported unanswered while its beats
+    // still count it alive: once this node has heard it beat, and within its time-to-live.
+    let stalled = node_process(&redis);
+    let pid = stalled.pid();
+    let answer = eventually_async(|| async {
+        let mut bob = user_on(&nodes[0], "bob").await;
+        support::signal(pid, "-STOP");
+        let answer = disconnect_bob(0).await;
+        support::signal(pid, "-CONT");
+        assert_eq!(u16::from(bob.expect_close().await.unwrap().code), 4000);
+        (answer["unanswered"] == 1).then_some(answer)
+    })
+    .await;
+    assert_eq!(
+        answer,
+        json!({"disconnected": "bob", "connections": 1, "nodes": 3, "unanswered": 1})
+    );
+}
+
+#[tokio::test]
+async fn a_disconnect_while_redis_stalls_says_what_it_closed_on_its_own_node() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, &[1, 1]).await;
+    let mut bob = user_on(&nodes[0], "bob").await;
+    redis.pause();
+    let (status, answer) = api(
+        nodes[0].addr,
+        "POST",
+        "/api/disconnect",
+        json!({"user": "bob"}),
+    )
+    .await;
+    redis.resume();
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(
+        answer["error"],
+        "closed 1 connections on this node only: the other nodes could not be told, or may not \
+         have been (retry)"
+    );
+    assert_eq!(u16::from(bob.expect_close().await.unwrap().code), 4000);
 }
 
 #[tokio::test]

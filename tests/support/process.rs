@@ -117,11 +117,7 @@ impl GatewayProcess {
 
     /// Sends SIGTERM and waits for the exit code.
     pub fn terminate(mut self) -> Option<i32> {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        super::signal(self.pid(), "-TERM");
         self.child.wait().unwrap().code()
     }
 }

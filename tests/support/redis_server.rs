@@ -144,13 +144,7 @@ impl RedisServer {
     }
 
     fn signal(&self, signal: &str) {
-        let child = self.child.as_ref().expect("running");
-        let status = Command::new("kill")
-            .arg(signal)
-            .arg(child.id().to_string())
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
+        super::signal(self.child.as_ref().expect("running").id(), signal);
     }
 
     /// Clients subscribed to `channel`.

@@ -6,8 +6,8 @@
 //! - `p<node>\n<JSON>`: a notice (typing, a library publication); on `wsgate:broadcast` without
 //!   the `p`;
 //! - on `wsgate:users`: `<node>\n<user as a JSON string>\n<JSON>`: a publication for one user;
-//! - on `wsgate:control`: `<node>\n{"user","code","reason","answer"}`: close a user's
-//!   connections, and answer how many with `answer` (see [`super::answers`]).
+//! - on `wsgate:control`: `<node>\n{"user","code","reason","answer_id"}`: close a user's
+//!   connections, and answer how many under `answer_id` (see [`super::answers`]).
 //!
 //! Anything else — or a message that is not a JSON object, a count that cannot be real — is not
 //! wsgate's and is refused here (`None`), so that it never reaches a client.
@@ -60,14 +60,14 @@ struct Order {
     #[serde(flatten)]
     disconnect: Disconnect,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    answer: Option<u64>,
+    answer_id: Option<u64>,
 }
 
 /// The JSON of an order (see [`control`]).
-pub fn control_order(disconnect: &Disconnect, answer: u64) -> Vec<u8> {
+pub fn control_order(disconnect: &Disconnect, answer_id: u64) -> Vec<u8> {
     let order = Order {
         disconnect: disconnect.clone(),
-        answer: Some(answer),
+        answer_id: Some(answer_id),
     };
     serde_json::to_vec(&order).expect("serializing to memory cannot fail")
 }
@@ -80,7 +80,7 @@ pub fn control(envelope: &[u8]) -> Option<(&[u8], Disconnect, Option<u64>)> {
     let Disconnect { user, code, reason } = order.disconnect;
     // Checked as when it was given.
     let disconnect = Disconnect::new(&user, code, &reason).ok()?;
-    Some((origin, disconnect, order.answer))
+    Some((origin, disconnect, order.answer_id))
 }
 
 /// `<number> <word>\n<rest>`.

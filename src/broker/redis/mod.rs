@@ -128,11 +128,11 @@ enum Outgoing {
     /// A publication for the other nodes (JSON text): for a room's members, every chat client,
     /// or one user's connections.
     Notice { target: Target, payload: Bytes },
-    /// An order for every other node (JSON text); `told` gets how many nodes PUBLISH reached
-    /// (dropped: none, or unknown).
+    /// An order for every other node (JSON text); `published` is told how many subscribers it
+    /// reached (dropped: it was not published, or it is unknown).
     Control {
         payload: Vec<u8>,
-        told: oneshot::Sender<u64>,
+        published: oneshot::Sender<u64>,
     },
 }
 
@@ -408,20 +408,18 @@ impl Broker for RedisBroker {
     fn control(&self, disconnect: &Disconnect) -> SendFuture<Result<OthersClosed, Unavailable>> {
         let waiter = self.answers.wait();
         let payload = envelope::control_order(disconnect, waiter.id());
-        let (told, reached) = oneshot::channel();
+        let (published, was_published) = oneshot::channel();
         let queued = self.is_ready()
             && self
                 .outgoing
-                .try_send(Outgoing::Control { payload, told })
+                .try_send(Outgoing::Control { payload, published })
                 .is_ok();
         Box::pin(async move {
             if !queued {
                 return Err(Unavailable);
             }
-            // Every node subscribes to the control channel: PUBLISH reached this one and the
-            // others that will answer.
-            match tokio::time::timeout(CONTROL_TIMEOUT, reached).await {
-                Ok(Ok(nodes)) => Ok(waiter.count(nodes.saturating_sub(1)).await),
+            match tokio::time::timeout(CONTROL_TIMEOUT, was_published).await {
+                Ok(Ok(subscribers)) => Ok(waiter.count(subscribers).await),
                 _ => Err(Unavailable),
             }
         })
@@ -1094,27 +1092,28 @@ impl Engine {
     /// An order from a node: `<origin node>\n<JSON>`, answered with how many connections it
     /// closed here when the order asks. Returns false when malformed.
     fn on_control(&self, session: &Session, node: &Host, envelope: &[u8]) -> bool {
-        let Some((origin, disconnect, answer)) = envelope::control(envelope) else {
+        let Some((origin, disconnect, answer_id)) = envelope::control(envelope) else {
             return false;
         };
         // Its own were carried out by this node when given.
         if origin == self.node_id.as_bytes() {
             return true;
         }
-        let (closed, counted) = oneshot::channel();
-        node.events.disconnect(Arc::new(disconnect), closed);
-        if let (Some(id), Ok(origin)) = (answer, std::str::from_utf8(origin)) {
+        let (count_tx, count_rx) = oneshot::channel();
+        node.events.disconnect(Arc::new(disconnect), count_tx);
+        if let (Some(id), Ok(origin)) = (answer_id, std::str::from_utf8(origin)) {
             let channel = answers_channel(origin);
             let mut commands = session.commands.clone();
+            let node_id = self.node_id.clone();
             tokio::spawn(async move {
                 // The asker stops waiting after that long: a later count is of no use.
-                let Ok(Ok(connections)) = tokio::time::timeout(CONTROL_ANSWER_WAIT, counted).await
+                let Ok(Ok(connections)) = tokio::time::timeout(CONTROL_ANSWER_WAIT, count_rx).await
                 else {
                     return;
                 };
                 let _: RedisResult<i64> = ::redis::cmd("PUBLISH")
                     .arg(channel)
-                    .arg(answers::answer(id, connections))
+                    .arg(answers::answer(id, connections, &node_id))
                     .query_async(&mut commands)
                     .await;
             });
@@ -1202,6 +1201,7 @@ impl Engine {
                 ended.insert(other);
             }
         }
+        self.answers.alive(&alive);
         if Instant::now() < self.judge_after {
             self.nodes.alive = alive;
             return lapsed && session.is_some();

@@ -122,10 +122,10 @@ pub async fn publish_loop(
         }
         let answers = answers.into_iter().skip(first_outgoing);
         for (out, answer) in outgoing.drain(..).zip(answers) {
-            if let Outgoing::Control { told, .. } = out {
+            if let Outgoing::Control { published, .. } = out {
                 // PUBLISH's answer: how many subscribers the order reached.
-                if let Value::Int(reached) = answer {
-                    let _ = told.send(u64::try_from(reached).unwrap_or(0));
+                if let Value::Int(subscribers) = answer {
+                    let _ = published.send(u64::try_from(subscribers).unwrap_or(0));
                 }
                 continue;
             }
@@ -383,7 +383,7 @@ pub fn refuse(node: &Host, out: Outgoing, error: ErrorReply<'static>) {
                 .broker_notices_dropped
                 .fetch_add(1, Ordering::Relaxed);
         }
-        // Its asker hears it was not told (`told` dropped), and counts it.
+        // Its asker hears it was not published (`published` dropped), and counts it.
         Outgoing::Control { .. } => {}
     }
 }

@@ -330,7 +330,10 @@ mod tests {
         let shards: Vec<Arc<DisconnectUser>> = (0..3).map(|_| delivery.clone()).collect();
         drop(delivery);
         for (closed, shard) in [2, 0, 1].into_iter().zip(shards) {
-            assert!(count_rx.try_recv().is_err(), "told before every shard counted");
+            assert!(
+                count_rx.try_recv().is_err(),
+                "told before every shard counted"
+            );
             shard.closed.fetch_add(closed, Ordering::Relaxed);
             drop(shard);
         }

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: lints, unit and integration tests (real sockets,
 # tokio-tungstenite as the independent client), benches compiled and run once, the test page in
-# headless Chromium, the Autobahn RFC 6455 conformance suite against a release build, and every
-# fuzz target for a bounded time. Needs: Rust >= 1.95, Node.js with npm, python3, and root (or
-# sudo) for apt-get (redis-server, nginx, Chromium, Python 2.7 for Autobahn) on first use.
+# headless Chromium, the client SDK's tests on Node >= 22, the Autobahn RFC 6455 conformance
+# suite against a release build, and every fuzz target for a bounded time. Needs: Rust >= 1.95,
+# Node.js with npm, python3, and root (or sudo) for apt-get (redis-server, nginx, Chromium,
+# Python 2.7 for Autobahn) on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +40,9 @@ WSGATE_ENGINE=epoll cargo test --workspace --all-targets
 
 step "Test page in headless Chromium"
 scripts/browser-test.sh
+
+step "Client SDK (clients/js): tsc, its tests on Node >= 22 against the gateway, npm pack"
+scripts/sdk-test.sh
 
 step "/metrics read by the Prometheus client's OpenMetrics parser"
 scripts/metrics-check.sh

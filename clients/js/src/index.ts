@@ -1,0 +1,10 @@
+export { WsgateClient } from "./client.js";
+export type { ClientEvents, ClientOptions, RequestOptions, State } from "./client.js";
+export { Room } from "./room.js";
+export type { RoomEvents } from "./room.js";
+export { WsgateError } from "./errors.js";
+export type { ErrorKind } from "./errors.js";
+export { DEFAULT_BACKOFF, classifyClose, reconnectDelay } from "./backoff.js";
+export type { BackoffOptions, CloseKind } from "./backoff.js";
+export { tokenExpiry } from "./token.js";
+export type * from "./protocol.js";

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The TypeScript client SDK (clients/js): type-checked and built with tsc, its tests run by
 # Node's test runner against the gateway's release binary (and a real redis-server for the
-# cluster test), on Node >= 22 — installed from the npm registry (the node-linux-* package) when
+# cluster test) and against a scripted socket, on Node >= 22 — installed from the npm registry (the node-linux-* package) when
 # the machine's Node is older — and `npm pack` checked to ship the built files and nothing else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,13 @@ echo "SDK tests on Node $("$node_bin" --version)"
 cd clients/js
 npm ci --no-audit --no-fund --silent
 npm run build --silent
+# The gateway serves the SDK as one module (src/page/wsgate-client.js, built into the binary):
+# it must be the bundle of these sources.
+npm run bundle --silent
+git diff --exit-code -- ../../src/page/wsgate-client.js || {
+  echo "src/page/wsgate-client.js is not the bundle of clients/js: run npm run bundle there" >&2
+  exit 1
+}
 GATEWAY_BIN="$TARGET_DIR/release/wsgate" "$node_bin" --test test/*.test.mjs
 
 npm pack --dry-run --json --silent | "$node_bin" -e '

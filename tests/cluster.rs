@@ -752,9 +752,9 @@ async fn disconnecting_a_user_closes_its_connections_on_every_node_and_counts_th
     let pid = stalled.pid();
     let answer = eventually_async(|| async {
         let mut bob = user_on(&nodes[0], "bob").await;
-        support::signal(pid, "-STOP");
+        support::redis_server::send_signal(pid, "-STOP");
         let answer = disconnect_bob(0).await;
-        support::signal(pid, "-CONT");
+        support::redis_server::send_signal(pid, "-CONT");
         assert_eq!(u16::from(bob.expect_close().await.unwrap().code), 4000);
         (answer["unanswered"] == 1).then_some(answer)
     })

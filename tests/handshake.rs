@@ -16,7 +16,15 @@ async fn test_page_is_served_at_the_root() {
         "{head}"
     );
     assert!(body.contains("<title>wsgate test client</title>"));
-    assert!(body.contains("join_room") && body.contains("chat_message") && body.contains("typing"));
+    assert!(body.contains(r#"import { WsgateClient, tokenExpiry } from "/wsgate-client.js""#));
+    // The SDK it imports, as one module speaking the protocol.
+    let (status, head, sdk) = http_get(gw.addr, "/wsgate-client.js", "").await;
+    assert_eq!(status, 200);
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("content-type: text/javascript"), "{head}");
+    assert!(head.contains("cache-control: no-cache"), "{head}");
+    assert!(sdk.contains("export {") && sdk.contains("WsgateClient"));
+    assert!(sdk.contains("join_room") && sdk.contains("chat_message") && sdk.contains("typing"));
 }
 
 #[tokio::test]

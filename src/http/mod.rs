@@ -43,8 +43,8 @@ use futures_util::future::Either;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
-    CONNECTION, CONTENT_TYPE, HOST, HeaderName, HeaderValue, ORIGIN, SEC_WEBSOCKET_KEY,
-    SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE,
+    CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST, HeaderName, HeaderValue, ORIGIN,
+    SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -73,6 +73,9 @@ use head::{HeadError, Prefixed};
 use idle::{HttpConnections, Registered};
 
 const TEST_PAGE: &str = include_str!("../page/index.html");
+/// The client SDK (clients/js) as one ES module, which the test page imports: pages may import
+/// it from the gateway too (`import { WsgateClient } from "https://…/wsgate-client.js"`).
+const CLIENT_SDK: &str = include_str!("../page/wsgate-client.js");
 
 type Body = Full<Bytes>;
 
@@ -497,13 +500,9 @@ fn route(shard: &Rc<ShardEdge>, req: Request<Incoming>, origin: Origin) -> Respo
         (&Method::GET, "/") if fastwebsockets::upgrade::is_upgrade_request(&req) => {
             upgrade(shard, req, shard.edge.chat, origin)
         }
-        (&Method::GET, "/") => {
-            let mut res = Response::new(Full::new(Bytes::from_static(TEST_PAGE.as_bytes())));
-            res.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
-            );
-            res
+        (&Method::GET, "/") => static_file(TEST_PAGE, "text/html; charset=utf-8"),
+        (&Method::GET, "/wsgate-client.js") => {
+            static_file(CLIENT_SDK, "text/javascript; charset=utf-8")
         }
         (&Method::GET, "/ws") => upgrade(shard, req, shard.edge.chat, origin),
         (&Method::GET, "/echo") if config.echo_endpoint => {
@@ -526,7 +525,7 @@ fn route(shard: &Rc<ShardEdge>, req: Request<Incoming>, origin: Origin) -> Respo
             "broker unavailable: Redis cannot be reached (or its rooms are being caught up)",
         ),
         (&Method::GET, "/readyz") => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
-        (_, "/" | "/ws" | "/healthz" | "/readyz" | "/metrics") => {
+        (_, "/" | "/wsgate-client.js" | "/ws" | "/healthz" | "/readyz" | "/metrics") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         (_, "/echo") if config.echo_endpoint => {
@@ -534,6 +533,16 @@ fn route(shard: &Rc<ShardEdge>, req: Request<Incoming>, origin: Origin) -> Respo
         }
         _ => error_response(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// A file built into the binary; revalidated at each load (a new version of the gateway serves a
+/// new one).
+fn static_file(body: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let headers = res.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    res
 }
 
 /// `/healthz`: liveness, gauges, and (`detail`) the refusal counters.

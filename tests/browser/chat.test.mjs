@@ -11,9 +11,10 @@ const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 let browser;
 const gateways = [];
 
-// A gateway started with `env`; resolves to its base URL once it listens.
-async function startGateway(env) {
-  const gateway = spawn(BIN, ['--listen', '127.0.0.1:0', '--shards', '2'], {
+// A gateway started with `env` (on `port`, or a free one); resolves once it listens to its base
+// `url`, its `port`, and `stop()` (SIGTERM, resolved at its exit).
+async function startGateway(env, port = 0) {
+  const gateway = spawn(BIN, ['--listen', `127.0.0.1:${port}`, '--shards', '2'], {
     env: { ...process.env, WSGATE_LOG: 'warn', ...env },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
@@ -24,7 +25,11 @@ async function startGateway(env) {
       const match = /listening on (https?:\/\/\S+)/.exec(chunk.toString());
       if (match) {
         clearTimeout(timer);
-        resolve(match[1]);
+        resolve({
+          url: match[1],
+          port: Number(new URL(match[1]).port),
+          stop: () => new Promise((done) => { gateway.once('exit', done); gateway.kill('SIGTERM'); }),
+        });
       }
     });
     gateway.on('exit', (code) => reject(new Error(`gateway exited with ${code}`)));
@@ -76,7 +81,7 @@ for (const [scheme, env] of Object.entries(schemes)) {
       if (scheme === 'https') {
         assert.ok(env.WSGATE_TLS_CERT_FILE, 'run through scripts/browser-test.sh (it makes the CA)');
       }
-      baseUrl = await startGateway(env);
+      baseUrl = (await startGateway(env)).url;
       assert.ok(baseUrl.startsWith(`${scheme}://`), baseUrl);
     });
 
@@ -125,10 +130,84 @@ for (const [scheme, env] of Object.entries(schemes)) {
     await carol.locator('#log', { hasText: 'carol: while you were away' }).waitFor();
 
     await dave.click('#connect'); // back: the page rejoins with `since`
-    await dave.locator('#log', { hasText: 'rejoined #general: what you missed follows' }).waitFor();
+    await dave.locator('#log', { hasText: 'back in #general: 1 missed message follows' }).waitFor();
     await dave.locator('#log', { hasText: 'carol: while you were away' }).waitFor();
     // Once: the message from before the break is not replayed.
     assert.equal(await dave.locator('#log div', { hasText: 'carol: before the break' }).count(), 1);
   });
   });
 }
+
+describe('the page on the SDK', () => {
+  const shots = (name) => new URL(`../../target/test-page-${name}.png`, import.meta.url).pathname;
+
+  test('on a phone, by keyboard alone: connect, join, chat; own messages stand out', async () => {
+    const { url } = await startGateway({});
+    const page = await browser.newPage({ viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true });
+    page.on('pageerror', (err) => assert.fail(`page error ${err}`));
+    await page.goto(url);
+    await page.focus('#user');
+    await page.keyboard.press('Control+A');
+    await page.keyboard.type('erin');
+    await page.keyboard.press('Enter'); // submits the connect form
+    await page.locator('#status', { hasText: /^connected$/ }).waitFor();
+    await page.focus('#roomName');
+    await page.keyboard.press('Enter'); // joins "general"
+    await page.locator('.room.active', { hasText: '#general' }).waitFor();
+    await page.focus('#message');
+    await page.keyboard.type('hello from a phone');
+    await page.keyboard.press('Enter');
+    await page.locator('#log .me', { hasText: 'hello from a phone' }).waitFor();
+    // Another user's message is not highlighted.
+    const other = await openAndJoin(url, 'frank');
+    await other.fill('#message', 'hi erin');
+    await other.click('#sendForm button:has-text("Send")');
+    await page.locator('#log div', { hasText: 'frank: hi erin' }).waitFor();
+    assert.equal(await page.locator('#log div.me', { hasText: 'frank' }).count(), 0);
+    // The rooms are a row above the messages, which get most of the height; nothing is wider
+    // than the screen.
+    const nav = await page.locator('nav').boundingBox();
+    const log = await page.locator('#log').boundingBox();
+    assert.ok(nav.y + nav.height <= log.y + 1, JSON.stringify({ nav, log }));
+    assert.ok(log.height > 844 / 2, `messages get ${log.height} px`);
+    assert.ok(await page.evaluate(() => document.documentElement.scrollWidth <= 390));
+    await page.screenshot({ path: shots('phone') });
+  });
+
+  test('a page whose gateway restarts comes back by itself and keeps its rooms', async () => {
+    let gateway = await startGateway({});
+    const page = await openAndJoin(gateway.url, 'gina');
+    await page.fill('#message', 'before the restart');
+    await page.click('#sendForm button:has-text("Send")');
+    await page.locator('#log', { hasText: 'gina: before the restart' }).waitFor();
+    await gateway.stop();
+    await page.locator('#log .note', { hasText: 'the server is restarting' }).waitFor();
+    gateway = await startGateway({}, gateway.port);
+    // Rejoined without a click; the room started over with the node: said calmly, not in red.
+    await page.locator('#log .note', { hasText: 'back in #general: messages from before may be missing' }).waitFor();
+    await page.locator('#status', { hasText: /^connected$/ }).waitFor();
+    assert.equal(await page.locator('.room.active', { hasText: '#general' }).count(), 1);
+    await page.fill('#message', 'after the restart');
+    await page.click('#sendForm button:has-text("Send")');
+    await page.locator('#log', { hasText: 'gina: after the restart' }).waitFor();
+    await page.setViewportSize({ width: 1280, height: 800 });
+    await page.screenshot({ path: shots('desktop') });
+  });
+
+  test('a connection refused at the upgrade is explained, not shown as a bare 1006', async () => {
+    const { url } = await startGateway({ WSGATE_JWT_SECRET: 'browser-test-secret-0123456789' });
+    const page = await browser.newPage();
+    await page.goto(url);
+    // No token, no dev mode: the page says what is needed and does not retry.
+    await page.click('#connect');
+    await page.locator('#log .err', { hasText: 'this gateway needs a token' }).waitFor();
+    await page.locator('#status', { hasText: /^disconnected$/ }).waitFor();
+    // A token the gateway refuses: the likely reasons, in words.
+    await page.fill('#token', 'not.a.token');
+    await page.click('#connect');
+    await page.locator('#log .err', { hasText: 'the gateway refused the connection' }).waitFor();
+    assert.equal(await page.locator('#log', { hasText: '1006' }).count(), 0);
+    await page.click('#connect'); // stop retrying
+    await page.locator('#status', { hasText: /^disconnected$/ }).waitFor();
+  });
+});

@@ -38,16 +38,6 @@ pub fn engine_under_test() -> wsgate::config::Engine {
 /// The HS256 secret test gateways verify tokens with.
 pub const TEST_SECRET: &str = "wsgate-test-secret-0123456789";
 
-/// Sends `signal` (`-STOP`, `-CONT`, `-TERM`, …) to process `pid`.
-pub fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(signal)
-        .arg(pid.to_string())
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill {signal} {pid}");
-}
-
 /// An HS256 token for `user` signed with [`TEST_SECRET`], valid for an hour.
 pub fn token_for(user: &str) -> String {
     let claims = wsgate::auth::claims_for(user, None, Duration::from_secs(3600));

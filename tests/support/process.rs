@@ -117,7 +117,7 @@ impl GatewayProcess {
 
     /// Sends SIGTERM and waits for the exit code.
     pub fn terminate(mut self) -> Option<i32> {
-        super::signal(self.pid(), "-TERM");
+        super::redis_server::send_signal(self.pid(), "-TERM");
         self.child.wait().unwrap().code()
     }
 }

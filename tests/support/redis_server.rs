@@ -144,7 +144,7 @@ impl RedisServer {
     }
 
     fn signal(&self, signal: &str) {
-        super::signal(self.child.as_ref().expect("running").id(), signal);
+        send_signal(self.child.as_ref().expect("running").id(), signal);
     }
 
     /// Clients subscribed to `channel`.
@@ -159,4 +159,15 @@ impl Drop for RedisServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`, `-TERM`, …) to process `pid` (here, as the load generator's
+/// tests include this file alone).
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(signal)
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {signal} {pid}");
 }

@@ -4,6 +4,7 @@ import { WsgateError } from "./errors.js";
 import type {
   ChatMessage,
   Position,
+  Publication,
   PresenceChange,
   PresencePage,
   PresenceUser,
@@ -22,6 +23,9 @@ export interface RoomEvents {
    */
   joined: RoomJoined & { rejoined: boolean };
   message: ChatMessage;
+  /** A backend's publication to the room (`POST /api/publish` with `room`), in the room's
+   * stream with the chat messages (recovered with them, each once). */
+  publication: Publication & { room: string; offset?: number };
   user_joined: PresenceChange;
   user_left: PresenceChange;
   typing: Typing;
@@ -91,14 +95,21 @@ export class Room extends Emitter<RoomEvents> {
     return joined;
   }
 
-  /** Leaves the room (and stops joining it after reconnects). */
+  /** Leaves the room (and stops joining it after reconnects; a later `join()` is a first join).
+   * A connection lost meanwhile left every room: that is no failure. */
   async leave(): Promise<void> {
     this.#wanted = false;
     const joined = this.#joined;
     this.#joined = undefined;
+    this.#position = undefined;
+    this.#everJoined = false;
     this.#reject(new WsgateError("closed", `left ${this.name} before it was joined`));
     if (joined && this.#host.isConnected()) {
-      await this.#host.request("leave_room", { room: this.name });
+      await this.#host.request("leave_room", { room: this.name }).catch((error: unknown) => {
+        if (!(error instanceof WsgateError && (error.kind === "disconnected" || error.kind === "not_connected"))) {
+          throw error;
+        }
+      });
     }
   }
 
@@ -155,19 +166,19 @@ export class Room extends Emitter<RoomEvents> {
     this.#reject(new WsgateError("closed", "the client was closed"));
   }
 
-  /** @internal A message for this room. */
+  /** @internal A message for this room (dropped when the room is not joined: left, or a
+   * late copy). */
   _receive(message: ServerMessage): void {
+    if (!this.#joined && message.type !== "room_left") return;
     switch (message.type) {
-      case "chat_message": {
-        const chat = message as unknown as ChatMessage;
-        if (chat.offset !== undefined && this.#position) {
-          // Each message once: one already seen (a replay racing a live copy) is skipped.
-          if (chat.offset <= this.#position.offset) return;
-          this.#position.offset = chat.offset;
-        }
-        this.emit("message", chat);
+      case "chat_message":
+        if (this.#advance(message)) this.emit("message", message as unknown as ChatMessage);
         break;
-      }
+      case "publication":
+        if (this.#advance(message)) {
+          this.emit("publication", message as unknown as Publication & { room: string; offset?: number });
+        }
+        break;
       case "user_joined":
       case "user_left":
         this.emit(message.type, message as unknown as PresenceChange);
@@ -189,6 +200,16 @@ export class Room extends Emitter<RoomEvents> {
     }
   }
 
+  /** Whether a message of the room's stream is new, moving the position on: each message once
+   * (one already seen — a replay racing a live copy — is skipped). */
+  #advance(message: ServerMessage): boolean {
+    const offset = message["offset"];
+    if (typeof offset !== "number" || !this.#position) return true;
+    if (offset <= this.#position.offset) return false;
+    this.#position.offset = offset;
+    return true;
+  }
+
   /** Sends `join_room` (with `since` when a position is known), unless one is on its way. */
   #join(): void {
     if (this.#joining) return;
@@ -199,6 +220,11 @@ export class Room extends Emitter<RoomEvents> {
     // The answer is taken as it is read: the messages read after it are the room's from then on.
     const onAnswer = (answer: ServerMessage): void => {
       this.#joining = false;
+      if (!this.#wanted) {
+        // Left while the join was on its way.
+        this.#host.request("leave_room", { room: this.name }).catch(() => {});
+        return;
+      }
       const { id: _id, type: _type, ...fields } = answer;
       const joined = fields as unknown as RoomJoined;
       this.#joined = joined;
@@ -211,7 +237,9 @@ export class Room extends Emitter<RoomEvents> {
       this.emit("joined", { ...joined, rejoined });
       for (const waiting of this.#waiting.splice(0)) waiting.resolve(joined);
     };
-    this.#host.request("join_room", payload, { onAnswer }).catch(
+    // No timeout: the gateway answers every join (a room being synced first answers late); a
+    // connection lost meanwhile fails it.
+    this.#host.request("join_room", payload, { onAnswer, timeout: Infinity, ahead: true }).catch(
       (error: unknown) => {
         this.#joining = false;
         if (error instanceof WsgateError && error.kind === "disconnected") {

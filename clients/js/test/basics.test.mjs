@@ -86,7 +86,7 @@ test('a user disconnected by the backend is told so and not connected again', as
   const answer = await api(gateway, 'disconnect', { user: 'dave', code: 4003, reason: 'banned' });
   assert.equal(answer.body.connections, 1);
   assert.deepEqual(await disconnected, {
-    code: 4003, reason: 'banned', why: 'kicked', opened: true, reconnect: false,
+    code: 4003, reason: 'banned', why: 'kicked', greeted: true, reconnect: false,
   });
   assert.equal(dave.state, 'disconnected');
   await assert.rejects(dave.room('general').send('back?'), (error) => error.kind === 'not_connected');

@@ -12,7 +12,13 @@ test('a client on a killed node fails over and recovers what it missed', async (
   const one = await startGateway({ env });
   const two = await startGateway({ env });
   const backoff = { minDelay: 100, maxDelay: 1000 };
-  const alice = new WsgateClient({ url: [one.url, two.url], token: () => token('alice'), backoff });
+  // While `away` is set, alice's token function waits on it: she stays away until it is let go.
+  let away = null;
+  const alice = new WsgateClient({
+    url: [one.url, two.url],
+    token: async () => { await away?.promise; return token('alice'); },
+    backoff,
+  });
   const bob = new WsgateClient({ url: two.url, token: () => token('bob'), backoff });
   t.after(async () => {
     alice.close();
@@ -32,10 +38,13 @@ test('a client on a killed node fails over and recovers what it missed', async (
 
   const failedOver = next(alice, 'connected', 15_000);
   const rejoined = next(aliceRoom, 'joined', 15_000);
+  away = Promise.withResolvers();
   await one.stop('SIGKILL');
-  // Published while alice is away.
+  // Published once alice's node is dead: she can only get them by recovery on the other node
+  // (where her new token is held back until they are published).
   await bobRoom.send('m2');
   await bobRoom.send('m3');
+  away.resolve();
   const connected = await failedOver;
   assert.equal(connected.url, two.url);
   assert.equal(connected.reconnected, true);

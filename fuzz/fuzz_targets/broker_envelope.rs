@@ -1,12 +1,13 @@
 //! What a node reads from Redis's channels, on arbitrary bytes: never panics; a room message it
 //! accepts is framed with its offset into valid JSON (RFC 8259's grammar: numbers out of an f64's
 //! range included) ending with that offset; presence entries it accepts hold real counts; a
-//! publication for a user names one and is JSON.
+//! publication for a user names one and is JSON; an answer to a disconnect is read or refused
+//! without panicking.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use serde::de::IgnoredAny;
-use wsgate::broker::redis::envelope;
+use wsgate::broker::redis::{answers, envelope};
 use wsgate::rooms::presence::MAX_CONNS;
 use wsgate::protocol::with_offset;
 
@@ -24,9 +25,12 @@ fuzz_target!(|data: &[u8]| {
             assert!(entries.iter().all(|e| e.conns <= MAX_CONNS));
         }
     }
-    if let Some((_, disconnect)) = envelope::control(data) {
+    if let Some((_, disconnect, _answer_id)) = envelope::control(data) {
         assert!((4000..=4999).contains(&disconnect.code), "only application codes");
     }
+    let answers = std::sync::Arc::new(answers::Answers::default());
+    let _waiting = answers.wait();
+    answers.received(data);
     if let Some((_, json)) = envelope::notice(data) {
         serde_json::from_slice::<IgnoredAny>(json).expect("a notice is JSON");
         assert!(std::str::from_utf8(json).is_ok(), "sent as text: UTF-8");

@@ -454,3 +454,47 @@ async fn a_publication_in_the_chat_shape_arrives_as_a_chat_message() {
     }
     member.expect_silence().await;
 }
+
+#[tokio::test]
+async fn nodes_lists_this_node_with_its_gauges_and_totals() {
+    let gw = gateway(2);
+    let mut alice = gw.client_as("alice").await;
+    let _bob = gw.client_as("bob").await;
+    alice.join("general").await;
+    alice.chat("general", "hi").await;
+    let (status, answer) = call(&gw, "GET", "/api/nodes", Value::Null).await;
+    assert_eq!(status, 200, "{answer}");
+    let nodes = answer["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{answer}");
+    let node = &nodes[0];
+    assert_eq!(
+        (&node["connections"], &node["rooms"], &node["shards"]),
+        (&json!(2), &json!(1), &json!(2)),
+        "{node}"
+    );
+    assert_eq!(node["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(node["connectionsOpened"], 2);
+    // The join and the chat message.
+    assert!(node["messagesReceived"].as_u64().unwrap() >= 2, "{node}");
+    assert!(node["deliveries"].as_u64().unwrap() >= 1, "{node}");
+    assert!(node["at"].as_u64().unwrap() > 1_700_000_000_000, "{node}");
+    let (status, _) = call(&gw, "POST", "/api/nodes", Value::Null).await;
+    assert_eq!(status, 405);
+}
+
+#[tokio::test]
+async fn the_admin_page_is_served_only_with_an_api_key_and_never_framed() {
+    let without = TestGateway::start(1);
+    let (status, _, _) = http_get(without.addr, "/admin", "").await;
+    assert_eq!(status, 404);
+    let gw = gateway(1);
+    let (status, head, body) = http_get(gw.addr, "/admin", "").await;
+    assert_eq!(status, 200);
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("content-type: text/html"), "{head}");
+    assert!(head.contains("x-frame-options: deny"), "{head}");
+    assert!(head.contains("referrer-policy: no-referrer"), "{head}");
+    assert!(body.contains("<title>wsgate admin</title>"));
+    // The page holds no secret: it asks for the key, and reads the API with it.
+    assert!(!body.contains(API_KEY) && body.contains("sessionStorage"));
+}

@@ -766,6 +766,42 @@ async fn disconnecting_a_user_closes_its_connections_on_every_node_and_counts_th
 }
 
 #[tokio::test]
+async fn nodes_lists_every_live_node_with_what_it_said_at_its_last_beat() {
+    let redis = RedisServer::start();
+    let mut nodes = cluster(&redis, &[1, 1]).await;
+    let _alice = user_on(&nodes[0], "alice").await;
+    let _bob = user_on(&nodes[1], "bob").await;
+    let _carol = user_on(&nodes[1], "carol").await;
+    let ids: Vec<Value> = {
+        let mut ids = Vec::new();
+        for node in &nodes {
+            let (_, _, health) = http_get(node.addr, "/healthz", "").await;
+            let health: Value = serde_json::from_str(&health).unwrap();
+            ids.push(health["broker"]["node"].clone());
+        }
+        ids
+    };
+    // Asked of either node: both, with the connections each had at its last beat.
+    let listed = |answer: &Value| -> Vec<(Value, Value)> {
+        let nodes = answer["nodes"].as_array().unwrap();
+        nodes
+            .iter()
+            .map(|n| (n["node"].clone(), n["connections"].clone()))
+            .collect()
+    };
+    let mut expected = vec![(ids[0].clone(), json!(1)), (ids[1].clone(), json!(2))];
+    expected.sort_by_key(|(id, _)| id.as_str().unwrap().to_owned());
+    let answer = api_until(&nodes[1], "/api/nodes", |a| listed(a) == expected).await;
+    assert_eq!(answer["nodes"][0]["shards"], 1, "{answer}");
+    // A node that stops says goodbye: gone from the list at once, not after its time-to-live.
+    nodes[1].stop().await;
+    api_until(&nodes[0], "/api/nodes", |a| {
+        listed(a) == [(ids[0].clone(), json!(1))]
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_disconnect_while_redis_stalls_says_what_it_closed_on_its_own_node() {
     let redis = RedisServer::start();
     let nodes = cluster(&redis, &[1, 1]).await;

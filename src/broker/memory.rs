@@ -10,8 +10,8 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::{
-    Broker, Disconnect, HistoryQuery, Host, LocalFuture, Membership, OthersClosed, PresenceChange,
-    PublishError, Publisher, RoomHistory, RoomRef, SendFuture, Unavailable,
+    Broker, Disconnect, HistoryQuery, Host, LocalFuture, Membership, NodeStatus, OthersClosed,
+    PresenceChange, PublishError, Publisher, RoomHistory, RoomRef, SendFuture, Unavailable,
 };
 use crate::base::client_id::ClientId;
 use crate::protocol;
@@ -145,6 +145,13 @@ impl Broker for MemoryBroker {
 
     fn share(&self, _: &Target, _: Bytes) -> bool {
         true
+    }
+
+    /// One node: this one.
+    fn nodes(&self) -> LocalFuture<'_, Result<Vec<NodeStatus>, Unavailable>> {
+        Box::pin(std::future::ready(Ok(vec![NodeStatus::of(
+            &self.host.shared,
+        )])))
     }
 
     /// One node: there are no others to tell.

@@ -123,6 +123,49 @@ pub struct OthersClosed {
     pub unanswered: u32,
 }
 
+/// A node as the server API lists it (`GET /api/nodes`): what it said at its last beat (every
+/// 2 s in a cluster), its counters totals since it started.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub node: String,
+    /// WebSocket connections open.
+    pub connections: u64,
+    /// Rooms the node holds (with members, or history not yet expired).
+    pub rooms: u64,
+    pub shards: u64,
+    pub engine: String,
+    pub version: String,
+    /// Totals since the node started: connections opened, messages received, publication frames
+    /// queued to recipients (one per recipient).
+    pub connections_opened: u64,
+    pub messages_received: u64,
+    pub deliveries: u64,
+    /// When it said so (Unix ms).
+    pub at: u64,
+}
+
+impl NodeStatus {
+    /// This node's, now.
+    pub fn of(shared: &Shared) -> Self {
+        let total = |counter: fn(&crate::runtime::metrics::ShardMetrics) -> u64| {
+            shared.metrics.iter().map(counter).sum()
+        };
+        NodeStatus {
+            node: shared.id.to_string(),
+            connections: shared.connection_count() as u64,
+            rooms: shared.rooms.room_count() as u64,
+            shards: shared.shards() as u64,
+            engine: shared.config.engine.name().to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            connections_opened: total(|m| m.accepted.get()),
+            messages_received: total(|m| m.messages_received.get()),
+            deliveries: total(|m| m.deliveries.get()),
+            at: crate::base::time::now_ms(),
+        }
+    }
+}
+
 /// How long a disconnect waits for the other nodes' counts once they were told.
 pub const CONTROL_ANSWER_WAIT: Duration = Duration::from_secs(1);
 
@@ -204,6 +247,9 @@ pub trait Broker: Send + Sync {
     fn session_opened(&self, client: ClientId, user_id: &str, connected_at: u64);
 
     fn session_closed(&self, client: ClientId);
+
+    /// The live nodes the broker joins, this one included, in name order.
+    fn nodes(&self) -> LocalFuture<'_, Result<Vec<NodeStatus>, Unavailable>>;
 
     /// Rooms with members and their connections, across the nodes the broker joins.
     fn rooms(

@@ -8,6 +8,7 @@
 //! | `POST /api/publish` | `{"user":U,"data":<JSON>}` | `{"user":U,"published":true}` |
 //! | `POST /api/broadcast` | `{"data":<JSON>}` | `{"published":true}` |
 //! | `POST /api/disconnect` | `{"user":U,"code":4000-4999,"reason":"…"}` | `{"disconnected":U,"connections":N,"nodes":K,"unanswered":M}` |
+//! | `GET /api/nodes` | | `{"nodes":[{"node","connections","rooms","shards","engine","version","connectionsOpened","messagesReceived","deliveries","at"}]}` |
 //! | `GET /api/rooms` | `?after=R&limit=N` | `{"rooms":[{"room":R,"members":N}],"next":R}` |
 //! | `GET /api/rooms/{room}` | `?after=U&limit=N` | `{"room":R,"members":N,"users":[…],"next":U}` |
 //! | `GET /api/history/{room}` | `?since=N&limit=M&order=oldest\|newest` | `{"room":R,"offset":N,"epoch":E,"messages":[…]}` |
@@ -87,6 +88,7 @@ pub async fn serve(shard: Rc<ShardEdge>, req: Request<Incoming>) -> Response<Bod
             Ok(body) => disconnect(&shard, body).await,
             Err(refused) => Err(refused),
         },
+        (&Method::GET, "nodes") => nodes(&shard).await,
         (&Method::GET, "rooms") => rooms(&shard, &query).await,
         (&Method::GET, "stats") => Ok(json(StatusCode::OK, &super::stats(&shard))),
         (&Method::GET, room) if room.starts_with("rooms/") => {
@@ -98,7 +100,7 @@ pub async fn serve(shard: Rc<ShardEdge>, req: Request<Incoming>) -> Response<Bod
         (_, route)
             if matches!(
                 route,
-                "publish" | "broadcast" | "disconnect" | "rooms" | "stats"
+                "publish" | "broadcast" | "disconnect" | "nodes" | "rooms" | "stats"
             ) || route.starts_with("rooms/")
                 || route.starts_with("history/") =>
         {
@@ -401,6 +403,17 @@ fn page_query(query: &str) -> Result<(Option<String>, usize), Refused> {
         }
     }
     Ok((after, limit))
+}
+
+/// The live nodes, each as it said at its last beat (this one, now, on its own).
+async fn nodes(shard: &ShardEdge) -> Answer {
+    let nodes = shard
+        .edge
+        .broker
+        .nodes()
+        .await
+        .map_err(|_| unavailable(ErrorReply::Unavailable))?;
+    Ok(json(StatusCode::OK, &json!({ "nodes": nodes })))
 }
 
 /// Rooms with members and their connections: this node's directory on one node; with Redis,

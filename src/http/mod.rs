@@ -44,7 +44,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
     CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST, HeaderName, HeaderValue, ORIGIN,
-    SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE,
+    REFERRER_POLICY, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION,
+    WWW_AUTHENTICATE, X_FRAME_OPTIONS,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -76,6 +77,9 @@ const TEST_PAGE: &str = include_str!("../page/index.html");
 /// The client SDK (clients/js) as one ES module, which the test page imports: pages may import
 /// it from the gateway too (`import { WsgateClient } from "https://…/wsgate-client.js"`).
 const CLIENT_SDK: &str = include_str!("../page/wsgate-client.js");
+/// The admin UI: the server API's nodes, rooms and presence, publish and disconnect, in a page
+/// that asks for the API key (served only with an `api_key`).
+const ADMIN_PAGE: &str = include_str!("../page/admin.html");
 
 type Body = Full<Bytes>;
 
@@ -503,6 +507,14 @@ fn route(shard: &Rc<ShardEdge>, req: Request<Incoming>, origin: Origin) -> Respo
         (&Method::GET, "/") => static_file(TEST_PAGE, "text/html; charset=utf-8"),
         (&Method::GET, "/wsgate-client.js") => {
             static_file(CLIENT_SDK, "text/javascript; charset=utf-8")
+        }
+        (&Method::GET, "/admin") if config.api_key.is_some() => {
+            let mut page = static_file(ADMIN_PAGE, "text/html; charset=utf-8");
+            // It handles the API key: never inside another site's frame, never named to others.
+            let headers = page.headers_mut();
+            headers.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+            headers.insert(REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+            page
         }
         (&Method::GET, "/ws") => upgrade(shard, req, shard.edge.chat, origin),
         (&Method::GET, "/echo") if config.echo_endpoint => {

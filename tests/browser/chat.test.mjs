@@ -211,3 +211,48 @@ describe('the page on the SDK', () => {
     await page.locator('#status', { hasText: /^disconnected$/ }).waitFor();
   });
 });
+
+describe('the admin UI', () => {
+  test('nodes, rooms and presence; publish to a room and disconnect a user, with the key asked once', async () => {
+    const key = 'admin-test-key-0123456789';
+    const { url } = await startGateway({ WSGATE_API_KEY: key });
+    const user = await openAndJoin(url, 'henry');
+    const admin = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+    admin.on('pageerror', (err) => assert.fail(`admin: page error ${err}`));
+    await admin.goto(`${url}admin`);
+    assert.equal(await admin.title(), 'wsgate admin');
+    await admin.fill('#key', 'not-the-key');
+    await admin.press('#key', 'Enter');
+    await admin.locator('#loginOut', { hasText: 'the key was refused' }).waitFor();
+    await admin.fill('#key', key);
+    await admin.press('#key', 'Enter');
+    await admin.locator('#nodes tbody tr').first().waitFor();
+    // The key is kept for the tab: a reload does not ask again.
+    await admin.reload();
+    await admin.locator('#nodes tbody tr').first().waitFor();
+    assert.equal(await admin.locator('#login').isHidden(), true);
+    assert.equal(await admin.locator('#nodes tbody tr').count(), 1);
+    assert.equal(await admin.locator('#nodes tbody tr td').nth(1).textContent(), '1');
+    // Rates show once two statuses were read.
+    await admin.locator('#nodes tbody tr td').nth(3).filter({ hasText: /^\d+\.\d$/ }).waitFor();
+    const room = admin.locator('#rooms tbody tr', { hasText: 'general' });
+    await room.waitFor();
+    await room.click();
+    await admin.locator('#presence tbody tr', { hasText: 'henry' }).waitFor();
+
+    await admin.fill('#pubRoom', 'general');
+    await admin.fill('#pubText', 'maintenance at 5');
+    await admin.click('#publishForm button');
+    await admin.locator('#publishOut', { hasText: /published to #general at offset \d+/ }).waitFor();
+    await user.locator('#log', { hasText: '#general Admin: maintenance at 5' }).waitFor();
+    await admin.screenshot({ path: new URL('../../target/admin.png', import.meta.url).pathname });
+
+    await admin.fill('#discUser', 'henry');
+    await admin.fill('#discReason', 'bye');
+    await admin.click('#disconnectForm button');
+    await admin.locator('#disconnectOut', { hasText: '1 connection of henry closed on 1 node' }).waitFor();
+    await user.locator('#log .err', { hasText: 'disconnected by the server (4000: bye)' }).waitFor();
+    await admin.click('#signout');
+    await admin.locator('#login').waitFor();
+  });
+});

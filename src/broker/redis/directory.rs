@@ -2,14 +2,15 @@
 //! on live nodes, how many, and who is in one. Each node keeps cluster-wide presence only for the
 //! rooms it follows; these reads cover the rooms it does not.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{RedisResult, Value};
 
-use super::keys::{ERA_KEY, NODES_KEY, Scripts};
+use super::keys::{ERA_KEY, NODE_STATUS_KEY, NODES_KEY, Scripts};
 use super::sync::{history_entry, nodes_presence};
-use crate::broker::{HistoryQuery, RoomHistory};
+use crate::broker::{HistoryQuery, NodeStatus, RoomHistory};
 use crate::protocol;
 use crate::rooms::RoomsPage;
 use crate::rooms::presence::Presence;
@@ -44,6 +45,28 @@ impl LookupSlot {
 const LOOKED_AT_PER_ROOM: usize = 10;
 
 impl Lookup {
+    /// The live nodes (by Redis's clock), with what each said of itself at its last beat, in
+    /// name order. A node whose status is missing or unreadable (an older version) is left out.
+    pub async fn nodes(&self) -> RedisResult<Vec<NodeStatus>> {
+        type Reply = ((u64, u64), HashMap<String, u64>, HashMap<String, String>);
+        let ((seconds, micros), alive, statuses): Reply = ::redis::pipe()
+            .cmd("TIME")
+            .cmd("HGETALL")
+            .arg(NODES_KEY)
+            .cmd("HGETALL")
+            .arg(NODE_STATUS_KEY)
+            .query_async(&mut self.commands.clone())
+            .await?;
+        let now = seconds * 1000 + micros / 1000;
+        let mut nodes: Vec<NodeStatus> = alive
+            .iter()
+            .filter(|&(_, &until)| until >= now)
+            .filter_map(|(node, _)| serde_json::from_str(statuses.get(node)?).ok())
+            .collect();
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(nodes)
+    }
+
     /// Rooms with members on live nodes, in name order after `after`: at most `limit`, each with
     /// its connections across the cluster, and the room to continue after when more may follow.
     pub async fn rooms(&self, after: Option<&str>, limit: usize) -> RedisResult<RoomsPage> {

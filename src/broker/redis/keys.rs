@@ -12,7 +12,8 @@
 //!
 //! Per cluster: `wsgate:era` (the generation `gen` and its `clock`, a count of its room writes),
 //! `wsgate:G:rooms` (the rooms with members, a sorted set read in name order), `wsgate:nodes`
-//! (node → alive until, in ms of Redis's clock), `wsgate:broadcast` (notices for every chat
+//! (node → alive until, in ms of Redis's clock), `wsgate:node-status` (node → what it said of
+//! itself at its last beat), `wsgate:broadcast` (notices for every chat
 //! client), and per node `wsgate:sessions:<node>` (client id → its session),
 //! `wsgate:G:node-rooms:<node>` (the rooms it has members in, swept when it dies),
 //! `wsgate:probe:<node>` (the node's probe channel) and `wsgate:answers:<node>` (the other nodes'
@@ -29,6 +30,8 @@ pub const CONTROL_CHANNEL: &str = "wsgate:control";
 /// Publications for one user's connections on every node (`<node>\n<user as a JSON string>\n<JSON>`).
 pub const USERS_CHANNEL: &str = "wsgate:users";
 pub const NODES_KEY: &str = "wsgate:nodes";
+/// What each node said of itself at its last beat (node → its status as JSON).
+pub const NODE_STATUS_KEY: &str = "wsgate:node-status";
 /// The cluster's generation and its clock (see `era.lua`).
 pub const ERA_KEY: &str = "wsgate:era";
 /// The error code of a script run under a generation that is not the cluster's (nothing was

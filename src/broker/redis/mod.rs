@@ -53,14 +53,15 @@ use self::answers::Answers;
 pub use self::directory::Lookup;
 use self::directory::LookupSlot;
 use self::keys::{
-    BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_KEY, NODES_KEY, Scripts, USERS_CHANNEL,
-    answers_channel, probe_channel, room_channel, room_of, sessions_key,
+    BROADCAST_CHANNEL, CONTROL_CHANNEL, ERA_KEY, NODE_STATUS_KEY, NODES_KEY, Scripts,
+    USERS_CHANNEL, answers_channel, probe_channel, room_channel, room_of, sessions_key,
 };
 use self::publisher::{entry_json, publish_loop, refuse};
 use self::sync::{CatchUpError, catch_up};
 use super::{
-    Broker, CONTROL_ANSWER_WAIT, Disconnect, HistoryQuery, Host, LocalFuture, OthersClosed,
-    PresenceChange, PublishError, Publisher, RoomHistory, RoomRef, SendFuture, Unavailable,
+    Broker, CONTROL_ANSWER_WAIT, Disconnect, HistoryQuery, Host, LocalFuture, NodeStatus,
+    OthersClosed, PresenceChange, PublishError, Publisher, RoomHistory, RoomRef, SendFuture,
+    Unavailable,
 };
 use crate::base::client_id::ClientId;
 use crate::config::{Config, RedisUrl};
@@ -69,6 +70,7 @@ use crate::rooms::RoomState;
 use crate::rooms::presence::{Entry, Fit, Presence};
 use crate::rooms::stream::{Arrival, HistoryLimits};
 use crate::rooms::{RoomsPage, Target};
+use crate::runtime::Shared;
 
 /// Channels per SUBSCRIBE or UNSUBSCRIBE command, at most.
 const SUBSCRIBE_BATCH: usize = 512;
@@ -435,6 +437,13 @@ impl Broker for RedisBroker {
     }
 
     /// The cluster's rooms index (a node knows only the rooms it has members in).
+    fn nodes(&self) -> LocalFuture<'_, Result<Vec<NodeStatus>, Unavailable>> {
+        Box::pin(async move {
+            let lookup = self.lookup().ok_or(Unavailable)?;
+            lookup.nodes().await.map_err(|_| Unavailable)
+        })
+    }
+
     fn rooms(
         &self,
         after: Option<&str>,
@@ -675,14 +684,14 @@ impl Engine {
         // Alive before anything of this node's is read by others, and beating from here on. The
         // others may have lost Redis too: they get a beat's time to be heard before any is
         // judged dead.
-        let first = beat(&mut commands, &scripts, &self.node_id, &self.clock).await?;
+        let first = beat(&mut commands, &scripts, &node.shared, &self.clock).await?;
         self.judge_after = Instant::now() + NODE_TTL + BEAT_INTERVAL;
         self.on_beat(node, first, None);
         let (beat_tx, beats) = mpsc::channel(4);
         let beater = AbortOnDropHandle::new(tokio::spawn(beat_forever(
             commands.clone(),
             scripts.clone(),
-            self.node_id.clone(),
+            node.shared.clone(),
             self.clock.clone(),
             beat_tx,
         )));
@@ -1001,9 +1010,10 @@ impl Engine {
             // members at once).
             ::redis::cmd("EVALSHA")
                 .arg(&session.scripts.goodbye)
-                .arg(2)
+                .arg(3)
                 .arg(NODES_KEY)
                 .arg(sessions_key(&self.node_id))
+                .arg(NODE_STATUS_KEY)
                 .arg(&*self.node_id)
                 .query_async::<i64>(&mut session.commands)
                 .await?;
@@ -1535,7 +1545,7 @@ async fn forget_node(
 async fn beat_forever(
     mut conn: MultiplexedConnection,
     scripts: Arc<Scripts>,
-    node_id: Arc<str>,
+    shared: Arc<Shared>,
     clock: Arc<AtomicU64>,
     beats: Sender<RedisResult<Beat>>,
 ) {
@@ -1543,7 +1553,7 @@ async fn beat_forever(
     ticks.tick().await;
     loop {
         ticks.tick().await;
-        match beat(&mut conn, &scripts, &node_id, &clock).await {
+        match beat(&mut conn, &scripts, &shared, &clock).await {
             // A full channel: the engine is busy, and the next beat says the same.
             Ok(beat) => {
                 let _ = beats.try_send(Ok(beat));
@@ -1562,20 +1572,25 @@ async fn beat_forever(
 async fn beat(
     conn: &mut MultiplexedConnection,
     scripts: &Scripts,
-    node_id: &str,
+    shared: &Shared,
     clock: &AtomicU64,
 ) -> RedisResult<Beat> {
+    let node_id = &*shared.id;
     let seen_clock = clock.load(Ordering::Relaxed);
+    let status =
+        serde_json::to_string(&NodeStatus::of(shared)).expect("serializing to memory cannot fail");
     let reply: ::redis::Value = ::redis::cmd("EVALSHA")
         .arg(&scripts.beat)
-        .arg(3)
+        .arg(4)
         .arg(NODES_KEY)
         .arg(sessions_key(node_id))
         .arg(ERA_KEY)
+        .arg(NODE_STATUS_KEY)
         .arg(node_id)
         .arg(NODE_TTL.as_millis() as u64)
         .arg(NODE_FORGOTTEN_AFTER.as_millis() as u64)
         .arg(scripts.keys.generation())
+        .arg(status)
         .query_async(conn)
         .await?;
     Beat::parse(reply, seen_clock).ok_or_else(|| {

@@ -38,6 +38,17 @@ nginx_ip = services["nginx"]["networks"]["default"]["ipv4_address"]
 for name in nodes:
     assert services[name]["environment"]["WSGATE_TRUSTED_PROXIES"] == f'["{nginx_ip}"]', name
 print(f"compose: {len(nodes)} nodes on redis behind nginx")
+# The TLS example: an override that adds nginx's 443 and mounts tls.conf and the certificate
+# where nginx.conf's public server includes them.
+tls = yaml.safe_load(open("deploy/compose/compose.tls.yaml"))["services"]["nginx"]
+assert "127.0.0.1:8443:443" in tls["ports"], tls
+mounts = [v.rsplit(":", 2)[1] for v in tls["volumes"]]  # source:target:ro
+assert "/etc/nginx/wsgate-tls/tls.conf" in mounts, mounts
+assert "include /etc/nginx/wsgate-tls/*.conf;" in open("deploy/compose/nginx.conf").read()
+conf = open("deploy/compose/tls.conf").read()
+for path in ("/etc/nginx/wsgate-tls/cert.pem", "/etc/nginx/wsgate-tls/key.pem"):
+    assert path in conf and path in mounts, path
+print("compose: the TLS override mounts what nginx.conf includes")
 PY
 
 # The image's environment and entry point, read from the Dockerfile (ENV lines may continue).

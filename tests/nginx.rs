@@ -134,3 +134,48 @@ async fn behind_nginx_limits_count_the_client_nginx_names() {
         Some(429)
     );
 }
+
+#[tokio::test]
+async fn the_tls_example_serves_wss_and_the_admin_ui_only_on_the_api_port() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let files = support::pki::pem_files("nginx");
+    let pki = support::pki::Pki::issue(&files);
+    let gw = node(|_| {});
+    let nginx = Nginx::start_tls(&[gw.addr], &files);
+    // wss:// through nginx's TLS (tls.conf included in the public server): greeted and joined.
+    let mut ws = pki.websocket(nginx.tls_addr.unwrap(), "/ws").await;
+    assert_eq!(
+        next_json(&mut ws).await["type"],
+        "connected",
+        "{}",
+        nginx.error_log()
+    );
+    let join = serde_json::json!({"type": "join_room", "payload": {"room": "tls"}, "id": 1});
+    ws.send(Message::text(join.to_string())).await.unwrap();
+    let joined = loop {
+        let message = next_json(&mut ws).await;
+        if message["type"] == "room_joined" {
+            break message;
+        }
+    };
+    assert_eq!(joined["id"], 1);
+    // The admin UI is for the inside, as the API is: on the API's port only.
+    let (status, _, _) = http_get(nginx.addr, "/admin", "").await;
+    assert_eq!(status, 404, "the admin UI on the public port");
+    let (status, _, page) = http_get(nginx.api_addr, "/admin", "").await;
+    assert_eq!(status, 200, "{}", nginx.error_log());
+    assert!(page.contains("<title>wsgate admin</title>"));
+}
+
+/// The next text message of `ws`, as JSON.
+async fn next_json(ws: &mut support::pki::Wss) -> serde_json::Value {
+    use futures_util::StreamExt;
+    loop {
+        let message = ws.next().await.expect("open").expect("a message");
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}

@@ -8,6 +8,7 @@ mod client_frame;
 pub mod cluster;
 pub mod flood;
 pub mod nginx;
+pub mod pki;
 pub mod process;
 pub mod redis_server;
 pub use client_frame::client_frame;

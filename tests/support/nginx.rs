@@ -12,6 +12,8 @@ pub struct Nginx {
     pub addr: SocketAddr,
     /// The server API's port.
     pub api_addr: SocketAddr,
+    /// The public server's TLS port, with `deploy/compose/tls.conf` included.
+    pub tls_addr: Option<SocketAddr>,
     child: Child,
     prefix: PathBuf,
 }
@@ -20,6 +22,16 @@ impl Nginx {
     /// nginx proxying to `upstreams` (the compose file's three nodes), listening on a free
     /// loopback port; returns once it accepts connections.
     pub fn start(upstreams: &[SocketAddr]) -> Self {
+        Self::start_with(upstreams, None)
+    }
+
+    /// [`Nginx::start`], serving TLS too as `deploy/compose/tls.conf` says, with the certificate
+    /// and key files `tls`.
+    pub fn start_tls(upstreams: &[SocketAddr], tls: &(PathBuf, PathBuf)) -> Self {
+        Self::start_with(upstreams, Some(tls))
+    }
+
+    fn start_with(upstreams: &[SocketAddr], tls: Option<&(PathBuf, PathBuf)>) -> Self {
         let free = || {
             TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -27,12 +39,17 @@ impl Nginx {
                 .unwrap()
         };
         let (addr, api_addr) = (free(), free());
+        let tls = tls.map(|files| (free(), files));
         let port = addr.port();
         let prefix =
             std::env::temp_dir().join(format!("wsgate-nginx-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&prefix).unwrap();
         let conf = prefix.join("nginx.conf");
-        std::fs::write(&conf, loopback_config(upstreams, addr, api_addr, &prefix)).unwrap();
+        std::fs::write(
+            &conf,
+            loopback_config(upstreams, addr, api_addr, tls, &prefix),
+        )
+        .unwrap();
         let child = Command::new(binary())
             .arg("-p")
             .arg(&prefix)
@@ -45,6 +62,7 @@ impl Nginx {
         let mut nginx = Nginx {
             addr,
             api_addr,
+            tls_addr: tls.map(|(tls_addr, _)| tls_addr),
             child,
             prefix,
         };
@@ -100,6 +118,7 @@ fn loopback_config(
     upstreams: &[SocketAddr],
     listen: SocketAddr,
     api_listen: SocketAddr,
+    tls: Option<(SocketAddr, &(PathBuf, PathBuf))>,
     prefix: &std::path::Path,
 ) -> String {
     let shipped = include_str!("../../deploy/compose/nginx.conf");
@@ -129,6 +148,8 @@ fn loopback_config(
             )
         } else if trimmed.starts_with("server wsgate-") {
             Some(String::new())
+        } else if trimmed == "include /etc/nginx/wsgate-tls/*.conf;" {
+            Some(tls.map(tls_config).unwrap_or_default())
         } else if trimmed == "listen 8081;" {
             Some(format!("listen {api_listen};"))
         } else if trimmed == "listen 80;" {
@@ -145,8 +166,34 @@ fn loopback_config(
         config.push('\n');
     }
     assert_eq!(
-        replaced, 8,
+        replaced, 9,
         "deploy/compose/nginx.conf changed shape:\n{shipped}"
     );
+    config
+}
+
+/// The shipped `tls.conf` on loopback, with the test's certificate: every line it rewrites must
+/// be there.
+fn tls_config((listen, (cert, key)): (SocketAddr, &(PathBuf, PathBuf))) -> String {
+    let shipped = include_str!("../../deploy/compose/tls.conf");
+    let rewrites = [
+        ("listen 443 ssl;", format!("listen {listen} ssl;")),
+        (
+            "ssl_certificate /etc/nginx/wsgate-tls/cert.pem;",
+            format!("ssl_certificate {};", cert.display()),
+        ),
+        (
+            "ssl_certificate_key /etc/nginx/wsgate-tls/key.pem;",
+            format!("ssl_certificate_key {};", key.display()),
+        ),
+    ];
+    let mut config = shipped.to_owned();
+    for (from, to) in rewrites {
+        assert!(
+            config.contains(from),
+            "deploy/compose/tls.conf changed:\n{shipped}"
+        );
+        config = config.replace(from, &to);
+    }
     config
 }

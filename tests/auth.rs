@@ -480,3 +480,81 @@ async fn browser_origins_outside_the_allow_list_get_403() {
     let (status, _, _) = http_get(gw.addr, "/ws", upgrade).await;
     assert_eq!(status, 101);
 }
+
+/// Upgrades offering the `wsgate` subprotocol (and `extra` protocols and headers), as a browser
+/// using the SDK does; returns the close frame the gateway answers with, after its 101.
+async fn refused_in_a_close_frame(
+    gw: &TestGateway,
+    protocols: &str,
+    origin: Option<&str>,
+) -> (u16, String) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut request = gw.url("/ws").into_client_request().unwrap();
+    let headers = request.headers_mut();
+    headers.insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_str(protocols).unwrap(),
+    );
+    if let Some(origin) = origin {
+        headers.insert("origin", HeaderValue::from_str(origin).unwrap());
+    }
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.status(), 101);
+    assert_eq!(response.headers()["sec-websocket-protocol"], "wsgate");
+    match ws.next().await.expect("a close frame").unwrap() {
+        Message::Close(Some(close)) => (u16::from(close.code), close.reason.to_string()),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_client_offering_wsgate_is_told_a_refusal_in_a_close_frame_browsers_can_read() {
+    let gw = TestGateway::start_with(
+        |c| {
+            c.allow_anonymous = false;
+            c.allowed_origins = vec!["https://app.example".into()];
+        },
+        1,
+    );
+    assert_eq!(
+        refused_in_a_close_frame(&gw, "wsgate", None).await,
+        (
+            4401,
+            format!(
+                "missing_token: {}",
+                wsgate::auth::AuthError::Missing.message()
+            )
+        )
+    );
+    assert_eq!(
+        refused_in_a_close_frame(&gw, "wsgate, bearer.not.a.token", None).await,
+        (4401, "malformed_token: malformed token".to_owned())
+    );
+    let mut claims = claims_for("dave", None, Duration::ZERO);
+    claims.exp = now_secs() - 60;
+    let expired = sign(&claims, Algorithm::HS256, &secret_key(TEST_SECRET));
+    assert_eq!(
+        refused_in_a_close_frame(&gw, &format!("wsgate, bearer.{expired}"), None).await,
+        (4401, "token_expired: token expired".to_owned())
+    );
+    let token = token_for("erin");
+    assert_eq!(
+        refused_in_a_close_frame(
+            &gw,
+            &format!("wsgate, bearer.{token}"),
+            Some("https://evil.example")
+        )
+        .await,
+        (4403, "origin not allowed".to_owned())
+    );
+    // Counted as any refusal; clients that did not offer wsgate still get the HTTP status.
+    let (_, _, health) = http_get(gw.addr, "/healthz", "").await;
+    let refused: Value = serde_json::from_str::<Value>(&health).unwrap()["refused"].clone();
+    assert_eq!(refused["origin_refused"], 1, "{refused}");
+    assert_eq!(refused["auth_refused"]["missing_token"], 1, "{refused}");
+    assert_eq!(refused["auth_refused"]["token_expired"], 1, "{refused}");
+    assert_eq!(try_upgrade(&gw, None).await.0, 401);
+    // The places were given back: as many connections as before can open.
+    gw.wait_for_connections(0).await;
+}

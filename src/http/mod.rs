@@ -39,6 +39,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
+use fastwebsockets::upgrade::UpgradeFut;
 use futures_util::future::Either;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -709,38 +710,51 @@ fn upgrade_admitted(
     peer: IpAddr,
 ) -> Response<Body> {
     let node = &shard.edge;
-    if let Some(origin) = req.headers().get(ORIGIN)
-        && !node.shared.config.allowed_origins.is_empty()
-        && !node
-            .shared
-            .config
-            .allowed_origins
-            .iter()
-            .any(|allowed| allowed.as_bytes() == origin.as_bytes())
-    {
+    let origin_allowed = req.headers().get(ORIGIN).is_none_or(|origin| {
+        let allowed = &node.shared.config.allowed_origins;
+        allowed.is_empty() || allowed.iter().any(|a| a.as_bytes() == origin.as_bytes())
+    });
+    let presented = token::presented(&req);
+    // `wsgate`, when the client offered it (never the `bearer.` entry).
+    let protocol = presented.protocol.clone();
+    let authenticated = match presented.token.as_deref() {
+        None if node.shared.config.allow_anonymous => Ok(node.shared.anonymous.clone()),
+        token => node.auth.authenticate(token).map(Arc::new),
+    };
+    drop(presented);
+    // A client that offered `wsgate` (the SDK, the test page: browsers, which cannot read an
+    // upgrade's refusal) is told why in a close frame; others get the HTTP status.
+    if !origin_allowed {
         node.shared
             .counters
             .origin_refused
             .fetch_add(1, Ordering::Relaxed);
-        debug!(origin = ?origin, "upgrade refused (403): origin not allowed");
-        return error_response(StatusCode::FORBIDDEN, "origin not allowed");
-    }
-    let presented = token::presented(&req);
-    let identity = match presented.token.as_deref() {
-        None if node.shared.config.allow_anonymous => node.shared.anonymous.clone(),
-        token => match node.auth.authenticate(token) {
-            Ok(identity) => Arc::new(identity),
-            Err(e) => {
-                node.shared.counters.auth_refused(e);
-                // The reason only: the token itself is never logged.
-                debug!(reason = e.code(), "upgrade refused (401)");
-                return unauthorized(
-                    serde_json::json!({ "error": e.message(), "reason": e.code() }),
-                );
+        debug!("upgrade refused (403): origin not allowed");
+        return match protocol {
+            Some(protocol) => {
+                let reason = "origin not allowed".to_owned();
+                refuse_upgraded(shard, req, peer, protocol, CloseCode::FORBIDDEN, reason)
             }
-        },
+            None => error_response(StatusCode::FORBIDDEN, "origin not allowed"),
+        };
+    }
+    let identity = match authenticated {
+        Ok(identity) => identity,
+        Err(e) => {
+            node.shared.counters.auth_refused(e);
+            // The reason only: the token itself is never logged.
+            debug!(reason = e.code(), "upgrade refused (401)");
+            return match protocol {
+                Some(protocol) => {
+                    let reason = format!("{}: {}", e.code(), e.message());
+                    refuse_upgraded(shard, req, peer, protocol, CloseCode::UNAUTHORIZED, reason)
+                }
+                None => {
+                    unauthorized(serde_json::json!({ "error": e.message(), "reason": e.code() }))
+                }
+            };
+        }
     };
-    let protocol = presented.protocol;
     // What the connect proxy is told, while the request is at hand.
     let connect = shard.connect_proxy.as_ref().map(|proxy| {
         let headers = forwarded_to_backend(&req, &node.shared.config.proxy_headers);
@@ -748,41 +762,15 @@ fn upgrade_admitted(
         event.headers = headers.as_ref();
         (proxy.clone(), event.to_json())
     });
-    let (mut response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
-        Ok(pair) => pair,
-        Err(fastwebsockets::WebSocketError::InvalidSecWebsocketVersion) => {
-            node.shared
-                .counters
-                .bad_requests
-                .fetch_add(1, Ordering::Relaxed);
-            let mut res = error_response(
-                StatusCode::UPGRADE_REQUIRED,
-                "unsupported WebSocket version (need 13)",
-            );
-            res.headers_mut()
-                .insert("sec-websocket-version", HeaderValue::from_static("13"));
-            return res;
-        }
-        Err(e) => return error_response(StatusCode::BAD_REQUEST, &e.to_string()),
+    let (response, upgrading) = match start_upgrade(node, &mut req, protocol) {
+        Ok(started) => started,
+        Err(refused) => return *refused,
     };
-    if let Some(protocol) = protocol {
-        response
-            .headers_mut()
-            .insert(SEC_WEBSOCKET_PROTOCOL, protocol);
-    }
     let shard = shard.clone();
     // Waits for hyper to finish the handshake, then hands the socket to the shard's loop: the
     // connection has no task of its own.
     tokio::task::spawn_local(async move {
-        let upgraded = match upgrading.await {
-            Ok(ws) => ws.into_inner().into_inner(),
-            Err(e) => {
-                debug!(error = %e, "upgrade did not complete");
-                return give_back(&shard, peer);
-            }
-        };
-        let Ok(parts) = upgraded.downcast::<TokioIo<Prefixed>>() else {
-            error!("upgraded connection is not the stream it was served on");
+        let Some(parts) = upgraded(upgrading).await else {
             return give_back(&shard, peer);
         };
         let (identity, data) = match connect {
@@ -816,7 +804,89 @@ fn upgrade_admitted(
             give_back(&shard, peer);
         }
     });
-    response.map(|_| Body::default())
+    response
+}
+
+/// hyper's answer to an upgrade (with `protocol`, the subprotocol chosen), and the future of the
+/// upgraded socket; an upgrade that cannot be made is answered with its status.
+fn start_upgrade(
+    node: &Edge,
+    req: &mut Request<Incoming>,
+    protocol: Option<HeaderValue>,
+) -> Result<(Response<Body>, UpgradeFut), Box<Response<Body>>> {
+    let (mut response, upgrading) = match fastwebsockets::upgrade::upgrade(req) {
+        Ok(pair) => pair,
+        Err(fastwebsockets::WebSocketError::InvalidSecWebsocketVersion) => {
+            node.shared
+                .counters
+                .bad_requests
+                .fetch_add(1, Ordering::Relaxed);
+            let mut res = error_response(
+                StatusCode::UPGRADE_REQUIRED,
+                "unsupported WebSocket version (need 13)",
+            );
+            res.headers_mut()
+                .insert("sec-websocket-version", HeaderValue::from_static("13"));
+            return Err(Box::new(res));
+        }
+        Err(e) => {
+            return Err(Box::new(error_response(
+                StatusCode::BAD_REQUEST,
+                &e.to_string(),
+            )));
+        }
+    };
+    if let Some(protocol) = protocol {
+        response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    Ok((response.map(|_| Body::default()), upgrading))
+}
+
+/// The socket hyper upgraded, with what it read past the handshake, once the handshake is done
+/// (none: the client went away first).
+async fn upgraded(upgrading: UpgradeFut) -> Option<hyper::upgrade::Parts<TokioIo<Prefixed>>> {
+    let upgraded = match upgrading.await {
+        Ok(ws) => ws.into_inner().into_inner(),
+        Err(e) => {
+            debug!(error = %e, "upgrade did not complete");
+            return None;
+        }
+    };
+    let parts = upgraded.downcast::<TokioIo<Prefixed>>();
+    if parts.is_err() {
+        error!("upgraded connection is not the stream it was served on");
+    }
+    parts.ok()
+}
+
+/// Upgrades a refused connection only to close it with `code` and `reason`: for clients that
+/// offered the `wsgate` subprotocol, which can read a close frame but not an HTTP refusal. The
+/// refusal was counted; the place is given back once the close handshake is done.
+fn refuse_upgraded(
+    shard: &Rc<ShardEdge>,
+    mut req: Request<Incoming>,
+    peer: IpAddr,
+    protocol: HeaderValue,
+    code: CloseCode,
+    reason: String,
+) -> Response<Body> {
+    let node = &shard.edge;
+    let (response, upgrading) = match start_upgrade(node, &mut req, Some(protocol)) {
+        Ok(started) => started,
+        Err(refused) => return *refused,
+    };
+    let shard = shard.clone();
+    tokio::task::spawn_local(async move {
+        if let Some(parts) = upgraded(upgrading).await {
+            let close = frame::encode_close(code, &reason);
+            let timeout = shard.edge.shared.config.close_timeout;
+            close_unadopted(parts.io.into_inner(), &close, timeout).await;
+        }
+        give_back(&shard, peer);
+    });
+    response
 }
 
 /// The headers of `req` named in `names` (`proxy_headers`), for the connect proxy.

@@ -9,6 +9,7 @@ var DEFAULT_BACKOFF = {
 };
 function classifyClose(code, reason, greeted) {
   if (code === 4001) return "token_expired";
+  if (code === 4401) return "unauthorized";
   if (code >= 4e3 && code <= 4999) return "kicked";
   if (code === 1008 && /rate limit/i.test(reason)) return "rate_limited";
   if (code === 1001) return "restarting";
@@ -650,14 +651,16 @@ var WsgateClient = class extends Emitter {
     const kind = classifyClose(code, reason, greeted);
     const identified = this.#token !== void 0 || this.#getToken !== void 0;
     const requeue = this.#maxQueued > 0 && identified && !POISONED.has(code);
-    if (kind === "token_expired" || kind === "failed" && this.#getToken) this.#token = void 0;
+    if (kind === "token_expired" || kind === "unauthorized" || kind === "failed" && this.#getToken) {
+      this.#token = void 0;
+    }
     this.#failPending(
       (pending) => new WsgateError("disconnected", `the connection closed before the answer to ${pending.frame.type} (it may or may not have been done)`),
       requeue
     );
     let reconnect = this.#wanted;
     if (kind === "kicked") reconnect &&= this.#reconnectAfter(code, reason);
-    if (kind === "token_expired") reconnect &&= this.#getToken !== void 0;
+    if (kind === "token_expired" || kind === "unauthorized") reconnect &&= this.#getToken !== void 0;
     this.#retry(kind, code, reason, greeted, reconnect);
   }
   /** Fails what waits for an answer, or (`requeue`) puts the retriable among it back at the

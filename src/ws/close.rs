@@ -41,6 +41,11 @@ impl CloseCode {
     /// The server cannot serve the connection now (a backend it needs is away).
     pub const TRY_AGAIN_LATER: CloseCode = CloseCode(1013);
     pub const TOKEN_EXPIRED: CloseCode = CloseCode(4001);
+    /// An upgrade refused for its token, told to a client that offered the `wsgate` subprotocol
+    /// (browsers cannot read a 401).
+    pub const UNAUTHORIZED: CloseCode = CloseCode(4401);
+    /// An upgrade refused for its `Origin`, told the same way (a 403's close code).
+    pub const FORBIDDEN: CloseCode = CloseCode(4403);
 
     /// Whether a peer may send this code in a close frame (RFC 6455 §7.4.1–2).
     fn is_valid_on_wire(self) -> bool {

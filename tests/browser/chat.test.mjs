@@ -194,7 +194,7 @@ describe('the page on the SDK', () => {
     await page.screenshot({ path: shots('desktop') });
   });
 
-  test('a connection refused at the upgrade is explained, not shown as a bare 1006', async () => {
+  test('a connection refused at the upgrade is explained in words, not shown as a bare 1006', async () => {
     const { url } = await startGateway({ WSGATE_JWT_SECRET: 'browser-test-secret-0123456789' });
     const page = await browser.newPage();
     await page.goto(url);
@@ -202,10 +202,10 @@ describe('the page on the SDK', () => {
     await page.click('#connect');
     await page.locator('#log .err', { hasText: 'this gateway needs a token' }).waitFor();
     await page.locator('#status', { hasText: /^disconnected$/ }).waitFor();
-    // A token the gateway refuses: the likely reasons, in words.
+    // A token the gateway refuses: its reason, read from the close frame (4401).
     await page.fill('#token', 'not.a.token');
     await page.click('#connect');
-    await page.locator('#log .err', { hasText: 'the gateway refused the connection' }).waitFor();
+    await page.locator('#log .err', { hasText: 'the gateway refused the token (malformed_token: malformed token)' }).waitFor();
     assert.equal(await page.locator('#log', { hasText: '1006' }).count(), 0);
     await page.click('#connect'); // stop retrying
     await page.locator('#status', { hasText: /^disconnected$/ }).waitFor();

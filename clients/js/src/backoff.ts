@@ -20,19 +20,30 @@ export const DEFAULT_BACKOFF: BackoffOptions = {
 /**
  * What a close code says about the next attempt:
  * - `token_expired` (4001): a new token first, then at once;
+ * - `unauthorized` (4401: the upgrade's token was refused — missing, malformed, expired, badly
+ *   signed): a new token from the token function, backing off; final with a fixed token;
  * - `rate_limited` (1008 "rate limit exceeded"): back off longer;
  * - `restarting` (1001, the server is shutting down): come back soon, spread out (another URL
  *   first, when there are several);
  * - `kicked` (4000–4999, the application closed the connection: a disconnect through the server
- *   API, a connect proxy's refusal): do not come back unless `reconnectAfter` says so;
+ *   API, a connect proxy's refusal, an `Origin` not allowed (4403)): do not come back unless
+ *   `reconnectAfter` says so;
  * - `failed`: the connection never opened (refused at the upgrade, unreachable): another URL, and
  *   back off;
  * - `lost`: anything else (a network failure, a heartbeat timeout, a slow reader closed): back off.
  */
-export type CloseKind = "token_expired" | "rate_limited" | "restarting" | "kicked" | "failed" | "lost";
+export type CloseKind =
+  | "token_expired"
+  | "unauthorized"
+  | "rate_limited"
+  | "restarting"
+  | "kicked"
+  | "failed"
+  | "lost";
 
 export function classifyClose(code: number, reason: string, greeted: boolean): CloseKind {
   if (code === 4001) return "token_expired";
+  if (code === 4401) return "unauthorized";
   if (code >= 4000 && code <= 4999) return "kicked";
   if (code === 1008 && /rate limit/i.test(reason)) return "rate_limited";
   if (code === 1001) return "restarting";

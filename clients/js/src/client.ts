@@ -20,8 +20,8 @@ export interface ClientOptions {
   url: string | string[];
   /** The connection's JWT, or a function that gets a fresh one from your backend: called before
    * a connection when there is no token or it is about to expire, after a close for an expired
-   * token (4001), after a connection refused at the upgrade, and to refresh the token of a
-   * connection before it expires. Without a token the connection is anonymous (where the gateway
+   * or refused token (4001, 4401), after a connection refused at the upgrade, and to refresh the
+   * token of a connection before it expires. Without a token the connection is anonymous (where the gateway
    * allows it). */
   token?: string | (() => string | Promise<string>);
   /** Refresh a connection's token this long before it expires (ms; at most half of what is left
@@ -74,10 +74,10 @@ export interface ClientEvents {
   connected: Connected & { url: string; reconnected: boolean };
   /**
    * The connection closed, or an attempt failed. `why` is what the SDK made of the close code
-   * (see {@link CloseKind}); `reconnect` whether it connects again, in `delay` ms. A connection
-   * refused at the upgrade (a bad token, a foreign `Origin`, limits) shows to browsers only as
-   * code 1006 before any greeting (`greeted: false`): the gateway's reason is in its answer,
-   * which browsers hide.
+   * (see {@link CloseKind}); `reconnect` whether it connects again, in `delay` ms. The gateway
+   * tells the SDK why it refused an upgrade's token (4401) or `Origin` (4403) in a close frame
+   * with the reason; a refusal for limits (or by a proxy in front) shows to browsers only as code
+   * 1006 before any greeting (`greeted: false`).
    */
   disconnected: {
     code: number;
@@ -529,15 +529,18 @@ export class WsgateClient extends Emitter<ClientEvents> {
     // and a token (an anonymous connection's ids are its own), unless the close may be theirs.
     const identified = this.#token !== undefined || this.#getToken !== undefined;
     const requeue = this.#maxQueued > 0 && identified && !POISONED.has(code);
-    // An expired token, or a refusal at the upgrade (perhaps of the token): a new one next time.
-    if (kind === "token_expired" || (kind === "failed" && this.#getToken)) this.#token = undefined;
+    // An expired or refused token, or a refusal at the upgrade (perhaps of the token): a new one
+    // next time.
+    if (kind === "token_expired" || kind === "unauthorized" || (kind === "failed" && this.#getToken)) {
+      this.#token = undefined;
+    }
     this.#failPending(
       (pending) => new WsgateError("disconnected", `the connection closed before the answer to ${pending.frame.type} (it may or may not have been done)`),
       requeue,
     );
     let reconnect = this.#wanted;
     if (kind === "kicked") reconnect &&= this.#reconnectAfter(code, reason);
-    if (kind === "token_expired") reconnect &&= this.#getToken !== undefined;
+    if (kind === "token_expired" || kind === "unauthorized") reconnect &&= this.#getToken !== undefined;
     this.#retry(kind, code, reason, greeted, reconnect);
   }
 

@@ -6,6 +6,7 @@ import { token } from './support.mjs';
 
 test('close codes are read as the gateway means them', () => {
   assert.equal(classifyClose(4001, 'token expired', true), 'token_expired');
+  assert.equal(classifyClose(4401, 'bad_signature: invalid token signature', false), 'unauthorized');
   assert.equal(classifyClose(4003, 'banned', true), 'kicked');
   assert.equal(classifyClose(4403, 'denied', false), 'kicked');
   assert.equal(classifyClose(1008, 'rate limit exceeded', true), 'rate_limited');

@@ -81,12 +81,12 @@ export async function startRedis() {
   return { url: `redis://127.0.0.1:${port}`, stop: () => child.kill('SIGKILL') };
 }
 
-/** A token for `user`, expiring in `ttl` seconds, as a backend signs one. */
-export function token(user, ttl = 3600) {
+/** A token for `user`, expiring in `ttl` seconds, as a backend signs one (with `secret`). */
+export function token(user, ttl = 3600, secret = SECRET) {
   const encode = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
   const header = encode({ alg: 'HS256', typ: 'JWT' });
   const claims = encode({ sub: user, username: user, exp: Math.floor(Date.now() / 1000) + ttl });
-  const signature = createHmac('sha256', SECRET).update(`${header}.${claims}`).digest('base64url');
+  const signature = createHmac('sha256', secret).update(`${header}.${claims}`).digest('base64url');
   return `${header}.${claims}.${signature}`;
 }
 

@@ -63,3 +63,29 @@ test('with a fixed token, an expired one is final', async (t) => {
   assert.deepEqual([closed.code, closed.why, closed.reconnect], [4001, 'token_expired', false]);
   assert.equal(carol.state, 'disconnected');
 });
+
+test('a token the gateway refuses is told with its reason; a token function gets a new one', async (t) => {
+  // A fixed token that is not the gateway's: told why (4401), and final.
+  const forged = new WsgateClient({ url: gateway.url, token: token('mallory', 3600, 'not-the-gateways-secret') });
+  t.after(() => forged.close());
+  forged.connect();
+  const closed = await next(forged, 'disconnected');
+  assert.deepEqual(
+    [closed.code, closed.reason, closed.why, closed.greeted, closed.reconnect],
+    [4401, 'bad_signature: invalid token signature', 'unauthorized', false, false],
+  );
+  // A token function whose first token is expired: refused, then a new one, connected.
+  let calls = 0;
+  const erin = new WsgateClient({
+    url: gateway.url,
+    token: () => token('erin', ++calls === 1 ? -60 : 3600),
+    backoff: { minDelay: 50 },
+  });
+  t.after(() => erin.close());
+  const refused = next(erin, 'disconnected');
+  erin.connect();
+  const first = await refused;
+  assert.deepEqual([first.code, first.reason, first.reconnect], [4401, 'token_expired: token expired', true]);
+  await next(erin, 'connected');
+  assert.equal(calls, 2);
+});

@@ -42,7 +42,7 @@ print(f"compose: {len(nodes)} nodes on redis behind nginx")
 # where nginx.conf's public server includes them.
 tls = yaml.safe_load(open("deploy/compose/compose.tls.yaml"))["services"]["nginx"]
 assert "127.0.0.1:8443:443" in tls["ports"], tls
-mounts = [v.rsplit(":", 2)[1] for v in tls["volumes"]]  # source:target:ro
+mounts = [v["target"] for v in tls["volumes"]]
 assert "/etc/nginx/wsgate-tls/tls.conf" in mounts, mounts
 assert "include /etc/nginx/wsgate-tls/*.conf;" in open("deploy/compose/nginx.conf").read()
 conf = open("deploy/compose/tls.conf").read()

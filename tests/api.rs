@@ -494,7 +494,25 @@ async fn the_admin_page_is_served_only_with_an_api_key_and_never_framed() {
     assert!(head.contains("content-type: text/html"), "{head}");
     assert!(head.contains("x-frame-options: deny"), "{head}");
     assert!(head.contains("referrer-policy: no-referrer"), "{head}");
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    assert!(
+        head.contains("content-security-policy: default-src 'none'; script-src 'self';"),
+        "{head}"
+    );
     assert!(body.contains("<title>wsgate admin</title>"));
-    // The page holds no secret: it asks for the key, and reads the API with it.
-    assert!(!body.contains(API_KEY) && body.contains("sessionStorage"));
+    // No inline script (the policy allows none): the page's code is a file of its own.
+    assert!(!body.contains("<script>") && body.contains(r#"<script src="/admin.js">"#));
+    let (status, head, script) = http_get(gw.addr, "/admin.js", "").await;
+    assert_eq!(status, 200);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/javascript")
+    );
+    // It holds no secret: it asks for the key, and reads the API with it.
+    assert!(!script.contains(API_KEY) && script.contains("sessionStorage"));
+    assert!(
+        !script.contains("innerHTML"),
+        "names are shown as text, never as markup"
+    );
+    assert_eq!(http_get(without.addr, "/admin.js", "").await.0, 404);
 }

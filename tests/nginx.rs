@@ -161,12 +161,17 @@ async fn the_tls_example_serves_wss_and_the_admin_ui_only_on_the_api_port() {
         }
     };
     assert_eq!(joined["id"], 1);
-    // The admin UI is for the inside, as the API is: on the API's port only.
-    let (status, _, _) = http_get(nginx.addr, "/admin", "").await;
-    assert_eq!(status, 404, "the admin UI on the public port");
-    let (status, _, page) = http_get(nginx.api_addr, "/admin", "").await;
-    assert_eq!(status, 200, "{}", nginx.error_log());
-    assert!(page.contains("<title>wsgate admin</title>"));
+    // The admin UI is for the inside, as the API is: on the API's port only (the TLS port is the
+    // public server's).
+    for path in ["/admin", "/admin.js"] {
+        let (status, _, _) = http_get(nginx.addr, path, "").await;
+        assert_eq!(status, 404, "{path} on the public port");
+        let (status, _, _) = http_get(nginx.api_addr, path, "").await;
+        assert_eq!(status, 200, "{path}: {}", nginx.error_log());
+    }
+    let tls = pki.connect(nginx.tls_addr.unwrap()).await.unwrap();
+    let status = https_status(tls, "/api/stats").await;
+    assert_eq!(status, 404, "the API over TLS on the public server");
 }
 
 /// The next text message of `ws`, as JSON.
@@ -178,4 +183,22 @@ async fn next_json(ws: &mut support::pki::Wss) -> serde_json::Value {
             return serde_json::from_str(&text).unwrap();
         }
     }
+}
+
+/// The status `GET path` gets over `tls`.
+async fn https_status(
+    mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    path: &str,
+) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .unwrap_or_else(|| panic!("an HTTP answer: {answer}"))
 }

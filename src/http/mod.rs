@@ -44,9 +44,9 @@ use futures_util::future::Either;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
-    CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST, HeaderName, HeaderValue, ORIGIN,
-    REFERRER_POLICY, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION,
-    WWW_AUTHENTICATE, X_FRAME_OPTIONS,
+    CACHE_CONTROL, CONNECTION, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HOST, HeaderName,
+    HeaderValue, ORIGIN, REFERRER_POLICY, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL,
+    SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -78,9 +78,16 @@ const TEST_PAGE: &str = include_str!("../page/index.html");
 /// The client SDK (clients/js) as one ES module, which the test page imports: pages may import
 /// it from the gateway too (`import { WsgateClient } from "https://…/wsgate-client.js"`).
 const CLIENT_SDK: &str = include_str!("../page/wsgate-client.js");
+/// How long a refused upgrade's close handshake may take (at most `close_timeout`).
+const REFUSAL_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The admin UI: the server API's nodes, rooms and presence, publish and disconnect, in a page
 /// that asks for the API key (served only with an `api_key`).
 const ADMIN_PAGE: &str = include_str!("../page/admin.html");
+const ADMIN_SCRIPT: &str = include_str!("../page/admin.js");
+/// What the admin page may load and do: its own script and the API, nothing inline but styles,
+/// never inside a frame.
+const ADMIN_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; \
+     connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 type Body = Full<Bytes>;
 
@@ -511,11 +518,19 @@ fn route(shard: &Rc<ShardEdge>, req: Request<Incoming>, origin: Origin) -> Respo
         }
         (&Method::GET, "/admin") if config.api_key.is_some() => {
             let mut page = static_file(ADMIN_PAGE, "text/html; charset=utf-8");
-            // It handles the API key: never inside another site's frame, never named to others.
+            // It handles the API key: never inside another site's frame, never named to others,
+            // no script but its own.
             let headers = page.headers_mut();
             headers.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
             headers.insert(REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+            headers.insert(
+                CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(ADMIN_POLICY),
+            );
             page
+        }
+        (&Method::GET, "/admin.js") if config.api_key.is_some() => {
+            static_file(ADMIN_SCRIPT, "text/javascript; charset=utf-8")
         }
         (&Method::GET, "/ws") => upgrade(shard, req, shard.edge.chat, origin),
         (&Method::GET, "/echo") if config.echo_endpoint => {
@@ -555,6 +570,7 @@ fn static_file(body: &'static str, content_type: &'static str) -> Response<Body>
     let headers = res.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     res
 }
 
@@ -715,44 +731,41 @@ fn upgrade_admitted(
         allowed.is_empty() || allowed.iter().any(|a| a.as_bytes() == origin.as_bytes())
     });
     let presented = token::presented(&req);
-    // `wsgate`, when the client offered it (never the `bearer.` entry).
+    // `wsgate`, when the client offered it (never the `bearer.` entry). Such a client (the SDK,
+    // the test page: browsers, which cannot read an upgrade's refusal) is told why in a close
+    // frame; others, or when too many refusals are closing already, get the HTTP status.
     let protocol = presented.protocol.clone();
-    let authenticated = match presented.token.as_deref() {
-        None if node.shared.config.allow_anonymous => Ok(node.shared.anonymous.clone()),
-        token => node.auth.authenticate(token).map(Arc::new),
-    };
-    drop(presented);
-    // A client that offered `wsgate` (the SDK, the test page: browsers, which cannot read an
-    // upgrade's refusal) is told why in a close frame; others get the HTTP status.
     if !origin_allowed {
+        drop(presented);
         node.shared
             .counters
             .origin_refused
             .fetch_add(1, Ordering::Relaxed);
         debug!("upgrade refused (403): origin not allowed");
-        return match protocol {
-            Some(protocol) => {
-                let reason = "origin not allowed".to_owned();
-                refuse_upgraded(shard, req, peer, protocol, CloseCode::FORBIDDEN, reason)
-            }
-            None => error_response(StatusCode::FORBIDDEN, "origin not allowed"),
-        };
+        let reason = "origin not allowed".to_owned();
+        return protocol
+            .and_then(|p| refuse_upgraded(shard, req, peer, p, CloseCode::FORBIDDEN, reason))
+            .unwrap_or_else(|| error_response(StatusCode::FORBIDDEN, "origin not allowed"));
     }
+    // Checked once the origin is (the costlier check last).
+    let authenticated = match presented.token.as_deref() {
+        None if node.shared.config.allow_anonymous => Ok(node.shared.anonymous.clone()),
+        token => node.auth.authenticate(token).map(Arc::new),
+    };
+    drop(presented);
     let identity = match authenticated {
         Ok(identity) => identity,
         Err(e) => {
             node.shared.counters.auth_refused(e);
             // The reason only: the token itself is never logged.
             debug!(reason = e.code(), "upgrade refused (401)");
-            return match protocol {
-                Some(protocol) => {
-                    let reason = format!("{}: {}", e.code(), e.message());
-                    refuse_upgraded(shard, req, peer, protocol, CloseCode::UNAUTHORIZED, reason)
-                }
-                None => {
-                    unauthorized(serde_json::json!({ "error": e.message(), "reason": e.code() }))
-                }
-            };
+            let reason = format!("{}: {}", e.code(), e.message());
+            let refused = protocol.and_then(|p| {
+                refuse_upgraded(shard, req, peer, p, CloseCode::UNAUTHORIZED, reason)
+            });
+            return refused.unwrap_or_else(|| {
+                unauthorized(serde_json::json!({ "error": e.message(), "reason": e.code() }))
+            });
         }
     };
     // What the connect proxy is told, while the request is at hand.
@@ -863,7 +876,9 @@ async fn upgraded(upgrading: UpgradeFut) -> Option<hyper::upgrade::Parts<TokioIo
 
 /// Upgrades a refused connection only to close it with `code` and `reason`: for clients that
 /// offered the `wsgate` subprotocol, which can read a close frame but not an HTTP refusal. The
-/// refusal was counted; the place is given back once the close handshake is done.
+/// refusal was counted. It keeps no WebSocket place (given back at once), and takes one of the
+/// few places for refused sockets to linger, for at most [`REFUSAL_CLOSE_TIMEOUT`]: none left,
+/// and `None` (the caller answers with the HTTP status).
 fn refuse_upgraded(
     shard: &Rc<ShardEdge>,
     mut req: Request<Incoming>,
@@ -871,22 +886,35 @@ fn refuse_upgraded(
     protocol: HeaderValue,
     code: CloseCode,
     reason: String,
-) -> Response<Body> {
+) -> Option<Response<Body>> {
     let node = &shard.edge;
+    let admission = &node.shared.admission;
+    if !admission.start_linger() {
+        return None;
+    }
     let (response, upgrading) = match start_upgrade(node, &mut req, Some(protocol)) {
         Ok(started) => started,
-        Err(refused) => return *refused,
+        Err(refused) => {
+            admission.end_linger();
+            return Some(*refused);
+        }
     };
+    // A 101: the caller leaves the upgrade's place to the connection, which a refusal does not
+    // need.
+    admission.release_upgrade();
     let shard = shard.clone();
     tokio::task::spawn_local(async move {
         if let Some(parts) = upgraded(upgrading).await {
             let close = frame::encode_close(code, &reason);
             let timeout = shard.edge.shared.config.close_timeout;
+            let timeout = timeout.min(REFUSAL_CLOSE_TIMEOUT);
             close_unadopted(parts.io.into_inner(), &close, timeout).await;
         }
-        give_back(&shard, peer);
+        let admission = &shard.edge.shared.admission;
+        admission.release_socket(peer);
+        admission.end_linger();
     });
-    response
+    Some(response)
 }
 
 /// The headers of `req` named in `names` (`proxy_headers`), for the connect proxy.

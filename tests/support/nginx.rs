@@ -149,7 +149,15 @@ fn loopback_config(
         } else if trimmed.starts_with("server wsgate-") {
             Some(String::new())
         } else if trimmed == "include /etc/nginx/wsgate-tls/*.conf;" {
-            Some(tls.map(tls_config).unwrap_or_default())
+            Some(match tls {
+                Some(tls) => tls_config(tls),
+                // As shipped: a glob that matches nothing (an empty directory).
+                None => {
+                    let empty = format!("{prefix}/wsgate-tls");
+                    std::fs::create_dir_all(&empty).unwrap();
+                    format!("include {empty}/*.conf;")
+                }
+            })
         } else if trimmed == "listen 8081;" {
             Some(format!("listen {api_listen};"))
         } else if trimmed == "listen 80;" {

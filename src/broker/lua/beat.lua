@@ -29,6 +29,17 @@ for i = 1, #nodes, 2 do
     table.insert(kept, until_ms)
   end
 end
+-- Statuses of nodes no longer listed (left by a version that did not remove them) go too.
+local statuses = redis.call("hkeys", KEYS[4])
+local listed = {}
+for i = 1, #kept, 2 do
+  listed[kept[i]] = true
+end
+for _, node in ipairs(statuses) do
+  if not listed[node] then
+    redis.call("hdel", KEYS[4], node)
+  end
+end
 local same_era = 0
 if era_is(KEYS[3], ARGV[4]) then
   same_era = 1

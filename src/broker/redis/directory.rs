@@ -48,7 +48,7 @@ impl Lookup {
     /// The live nodes (by Redis's clock), with what each said of itself at its last beat, in
     /// name order. A node whose status is missing or unreadable (an older version) is left out.
     pub async fn nodes(&self) -> RedisResult<Vec<NodeStatus>> {
-        type Reply = ((u64, u64), HashMap<String, u64>, HashMap<String, String>);
+        type Reply = ((u64, u64), HashMap<String, String>, HashMap<String, String>);
         let ((seconds, micros), alive, statuses): Reply = ::redis::pipe()
             .cmd("TIME")
             .cmd("HGETALL")
@@ -60,7 +60,7 @@ impl Lookup {
         let now = seconds * 1000 + micros / 1000;
         let mut nodes: Vec<NodeStatus> = alive
             .iter()
-            .filter(|&(_, &until)| until >= now)
+            .filter(|(_, until)| until.parse::<u64>().is_ok_and(|until| until >= now))
             .filter_map(|(node, _)| serde_json::from_str(statuses.get(node)?).ok())
             .collect();
         nodes.sort_by(|a, b| a.node.cmp(&b.node));

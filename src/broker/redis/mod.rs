@@ -436,7 +436,6 @@ impl Broker for RedisBroker {
                 .is_ok()
     }
 
-    /// The cluster's rooms index (a node knows only the rooms it has members in).
     fn nodes(&self) -> LocalFuture<'_, Result<Vec<NodeStatus>, Unavailable>> {
         Box::pin(async move {
             let lookup = self.lookup().ok_or(Unavailable)?;
@@ -444,6 +443,7 @@ impl Broker for RedisBroker {
         })
     }
 
+    /// The cluster's rooms index (a node knows only the rooms it has members in).
     fn rooms(
         &self,
         after: Option<&str>,

@@ -209,6 +209,14 @@ describe('the page on the SDK', () => {
     assert.equal(await page.locator('#log', { hasText: '1006' }).count(), 0);
     await page.click('#connect'); // stop retrying
     await page.locator('#status', { hasText: /^disconnected$/ }).waitFor();
+
+    // A page whose origin the gateway does not allow: said so (4403), not retried.
+    const strict = await startGateway({ WSGATE_ALLOWED_ORIGINS: '["https://app.example"]' });
+    const foreign = await browser.newPage();
+    await foreign.goto(strict.url);
+    await foreign.click('#connect');
+    await foreign.locator('#log .err', { hasText: 'the gateway does not accept pages from this origin' }).waitFor();
+    await foreign.locator('#status', { hasText: /^disconnected$/ }).waitFor();
   });
 });
 

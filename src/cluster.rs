@@ -12,8 +12,8 @@ use tokio::sync::oneshot;
 use crate::backend::webhook::Webhooks;
 use crate::base::client_id::ClientId;
 use crate::broker::{
-    Broker, BrokerEvents, CONTROL_ANSWER_WAIT, Disconnect, Membership, PublishError, Publisher,
-    RoomRef, Unavailable,
+    Broker, BrokerEvents, CONTROL_ANSWER_WAIT, Disconnect, Disconnected, Membership, PublishError,
+    Publisher, RoomRef, Unavailable,
 };
 use crate::config::WebhookEvent;
 use crate::fanout::{self, Publication};
@@ -85,17 +85,6 @@ pub fn publish_to_stream(
     published
 }
 
-/// What a disconnect closed, across the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Disconnected {
-    /// Connections closed (those of nodes that did not answer in time are not in it).
-    pub connections: u64,
-    /// Nodes whose count is in `connections`, this one included.
-    pub nodes: u32,
-    /// Nodes that were told but did not answer within [`crate::broker::CONTROL_ANSWER_WAIT`].
-    pub unanswered: u32,
-}
-
 /// A disconnect carried out on this node only: the other nodes could not be told, or may not
 /// have been (the broker away or behind; counted). Repeating it is harmless.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +126,7 @@ pub async fn disconnect_everywhere(
     match others {
         Ok(others) => Ok(Disconnected {
             connections: others.connections.saturating_add(here.unwrap_or(0)),
-            nodes: others.answered + u32::from(here.is_some()),
+            nodes: others.nodes + u32::from(here.is_some()),
             unanswered: others.unanswered + u32::from(here.is_none()),
         }),
         Err(Unavailable) => {

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backend::ProxyKind;
-use crate::broker::{Disconnect, NotAnApplicationCode};
-use crate::cluster::{self, Disconnected, OthersNotTold};
+use crate::broker::{Disconnect, Disconnected, NotAnApplicationCode};
+use crate::cluster::{self, OthersNotTold};
 use crate::config::Config;
 use crate::fanout::Publication;
 use crate::http::{self, ShardEdge};

@@ -16,7 +16,11 @@ async fn test_page_is_served_at_the_root() {
         "{head}"
     );
     assert!(body.contains("<title>wsgate test client</title>"));
-    assert!(body.contains(r#"import { WsgateClient, tokenExpiry } from "/wsgate-client.js""#));
+    assert!(
+        body.contains(
+            r#"import { WsgateClient, tokenClaims, tokenExpiry } from "/wsgate-client.js""#
+        )
+    );
     // The SDK it imports, as one module speaking the protocol.
     let (status, head, sdk) = http_get(gw.addr, "/wsgate-client.js", "").await;
     assert_eq!(status, 200);

@@ -27,15 +27,16 @@ use tracing::debug;
 use super::{Failure, HttpClient, ProxyKind, ProxyMetrics, ShardProxyMetrics};
 use crate::base::identity::Identity;
 use crate::config::{ProxyFailure, ProxySettings};
+use crate::ws::close::CloseCode;
+use crate::ws::frame::MAX_CLOSE_REASON;
 
 /// The largest answer read from a backend.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// The longest denial message passed to a client (longer ones are cut at a character boundary).
 const MAX_MESSAGE_BYTES: usize = 512;
-/// A close code's reason must fit a control frame (125 bytes, 2 of them the code).
-const MAX_REASON_BYTES: usize = 123;
-/// A connection's close code when a denial gives none.
-pub const DEFAULT_DENY_CODE: u16 = 4403;
+/// A connection's close code when a denial gives none: the gateway's own for a refused
+/// connection.
+pub const DEFAULT_DENY_CODE: u16 = CloseCode::FORBIDDEN.0;
 
 /// What the backend allowed, with what it added. Fields an event does not use are ignored.
 #[derive(Debug, Default, Deserialize)]
@@ -301,7 +302,8 @@ fn read_answer(body: &[u8]) -> Option<Answer> {
             (4000..=4999).contains(&code).then(|| {
                 Err(Refusal::Disconnect {
                     code,
-                    reason: cut(d.reason, MAX_REASON_BYTES),
+                    // A close code's reason must fit a control frame.
+                    reason: cut(d.reason, MAX_CLOSE_REASON),
                 })
             })
         }

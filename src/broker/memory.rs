@@ -10,7 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::{
-    Broker, Disconnect, HistoryQuery, Host, LocalFuture, Membership, NodeStatus, OthersClosed,
+    Broker, Disconnect, Disconnected, HistoryQuery, Host, LocalFuture, Membership, NodeStatus,
     PresenceChange, PublishError, Publisher, RoomHistory, RoomRef, SendFuture, Unavailable,
 };
 use crate::base::client_id::ClientId;
@@ -155,8 +155,8 @@ impl Broker for MemoryBroker {
     }
 
     /// One node: there are no others to tell.
-    fn control(&self, _: &Disconnect) -> SendFuture<Result<OthersClosed, Unavailable>> {
-        Box::pin(std::future::ready(Ok(OthersClosed::default())))
+    fn control(&self, _: &Disconnect) -> SendFuture<Result<Disconnected, Unavailable>> {
+        Box::pin(std::future::ready(Ok(Disconnected::default())))
     }
 
     /// One node: its counts are the cluster's.

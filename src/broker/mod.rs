@@ -111,13 +111,14 @@ pub struct Disconnect {
     pub reason: Arc<str>,
 }
 
-/// What the other nodes answered to a disconnect.
+/// What a disconnect closed: on the other nodes (what [`Broker::control`] answers), or across the
+/// cluster (what [`crate::cluster::disconnect_everywhere`] adds this node's count to).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct OthersClosed {
-    /// The connections they closed.
+pub struct Disconnected {
+    /// Connections closed (those of nodes that did not answer in time are not in it).
     pub connections: u64,
-    /// Nodes that answered with their count.
-    pub answered: u32,
+    /// Nodes whose count is in `connections`.
+    pub nodes: u32,
     /// Nodes that were told but did not answer within [`CONTROL_ANSWER_WAIT`] (they still close
     /// the user's connections; their count is missing).
     pub unanswered: u32,
@@ -234,9 +235,9 @@ pub trait Broker: Send + Sync {
     fn share(&self, target: &Target, payload: Bytes) -> bool;
 
     /// Asks every other node to close a user's connections, and answers with how many they
-    /// closed (see [`OthersClosed`]); `Unavailable` when they could not be told, or may not have
+    /// closed (see [`Disconnected`]); `Unavailable` when they could not be told, or may not have
     /// been (the connection to Redis failed on the way).
-    fn control(&self, disconnect: &Disconnect) -> SendFuture<Result<OthersClosed, Unavailable>>;
+    fn control(&self, disconnect: &Disconnect) -> SendFuture<Result<Disconnected, Unavailable>>;
 
     /// A user's connections here in `room` changed (see [`PresenceChange`]). Called under the
     /// room's presence lock, so that the changes reach the broker in their order: it queues,

@@ -271,17 +271,21 @@ var Room = class extends Emitter {
 };
 
 // src/token.ts
-function tokenExpiry(token) {
+function tokenClaims(token) {
   const payload = token.split(".")[1];
-  if (payload === void 0) return void 0;
+  if (payload === void 0) return {};
   try {
     const base64 = payload.replace(/-/g, "+").replace(/_/g, "/");
     const json = atob(base64.padEnd(base64.length + (4 - base64.length % 4) % 4, "="));
-    const exp = JSON.parse(json).exp;
-    return typeof exp === "number" ? exp : void 0;
+    const claims = JSON.parse(json);
+    return typeof claims === "object" && claims !== null ? claims : {};
   } catch {
-    return void 0;
+    return {};
   }
+}
+function tokenExpiry(token) {
+  const exp = tokenClaims(token)["exp"];
+  return typeof exp === "number" ? exp : void 0;
 }
 
 // src/client.ts
@@ -719,5 +723,6 @@ export {
   WsgateError,
   classifyClose,
   reconnectDelay,
+  tokenClaims,
   tokenExpiry
 };

@@ -44,7 +44,8 @@ impl CloseCode {
     /// An upgrade refused for its token, told to a client that offered the `wsgate` subprotocol
     /// (browsers cannot read a 401).
     pub const UNAUTHORIZED: CloseCode = CloseCode(4401);
-    /// An upgrade refused for its `Origin`, told the same way (a 403's close code).
+    /// A connection refused (a 403's close code): its `Origin` at the upgrade, told the same way,
+    /// or by the connect proxy without a code of its own.
     pub const FORBIDDEN: CloseCode = CloseCode(4403);
 
     /// Whether a peer may send this code in a close frame (RFC 6455 §7.4.1–2).

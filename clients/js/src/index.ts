@@ -6,5 +6,5 @@ export { WsgateError } from "./errors.js";
 export type { ErrorKind } from "./errors.js";
 export { DEFAULT_BACKOFF, classifyClose, reconnectDelay } from "./backoff.js";
 export type { BackoffOptions, CloseKind } from "./backoff.js";
-export { tokenExpiry } from "./token.js";
+export { tokenClaims, tokenExpiry } from "./token.js";
 export type * from "./protocol.js";

@@ -1,7 +1,7 @@
 // What the SDK makes of close codes, and the delays it waits (no gateway needed).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { DEFAULT_BACKOFF, classifyClose, reconnectDelay, tokenExpiry } from '../dist/index.js';
+import { DEFAULT_BACKOFF, classifyClose, reconnectDelay, tokenClaims, tokenExpiry } from '../dist/index.js';
 import { token } from './support.mjs';
 
 test('close codes are read as the gateway means them', () => {
@@ -34,4 +34,6 @@ test("a token's expiry is read from its claims", () => {
   assert.ok(Math.abs(exp - (Date.now() / 1000 + 60)) < 5);
   assert.equal(tokenExpiry('not a token'), undefined);
   assert.equal(tokenExpiry('a.b.c'), undefined);
+  assert.equal(tokenClaims(token('alice', 60)).sub, 'alice');
+  assert.deepEqual(tokenClaims('not a token'), {});
 });

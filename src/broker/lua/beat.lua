@@ -23,13 +23,13 @@ for i = 1, #nodes, 2 do
   local until_ms = ms(nodes[i + 1])
   if until_ms + tonumber(ARGV[3]) < now then
     redis.call("hdel", KEYS[1], nodes[i])
-    redis.call("hdel", KEYS[4], nodes[i])
   else
     table.insert(kept, nodes[i])
     table.insert(kept, until_ms)
   end
 end
--- Statuses of nodes no longer listed (left by a version that did not remove them) go too.
+-- Statuses of nodes no longer listed go too: those just forgotten, and any a version that did
+-- not remove them left.
 local statuses = redis.call("hkeys", KEYS[4])
 local listed = {}
 for i = 1, #kept, 2 do

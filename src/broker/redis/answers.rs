@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 
 use super::envelope::parse_u64;
-use crate::broker::{CONTROL_ANSWER_WAIT, OthersClosed};
+use crate::broker::{CONTROL_ANSWER_WAIT, Disconnected};
 
 /// One node's answer: its name and the connections it closed.
 type Answer = (Arc<str>, u64);
@@ -96,9 +96,9 @@ impl Waiter {
 
     /// Adds up the answers that come within [`CONTROL_ANSWER_WAIT`], one per node, for an order
     /// that reached `subscribers` subscribers of the control channel (this node among them).
-    pub async fn count(mut self, subscribers: u64) -> OthersClosed {
+    pub async fn count(mut self, subscribers: u64) -> Disconnected {
         let reached = usize::try_from(subscribers.saturating_sub(1)).unwrap_or(usize::MAX);
-        let mut closed = OthersClosed::default();
+        let mut closed = Disconnected::default();
         let mut answered = HashSet::new();
         let deadline = tokio::time::sleep(CONTROL_ANSWER_WAIT);
         tokio::pin!(deadline);
@@ -107,7 +107,7 @@ impl Waiter {
                 Some((node, connections)) = self.received.recv() => {
                     if answered.insert(node) {
                         closed.connections = closed.connections.saturating_add(connections);
-                        closed.answered += 1;
+                        closed.nodes += 1;
                     }
                 }
                 _ = &mut deadline => break,
@@ -167,27 +167,27 @@ mod tests {
         }
         let closed = first.count(3).await;
         assert_eq!(
-            (closed.connections, closed.answered, closed.unanswered),
+            (closed.connections, closed.nodes, closed.unanswered),
             (5, 2, 0)
         );
         assert_eq!(lock(&answers.waiting).len(), 1, "the first stopped waiting");
         // b and c never answer: reported as such after the wait.
         let closed = second.count(4).await;
         assert_eq!(
-            (closed.connections, closed.answered, closed.unanswered),
+            (closed.connections, closed.nodes, closed.unanswered),
             (7, 1, 2)
         );
         assert!(lock(&answers.waiting).is_empty());
         // Alone: nothing to wait for.
         answers.alive(&HashSet::new());
-        assert_eq!(answers.wait().count(1).await, OthersClosed::default());
+        assert_eq!(answers.wait().count(1).await, Disconnected::default());
         // A node not known alive yet that got the order is waited for, and counted; one more
         // subscriber than answers is one unanswered.
         let third = answers.wait();
         assert!(answers.received(answer(third.id(), 4, "new").as_bytes()));
         let closed = third.count(3).await;
         assert_eq!(
-            (closed.connections, closed.answered, closed.unanswered),
+            (closed.connections, closed.nodes, closed.unanswered),
             (4, 1, 1)
         );
     }

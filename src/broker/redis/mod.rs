@@ -59,8 +59,8 @@ use self::keys::{
 use self::publisher::{entry_json, publish_loop, refuse};
 use self::sync::{CatchUpError, catch_up};
 use super::{
-    Broker, CONTROL_ANSWER_WAIT, Disconnect, HistoryQuery, Host, LocalFuture, NodeStatus,
-    OthersClosed, PresenceChange, PublishError, Publisher, RoomHistory, RoomRef, SendFuture,
+    Broker, CONTROL_ANSWER_WAIT, Disconnect, Disconnected, HistoryQuery, Host, LocalFuture,
+    NodeStatus, PresenceChange, PublishError, Publisher, RoomHistory, RoomRef, SendFuture,
     Unavailable,
 };
 use crate::base::client_id::ClientId;
@@ -407,7 +407,7 @@ impl Broker for RedisBroker {
             .map_err(|_| PublishError::Unavailable)
     }
 
-    fn control(&self, disconnect: &Disconnect) -> SendFuture<Result<OthersClosed, Unavailable>> {
+    fn control(&self, disconnect: &Disconnect) -> SendFuture<Result<Disconnected, Unavailable>> {
         let waiter = self.answers.wait();
         let payload = envelope::control_order(disconnect, waiter.id());
         let (published, was_published) = oneshot::channel();

@@ -35,7 +35,7 @@ pub fn share(broker: &dyn Broker, shared: &Shared, publication: &Publication) ->
     let shared_ok = publication.include.is_some()
         || broker.share(
             &publication.target,
-            frame::server_payload(&publication.frame),
+            frame::server_payload(publication.frame.plain()),
         );
     if !shared_ok {
         shared

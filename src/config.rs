@@ -34,8 +34,15 @@ pub struct Config {
     /// `wsgate_io_uring_buffer_waits_total`). A power of two, 2 to 32768. Default 1024.
     pub io_uring_buffers: u16,
     /// Largest message (after reassembling fragments) a client may send; bigger closes with
-    /// 1009. Default 64 KiB.
+    /// 1009. Default 64 KiB. For a compressed message, both what arrives and what it inflates to.
     pub max_message_size: usize,
+    /// permessage-deflate (RFC 7692): `off` (default: offers are declined) or `on` (a client's
+    /// offer is accepted, always without context takeover either way). Data messages of 128
+    /// bytes or more to a connection that agreed go out compressed — a publication compressed
+    /// once for all of them — and its compressed messages are inflated within
+    /// `max_message_size`. Costs no memory per connection (each shard thread has one compressor
+    /// and one inflater), CPU per compressed message.
+    pub compression: Compression,
     /// Bytes queued for one connection before it counts as a slow consumer: reading from it
     /// pauses (so a client that sends without reading is pushed back by TCP), and a broadcast that
     /// would pass this closes it with 1008 "slow consumer" after what is queued. Default 1 MiB.
@@ -470,6 +477,7 @@ impl Default for Config {
             engine: Engine::Auto,
             io_uring_buffers: 1024,
             max_message_size: 64 * 1024,
+            compression: Compression::Off,
             max_queued_bytes: 1024 * 1024,
             slow_consumer_policy: SlowConsumerPolicy::Close,
             max_chat_message_chars: 1000,
@@ -588,6 +596,13 @@ impl Engine {
             Engine::Epoll => "epoll",
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Off,
+    On,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -27,14 +27,16 @@ use crate::runtime::bus::{self, Work};
 use crate::runtime::entry::ConnEntry;
 use crate::runtime::shard::{Shard, ShardState};
 use crate::ws::close::CloseCode;
+use crate::ws::deflate::Prepared;
 use crate::ws::frame::{self, OpCode};
 
-/// One message for many recipients: framed once, the same `Bytes` queued to each of them.
+/// One message for many recipients: framed once (and compressed at most once), the same `Bytes`
+/// queued to each of them.
 #[derive(Clone, Debug)]
 pub struct Publication {
     pub target: Target,
-    /// A complete, encoded server frame.
-    pub frame: Bytes,
+    /// A complete, encoded server frame, and its compressed twin once a recipient needs it.
+    pub frame: Prepared,
     /// When set, only these clients (that also match `target`) receive it.
     pub include: Option<Vec<ClientId>>,
     /// These clients do not receive it.
@@ -46,7 +48,7 @@ impl Publication {
     pub fn to(target: Target, frame: Bytes) -> Self {
         Publication {
             target,
-            frame,
+            frame: Prepared::new(frame),
             include: None,
             exclude: Vec::new(),
         }
@@ -75,12 +77,12 @@ impl Publication {
 pub struct StreamMessage {
     pub room: Arc<RoomState>,
     pub offset: u64,
-    pub frame: Bytes,
+    pub frame: Prepared,
 }
 
 impl Work for Publication {
     fn frame(&self) -> &Bytes {
-        &self.frame
+        self.frame.plain()
     }
 
     fn is_publication(&self) -> bool {
@@ -94,7 +96,7 @@ impl Work for Publication {
 
 impl Work for StreamMessage {
     fn frame(&self) -> &Bytes {
-        &self.frame
+        self.frame.plain()
     }
 
     fn is_publication(&self) -> bool {
@@ -246,7 +248,7 @@ pub fn forward_stream(shared: &Shared, room: &Arc<RoomState>, offset: u64, frame
     let message = StreamMessage {
         room: room.clone(),
         offset,
-        frame,
+        frame: Prepared::new(frame),
     };
     shared.forward(&shards, Arc::new(message));
 }
@@ -396,11 +398,14 @@ impl<'a> Queuer<'a> {
         }
     }
 
-    fn queue(&self, conn: &mut ConnEntry, frame: &Bytes, queued: &mut QueueTotal) {
+    fn queue(&self, conn: &mut ConnEntry, frame: &Prepared, queued: &mut QueueTotal) {
         if conn.outbound.is_closing() {
             return;
         }
         let out = &mut conn.outbound;
+        let frame = &frame.for_connection(out.deflate(), || {
+            self.shard.metrics().compressions.add(1);
+        });
         let charge = outbound::cost(frame);
         // A reader is slow by what it was given a chance to take and did not (stale bytes); a
         // burst queued while it had no turn to write is the gateway's backlog, bounded separately.
@@ -527,7 +532,7 @@ fn deliver_stream(shard: &Shard, message: &StreamMessage) {
     }
     let queuer = Queuer::new(shard, queued);
     // Queues `frame`, offset `offset`, to the members that joined before it.
-    let mut to_members = |offset: u64, frame: &Bytes| {
+    let mut to_members = |offset: u64, frame: &Prepared| {
         for (&key, &joined_at) in &local.members {
             if offset > joined_at {
                 queuer.queue(&mut conns[key], frame, queued);
@@ -544,8 +549,8 @@ fn deliver_stream(shard: &Shard, message: &StreamMessage) {
             .range(first_lost, last_lost, limits, Instant::now());
         match lost {
             Some(frames) => {
-                for (offset, frame) in (first_lost..).zip(&frames) {
-                    to_members(offset, frame);
+                for (offset, frame) in (first_lost..).zip(frames) {
+                    to_members(offset, &Prepared::new(frame));
                 }
             }
             None => {
@@ -554,10 +559,12 @@ fn deliver_stream(shard: &Shard, message: &StreamMessage) {
                     .counters
                     .resyncs
                     .fetch_add(1, Ordering::Relaxed);
-                let resync = ServerMessage::Resync {
-                    room: &message.room.name,
-                }
-                .encode();
+                let resync = Prepared::new(
+                    ServerMessage::Resync {
+                        room: &message.room.name,
+                    }
+                    .encode(),
+                );
                 // Only those that joined before a lost message lost anything.
                 to_members(last_lost, &resync);
             }

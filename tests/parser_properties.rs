@@ -32,7 +32,7 @@ fn decode_in_reads(stream: &[u8], reads: &[usize]) -> Result<Vec<(bool, Vec<u8>)
             match decoder.decode(&mut pending[pos..]) {
                 Ok(Decoded::Incomplete) => break,
                 Ok(Decoded::Frame { consumed, event }) => {
-                    if let Event::Message { text, payload } = event {
+                    if let Event::Message { text, payload, .. } = event {
                         messages.push((text, payload.as_slice().to_vec()));
                     }
                     pos += consumed;

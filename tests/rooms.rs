@@ -165,8 +165,9 @@ fn id(client: &Client) -> ClientId {
     client.id.split_once('.').unwrap().1.parse().unwrap()
 }
 
-fn frame(text: &str) -> bytes::Bytes {
-    wsgate::ws::frame::encode(wsgate::ws::frame::OpCode::Text, text.as_bytes())
+fn frame(text: &str) -> wsgate::ws::deflate::Prepared {
+    let frame = wsgate::ws::frame::encode(wsgate::ws::frame::OpCode::Text, text.as_bytes());
+    wsgate::ws::deflate::Prepared::new(frame)
 }
 
 #[tokio::test]

@@ -68,12 +68,10 @@ async fn shutdown_delivers_what_was_published_then_closes_everyone_with_1001() {
     for i in 0..MESSAGES {
         assert_eq!(a.expect("chat_message").await["message"], i.to_string());
     }
-    gw.gateway().publish(Publication {
-        target: Target::All,
-        frame: wsgate::ws::frame::encode(wsgate::ws::frame::OpCode::Text, br#"{"type":"last"}"#),
-        include: None,
-        exclude: vec![],
-    });
+    gw.gateway().publish(Publication::to(
+        Target::All,
+        wsgate::ws::frame::encode(wsgate::ws::frame::OpCode::Text, br#"{"type":"last"}"#),
+    ));
     let addr = gw.addr;
     let stopping = tokio::spawn(async move {
         gw.stop().await;

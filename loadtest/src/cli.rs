@@ -45,6 +45,11 @@ pub struct Common {
     /// Speak TLS (wss://), trusting this CA certificate (PEM); the name checked is `localhost`.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
+    /// Offer permessage-deflate, as browsers do (`permessage-deflate; client_max_window_bits`);
+    /// where the server agrees, compressed messages are inflated (what the load generator
+    /// sends stays uncompressed).
+    #[arg(long)]
+    pub compression: bool,
     /// Local source addresses, as a range (127.0.0.1-127.0.0.8) or a comma list: each source
     /// address has its own ~28k ephemeral ports.
     #[arg(long, default_value = "127.0.0.1", value_parser = parse_sources)]
@@ -181,6 +186,10 @@ pub struct FanoutArgs {
     /// How long subscribers keep reading after publishing stops.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
+    /// Pad each chat message's text with words to this many characters (the publisher's marker
+    /// alone is ~25): chat of a realistic size, for what compression does to it.
+    #[arg(long, default_value_t = 0)]
+    pub message_chars: usize,
 }
 
 #[derive(Args, Clone)]

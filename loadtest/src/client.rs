@@ -6,20 +6,18 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
+use crate::deflate::Inflating;
+pub use crate::deflate::Ws;
 use bytes::Bytes;
 use fastwebsockets::{FragmentCollector, Frame, OpCode, Payload};
 use http_body_util::Empty;
 use hyper::Request;
-use hyper::header::{CONNECTION, HOST, UPGRADE};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
+use hyper::header::{CONNECTION, HOST, SEC_WEBSOCKET_EXTENSIONS, UPGRADE};
 use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
 use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
-
-pub type Ws = FragmentCollector<TokioIo<Upgraded>>;
 
 /// Why a connection attempt failed, coarse enough to count.
 #[derive(
@@ -85,9 +83,17 @@ pub fn init_tls(ca: Option<&Path>) -> Result<(), String> {
         .map_err(|_| "TLS set up twice".to_owned())
 }
 
+/// The offer browsers make (`--compression`).
+const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
+
 /// Connects to `target` from `source` and completes the upgrade on `path` (over TLS with
-/// `--tls-ca`).
-pub async fn connect(source: IpAddr, target: SocketAddr, path: &str) -> Result<Ws, Failure> {
+/// `--tls-ca`), offering permessage-deflate with `compression`.
+pub async fn connect(
+    source: IpAddr,
+    target: SocketAddr,
+    path: &str,
+    compression: bool,
+) -> Result<Ws, Failure> {
     let socket = match target {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -112,7 +118,7 @@ pub async fn connect(source: IpAddr, target: SocketAddr, path: &str) -> Result<W
         .map_err(|_| Failure::Connect)?;
     let stream = socket.connect(target).await.map_err(|_| Failure::Connect)?;
     stream.set_nodelay(true).map_err(|_| Failure::Connect)?;
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method("GET")
         .uri(path)
         .header(HOST, target.to_string())
@@ -122,10 +128,14 @@ pub async fn connect(source: IpAddr, target: SocketAddr, path: &str) -> Result<W
             "Sec-WebSocket-Key",
             fastwebsockets::handshake::generate_key(),
         )
-        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Version", "13");
+    if compression {
+        request = request.header(SEC_WEBSOCKET_EXTENSIONS, DEFLATE_OFFER);
+    }
+    let request = request
         .body(Empty::<Bytes>::new())
         .map_err(|_| Failure::Handshake)?;
-    let (ws, _) = match TLS.get().and_then(Option::as_ref) {
+    let (ws, response) = match TLS.get().and_then(Option::as_ref) {
         Some(tls) => {
             let name = ServerName::try_from("localhost").expect("a valid name");
             let stream = tls
@@ -137,7 +147,18 @@ pub async fn connect(source: IpAddr, target: SocketAddr, path: &str) -> Result<W
         None => fastwebsockets::handshake::client(&SpawnExecutor, request, stream).await,
     }
     .map_err(|_| Failure::Handshake)?;
-    Ok(FragmentCollector::new(ws))
+    let agreed = response
+        .headers()
+        .get(SEC_WEBSOCKET_EXTENSIONS)
+        .is_some_and(|v| v.as_bytes().starts_with(b"permessage-deflate"));
+    if agreed && !compression {
+        return Err(Failure::Handshake);
+    }
+    Ok(if agreed {
+        Ws::Compressed(Box::new(Inflating::new(ws.into_inner())))
+    } else {
+        Ws::Plain(FragmentCollector::new(ws))
+    })
 }
 
 /// Reads the `connected` greeting a chat endpoint sends first.

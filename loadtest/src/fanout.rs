@@ -31,9 +31,25 @@ use crate::report::{self, Measured, Opening, OpeningSummary, Percentiles, monoto
 /// How long a publisher waits for its own copy before it counts an error and stops.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The text a publisher sends: `ltp:<publisher>:<seq>:<monotonic µs when sent>`.
-fn encode(publisher: usize, seq: u64, sent_us: u64) -> String {
-    format!("ltp:{publisher}:{seq}:{sent_us}")
+/// The text a publisher sends: `ltp:<publisher>:<seq>:<monotonic µs when sent>`, then words up
+/// to `chars` characters (`:` and words; never a quote or a backslash).
+fn encode(publisher: usize, seq: u64, sent_us: u64, chars: usize) -> String {
+    const WORDS: [&str; 8] = [
+        "the", "room", "says", "hello", "to", "everyone", "again", "today",
+    ];
+    let mut text = format!("ltp:{publisher}:{seq}:{sent_us}");
+    if text.len() < chars {
+        text.push(':');
+        for word in WORDS.iter().cycle().skip(seq as usize % WORDS.len()) {
+            if text.len() >= chars {
+                break;
+            }
+            text.push_str(word);
+            text.push(' ');
+        }
+        text.truncate(chars);
+    }
+    text
 }
 
 fn decode(message: &str) -> Option<(usize, u64, u64)> {
@@ -171,12 +187,13 @@ async fn publish(
     rate: f64,
     stop: Instant,
     limit: Option<u64>,
+    chars: usize,
 ) -> (u64, u64) {
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
     let (mut sent, mut errors) = (0u64, 0u64);
     while Instant::now() < stop && limit.is_none_or(|limit| sent < limit) {
         ticker.tick().await;
-        let message = encode(publisher, sent, monotonic_micros());
+        let message = encode(publisher, sent, monotonic_micros(), chars);
         let chat = json!({"type": "chat_message", "payload": {"room": room, "message": message}});
         sent += 1; // before the write: a subscriber can never see an uncounted message
         if !client::send_json(ws, &chat).await {
@@ -281,11 +298,19 @@ impl Scenario for Fanout {
         let mut publisher_tasks = JoinSet::new();
         for (index, mut ws) in c.publishers.release(&mut c.opening).await {
             let publisher = index - args.ramp.connections;
-            let (rate, limit) = (args.publish_rate, args.messages);
+            let (rate, limit, chars) = (args.publish_rate, args.messages, args.message_chars);
             publisher_tasks.spawn(async move {
                 let room = room_name(publisher % rooms);
-                let (sent, errors) =
-                    publish(&mut ws, publisher, room, rate, stop_publishing, limit).await;
+                let (sent, errors) = publish(
+                    &mut ws,
+                    publisher,
+                    room,
+                    rate,
+                    stop_publishing,
+                    limit,
+                    chars,
+                )
+                .await;
                 // Keep the connection (so the room membership) until the subscribers are done.
                 tokio::time::sleep_until(stop_reading).await;
                 (index, ws, publisher, sent, errors)
@@ -411,7 +436,10 @@ mod tests {
         assert_eq!(t.out_of_order, 1); // 2 after 3
         let distinct: BTreeMap<usize, u64> = t.distinct().collect();
         assert_eq!(distinct, BTreeMap::from([(7, 5), (8, 1)])); // 4 never came from 7
-        assert_eq!(decode(&encode(3, 9, 12345)), Some((3, 9, 12345)));
+        assert_eq!(decode(&encode(3, 9, 12345, 0)), Some((3, 9, 12345)));
+        let padded = encode(3, 9, 12345, 200);
+        assert_eq!(padded.len(), 200);
+        assert_eq!(decode(&padded), Some((3, 9, 12345)));
         assert_eq!(decode("ltp:x:1:2"), None);
         let chat = br#"{"type":"chat_message","room":"lt-0","userId":"u","message":"ltp:4:17:99","timestamp":1}"#;
         assert_eq!(find_publication(chat), Some((4, 17, 99)));

@@ -13,6 +13,7 @@ mod churn;
 pub mod cli;
 pub mod client;
 mod connect;
+mod deflate;
 mod driver;
 mod echo;
 mod fanout;

@@ -43,7 +43,7 @@ pub async fn open_one(
     let target = common.targets[index % common.targets.len()];
     let path = common.url_path();
     tokio::time::timeout(timeout, async {
-        let mut ws = client::connect(source, target, &path).await?;
+        let mut ws = client::connect(source, target, &path, common.compression).await?;
         if greeting {
             client::read_greeting(&mut ws).await?;
         }

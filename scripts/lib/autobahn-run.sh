@@ -16,6 +16,7 @@
 #   --timeout SECS    hard limit for the whole wstest run (default: 1800)
 #   --wait SECS       wait up to SECS for the server port to accept (default: 30)
 #   --strict-close    also fail when a case's closing behaviour is FAILED or UNCLEAN
+#   --implemented     also fail on UNIMPLEMENTED cases (permessage-deflate must be negotiated)
 #   --install-only    only install (idempotent) and exit
 #
 # Environment:
@@ -199,6 +200,7 @@ install_all() {
 # -------------------------------------------------------------------- args ---
 
 CASES="*"; EXCLUDE=""; OUTDIR=""; TIMEOUT=1800; WAIT=30; STRICT_CLOSE=0; INSTALL_ONLY=0
+IMPLEMENTED=0
 POS=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -209,6 +211,7 @@ while [ $# -gt 0 ]; do
     --timeout) TIMEOUT="${2:?}"; shift 2 ;;
     --wait) WAIT="${2:?}"; shift 2 ;;
     --strict-close) STRICT_CLOSE=1; shift ;;
+    --implemented) IMPLEMENTED=1; shift ;;
     --install-only) INSTALL_ONLY=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; POS+=("$@"); break ;;
@@ -290,10 +293,10 @@ if grep -q '^Connection to .* failed' "$LOG"; then log "$(grep '^Connection to .
 
 set +e
 PYTHONWARNINGS=ignore "$VENV/bin/python" - "$OUTDIR/servers/index.json" "$AGENT" "${EXPECTED:-0}" \
-  "$STRICT_CLOSE" "$WALL" "$OUTDIR" <<'EOF'
+  "$STRICT_CLOSE" "$WALL" "$OUTDIR" "$IMPLEMENTED" <<'EOF'
 import json, sys
-index_path, agent, expected, strict_close, wall, outdir = sys.argv[1:7]
-expected, strict_close = int(expected), strict_close == "1"
+index_path, agent, expected, strict_close, wall, outdir, implemented = sys.argv[1:8]
+expected, strict_close, implemented = int(expected), strict_close == "1", implemented == "1"
 try:
     with open(index_path) as f:
         results = json.load(f).get(agent, {})
@@ -319,7 +322,8 @@ for b in order + sorted(set(counts) - set(order)):
     print("  %-14s %d" % (b, counts[b]))
 print("  closing behaviour: " + ", ".join("%s=%d" % kv for kv in sorted(close_counts.items())))
 
-bad = sorted((c for c, r in results.items() if r["behavior"] not in ("OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED")), key=key)
+passing = ("OK", "NON-STRICT", "INFORMATIONAL") + (() if implemented else ("UNIMPLEMENTED",))
+bad = sorted((c for c, r in results.items() if r["behavior"] not in passing), key=key)
 bad_close = sorted((c for c, r in results.items() if r["behaviorClose"] in ("FAILED", "UNCLEAN")), key=key)
 status = 0
 if bad:

@@ -19,6 +19,8 @@ use std::num::NonZeroU32;
 
 use bytes::{Buf, Bytes};
 
+use crate::ws::deflate::{self, Deflate};
+
 /// What a queued frame costs beyond its bytes: a queue slot (a 40-byte entry in a `VecDeque`
 /// that grows by doubling) and the frame's allocation. Charged to every frame, so the queue
 /// bound is a bound on memory rather than on wire bytes.
@@ -147,16 +149,37 @@ pub struct Outbound {
     /// The code of our close frame once it is queued (nothing may follow it on the wire); 0
     /// before.
     close_code: u16,
+    /// Whether the connection agreed to permessage-deflate (its replies are compressed as they
+    /// are queued; broadcasts come compressed already).
+    deflate: Deflate,
 }
 
 impl Outbound {
-    /// Queues a reply, unless the connection is closing (then it is dropped: the peer will not
-    /// read past our close frame).
+    /// The queue of a connection that agreed to permessage-deflate (`deflate`), or not.
+    pub fn new(deflate: Deflate) -> Self {
+        Outbound {
+            deflate,
+            ..Outbound::default()
+        }
+    }
+
+    pub fn deflate(&self) -> Deflate {
+        self.deflate
+    }
+
+    /// Queues a reply (compressed, if the connection agreed to compression and it is worth
+    /// it), unless the connection is closing (then it is dropped: the peer will not read past
+    /// our close frame).
     pub fn push(&mut self, frame: Bytes, total: &mut QueueTotal) {
+        if self.is_closing() {
+            return;
+        }
+        let frame = deflate::for_connection(frame, self.deflate);
         self.enqueue(frame, Kind::Reply, total);
     }
 
-    /// Queues a broadcast frame.
+    /// Queues a broadcast frame, as the connection takes it (see
+    /// [`deflate::Prepared::for_connection`]).
     pub fn push_broadcast(&mut self, frame: Bytes, total: &mut QueueTotal) {
         self.enqueue(frame, Kind::Broadcast, total);
     }

@@ -206,7 +206,7 @@ impl EdgeCollector {
     fn traffic(&self, e: &mut DescriptorEncoder) -> fmt::Result {
         let node = &*self.0;
         let counter = MetricType::Counter;
-        let per_shard: [(&str, &str, ReadCounter); 6] = [
+        let per_shard: [(&str, &str, ReadCounter); 9] = [
             (
                 "wsgate_messages_received",
                 "Data messages received from clients",
@@ -231,6 +231,23 @@ impl EdgeCollector {
                 "wsgate_deliveries",
                 "Publication frames queued to recipients, one per recipient",
                 |m| &m.deliveries,
+            ),
+            (
+                "wsgate_compressed_connections",
+                "Connections opened that agreed to permessage-deflate",
+                |m| &m.compressed_connections,
+            ),
+            (
+                "wsgate_compressed_publications",
+                "Publications compressed for their recipients that agreed to permessage-deflate: \
+                 once each, however many they are (plus once per recipient that asked for a \
+                 window too small for the shared compression)",
+                |m| &m.compressions,
+            ),
+            (
+                "wsgate_compressed_messages_received",
+                "Data messages that arrived compressed (permessage-deflate), inflated",
+                |m| &m.inflated,
             ),
             (
                 "wsgate_io_uring_buffer_waits",

@@ -45,8 +45,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
     CACHE_CONTROL, CONNECTION, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HOST, HeaderName,
-    HeaderValue, ORIGIN, REFERRER_POLICY, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL,
-    SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+    HeaderValue, ORIGIN, REFERRER_POLICY, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, WWW_AUTHENTICATE, X_CONTENT_TYPE_OPTIONS,
+    X_FRAME_OPTIONS,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -62,6 +63,7 @@ use crate::backend::proxy::{self, DEFAULT_DENY_CODE, Proxy};
 use crate::backend::webhook::Webhooks;
 use crate::backend::{Event, ProxyKind, ShardProxyMetrics};
 use crate::broker::Broker;
+use crate::config::Compression;
 use crate::conn::limits::Refusal;
 use crate::runtime::driver::EventLoop;
 use crate::runtime::shard::{SHUTDOWN_REASON, Shard};
@@ -69,6 +71,7 @@ use crate::runtime::{AppId, Newcomer, Shared};
 use crate::transport::Stream;
 use crate::transport::certificate::Tls;
 use crate::ws::close::CloseCode;
+use crate::ws::deflate::{self, Deflate};
 use crate::ws::frame;
 use forwarded::TrustedProxies;
 use head::{HeadError, Prefixed};
@@ -775,9 +778,26 @@ fn upgrade_admitted(
         event.headers = headers.as_ref();
         (proxy.clone(), event.to_json())
     });
-    let (response, upgrading) = match start_upgrade(node, &mut req, protocol) {
+    let agreement = match node.shared.config.compression {
+        Compression::On => {
+            let offers = req.headers().get_all(SEC_WEBSOCKET_EXTENSIONS);
+            deflate::negotiate(offers.iter().map(HeaderValue::as_bytes))
+        }
+        Compression::Off => None,
+    };
+    let (mut response, upgrading) = match start_upgrade(node, &mut req, protocol) {
         Ok(started) => started,
         Err(refused) => return *refused,
+    };
+    let deflate = match agreement {
+        Some(agreement) => {
+            let value = HeaderValue::from_str(&agreement.response).expect("a header value");
+            response
+                .headers_mut()
+                .insert(SEC_WEBSOCKET_EXTENSIONS, value);
+            agreement.deflate
+        }
+        None => Deflate::OFF,
     };
     let shard = shard.clone();
     // Waits for hyper to finish the handshake, then hands the socket to the shard's loop: the
@@ -808,6 +828,7 @@ fn upgrade_admitted(
             identity,
             peer,
             data: data.as_deref(),
+            deflate,
         };
         let adopted = shard
             .event_loop

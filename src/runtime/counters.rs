@@ -73,7 +73,8 @@ pub struct Counters {
     pub dropped_messages: AtomicU64,
     /// Connections closed because they did not answer a ping within `heartbeat_timeout`.
     pub heartbeat_timeouts: AtomicU64,
-    /// Connections closed for bad frames: 1002 (protocol), 1007 (not UTF-8), 1009 (too big).
+    /// Connections closed for bad frames: 1002 (protocol), 1007 (not UTF-8, or compressed data
+    /// that does not inflate), 1009 (too big, compressed or inflated).
     pub protocol_errors: AtomicU64,
     pub invalid_utf8: AtomicU64,
     pub messages_too_big: AtomicU64,
@@ -279,7 +280,8 @@ impl Counters {
             ),
             (
                 "invalid_utf8",
-                "Connections closed with 1007: text not UTF-8",
+                "Connections closed with 1007: text not UTF-8, or a compressed message that does \
+                 not inflate",
                 &self.invalid_utf8,
             ),
             (

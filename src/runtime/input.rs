@@ -9,6 +9,7 @@ use tracing::debug;
 
 use crate::conn::limits::{Charge, Verdict};
 use crate::ws::close::{CloseCode, CloseFrame, FrameError};
+use crate::ws::deflate::{self, Deflate};
 use crate::ws::frame::{self, Decoded, Decoder, Event, OpCode};
 
 use super::AppId;
@@ -44,11 +45,16 @@ pub struct Input {
 
 impl Input {
     /// The input of a connection speaking `app`; `preread` is what was read past its handshake
-    /// (the start of its first frames).
-    pub fn new(app: AppId, max_message_size: usize, preread: Vec<u8>) -> Self {
+    /// (the start of its first frames). With `deflate` on, its messages may come compressed.
+    pub fn new(app: AppId, max_message_size: usize, deflate: Deflate, preread: Vec<u8>) -> Self {
+        let decoder = if deflate.is_on() {
+            Decoder::compressed(max_message_size)
+        } else {
+            Decoder::new(max_message_size)
+        };
         Input {
             app,
-            decoder: Decoder::new(max_message_size),
+            decoder,
             leftover: preread,
             paused: false,
             turn_frames: FRAMES_PER_TURN,
@@ -169,17 +175,23 @@ impl Input {
                 Verdict::Close => return Err(flooded(shard, key)),
             };
             match event {
-                Event::Message { text, mut payload } => {
+                Event::Message {
+                    text,
+                    compressed,
+                    mut payload,
+                } => {
                     shard.metrics().messages_received.add(1);
-                    if within_rate {
-                        self.on_message(shard, key, text, payload.as_mut_slice())?;
-                    } else {
+                    if !within_rate {
                         // Over the frame rate: refused as over the message rate.
                         let counters = &shard.shared.counters;
                         counters
                             .rate_limited
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         shard.app(self.app).refused(shard, key);
+                    } else if compressed {
+                        self.on_compressed(shard, key, text, payload.as_slice())?;
+                    } else {
+                        self.on_message(shard, key, text, payload.as_mut_slice())?;
                     }
                 }
                 // Over the frame rate, a ping goes unanswered.
@@ -195,6 +207,26 @@ impl Input {
                 }
             }
         }
+    }
+
+    /// Inflates a compressed message, then handles it as any other: the message size limit,
+    /// the UTF-8 check and the byte rate apply to what it inflates to.
+    fn on_compressed(
+        &mut self,
+        shard: &Shard,
+        key: usize,
+        text: bool,
+        compressed: &[u8],
+    ) -> Result<(), End> {
+        shard.metrics().inflated.add(1);
+        let max = self.decoder.max_message_size();
+        let handled = deflate::inflate(compressed, max, |message| {
+            if text && std::str::from_utf8(message).is_err() {
+                return Err(fail(shard, key, frame::BAD_UTF8));
+            }
+            self.on_message(shard, key, text, message)
+        });
+        handled.unwrap_or_else(|error| Err(fail(shard, key, error)))
     }
 
     /// Hands a complete message to the app, within the connection's byte rate.
@@ -320,7 +352,7 @@ mod tests {
             peer,
         ));
         assert_eq!(shard.take_written(key), [(0x1, b"hello".to_vec())]);
-        let mut input = Input::new(AppId(0), 1 << 16, Vec::new());
+        let mut input = Input::new(AppId(0), 1 << 16, Deflate::OFF, Vec::new());
         shard.start_turn();
 
         // A message cut in two reads: handled once whole.

@@ -71,6 +71,12 @@ pub struct ShardMetrics {
     pub bytes_sent: LocalCounter,
     /// Publication frames queued to recipients (one per recipient).
     pub deliveries: LocalCounter,
+    /// Connections opened that agreed to permessage-deflate.
+    pub compressed_connections: LocalCounter,
+    /// Publication frames compressed (once per publication; see `Prepared::for_connection`).
+    pub compressions: LocalCounter,
+    /// Data messages that arrived compressed (and were inflated).
+    pub inflated: LocalCounter,
     /// io_uring receives that found the buffer ring empty (they wait for buffers; nothing is
     /// lost).
     pub buffer_waits: LocalCounter,

@@ -30,6 +30,7 @@ use crate::base::identity::Identity;
 use crate::config::Config;
 use crate::conn::limits::Admission;
 use crate::rooms::RoomDirectory;
+use crate::ws::deflate::Deflate;
 
 use self::bus::{Bus, Delivery, Inbox};
 use self::counters::Counters;
@@ -143,6 +144,8 @@ pub struct Newcomer<'a> {
     pub identity: Arc<Identity>,
     pub peer: IpAddr,
     pub data: Option<&'a RawValue>,
+    /// Whether it agreed to permessage-deflate at its upgrade.
+    pub deflate: Deflate,
 }
 
 impl Newcomer<'_> {
@@ -153,6 +156,7 @@ impl Newcomer<'_> {
             identity,
             peer,
             data: None,
+            deflate: Deflate::OFF,
         }
     }
 }

@@ -263,6 +263,7 @@ impl Shard {
             identity,
             peer,
             data,
+            deflate,
         } = newcomer;
         let key = {
             let mut guard = self.state();
@@ -291,7 +292,7 @@ impl Shard {
                 peer,
                 limiter: RateLimiter::new(&self.limits, self.clock_ms()),
                 rooms: Box::default(),
-                outbound: Outbound::default(),
+                outbound: Outbound::new(deflate),
                 connected_at: (now_ms() / 1000) as u32,
             });
             key
@@ -303,6 +304,9 @@ impl Shard {
         }
         self.shared.connections[self.index].fetch_add(1, Ordering::Relaxed);
         self.metrics().accepted.add(1);
+        if deflate.is_on() {
+            self.metrics().compressed_connections.add(1);
+        }
         key
     }
 

@@ -13,6 +13,8 @@ use super::close::{CloseCode, CloseFrame, FrameError};
 pub const MAX_HEADER_LEN: usize = 10;
 /// Control frames carry at most 125 payload bytes (RFC 6455 §5.5).
 const MAX_CONTROL_PAYLOAD: usize = 125;
+/// The first header bit of a message compressed with permessage-deflate (RFC 7692 §6).
+const RSV1: u8 = 0x40;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpCode {
@@ -46,7 +48,7 @@ const TOO_BIG: FrameError = FrameError {
     code: CloseCode::MESSAGE_TOO_BIG,
     reason: "message too big",
 };
-const BAD_UTF8: FrameError = FrameError {
+pub const BAD_UTF8: FrameError = FrameError {
     code: CloseCode::INVALID_PAYLOAD,
     reason: "invalid UTF-8 in text message",
 };
@@ -76,9 +78,11 @@ impl Payload<'_> {
 
 /// What one decoded frame amounts to.
 pub enum Event<'a> {
-    /// A complete data message; text is already checked to be UTF-8.
+    /// A complete data message. Text is already checked to be UTF-8, unless `compressed`: then
+    /// the payload is its permessage-deflate compression, to inflate (and check) first.
     Message {
         text: bool,
+        compressed: bool,
         payload: Payload<'a>,
     },
     Ping(&'a [u8]),
@@ -121,6 +125,8 @@ pub fn peek(buf: &[u8]) -> Result<Option<Peeked>, FrameError> {
 /// A fragmented message being collected.
 struct Partial {
     text: bool,
+    /// Its first frame had RSV1: `data` is compressed (and checked for UTF-8 once inflated).
+    compressed: bool,
     data: Vec<u8>,
     /// Prefix of `data` known to be valid UTF-8 (text only), so each fragment is checked once
     /// and invalid text fails as soon as it arrives.
@@ -130,6 +136,8 @@ struct Partial {
 /// Per-connection decoding state. Small on purpose: an idle connection holds only this.
 pub struct Decoder {
     max_message_size: usize,
+    /// The connection agreed to permessage-deflate: a message's first frame may have RSV1.
+    compression: bool,
     partial: Option<Box<Partial>>,
 }
 
@@ -137,8 +145,22 @@ impl Decoder {
     pub fn new(max_message_size: usize) -> Self {
         Decoder {
             max_message_size,
+            compression: false,
             partial: None,
         }
+    }
+
+    /// A decoder for a connection that agreed to permessage-deflate. The message size limit
+    /// applies to what arrives compressed too (and, once inflated, to the message).
+    pub fn compressed(max_message_size: usize) -> Self {
+        Decoder {
+            compression: true,
+            ..Decoder::new(max_message_size)
+        }
+    }
+
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size
     }
 
     /// The whole length of the incomplete frame whose header starts `buf` (once the header is
@@ -169,9 +191,21 @@ impl Decoder {
         if buf.len() < consumed {
             return Ok(Decoded::Incomplete);
         }
+        if header.rsv1 {
+            if !self.compression {
+                return Err(FrameError::protocol("reserved bits set"));
+            }
+            // RFC 7692 §6.1: only a message's first frame says it is compressed.
+            if header.opcode.is_control() {
+                return Err(FrameError::protocol("compressed control frame"));
+            }
+            if header.opcode == OpCode::Continuation {
+                return Err(FrameError::protocol("RSV1 set on a continuation frame"));
+            }
+        }
         let payload = &mut buf[header.header_len..consumed];
         fastwebsockets::unmask(payload, header.mask);
-        let event = self.on_frame(header.fin, header.opcode, payload)?;
+        let event = self.on_frame(header.fin, header.opcode, header.rsv1, payload)?;
         Ok(Decoded::Frame { consumed, event })
     }
 
@@ -179,6 +213,7 @@ impl Decoder {
         &mut self,
         fin: bool,
         opcode: OpCode,
+        compressed: bool,
         payload: &'a mut [u8],
     ) -> Result<Event<'a>, FrameError> {
         match opcode {
@@ -191,16 +226,18 @@ impl Decoder {
                 }
                 let text = opcode == OpCode::Text;
                 if fin {
-                    if text && std::str::from_utf8(payload).is_err() {
+                    if text && !compressed && std::str::from_utf8(payload).is_err() {
                         return Err(BAD_UTF8);
                     }
                     return Ok(Event::Message {
                         text,
+                        compressed,
                         payload: Payload::Borrowed(payload),
                     });
                 }
                 let mut partial = Box::new(Partial {
                     text,
+                    compressed,
                     data: Vec::new(),
                     utf8_checked: 0,
                 });
@@ -217,12 +254,14 @@ impl Decoder {
                     return Ok(Event::Fragment);
                 }
                 let partial = self.partial.take().expect("checked above");
-                if partial.text && partial.utf8_checked != partial.data.len() {
+                if partial.text && !partial.compressed && partial.utf8_checked != partial.data.len()
+                {
                     // A multi-byte character was cut off at the end of the message.
                     return Err(BAD_UTF8);
                 }
                 Ok(Event::Message {
                     text: partial.text,
+                    compressed: partial.compressed,
                     payload: Payload::Owned(partial.data),
                 })
             }
@@ -240,7 +279,7 @@ impl Partial {
             self.data.reserve_exact(grown - self.data.len());
         }
         self.data.extend_from_slice(fragment);
-        if self.text {
+        if self.text && !self.compressed {
             match std::str::from_utf8(&self.data[self.utf8_checked..]) {
                 Ok(_) => self.utf8_checked = self.data.len(),
                 // Incomplete character at the end: valid so far, finish it with the next fragment.
@@ -254,6 +293,8 @@ impl Partial {
 
 struct Header {
     fin: bool,
+    /// RSV1: a compressed message's first frame (if the connection agreed to compression).
+    rsv1: bool,
     opcode: OpCode,
     mask: [u8; 4],
     header_len: usize,
@@ -266,8 +307,8 @@ fn parse_header(buf: &[u8]) -> Result<Option<Header>, FrameError> {
         return Ok(None);
     }
     let (b0, b1) = (buf[0], buf[1]);
-    if b0 & 0x70 != 0 {
-        // No extension is negotiated, so no RSV bit may be set.
+    if b0 & 0x30 != 0 {
+        // No extension uses RSV2 or RSV3 (RSV1 is permessage-deflate's: the decoder checks it).
         return Err(FrameError::protocol("reserved bits set"));
     }
     let fin = b0 & 0x80 != 0;
@@ -308,6 +349,7 @@ fn parse_header(buf: &[u8]) -> Result<Option<Header>, FrameError> {
     };
     Ok(Some(Header {
         fin,
+        rsv1: b0 & RSV1 != 0,
         opcode,
         mask: mask.try_into().expect("4 bytes"),
         header_len: mask_at + 4,
@@ -352,10 +394,20 @@ impl FrameBuilder {
     }
 
     pub fn finish(self, opcode: OpCode) -> Bytes {
+        self.finish_with(opcode, 0)
+    }
+
+    /// Finishes a frame whose payload is compressed (permessage-deflate): RSV1 set.
+    pub fn finish_compressed(self, opcode: OpCode) -> Bytes {
+        self.finish_with(opcode, RSV1)
+    }
+
+    fn finish_with(self, opcode: OpCode, flags: u8) -> Bytes {
         let mut buf = self.buf;
         let payload_len = buf.len() - MAX_HEADER_LEN;
         let mut head = [0u8; MAX_HEADER_LEN];
         let head_len = write_header(&mut head, opcode, payload_len);
+        head[0] |= flags;
         let start = MAX_HEADER_LEN - head_len;
         buf[start..MAX_HEADER_LEN].copy_from_slice(&head[..head_len]);
         let mut frame = buf.freeze();
@@ -427,7 +479,7 @@ mod tests {
             match decoder.decode(&mut buf[pos..])? {
                 Decoded::Incomplete => break,
                 Decoded::Frame { consumed, event } => {
-                    if let Event::Message { text, payload } = event {
+                    if let Event::Message { text, payload, .. } = event {
                         messages.push((text, payload.as_slice().to_vec()));
                     }
                     pos += consumed;
@@ -464,6 +516,72 @@ mod tests {
         let close = client_frame(true, 8, &[0x03, 0xe8]);
         assert!(peek(&close).unwrap().unwrap().close);
         assert!(peek(&[0xf1, 0x80, 0, 0, 0, 0]).is_err(), "reserved bits");
+    }
+
+    /// `frame` with RSV1 set.
+    fn rsv1(mut frame: Vec<u8>) -> Vec<u8> {
+        frame[0] |= RSV1;
+        frame
+    }
+
+    fn first_error(decoder: &mut Decoder, wire: Vec<u8>) -> &'static str {
+        decode_all(decoder, wire).expect_err("refused").reason
+    }
+
+    #[test]
+    fn rsv1_marks_the_first_frame_of_a_compressed_message_only_where_agreed() {
+        // Not agreed: RSV1 is a reserved bit like the others.
+        let compressed = rsv1(client_frame(true, 1, b"\xf2H"));
+        assert_eq!(
+            first_error(&mut Decoder::new(100), compressed.clone()),
+            "reserved bits set"
+        );
+        // Agreed: handed out compressed, UTF-8 unchecked until inflated.
+        let mut d = Decoder::compressed(100);
+        let mut wire = compressed;
+        let fragmented = [
+            rsv1(client_frame(false, 2, b"ab")),
+            client_frame(true, 0, b"c"),
+        ];
+        wire.extend(fragmented.concat());
+        let mut messages = Vec::new();
+        let mut pos = 0;
+        while pos < wire.len() {
+            let Decoded::Frame { consumed, event } = d.decode(&mut wire[pos..]).unwrap() else {
+                panic!("whole frames");
+            };
+            if let Event::Message {
+                compressed,
+                payload,
+                ..
+            } = event
+            {
+                messages.push((compressed, payload.as_slice().to_vec()));
+            }
+            pos += consumed;
+        }
+        assert_eq!(
+            messages,
+            [(true, b"\xf2H".to_vec()), (true, b"abc".to_vec())]
+        );
+        // Never on a control frame, a continuation, or with RSV2/RSV3.
+        let ping = rsv1(client_frame(true, 9, b""));
+        assert_eq!(
+            first_error(&mut Decoder::compressed(100), ping),
+            "compressed control frame"
+        );
+        let mut wire = client_frame(false, 1, b"a");
+        wire.extend(rsv1(client_frame(true, 0, b"b")));
+        assert_eq!(
+            first_error(&mut Decoder::compressed(100), wire),
+            "RSV1 set on a continuation frame"
+        );
+        let mut rsv2 = client_frame(true, 1, b"a");
+        rsv2[0] |= 0x20;
+        assert_eq!(
+            first_error(&mut Decoder::compressed(100), rsv2),
+            "reserved bits set"
+        );
     }
 
     #[test]

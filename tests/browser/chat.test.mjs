@@ -220,6 +220,27 @@ describe('the page on the SDK', () => {
   });
 });
 
+describe('compression', () => {
+  test('Chromium agrees to permessage-deflate with the page and chats compressed both ways', async () => {
+    const { url } = await startGateway({ WSGATE_COMPRESSION: 'on' });
+    const alice = await openAndJoin(url, 'alice');
+    const bob = await openAndJoin(url, 'bob');
+    // Long enough for both sides to compress it (the gateway sends 128 bytes and more so).
+    const text = `compressed both ways: ${'lorem ipsum dolor sit amet '.repeat(8)}end`;
+    await alice.fill('#message', text);
+    await alice.click('#sendForm button:has-text("Send")');
+    await bob.locator('#log', { hasText: `alice: ${text}` }).waitFor();
+    await alice.locator('#log', { hasText: `alice: ${text}` }).waitFor();
+    const metrics = await (await fetch(new URL('/metrics', url))).text();
+    const total = (name) => metrics.split('\n')
+      .filter((line) => line.startsWith(`${name}{`))
+      .reduce((sum, line) => sum + Number(line.split(' ').pop()), 0);
+    assert.equal(total('wsgate_compressed_connections_total'), 2, metrics);
+    assert.ok(total('wsgate_compressed_messages_received_total') >= 1, 'Chromium compressed its message');
+    assert.ok(total('wsgate_compressed_publications_total') >= 1, 'the chat message went out compressed');
+  });
+});
+
 describe('the admin UI', () => {
   test('nodes, rooms and presence; publish to a room and disconnect a user, with the key asked once', async () => {
     const key = 'admin-test-key-0123456789';

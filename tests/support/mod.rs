@@ -373,18 +373,36 @@ impl RawClient {
         Self::connect_on(socket.connect(addr).await.unwrap(), path).await
     }
 
-    async fn connect_on(mut stream: TcpStream, path: &str) -> RawClient {
+    async fn connect_on(stream: TcpStream, path: &str) -> RawClient {
+        Self::upgrade(stream, path, "").await.0
+    }
+
+    /// A raw client whose upgrade request carries `extra_headers` (each ending in CRLF); with the
+    /// head of the 101 answer.
+    pub async fn connect_with_headers(
+        addr: SocketAddr,
+        path: &str,
+        extra_headers: &str,
+    ) -> (RawClient, String) {
+        Self::upgrade(TcpStream::connect(addr).await.unwrap(), path, extra_headers).await
+    }
+
+    async fn upgrade(mut stream: TcpStream, path: &str, extra: &str) -> (RawClient, String) {
         let addr = stream.peer_addr().unwrap();
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
         );
         stream.write_all(request.as_bytes()).await.unwrap();
-        Self::from_stream_after_handshake(stream).await
+        Self::read_handshake(stream).await
     }
 
     /// Reads the handshake response of a request already written to `stream`.
     pub async fn from_stream_after_handshake(stream: TcpStream) -> RawClient {
+        Self::read_handshake(stream).await.0
+    }
+
+    async fn read_handshake(stream: TcpStream) -> (RawClient, String) {
         let mut raw = RawClient {
             stream,
             buf: Vec::new(),
@@ -393,7 +411,7 @@ impl RawClient {
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         // RFC 6455's own example key and accept value.
         assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
-        raw
+        (raw, head)
     }
 
     async fn read_until_blank_line(&mut self) -> String {
@@ -427,6 +445,12 @@ impl RawClient {
 
     /// Reads one server frame: (fin, opcode, payload). Server frames must be unmasked.
     pub async fn read_frame(&mut self) -> (bool, u8, Vec<u8>) {
+        let (first, payload) = self.read_frame_head_byte().await;
+        (first & 0x80 != 0, first & 0x0F, payload)
+    }
+
+    /// Reads one server frame: its first header byte (FIN, RSV bits, opcode) and its payload.
+    pub async fn read_frame_head_byte(&mut self) -> (u8, Vec<u8>) {
         loop {
             if self.buf.len() >= 2 {
                 assert_eq!(self.buf[1] & 0x80, 0, "server frames are never masked");
@@ -442,11 +466,10 @@ impl RawClient {
                     n => (n as usize, 2),
                 };
                 if len != usize::MAX && self.buf.len() >= start + len {
-                    let fin = self.buf[0] & 0x80 != 0;
-                    let opcode = self.buf[0] & 0x0F;
+                    let first = self.buf[0];
                     let payload = self.buf[start..start + len].to_vec();
                     self.buf.drain(..start + len);
-                    return (fin, opcode, payload);
+                    return (first, payload);
                 }
             }
             self.fill().await;

@@ -109,7 +109,7 @@ impl EventLoop {
         newcomer: Newcomer<'_>,
     ) -> io::Result<()> {
         let stream = stream.map_socket(TcpStream::into_std)?;
-        let app = newcomer.app;
+        let (app, deflate) = (newcomer.app, newcomer.deflate);
         let key = shard.register(newcomer);
         let adopted = stream.map_socket(|io| match &self.io {
             Io::Epoll(epoll) => epoll.socket(io, key).map(LoopSocket::Epoll),
@@ -128,7 +128,8 @@ impl EventLoop {
                 return Ok(());
             }
         };
-        let input = Input::new(app, shard.shared.config.max_message_size, preread.to_vec());
+        let max_message_size = shard.shared.config.max_message_size;
+        let input = Input::new(app, max_message_size, deflate, preread.to_vec());
         let mut conns = self.conns.borrow_mut();
         if conns.len() <= key {
             conns.resize_with(key + 1, || None);

@@ -6,7 +6,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
-use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::backend::webhook::Webhooks;
@@ -26,6 +25,7 @@ use crate::runtime::bus::Work;
 use crate::runtime::entry::ConnEntry;
 use crate::runtime::shard::Shard;
 use crate::ws::close::CloseCode;
+use crate::ws::deflate::Prepared;
 use crate::ws::frame;
 
 /// Hands a publication to the other nodes (with a shared broker); what cannot be is counted.
@@ -230,7 +230,7 @@ impl BrokerEvents for Cluster {
         fanout::publish_from_broker(&self.shared, target, json);
     }
 
-    fn stream_message(&self, room: &Arc<RoomState>, offset: u64, frame: Bytes) {
+    fn stream_message(&self, room: &Arc<RoomState>, offset: u64, frame: Prepared) {
         fanout::forward_stream(&self.shared, room, offset, frame);
     }
 

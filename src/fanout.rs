@@ -243,12 +243,12 @@ pub fn reply(shared: &Shared, to: ClientId, frame: Bytes) {
 
 /// Hands the stream message `offset` of `room` to the shards with members. Called under the
 /// stream's lock, which keeps the offsets in order on every inbox.
-pub fn forward_stream(shared: &Shared, room: &Arc<RoomState>, offset: u64, frame: Bytes) {
+pub fn forward_stream(shared: &Shared, room: &Arc<RoomState>, offset: u64, frame: Prepared) {
     let shards: Vec<usize> = room.shards_with_members().collect();
     let message = StreamMessage {
         room: room.clone(),
         offset,
-        frame: Prepared::new(frame),
+        frame,
     };
     shared.forward(&shards, Arc::new(message));
 }
@@ -266,10 +266,10 @@ pub fn catch_up_stream(
 ) {
     let limits = shared.rooms.history_limits();
     let now = Instant::now();
-    let framed: Vec<(u64, Bytes)> = kept
+    let framed: Vec<(u64, Prepared)> = kept
         .into_iter()
         .filter(|(_, json)| protocol::is_json_object(json))
-        .map(|(offset, json)| (offset, protocol::with_offset(&json, offset)))
+        .map(|(offset, json)| (offset, Prepared::new(protocol::with_offset(&json, offset))))
         .collect();
     let mut stream = room.stream();
     let shards: Vec<usize> = room.shards_with_members().collect();
@@ -294,7 +294,7 @@ pub fn catch_up_stream(
         if position.offset <= have.offset {
             return;
         }
-        let missed: Vec<(u64, Bytes)> = framed
+        let missed: Vec<(u64, Prepared)> = framed
             .iter()
             .filter(|(offset, _)| *offset > have.offset)
             .cloned()
@@ -549,8 +549,8 @@ fn deliver_stream(shard: &Shard, message: &StreamMessage) {
             .range(first_lost, last_lost, limits, Instant::now());
         match lost {
             Some(frames) => {
-                for (offset, frame) in (first_lost..).zip(frames) {
-                    to_members(offset, &Prepared::new(frame));
+                for (offset, frame) in (first_lost..).zip(&frames) {
+                    to_members(offset, frame);
                 }
             }
             None => {
@@ -603,7 +603,8 @@ pub fn answer_join(
     };
     conn.outbound.push(reply.encode_for(request), queued);
     for frame in missed.into_iter().flatten() {
-        conn.outbound.push(frame.clone(), queued);
+        let compressing = || shard.metrics().compressions.add(1);
+        conn.outbound.push_prepared(frame, compressing, queued);
     }
 }
 

@@ -285,3 +285,49 @@ async fn metric_sum(gw: &TestGateway, name: &str) -> u64 {
         })
         .sum()
 }
+
+#[tokio::test]
+async fn a_replayed_history_is_compressed_once_for_every_rejoining_member() {
+    let gw = with_compression(1);
+    // A member that does not compress writes three messages: nobody needed them compressed.
+    let mut writer = member_on_shard(&gw, 0, "").await;
+    let join = br#"{"type":"join_room","payload":{"room":"replayed"}}"#;
+    writer.send_frame(true, TEXT, join, true).await;
+    let joined = loop {
+        let (_, json) = read_message(&mut writer).await;
+        if json.contains("room_joined") {
+            break serde_json::from_str::<serde_json::Value>(&json).unwrap();
+        }
+    };
+    let texts: Vec<String> = (0..3).map(chat_line).collect();
+    for text in &texts {
+        let chat = format!(r#"{{"type":"chat_message","payload":{{"room":"replayed","message":"{text}"}}}}"#);
+        writer.send_frame(true, TEXT, chat.as_bytes(), true).await;
+        while !read_message(&mut writer).await.1.contains(text.as_str()) {}
+    }
+    assert_eq!(metric_sum(&gw, "wsgate_compressed_publications_total").await, 0);
+    // Two members that compress come back for what they missed: each message compressed once.
+    let since = serde_json::json!({
+        "type": "join_room",
+        "payload": {"room": "replayed", "since": {"offset": 0, "epoch": joined["epoch"]}},
+    });
+    let mut replays = Vec::new();
+    for _ in 0..2 {
+        let mut member = member_on_shard(&gw, 0, OFFER).await;
+        member
+            .send_frame(true, TEXT, since.to_string().as_bytes(), true)
+            .await;
+        let mut got = Vec::new();
+        while got.len() < texts.len() {
+            let ((first, payload), json) = read_message(&mut member).await;
+            if json.contains("chat_message") {
+                assert_eq!(first & RSV1, RSV1, "replayed compressed: {json}");
+                assert!(json.contains(&texts[got.len()]), "in order: {json}");
+                got.push(payload);
+            }
+        }
+        replays.push(got);
+    }
+    assert_eq!(replays[0], replays[1], "the same compressed frames");
+    assert_eq!(metric_sum(&gw, "wsgate_compressed_publications_total").await, 3);
+}

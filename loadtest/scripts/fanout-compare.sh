@@ -11,6 +11,10 @@
 # CPU), external ($EXTERNAL_SERVER run with $EXTERNAL_SERVER_ARGS: a peer
 # built outside this repository that speaks the chat protocol's greeting, join_room and
 # chat_message, see scripts/lib/gateway.sh).
+# CHARS=N pads each chat message's text to N characters (realistic chat JSON); COMPRESSION=1
+# turns permessage-deflate on: wsgate with compression = "on", the load generator offering it
+# (give an external peer its own flag in EXTERNAL_SERVER_ARGS). The table adds the bytes the
+# load generator read per delivery (what came over the wire, less TCP/IP headers).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/lib/gateway.sh
@@ -20,6 +24,14 @@ duration="${3:-10s}"
 repeat="${4:-3}"
 shift 4 || shift $#
 servers=("$@")
+chars="${CHARS:-0}"
+compression=off
+client_flags=(--message-chars "$chars")
+if [ "${COMPRESSION:-0}" = 1 ]; then
+  compression=on
+  client_flags+=(--compression)
+fi
+tag="$subscribers-$rate-$chars-$compression"
 [ ${#servers[@]} -gt 0 ] || servers=(wsgate)
 out="${OUT:-loadtest/results/fanout-compare}"
 mkdir -p "$out"
@@ -28,8 +40,11 @@ prepare_load_test
 for r in $(seq "$repeat"); do
   for server in "${servers[@]}"; do
     case "$server" in
-      wsgate) WSGATE_LOG=warn start_gateway --shards 1 ;;
-      wsgate@*) WSGATE_ENGINE="${server#*@}" WSGATE_LOG=warn start_gateway --shards 1 ;;
+      wsgate) WSGATE_COMPRESSION=$compression WSGATE_LOG=warn start_gateway --shards 1 ;;
+      wsgate@*)
+        WSGATE_COMPRESSION=$compression WSGATE_ENGINE="${server#*@}" WSGATE_LOG=warn \
+          start_gateway --shards 1
+        ;;
       wsgate+publish-proxy)
         start_example_backend 1
         WSGATE_PUBLISH_PROXY="http://127.0.0.1:$BACKEND_PORT/publish" WSGATE_LOG=warn \
@@ -44,23 +59,24 @@ for r in $(seq "$repeat"); do
     taskset -apc 0 "$GATEWAY_PID" >/dev/null
     taskset -c 1 "$TARGET_DIR/release/loadtest" fanout --target "$GATEWAY_ADDR" --token "$TOKEN" \
       -n "$subscribers" --rooms 1 --publishers 1 --publish-rate "$rate" --duration "$duration" \
-      --source-ips 127.0.0.1-127.0.0.4 --gateway-pid "$GATEWAY_PID" \
-      --json "$out/$server-$subscribers-$rate-$r.json" >/dev/null
+      --source-ips 127.0.0.1-127.0.0.4 --gateway-pid "$GATEWAY_PID" "${client_flags[@]}" \
+      --json "$out/$server-$tag-$r.json" >/dev/null
     kill "$GATEWAY_PID"
     wait "$GATEWAY_PID" 2>/dev/null || true
     stop_example_backend
   done
 done
-python3 - "$out" "$subscribers" "$rate" "$repeat" "${servers[@]}" <<'PY'
+python3 - "$out" "$tag" "$repeat" "${servers[@]}" <<'PY'
 import json, statistics, sys
-out, subscribers, rate, repeat, servers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
-print(f"| server ({subscribers} members, {rate} msg/s) | deliveries | lost | per server CPU-s (runs) | median | p99 ms |")
-print("|---|---|---|---|---|---|")
+out, tag, repeat, servers = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+print(f"| server ({tag}: members-rate-chars-compression) | deliveries | lost | per server CPU-s (runs) | median | p99 ms | bytes read per delivery |")
+print("|---|---|---|---|---|---|---|")
 for s in servers:
-    runs = [json.load(open(f"{out}/{s}-{subscribers}-{rate}-{r}.json")) for r in range(1, repeat + 1)]
+    runs = [json.load(open(f"{out}/{s}-{tag}-{r}.json")) for r in range(1, repeat + 1)]
     per_cpu = [run["received"] / run["measured"]["run"]["gateway_cpu_seconds"] for run in runs]
     p99 = statistics.median(run["latency"]["p99_ms"] for run in runs)
     received = statistics.median(run["received"] for run in runs)
     lost = sum(run["lost"] for run in runs)
-    print(f"| {s} | {received:,.0f} | {lost} | {', '.join(f'{v:,.0f}' for v in per_cpu)} | {statistics.median(per_cpu):,.0f} | {p99:.2f} |")
+    wire = statistics.median(run["measured"]["run"]["loadtest_bytes_read"] / max(run["received"], 1) for run in runs)
+    print(f"| {s} | {received:,.0f} | {lost} | {', '.join(f'{v:,.0f}' for v in per_cpu)} | {statistics.median(per_cpu):,.0f} | {p99:.2f} | {wire:.1f} |")
 PY

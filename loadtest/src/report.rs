@@ -87,6 +87,20 @@ fn total_cpu(pids: &[u32]) -> Option<Duration> {
     (!times.is_empty()).then(|| times.iter().sum())
 }
 
+/// Bytes a set of processes read through system calls (`rchar` of /proc/PID/io), when at least
+/// one of them can be read: for the load generator, nearly all of it what its sockets received.
+fn total_read(pids: &[u32]) -> Option<u64> {
+    let read = |pid: u32| -> Option<u64> {
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+        io.lines()
+            .find_map(|line| line.strip_prefix("rchar: "))?
+            .parse()
+            .ok()
+    };
+    let counts: Vec<u64> = pids.iter().filter_map(|p| read(*p)).collect();
+    (!counts.is_empty()).then(|| counts.iter().sum())
+}
+
 /// Wall time and CPU of one phase of a run.
 #[derive(Serialize, Debug, Default, Clone, Copy)]
 pub struct Phase {
@@ -96,6 +110,9 @@ pub struct Phase {
     /// CPU used by the load generator (all its processes together): near `seconds` × cores,
     /// the load generator was the bottleneck.
     pub loadtest_cpu_seconds: Option<f64>,
+    /// Bytes the load generator read (what its sockets received: the bytes on the wire, less
+    /// TCP/IP headers).
+    pub loadtest_bytes_read: Option<u64>,
 }
 
 impl Phase {
@@ -156,6 +173,9 @@ impl fmt::Display for Measured {
                     percent(cpu, phase.seconds)
                 )?;
             }
+            if let Some(read) = phase.loadtest_bytes_read {
+                write!(f, ", read {:.1} MB", read as f64 / 1e6)?;
+            }
             writeln!(f)?;
         }
         for node in &self.gateways {
@@ -187,6 +207,7 @@ pub struct Meter {
     started: Instant,
     gateway_cpu: Option<Duration>,
     loadtest_cpu: Option<Duration>,
+    loadtest_read: Option<u64>,
     rss_before: Vec<Option<u64>>,
 }
 
@@ -196,6 +217,7 @@ impl Meter {
         Meter {
             gateway_cpu: total_cpu(gateway_pids),
             loadtest_cpu: total_cpu(&loadtest_pids),
+            loadtest_read: total_read(&loadtest_pids),
             gateway_pids: gateway_pids.to_vec(),
             loadtest_pids,
             started: Instant::now(),
@@ -207,13 +229,15 @@ impl Meter {
     pub fn add_loadtest_pids(&mut self, pids: &[u32]) {
         self.loadtest_pids.extend_from_slice(pids);
         self.loadtest_cpu = total_cpu(&self.loadtest_pids);
+        self.loadtest_read = total_read(&self.loadtest_pids);
     }
 
     /// The phase since the last lap.
     pub fn lap(&mut self) -> Phase {
-        let (gateway, loadtest) = (
+        let (gateway, loadtest, read) = (
             total_cpu(&self.gateway_pids),
             total_cpu(&self.loadtest_pids),
+            total_read(&self.loadtest_pids),
         );
         let since = |before: Option<Duration>, now: Option<Duration>| {
             before
@@ -224,8 +248,13 @@ impl Meter {
             seconds: self.started.elapsed().as_secs_f64(),
             gateway_cpu_seconds: since(self.gateway_cpu, gateway),
             loadtest_cpu_seconds: since(self.loadtest_cpu, loadtest),
+            loadtest_bytes_read: self
+                .loadtest_read
+                .zip(read)
+                .map(|(b, n)| n.saturating_sub(b)),
         };
         (self.started, self.gateway_cpu, self.loadtest_cpu) = (Instant::now(), gateway, loadtest);
+        self.loadtest_read = read;
         phase
     }
 

@@ -221,7 +221,10 @@ impl Broker for MemoryBroker {
                 );
                 RoomHistory {
                     position: Some(stream.position()),
-                    messages: frames.iter().map(frame::server_payload).collect(),
+                    messages: frames
+                        .iter()
+                        .map(|f| frame::server_payload(f.plain()))
+                        .collect(),
                     malformed: 0,
                 }
             }

@@ -33,6 +33,7 @@ use crate::rooms::presence::{Entry, NodesPresence, Presence};
 use crate::rooms::stream::Position;
 use crate::rooms::{RoomState, RoomsPage, Target};
 use crate::runtime::Shared;
+use crate::ws::deflate::Prepared;
 
 /// A future a broker answers with on the calling thread.
 pub type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
@@ -314,7 +315,7 @@ pub trait BrokerEvents: Send + Sync {
 
     /// Message `offset` of `room`'s stream (`frame`, framed), for the room's members here.
     /// Called under the stream's lock, which keeps every shard's inbox in offset order.
-    fn stream_message(&self, room: &Arc<RoomState>, offset: u64, frame: Bytes);
+    fn stream_message(&self, room: &Arc<RoomState>, offset: u64, frame: Prepared);
 
     /// What the broker holds of a room's stream (its position, its history from the offset
     /// after the node's or its most recent messages, as JSON) and, after a (re)subscription, of

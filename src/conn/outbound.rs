@@ -178,6 +178,19 @@ impl Outbound {
         self.enqueue(frame, Kind::Reply, total);
     }
 
+    /// Queues a reply made for many connections (a replay of a room's history), as this one
+    /// takes it; `compressing` is called if that takes a compression (see
+    /// [`deflate::Prepared::for_connection`]).
+    pub fn push_prepared(
+        &mut self,
+        frame: &deflate::Prepared,
+        compressing: impl FnOnce(),
+        total: &mut QueueTotal,
+    ) {
+        let frame = frame.for_connection(self.deflate, compressing);
+        self.enqueue(frame, Kind::Reply, total);
+    }
+
     /// Queues a broadcast frame, as the connection takes it (see
     /// [`deflate::Prepared::for_connection`]).
     pub fn push_broadcast(&mut self, frame: Bytes, total: &mut QueueTotal) {

@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use bytes::Bytes;
 use indexmap::IndexMap;
 
 use crate::protocol::RequestId;
 use crate::rooms::presence::Presence;
 use crate::rooms::stream::{HistoryLimits, Position, Stream};
+use crate::ws::deflate::Prepared;
 
 pub const MAX_ROOM_NAME_LEN: usize = 64;
 
@@ -124,7 +124,7 @@ pub struct Joining {
     /// the node is still syncing the room with the broker: the join completes then.
     pub position: Option<Position>,
     /// For a join with `since`: the messages after it, when all of them could be given.
-    pub missed: Option<Vec<Bytes>>,
+    pub missed: Option<Vec<Prepared>>,
     /// This join is the one to ask the broker for the room (the first while it is unsynced).
     pub subscribe: bool,
 }
@@ -450,6 +450,8 @@ impl LocalRooms {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     #[test]
@@ -525,7 +527,8 @@ mod tests {
             panic!("a new member");
         };
         assert_eq!(joining.position.unwrap().offset, 1);
-        assert_eq!(joining.missed, Some(vec![Bytes::from("1")]));
+        let missed = Prepared::new(Bytes::from("1"));
+        assert_eq!(joining.missed, Some(vec![missed]));
         s0.leave(&dir, 0, "r", 2);
         std::thread::sleep(std::time::Duration::from_millis(60));
         dir.sweep();

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::ws::deflate::Prepared;
+
 /// Where a client is (or a stream was) in a room's stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Position {
@@ -30,7 +32,8 @@ pub struct HistoryLimits {
 
 struct Kept {
     offset: u64,
-    frame: Bytes,
+    /// As members got it (a replay reuses its compression too).
+    frame: Prepared,
     at: Instant,
 }
 
@@ -155,7 +158,7 @@ impl Stream {
     }
 
     /// Appends the broker's message `offset` (the one after `top`, see [`Stream::arrival`]).
-    pub fn push(&mut self, offset: u64, frame: Bytes, limits: HistoryLimits, now: Instant) {
+    pub fn push(&mut self, offset: u64, frame: Prepared, limits: HistoryLimits, now: Instant) {
         debug_assert_eq!(offset, self.top + 1);
         self.top = offset;
         if limits.size > 0 {
@@ -173,7 +176,7 @@ impl Stream {
     pub fn reset(
         &mut self,
         position: Position,
-        kept: Vec<(u64, Bytes)>,
+        kept: Vec<(u64, Prepared)>,
         limits: HistoryLimits,
         now: Instant,
     ) {
@@ -212,9 +215,9 @@ impl Stream {
         frame: impl FnOnce(u64) -> Bytes,
         limits: HistoryLimits,
         now: Instant,
-    ) -> (u64, Bytes) {
+    ) -> (u64, Prepared) {
         let offset = self.top + 1;
-        let frame = frame(offset);
+        let frame = Prepared::new(frame(offset));
         self.push(offset, frame.clone(), limits, now);
         (offset, frame)
     }
@@ -242,7 +245,7 @@ impl Stream {
         newest_first: bool,
         limits: HistoryLimits,
         now: Instant,
-    ) -> Vec<Bytes> {
+    ) -> Vec<Prepared> {
         let live = self
             .history
             .iter()
@@ -262,7 +265,7 @@ impl Stream {
         since: &Position,
         limits: HistoryLimits,
         now: Instant,
-    ) -> Option<Vec<Bytes>> {
+    ) -> Option<Vec<Prepared>> {
         if *since.epoch != *self.epoch || since.offset > self.top {
             return None;
         }
@@ -276,7 +279,7 @@ impl Stream {
         to: u64,
         limits: HistoryLimits,
         now: Instant,
-    ) -> Option<Vec<Bytes>> {
+    ) -> Option<Vec<Prepared>> {
         if from > to {
             return Some(Vec::new());
         }
@@ -328,13 +331,18 @@ mod tests {
         Bytes::from(format!("m{offset}"))
     }
 
+    /// Message `offset` as the history keeps it.
+    fn kept(offset: u64) -> Prepared {
+        Prepared::new(frame(offset))
+    }
+
     #[test]
     fn offsets_are_consecutive_and_history_is_bounded() {
         let mut stream = Stream::new();
         let now = Instant::now();
         for expected in 1..=5 {
             let (offset, kept) = stream.append(frame, LIMITS, now);
-            assert_eq!((offset, kept), (expected, frame(expected)));
+            assert_eq!((offset, kept.plain()), (expected, &frame(expected)));
         }
         let at = |offset| Position {
             offset,
@@ -344,9 +352,9 @@ mod tests {
         // Kept: 3, 4, 5.
         assert_eq!(
             stream.since(&at(2,), LIMITS, now),
-            Some(vec![frame(3), frame(4), frame(5)])
+            Some(vec![kept(3), kept(4), kept(5)])
         );
-        assert_eq!(stream.since(&at(4), LIMITS, now), Some(vec![frame(5)]));
+        assert_eq!(stream.since(&at(4), LIMITS, now), Some(vec![kept(5)]));
         assert_eq!(stream.since(&at(5), LIMITS, now), Some(vec![]));
         // 2 was forgotten: no partial answer.
         assert_eq!(stream.since(&at(1), LIMITS, now), None);
@@ -359,7 +367,7 @@ mod tests {
         assert_eq!(stream.since(&other, LIMITS, now), None);
         assert_eq!(
             stream.range(4, 5, LIMITS, now),
-            Some(vec![frame(4), frame(5)])
+            Some(vec![kept(4), kept(5)])
         );
         assert_eq!(stream.range(2, 5, LIMITS, now), None);
     }
@@ -377,7 +385,7 @@ mod tests {
             epoch: epoch.clone(),
         };
         assert_eq!(stream.since(&since(0), LIMITS, later), None, "1 expired");
-        assert_eq!(stream.since(&since(1), LIMITS, later), Some(vec![frame(2)]));
+        assert_eq!(stream.since(&since(1), LIMITS, later), Some(vec![kept(2)]));
         assert!(stream.trim(LIMITS, later));
         assert!(!stream.trim(LIMITS, start + Duration::from_secs(100)));
     }

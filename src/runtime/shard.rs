@@ -23,6 +23,7 @@ use crate::conn::limits::{Charge, RateLimiter, RateLimits, Verdict};
 use crate::conn::outbound::{self, Outbound, QueueTotal};
 use crate::rooms::LocalRooms;
 use crate::ws::close::CloseCode;
+use crate::ws::deflate::Prepared;
 use crate::ws::frame;
 
 use super::entry::ConnEntry;
@@ -390,9 +391,10 @@ impl Shard {
     }
 
     /// Whether `frames` of history may be replayed to a connection (`limiter`): charged to its
-    /// replay budget as they will cost its queue, counted (`replays_refused`) when refused.
-    pub fn take_replay(&self, limiter: &mut RateLimiter, frames: &[Bytes]) -> bool {
-        let bytes = frames.iter().map(outbound::cost).sum();
+    /// replay budget as they will cost its queue (uncompressed: the most they can), counted
+    /// (`replays_refused`) when refused.
+    pub fn take_replay(&self, limiter: &mut RateLimiter, frames: &[Prepared]) -> bool {
+        let bytes = frames.iter().map(|f| outbound::cost(f.plain())).sum();
         // The turn's clock, as every other charge (see `RateLimiter::refill`).
         let now = self.turn_clock_ms.get();
         let taken = limiter.take_replay(&self.limits, bytes, now);

@@ -9,7 +9,7 @@
 //! costs no memory of its own for it.
 
 use std::cell::RefCell;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
@@ -186,36 +186,51 @@ fn split_unquoted(s: &str, separator: u8) -> impl Iterator<Item = &str> {
     })
 }
 
-/// A data frame for many connections (a publication, a room message): its plain frame, and its
-/// compressed twin, made once, by the first connection that needs it, on whichever shard.
+/// A data frame for many connections (a publication, a room message, kept in the room's history
+/// for replays): its plain frame, and its compressed twin, made once, by the first connection
+/// that needs it, on whichever shard. A handle: clones share both.
+#[derive(Clone, Debug)]
+pub struct Prepared(Arc<PreparedFrame>);
+
 #[derive(Debug)]
-pub struct Prepared {
+struct PreparedFrame {
     plain: Bytes,
     /// `None` inside: not worth compressing (too short, or it did not shrink).
     deflated: OnceLock<Option<Bytes>>,
 }
 
+/// The same frame, compressed yet or not.
+impl PartialEq for Prepared {
+    fn eq(&self, other: &Self) -> bool {
+        self.plain() == other.plain()
+    }
+}
+
+impl Eq for Prepared {}
+
 impl Prepared {
     pub fn new(plain: Bytes) -> Self {
-        Prepared {
+        Prepared(Arc::new(PreparedFrame {
             plain,
             deflated: OnceLock::new(),
-        }
+        }))
     }
 
     pub fn plain(&self) -> &Bytes {
-        &self.plain
+        &self.0.plain
     }
 
     /// The frame as `deflate` takes it: the shared compressed frame, compressed for this
     /// connection alone when it asked for a smaller window than the message needs, or plain.
     /// `compressing` is called for each compression made (for the metrics).
     pub fn for_connection(&self, deflate: Deflate, compressing: impl FnOnce()) -> Bytes {
-        let Some((opcode, payload)) = worth_compressing(&self.plain, deflate) else {
-            return self.plain.clone();
+        let frame = &*self.0;
+        let Some((opcode, payload)) = worth_compressing(&frame.plain, deflate) else {
+            return frame.plain.clone();
         };
         let compressed = if deflate.takes_shared(payload.len()) {
-            self.deflated
+            frame
+                .deflated
                 .get_or_init(|| {
                     compressing();
                     compress(opcode, &payload, MAX_WINDOW_BITS)
@@ -225,16 +240,7 @@ impl Prepared {
             compressing();
             compress(opcode, &payload, deflate.own_window_bits())
         };
-        compressed.unwrap_or_else(|| self.plain.clone())
-    }
-}
-
-impl Clone for Prepared {
-    fn clone(&self) -> Self {
-        Prepared {
-            plain: self.plain.clone(),
-            deflated: self.deflated.clone(),
-        }
+        compressed.unwrap_or_else(|| frame.plain.clone())
     }
 }
 
@@ -250,9 +256,10 @@ pub fn for_connection(frame: Bytes, deflate: Deflate) -> Bytes {
 }
 
 /// The opcode and payload of a plain, unfragmented server frame worth compressing for a
-/// connection that agreed to `deflate`: a data frame of at least [`MIN_COMPRESSED_PAYLOAD`].
+/// connection that agreed to `deflate`: a data frame of at least [`MIN_COMPRESSED_PAYLOAD`],
+/// not compressed already.
 fn worth_compressing(frame: &Bytes, deflate: Deflate) -> Option<(OpCode, Bytes)> {
-    if !deflate.is_on() {
+    if !deflate.is_on() || frame.first()? & 0x40 != 0 {
         return None;
     }
     let opcode = match frame.first()? & 0x0f {

@@ -71,6 +71,7 @@ use crate::rooms::presence::{Entry, Fit, Presence};
 use crate::rooms::stream::{Arrival, HistoryLimits};
 use crate::rooms::{RoomsPage, Target};
 use crate::runtime::Shared;
+use crate::ws::deflate::Prepared;
 
 /// Channels per SUBSCRIBE or UNSUBSCRIBE command, at most.
 const SUBSCRIBE_BATCH: usize = 512;
@@ -1482,7 +1483,7 @@ fn on_room_message(session: &mut Session, node: &Host, room: &str, envelope: &[u
     let arrival = room.stream().arrival(offset, epoch);
     match arrival {
         Arrival::Next => {
-            let frame = protocol::with_offset(json, offset);
+            let frame = Prepared::new(protocol::with_offset(json, offset));
             let mut stream = room.stream();
             // Another path (a catch-up) may have taken it meanwhile.
             if stream.arrival(offset, epoch) == Arrival::Next {

@@ -1,30 +1,35 @@
 //! permessage-deflate: what compressing a chat message on its own (no context takeover) costs
-//! and saves, by size — where `MIN_COMPRESSED_PAYLOAD` comes from — and what inflating costs.
-//! The compressed sizes are printed once per size before the timings.
+//! and saves, by size — where `MIN_SHARED_PAYLOAD` and `MIN_OWN_PAYLOAD` come from —, for one connection (a reply,
+//! the faster level) and for many (a publication, compressed once at the tighter level), and what
+//! inflating costs. The compressed sizes are printed once per size before the timings.
 
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use wsgate::ws::deflate::{self, Deflate};
+use wsgate::ws::deflate::{self, Deflate, Prepared};
 use wsgate::ws::frame::{OpCode, encode, server_payload};
 
-/// A chat message as members get it, its text padded with words to `len` bytes of JSON.
+/// A chat message as members get it, its text words drawn (pseudo-randomly, the same each run)
+/// from a few hundred bytes of English, padded to `len` bytes of JSON.
 fn chat_json(len: usize) -> Vec<u8> {
     let head = r#"{"type":"chat_message","room":"general","username":"alice","userId":"u-4821","message":""#;
     let tail = r#"","timestamp":1765432109876,"offset":4242}"#;
-    let words = [
-        "see", "you", "at", "the", "standup", "in", "five", "minutes",
-    ];
+    let words: Vec<&str> = "we could ship the release on friday if the tests pass but the staging \
+        cluster still shows a memory leak in the session store so maybe wait until monday when \
+        everyone is back and we have time to look at the heap profiles together with the team \
+        that owns the cache layer because their last change touched eviction and retries"
+        .split_whitespace()
+        .collect();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut text = String::new();
-    for word in words.iter().cycle() {
-        if head.len() + text.len() + tail.len() >= len {
-            break;
-        }
-        text.push_str(word);
+    while head.len() + text.len() + tail.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        text.push_str(words[(state % words.len() as u64) as usize]);
         text.push(' ');
     }
-    let json = format!("{head}{text}{tail}");
-    json.into_bytes()
+    format!("{head}{text}{tail}").into_bytes()
 }
 
 fn agreed() -> Deflate {
@@ -37,22 +42,28 @@ const SIZES: [usize; 6] = [128, 192, 256, 512, 1024, 4096];
 
 fn compress(c: &mut Criterion) {
     let on = agreed();
-    let mut group = c.benchmark_group("deflate/compress");
-    for size in SIZES {
-        let frame = encode(OpCode::Text, &chat_json(size));
-        let payload = server_payload(&frame).len();
-        let compressed = deflate::for_connection(frame.clone(), on);
-        let sent = server_payload(&compressed).len();
-        eprintln!(
-            "chat JSON of {payload} B: {sent} B compressed ({:.0}%)",
-            100.0 * sent as f64 / payload as f64
-        );
-        group.throughput(Throughput::Bytes(payload as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(payload), &frame, |b, frame| {
-            b.iter(|| deflate::for_connection(black_box(frame.clone()), on))
-        });
+    for (name, shared) in [("reply", false), ("publication", true)] {
+        // A publication: compressed when its first compressing recipient takes it.
+        let compressed = |frame: &bytes::Bytes| match shared {
+            true => Prepared::new(frame.clone()).for_connection(on, || {}),
+            false => deflate::for_connection(frame.clone(), on),
+        };
+        let mut group = c.benchmark_group(format!("deflate/compress-{name}"));
+        for size in SIZES {
+            let frame = encode(OpCode::Text, &chat_json(size));
+            let payload = server_payload(&frame).len();
+            let sent = server_payload(&compressed(&frame)).len();
+            eprintln!(
+                "{name}: chat JSON of {payload} B: {sent} B compressed ({:.0}%)",
+                100.0 * sent as f64 / payload as f64
+            );
+            group.throughput(Throughput::Bytes(payload as u64));
+            group.bench_with_input(BenchmarkId::from_parameter(payload), &frame, |b, frame| {
+                b.iter(|| compressed(black_box(frame)))
+            });
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 fn inflate(c: &mut Criterion) {

@@ -37,9 +37,9 @@ pub struct Config {
     /// 1009. Default 64 KiB. For a compressed message, both what arrives and what it inflates to.
     pub max_message_size: usize,
     /// permessage-deflate (RFC 7692): `off` (default: offers are declined) or `on` (a client's
-    /// offer is accepted, always without context takeover either way). Data messages of 128
-    /// bytes or more to a connection that agreed go out compressed — a publication compressed
-    /// once for all of them — and its compressed messages are inflated within
+    /// offer is accepted, always without context takeover either way). Publications of 128
+    /// bytes or more (replies: 256) to a connection that agreed go out compressed — a
+    /// publication compressed once for all of them — and its compressed messages are inflated within
     /// `max_message_size`. Costs no memory per connection (each shard thread has one compressor
     /// and one inflater), CPU per compressed message.
     pub compression: Compression,

@@ -301,11 +301,16 @@ async fn a_replayed_history_is_compressed_once_for_every_rejoining_member() {
     };
     let texts: Vec<String> = (0..3).map(chat_line).collect();
     for text in &texts {
-        let chat = format!(r#"{{"type":"chat_message","payload":{{"room":"replayed","message":"{text}"}}}}"#);
+        let chat = format!(
+            r#"{{"type":"chat_message","payload":{{"room":"replayed","message":"{text}"}}}}"#
+        );
         writer.send_frame(true, TEXT, chat.as_bytes(), true).await;
         while !read_message(&mut writer).await.1.contains(text.as_str()) {}
     }
-    assert_eq!(metric_sum(&gw, "wsgate_compressed_publications_total").await, 0);
+    assert_eq!(
+        metric_sum(&gw, "wsgate_compressed_publications_total").await,
+        0
+    );
     // Two members that compress come back for what they missed: each message compressed once.
     let since = serde_json::json!({
         "type": "join_room",
@@ -329,5 +334,8 @@ async fn a_replayed_history_is_compressed_once_for_every_rejoining_member() {
         replays.push(got);
     }
     assert_eq!(replays[0], replays[1], "the same compressed frames");
-    assert_eq!(metric_sum(&gw, "wsgate_compressed_publications_total").await, 3);
+    assert_eq!(
+        metric_sum(&gw, "wsgate_compressed_publications_total").await,
+        3
+    );
 }

@@ -13,8 +13,9 @@
 # chat_message, see scripts/lib/gateway.sh).
 # CHARS=N pads each chat message's text to N characters (realistic chat JSON); COMPRESSION=1
 # turns permessage-deflate on: wsgate with compression = "on", the load generator offering it
-# (give an external peer its own flag in EXTERNAL_SERVER_ARGS). The table adds the bytes the
-# load generator read per delivery (what came over the wire, less TCP/IP headers).
+# (give an external peer its own flag in EXTERNAL_SERVER_ARGS). The table adds the loopback
+# interface's bytes per delivery during the run (the wire: TCP/IP headers and acknowledgements
+# included, publishers' messages too; run it on an otherwise quiet machine).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/lib/gateway.sh
@@ -69,7 +70,7 @@ done
 python3 - "$out" "$tag" "$repeat" "${servers[@]}" <<'PY'
 import json, statistics, sys
 out, tag, repeat, servers = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-print(f"| server ({tag}: members-rate-chars-compression) | deliveries | lost | per server CPU-s (runs) | median | p99 ms | bytes read per delivery |")
+print(f"| server ({tag}: members-rate-chars-compression) | deliveries | lost | per server CPU-s (runs) | median | p99 ms | wire bytes per delivery |")
 print("|---|---|---|---|---|---|---|")
 for s in servers:
     runs = [json.load(open(f"{out}/{s}-{tag}-{r}.json")) for r in range(1, repeat + 1)]
@@ -77,6 +78,6 @@ for s in servers:
     p99 = statistics.median(run["latency"]["p99_ms"] for run in runs)
     received = statistics.median(run["received"] for run in runs)
     lost = sum(run["lost"] for run in runs)
-    wire = statistics.median(run["measured"]["run"]["loadtest_bytes_read"] / max(run["received"], 1) for run in runs)
+    wire = statistics.median(run["measured"]["run"]["loopback_bytes"] / max(run["received"], 1) for run in runs)
     print(f"| {s} | {received:,.0f} | {lost} | {', '.join(f'{v:,.0f}' for v in per_cpu)} | {statistics.median(per_cpu):,.0f} | {p99:.2f} | {wire:.1f} |")
 PY

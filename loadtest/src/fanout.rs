@@ -31,20 +31,28 @@ use crate::report::{self, Measured, Opening, OpeningSummary, Percentiles, monoto
 /// How long a publisher waits for its own copy before it counts an error and stops.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The text a publisher sends: `ltp:<publisher>:<seq>:<monotonic µs when sent>`, then words up
-/// to `chars` characters (`:` and words; never a quote or a backslash).
+/// The text a publisher sends: `ltp:<publisher>:<seq>:<monotonic µs when sent>`, then, up to
+/// `chars` characters, words drawn pseudo-randomly from a small English vocabulary (as varied
+/// as chat: what compression finds in it is what it would find in real messages). Never a quote
+/// or a backslash.
 fn encode(publisher: usize, seq: u64, sent_us: u64, chars: usize) -> String {
-    const WORDS: [&str; 8] = [
-        "the", "room", "says", "hello", "to", "everyone", "again", "today",
+    const WORDS: [&str; 48] = [
+        "we", "could", "ship", "the", "release", "on", "friday", "if", "tests", "pass", "but",
+        "staging", "cluster", "still", "shows", "a", "memory", "leak", "in", "session", "store",
+        "so", "maybe", "wait", "until", "monday", "when", "everyone", "is", "back", "and", "have",
+        "time", "to", "look", "at", "heap", "profiles", "together", "with", "team", "that", "owns",
+        "cache", "layer", "because", "their", "change",
     ];
     let mut text = format!("ltp:{publisher}:{seq}:{sent_us}");
     if text.len() < chars {
         text.push(':');
-        for word in WORDS.iter().cycle().skip(seq as usize % WORDS.len()) {
-            if text.len() >= chars {
-                break;
-            }
-            text.push_str(word);
+        let mut state = (seq << 20 | publisher as u64) ^ 0x9e37_79b9_7f4a_7c15;
+        while text.len() < chars {
+            // xorshift64
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            text.push_str(WORDS[(state % WORDS.len() as u64) as usize]);
             text.push(' ');
         }
         text.truncate(chars);

@@ -87,18 +87,15 @@ fn total_cpu(pids: &[u32]) -> Option<Duration> {
     (!times.is_empty()).then(|| times.iter().sum())
 }
 
-/// Bytes a set of processes read through system calls (`rchar` of /proc/PID/io), when at least
-/// one of them can be read: for the load generator, nearly all of it what its sockets received.
-fn total_read(pids: &[u32]) -> Option<u64> {
-    let read = |pid: u32| -> Option<u64> {
-        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
-        io.lines()
-            .find_map(|line| line.strip_prefix("rchar: "))?
-            .parse()
-            .ok()
-    };
-    let counts: Vec<u64> = pids.iter().filter_map(|p| read(*p)).collect();
-    (!counts.is_empty()).then(|| counts.iter().sum())
+/// Bytes through the loopback interface so far (both directions, TCP/IP headers included),
+/// from /proc/net/dev: the machine's whole traffic, so a phase's difference is the run's only
+/// on an otherwise quiet machine (as the benchmark scripts run).
+fn loopback_bytes() -> Option<u64> {
+    let dev = std::fs::read_to_string("/proc/net/dev").ok()?;
+    let line = dev
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("lo:"))?;
+    line.split_whitespace().next()?.parse().ok()
 }
 
 /// Wall time and CPU of one phase of a run.
@@ -110,9 +107,9 @@ pub struct Phase {
     /// CPU used by the load generator (all its processes together): near `seconds` × cores,
     /// the load generator was the bottleneck.
     pub loadtest_cpu_seconds: Option<f64>,
-    /// Bytes the load generator read (what its sockets received: the bytes on the wire, less
-    /// TCP/IP headers).
-    pub loadtest_bytes_read: Option<u64>,
+    /// Bytes through the loopback interface (the wire, headers and acknowledgements included;
+    /// the machine's whole loopback traffic: meaningful on a quiet machine).
+    pub loopback_bytes: Option<u64>,
 }
 
 impl Phase {
@@ -173,8 +170,8 @@ impl fmt::Display for Measured {
                     percent(cpu, phase.seconds)
                 )?;
             }
-            if let Some(read) = phase.loadtest_bytes_read {
-                write!(f, ", read {:.1} MB", read as f64 / 1e6)?;
+            if let Some(bytes) = phase.loopback_bytes {
+                write!(f, ", loopback {:.1} MB", bytes as f64 / 1e6)?;
             }
             writeln!(f)?;
         }
@@ -207,7 +204,7 @@ pub struct Meter {
     started: Instant,
     gateway_cpu: Option<Duration>,
     loadtest_cpu: Option<Duration>,
-    loadtest_read: Option<u64>,
+    loopback: Option<u64>,
     rss_before: Vec<Option<u64>>,
 }
 
@@ -217,7 +214,7 @@ impl Meter {
         Meter {
             gateway_cpu: total_cpu(gateway_pids),
             loadtest_cpu: total_cpu(&loadtest_pids),
-            loadtest_read: total_read(&loadtest_pids),
+            loopback: loopback_bytes(),
             gateway_pids: gateway_pids.to_vec(),
             loadtest_pids,
             started: Instant::now(),
@@ -229,15 +226,14 @@ impl Meter {
     pub fn add_loadtest_pids(&mut self, pids: &[u32]) {
         self.loadtest_pids.extend_from_slice(pids);
         self.loadtest_cpu = total_cpu(&self.loadtest_pids);
-        self.loadtest_read = total_read(&self.loadtest_pids);
     }
 
     /// The phase since the last lap.
     pub fn lap(&mut self) -> Phase {
-        let (gateway, loadtest, read) = (
+        let (gateway, loadtest, loopback) = (
             total_cpu(&self.gateway_pids),
             total_cpu(&self.loadtest_pids),
-            total_read(&self.loadtest_pids),
+            loopback_bytes(),
         );
         let since = |before: Option<Duration>, now: Option<Duration>| {
             before
@@ -248,13 +244,13 @@ impl Meter {
             seconds: self.started.elapsed().as_secs_f64(),
             gateway_cpu_seconds: since(self.gateway_cpu, gateway),
             loadtest_cpu_seconds: since(self.loadtest_cpu, loadtest),
-            loadtest_bytes_read: self
-                .loadtest_read
-                .zip(read)
+            loopback_bytes: self
+                .loopback
+                .zip(loopback)
                 .map(|(b, n)| n.saturating_sub(b)),
         };
         (self.started, self.gateway_cpu, self.loadtest_cpu) = (Instant::now(), gateway, loadtest);
-        self.loadtest_read = read;
+        self.loopback = loopback;
         phase
     }
 

@@ -17,10 +17,13 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 use super::close::{CloseCode, FrameError};
 use super::frame::{FrameBuilder, OpCode, server_payload};
 
-/// Payloads shorter than this go out uncompressed: compressed on their own (no context), short
-/// JSON shrinks by a few bytes at most, for the cost of a compression and a decompression. See
-/// BENCHMARKS.md ("permessage-deflate") for the measurement behind the value.
-pub const MIN_COMPRESSED_PAYLOAD: usize = 128;
+/// Payloads shorter than these go out uncompressed. A compression clears the compressor's hash
+/// table, ~2.5 µs however short the message; what it saves on chat JSON (BENCHMARKS.md,
+/// `benches/deflate.rs`): a publication (the tighter level, paid once for all its recipients)
+/// of 140 bytes shrinks by 23%, of 280 by 33%; a reply (the faster level, paid per message) of
+/// 140–230 bytes by 13–17% only, of 280 by 17%, of 510 by 27%.
+pub const MIN_SHARED_PAYLOAD: usize = 128;
+pub const MIN_OWN_PAYLOAD: usize = 256;
 
 /// The largest window (bits) either side may use: the DEFLATE maximum, 32 KiB.
 const MAX_WINDOW_BITS: u8 = 15;
@@ -32,9 +35,16 @@ const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 /// The inflater's output buffer is given back past this size once a message is handled.
 const KEEP_INFLATE_BUFFER: usize = 64 * 1024;
 
-/// Compression level: the fastest. Messages are compressed on their own, so higher levels find
-/// little more to take, at several times the CPU (see BENCHMARKS.md).
-const LEVEL: u32 = 1;
+/// How hard a message is compressed. zlib-rs' level 1 uses fixed Huffman codes only (chat JSON
+/// of 430 bytes: 76% of its size in ~3.5 µs); level 2 builds the message's own codes (59% in
+/// ~10 µs; levels up to 9 shrink it no further here). See BENCHMARKS.md.
+#[derive(Clone, Copy)]
+enum Level {
+    /// A frame for many connections: compressed once, its saving paid out to every recipient.
+    Shared = 2,
+    /// A frame for one connection: the cost is paid per message.
+    Own = 1,
+}
 
 /// Whether a connection compresses, and the largest window its server-to-client messages may
 /// use. One byte: it sits in every connection's outbound queue.
@@ -225,7 +235,8 @@ impl Prepared {
     /// `compressing` is called for each compression made (for the metrics).
     pub fn for_connection(&self, deflate: Deflate, compressing: impl FnOnce()) -> Bytes {
         let frame = &*self.0;
-        let Some((opcode, payload)) = worth_compressing(&frame.plain, deflate) else {
+        let Some((opcode, payload)) = worth_compressing(&frame.plain, deflate, MIN_SHARED_PAYLOAD)
+        else {
             return frame.plain.clone();
         };
         let compressed = if deflate.takes_shared(payload.len()) {
@@ -233,12 +244,12 @@ impl Prepared {
                 .deflated
                 .get_or_init(|| {
                     compressing();
-                    compress(opcode, &payload, MAX_WINDOW_BITS)
+                    compress(opcode, &payload, MAX_WINDOW_BITS, Level::Shared)
                 })
                 .clone()
         } else {
             compressing();
-            compress(opcode, &payload, deflate.own_window_bits())
+            compress(opcode, &payload, deflate.own_window_bits(), Level::Own)
         };
         compressed.unwrap_or_else(|| frame.plain.clone())
     }
@@ -247,18 +258,18 @@ impl Prepared {
 /// A frame for one connection: compressed if it agreed to compression and the frame is a data
 /// frame worth compressing, else the frame itself.
 pub fn for_connection(frame: Bytes, deflate: Deflate) -> Bytes {
-    match worth_compressing(&frame, deflate) {
+    match worth_compressing(&frame, deflate, MIN_OWN_PAYLOAD) {
         Some((opcode, payload)) => {
-            compress(opcode, &payload, deflate.own_window_bits()).unwrap_or(frame)
+            compress(opcode, &payload, deflate.own_window_bits(), Level::Own).unwrap_or(frame)
         }
         None => frame,
     }
 }
 
 /// The opcode and payload of a plain, unfragmented server frame worth compressing for a
-/// connection that agreed to `deflate`: a data frame of at least [`MIN_COMPRESSED_PAYLOAD`],
-/// not compressed already.
-fn worth_compressing(frame: &Bytes, deflate: Deflate) -> Option<(OpCode, Bytes)> {
+/// connection that agreed to `deflate`: a data frame of at least `min` bytes, not compressed
+/// already.
+fn worth_compressing(frame: &Bytes, deflate: Deflate, min: usize) -> Option<(OpCode, Bytes)> {
     if !deflate.is_on() || frame.first()? & 0x40 != 0 {
         return None;
     }
@@ -268,22 +279,25 @@ fn worth_compressing(frame: &Bytes, deflate: Deflate) -> Option<(OpCode, Bytes)>
         _ => return None,
     };
     let payload = server_payload(frame);
-    (payload.len() >= MIN_COMPRESSED_PAYLOAD).then_some((opcode, payload))
+    (payload.len() >= min).then_some((opcode, payload))
 }
 
 thread_local! {
-    /// This thread's compressors, by window bits (9 to 15), made on first use.
-    static COMPRESSORS: RefCell<[Option<Compress>; 7]> = const { RefCell::new([const { None }; 7]) };
+    /// This thread's compressors, by level (own, shared) and window bits (9 to 15), made on
+    /// first use: usually two, ~300 KiB each.
+    static COMPRESSORS: RefCell<[[Option<Compress>; 7]; 2]> =
+        const { RefCell::new([const { [const { None }; 7] }; 2]) };
     /// This thread's inflater (largest window: it takes whatever window a client used).
     static INFLATER: RefCell<Inflater> = RefCell::new(Inflater::new());
 }
 
 /// A compressed data frame (RSV1 set) of `payload`, or `None` if it would be no smaller.
-fn compress(opcode: OpCode, payload: &[u8], window_bits: u8) -> Option<Bytes> {
+fn compress(opcode: OpCode, payload: &[u8], window_bits: u8, level: Level) -> Option<Bytes> {
     COMPRESSORS.with_borrow_mut(|compressors| {
-        let slot = &mut compressors[usize::from(window_bits - 9)];
+        let by_window = &mut compressors[matches!(level, Level::Shared) as usize];
+        let slot = &mut by_window[usize::from(window_bits - 9)];
         let compressor = slot.get_or_insert_with(|| {
-            Compress::new_with_window_bits(Compression::new(LEVEL), false, window_bits)
+            Compress::new_with_window_bits(Compression::new(level as u32), false, window_bits)
         });
         compressor.reset();
         // Worth it only if it shrinks: the output may use at most what the payload does.
@@ -473,8 +487,14 @@ mod tests {
         assert_eq!(frame[0], 0x80 | 0x40 | 0x1);
         assert_eq!(inflated(&frame), text);
         // Too short, a control frame, or a connection that did not agree: as it was.
-        let short = encode(OpCode::Text, &text[..MIN_COMPRESSED_PAYLOAD - 1]);
+        let short = encode(OpCode::Text, &text[..MIN_OWN_PAYLOAD - 1]);
         assert_eq!(for_connection(short.clone(), on), short);
+        // The same as a publication: worth it, paid once for all its recipients.
+        let published = Prepared::new(short.clone()).for_connection(on, || {});
+        assert_eq!(published[0] & 0x40, 0x40);
+        assert_eq!(inflated(&published), &text[..MIN_OWN_PAYLOAD - 1]);
+        let shorter = encode(OpCode::Text, &text[..MIN_SHARED_PAYLOAD - 1]);
+        assert_eq!(Prepared::new(shorter.clone()).for_connection(on, || {}), shorter);
         let ping = encode(OpCode::Ping, &text[..125]);
         assert_eq!(for_connection(ping.clone(), on), ping);
         let plain = encode(OpCode::Binary, &text);

@@ -225,7 +225,7 @@ describe('compression', () => {
     const { url } = await startGateway({ WSGATE_COMPRESSION: 'on' });
     const alice = await openAndJoin(url, 'alice');
     const bob = await openAndJoin(url, 'bob');
-    // Long enough for both sides to compress it (the gateway sends 128 bytes and more so).
+    // Long enough for both sides to compress it (the gateway compresses 256 bytes and more).
     const text = `compressed both ways: ${'lorem ipsum dolor sit amet '.repeat(8)}end`;
     await alice.fill('#message', text);
     await alice.click('#sendForm button:has-text("Send")');

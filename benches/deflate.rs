@@ -70,7 +70,13 @@ fn inflate(c: &mut Criterion) {
     let on = agreed();
     let mut group = c.benchmark_group("deflate/inflate");
     for size in SIZES {
-        let compressed = deflate::for_connection(encode(OpCode::Text, &chat_json(size)), on);
+        let frame = Prepared::new(encode(OpCode::Text, &chat_json(size)));
+        let compressed = frame.for_connection(on, || {});
+        assert_eq!(
+            compressed[0] & 0x40,
+            0x40,
+            "a compressed frame of {size} bytes"
+        );
         let payload = server_payload(&compressed);
         group.throughput(Throughput::Bytes(size as u64));
         group.bench_with_input(BenchmarkId::from_parameter(size), &payload, |b, payload| {

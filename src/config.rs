@@ -40,8 +40,8 @@ pub struct Config {
     /// offer is accepted, always without context takeover either way). Publications of 128
     /// bytes or more (replies: 256) to a connection that agreed go out compressed — a
     /// publication compressed once for all of them — and its compressed messages are inflated within
-    /// `max_message_size`. Costs no memory per connection (each shard thread has one compressor
-    /// and one inflater), CPU per compressed message.
+    /// `max_message_size`. Costs no memory per connection (each shard thread has its own
+    /// compressors and inflater), CPU per compressed message.
     pub compression: Compression,
     /// Bytes queued for one connection before it counts as a slow consumer: reading from it
     /// pauses (so a client that sends without reading is pushed back by TCP), and a broadcast that

@@ -42,14 +42,27 @@ fn deflate(data: &[u8]) -> Vec<u8> {
 }
 
 fn inflate(data: &[u8]) -> Vec<u8> {
-    let mut input = data.to_vec();
-    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
-    let mut inflater = Decompress::new(false);
-    let mut out = Vec::with_capacity(1 << 20);
-    inflater
-        .decompress_vec(&input, &mut out, FlushDecompress::Sync)
-        .unwrap();
-    out
+    inflate_in_window(data, 15)
+}
+
+/// Inflates with a window of `window_bits`, into 64-byte pieces: every back-reference must come
+/// from the window, as for a client that keeps no more than it asked for.
+fn inflate_in_window(data: &[u8], window_bits: u8) -> Vec<u8> {
+    let input = [data, &[0, 0, 0xff, 0xff]].concat();
+    let mut inflater = Decompress::new_with_window_bits(false, window_bits);
+    let (mut out, mut piece, mut at) = (Vec::new(), [0u8; 64], 0);
+    loop {
+        let before = (inflater.total_in(), inflater.total_out());
+        inflater
+            .decompress(&input[at..], &mut piece, FlushDecompress::Sync)
+            .expect("inflates within the window");
+        at += (inflater.total_in() - before.0) as usize;
+        let n = (inflater.total_out() - before.1) as usize;
+        out.extend_from_slice(&piece[..n]);
+        if n < piece.len() && (at == input.len() || inflater.total_in() == before.0) {
+            return out;
+        }
+    }
 }
 
 /// Sends one compressed message (RSV1 on its only frame).
@@ -94,6 +107,12 @@ async fn a_browser_offer_is_agreed_without_context_takeover_only_when_compressio
         raw.send_frame(true, TEXT, b"?", true).await;
         assert_eq!(raw.read_frame().await, (true, TEXT, b"?".to_vec()));
     }
+    // The one that asked for a 1 KiB window gets what a 1 KiB window inflates.
+    let long = (0..40).map(chat_line).collect::<String>();
+    send_compressed(&mut second, TEXT, long.as_bytes()).await;
+    let (first_byte, payload) = second.read_frame_head_byte().await;
+    assert_eq!(first_byte, 0x80 | RSV1 | TEXT);
+    assert_eq!(inflate_in_window(&payload, 10), long.as_bytes());
     assert_eq!(
         metric_sum(&gw, "wsgate_compressed_connections_total").await,
         2

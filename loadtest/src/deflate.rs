@@ -6,7 +6,7 @@
 
 use bytes::{Buf, BytesMut};
 use fastwebsockets::{FragmentCollector, Frame, OpCode, Payload, WebSocketError};
-use flate2::{Decompress, FlushDecompress};
+use flate2::{Decompress, FlushDecompress, Status};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -121,7 +121,8 @@ impl Inflating {
                     self.out.reserve(self.out.capacity().max(4096));
                 }
                 let before = self.inflater.total_in();
-                self.inflater
+                let status = self
+                    .inflater
                     .decompress_vec(input, &mut self.out, FlushDecompress::Sync)
                     .map_err(|_| WebSocketError::InvalidValue)?;
                 input = &input[(self.inflater.total_in() - before) as usize..];
@@ -129,7 +130,8 @@ impl Inflating {
                 if self.out.len() > MAX_MESSAGE {
                     return Err(WebSocketError::FrameTooLarge);
                 }
-                if input.is_empty() && room_left {
+                // A final block ends the message (RFC 7692 §7.2.3.3): the rest is not data.
+                if status == Status::StreamEnd || (input.is_empty() && room_left) {
                     break;
                 }
             }

@@ -187,6 +187,9 @@ impl Outbound {
         compressing: impl FnOnce(),
         total: &mut QueueTotal,
     ) {
+        if self.is_closing() {
+            return;
+        }
         let frame = frame.for_connection(self.deflate, compressing);
         self.enqueue(frame, Kind::Reply, total);
     }

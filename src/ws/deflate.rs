@@ -4,9 +4,9 @@
 //!
 //! The gateway always answers with `server_no_context_takeover` and `client_no_context_takeover`:
 //! every message is compressed on its own, so one compressed publication is valid on every
-//! connection, and no connection keeps a compression window. Each thread has one compressor and
-//! one inflater, used by all its connections in turn: a connection that agreed to compression
-//! costs no memory of its own for it.
+//! connection, and no connection keeps a compression window. Each thread has its compressors
+//! (one per level and window size in use) and one inflater, used by all its connections in turn:
+//! a connection that agreed to compression costs no memory of its own for it.
 
 use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
@@ -20,8 +20,8 @@ use super::frame::{FrameBuilder, OpCode, server_payload};
 /// Payloads shorter than these go out uncompressed. A compression clears the compressor's hash
 /// table, ~2.5 µs however short the message; what it saves on chat JSON (BENCHMARKS.md,
 /// `benches/deflate.rs`): a publication (the tighter level, paid once for all its recipients)
-/// of 140 bytes shrinks by 23%, of 280 by 33%; a reply (the faster level, paid per message) of
-/// 140–230 bytes by 13–17% only, of 280 by 17%, of 510 by 27%.
+/// of 130 bytes shrinks by 16%, of 190 by 22%, of 260 by 31%; a reply (the faster level, paid
+/// per message) of 130–190 bytes not at all, of 260 by 15%, of 510 by 27%.
 pub const MIN_SHARED_PAYLOAD: usize = 128;
 pub const MIN_OWN_PAYLOAD: usize = 256;
 
@@ -32,8 +32,9 @@ const MAX_WINDOW_BITS: u8 = 15;
 /// of a sync flush), and the receiver put back.
 const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
-/// The inflater's output buffer is given back past this size once a message is handled.
-const KEEP_INFLATE_BUFFER: usize = 64 * 1024;
+/// The inflater's output buffer and the compressors' are given back past this size once a
+/// message is handled.
+const KEEP_BUFFER: usize = 64 * 1024;
 
 /// How hard a message is compressed. zlib-rs' level 1 uses fixed Huffman codes only (chat JSON
 /// of 430 bytes: 76% of its size in ~3.5 µs); level 2 builds the message's own codes (59% in
@@ -205,8 +206,13 @@ pub struct Prepared(Arc<PreparedFrame>);
 #[derive(Debug)]
 struct PreparedFrame {
     plain: Bytes,
-    /// `None` inside: not worth compressing (too short, or it did not shrink).
+    /// Compressed with the largest window: valid for every connection whose window the message
+    /// fits in. `None` inside: not worth compressing (too short, or it did not shrink).
     deflated: OnceLock<Option<Bytes>>,
+    /// Compressed with a smaller window (9 to 14 bits; 8 takes 9's), for the connections that
+    /// asked for one the message does not fit in: made for the first of them, so a room's
+    /// members cannot make the gateway compress a publication more than seven times.
+    smaller: OnceLock<Box<[OnceLock<Option<Bytes>>; 6]>>,
 }
 
 /// The same frame, compressed yet or not.
@@ -223,6 +229,7 @@ impl Prepared {
         Prepared(Arc::new(PreparedFrame {
             plain,
             deflated: OnceLock::new(),
+            smaller: OnceLock::new(),
         }))
     }
 
@@ -230,28 +237,28 @@ impl Prepared {
         &self.0.plain
     }
 
-    /// The frame as `deflate` takes it: the shared compressed frame, compressed for this
-    /// connection alone when it asked for a smaller window than the message needs, or plain.
-    /// `compressing` is called for each compression made (for the metrics).
+    /// The frame as `deflate` takes it: compressed with the largest window, or with the smaller
+    /// one it asked for when the message does not fit in that, or plain. `compressing` is called
+    /// for each compression made (for the metrics).
     pub fn for_connection(&self, deflate: Deflate, compressing: impl FnOnce()) -> Bytes {
         let frame = &*self.0;
         let Some((opcode, payload)) = worth_compressing(&frame.plain, deflate, MIN_SHARED_PAYLOAD)
         else {
             return frame.plain.clone();
         };
-        let compressed = if deflate.takes_shared(payload.len()) {
-            frame
-                .deflated
-                .get_or_init(|| {
-                    compressing();
-                    compress(opcode, &payload, MAX_WINDOW_BITS, Level::Shared)
-                })
-                .clone()
-        } else {
-            compressing();
-            compress(opcode, &payload, deflate.own_window_bits(), Level::Own)
+        let window_bits = match deflate.takes_shared(payload.len()) {
+            true => MAX_WINDOW_BITS,
+            false => deflate.own_window_bits(),
         };
-        compressed.unwrap_or_else(|| frame.plain.clone())
+        let slot = match window_bits {
+            MAX_WINDOW_BITS => &frame.deflated,
+            smaller => &frame.smaller.get_or_init(Box::default)[usize::from(smaller - 9)],
+        };
+        let compressed = slot.get_or_init(|| {
+            compressing();
+            compress(opcode, &payload, window_bits, Level::Shared)
+        });
+        compressed.clone().unwrap_or_else(|| frame.plain.clone())
     }
 }
 
@@ -283,53 +290,68 @@ fn worth_compressing(frame: &Bytes, deflate: Deflate, min: usize) -> Option<(OpC
 }
 
 thread_local! {
-    /// This thread's compressors, by level (own, shared) and window bits (9 to 15), made on
-    /// first use: usually two, ~300 KiB each.
-    static COMPRESSORS: RefCell<[[Option<Compress>; 7]; 2]> =
-        const { RefCell::new([const { [const { None }; 7] }; 2]) };
+    /// This thread's compressors, made on first use.
+    static COMPRESSORS: RefCell<Compressors> = const {
+        RefCell::new(Compressors {
+            by_level: [const { [const { None }; 7] }; 2],
+            scratch: Vec::new(),
+        })
+    };
     /// This thread's inflater (largest window: it takes whatever window a client used).
     static INFLATER: RefCell<Inflater> = RefCell::new(Inflater::new());
+}
+
+/// A thread's compressors: by level (own, shared) and window bits (9 to 15), usually two
+/// (~300 KiB each), and the buffer they compress into.
+struct Compressors {
+    by_level: [[Option<Compress>; 7]; 2],
+    /// Compressed output, copied from here into a frame of its exact size (a frame keeps its
+    /// whole allocation, and queues charge frames by their length).
+    scratch: Vec<u8>,
 }
 
 /// A compressed data frame (RSV1 set) of `payload`, or `None` if it would be no smaller.
 fn compress(opcode: OpCode, payload: &[u8], window_bits: u8, level: Level) -> Option<Bytes> {
     COMPRESSORS.with_borrow_mut(|compressors| {
-        let by_window = &mut compressors[matches!(level, Level::Shared) as usize];
+        let Compressors { by_level, scratch } = compressors;
+        let by_window = &mut by_level[matches!(level, Level::Shared) as usize];
         let slot = &mut by_window[usize::from(window_bits - 9)];
         let compressor = slot.get_or_insert_with(|| {
             Compress::new_with_window_bits(Compression::new(level as u32), false, window_bits)
         });
         compressor.reset();
-        // Worth it only if it shrinks: the output may use at most what the payload does.
-        let mut builder = FrameBuilder::with_capacity(payload.len());
-        let out = builder.payload();
+        scratch.clear();
+        // Worth it only if it shrinks: the output may not pass the payload's size and the tail.
+        let limit = payload.len() + SYNC_TAIL.len();
+        scratch.reserve(limit);
         let mut input = payload;
-        loop {
-            let room = out.capacity() - out.len();
-            if room == 0 {
-                return None;
-            }
-            let (before_in, before_out) = (compressor.total_in(), compressor.total_out());
-            let start = out.len();
-            out.resize(start + room, 0);
-            let status = compressor.compress(input, &mut out[start..], FlushCompress::Sync);
-            let written = (compressor.total_out() - before_out) as usize;
-            let taken = (compressor.total_in() - before_in) as usize;
-            out.truncate(start + written);
+        let compressed = loop {
+            let before = (compressor.total_in(), compressor.total_out());
+            let status = compressor.compress_vec(input, scratch, FlushCompress::Sync);
+            let taken = (compressor.total_in() - before.0) as usize;
+            let progress = taken > 0 || compressor.total_out() > before.1;
             input = &input[taken..];
             match status {
+                _ if scratch.len() >= limit => break None,
                 // Room was left: the sync flush is complete.
-                Ok(_) if input.is_empty() && written < room => break,
-                Ok(_) if taken > 0 || written > 0 => {}
-                _ => return None,
+                Ok(_) if input.is_empty() && scratch.len() < scratch.capacity() => {
+                    break scratch.strip_suffix(&SYNC_TAIL);
+                }
+                Ok(_) if progress => {}
+                _ => break None,
             }
+        };
+        let frame = compressed
+            .filter(|compressed| compressed.len() < payload.len())
+            .map(|compressed| {
+                let mut builder = FrameBuilder::with_capacity(compressed.len());
+                builder.payload().extend_from_slice(compressed);
+                builder.finish_compressed(opcode)
+            });
+        if scratch.capacity() > KEEP_BUFFER {
+            *scratch = Vec::new();
         }
-        if !out.ends_with(&SYNC_TAIL) {
-            return None;
-        }
-        let compressed_len = out.len() - SYNC_TAIL.len();
-        out.truncate(compressed_len);
-        Some(builder.finish_compressed(opcode))
+        frame
     })
 }
 
@@ -353,7 +375,7 @@ pub fn inflate<R>(
 ) -> Result<R, FrameError> {
     INFLATER.with_borrow_mut(|inflater| {
         let result = inflater.inflate(compressed, max).map(handle);
-        if inflater.out.capacity() > KEEP_INFLATE_BUFFER {
+        if inflater.out.capacity() > KEEP_BUFFER {
             inflater.out = Vec::new();
         }
         result
@@ -494,7 +516,10 @@ mod tests {
         assert_eq!(published[0] & 0x40, 0x40);
         assert_eq!(inflated(&published), &text[..MIN_OWN_PAYLOAD - 1]);
         let shorter = encode(OpCode::Text, &text[..MIN_SHARED_PAYLOAD - 1]);
-        assert_eq!(Prepared::new(shorter.clone()).for_connection(on, || {}), shorter);
+        assert_eq!(
+            Prepared::new(shorter.clone()).for_connection(on, || {}),
+            shorter
+        );
         let ping = encode(OpCode::Ping, &text[..125]);
         assert_eq!(for_connection(ping.clone(), on), ping);
         let plain = encode(OpCode::Binary, &text);
@@ -545,23 +570,90 @@ mod tests {
         );
     }
 
-    fn compress_raw(data: &[u8]) -> Vec<u8> {
+    /// Inflates with a window of `window_bits` into 64-byte pieces, so that every
+    /// back-reference must come from the window (zlib serves them from the output when it can).
+    fn inflate_in_window(payload: &[u8], window_bits: u8) -> Vec<u8> {
+        let mut inflater = Decompress::new_with_window_bits(false, window_bits);
+        let input = [payload, &SYNC_TAIL].concat();
+        let (mut out, mut piece, mut at) = (Vec::new(), [0u8; 64], 0);
+        loop {
+            let before = (inflater.total_in(), inflater.total_out());
+            inflater
+                .decompress(&input[at..], &mut piece, FlushDecompress::Sync)
+                .unwrap_or_else(|e| panic!("inflates within a {window_bits}-bit window: {e}"));
+            at += (inflater.total_in() - before.0) as usize;
+            let n = (inflater.total_out() - before.1) as usize;
+            out.extend_from_slice(&piece[..n]);
+            if n < piece.len() && (at == input.len() || inflater.total_in() == before.0) {
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn a_connection_that_asked_for_a_smaller_window_gets_frames_it_can_inflate() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for window_bits in 9..=14u8 {
+            let window = 1usize << window_bits;
+            // Random letters (compressible: 16 of them), in a block repeated just under a window
+            // apart: the longest references there are, for a compressor that may use them.
+            let block: Vec<u8> = (0..window - 40)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    b'a' + (state >> 40) as u8 % 16
+                })
+                .collect();
+            let deflate = Deflate { window_bits };
+            for len in [window - 1, window, window + 1, 3 * window] {
+                let message: Vec<u8> = block.iter().copied().cycle().take(len).collect();
+                let prepared = Prepared::new(encode(OpCode::Binary, &message));
+                let mut compressed = 0;
+                for frame in [
+                    prepared.for_connection(deflate, || {}),
+                    for_connection(encode(OpCode::Binary, &message), deflate),
+                ] {
+                    if frame[0] & 0x40 != 0 {
+                        compressed += 1;
+                        let payload = server_payload(&frame);
+                        let inflated = inflate_in_window(&payload, window_bits);
+                        assert!(inflated == message, "window {window_bits}, {len} bytes");
+                    }
+                }
+                // The publication at least (its level finds the letters' entropy).
+                assert!(
+                    compressed >= 1,
+                    "window {window_bits}, {len} bytes compress"
+                );
+            }
+        }
+    }
+
+    fn compress_raw(data: &[u8], flush: FlushCompress) -> Vec<u8> {
         let mut c = Compress::new_with_window_bits(Compression::new(6), false, 15);
         let mut out = Vec::with_capacity(data.len() + 64);
-        c.compress_vec(data, &mut out, FlushCompress::Finish)
-            .unwrap();
+        c.compress_vec(data, &mut out, flush).unwrap();
+        if let Some(stripped) = out.strip_suffix(&SYNC_TAIL) {
+            out.truncate(stripped.len());
+        }
         out
     }
 
     #[test]
     fn inflating_stops_one_byte_past_the_limit_and_rejects_garbage() {
-        let bomb = compress_raw(&vec![0u8; 10 << 20]);
+        let bomb = compress_raw(&vec![0u8; 10 << 20], FlushCompress::Finish);
         assert!(bomb.len() < 20_000);
         let err = inflate(&bomb, 64 * 1024, |m| m.len()).unwrap_err();
         assert_eq!(err.code, CloseCode::MESSAGE_TOO_BIG);
         // Exactly at the limit is fine, with a final block or a stripped sync flush alike.
-        let at_limit = compress_raw(&vec![7u8; 64 * 1024]);
-        assert_eq!(inflate(&at_limit, 64 * 1024, |m| m.len()), Ok(64 * 1024));
+        for flush in [FlushCompress::Finish, FlushCompress::Sync] {
+            let at_limit = compress_raw(&vec![7u8; 64 * 1024], flush);
+            assert_eq!(inflate(&at_limit, 64 * 1024, |m| m.len()), Ok(64 * 1024));
+            let over = compress_raw(&vec![7u8; 64 * 1024 + 1], flush);
+            let err = inflate(&over, 64 * 1024, |m| m.len()).unwrap_err();
+            assert_eq!(err.code, CloseCode::MESSAGE_TOO_BIG);
+        }
         let err = inflate(&[0xff, 0xff, 0xff, 0xff], 1024, |m| m.len()).unwrap_err();
         assert_eq!(err.code, CloseCode::INVALID_PAYLOAD);
         // The inflater is reset per message: the next message starts afresh.

@@ -183,16 +183,7 @@ impl Decoder {
         let Some(header) = parse_header(buf)? else {
             return Ok(Decoded::Incomplete);
         };
-        let already = self.partial.as_ref().map_or(0, |p| p.data.len());
-        if !header.opcode.is_control()
-            && already.saturating_add(header.payload_len) > self.max_message_size()
-        {
-            return Err(TOO_BIG);
-        }
-        let consumed = header.header_len + header.payload_len;
-        if buf.len() < consumed {
-            return Ok(Decoded::Incomplete);
-        }
+        // Refused as soon as the header is whole, before any of the payload is waited for.
         if header.rsv1 {
             if !self.compression {
                 return Err(FrameError::protocol("reserved bits set"));
@@ -204,6 +195,16 @@ impl Decoder {
             if header.opcode == OpCode::Continuation {
                 return Err(FrameError::protocol("RSV1 set on a continuation frame"));
             }
+        }
+        let already = self.partial.as_ref().map_or(0, |p| p.data.len());
+        if !header.opcode.is_control()
+            && already.saturating_add(header.payload_len) > self.max_message_size()
+        {
+            return Err(TOO_BIG);
+        }
+        let consumed = header.header_len + header.payload_len;
+        if buf.len() < consumed {
+            return Ok(Decoded::Incomplete);
         }
         let payload = &mut buf[header.header_len..consumed];
         fastwebsockets::unmask(payload, header.mask);

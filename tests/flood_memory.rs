@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use serde_json::json;
-use support::flood::{Floods, READ_BUFFER, empty_ping, upgrade};
+use support::flood::{Floods, READ_BUFFER, empty_ping, upgrade, upgrade_with};
 use support::process::GatewayProcess;
 use support::{Client, raw_frame};
 
@@ -74,6 +74,61 @@ fn flooding_non_readers_cost_at_most_their_queue_bound() {
     assert!(
         written > (FLOODERS << 23) as u64,
         "the flooders did flood ({written} bytes)"
+    );
+}
+
+/// Compressed messages that inflate to the message size limit, echoed to clients that never read
+/// them: each echo is queued compressed (a hundred bytes) and must cost that, not the
+/// allocation the compression started from (the inflated size), or a non-reader's queue bound
+/// would hold hundreds of megabytes.
+#[test]
+fn compressed_echoes_to_non_readers_cost_at_most_their_queue_bound() {
+    const COMPRESSING_FLOODERS: usize = 2;
+    let gateway = GatewayProcess::start(
+        &["--shards", "2"],
+        &[
+            ("WSGATE_ALLOW_ANONYMOUS", "true"),
+            ("WSGATE_COMPRESSION", "on"),
+            ("WSGATE_MAX_HANDSHAKES_PER_IP", "100000"),
+            ("WSGATE_RATE_LIMIT_FRAMES", "1000000000000"),
+            ("WSGATE_RATE_LIMIT_FRAME_BURST", "4000000000"),
+            ("WSGATE_RATE_LIMIT_MESSAGES", "1000000000000"),
+            ("WSGATE_RATE_LIMIT_BURST", "4000000000"),
+            ("WSGATE_RATE_LIMIT_BYTES", "1000000000000"),
+            ("WSGATE_RATE_LIMIT_BURST_BYTES", "1000000000000"),
+        ],
+        None,
+    );
+    // 64 KiB of zeros (the default message size limit), compressed: ~90 bytes.
+    let mut compressor = flate2::Compress::new(flate2::Compression::default(), false);
+    let mut zeros = Vec::with_capacity(1024);
+    compressor
+        .compress_vec(&[0u8; 64 * 1024], &mut zeros, flate2::FlushCompress::Sync)
+        .unwrap();
+    zeros.truncate(zeros.len() - 4);
+    let mut frame = raw_frame(true, 0x2, &zeros, true);
+    frame[0] |= 0x40;
+    let before = gateway.rss();
+    let mut floods = Floods::default();
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+    for _ in 0..COMPRESSING_FLOODERS {
+        floods.start(upgrade_with(gateway.addr, "/echo", offer), &frame);
+    }
+    std::thread::sleep(Duration::from_secs(6));
+    let grown = gateway.rss().saturating_sub(before);
+    let written = floods.stop();
+    // Per flooder: its queue bound, a read buffer, and the shard's inflate buffer.
+    let bound = (COMPRESSING_FLOODERS * (QUEUE_BOUND + 2 * READ_BUFFER)) as u64 + (16 << 20);
+    assert!(
+        grown <= bound,
+        "the gateway grew by {grown} bytes under compressed floods (bound {bound}; the \
+         flooders wrote {written} bytes, each frame inflating to 64 KiB)"
+    );
+    // Enough echoes to pass the bound many times over had each kept 64 KiB.
+    let frames = written / frame.len() as u64;
+    assert!(
+        frames * 64 * 1024 > 4 * bound,
+        "the flooders did flood ({frames} frames)"
     );
 }
 

@@ -524,6 +524,13 @@ mod tests {
         assert_eq!(for_connection(ping.clone(), on), ping);
         let plain = encode(OpCode::Binary, &text);
         assert_eq!(for_connection(plain.clone(), Deflate::OFF), plain);
+        // A compressed frame holds no more than its bytes (queues charge frames by length).
+        let zeros = for_connection(encode(OpCode::Binary, &[0; 64 * 1024]), on);
+        let (len, held) = (zeros.len(), zeros.try_into_mut().unwrap().capacity());
+        assert!(
+            held <= len + crate::ws::frame::MAX_HEADER_LEN,
+            "{held} held for {len}"
+        );
         // Incompressible: no smaller, so sent as it is.
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let noise: Vec<u8> = (0..4000)

@@ -21,6 +21,11 @@ pub fn empty_ping() -> Vec<u8> {
 /// Its receive buffer is small, so the kernel soaks up little of what the gateway sends: what a
 /// client does not read piles up in the gateway, as it would behind a slow network.
 pub fn upgrade(addr: SocketAddr, path: &str) -> TcpStream {
+    upgrade_with(addr, path, "")
+}
+
+/// [`upgrade`] with `extra_headers` (each ending in CRLF) in the request.
+pub fn upgrade_with(addr: SocketAddr, path: &str, extra_headers: &str) -> TcpStream {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     socket.connect(&addr.into()).unwrap();
@@ -29,7 +34,8 @@ pub fn upgrade(addr: SocketAddr, path: &str) -> TcpStream {
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         {extra_headers}\r\n"
     )
     .unwrap();
     let mut head = Vec::new();

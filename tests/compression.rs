@@ -5,7 +5,8 @@
 
 mod support;
 
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+use flate2::{Compress, Compression, FlushCompress};
+use support::inflate::inflate_in_window;
 use support::{RawClient, TestGateway};
 
 const TEXT: u8 = 0x1;
@@ -43,26 +44,6 @@ fn deflate(data: &[u8]) -> Vec<u8> {
 
 fn inflate(data: &[u8]) -> Vec<u8> {
     inflate_in_window(data, 15)
-}
-
-/// Inflates with a window of `window_bits`, into 64-byte pieces: every back-reference must come
-/// from the window, as for a client that keeps no more than it asked for.
-fn inflate_in_window(data: &[u8], window_bits: u8) -> Vec<u8> {
-    let input = [data, &[0, 0, 0xff, 0xff]].concat();
-    let mut inflater = Decompress::new_with_window_bits(false, window_bits);
-    let (mut out, mut piece, mut at) = (Vec::new(), [0u8; 64], 0);
-    loop {
-        let before = (inflater.total_in(), inflater.total_out());
-        inflater
-            .decompress(&input[at..], &mut piece, FlushDecompress::Sync)
-            .expect("inflates within the window");
-        at += (inflater.total_in() - before.0) as usize;
-        let n = (inflater.total_out() - before.1) as usize;
-        out.extend_from_slice(&piece[..n]);
-        if n < piece.len() && (at == input.len() || inflater.total_in() == before.0) {
-            return out;
-        }
-    }
 }
 
 /// Sends one compressed message (RSV1 on its only frame).

@@ -21,6 +21,19 @@ const QUEUE_BOUND: usize = 1024 * 1024;
 /// their real cost and pongs coalesced, four of them grew the gateway by ~125 MB in 10 s.
 const FLOODERS: usize = 4;
 
+/// The flood tests' gateways: anonymous clients, and every rate limit out of the way, so that
+/// the queue accounting alone must bound the memory.
+const NO_RATE_LIMITS: [(&str, &str); 8] = [
+    ("WSGATE_ALLOW_ANONYMOUS", "true"),
+    ("WSGATE_MAX_HANDSHAKES_PER_IP", "100000"),
+    ("WSGATE_RATE_LIMIT_FRAMES", "1000000000000"),
+    ("WSGATE_RATE_LIMIT_FRAME_BURST", "4000000000"),
+    ("WSGATE_RATE_LIMIT_MESSAGES", "1000000"),
+    ("WSGATE_RATE_LIMIT_BURST", "1000000"),
+    ("WSGATE_RATE_LIMIT_BYTES", "1000000000000"),
+    ("WSGATE_RATE_LIMIT_BURST_BYTES", "1000000000000"),
+];
+
 /// Taken by the flood tests: one flood at a time, so that neither starves the other's gateway
 /// (on two cores) of the CPU its accounting is measured under.
 static ONE_FLOOD_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -34,23 +47,7 @@ fn one_flood_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 #[test]
 fn flooding_non_readers_cost_at_most_their_queue_bound() {
     let _flood = one_flood_at_a_time();
-    // Rate limits out of the way: the queue accounting alone must bound the memory.
-    let gateway = GatewayProcess::start(
-        &["--shards", "2"],
-        &[
-            ("WSGATE_ALLOW_ANONYMOUS", "true"),
-            ("WSGATE_MAX_HANDSHAKES_PER_IP", "100000"),
-            ("WSGATE_RATE_LIMIT_FRAMES", "1000000000000"),
-            ("WSGATE_RATE_LIMIT_FRAME_BURST", "4000000000"),
-            ("WSGATE_RATE_LIMIT_MESSAGES", "1000000000000"),
-            ("WSGATE_RATE_LIMIT_BURST", "4000000000"),
-            ("WSGATE_RATE_LIMIT_BYTES", "1000000000000"),
-            ("WSGATE_RATE_LIMIT_BURST_BYTES", "1000000000000"),
-            ("WSGATE_RATE_LIMIT_MESSAGES", "1000000"),
-            ("WSGATE_RATE_LIMIT_BURST", "1000000"),
-        ],
-        None,
-    );
+    let gateway = GatewayProcess::start(&["--shards", "2"], &NO_RATE_LIMITS, None);
     let before = gateway.rss();
     // Ping floods on the chat endpoint and floods of empty messages on /echo: each frame asks
     // for an answer, and none of the answers is read.
@@ -96,21 +93,8 @@ fn flooding_non_readers_cost_at_most_their_queue_bound() {
 fn compressed_echoes_to_non_readers_cost_at_most_their_queue_bound() {
     let _flood = one_flood_at_a_time();
     const COMPRESSING_FLOODERS: usize = 2;
-    let gateway = GatewayProcess::start(
-        &["--shards", "2"],
-        &[
-            ("WSGATE_ALLOW_ANONYMOUS", "true"),
-            ("WSGATE_COMPRESSION", "on"),
-            ("WSGATE_MAX_HANDSHAKES_PER_IP", "100000"),
-            ("WSGATE_RATE_LIMIT_FRAMES", "1000000000000"),
-            ("WSGATE_RATE_LIMIT_FRAME_BURST", "4000000000"),
-            ("WSGATE_RATE_LIMIT_MESSAGES", "1000000000000"),
-            ("WSGATE_RATE_LIMIT_BURST", "4000000000"),
-            ("WSGATE_RATE_LIMIT_BYTES", "1000000000000"),
-            ("WSGATE_RATE_LIMIT_BURST_BYTES", "1000000000000"),
-        ],
-        None,
-    );
+    let env = [&NO_RATE_LIMITS[..], &[("WSGATE_COMPRESSION", "on")]].concat();
+    let gateway = GatewayProcess::start(&["--shards", "2"], &env, None);
     // 64 KiB of zeros (the default message size limit), compressed: ~90 bytes.
     let mut compressor = flate2::Compress::new(flate2::Compression::default(), false);
     let mut zeros = Vec::with_capacity(1024);

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 use super::close::{CloseCode, FrameError};
-use super::frame::{FrameBuilder, OpCode, server_payload};
+use super::frame::{FrameBuilder, OpCode, RSV1, server_payload};
 
 /// Payloads shorter than these go out uncompressed. A compression clears the compressor's hash
 /// table, ~2.5 µs however short the message; what it saves on chat JSON (BENCHMARKS.md,
@@ -277,14 +277,12 @@ pub fn for_connection(frame: Bytes, deflate: Deflate) -> Bytes {
 /// connection that agreed to `deflate`: a data frame of at least `min` bytes, not compressed
 /// already.
 fn worth_compressing(frame: &Bytes, deflate: Deflate, min: usize) -> Option<(OpCode, Bytes)> {
-    if !deflate.is_on() || frame.first()? & 0x40 != 0 {
+    let first = *frame.first()?;
+    if !deflate.is_on() || first & RSV1 != 0 {
         return None;
     }
-    let opcode = match frame.first()? & 0x0f {
-        0x1 => OpCode::Text,
-        0x2 => OpCode::Binary,
-        _ => return None,
-    };
+    let opcode = OpCode::from_bits(first & 0x0f)
+        .filter(|opcode| matches!(opcode, OpCode::Text | OpCode::Binary))?;
     let payload = server_payload(frame);
     (payload.len() >= min).then_some((opcode, payload))
 }
@@ -435,7 +433,12 @@ impl Inflater {
 }
 
 #[cfg(test)]
+#[path = "../../tests/support/inflate.rs"]
+mod inflate_support;
+
+#[cfg(test)]
 mod tests {
+    use super::inflate_support::inflate_in_window;
     use super::*;
     use crate::ws::frame::encode;
 
@@ -575,26 +578,6 @@ mod tests {
                 .as_ptr(),
             shared.as_ptr()
         );
-    }
-
-    /// Inflates with a window of `window_bits` into 64-byte pieces, so that every
-    /// back-reference must come from the window (zlib serves them from the output when it can).
-    fn inflate_in_window(payload: &[u8], window_bits: u8) -> Vec<u8> {
-        let mut inflater = Decompress::new_with_window_bits(false, window_bits);
-        let input = [payload, &SYNC_TAIL].concat();
-        let (mut out, mut piece, mut at) = (Vec::new(), [0u8; 64], 0);
-        loop {
-            let before = (inflater.total_in(), inflater.total_out());
-            inflater
-                .decompress(&input[at..], &mut piece, FlushDecompress::Sync)
-                .unwrap_or_else(|e| panic!("inflates within a {window_bits}-bit window: {e}"));
-            at += (inflater.total_in() - before.0) as usize;
-            let n = (inflater.total_out() - before.1) as usize;
-            out.extend_from_slice(&piece[..n]);
-            if n < piece.len() && (at == input.len() || inflater.total_in() == before.0) {
-                return out;
-            }
-        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub const MAX_HEADER_LEN: usize = 10;
 /// Control frames carry at most 125 payload bytes (RFC 6455 §5.5).
 const MAX_CONTROL_PAYLOAD: usize = 125;
 /// The first header bit of a message compressed with permessage-deflate (RFC 7692 §6).
-const RSV1: u8 = 0x40;
+pub(crate) const RSV1: u8 = 0x40;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpCode {
@@ -27,7 +27,7 @@ pub enum OpCode {
 }
 
 impl OpCode {
-    fn from_bits(bits: u8) -> Option<OpCode> {
+    pub(crate) fn from_bits(bits: u8) -> Option<OpCode> {
         Some(match bits {
             0x0 => OpCode::Continuation,
             0x1 => OpCode::Text,

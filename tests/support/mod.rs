@@ -7,6 +7,7 @@ pub mod backend;
 mod client_frame;
 pub mod cluster;
 pub mod flood;
+pub mod inflate;
 pub mod nginx;
 pub mod pki;
 pub mod process;
